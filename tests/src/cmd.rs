@@ -1,0 +1,56 @@
+//! Running the external tools the fixtures drive (`tgtadm`, `ip`, ...), with
+//! errors that say which command failed and what it printed.
+
+use anyhow::{bail, Context, Result};
+use std::ffi::OsStr;
+use std::process::{Command, Output};
+
+/// Runs `cmd` to completion; fails with the command line, exit status and
+/// stderr when it does not exit 0. Returns stdout.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = output(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            describe(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd` to completion and returns its output whatever the exit status.
+pub fn output(cmd: &mut Command) -> Result<Output> {
+    cmd.output()
+        .with_context(|| format!("cannot start `{}`", describe(cmd)))
+}
+
+/// Shorthand: `run(Command::new(program).args(args))`.
+pub fn run_args<I, S>(program: &str, args: I) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run(Command::new(program).args(args))
+}
+
+/// The command line of `cmd`, for error messages.
+pub fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Whether `program` is on `PATH` (or is an existing path).
+pub fn have(program: &str) -> bool {
+    if program.contains('/') {
+        return std::path::Path::new(program).exists();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the csv stack: one binary, a module per area.
+//! Fixtures come from `csv_test_support` (tests/src).
+
+// Test helpers outside `#[test]` functions fail loudly on purpose.
+#![allow(clippy::unwrap_used)]
+
+mod fixtures;

@@ -1,0 +1,1 @@
+//! The VHD disk format.
