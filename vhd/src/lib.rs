@@ -1,1 +1,63 @@
-//! The VHD disk format.
+//! The VHD disk format: fixed, dynamic and differencing disks.
+//!
+//! Every VM disk on a csv volume is a VHD file. This crate reads and writes
+//! them, interoperably with Hyper-V and with `qemu-img` (its `vpc` driver):
+//!
+//! - [`Vhd::create`] makes fixed, dynamic and differencing disks;
+//!   [`Vhd::open`] opens any of them (following a differencing disk's
+//!   parent chain), read-only or read-write.
+//! - [`Vhd::read_at`] and [`Vhd::write_at`] take any byte offset and length;
+//!   both take `&self`, so several threads may do I/O at once.
+//! - [`ops`] has resize (grow), merge, compact and convert; [`check`] is a
+//!   consistency check that names every problem it finds.
+//!
+//! The format code is generic over [`BlockIo`] (positioned I/O), so an
+//! image can live on a file, on a LUN through the cluster client, or in
+//! memory.
+//!
+//! # Crash safety
+//!
+//! A new block of a dynamic or differencing disk is committed in this
+//! order: its sector bitmap and data, then the footer at the new end of the
+//! file, then (after a flush) its BAT entry. A crash at any point leaves
+//! either no BAT entry (the block is unreferenced space) or a BAT entry
+//! pointing at a complete block; it never leaves one pointing at garbage.
+//! If the crash left no footer at the end of the file, [`Vhd::open`] uses
+//! the copy at offset 0 and a read-write open puts the footer back.
+//!
+//! # Layout
+//!
+//! One module per on-disk structure: [`footer`], [`header`] (with the
+//! parent locators); the BAT and bitmaps are handled in [`disk`].
+
+pub mod check;
+pub mod disk;
+pub mod error;
+pub mod footer;
+pub mod header;
+pub mod io;
+pub mod ops;
+mod parent;
+
+pub use check::{check, Finding, Severity};
+pub use disk::{CreateOptions, OpenOptions, Vhd};
+pub use error::{Error, Result};
+pub use footer::{DiskType, Footer, Geometry};
+pub use header::DynHeader;
+pub use io::{BlockIo, MemIo};
+
+/// Bytes per sector: every offset in a VHD is in these units or bytes.
+pub const SECTOR: u64 = 512;
+
+/// Formats 16 bytes as a UUID (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
+pub fn format_uuid(id: &[u8; 16]) -> String {
+    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}

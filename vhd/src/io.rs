@@ -1,0 +1,320 @@
+//! Positioned I/O: what a VHD is stored on.
+//!
+//! The format code is generic over [`BlockIo`], so the same code runs on a
+//! file, on a LUN through the cluster's client, and on memory in tests.
+//! Every method takes `&self`: an implementation must allow concurrent
+//! calls (positioned reads and writes do not share a file offset).
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::RwLock;
+
+/// Positioned, thread-safe I/O on something with a length.
+// `len` is a byte count that can fail, not a container size: no `is_empty`.
+#[allow(clippy::len_without_is_empty)]
+pub trait BlockIo: Send + Sync {
+    /// Fills `buf` from `offset`; fails (`UnexpectedEof`) past the end.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the length if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends (with zeros) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+impl BlockIo for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+}
+
+impl<T: BlockIo + ?Sized> BlockIo for Box<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
+
+impl<T: BlockIo + ?Sized> BlockIo for std::sync::Arc<T> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+}
+
+/// An in-memory file, for tests and fuzzing.
+#[derive(Debug, Default)]
+pub struct MemIo {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemIo {
+    /// A memory file holding `data`.
+    pub fn new(data: Vec<u8>) -> Self {
+        MemIo {
+            data: RwLock::new(data),
+        }
+    }
+
+    /// A copy of the content.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.data.read().map(|d| d.clone()).unwrap_or_default()
+    }
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("memory file lock poisoned")
+}
+
+impl BlockIo for MemIo {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.data.read().map_err(|_| poisoned())?;
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::UnexpectedEof)?;
+        let end = start
+            .checked_add(buf.len())
+            .filter(|&e| e <= d.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(&d[start..end]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self.data.write().map_err(|_| poisoned())?;
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::InvalidInput)?;
+        if end > d.len() {
+            d.resize(end, 0);
+        }
+        d[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().map_err(|_| poisoned())?.len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+        self.data.write().map_err(|_| poisoned())?.resize(len, 0);
+        Ok(())
+    }
+}
+
+/// A file opened with `O_DIRECT`: I/O bypasses the page cache. Requests
+/// that are not aligned (address, length and offset to 512 bytes, the
+/// logical block size of the disks this runs on) go through an aligned
+/// bounce buffer; a misaligned write reads and rewrites its edge sectors.
+#[derive(Debug)]
+pub struct DirectFile {
+    file: File,
+    direct: bool,
+}
+
+/// Alignment of O_DIRECT requests.
+pub const DIRECT_ALIGN: usize = 512;
+/// Alignment of bounce buffers (a page: safe for every device).
+const BOUNCE_ALIGN: usize = 4096;
+
+impl DirectFile {
+    /// Opens `path` with `O_DIRECT`, or with the page cache where the file
+    /// system refuses `O_DIRECT` (tmpfs, some FUSE mounts).
+    pub fn open(path: &std::path::Path, write: bool) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true).write(write).custom_flags(libc::O_DIRECT);
+        match o.open(path) {
+            Ok(file) => Ok(DirectFile { file, direct: true }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .open(path)?;
+                Ok(DirectFile {
+                    file,
+                    direct: false,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether I/O really bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+        !self.direct
+            || ((ptr as usize) % DIRECT_ALIGN == 0
+                && len % DIRECT_ALIGN == 0
+                && offset % DIRECT_ALIGN as u64 == 0)
+    }
+}
+
+/// A heap buffer aligned for O_DIRECT.
+struct Bounce {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl Bounce {
+    fn new(len: usize) -> io::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), BOUNCE_ALIGN)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw).ok_or(io::ErrorKind::OutOfMemory)?;
+        Ok(Bounce { ptr, layout })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of layout.size() bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+impl BlockIo for DirectFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.aligned(buf.as_ptr(), buf.len(), offset) {
+            return self.file.read_exact_at(buf, offset);
+        }
+        let a = DIRECT_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).next_multiple_of(a);
+        let mut b = Bounce::new((end - start) as usize)?;
+        let s = b.as_mut_slice();
+        // The aligned range may run past the end of the file: short reads
+        // there are fine as long as the requested bytes were read.
+        let mut got = 0usize;
+        while got < s.len() {
+            match FileExt::read_at(&self.file, &mut s[got..], start + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let at = (offset - start) as usize;
+        if got < at + buf.len() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.copy_from_slice(&s[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if self.aligned(buf.as_ptr(), buf.len(), offset) {
+            return self.file.write_all_at(buf, offset);
+        }
+        let a = DIRECT_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + buf.len() as u64).next_multiple_of(a);
+        let len = self.len()?;
+        let mut b = Bounce::new((end - start) as usize)?;
+        let s = b.as_mut_slice();
+        let at = (offset - start) as usize;
+        // Edge sectors that exist keep their other bytes.
+        if at != 0 && start < len {
+            let _ = FileExt::read_at(&self.file, &mut s[..DIRECT_ALIGN], start)?;
+        }
+        let tail = end - a;
+        if (offset + buf.len() as u64) % a != 0 && tail < len && (tail > start || at == 0) {
+            let n = s.len();
+            let _ = FileExt::read_at(&self.file, &mut s[n - DIRECT_ALIGN..], tail)?;
+        }
+        s[at..at + buf.len()].copy_from_slice(buf);
+        self.file.write_all_at(s, start)?;
+        // A write that ended mid-sector must not grow the file to the
+        // sector's end.
+        let want = offset + buf.len() as u64;
+        if end > len && want > len && want < end {
+            self.file.set_len(want)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_file_handles_misaligned_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![7u8; 4096]).unwrap();
+        let f = DirectFile::open(&p, true).unwrap();
+        f.write_at(b"hello", 510).unwrap();
+        f.write_at(&[1, 2, 3, 4], 4094).unwrap();
+        assert_eq!(f.len().unwrap(), 4098);
+        let mut b = [0u8; 9];
+        f.read_at(&mut b, 508).unwrap();
+        assert_eq!(&b, &[7, 7, b'h', b'e', b'l', b'l', b'o', 7, 7]);
+        let mut b = [0u8; 4];
+        f.read_at(&mut b, 4094).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        assert!(f.read_at(&mut [0u8; 4], 4096).is_err());
+        let mem = std::fs::read(&p).unwrap();
+        assert_eq!(&mem[510..515], b"hello");
+        assert_eq!(mem[509], 7);
+    }
+}
