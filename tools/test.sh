@@ -12,6 +12,9 @@ cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== cargo build --bins (the integration tests run csvctl and friends)"
+cargo build --workspace --bins --locked
+
 echo "== cargo nextest run"
 export CSV_SKIP_LOG="$PWD/target/csv-skips.log"
 mkdir -p target

@@ -54,3 +54,28 @@ pub fn have(program: &str) -> bool {
         .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
         .unwrap_or(false)
 }
+
+/// Path of a binary of this workspace (`csvctl`, `csvd`, ...), built into
+/// the same target directory as the running test (tools/test.sh builds the
+/// workspace's binaries before the tests). `CSV_BIN_DIR` overrides.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("CSV_BIN_DIR") {
+        return std::path::Path::new(&dir).join(name);
+    }
+    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
+    let exe = std::env::current_exe().unwrap_or_default();
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let p = profile_dir.join(name);
+    if !p.exists() {
+        // A test run without the binaries built first: build them now.
+        let _ = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--bins", "--quiet"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status();
+    }
+    p
+}

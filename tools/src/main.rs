@@ -1,1 +1,45 @@
-fn main() {}
+//! `csvctl`: the operator's command line for a csv cluster.
+//!
+//! One module per verb group; `main` parses the arguments and hands them
+//! to the group. Errors are printed once, with their chain of causes, and
+//! give a non-zero exit status.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod size;
+mod vhd_cmd;
+
+/// Cluster Shared Volumes for Linux and KVM.
+#[derive(Debug, Parser)]
+#[command(name = "csvctl", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, inspect, check and transform VHD disk images (the jobs of
+    /// Hyper-V's New-VHD, Get-VHD, Test-VHD, Convert-VHD, Resize-VHD,
+    /// Merge-VHD and Optimize-VHD).
+    #[command(subcommand)]
+    Vhd(vhd_cmd::VhdCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Vhd(c) => vhd_cmd::run(c),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}

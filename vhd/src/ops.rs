@@ -349,6 +349,12 @@ pub fn convert(
     opts: &OpenOptions,
     progress: Progress,
 ) -> Result<ConvertReport> {
+    if dst.exists() {
+        return Err(Error::Invalid(format!(
+            "{} exists already; convert never overwrites",
+            dst.display()
+        )));
+    }
     let s = Source::open(src, opts)?;
     let sname = src.display().to_string();
     let size = s.size().next_multiple_of(SECTOR);
