@@ -1252,3 +1252,38 @@ fn metadata_regions(header_offset: u64, h: &DynHeader) -> Vec<(u64, u64, &'stati
     }
     r
 }
+
+impl<I: BlockIo> Vhd<I> {
+    /// Where `len` bytes at virtual `offset` are in the file, when they are
+    /// one contiguous run of this file's own data that an I/O engine may
+    /// read or overwrite directly (an allocated block of a dynamic disk, a
+    /// present run of a differencing disk, any range of a fixed disk).
+    /// `None` means the request must go through [`Vhd::read_at`] or
+    /// [`Vhd::write_at`] (it spans blocks, needs an allocation, or reads
+    /// from a parent). Whole sectors only.
+    pub fn direct_range(&self, offset: u64, len: u64) -> Option<u64> {
+        if offset % SECTOR != 0 || len % SECTOR != 0 || offset.checked_add(len)? > self.size {
+            return None;
+        }
+        let Some(sp) = self.sparse.as_ref() else {
+            return Some(offset);
+        };
+        let block = offset / sp.block_size;
+        let in_block = offset % sp.block_size;
+        if in_block + len > sp.block_size {
+            return None;
+        }
+        let entry = *sp.bat.read().ok()?.get(block as usize)?;
+        if entry == UNALLOCATED {
+            return None;
+        }
+        if self.parent.is_some() {
+            let map = sp.bitmaps.read().ok()?;
+            let b = map.get(&(block as u32))?;
+            if !(in_block / SECTOR..(in_block + len) / SECTOR).all(|s| bit(b, s)) {
+                return None;
+            }
+        }
+        Some(u64::from(entry) * SECTOR + sp.bitmap_size + in_block)
+    }
+}

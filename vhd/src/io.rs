@@ -183,6 +183,11 @@ impl DirectFile {
         self.direct
     }
 
+    /// The file, for engines (io_uring) that submit I/O themselves.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     fn aligned(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
         !self.direct
             || ((ptr as usize) % DIRECT_ALIGN == 0
@@ -191,29 +196,78 @@ impl DirectFile {
     }
 }
 
-/// A heap buffer aligned for O_DIRECT.
-struct Bounce {
+/// A zeroed heap buffer aligned to a page, as O_DIRECT and io_uring
+/// requests need. Its memory does not move when the value does.
+pub struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     layout: std::alloc::Layout,
+    len: usize,
 }
 
-impl Bounce {
-    fn new(len: usize) -> io::Result<Self> {
-        let layout = std::alloc::Layout::from_size_align(len.max(1), BOUNCE_ALIGN)
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads through &self, like a Vec<u8>.
+unsafe impl Sync for AlignedBuf {}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes.
+    ///
+    /// A buffer of 1 MiB or more is placed on transparent huge pages where
+    /// the kernel allows: each direct I/O pins the buffer's pages, and one
+    /// huge page pins for the price of one small page, which is most of
+    /// the CPU cost of large transfers.
+    pub fn new(len: usize) -> io::Result<Self> {
+        const HUGE: usize = 2 << 20;
+        let huge = len >= HUGE / 2;
+        let (size, align) = if huge {
+            (len.next_multiple_of(HUGE), HUGE)
+        } else {
+            (len.max(1), BOUNCE_ALIGN)
+        };
+        let layout = std::alloc::Layout::from_size_align(size, align)
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = std::ptr::NonNull::new(raw).ok_or(io::ErrorKind::OutOfMemory)?;
-        Ok(Bounce { ptr, layout })
+        if huge {
+            // SAFETY: advice on memory this buffer owns; failure is harmless.
+            unsafe { libc::madvise(raw.cast(), size, libc::MADV_HUGEPAGE) };
+        }
+        Ok(AlignedBuf { ptr, layout, len })
     }
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: ptr is a live allocation of layout.size() bytes owned by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of at least len bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: ptr is a live allocation of at least len bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
-impl Drop for Bounce {
+type Bounce = AlignedBuf;
+
+impl Drop for AlignedBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this very layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }

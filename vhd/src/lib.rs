@@ -38,6 +38,7 @@ pub mod header;
 pub mod io;
 pub mod ops;
 mod parent;
+pub mod uring;
 
 pub use check::{check, Finding, Severity};
 pub use disk::{CreateOptions, OpenOptions, Vhd};
