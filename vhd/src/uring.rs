@@ -155,9 +155,11 @@ impl<'a> Queue<'a> {
         let name = self.vhd.name();
         match (self.fixed_busy.get(index), self.fixed.get(index)) {
             (Some(false), Some(b)) if len <= b.len() => {}
-            _ => return Err(Error::Invalid(format!(
+            _ => {
+                return Err(Error::Invalid(format!(
                 "{name}: registered buffer {index} is busy, missing or shorter than {len} bytes"
-            ))),
+            )))
+            }
         }
         let Some(slot) = self.free.pop() else {
             return Err(Error::Invalid(format!("{name}: io_uring queue is full")));
