@@ -5,4 +5,5 @@
 #![allow(clippy::unwrap_used)]
 
 mod fixtures;
+mod iscsi;
 mod vhd_interop;

@@ -1,0 +1,273 @@
+//! The iSCSI initiator against a real target (tgtd): login with and
+//! without CHAP, digests, many commands in flight, the R2T path, and the
+//! data on the target's backing file.
+
+use csv_test_support::tgt::{Target, TgtTarget};
+use csv_test_support::{skip_unless, Need};
+use iscsi_initiator::login::{Chap, LoginConfig};
+use iscsi_initiator::text::Offer;
+use iscsi_initiator::{new_isid, Error, Lun, Session};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const MIB: u64 = 1 << 20;
+const INITIATOR: &str = "iqn.2026-11.io.csv.test:host1";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn target(name: &str, size: u64) -> (TgtTarget, Target, PathBuf) {
+    let mut tgt = TgtTarget::start().unwrap();
+    let t = tgt.add_target(name).unwrap();
+    let file = tgt.dir().join("lun1.img");
+    tgt.add_lun_file(&t, 1, &file, size).unwrap();
+    (tgt, t, file)
+}
+
+fn config(t: &Target) -> LoginConfig {
+    LoginConfig {
+        initiator: INITIATOR.into(),
+        target: Some(t.iqn.clone()),
+        isid: new_isid(),
+        chap: None,
+        mutual: None,
+        offer: Offer::default(),
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn login_read_write_and_backing_file_agree() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (tgt, t, file) = target("rw", 64 * MIB);
+    runtime().block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
+            .await
+            .unwrap();
+        let lun = Lun::open(s.clone(), 1).await.unwrap();
+        assert_eq!(lun.capacity(), 64 * MIB);
+        assert_eq!(lun.block_size(), 512);
+        let inq = lun.inquiry().await.unwrap();
+        assert_eq!(inq.device_type, 0, "{inq:?}");
+        assert!(!lun.device_ids().await.unwrap().is_empty());
+        let data = pattern(1 << 20, 7);
+        lun.write(3 * MIB, &data, false).await.unwrap();
+        lun.flush().await.unwrap();
+        assert!(lun.read(3 * MIB, 1 << 20).await.unwrap() == data);
+        let on_disk = std::fs::read(&file).unwrap();
+        assert!(
+            on_disk[3 * MIB as usize..4 * MIB as usize] == data[..],
+            "backing file differs"
+        );
+        // Unaligned and out-of-range requests are refused before the wire.
+        assert!(matches!(lun.read(100, 512).await, Err(Error::Invalid(_))));
+        assert!(matches!(
+            lun.read(64 * MIB, 512).await,
+            Err(Error::Invalid(_))
+        ));
+        s.ping().await.unwrap();
+        s.logout().await.unwrap();
+        assert!(matches!(lun.read(0, 512).await, Err(Error::Closed { .. })));
+    });
+}
+
+#[test]
+fn many_commands_in_flight() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (tgt, t, file) = target("qd", 64 * MIB);
+    runtime().block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
+            .await
+            .unwrap();
+        let lun = Arc::new(Lun::open(s, 1).await.unwrap());
+        let mut writes = Vec::new();
+        for i in 0..128u64 {
+            let lun = Arc::clone(&lun);
+            writes.push(tokio::spawn(async move {
+                lun.write(i * 65536, &pattern(65536, i as u8), false).await
+            }));
+        }
+        for w in writes {
+            w.await.unwrap().unwrap();
+        }
+        let mut reads = Vec::new();
+        for i in 0..128u64 {
+            let lun = Arc::clone(&lun);
+            reads.push(tokio::spawn(async move {
+                (i, lun.read(i * 65536, 65536).await)
+            }));
+        }
+        for r in reads {
+            let (i, data) = r.await.unwrap();
+            assert!(data.unwrap() == pattern(65536, i as u8), "block {i}");
+        }
+        lun.flush().await.unwrap();
+        let on_disk = std::fs::read(&file).unwrap();
+        for i in 0..128usize {
+            assert!(on_disk[i * 65536..(i + 1) * 65536] == pattern(65536, i as u8)[..]);
+        }
+    });
+}
+
+#[test]
+fn writes_beyond_the_bursts_take_the_r2t_path() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (mut tgt, t, file) = target("r2t", 64 * MIB);
+    // No immediate or unsolicited data, small bursts: every byte of a
+    // write is asked for by R2Ts, many per command.
+    tgt.set_param(&t, "ImmediateData", "No").unwrap();
+    tgt.set_param(&t, "InitialR2T", "Yes").unwrap();
+    tgt.set_param(&t, "MaxBurstLength", "65536").unwrap();
+    tgt.set_param(&t, "FirstBurstLength", "16384").unwrap();
+    tgt.set_param(&t, "MaxRecvDataSegmentLength", "8192")
+        .unwrap();
+    runtime().block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
+            .await
+            .unwrap();
+        let p = s.params().clone();
+        assert!(p.initial_r2t && !p.immediate_data, "{p:?}");
+        assert_eq!(p.max_send_data, 8192);
+        let lun = Lun::open(s, 1).await.unwrap();
+        let data = pattern(3 * MIB as usize + 4096, 3);
+        lun.write(MIB, &data, true).await.unwrap();
+        assert!(lun.read(MIB, data.len()).await.unwrap() == data);
+        let on_disk = std::fs::read(&file).unwrap();
+        assert!(on_disk[MIB as usize..MIB as usize + data.len()] == data[..]);
+    });
+    // And with immediate + unsolicited data on, writes larger than
+    // FirstBurstLength mix both.
+    let (mut tgt, t, _file) = target("unsol", 16 * MIB);
+    tgt.set_param(&t, "InitialR2T", "No").unwrap();
+    tgt.set_param(&t, "FirstBurstLength", "65536").unwrap();
+    runtime().block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
+            .await
+            .unwrap();
+        assert!(!s.params().initial_r2t && s.params().immediate_data);
+        let lun = Lun::open(s, 1).await.unwrap();
+        let data = pattern(MIB as usize, 9);
+        lun.write(0, &data, false).await.unwrap();
+        assert!(lun.read(0, data.len()).await.unwrap() == data);
+    });
+}
+
+#[test]
+fn chap_one_way_and_mutual() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (mut tgt, t, _) = target("chap", 16 * MIB);
+    tgt.set_chap(&t, "host1", "host1-secret-12").unwrap();
+    let portal = tgt.portal().to_string();
+    runtime().block_on(async {
+        // No credentials: refused.
+        let e = Session::connect(&portal, &config(&t)).await.unwrap_err();
+        assert!(
+            e.to_string().contains("authentication") || e.to_string().contains("CHAP"),
+            "{e}"
+        );
+        // Wrong secret: refused by the target.
+        let mut c = config(&t);
+        c.chap = Some(Chap {
+            user: "host1".into(),
+            secret: "wrong-secret-99".into(),
+        });
+        let e = Session::connect(&portal, &c).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Login {
+                    class: 2,
+                    detail: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Right secret.
+        c.chap = Some(Chap {
+            user: "host1".into(),
+            secret: "host1-secret-12".into(),
+        });
+        let s = Session::connect(&portal, &c).await.unwrap();
+        Lun::open(s, 1).await.unwrap();
+    });
+    // Mutual: the target proves itself too.
+    tgt.set_mutual_chap(&t, "array1", "array1-secret-34")
+        .unwrap();
+    runtime().block_on(async {
+        let mut c = config(&t);
+        c.chap = Some(Chap {
+            user: "host1".into(),
+            secret: "host1-secret-12".into(),
+        });
+        c.mutual = Some(Chap {
+            user: "array1".into(),
+            secret: "array1-secret-34".into(),
+        });
+        let s = Session::connect(&portal, &c).await.unwrap();
+        Lun::open(s, 1).await.unwrap();
+        // Expecting another secret from the target: we refuse it.
+        c.mutual = Some(Chap {
+            user: "array1".into(),
+            secret: "not-the-arrays-1".into(),
+        });
+        let e = Session::connect(&portal, &c).await.unwrap_err();
+        assert!(matches!(e, Error::Auth { .. }), "{e}");
+        assert!(
+            !e.to_string().contains("secret-"),
+            "secrets never appear in errors: {e}"
+        );
+    });
+}
+
+#[test]
+fn digests_on() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (mut tgt, t, _) = target("digest", 16 * MIB);
+    tgt.set_digests(&t, true, true).unwrap();
+    runtime().block_on(async {
+        let mut c = config(&t);
+        c.offer.header_digest = true;
+        c.offer.data_digest = true;
+        let s = Session::connect(&tgt.portal().to_string(), &c)
+            .await
+            .unwrap();
+        assert!(s.params().header_digest && s.params().data_digest);
+        let lun = Lun::open(s, 1).await.unwrap();
+        let data = pattern(512 * 1024, 1);
+        lun.write(4096, &data, false).await.unwrap();
+        assert!(lun.read(4096, data.len()).await.unwrap() == data);
+    });
+}
+
+#[test]
+fn discovery_lists_the_targets() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (mut tgt, t, _) = target("disc-a", 16 * MIB);
+    let t2 = tgt.add_target("disc-b").unwrap();
+    let portal = tgt.portal().to_string();
+    runtime().block_on(async {
+        let found = iscsi_initiator::session::discover(&portal, INITIATOR, None)
+            .await
+            .unwrap();
+        let names: Vec<&str> = found.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.contains(&t.iqn.as_str()) && names.contains(&t2.iqn.as_str()),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().all(|(_, p)| p.iter().any(|a| a == &portal)),
+            "{found:?}"
+        );
+    });
+}
