@@ -1,18 +1,25 @@
 //! A session in the full feature phase: many SCSI commands in flight on
-//! one connection.
+//! one connection, kept alive across connection failures.
 //!
 //! ```text
-//!   callers ──command()──> [state: CmdSN window, task table] ──frames──> writer task ──> TCP
-//!                                  ^                                          
-//!   reader task <── TCP: Data-In, SCSI Response, R2T (-> Data-Out), NOP-In (-> NOP-Out),
-//!                        Async Message, Reject, Logout Response
+//!  callers ─command()─> task table + backlog ─pump (CmdSN <= MaxCmdSN)─> writer task ─> TCP
+//!                             ^
+//!  reader task <─ TCP: Data-In, SCSI Response, R2T (-> Data-Out), NOP-In (-> NOP-Out),
+//!                      Async Message, Reject, Logout/TMF Response
+//!  watchdog: NOP-Out when idle; a task unanswered too long = connection lost
+//!
+//!  connection lost ──> recovery: log in again with the same ISID (session
+//!  reinstatement, ErrorRecoveryLevel 0) on this portal or the next one,
+//!  then reissue every unanswered command in its original order
 //! ```
 //!
-//! CmdSN is assigned and the frame queued under one lock, so frames leave
-//! in CmdSN order. A command waits while CmdSN would pass MaxCmdSN (serial
-//! arithmetic). Every response moves ExpCmdSN/MaxCmdSN/ExpStatSN forward.
-//! When the connection fails every task in flight fails with
-//! [`Error::Closed`]; the caller (the `Lun` layer) logs in again.
+//! CmdSN is assigned when a command leaves the backlog, under one lock, so
+//! frames leave in CmdSN order; a command waits in the backlog while its
+//! CmdSN would pass MaxCmdSN (serial arithmetic). A write is answered to
+//! its caller only after the target's SCSI Response, so every write that
+//! was not answered is sent again after a reconnect, before any command
+//! issued later: nothing acknowledged is lost, and a flush still follows
+//! the writes it covers.
 
 use crate::conn::{read_pdu, write_all};
 use crate::error::{Error, Result};
@@ -20,11 +27,12 @@ use crate::login::{self, LoginConfig, Outcome};
 use crate::pdu::{op, sn_le, sn_lt, Digests, Pdu, NO_TAG};
 use crate::scsi::Sense;
 use crate::text::Params;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 /// How a command moves data.
 #[derive(Debug, Clone)]
@@ -40,7 +48,7 @@ pub enum Data {
 /// The end of a command.
 #[derive(Debug, Clone)]
 pub struct Reply {
-    /// SCSI status.
+    /// SCSI status (or the response code of a task management function).
     pub status: u8,
     /// Sense data with CHECK CONDITION.
     pub sense: Option<Sense>,
@@ -50,6 +58,42 @@ pub struct Reply {
     pub residual: i64,
 }
 
+/// Timeouts and recovery settings of a session.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    /// A command unanswered this long means the connection is dead.
+    pub command: Duration,
+    /// Idle time after which a NOP-Out checks the connection.
+    pub keepalive: Duration,
+    /// How long to keep trying to reconnect before failing the commands.
+    pub recovery: Duration,
+    /// Time allowed for one connect + login attempt.
+    pub login: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            command: Duration::from_secs(15),
+            keepalive: Duration::from_secs(5),
+            recovery: Duration::from_secs(120),
+            login: Duration::from_secs(5),
+        }
+    }
+}
+
+/// State of one path (portal) of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathState {
+    /// Carrying the session now.
+    Active,
+    /// Not in use; not known to be broken.
+    Standby,
+    /// The last attempt on it failed, and why.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Scsi,
     Nop,
@@ -59,35 +103,49 @@ enum Kind {
 
 struct Task {
     kind: Kind,
-    done: oneshot::Sender<Result<Reply>>,
+    done: Option<oneshot::Sender<Result<Reply>>>,
     lun: u16,
+    cdb: [u8; 16],
+    data: Data,
     read: Vec<u8>,
-    read_max: usize,
-    write: Option<Arc<Vec<u8>>>,
+    /// Issue order, for reissuing after a reconnect.
+    order: u64,
+    /// When it was last sent (None while in the backlog).
+    sent: Option<Instant>,
+    /// TMF: the referenced task; immediate PDUs only.
+    referenced: u32,
 }
 
 struct State {
     tx: mpsc::UnboundedSender<Vec<u8>>,
+    generation: u64,
     cmd_sn: u32,
     exp_cmd_sn: u32,
     max_cmd_sn: u32,
     exp_stat_sn: u32,
     next_itt: u32,
+    next_order: u64,
     tasks: HashMap<u32, Task>,
+    backlog: VecDeque<u32>,
+    last_rx: Instant,
+    recovering: bool,
     closed: Option<String>,
+    portal: usize,
+    paths: Vec<PathState>,
+    params: Params,
+    digests: Digests,
+    io: Vec<JoinHandle<()>>,
+    reconnects: u64,
 }
 
 struct Inner {
-    portal: String,
-    target: String,
-    params: Params,
-    digests: Digests,
-    timeout: Duration,
+    portals: Vec<String>,
+    cfg: LoginConfig,
+    timeouts: Timeouts,
     state: Mutex<State>,
-    window: Notify,
 }
 
-/// An open session to one target through one portal.
+/// An open session to one target, over one of its portals at a time.
 #[derive(Clone)]
 pub struct Session {
     inner: Arc<Inner>,
@@ -95,16 +153,16 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Session({} at {})", self.inner.target, self.inner.portal)
+        write!(f, "Session({} at {:?})", self.target(), self.inner.portals)
     }
 }
 
-/// How long a command may take before the session is declared dead.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl Session {
-    /// Connects to `portal` and logs in, following redirects (at most 4).
-    pub async fn connect(portal: &str, cfg: &LoginConfig) -> Result<Session> {
+async fn connect_login(
+    portal: &str,
+    cfg: &LoginConfig,
+    limit: Duration,
+) -> Result<(TcpStream, String, login::Logged)> {
+    let attempt = async {
         let mut portal = portal.to_string();
         for _ in 0..5 {
             let mut stream =
@@ -120,58 +178,123 @@ impl Session {
                     tracing::info!(from = %portal, to = %to, "login redirected");
                     portal = to;
                 }
-                Outcome::Done(l) => return Ok(Session::start(stream, portal, cfg, l)),
+                Outcome::Done(l) => return Ok((stream, portal, l)),
             }
         }
         Err(Error::Protocol {
-            portal,
+            portal: portal.clone(),
             what: "more than 4 login redirects".into(),
         })
+    };
+    match tokio::time::timeout(limit, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            portal: portal.into(),
+            what: "connect and login".into(),
+            secs: limit.as_secs(),
+        }),
+    }
+}
+
+impl Session {
+    /// Connects to `portal` and logs in (following redirects).
+    pub async fn connect(portal: &str, cfg: &LoginConfig) -> Result<Session> {
+        Session::connect_paths(&[portal.to_string()], cfg, Timeouts::default()).await
     }
 
-    fn start(stream: TcpStream, portal: String, cfg: &LoginConfig, l: login::Logged) -> Session {
-        let (rd, wr) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let digests = Digests {
-            header: l.params.header_digest,
-            data: l.params.data_digest,
-        };
-        let inner = Arc::new(Inner {
-            portal: portal.clone(),
-            target: cfg.target.clone().unwrap_or_default(),
-            params: l.params,
-            digests,
-            timeout: DEFAULT_TIMEOUT,
-            state: Mutex::new(State {
-                tx,
-                cmd_sn: l.cmd_sn,
-                exp_cmd_sn: l.cmd_sn,
-                max_cmd_sn: l.max_cmd_sn,
-                exp_stat_sn: l.exp_stat_sn,
-                next_itt: 1,
-                tasks: HashMap::new(),
-                closed: None,
-            }),
-            window: Notify::new(),
-        });
-        tokio::spawn(writer(wr, rx, portal));
-        tokio::spawn(reader(rd, Arc::clone(&inner)));
-        Session { inner }
+    /// Connects through the first portal of `portals` that works; the
+    /// others are standby paths the session moves to when its path fails.
+    pub async fn connect_paths(
+        portals: &[String],
+        cfg: &LoginConfig,
+        timeouts: Timeouts,
+    ) -> Result<Session> {
+        if portals.is_empty() {
+            return Err(Error::Invalid("a session needs at least one portal".into()));
+        }
+        let mut paths = vec![PathState::Standby; portals.len()];
+        let mut last = None;
+        for (i, p) in portals.iter().enumerate() {
+            match connect_login(p, cfg, timeouts.login).await {
+                Ok((stream, _, l)) => {
+                    paths[i] = PathState::Active;
+                    let (tx, _) = mpsc::unbounded_channel();
+                    let digests = Digests {
+                        header: l.params.header_digest,
+                        data: l.params.data_digest,
+                    };
+                    let inner = Arc::new(Inner {
+                        portals: portals.to_vec(),
+                        cfg: cfg.clone(),
+                        timeouts: timeouts.clone(),
+                        state: Mutex::new(State {
+                            tx,
+                            generation: 0,
+                            cmd_sn: l.cmd_sn,
+                            exp_cmd_sn: l.cmd_sn,
+                            max_cmd_sn: l.max_cmd_sn,
+                            exp_stat_sn: l.exp_stat_sn,
+                            next_itt: 1,
+                            next_order: 0,
+                            tasks: HashMap::new(),
+                            backlog: VecDeque::new(),
+                            last_rx: Instant::now(),
+                            recovering: false,
+                            closed: None,
+                            portal: i,
+                            paths,
+                            params: l.params,
+                            digests,
+                            io: Vec::new(),
+                            reconnects: 0,
+                        }),
+                    });
+                    {
+                        let mut st = lock(&inner)?;
+                        attach(&inner, &mut st, stream);
+                    }
+                    tokio::spawn(watchdog(Arc::downgrade(&inner)));
+                    return Ok(Session { inner });
+                }
+                Err(e) => {
+                    paths[i] = PathState::Failed(e.to_string());
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Invalid("no portal".into())))
     }
 
-    /// The negotiated parameters.
-    pub fn params(&self) -> &Params {
-        &self.inner.params
+    /// The negotiated parameters of the current connection.
+    pub fn params(&self) -> Params {
+        self.inner
+            .state
+            .lock()
+            .map(|s| s.params.clone())
+            .unwrap_or_default()
     }
 
-    /// The portal this session is connected to.
+    /// The portal carrying the session now.
     pub fn portal(&self) -> &str {
-        &self.inner.portal
+        let i = self.inner.state.lock().map(|s| s.portal).unwrap_or(0);
+        self.inner.portals.get(i).map_or("", String::as_str)
+    }
+
+    /// Every portal with its state.
+    pub fn paths(&self) -> Vec<(String, PathState)> {
+        let st = self.inner.state.lock();
+        let states = st.map(|s| s.paths.clone()).unwrap_or_default();
+        self.inner.portals.iter().cloned().zip(states).collect()
+    }
+
+    /// How many times the session was reinstated after a failure.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.state.lock().map(|s| s.reconnects).unwrap_or(0)
     }
 
     /// The target's name.
     pub fn target(&self) -> &str {
-        &self.inner.target
+        self.inner.cfg.target.as_deref().unwrap_or("")
     }
 
     /// Why the session closed, if it has.
@@ -179,237 +302,136 @@ impl Session {
         self.inner.state.lock().ok().and_then(|s| s.closed.clone())
     }
 
-    fn closed_err(&self) -> Error {
-        Error::Closed {
-            target: self.inner.target.clone(),
-            portal: self.inner.portal.clone(),
-        }
-    }
-
-    /// Waits until CmdSN is inside the window, then runs `f` under the
-    /// state lock (where the caller queues its frames).
-    async fn with_window<T>(&self, immediate: bool, f: impl FnOnce(&mut State) -> T) -> Result<T> {
-        loop {
-            let n = self.inner.window.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            {
-                let mut st = self.inner.state.lock().map_err(|_| self.closed_err())?;
-                if st.closed.is_some() {
-                    return Err(self.closed_err());
-                }
-                if immediate || sn_le(st.cmd_sn, st.max_cmd_sn) {
-                    return Ok(f(&mut st));
-                }
-            }
-            n.await;
-        }
-    }
-
     /// Runs one SCSI command on `lun`.
     pub async fn command(&self, lun: u16, cdb: [u8; 16], data: Data) -> Result<Reply> {
-        let p = &self.inner.params;
-        let d = self.inner.digests;
-        let rx = self
-            .with_window(false, |st| {
-                let itt = take_itt(st);
-                let cmd_sn = st.cmd_sn;
-                st.cmd_sn = st.cmd_sn.wrapping_add(1);
-                let mut pdu = Pdu::new(op::SCSI_CMD, false);
-                pdu.set_lun(lun);
-                pdu.set_itt(itt);
-                pdu.set_u32(24, cmd_sn);
-                pdu.set_u32(28, st.exp_stat_sn);
-                pdu.bhs[32..48].copy_from_slice(&cdb);
-                let mut flags = 0x80 | 0x01; // F, simple task attribute
-                let mut unsolicited = Vec::new();
-                let (read_max, write) = match &data {
-                    Data::None => (0, None),
-                    Data::In(n) => {
-                        flags |= 0x40;
-                        pdu.set_u32(20, *n as u32);
-                        (*n, None)
-                    }
-                    Data::Out(buf) => {
-                        flags |= 0x20;
-                        pdu.set_u32(20, buf.len() as u32);
-                        let burst = (p.first_burst as usize).min(buf.len());
-                        let mut sent = 0;
-                        if p.immediate_data {
-                            sent = burst.min(p.max_send_data as usize);
-                            pdu.data = buf[..sent].to_vec();
-                        }
-                        if !p.initial_r2t && sent < burst {
-                            flags &= !0x80; // Data-Out PDUs follow
-                            unsolicited = data_out_pdus(
-                                itt,
-                                lun,
-                                NO_TAG,
-                                st.exp_stat_sn,
-                                buf,
-                                sent,
-                                burst - sent,
-                                p.max_send_data as usize,
-                            );
-                        }
-                        (0, Some(Arc::clone(buf)))
-                    }
-                };
-                pdu.set_flags(flags);
-                let (tx, rx) = oneshot::channel();
-                st.tasks.insert(
-                    itt,
-                    Task {
-                        kind: Kind::Scsi,
-                        done: tx,
-                        lun,
-                        read: Vec::new(),
-                        read_max,
-                        write,
-                    },
-                );
-                let mut frame = pdu.encode(d);
-                for u in unsolicited {
-                    frame.extend_from_slice(&u.encode(d));
-                }
-                let _ = st.tx.send(frame);
-                (itt, rx)
-            })
-            .await?;
+        let rx = self.submit(Kind::Scsi, lun, cdb, data, 0)?;
         self.wait(rx).await
     }
 
-    async fn wait(&self, (itt, rx): (u32, oneshot::Receiver<Result<Reply>>)) -> Result<Reply> {
-        match tokio::time::timeout(self.inner.timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(self.closed_err()),
-            Err(_) => {
-                // A command the target never answered: the connection is
-                // not trustworthy any more.
-                self.fail(format!(
-                    "task {itt:#x} got no answer in {} s",
-                    self.inner.timeout.as_secs()
-                ));
-                Err(Error::Timeout {
-                    portal: self.inner.portal.clone(),
-                    what: format!("task {itt:#x}"),
-                    secs: self.inner.timeout.as_secs(),
-                })
-            }
-        }
+    fn submit(
+        &self,
+        kind: Kind,
+        lun: u16,
+        cdb: [u8; 16],
+        data: Data,
+        referenced: u32,
+    ) -> Result<oneshot::Receiver<Result<Reply>>> {
+        submit(&self.inner, kind, lun, cdb, data, referenced)
+    }
+
+    async fn wait(&self, rx: oneshot::Receiver<Result<Reply>>) -> Result<Reply> {
+        rx.await.unwrap_or_else(|_| Err(closed_err(&self.inner)))
     }
 
     /// NOP-Out ping: a round trip to the target.
     pub async fn ping(&self) -> Result<()> {
-        let d = self.inner.digests;
-        let rx = self
-            .with_window(true, |st| {
-                let itt = take_itt(st);
-                let mut pdu = Pdu::new(op::NOP_OUT, true);
-                pdu.set_flags(0x80);
-                pdu.set_itt(itt);
-                pdu.set_u32(20, NO_TAG);
-                pdu.set_u32(24, st.cmd_sn);
-                pdu.set_u32(28, st.exp_stat_sn);
-                let (tx, rx) = oneshot::channel();
-                st.tasks.insert(
-                    itt,
-                    Task {
-                        kind: Kind::Nop,
-                        done: tx,
-                        lun: 0,
-                        read: Vec::new(),
-                        read_max: 0,
-                        write: None,
-                    },
-                );
-                let _ = st.tx.send(pdu.encode(d));
-                (itt, rx)
-            })
-            .await?;
+        let rx = self.submit(Kind::Nop, 0, [0; 16], Data::None, 0)?;
         self.wait(rx).await.map(drop)
     }
 
     /// Task management: ABORT TASK (`function` 1, `referenced` = its ITT)
-    /// or LOGICAL UNIT RESET (`function` 5). Returns the response code.
+    /// or LOGICAL UNIT RESET (`function` 5). Returns the response code
+    /// (0: function complete).
     pub async fn task_management(&self, lun: u16, function: u8, referenced: u32) -> Result<u8> {
-        let d = self.inner.digests;
-        let rx = self
-            .with_window(true, |st| {
-                let itt = take_itt(st);
-                let mut pdu = Pdu::new(op::TASK_MGMT, true);
-                pdu.set_flags(0x80 | (function & 0x7f));
-                pdu.set_lun(lun);
-                pdu.set_itt(itt);
-                pdu.set_u32(20, referenced);
-                pdu.set_u32(24, st.cmd_sn);
-                pdu.set_u32(28, st.exp_stat_sn);
-                pdu.set_u32(32, st.cmd_sn);
-                let (tx, rx) = oneshot::channel();
-                st.tasks.insert(
-                    itt,
-                    Task {
-                        kind: Kind::Tmf,
-                        done: tx,
-                        lun,
-                        read: Vec::new(),
-                        read_max: 0,
-                        write: None,
-                    },
-                );
-                let _ = st.tx.send(pdu.encode(d));
-                (itt, rx)
-            })
-            .await?;
+        let mut cdb = [0u8; 16];
+        cdb[0] = function;
+        let rx = self.submit(Kind::Tmf, lun, cdb, Data::None, referenced)?;
         self.wait(rx).await.map(|r| r.status)
     }
 
     /// Logs out (closing the session) and waits for the answer.
     pub async fn logout(&self) -> Result<()> {
-        let d = self.inner.digests;
-        let rx = self
-            .with_window(true, |st| {
-                let itt = take_itt(st);
-                let mut pdu = Pdu::new(op::LOGOUT, true);
-                pdu.set_flags(0x80); // reason 0: close the session
-                pdu.set_itt(itt);
-                pdu.set_u32(24, st.cmd_sn);
-                pdu.set_u32(28, st.exp_stat_sn);
-                let (tx, rx) = oneshot::channel();
-                st.tasks.insert(
-                    itt,
-                    Task {
-                        kind: Kind::Logout,
-                        done: tx,
-                        lun: 0,
-                        read: Vec::new(),
-                        read_max: 0,
-                        write: None,
-                    },
-                );
-                let _ = st.tx.send(pdu.encode(d));
-                (itt, rx)
-            })
-            .await?;
+        let rx = self.submit(Kind::Logout, 0, [0; 16], Data::None, 0)?;
         let r = self.wait(rx).await;
-        self.fail("logged out".into());
+        close(&self.inner, "logged out".into());
         r.map(drop)
     }
 
-    /// Marks the session closed and fails every task in flight.
-    fn fail(&self, why: String) {
-        fail_all(&self.inner, why);
+    /// Drops the current connection as if the network had failed (for
+    /// fault tests and for an operator's "reconnect now").
+    pub fn drop_connection(&self) {
+        let gen = self.inner.state.lock().map(|s| s.generation).unwrap_or(0);
+        connection_lost(&self.inner, gen, "dropped on request".into());
     }
 
-    /// Number of commands in flight (for metrics and tests).
+    /// Commands in flight or waiting for the window.
     pub fn in_flight(&self) -> usize {
         self.inner.state.lock().map(|s| s.tasks.len()).unwrap_or(0)
     }
 }
 
-impl Drop for Inner {
+impl Drop for Session {
     fn drop(&mut self) {
-        tracing::debug!(portal = %self.portal, "session dropped");
+        // The last handle closes the connection (the I/O tasks and the
+        // watchdog only hold weak references).
+        if Arc::strong_count(&self.inner) == 1 {
+            close(&self.inner, "session dropped".into());
+        }
+    }
+}
+
+/// Registers a task and sends it (a command through the backlog and the
+/// CmdSN window, an immediate request at once).
+fn submit(
+    inner: &Inner,
+    kind: Kind,
+    lun: u16,
+    cdb: [u8; 16],
+    data: Data,
+    referenced: u32,
+) -> Result<oneshot::Receiver<Result<Reply>>> {
+    let mut st = lock(inner)?;
+    if st.closed.is_some() {
+        let portal = inner.portals.get(st.portal).cloned().unwrap_or_default();
+        return Err(Error::Closed {
+            target: inner.cfg.target.clone().unwrap_or_default(),
+            portal,
+        });
+    }
+    let itt = take_itt(&mut st);
+    let (tx, rx) = oneshot::channel();
+    let order = st.next_order;
+    st.next_order += 1;
+    st.tasks.insert(
+        itt,
+        Task {
+            kind,
+            done: Some(tx),
+            lun,
+            cdb,
+            data,
+            read: Vec::new(),
+            order,
+            sent: None,
+            referenced,
+        },
+    );
+    if kind == Kind::Scsi {
+        st.backlog.push_back(itt);
+        pump(&mut st);
+    } else if !st.recovering {
+        send_immediate(&mut st, itt);
+    }
+    Ok(rx)
+}
+
+fn lock(inner: &Inner) -> Result<std::sync::MutexGuard<'_, State>> {
+    inner
+        .state
+        .lock()
+        .map_err(|_| Error::Invalid("session state lock poisoned".into()))
+}
+
+fn closed_err(inner: &Inner) -> Error {
+    let portal = inner
+        .state
+        .lock()
+        .ok()
+        .and_then(|s| inner.portals.get(s.portal).cloned())
+        .unwrap_or_default();
+    Error::Closed {
+        target: inner.cfg.target.clone().unwrap_or_default(),
+        portal,
     }
 }
 
@@ -417,10 +439,151 @@ fn take_itt(st: &mut State) -> u32 {
     loop {
         let itt = st.next_itt;
         st.next_itt = st.next_itt.wrapping_add(1);
-        if itt != NO_TAG && !st.tasks.contains_key(&itt) {
+        if itt != NO_TAG && itt != 0 && !st.tasks.contains_key(&itt) {
             return itt;
         }
     }
+}
+
+/// Wires a freshly logged-in connection into the session.
+fn attach(inner: &Arc<Inner>, st: &mut State, stream: TcpStream) {
+    for h in st.io.drain(..) {
+        h.abort();
+    }
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::unbounded_channel();
+    st.tx = tx;
+    st.generation += 1;
+    st.last_rx = Instant::now();
+    let gen = st.generation;
+    let portal = inner.portals.get(st.portal).cloned().unwrap_or_default();
+    st.io.push(tokio::spawn(writer(
+        wr,
+        rx,
+        portal,
+        Arc::downgrade(inner),
+        gen,
+    )));
+    st.io
+        .push(tokio::spawn(reader(rd, Arc::downgrade(inner), gen)));
+}
+
+/// Sends commands from the backlog while the CmdSN window allows.
+fn pump(st: &mut State) {
+    if st.recovering || st.closed.is_some() {
+        return;
+    }
+    while let Some(&itt) = st.backlog.front() {
+        if !sn_le(st.cmd_sn, st.max_cmd_sn) {
+            return;
+        }
+        st.backlog.pop_front();
+        let cmd_sn = st.cmd_sn;
+        st.cmd_sn = st.cmd_sn.wrapping_add(1);
+        let frame = {
+            let (p, d, exp) = (st.params.clone(), st.digests, st.exp_stat_sn);
+            let Some(t) = st.tasks.get_mut(&itt) else {
+                continue;
+            };
+            t.sent = Some(Instant::now());
+            t.read.clear();
+            command_frame(itt, cmd_sn, exp, t, &p, d)
+        };
+        let _ = st.tx.send(frame);
+    }
+}
+
+/// The SCSI Command PDU of a task, with its immediate data and the
+/// unsolicited Data-Out PDUs the session's parameters allow.
+fn command_frame(
+    itt: u32,
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+    t: &Task,
+    p: &Params,
+    d: Digests,
+) -> Vec<u8> {
+    let mut pdu = Pdu::new(op::SCSI_CMD, false);
+    pdu.set_lun(t.lun);
+    pdu.set_itt(itt);
+    pdu.set_u32(24, cmd_sn);
+    pdu.set_u32(28, exp_stat_sn);
+    pdu.bhs[32..48].copy_from_slice(&t.cdb);
+    let mut flags = 0x80 | 0x01; // F, simple task attribute
+    let mut unsolicited = Vec::new();
+    match &t.data {
+        Data::None => {}
+        Data::In(n) => {
+            flags |= 0x40;
+            pdu.set_u32(20, *n as u32);
+        }
+        Data::Out(buf) => {
+            flags |= 0x20;
+            pdu.set_u32(20, buf.len() as u32);
+            let burst = (p.first_burst as usize).min(buf.len());
+            let mut sent = 0;
+            if p.immediate_data {
+                sent = burst.min(p.max_send_data as usize);
+                pdu.data = buf[..sent].to_vec();
+            }
+            if !p.initial_r2t && sent < burst {
+                flags &= !0x80; // Data-Out PDUs follow
+                unsolicited = data_out_pdus(
+                    itt,
+                    t.lun,
+                    NO_TAG,
+                    exp_stat_sn,
+                    buf,
+                    sent,
+                    burst - sent,
+                    p.max_send_data as usize,
+                );
+            }
+        }
+    }
+    pdu.set_flags(flags);
+    let mut frame = pdu.encode(d);
+    for u in unsolicited {
+        frame.extend_from_slice(&u.encode(d));
+    }
+    frame
+}
+
+/// Sends an immediate PDU (NOP-Out, task management, logout).
+fn send_immediate(st: &mut State, itt: u32) {
+    let (cmd_sn, exp) = (st.cmd_sn, st.exp_stat_sn);
+    let d = st.digests;
+    let Some(t) = st.tasks.get_mut(&itt) else {
+        return;
+    };
+    t.sent = Some(Instant::now());
+    let mut pdu = match t.kind {
+        Kind::Nop => {
+            let mut p = Pdu::new(op::NOP_OUT, true);
+            p.set_u32(20, NO_TAG);
+            p
+        }
+        Kind::Tmf => {
+            let mut p = Pdu::new(op::TASK_MGMT, true);
+            p.set_lun(t.lun);
+            p.set_u32(20, t.referenced);
+            p.set_u32(32, cmd_sn);
+            p
+        }
+        Kind::Logout => Pdu::new(op::LOGOUT, true),
+        Kind::Scsi => return,
+    };
+    pdu.set_flags(
+        0x80 | if t.kind == Kind::Tmf {
+            t.cdb[0] & 0x7f
+        } else {
+            0
+        },
+    );
+    pdu.set_itt(itt);
+    pdu.set_u32(24, cmd_sn);
+    pdu.set_u32(28, exp);
+    let _ = st.tx.send(pdu.encode(d));
 }
 
 /// Data-Out PDUs carrying `len` bytes of `buf` from `offset`, at most
@@ -463,6 +626,8 @@ async fn writer(
     mut wr: tokio::net::tcp::OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     portal: String,
+    inner: std::sync::Weak<Inner>,
+    gen: u64,
 ) {
     while let Some(mut frame) = rx.recv().await {
         // Coalesce what is queued into one write.
@@ -473,73 +638,252 @@ async fn writer(
             }
         }
         if let Err(e) = write_all(&mut wr, &frame, &portal).await {
-            tracing::warn!(portal = %portal, error = %e, "connection write failed");
+            if let Some(inner) = inner.upgrade() {
+                connection_lost(&inner, gen, e.to_string());
+            }
             return;
         }
     }
 }
 
-fn fail_all(inner: &Inner, why: String) {
+async fn reader(mut rd: tokio::net::tcp::OwnedReadHalf, inner: std::sync::Weak<Inner>, gen: u64) {
+    loop {
+        let (digests, max, portal) = {
+            let Some(i) = inner.upgrade() else { return };
+            let Ok(st) = i.state.lock() else { return };
+            (
+                st.digests,
+                st.params.max_recv_data as usize,
+                i.portals.get(st.portal).cloned().unwrap_or_default(),
+            )
+        };
+        let got = read_pdu(&mut rd, digests, max, &portal).await;
+        let Some(i) = inner.upgrade() else { return };
+        let result = got.and_then(|p| handle(&i, gen, p));
+        if let Err(e) = result {
+            tracing::warn!(portal = %portal, error = %e, "iSCSI connection failed");
+            connection_lost(&i, gen, e.to_string());
+            return;
+        }
+    }
+}
+
+/// Checks the connection: a NOP-Out when idle, and a dead connection when
+/// a task waits too long.
+async fn watchdog(inner: std::sync::Weak<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let Some(i) = inner.upgrade() else { return };
+        let mut lost = None;
+        let mut ping = false;
+        {
+            let Ok(st) = i.state.lock() else { return };
+            if st.closed.is_some() {
+                return;
+            }
+            if st.recovering {
+                continue;
+            }
+            let now = Instant::now();
+            if let Some(old) = st.tasks.values().filter_map(|t| t.sent).min() {
+                if now.duration_since(old) > i.timeouts.command
+                    && now.duration_since(st.last_rx) > i.timeouts.command
+                {
+                    lost = Some((
+                        st.generation,
+                        format!(
+                            "no answer from the target in {} s",
+                            i.timeouts.command.as_secs()
+                        ),
+                    ));
+                }
+            } else if now.duration_since(st.last_rx) > i.timeouts.keepalive {
+                ping = true;
+            }
+        }
+        if let Some((gen, why)) = lost {
+            connection_lost(&i, gen, why);
+        } else if ping {
+            // Fire and forget: the answer (or its absence, which the check
+            // above notices) is what matters.
+            let _ = submit(&i, Kind::Nop, 0, [0; 16], Data::None, 0);
+        }
+    }
+}
+
+/// Marks the session closed and fails every task.
+fn close(inner: &Inner, why: String) {
     let tasks = match inner.state.lock() {
         Ok(mut st) => {
             if st.closed.is_none() {
-                st.closed = Some(why.clone());
+                st.closed = Some(why);
             }
+            for h in st.io.drain(..) {
+                h.abort();
+            }
+            st.backlog.clear();
             std::mem::take(&mut st.tasks)
         }
         Err(_) => return,
     };
-    for (_, t) in tasks {
-        let _ = t.done.send(Err(Error::Closed {
-            target: inner.target.clone(),
-            portal: inner.portal.clone(),
-        }));
-    }
-    inner.window.notify_waiters();
-}
-
-async fn reader(mut rd: tokio::net::tcp::OwnedReadHalf, inner: Arc<Inner>) {
-    let max = inner.params.max_recv_data as usize;
-    loop {
-        let pdu = match read_pdu(&mut rd, inner.digests, max, &inner.portal).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(portal = %inner.portal, error = %e, "connection lost");
-                fail_all(&inner, e.to_string());
-                return;
-            }
-        };
-        if let Err(e) = handle(&inner, pdu) {
-            tracing::warn!(portal = %inner.portal, error = %e, "protocol error; dropping the connection");
-            fail_all(&inner, e.to_string());
-            return;
+    for (_, mut t) in tasks {
+        if let Some(d) = t.done.take() {
+            let _ = d.send(Err(closed_err(inner)));
         }
     }
 }
 
-fn update_sn(st: &mut State, exp: u32, max: u32) -> bool {
-    let mut moved = false;
+/// The connection of generation `gen` failed: start recovery (once).
+fn connection_lost(inner: &Arc<Inner>, gen: u64, why: String) {
+    let failed_immediate = {
+        let Ok(mut st) = inner.state.lock() else {
+            return;
+        };
+        if st.generation != gen || st.recovering || st.closed.is_some() {
+            return;
+        }
+        st.recovering = true;
+        let p = st.portal;
+        if let Some(s) = st.paths.get_mut(p) {
+            *s = PathState::Failed(why.clone());
+        }
+        for h in st.io.drain(..) {
+            h.abort();
+        }
+        // Immediate requests do not survive a reconnect; commands do.
+        let gone: Vec<u32> = st
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.kind != Kind::Scsi)
+            .map(|(&k, _)| k)
+            .collect();
+        gone.into_iter()
+            .filter_map(|k| st.tasks.remove(&k))
+            .collect::<Vec<_>>()
+    };
+    for mut t in failed_immediate {
+        if let Some(d) = t.done.take() {
+            let _ = d.send(Err(closed_err(inner)));
+        }
+    }
+    tracing::warn!(reason = %why, "iSCSI connection lost; reinstating the session");
+    tokio::spawn(recover(Arc::clone(inner)));
+}
+
+async fn recover(inner: Arc<Inner>) {
+    let deadline = Instant::now() + inner.timeouts.recovery;
+    let n = inner.portals.len();
+    let start = inner.state.lock().map(|s| s.portal).unwrap_or(0);
+    let mut pause = Duration::from_millis(50);
+    let mut attempt = 0usize;
+    loop {
+        if inner
+            .state
+            .lock()
+            .map(|s| s.closed.is_some())
+            .unwrap_or(true)
+        {
+            return;
+        }
+        // The current path first, then the others in turn.
+        let idx = (start + attempt) % n;
+        attempt += 1;
+        match connect_login(&inner.portals[idx], &inner.cfg, inner.timeouts.login).await {
+            Ok((stream, _, l)) => {
+                let Ok(mut st) = inner.state.lock() else {
+                    return;
+                };
+                if st.closed.is_some() {
+                    return;
+                }
+                st.portal = idx;
+                for (i, p) in st.paths.iter_mut().enumerate() {
+                    if i == idx {
+                        *p = PathState::Active;
+                    } else if *p == PathState::Active {
+                        *p = PathState::Standby;
+                    }
+                }
+                st.cmd_sn = l.cmd_sn;
+                st.exp_cmd_sn = l.cmd_sn;
+                st.max_cmd_sn = l.max_cmd_sn;
+                st.exp_stat_sn = l.exp_stat_sn;
+                st.digests = Digests {
+                    header: l.params.header_digest,
+                    data: l.params.data_digest,
+                };
+                st.params = l.params;
+                st.reconnects += 1;
+                attach(&inner, &mut st, stream);
+                // Every unanswered command again, oldest first, ahead of
+                // those still waiting to be sent.
+                let mut sent: Vec<(u64, u32)> = st
+                    .tasks
+                    .iter()
+                    .filter(|(k, t)| t.sent.is_some() && !st.backlog.contains(k))
+                    .map(|(&k, t)| (t.order, k))
+                    .collect();
+                sent.sort_unstable();
+                for (_, itt) in sent.into_iter().rev() {
+                    if let Some(t) = st.tasks.get_mut(&itt) {
+                        t.sent = None;
+                    }
+                    st.backlog.push_front(itt);
+                }
+                st.recovering = false;
+                tracing::info!(portal = %inner.portals[idx], reissued = st.backlog.len(), "iSCSI session reinstated");
+                pump(&mut st);
+                return;
+            }
+            Err(e) => {
+                if let Ok(mut st) = inner.state.lock() {
+                    if let Some(p) = st.paths.get_mut(idx) {
+                        *p = PathState::Failed(e.to_string());
+                    }
+                }
+                if Instant::now() >= deadline {
+                    close(&inner, format!("could not reinstate the session: {e}"));
+                    return;
+                }
+                if attempt % n == 0 {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+fn update_sn(st: &mut State, exp: u32, max: u32) {
     if sn_lt(st.exp_cmd_sn, exp) {
         st.exp_cmd_sn = exp;
-        moved = true;
     }
     // MaxCmdSN only counts when it is not below ExpCmdSN - 1.
     if sn_lt(st.max_cmd_sn, max) && sn_le(exp.wrapping_sub(1), max) {
         st.max_cmd_sn = max;
-        moved = true;
     }
-    moved
 }
 
-fn handle(inner: &Inner, p: Pdu) -> Result<()> {
+fn finish(st: &mut State, itt: u32, r: Result<Reply>) {
+    if let Some(mut t) = st.tasks.remove(&itt) {
+        if let Some(d) = t.done.take() {
+            let _ = d.send(r);
+        }
+    }
+}
+
+fn handle(inner: &Inner, gen: u64, p: Pdu) -> Result<()> {
+    let mut st = lock(inner)?;
+    if st.generation != gen {
+        return Ok(());
+    }
+    let portal = inner.portals.get(st.portal).cloned().unwrap_or_default();
     let proto = |what: String| Error::Protocol {
-        portal: inner.portal.clone(),
+        portal: portal.clone(),
         what,
     };
-    let mut st = inner
-        .state
-        .lock()
-        .map_err(|_| proto("state lock poisoned".into()))?;
+    st.last_rx = Instant::now();
     let opcode = p.opcode();
     if matches!(
         opcode,
@@ -551,9 +895,8 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
             | op::REJECT
             | op::LOGOUT_RESP
             | op::TASK_MGMT_RESP
-    ) && update_sn(&mut st, p.u32_at(28), p.u32_at(32))
-    {
-        inner.window.notify_waiters();
+    ) {
+        update_sn(&mut st, p.u32_at(28), p.u32_at(32));
     }
     let itt = p.itt();
     match opcode {
@@ -563,14 +906,17 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
             let Some(t) = st.tasks.get_mut(&itt) else {
                 return Err(proto(format!("Data-In for unknown task {itt:#x}")));
             };
+            let max = match t.data {
+                Data::In(n) => n,
+                _ => 0,
+            };
             let end = offset
                 .checked_add(p.data.len())
-                .filter(|&e| e <= t.read_max)
+                .filter(|&e| e <= max)
                 .ok_or_else(|| {
                     proto(format!(
-                        "Data-In at {offset}+{} beyond the {} bytes expected",
-                        p.data.len(),
-                        t.read_max
+                        "Data-In at {offset}+{} beyond the {max} bytes expected",
+                        p.data.len()
                     ))
                 })?;
             if t.read.len() < end {
@@ -579,27 +925,38 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
             t.read[offset..end].copy_from_slice(&p.data);
             if status_here {
                 st.exp_stat_sn = p.u32_at(24).wrapping_add(1);
-                let residual = residual(&p);
-                if let Some(t) = st.tasks.remove(&itt) {
-                    let _ = t.done.send(Ok(Reply {
+                let read = st
+                    .tasks
+                    .get_mut(&itt)
+                    .map(|t| std::mem::take(&mut t.read))
+                    .unwrap_or_default();
+                finish(
+                    &mut st,
+                    itt,
+                    Ok(Reply {
                         status: p.bhs[3],
                         sense: None,
-                        data: t.read,
-                        residual,
-                    }));
-                }
+                        data: read,
+                        residual: residual(&p),
+                    }),
+                );
             }
         }
         op::SCSI_RESP => {
             st.exp_stat_sn = p.u32_at(24).wrapping_add(1);
-            let Some(t) = st.tasks.remove(&itt) else {
+            let Some(t) = st.tasks.get_mut(&itt) else {
                 return Err(proto(format!("SCSI Response for unknown task {itt:#x}")));
             };
+            let read = std::mem::take(&mut t.read);
             if p.bhs[2] != 0 {
-                let _ = t.done.send(Err(proto(format!(
-                    "target failure response {:#04x} to task {itt:#x}",
-                    p.bhs[2]
-                ))));
+                finish(
+                    &mut st,
+                    itt,
+                    Err(proto(format!(
+                        "target failure response {:#04x} to task {itt:#x}",
+                        p.bhs[2]
+                    ))),
+                );
                 return Ok(());
             }
             let sense = if p.data.len() >= 2 {
@@ -608,12 +965,16 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
             } else {
                 None
             };
-            let _ = t.done.send(Ok(Reply {
-                status: p.bhs[3],
-                sense,
-                data: t.read,
-                residual: residual(&p),
-            }));
+            finish(
+                &mut st,
+                itt,
+                Ok(Reply {
+                    status: p.bhs[3],
+                    sense,
+                    data: read,
+                    residual: residual(&p),
+                }),
+            );
         }
         op::R2T => {
             let ttt = p.u32_at(20);
@@ -622,47 +983,47 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
             let Some(t) = st.tasks.get(&itt) else {
                 return Err(proto(format!("R2T for unknown task {itt:#x}")));
             };
-            let Some(buf) = t.write.clone() else {
+            let Data::Out(buf) = &t.data else {
                 return Err(proto(format!(
                     "R2T for task {itt:#x}, which writes nothing"
                 )));
             };
             if offset.checked_add(len).is_none_or(|e| e > buf.len())
-                || len > inner.params.max_burst as usize
+                || len > st.params.max_burst as usize
             {
                 return Err(proto(format!(
                     "R2T for {len} bytes at {offset} of a {}-byte write",
                     buf.len()
                 )));
             }
-            let lun = t.lun;
             let mut frame = Vec::new();
             for d in data_out_pdus(
                 itt,
-                lun,
+                t.lun,
                 ttt,
                 st.exp_stat_sn,
-                &buf,
+                buf,
                 offset,
                 len,
-                inner.params.max_send_data as usize,
+                st.params.max_send_data as usize,
             ) {
-                frame.extend_from_slice(&d.encode(inner.digests));
+                frame.extend_from_slice(&d.encode(st.digests));
             }
             let _ = st.tx.send(frame);
         }
         op::NOP_IN => {
-            st.exp_stat_sn = p.u32_at(24).wrapping_add(1);
             let ttt = p.u32_at(20);
             if itt != NO_TAG {
-                if let Some(t) = st.tasks.remove(&itt) {
-                    let _ = t.done.send(Ok(Reply {
+                finish(
+                    &mut st,
+                    itt,
+                    Ok(Reply {
                         status: 0,
                         sense: None,
                         data: Vec::new(),
                         residual: 0,
-                    }));
-                }
+                    }),
+                );
             }
             if ttt != NO_TAG {
                 // The target pings us: answer with its TTT and LUN.
@@ -673,13 +1034,15 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
                 r.set_u32(20, ttt);
                 r.set_u32(24, st.cmd_sn);
                 r.set_u32(28, st.exp_stat_sn);
-                let _ = st.tx.send(r.encode(inner.digests));
+                let _ = st.tx.send(r.encode(st.digests));
+            } else {
+                st.exp_stat_sn = p.u32_at(24).wrapping_add(1);
             }
         }
         op::ASYNC => {
             st.exp_stat_sn = p.u32_at(24).wrapping_add(1);
             let event = p.bhs[36];
-            tracing::info!(portal = %inner.portal, event, "asynchronous message from target");
+            tracing::info!(portal = %portal, event, "asynchronous message from target");
             if matches!(event, 1..=3) {
                 return Err(proto(format!(
                     "target asks to end the connection (async event {event})"
@@ -693,10 +1056,14 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
             } else {
                 NO_TAG
             };
-            if let Some(t) = st.tasks.remove(&rejected) {
-                let _ = t.done.send(Err(proto(format!(
-                    "target rejected task {rejected:#x} (reason {reason:#04x})"
-                ))));
+            if st.tasks.contains_key(&rejected) {
+                finish(
+                    &mut st,
+                    rejected,
+                    Err(proto(format!(
+                        "target rejected task {rejected:#x} (reason {reason:#04x})"
+                    ))),
+                );
             } else {
                 return Err(proto(format!(
                     "target rejected a PDU (reason {reason:#04x})"
@@ -705,19 +1072,16 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
         }
         op::LOGOUT_RESP | op::TASK_MGMT_RESP => {
             st.exp_stat_sn = p.u32_at(24).wrapping_add(1);
-            if let Some(t) = st.tasks.remove(&itt) {
-                let ok = matches!(t.kind, Kind::Logout | Kind::Tmf);
-                let _ = t.done.send(if ok {
-                    Ok(Reply {
-                        status: p.bhs[2],
-                        sense: None,
-                        data: Vec::new(),
-                        residual: 0,
-                    })
-                } else {
-                    Err(proto("unexpected response".into()))
-                });
-            }
+            finish(
+                &mut st,
+                itt,
+                Ok(Reply {
+                    status: p.bhs[2],
+                    sense: None,
+                    data: Vec::new(),
+                    residual: 0,
+                }),
+            );
         }
         other => {
             return Err(proto(format!(
@@ -725,6 +1089,7 @@ fn handle(inner: &Inner, p: Pdu) -> Result<()> {
             )))
         }
     }
+    pump(&mut st);
     Ok(())
 }
 
@@ -753,21 +1118,8 @@ pub async fn discover(
         mutual: None,
         offer: Default::default(),
     };
-    let mut stream = TcpStream::connect(portal)
-        .await
-        .map_err(|source| Error::Connect {
-            portal: portal.into(),
-            source,
-        })?;
-    let l = match login::login(&mut stream, portal, &cfg, 0).await? {
-        Outcome::Done(l) => l,
-        Outcome::Redirect(to) => {
-            return Err(Error::Protocol {
-                portal: portal.into(),
-                what: format!("discovery redirected to {to}"),
-            })
-        }
-    };
+    let (mut stream, portal, l) = connect_login(portal, &cfg, Duration::from_secs(10)).await?;
+    let portal = portal.as_str();
     let mut req = Pdu::new(op::TEXT, true);
     req.set_flags(0x80);
     req.set_itt(1);

@@ -467,7 +467,9 @@ impl TgtTarget {
         Ok(())
     }
 
-    fn kill(&mut self) {
+    /// Kills tgtd at once (SIGKILL), as a controller that loses power;
+    /// its sessions die with it.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

@@ -271,3 +271,127 @@ fn discovery_lists_the_targets() {
         );
     });
 }
+
+/// Streams `count` 64 KiB writes (16 in flight, a flush every 32) and
+/// returns how many were acknowledged.
+async fn write_stream(lun: Arc<Lun>, count: u64) -> Result<u64, Error> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut handles = Vec::new();
+    for i in 0..count {
+        let permit = Arc::clone(&sem).acquire_owned().await.unwrap();
+        let l = Arc::clone(&lun);
+        handles.push(tokio::spawn(async move {
+            let r = l
+                .write(i * 65536, &pattern(65536, i as u8 ^ 0x5a), false)
+                .await;
+            drop(permit);
+            r
+        }));
+        if i % 32 == 31 {
+            lun.flush().await?;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    let mut acked = 0;
+    for h in handles {
+        h.await.unwrap()?;
+        acked += 1;
+    }
+    lun.flush().await?;
+    Ok(acked)
+}
+
+fn check_stream(file: &std::path::Path, count: u64) {
+    let on_disk = std::fs::read(file).unwrap();
+    for i in 0..count as usize {
+        assert!(
+            on_disk[i * 65536..(i + 1) * 65536] == pattern(65536, i as u8 ^ 0x5a)[..],
+            "acknowledged write {i} is not on the backing file"
+        );
+    }
+}
+
+#[test]
+fn cut_connection_during_writes_loses_nothing() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (mut tgt, t, file) = target("cut", 64 * MIB);
+    let rt = runtime();
+    let lun = rt.block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
+            .await
+            .unwrap();
+        Arc::new(Lun::open(s, 1).await.unwrap())
+    });
+    let stream = rt.spawn(write_stream(Arc::clone(&lun), 600));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The SAN path fails: connections dropped, logins refused for 1 s.
+    tgt.cut_initiator(&t, INITIATOR).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    tgt.restore_initiator(&t, INITIATOR).unwrap();
+    let acked = rt.block_on(stream).unwrap().unwrap();
+    assert_eq!(acked, 600);
+    assert!(lun.session().reconnects() >= 1, "the cut was not noticed");
+    check_stream(&file, 600);
+}
+
+#[test]
+fn target_restart_during_writes_loses_nothing() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (mut tgt, t, file) = target("restart", 64 * MIB);
+    let rt = runtime();
+    let lun = rt.block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
+            .await
+            .unwrap();
+        Arc::new(Lun::open(s, 1).await.unwrap())
+    });
+    let stream = rt.spawn(write_stream(Arc::clone(&lun), 600));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The array goes down hard and comes back.
+    tgt.restart(std::time::Duration::from_millis(700)).unwrap();
+    let acked = rt.block_on(stream).unwrap().unwrap();
+    assert_eq!(acked, 600);
+    assert!(lun.session().reconnects() >= 1);
+    check_stream(&file, 600);
+}
+
+#[test]
+fn session_fails_over_to_the_next_portal() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    // Two controllers (two tgtd processes) export the same LUN file under
+    // the same target name, like two paths to one array.
+    let (mut a, t, file) = target("mp", 64 * MIB);
+    let mut b = TgtTarget::start().unwrap();
+    let tb = b.add_target("mp").unwrap();
+    b.add_lun_file(&tb, 1, &file, 64 * MIB).unwrap();
+    assert_eq!(t.iqn, tb.iqn);
+    // Port 1 (tcpmux) has no listener: connections are refused at once.
+    let dead = "127.0.0.1:1".to_string();
+    let portals = vec![dead.clone(), a.portal().to_string(), b.portal().to_string()];
+    let rt = runtime();
+    let lun = rt.block_on(async {
+        let s = Session::connect_paths(&portals, &config(&t), Default::default())
+            .await
+            .unwrap();
+        // The first portal refuses connections: the session is on the second.
+        assert_eq!(s.portal(), portals[1]);
+        let paths = s.paths();
+        assert!(
+            matches!(paths[0].1, iscsi_initiator::session::PathState::Failed(_)),
+            "{paths:?}"
+        );
+        Arc::new(Lun::open(s, 1).await.unwrap())
+    });
+    let stream = rt.spawn(write_stream(Arc::clone(&lun), 400));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    a.kill();
+    let acked = rt.block_on(stream).unwrap().unwrap();
+    assert_eq!(acked, 400);
+    assert_eq!(
+        lun.session().portal(),
+        portals[2],
+        "{:?}",
+        lun.session().paths()
+    );
+    check_stream(&file, 400);
+}
