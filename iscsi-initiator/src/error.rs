@@ -115,6 +115,15 @@ pub enum Error {
         /// LUN.
         lun: u16,
     },
+    /// The target does not implement the command (ILLEGAL REQUEST,
+    /// INVALID COMMAND OPERATION CODE).
+    #[error("{target} does not support {op}")]
+    Unsupported {
+        /// The command.
+        op: &'static str,
+        /// Target name.
+        target: String,
+    },
     /// No answer in time.
     #[error("{what} at {portal} timed out after {secs} s")]
     Timeout {

@@ -105,6 +105,16 @@ impl Lun {
                 {
                     attempt < 8
                 }
+                scsi::CHECK_CONDITION
+                    if r.sense
+                        .as_ref()
+                        .is_some_and(|s| s.key == 0x5 && s.asc == 0x20) =>
+                {
+                    return Err(Error::Unsupported {
+                        op,
+                        target: self.session.target().into(),
+                    });
+                }
                 scsi::BUSY | scsi::TASK_SET_FULL => {
                     if attempt < 10 {
                         tokio::time::sleep(Duration::from_millis(5 << attempt.min(7))).await;

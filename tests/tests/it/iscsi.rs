@@ -395,3 +395,80 @@ fn session_fails_over_to_the_next_portal() {
     );
     check_stream(&file, 400);
 }
+
+#[test]
+fn persistent_reservations_fence_an_unregistered_host() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
+    let (tgt, t, _) = target("pr", 16 * MIB);
+    runtime().block_on(async {
+        let portal = tgt.portal().to_string();
+        let host_a = Lun::open(Session::connect(&portal, &config(&t)).await.unwrap(), 1)
+            .await
+            .unwrap();
+        let mut cb = config(&t);
+        cb.initiator = "iqn.2026-11.io.csv.test:host2".into();
+        let host_b = Lun::open(Session::connect(&portal, &cb).await.unwrap(), 1)
+            .await
+            .unwrap();
+        let block = vec![0x11u8; 512];
+        // A registers and takes a Write Exclusive - Registrants Only reservation.
+        host_a
+            .reserve_out(PrOut::Register, 0, 0, 0xA)
+            .await
+            .unwrap();
+        host_a
+            .reserve_out(PrOut::Reserve, PR_WE_RO, 0xA, 0)
+            .await
+            .unwrap();
+        assert_eq!(host_a.reservation().await.unwrap(), Some((0xA, PR_WE_RO)));
+        host_a.write(0, &block, false).await.unwrap();
+        // B is not registered: it may read, and its writes are fenced.
+        host_b.read(0, 512).await.unwrap();
+        let e = host_b.write(0, &block, false).await.unwrap_err();
+        assert!(matches!(e, Error::Fenced { .. }), "{e}");
+        // B registers and may write (registrants only)...
+        host_b
+            .reserve_out(PrOut::RegisterAndIgnore, 0, 0, 0xB)
+            .await
+            .unwrap();
+        let mut keys = host_a.reservation_keys().await.unwrap();
+        keys.sort_unstable();
+        assert_eq!(keys, vec![0xA, 0xB]);
+        host_b.write(512, &block, false).await.unwrap();
+        // ...until A preempts B's key: B is fenced again.
+        host_a
+            .reserve_out(PrOut::Preempt, PR_WE_RO, 0xA, 0xB)
+            .await
+            .unwrap();
+        assert_eq!(host_a.reservation_keys().await.unwrap(), vec![0xA]);
+        let e = host_b.write(512, &block, false).await.unwrap_err();
+        assert!(matches!(e, Error::Fenced { .. }), "{e}");
+        // Clearing everything opens the LUN to all again.
+        host_a.reserve_out(PrOut::Clear, 0, 0xA, 0).await.unwrap();
+        assert_eq!(host_a.reservation().await.unwrap(), None);
+        host_b.write(512, &block, false).await.unwrap();
+    });
+}
+
+#[test]
+fn compare_and_write_match_and_miscompare() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (tgt, t, file) = target("caw", 16 * MIB);
+    runtime().block_on(async {
+        let lun = Lun::open(Session::connect(&tgt.portal().to_string(), &config(&t)).await.unwrap(), 1).await.unwrap();
+        let old = vec![0u8; 512];
+        let new = vec![0x77u8; 512];
+        match lun.compare_and_write(8, &old, &new).await {
+            Err(Error::Unsupported { .. }) => {
+                csv_test_support::skip::report("this tgtd does not implement COMPARE AND WRITE (INVALID COMMAND OPERATION CODE)");
+                return;
+            }
+            r => assert!(r.unwrap(), "zeros compare equal"),
+        }
+        assert!(!lun.compare_and_write(8, &old, &[0x99u8; 512]).await.unwrap(), "miscompare reported");
+        assert!(lun.read(8 * 512, 512).await.unwrap() == new, "a miscompare writes nothing");
+        lun.flush().await.unwrap();
+        assert!(std::fs::read(&file).unwrap()[8 * 512..9 * 512] == new[..]);
+    });
+}
