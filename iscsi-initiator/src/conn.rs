@@ -34,7 +34,7 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(
         what: "reading a PDU data segment",
         source,
     })?;
-    Pdu::assemble(bhs, &rest, &data, d).map_err(|source| Error::Pdu {
+    Pdu::assemble_owned(bhs, &rest, data, d).map_err(|source| Error::Pdu {
         portal: portal.into(),
         source,
     })

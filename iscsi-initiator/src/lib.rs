@@ -10,6 +10,7 @@
 //! negotiation), [`chap`], [`login`], [`session`] (full feature phase),
 //! [`scsi`] (CDBs and what comes back), [`lun`].
 
+pub mod blocking;
 pub mod chap;
 mod conn;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod session;
 pub mod text;
 pub mod url;
 
+pub use blocking::BlockingLun;
 pub use error::{Error, Result};
 pub use login::{Chap, LoginConfig};
 pub use lun::Lun;

@@ -263,6 +263,17 @@ impl Pdu {
         data: &[u8],
         d: Digests,
     ) -> Result<Pdu, PduError> {
+        Pdu::assemble_owned(bhs, head_rest, data.to_vec(), d)
+    }
+
+    /// [`Pdu::assemble`] taking the data buffer, which becomes the PDU's
+    /// data segment without a copy.
+    pub fn assemble_owned(
+        bhs: [u8; BHS_LEN],
+        head_rest: &[u8],
+        mut data: Vec<u8>,
+        d: Digests,
+    ) -> Result<Pdu, PduError> {
         let ahs_len = usize::from(bhs[4]) * 4;
         if head_rest.len() < ahs_len + if d.header { 4 } else { 0 } {
             return Err(PduError::Truncated {
@@ -309,11 +320,8 @@ impl Pdu {
                 return Err(PduError::DataDigest { got, want });
             }
         }
-        Ok(Pdu {
-            bhs,
-            ahs,
-            data: data[..dl].to_vec(),
-        })
+        data.truncate(dl);
+        Ok(Pdu { bhs, ahs, data })
     }
 
     /// Decodes one PDU from the front of `buf`; returns it and the number

@@ -646,7 +646,10 @@ async fn writer(
     }
 }
 
-async fn reader(mut rd: tokio::net::tcp::OwnedReadHalf, inner: std::sync::Weak<Inner>, gen: u64) {
+async fn reader(rd: tokio::net::tcp::OwnedReadHalf, inner: std::sync::Weak<Inner>, gen: u64) {
+    // Buffered: most PDUs are a header and a little data, read in one
+    // system call together with those queued behind them.
+    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
     loop {
         let (digests, max, portal) = {
             let Some(i) = inner.upgrade() else { return };
@@ -902,6 +905,7 @@ fn handle(inner: &Inner, gen: u64, p: Pdu) -> Result<()> {
     match opcode {
         op::DATA_IN => {
             let status_here = p.flags() & 0x01 != 0;
+            let (stat_sn, status, resid) = (p.u32_at(24), p.bhs[3], residual(&p));
             let offset = p.u32_at(40) as usize;
             let Some(t) = st.tasks.get_mut(&itt) else {
                 return Err(proto(format!("Data-In for unknown task {itt:#x}")));
@@ -919,12 +923,18 @@ fn handle(inner: &Inner, gen: u64, p: Pdu) -> Result<()> {
                         p.data.len()
                     ))
                 })?;
-            if t.read.len() < end {
-                t.read.resize(end, 0);
+            if offset == 0 && t.read.is_empty() {
+                // The usual case, one Data-In for the whole read: keep
+                // the PDU's buffer.
+                t.read = p.data;
+            } else {
+                if t.read.len() < end {
+                    t.read.resize(end, 0);
+                }
+                t.read[offset..end].copy_from_slice(&p.data);
             }
-            t.read[offset..end].copy_from_slice(&p.data);
             if status_here {
-                st.exp_stat_sn = p.u32_at(24).wrapping_add(1);
+                st.exp_stat_sn = stat_sn.wrapping_add(1);
                 let read = st
                     .tasks
                     .get_mut(&itt)
@@ -934,10 +944,10 @@ fn handle(inner: &Inner, gen: u64, p: Pdu) -> Result<()> {
                     &mut st,
                     itt,
                     Ok(Reply {
-                        status: p.bhs[3],
+                        status,
                         sense: None,
                         data: read,
-                        residual: residual(&p),
+                        residual: resid,
                     }),
                 );
             }

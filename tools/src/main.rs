@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod san_cmd;
 mod size;
 mod vhd_cmd;
 
@@ -25,12 +26,17 @@ enum Command {
     /// Merge-VHD and Optimize-VHD).
     #[command(subcommand)]
     Vhd(vhd_cmd::VhdCommand),
+    /// Look at the SAN through this host's own iSCSI initiator: discover
+    /// targets, list LUNs, show persistent reservations.
+    #[command(subcommand)]
+    San(san_cmd::SanCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vhd(c) => vhd_cmd::run(c),
+        Command::San(c) => san_cmd::run(c),
     };
     match result {
         Ok(code) => code,

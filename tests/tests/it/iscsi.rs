@@ -472,3 +472,119 @@ fn compare_and_write_match_and_miscompare() {
         assert!(std::fs::read(&file).unwrap()[8 * 512..9 * 512] == new[..]);
     });
 }
+
+#[test]
+fn a_vhd_made_through_the_initiator_is_read_by_qemu() {
+    skip_unless!(Need::Root, Need::Command("tgtd"), Need::Command("qemu-img"));
+    use vhd::{BlockIo, CreateOptions, DiskType, OpenOptions, Vhd};
+    // The VHD lives on the LUN (whose size is fixed): make it a fixed disk
+    // of the LUN's size minus its footer.
+    let (tgt, t, file) = target("vhd", 32 * MIB);
+    let rt = runtime();
+    let lun = rt.block_on(async {
+        Lun::open(
+            Session::connect(&tgt.portal().to_string(), &config(&t))
+                .await
+                .unwrap(),
+            1,
+        )
+        .await
+        .unwrap()
+    });
+    let io = iscsi_initiator::BlockingLun::new(lun, rt.handle().clone());
+    assert!(
+        io.set_len(10).is_err(),
+        "a LUN cannot be resized by the initiator"
+    );
+    let size = 32 * MIB - 512;
+    Vhd::create_on(
+        &io,
+        "lun.vhd",
+        &CreateOptions::new(DiskType::Fixed, size),
+        None,
+    )
+    .unwrap();
+    let v = Vhd::open_on(
+        io,
+        "lun.vhd",
+        None,
+        &OpenOptions {
+            write: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let data = pattern(100_000, 4);
+    v.write_at(&data, 12_345).unwrap(); // unaligned: edge blocks merged
+    v.flush().unwrap();
+    let mut back = vec![0u8; data.len()];
+    v.read_at(&mut back, 12_345).unwrap();
+    assert!(back == data);
+    drop(v);
+    // The LUN's backing file is that VHD, byte for byte: QEMU agrees.
+    let out = tgt.dir().join("out.raw");
+    csv_test_support::cmd::run(
+        std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "vpc", "-O", "raw"])
+            .arg(&file)
+            .arg(&out),
+    )
+    .unwrap();
+    let raw = std::fs::read(&out).unwrap();
+    assert_eq!(raw.len() as u64, size);
+    assert!(raw[12_345..12_345 + data.len()] == data[..]);
+}
+
+#[test]
+fn csvctl_san_discover_ls_reservations() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    use csv_test_support::cmd::{output, workspace_bin};
+    use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
+    let (mut tgt, t, _) = target("cli", 48 * MIB);
+    tgt.add_lun_file(&t, 2, &tgt.dir().join("lun2.img"), 16 * MIB)
+        .unwrap();
+    let csvctl = |args: &[&str]| {
+        let o = output(std::process::Command::new(workspace_bin("csvctl")).args(args)).unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let portal = tgt.portal().to_string();
+    let (ok, out) = csvctl(&["san", "discover", &portal]);
+    assert!(ok && out.contains(&t.iqn), "{out}");
+    let url = format!("iscsi://{portal}/{}", t.iqn);
+    let (ok, out) = csvctl(&["san", "ls", &url, "--json"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&(48 * MIB).to_string()) && out.contains(&(16 * MIB).to_string()),
+        "{out}"
+    );
+    runtime().block_on(async {
+        let lun = Lun::open(Session::connect(&portal, &config(&t)).await.unwrap(), 1)
+            .await
+            .unwrap();
+        lun.reserve_out(PrOut::Register, 0, 0, 0xC5F0_0001)
+            .await
+            .unwrap();
+        lun.reserve_out(PrOut::Reserve, PR_WE_RO, 0xC5F0_0001, 0)
+            .await
+            .unwrap();
+        let (ok, out) = csvctl(&["san", "reservations", &format!("{url}/1")]);
+        assert!(
+            ok && out.contains("0x00000000c5f00001") && out.contains("Registrants Only"),
+            "{out}"
+        );
+    });
+    // A wrong target name is a clear error, not a hang.
+    let (ok, out) = csvctl(&[
+        "san",
+        "ls",
+        &format!("iscsi://{portal}/iqn.2026-11.io.csv.test:nope"),
+    ]);
+    assert!(!ok && out.contains("target not found"), "{out}");
+}

@@ -1,0 +1,256 @@
+//! `iscsi` suite: our initiator against libiscsi's `iscsi-perf` on the
+//! same tgtd LUNs (null backing and file backing), same request size,
+//! queue depth and duration, alternating which runs first. Writes have no
+//! libiscsi peer (iscsi-perf only reads): those rows show our figures.
+
+use crate::table::{self, Row};
+use anyhow::{bail, Context, Result};
+use csv_test_support::tgt::TgtTarget;
+use iscsi_initiator::login::LoginConfig;
+use iscsi_initiator::{new_isid, Lun, Session};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const INITIATOR: &str = "iqn.2026-11.io.csv.bench:initiator";
+
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    blocks: u32,
+    depth: usize,
+    random: bool,
+    write: bool,
+    secs: u64,
+}
+
+/// Our initiator: `depth` tasks issuing requests until the time is up.
+/// Returns IOPS.
+fn ours(rt: &tokio::runtime::Runtime, url: &iscsi_initiator::IscsiUrl, w: Work) -> Result<f64> {
+    rt.block_on(async {
+        let cfg = LoginConfig {
+            initiator: INITIATOR.into(),
+            target: Some(url.target.clone()),
+            isid: new_isid(),
+            chap: None,
+            mutual: None,
+            offer: Default::default(),
+        };
+        let s = Session::connect(&url.portal, &cfg).await?;
+        let lun = Arc::new(Lun::open(s.clone(), url.lun).await?);
+        let bytes = w.blocks as usize * lun.block_size() as usize;
+        let span = (lun.capacity().min(1 << 30) / bytes as u64).max(1);
+        let deadline = Instant::now() + Duration::from_secs(w.secs);
+        let mut tasks = Vec::new();
+        for t in 0..w.depth {
+            let lun = Arc::clone(&lun);
+            tasks.push(tokio::spawn(async move {
+                let data = vec![0x5au8; bytes];
+                let mut n = 0u64;
+                let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ t as u64;
+                let mut seq = t as u64;
+                while Instant::now() < deadline {
+                    let slot = if w.random {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x % span
+                    } else {
+                        seq = (seq + w.depth as u64) % span;
+                        seq
+                    };
+                    let off = slot * bytes as u64;
+                    if w.write {
+                        lun.write(off, &data, false).await?;
+                    } else {
+                        lun.read(off, bytes).await?;
+                    }
+                    n += 1;
+                }
+                Ok::<u64, iscsi_initiator::Error>(n)
+            }));
+        }
+        let start = Instant::now();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.context("benchmark task panicked")??;
+        }
+        let secs = start.elapsed().as_secs_f64().max(w.secs as f64);
+        let _ = s.logout().await;
+        Ok(total as f64 / secs)
+    })
+}
+
+/// libiscsi's iscsi-perf on the same LUN. Returns IOPS.
+fn peer(url: &str, w: Work) -> Result<f64> {
+    let mut c = Command::new("iscsi-perf");
+    c.args([
+        "-i",
+        "iqn.2026-11.io.csv.bench:libiscsi",
+        "-t",
+        &w.secs.to_string(),
+    ])
+    .args(["-m", &w.depth.to_string(), "-b", &w.blocks.to_string()]);
+    if w.random {
+        c.arg("-r");
+    }
+    let out = c
+        .arg(url)
+        .output()
+        .context("cannot run iscsi-perf (package libiscsi-bin)")?;
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+    // Last "iops average N (M MB/s)".
+    let iops = text
+        .rsplit("iops average ")
+        .next()
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok());
+    match iops {
+        Some(v) if out.status.success() => Ok(v),
+        _ => bail!(
+            "iscsi-perf failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let rounds: usize = match args.iter().position(|a| a == "--rounds") {
+        Some(i) => args
+            .get(i + 1)
+            .context("--rounds needs a number")?
+            .parse()?,
+        None => 3,
+    };
+    let secs: u64 = match args.iter().position(|a| a == "--secs") {
+        Some(i) => args.get(i + 1).context("--secs needs a number")?.parse()?,
+        None => 3,
+    };
+    let mut tgt = TgtTarget::start()?;
+    let t = tgt.add_target("bench")?;
+    tgt.add_lun_null(&t, 1)?;
+    let file = tgt.dir().join("lun2.img");
+    {
+        // A file LUN with its blocks allocated, so reads hit data.
+        let f = std::fs::File::create(&file)?;
+        f.set_len(1 << 30)?;
+        let chunk = vec![0xa5u8; 8 << 20];
+        for i in 0..128u64 {
+            std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i * (8 << 20))?;
+        }
+        f.sync_all()?;
+    }
+    tgt.add_lun_file(&t, 2, &file, 1 << 30)?;
+    eprintln!(
+        "iscsi bench: tgtd at {}, {rounds} rounds of {secs} s per side and row",
+        tgt.portal()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut rows = Vec::new();
+    let reads = [
+        (
+            "4k random read QD1",
+            Work {
+                blocks: 8,
+                depth: 1,
+                random: true,
+                write: false,
+                secs,
+            },
+        ),
+        (
+            "4k random read QD32",
+            Work {
+                blocks: 8,
+                depth: 32,
+                random: true,
+                write: false,
+                secs,
+            },
+        ),
+        (
+            "128k sequential read QD32",
+            Work {
+                blocks: 256,
+                depth: 32,
+                random: false,
+                write: false,
+                secs,
+            },
+        ),
+    ];
+    for (lun, backing) in [(1u16, "null"), (2, "file")] {
+        let url = tgt.url(&t, u32::from(lun));
+        let parsed: iscsi_initiator::IscsiUrl = url.parse()?;
+        for (name, w) in reads {
+            let (mut o, mut p) = (Vec::new(), Vec::new());
+            for r in 0..rounds {
+                if r % 2 == 0 {
+                    o.push(ours(&rt, &parsed, w)?);
+                    p.push(peer(&url, w)?);
+                } else {
+                    p.push(peer(&url, w)?);
+                    o.push(ours(&rt, &parsed, w)?);
+                }
+            }
+            rows.push(row(backing, name, w, median(o), Some(median(p))));
+        }
+    }
+    let url: iscsi_initiator::IscsiUrl = tgt.url(&t, 2).parse()?;
+    for (name, w) in [
+        (
+            "4k random write QD32",
+            Work {
+                blocks: 8,
+                depth: 32,
+                random: true,
+                write: true,
+                secs,
+            },
+        ),
+        (
+            "128k sequential write QD32",
+            Work {
+                blocks: 256,
+                depth: 32,
+                random: false,
+                write: true,
+                secs,
+            },
+        ),
+    ] {
+        let o: Vec<f64> = (0..rounds)
+            .map(|_| ours(&rt, &url, w))
+            .collect::<Result<_>>()?;
+        rows.push(row("file", name, w, median(o), None));
+    }
+    table::print(
+        "iscsi: our initiator vs libiscsi iscsi-perf, tgtd on loopback",
+        "iscsi-perf",
+        &rows,
+    );
+    Ok(())
+}
+
+fn row(backing: &str, name: &str, w: Work, ours: f64, peer: Option<f64>) -> Row {
+    let bytes = f64::from(w.blocks) * 512.0;
+    let (unit, scale) = if bytes >= 65536.0 {
+        ("MB/s", bytes / 1e6)
+    } else {
+        ("IOPS", 1.0)
+    };
+    Row {
+        name: format!("{backing} {name}"),
+        ours: ours * scale,
+        peer: peer.map(|p| p * scale),
+        unit,
+        higher_is_better: true,
+    }
+}
