@@ -118,6 +118,11 @@ struct Task {
 
 struct State {
     tx: mpsc::UnboundedSender<Vec<u8>>,
+    /// The connection's sending side, written directly while nothing is
+    /// queued for the writer task.
+    wr: Option<Arc<tokio::net::tcp::OwnedWriteHalf>>,
+    /// Frames handed to the writer task and not yet on the wire.
+    queued: usize,
     generation: u64,
     cmd_sn: u32,
     exp_cmd_sn: u32,
@@ -219,6 +224,8 @@ impl Session {
                 Ok((stream, _, l)) => {
                     paths[i] = PathState::Active;
                     let (tx, _) = mpsc::unbounded_channel();
+                    let wr = None;
+                    let queued = 0;
                     let digests = Digests {
                         header: l.params.header_digest,
                         data: l.params.data_digest,
@@ -229,6 +236,8 @@ impl Session {
                         timeouts: timeouts.clone(),
                         state: Mutex::new(State {
                             tx,
+                            wr,
+                            queued,
                             generation: 0,
                             cmd_sn: l.cmd_sn,
                             exp_cmd_sn: l.cmd_sn,
@@ -451,8 +460,11 @@ fn attach(inner: &Arc<Inner>, st: &mut State, stream: TcpStream) {
         h.abort();
     }
     let (rd, wr) = stream.into_split();
+    let wr = Arc::new(wr);
     let (tx, rx) = mpsc::unbounded_channel();
     st.tx = tx;
+    st.wr = Some(Arc::clone(&wr));
+    st.queued = 0;
     st.generation += 1;
     st.last_rx = Instant::now();
     let gen = st.generation;
@@ -489,7 +501,7 @@ fn pump(st: &mut State) {
             t.read.clear();
             command_frame(itt, cmd_sn, exp, t, &p, d)
         };
-        let _ = st.tx.send(frame);
+        send(st, frame);
     }
 }
 
@@ -583,7 +595,8 @@ fn send_immediate(st: &mut State, itt: u32) {
     pdu.set_itt(itt);
     pdu.set_u32(24, cmd_sn);
     pdu.set_u32(28, exp);
-    let _ = st.tx.send(pdu.encode(d));
+    let frame = pdu.encode(d);
+    send(st, frame);
 }
 
 /// Data-Out PDUs carrying `len` bytes of `buf` from `offset`, at most
@@ -622,8 +635,29 @@ fn data_out_pdus(
     out
 }
 
+/// Sends a frame: straight to the socket when nothing is queued and the
+/// socket takes it all (no task switch on the way), else through the
+/// writer task, which keeps the order.
+fn send(st: &mut State, mut frame: Vec<u8>) {
+    if st.queued == 0 {
+        if let Some(wr) = &st.wr {
+            match wr.try_write(&frame) {
+                Ok(n) if n == frame.len() => return,
+                Ok(n) => {
+                    frame.drain(..n);
+                }
+                // WouldBlock, or a broken connection the writer task will
+                // report.
+                Err(_) => {}
+            }
+        }
+    }
+    st.queued += 1;
+    let _ = st.tx.send(frame);
+}
+
 async fn writer(
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    wr: Arc<tokio::net::tcp::OwnedWriteHalf>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     portal: String,
     inner: std::sync::Weak<Inner>,
@@ -631,18 +665,43 @@ async fn writer(
 ) {
     while let Some(mut frame) = rx.recv().await {
         // Coalesce what is queued into one write.
+        let mut frames = 1;
         while frame.len() < 1 << 20 {
             match rx.try_recv() {
-                Ok(more) => frame.extend_from_slice(&more),
+                Ok(more) => {
+                    frame.extend_from_slice(&more);
+                    frames += 1;
+                }
                 Err(_) => break,
             }
         }
-        if let Err(e) = write_all(&mut wr, &frame, &portal).await {
-            if let Some(inner) = inner.upgrade() {
-                connection_lost(&inner, gen, e.to_string());
+        let mut at = 0;
+        let mut failed = None;
+        while at < frame.len() {
+            if let Err(e) = wr.writable().await {
+                failed = Some(e);
+                break;
             }
+            match wr.try_write(&frame[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let Some(i) = inner.upgrade() else { return };
+        if let Some(e) = failed {
+            tracing::warn!(portal = %portal, error = %e, "iSCSI send failed");
+            connection_lost(&i, gen, format!("sending to {portal}: {e}"));
             return;
         }
+        if let Ok(mut st) = i.state.lock() {
+            if st.generation == gen {
+                st.queued = st.queued.saturating_sub(frames);
+            }
+        };
     }
 }
 
@@ -1019,7 +1078,7 @@ fn handle(inner: &Inner, gen: u64, p: Pdu) -> Result<()> {
             ) {
                 frame.extend_from_slice(&d.encode(st.digests));
             }
-            let _ = st.tx.send(frame);
+            send(&mut st, frame);
         }
         op::NOP_IN => {
             let ttt = p.u32_at(20);
@@ -1044,7 +1103,8 @@ fn handle(inner: &Inner, gen: u64, p: Pdu) -> Result<()> {
                 r.set_u32(20, ttt);
                 r.set_u32(24, st.cmd_sn);
                 r.set_u32(28, st.exp_stat_sn);
-                let _ = st.tx.send(r.encode(st.digests));
+                let frame = r.encode(st.digests);
+                send(&mut st, frame);
             } else {
                 st.exp_stat_sn = p.u32_at(24).wrapping_add(1);
             }
