@@ -124,7 +124,7 @@ pub fn run(args: &[String]) -> Result<()> {
             .get(i + 1)
             .context("--rounds needs a number")?
             .parse()?,
-        None => 3,
+        None => 5,
     };
     let secs: u64 = match args.iter().position(|a| a == "--secs") {
         Some(i) => args.get(i + 1).context("--secs needs a number")?.parse()?,
@@ -149,6 +149,24 @@ pub fn run(args: &[String]) -> Result<()> {
         "iscsi bench: tgtd at {}, {rounds} rounds of {secs} s per side and row",
         tgt.portal()
     );
+    if args.iter().any(|a| a == "--ours-only") {
+        // Profiling aid: our side alone, 4 KiB random reads at QD32 on the
+        // null LUN.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let url: iscsi_initiator::IscsiUrl = tgt.url(&t, 1).parse()?;
+        let w = Work {
+            blocks: 8,
+            depth: 32,
+            random: true,
+            write: false,
+            secs,
+        };
+        println!("ours: {:.0} IOPS", ours(&rt, &url, w)?);
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -588,3 +588,70 @@ fn csvctl_san_discover_ls_reservations() {
     ]);
     assert!(!ok && out.contains("target not found"), "{out}");
 }
+
+#[test]
+fn target_nop_ins_are_answered_and_lun_reset_works() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (mut tgt, t, _) = target("nop", 16 * MIB);
+    // tgtd pings every second and drops a connection after 2 unanswered.
+    tgt.set_param(&t, "nop_interval", "1").unwrap();
+    tgt.set_param(&t, "nop_count", "2").unwrap();
+    runtime().block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
+            .await
+            .unwrap();
+        let lun = Lun::open(s.clone(), 1).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        assert_eq!(
+            s.reconnects(),
+            0,
+            "the target dropped us: its NOP-Ins went unanswered"
+        );
+        lun.read(0, 4096).await.unwrap();
+        // LOGICAL UNIT RESET: function complete (0); the unit attention
+        // it raises is absorbed by the next command.
+        assert_eq!(s.task_management(1, 5, 0xffff_ffff).await.unwrap(), 0);
+        lun.read(0, 4096).await.unwrap();
+    });
+}
+
+/// A portal that answers every login with "moved temporarily" to `to`.
+async fn redirecting_portal(to: String) -> std::net::SocketAddr {
+    use iscsi_initiator::pdu::{op, Digests, Pdu};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let mut bhs = [0u8; 48];
+            if c.read_exact(&mut bhs).await.is_err() {
+                continue;
+            }
+            let (rest, data) = Pdu::lengths(&bhs, Digests::default(), 1 << 16).unwrap();
+            let mut skip = vec![0u8; rest + data];
+            let _ = c.read_exact(&mut skip).await;
+            let mut r = Pdu::new(op::LOGIN_RESP, false);
+            r.bhs[8..14].copy_from_slice(&bhs[8..14]);
+            r.set_itt(u32::from_be_bytes([bhs[16], bhs[17], bhs[18], bhs[19]]));
+            r.bhs[36] = 1; // status class: redirection
+            r.bhs[37] = 1; // target moved temporarily
+            r.data = iscsi_initiator::text::encode(&[("TargetAddress", format!("{to},1"))]);
+            let _ = c.write_all(&r.encode(Digests::default())).await;
+        }
+    });
+    addr
+}
+
+#[test]
+fn login_follows_a_redirect() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    let (tgt, t, _) = target("redirect", 16 * MIB);
+    runtime().block_on(async {
+        let front = redirecting_portal(tgt.portal().to_string()).await;
+        let s = Session::connect(&front.to_string(), &config(&t))
+            .await
+            .unwrap();
+        let lun = Lun::open(s, 1).await.unwrap();
+        assert_eq!(lun.capacity(), 16 * MIB);
+    });
+}
