@@ -13,7 +13,8 @@ set -euo pipefail
 #   busybox-static  the test guest's initramfs
 #   iproute2        network namespaces for multi-host tests
 #   fio             the filesystem benchmark
-PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio)
+#   istgt           a second iSCSI target (it has COMPARE AND WRITE, tgtd not)
+PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

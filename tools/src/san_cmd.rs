@@ -205,9 +205,9 @@ async fn ls(url: &str, json: bool, who: &Who) -> Result<ExitCode> {
     for r in &rows {
         println!(
             "{:>4}  {:>10}  {:>6}  {:<24}  {}",
-            r["lun"],
+            r["lun"].as_u64().unwrap_or(0),
             human(r["bytes"].as_u64().unwrap_or(0)),
-            r["block_size"],
+            r["block_size"].as_u64().unwrap_or(0),
             format!(
                 "{} {}",
                 r["vendor"].as_str().unwrap_or(""),

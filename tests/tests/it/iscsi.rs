@@ -655,3 +655,104 @@ fn login_follows_a_redirect() {
         assert_eq!(lun.capacity(), 16 * MIB);
     });
 }
+
+/// istgt (a second, independent userspace target) on a free port with one
+/// 16 MiB disk; killed on drop.
+struct Istgt {
+    child: std::process::Child,
+    portal: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Istgt {
+    fn start() -> Istgt {
+        let dir = csv_test_support::temp_dir("istgt").unwrap();
+        let d = dir.path().display().to_string();
+        let port = csv_test_support::free_port().unwrap();
+        let uc = csv_test_support::free_port().unwrap();
+        std::fs::File::create(dir.path().join("disk1.img"))
+            .unwrap()
+            .set_len(16 * MIB)
+            .unwrap();
+        std::fs::write(
+            dir.path().join("auth.conf"),
+            "[AuthGroup10000]\n  Auth \"u\" \"unused-secret\"\n",
+        )
+        .unwrap();
+        let conf = format!(
+            "[Global]\n  NodeBase \"iqn.2026-11.io.csv.istgt\"\n  PidFile {d}/istgt.pid\n  AuthFile {d}/auth.conf\n  MediaDirectory {d}\n  \
+             DiscoveryAuthMethod Auto\n  MaxSessions 16\n  MaxConnections 4\n\
+             [UnitControl]\n  AuthMethod CHAP Mutual\n  AuthGroup AuthGroup10000\n  Portal UC1 127.0.0.1:{uc}\n  Netmask 127.0.0.1\n\
+             [PortalGroup1]\n  Portal DA1 127.0.0.1:{port}\n\
+             [InitiatorGroup1]\n  InitiatorName \"ALL\"\n  Netmask 127.0.0.0/8\n\
+             [LogicalUnit1]\n  TargetName disk1\n  Mapping PortalGroup1 InitiatorGroup1\n  AuthMethod Auto\n  AuthGroup None\n  UnitType Disk\n  \
+             LUN0 Storage {d}/disk1.img Auto\n"
+        );
+        let conf_path = dir.path().join("istgt.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = std::process::Command::new("istgt")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-D")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let portal = format!("127.0.0.1:{port}");
+        csv_test_support::wait_until(std::time::Duration::from_secs(10), || {
+            std::net::TcpStream::connect(&portal).is_ok()
+        })
+        .unwrap();
+        Istgt {
+            child,
+            portal,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Istgt {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn compare_and_write_against_istgt() {
+    skip_unless!(Need::Root, Need::Command("istgt"));
+    let target = Istgt::start();
+    runtime().block_on(async {
+        let mut c = config(&Target {
+            tid: 1,
+            iqn: "iqn.2026-11.io.csv.istgt:disk1".into(),
+        });
+        c.initiator = INITIATOR.into();
+        let s = Session::connect(&target.portal, &c).await.unwrap();
+        let lun = Lun::open(s, 0).await.unwrap();
+        assert_eq!(lun.capacity(), 16 * MIB);
+        let old = vec![0u8; 512];
+        let new = vec![0x77u8; 512];
+        match lun.compare_and_write(8, &old, &new).await {
+            Err(Error::Unsupported { .. }) => {
+                csv_test_support::skip::report("istgt does not implement COMPARE AND WRITE either");
+                return;
+            }
+            r => assert!(r.unwrap(), "zeros compare equal"),
+        }
+        assert!(
+            !lun.compare_and_write(8, &old, &[0x99u8; 512])
+                .await
+                .unwrap(),
+            "miscompare reported"
+        );
+        assert!(
+            lun.read(8 * 512, 512).await.unwrap() == new,
+            "a miscompare writes nothing"
+        );
+        // And the ordinary I/O path against a second target implementation.
+        let data = pattern(300_000 / 512 * 512, 2);
+        lun.write(MIB, &data, false).await.unwrap();
+        assert!(lun.read(MIB, data.len()).await.unwrap() == data);
+    });
+}
