@@ -707,8 +707,10 @@ async fn writer(
 
 async fn reader(rd: tokio::net::tcp::OwnedReadHalf, inner: std::sync::Weak<Inner>, gen: u64) {
     // Buffered: most PDUs are a header and a little data, read in one
-    // system call together with those queued behind them.
-    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+    // system call together with those queued behind them. The buffer is
+    // small on purpose: the rest of a large data segment bypasses it and
+    // lands in its own buffer without a copy.
+    let mut rd = tokio::io::BufReader::with_capacity(16 * 1024, rd);
     loop {
         let (digests, max, portal) = {
             let Some(i) = inner.upgrade() else { return };

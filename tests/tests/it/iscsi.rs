@@ -452,28 +452,6 @@ fn persistent_reservations_fence_an_unregistered_host() {
 }
 
 #[test]
-fn compare_and_write_match_and_miscompare() {
-    skip_unless!(Need::Root, Need::Command("tgtd"));
-    let (tgt, t, file) = target("caw", 16 * MIB);
-    runtime().block_on(async {
-        let lun = Lun::open(Session::connect(&tgt.portal().to_string(), &config(&t)).await.unwrap(), 1).await.unwrap();
-        let old = vec![0u8; 512];
-        let new = vec![0x77u8; 512];
-        match lun.compare_and_write(8, &old, &new).await {
-            Err(Error::Unsupported { .. }) => {
-                csv_test_support::skip::report("this tgtd does not implement COMPARE AND WRITE (INVALID COMMAND OPERATION CODE)");
-                return;
-            }
-            r => assert!(r.unwrap(), "zeros compare equal"),
-        }
-        assert!(!lun.compare_and_write(8, &old, &[0x99u8; 512]).await.unwrap(), "miscompare reported");
-        assert!(lun.read(8 * 512, 512).await.unwrap() == new, "a miscompare writes nothing");
-        lun.flush().await.unwrap();
-        assert!(std::fs::read(&file).unwrap()[8 * 512..9 * 512] == new[..]);
-    });
-}
-
-#[test]
 fn a_vhd_made_through_the_initiator_is_read_by_qemu() {
     skip_unless!(Need::Root, Need::Command("tgtd"), Need::Command("qemu-img"));
     use vhd::{BlockIo, CreateOptions, DiskType, OpenOptions, Vhd};
