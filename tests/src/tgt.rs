@@ -246,32 +246,16 @@ impl TgtTarget {
 
     /// Requires CHAP: the initiator must log in as `user` with `secret`.
     pub fn set_chap(&mut self, t: &Target, user: &str, secret: &str) -> Result<()> {
-        self.configure(&[
-            "--op",
-            "new",
-            "--mode",
-            "account",
-            "--user",
-            user,
-            "--password",
-            secret,
-        ])?;
-        self.configure(&[
-            "--op",
-            "bind",
-            "--mode",
-            "account",
-            "--tid",
-            &t.tid.to_string(),
-            "--user",
-            user,
-        ])?;
-        Ok(())
+        self.chap_account(t, user, secret, false)
     }
 
     /// Mutual CHAP: the target answers the initiator's challenge as `user`
     /// with `secret` (tgt's "outgoing" account).
     pub fn set_mutual_chap(&mut self, t: &Target, user: &str, secret: &str) -> Result<()> {
+        self.chap_account(t, user, secret, true)
+    }
+
+    fn chap_account(&mut self, t: &Target, user: &str, secret: &str, outgoing: bool) -> Result<()> {
         self.configure(&[
             "--op",
             "new",
@@ -282,17 +266,14 @@ impl TgtTarget {
             "--password",
             secret,
         ])?;
-        self.configure(&[
-            "--op",
-            "bind",
-            "--mode",
-            "account",
-            "--tid",
-            &t.tid.to_string(),
-            "--user",
-            user,
-            "--outgoing",
-        ])?;
+        let tid = t.tid.to_string();
+        let mut bind = vec![
+            "--op", "bind", "--mode", "account", "--tid", &tid, "--user", user,
+        ];
+        if outgoing {
+            bind.push("--outgoing");
+        }
+        self.configure(&bind)?;
         Ok(())
     }
 

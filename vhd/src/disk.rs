@@ -728,14 +728,8 @@ impl<I: BlockIo> Vhd<I> {
                 .read_at(buf, offset)
                 .ctx(&self.name, || "read data".into(), offset);
         };
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let block = pos / sp.block_size;
-            let in_block = pos % sp.block_size;
-            let n = ((sp.block_size - in_block) as usize).min(buf.len() - done);
-            self.read_in_block(sp, block as u32, in_block, &mut buf[done..done + n])?;
-            done += n;
+        for (block, in_block, range) in block_spans(sp.block_size, offset, buf.len()) {
+            self.read_in_block(sp, block, in_block, &mut buf[range])?;
         }
         Ok(())
     }
@@ -860,14 +854,8 @@ impl<I: BlockIo> Vhd<I> {
                 .write_at(buf, offset)
                 .ctx(&self.name, || "write data".into(), offset);
         };
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let block = pos / sp.block_size;
-            let in_block = pos % sp.block_size;
-            let n = ((sp.block_size - in_block) as usize).min(buf.len() - done);
-            self.write_in_block(sp, block as u32, in_block, &buf[done..done + n])?;
-            done += n;
+        for (block, in_block, range) in block_spans(sp.block_size, offset, buf.len()) {
+            self.write_in_block(sp, block, in_block, &buf[range])?;
         }
         Ok(())
     }
@@ -1109,6 +1097,27 @@ impl<I: BlockIo> Vhd<I> {
         h.max_table_entries = entries;
         Ok(h)
     }
+}
+
+/// Splits `len` bytes at virtual `offset` at block boundaries: (block,
+/// offset in the block, range of the caller's buffer) for each piece.
+fn block_spans(
+    block_size: u64,
+    offset: u64,
+    len: usize,
+) -> impl Iterator<Item = (u32, u64, std::ops::Range<usize>)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = offset + done as u64;
+        let in_block = pos % block_size;
+        let n = ((block_size - in_block) as usize).min(len - done);
+        let piece = ((pos / block_size) as u32, in_block, done..done + n);
+        done += n;
+        Some(piece)
+    })
 }
 
 /// Whether sector `s` is marked in a bitmap (MSB first).

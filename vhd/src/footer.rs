@@ -23,7 +23,7 @@
 //! Very old Virtual PC images end in a 511-byte footer (the last reserved
 //! byte missing); [`Footer::parse`] accepts that length.
 
-use crate::SECTOR;
+use crate::{be32, be64, SECTOR};
 
 /// Size of a footer as written.
 pub const FOOTER_SIZE: usize = 512;
@@ -256,16 +256,6 @@ impl std::fmt::Display for FooterError {
             FooterError::Short(n) => write!(f, "only {n} bytes"),
         }
     }
-}
-
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_be_bytes(a)
 }
 
 /// The VHD checksum: one's complement of the sum of all bytes, with the

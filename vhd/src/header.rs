@@ -23,6 +23,7 @@
 //! locators: `W2ku` (absolute path) and `W2ru` (relative path), UTF-16LE.
 
 use crate::footer::checksum;
+use crate::{be32, be64};
 
 /// Size of the dynamic header.
 pub const HEADER_SIZE: usize = 1024;
@@ -141,16 +142,6 @@ impl std::fmt::Display for HeaderError {
             HeaderError::Short(n) => write!(f, "only {n} bytes"),
         }
     }
-}
-
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_be_bytes(a)
 }
 
 impl DynHeader {

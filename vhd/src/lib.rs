@@ -50,6 +50,18 @@ pub use io::{BlockIo, MemIo};
 /// Bytes per sector: every offset in a VHD is in these units or bytes.
 pub const SECTOR: u64 = 512;
 
+/// Big-endian u32 at `off` (callers check the length first).
+pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
+    u32::from_be_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+/// Big-endian u64 at `off` (callers check the length first).
+pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_be_bytes(a)
+}
+
 /// Formats 16 bytes as a UUID (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
 pub fn format_uuid(id: &[u8; 16]) -> String {
     let h: String = id.iter().map(|b| format!("{b:02x}")).collect();

@@ -311,10 +311,11 @@ fn check_stream(file: &std::path::Path, count: u64) {
     }
 }
 
-#[test]
-fn cut_connection_during_writes_loses_nothing() {
-    skip_unless!(Need::Root, Need::Command("tgtd"));
-    let (mut tgt, t, file) = target("cut", 64 * MIB);
+/// Streams 600 writes at a fresh target, applies `fault` to it 300 ms in,
+/// and checks that the stream finished, the session was reinstated, and
+/// every acknowledged write is on the backing file.
+fn writes_survive(name: &str, fault: impl FnOnce(&mut TgtTarget, &Target)) {
+    let (mut tgt, t, file) = target(name, 64 * MIB);
     let rt = runtime();
     let lun = rt.block_on(async {
         let s = Session::connect(&tgt.portal().to_string(), &config(&t))
@@ -324,35 +325,31 @@ fn cut_connection_during_writes_loses_nothing() {
     });
     let stream = rt.spawn(write_stream(Arc::clone(&lun), 600));
     std::thread::sleep(std::time::Duration::from_millis(300));
-    // The SAN path fails: connections dropped, logins refused for 1 s.
-    tgt.cut_initiator(&t, INITIATOR).unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    tgt.restore_initiator(&t, INITIATOR).unwrap();
+    fault(&mut tgt, &t);
     let acked = rt.block_on(stream).unwrap().unwrap();
     assert_eq!(acked, 600);
-    assert!(lun.session().reconnects() >= 1, "the cut was not noticed");
+    assert!(lun.session().reconnects() >= 1, "the fault was not noticed");
     check_stream(&file, 600);
+}
+
+#[test]
+fn cut_connection_during_writes_loses_nothing() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    // The SAN path fails: connections dropped, logins refused for 1 s.
+    writes_survive("cut", |tgt, t| {
+        tgt.cut_initiator(t, INITIATOR).unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        tgt.restore_initiator(t, INITIATOR).unwrap();
+    });
 }
 
 #[test]
 fn target_restart_during_writes_loses_nothing() {
     skip_unless!(Need::Root, Need::Command("tgtd"));
-    let (mut tgt, t, file) = target("restart", 64 * MIB);
-    let rt = runtime();
-    let lun = rt.block_on(async {
-        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
-            .await
-            .unwrap();
-        Arc::new(Lun::open(s, 1).await.unwrap())
-    });
-    let stream = rt.spawn(write_stream(Arc::clone(&lun), 600));
-    std::thread::sleep(std::time::Duration::from_millis(300));
     // The array goes down hard and comes back.
-    tgt.restart(std::time::Duration::from_millis(700)).unwrap();
-    let acked = rt.block_on(stream).unwrap().unwrap();
-    assert_eq!(acked, 600);
-    assert!(lun.session().reconnects() >= 1);
-    check_stream(&file, 600);
+    writes_survive("restart", |tgt, _| {
+        tgt.restart(std::time::Duration::from_millis(700)).unwrap()
+    });
 }
 
 #[test]
