@@ -2,7 +2,12 @@
 //!
 //! One Raft group for the cluster (membership, volume registry, VM roles)
 //! and one per volume (namespace, inodes, extents, allocator, leases). The
-//! leader of a volume's group is that volume's coordinator. The RPC service
-//! and the client that finds the leader and retries live here too.
+//! leader of a volume's group is that volume's coordinator.
 //!
-//! Not written yet; see the project's issue list.
+//! Written so far: the deterministic state machine of a volume ([`meta`])
+//! and its LUN space allocator ([`alloc`]). Still to come (see the
+//! project's issues): the Raft groups with durable storage, snapshots, the
+//! RPC service and client.
+
+pub mod alloc;
+pub mod meta;

@@ -1,0 +1,384 @@
+//! The volume state machine against simple models: a map of paths for the
+//! namespace, and the allocator's books for space and leases.
+
+// Test helpers fail loudly on purpose.
+#![allow(clippy::unwrap_used)]
+
+use coordinator::meta::{Kind, MetaError, Op, Reply, Volume, ROOT};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+#[derive(Debug, Clone)]
+enum Step {
+    Mkdir(usize, usize),
+    Create(usize, usize),
+    Unlink(usize),
+    Rmdir(usize),
+    Rename(usize, usize, usize),
+    Link(usize, usize, usize),
+    Allocate(usize, u64, u64),
+    Truncate(usize, u64),
+    Lease(usize, u64),
+    Revoke(usize, u64),
+    Tick(u64),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let i = 0usize..16;
+    let n = 0usize..3;
+    prop_oneof![
+        (i.clone(), n.clone()).prop_map(|(d, n)| Step::Mkdir(d, n)),
+        (i.clone(), n.clone()).prop_map(|(d, n)| Step::Create(d, n)),
+        i.clone().prop_map(Step::Unlink),
+        i.clone().prop_map(Step::Rmdir),
+        (i.clone(), i.clone(), n.clone()).prop_map(|(a, d, n)| Step::Rename(a, d, n)),
+        (i.clone(), i.clone(), n).prop_map(|(a, d, n)| Step::Link(a, d, n)),
+        (i.clone(), 0u64..200, 1u64..120).prop_map(|(f, o, l)| Step::Allocate(f, o, l)),
+        (i.clone(), 0u64..150).prop_map(|(f, s)| Step::Truncate(f, s)),
+        (i.clone(), 1u64..4).prop_map(|(f, n)| Step::Lease(f, n)),
+        (i, 1u64..4).prop_map(|(f, n)| Step::Revoke(f, n)),
+        (1u64..50).prop_map(Step::Tick),
+    ]
+}
+
+/// The namespace as paths -> (kind, inode), walked from the root.
+fn tree(v: &Volume) -> BTreeMap<Vec<String>, (Kind, u64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(Vec::new(), ROOT)];
+    while let Some((path, dir)) = stack.pop() {
+        for (name, ino) in v.readdir(dir).unwrap() {
+            let mut p = path.clone();
+            p.push(name);
+            let kind = v.getattr(ino).unwrap().kind;
+            if kind == Kind::Dir {
+                stack.push((p.clone(), ino));
+            }
+            out.insert(p, (kind, ino));
+        }
+    }
+    out
+}
+
+/// The model: path -> (kind, model inode id).
+type Model = BTreeMap<Vec<String>, (Kind, u64)>;
+
+fn parent_exists_as_dir(m: &Model, p: &[String]) -> bool {
+    p.len() == 1 || matches!(m.get(&p[..p.len() - 1]), Some((Kind::Dir, _)))
+}
+
+fn pick<'a>(paths: &'a [Vec<String>], i: usize) -> Option<&'a Vec<String>> {
+    (!paths.is_empty()).then(|| &paths[i % paths.len()])
+}
+
+fn ino_of(v: &Volume, path: &[String]) -> Option<u64> {
+    let mut cur = ROOT;
+    for n in path {
+        cur = v.lookup(cur, n).ok()?;
+    }
+    Some(cur)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn namespace_and_space_follow_the_models(steps in prop::collection::vec(step(), 1..60)) {
+        let mut v = Volume::new(1000, 1600, 0);
+        let mut m: Model = BTreeMap::new();
+        let mut next_model_ino = 100u64;
+        let mut now = 0u64;
+        let mut max_ino = ROOT;
+        for s in steps {
+            now += 1;
+            let dirs: Vec<Vec<String>> = std::iter::once(Vec::new()).chain(m.iter().filter(|(_, (k, _))| *k == Kind::Dir).map(|(p, _)| p.clone())).collect();
+            let all: Vec<Vec<String>> = m.keys().cloned().collect();
+            let files: Vec<Vec<String>> = m.iter().filter(|(_, (k, _))| *k == Kind::File).map(|(p, _)| p.clone()).collect();
+            match s {
+                Step::Mkdir(d, n) | Step::Create(d, n) => {
+                    let kind = if matches!(s, Step::Mkdir(..)) { Kind::Dir } else { Kind::File };
+                    let dir = &dirs[d % dirs.len()];
+                    let mut p = dir.clone();
+                    p.push(NAMES[n].to_string());
+                    let parent = ino_of(&v, dir).unwrap();
+                    let r = v.apply(Op::Create { parent, name: NAMES[n].into(), kind, mode: 0o644, uid: 0, gid: 0, target: String::new(), now });
+                    if m.contains_key(&p) {
+                        prop_assert_eq!(r, Err(MetaError::Exists));
+                    } else {
+                        let Ok(Reply::Attr(a)) = r else { panic!("create failed: {r:?}") };
+                        prop_assert!(a.ino > max_ino, "inode number reused or not growing");
+                        max_ino = a.ino;
+                        m.insert(p, (kind, next_model_ino));
+                        next_model_ino += 1;
+                    }
+                }
+                Step::Unlink(i) | Step::Rmdir(i) => {
+                    let Some(p) = pick(&all, i).cloned() else { continue };
+                    let rmdir = matches!(s, Step::Rmdir(_));
+                    let parent = ino_of(&v, &p[..p.len() - 1]).unwrap();
+                    let r = v.apply(Op::Unlink { parent, name: p[p.len() - 1].clone(), rmdir, now });
+                    let kind = m[&p].0;
+                    let empty = !m.keys().any(|q| q.len() > p.len() && q.starts_with(&p));
+                    let ok = if rmdir { kind == Kind::Dir && empty } else { kind != Kind::Dir };
+                    prop_assert_eq!(r.is_ok(), ok, "{:?} {:?}", p, r);
+                    if ok {
+                        m.remove(&p);
+                    }
+                }
+                Step::Rename(a, d, n) => {
+                    let Some(from) = pick(&all, a).cloned() else { continue };
+                    let dir = dirs[d % dirs.len()].clone();
+                    let mut to = dir.clone();
+                    to.push(NAMES[n].to_string());
+                    let r = v.apply(Op::Rename {
+                        parent: ino_of(&v, &from[..from.len() - 1]).unwrap(),
+                        name: from[from.len() - 1].clone(),
+                        new_parent: ino_of(&v, &dir).unwrap(),
+                        new_name: NAMES[n].into(),
+                        now,
+                    });
+                    let (kind, id) = m[&from];
+                    let into_itself = kind == Kind::Dir && to.starts_with(&from) && to != from;
+                    let expect = if from == to || m.get(&to).is_some_and(|t| t.1 == id) {
+                        true
+                    } else if into_itself {
+                        false
+                    } else {
+                        match m.get(&to) {
+                            None => true,
+                            Some((Kind::Dir, _)) => kind == Kind::Dir && !m.keys().any(|q| q.len() > to.len() && q.starts_with(&to)),
+                            Some(_) => kind != Kind::Dir,
+                        }
+                    };
+                    prop_assert_eq!(r.is_ok(), expect, "rename {:?} -> {:?}: {:?}", from, to, r);
+                    if expect && from != to && !m.get(&to).is_some_and(|t| t.1 == id) {
+                        m.remove(&to);
+                        let moved: Vec<(Vec<String>, (Kind, u64))> = m.iter().filter(|(q, _)| q.starts_with(&from)).map(|(q, x)| (q.clone(), *x)).collect();
+                        for (q, x) in moved {
+                            m.remove(&q);
+                            let mut nq = to.clone();
+                            nq.extend_from_slice(&q[from.len()..]);
+                            m.insert(nq, x);
+                        }
+                    }
+                }
+                Step::Link(a, d, n) => {
+                    let Some(from) = pick(&files, a).cloned() else { continue };
+                    let dir = dirs[d % dirs.len()].clone();
+                    let mut to = dir.clone();
+                    to.push(NAMES[n].to_string());
+                    let r = v.apply(Op::Link { ino: ino_of(&v, &from).unwrap(), parent: ino_of(&v, &dir).unwrap(), name: NAMES[n].into(), now });
+                    prop_assert_eq!(r.is_ok(), !m.contains_key(&to));
+                    if !m.contains_key(&to) {
+                        let x = m[&from];
+                        m.insert(to, x);
+                    }
+                }
+                Step::Allocate(f, off, len) => {
+                    let Some(p) = pick(&files, f) else { continue };
+                    let ino = ino_of(&v, p).unwrap();
+                    let before = v.free_bytes();
+                    match v.apply(Op::Allocate { ino, off, len }) {
+                        Ok(Reply::Extents(e)) => {
+                            let got: u64 = e.iter().map(|x| x.len).sum();
+                            prop_assert_eq!(before - v.free_bytes(), got);
+                            prop_assert!(e.iter().all(|x| x.unwritten), "new extents read as zeros");
+                        }
+                        Err(MetaError::NoSpace) => prop_assert_eq!(before, v.free_bytes()),
+                        r => panic!("allocate: {r:?}"),
+                    }
+                }
+                Step::Truncate(f, size) => {
+                    let Some(p) = pick(&files, f) else { continue };
+                    let ino = ino_of(&v, p).unwrap();
+                    let leased = !v.leases(ino).is_empty();
+                    let (free0, q0) = (v.free_bytes(), v.quarantined_bytes());
+                    v.apply(Op::SetAttr { ino, mode: None, uid: None, gid: None, size: Some(size), now }).unwrap();
+                    if leased {
+                        prop_assert_eq!(v.free_bytes(), free0, "space of a leased file freed before its leases ended");
+                    } else {
+                        prop_assert_eq!(v.quarantined_bytes(), q0);
+                    }
+                    prop_assert!(v.extents(ino).unwrap().iter().all(|e| e.file_off + e.len <= size));
+                }
+                Step::Lease(f, node) => {
+                    let Some(p) = pick(&files, f) else { continue };
+                    let ino = ino_of(&v, p).unwrap();
+                    let _ = v.apply(Op::GrantLease { node, ino, write: node == 1, now, ttl: 20 });
+                }
+                Step::Revoke(f, node) => {
+                    let Some(p) = pick(&files, f) else { continue };
+                    let ino = ino_of(&v, p).unwrap();
+                    v.apply(Op::RevokeLease { node, ino }).unwrap();
+                }
+                Step::Tick(dt) => {
+                    now += dt;
+                    v.apply(Op::Tick { now }).unwrap();
+                }
+            }
+            // The namespace equals the model, hard links included.
+            let t = tree(&v);
+            prop_assert_eq!(t.keys().collect::<Vec<_>>(), m.keys().collect::<Vec<_>>());
+            for (p, (kind, id)) in &m {
+                prop_assert_eq!(t[p].0, *kind);
+                for (q, (_, id2)) in &m {
+                    prop_assert_eq!(id == id2, t[p].1 == t[q].1, "{:?} and {:?}", p, q);
+                }
+            }
+            let problems = v.check();
+            prop_assert!(problems.is_empty(), "{:?}", problems);
+        }
+        // When every lease is gone, quarantine is empty again.
+        v.apply(Op::Tick { now: now + 1000 }).unwrap();
+        prop_assert_eq!(v.quarantined_bytes(), 0);
+    }
+}
+
+#[test]
+fn write_leases_exclude_other_writers_and_epochs_grow() {
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let Reply::Attr(f) = v
+        .apply(Op::Create {
+            parent: ROOT,
+            name: "vm1.vhd".into(),
+            kind: Kind::File,
+            mode: 0o600,
+            uid: 0,
+            gid: 0,
+            target: String::new(),
+            now: 0,
+        })
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    let Reply::Lease(a) = v
+        .apply(Op::GrantLease {
+            node: 1,
+            ino: f.ino,
+            write: true,
+            now: 0,
+            ttl: 100,
+        })
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        v.apply(Op::GrantLease {
+            node: 2,
+            ino: f.ino,
+            write: true,
+            now: 10,
+            ttl: 100
+        }),
+        Err(MetaError::Busy(1))
+    );
+    // A reader may hold a lease alongside.
+    v.apply(Op::GrantLease {
+        node: 2,
+        ino: f.ino,
+        write: false,
+        now: 10,
+        ttl: 100,
+    })
+    .unwrap();
+    // Hand-over: host 1 gives the write lease back, host 2 takes it with a
+    // newer epoch.
+    v.apply(Op::RevokeLease {
+        node: 1,
+        ino: f.ino,
+    })
+    .unwrap();
+    let Reply::Lease(b) = v
+        .apply(Op::GrantLease {
+            node: 2,
+            ino: f.ino,
+            write: true,
+            now: 20,
+            ttl: 100,
+        })
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert!(b.write);
+    assert!(b.epoch >= a.epoch);
+    // Expiry frees the file for another writer.
+    v.apply(Op::Tick { now: 500 }).unwrap();
+    let Reply::Lease(c) = v
+        .apply(Op::GrantLease {
+            node: 3,
+            ino: f.ino,
+            write: true,
+            now: 500,
+            ttl: 100,
+        })
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert!(c.epoch > b.epoch);
+}
+
+#[test]
+fn written_ranges_split_unwritten_extents() {
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let Reply::Attr(f) = v
+        .apply(Op::Create {
+            parent: ROOT,
+            name: "f".into(),
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            target: String::new(),
+            now: 0,
+        })
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    v.apply(Op::Allocate {
+        ino: f.ino,
+        off: 0,
+        len: 4096,
+    })
+    .unwrap();
+    v.apply(Op::MarkWritten {
+        ino: f.ino,
+        off: 1024,
+        len: 1024,
+        size: 2048,
+        now: 1,
+    })
+    .unwrap();
+    let e = v.extents(f.ino).unwrap();
+    assert_eq!(
+        e.iter()
+            .map(|x| (x.file_off, x.len, x.unwritten))
+            .collect::<Vec<_>>(),
+        vec![(0, 1024, true), (1024, 1024, false), (2048, 2048, true)]
+    );
+    assert_eq!(v.getattr(f.ino).unwrap().size, 2048);
+    assert!(v.check().is_empty());
+}
+
+#[test]
+fn names_are_checked() {
+    let mut v = Volume::new(0, 1 << 20, 0);
+    for bad in ["", ".", "..", "a/b", "nul\0", &"x".repeat(256)] {
+        let r = v.apply(Op::Create {
+            parent: ROOT,
+            name: bad.into(),
+            kind: Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            target: String::new(),
+            now: 0,
+        });
+        assert!(matches!(r, Err(MetaError::Invalid(_))), "{bad:?}: {r:?}");
+    }
+}
