@@ -64,11 +64,7 @@ fn tree(v: &Volume) -> BTreeMap<Vec<String>, (Kind, u64)> {
 /// The model: path -> (kind, model inode id).
 type Model = BTreeMap<Vec<String>, (Kind, u64)>;
 
-fn parent_exists_as_dir(m: &Model, p: &[String]) -> bool {
-    p.len() == 1 || matches!(m.get(&p[..p.len() - 1]), Some((Kind::Dir, _)))
-}
-
-fn pick<'a>(paths: &'a [Vec<String>], i: usize) -> Option<&'a Vec<String>> {
+fn pick(paths: &[Vec<String>], i: usize) -> Option<&Vec<String>> {
     (!paths.is_empty()).then(|| &paths[i % paths.len()])
 }
 
@@ -103,14 +99,17 @@ proptest! {
                     p.push(NAMES[n].to_string());
                     let parent = ino_of(&v, dir).unwrap();
                     let r = v.apply(Op::Create { parent, name: NAMES[n].into(), kind, mode: 0o644, uid: 0, gid: 0, target: String::new(), now });
-                    if m.contains_key(&p) {
-                        prop_assert_eq!(r, Err(MetaError::Exists));
-                    } else {
-                        let Ok(Reply::Attr(a)) = r else { panic!("create failed: {r:?}") };
-                        prop_assert!(a.ino > max_ino, "inode number reused or not growing");
-                        max_ino = a.ino;
-                        m.insert(p, (kind, next_model_ino));
-                        next_model_ino += 1;
+                    match m.entry(p) {
+                        std::collections::btree_map::Entry::Occupied(_) => {
+                            prop_assert_eq!(r, Err(MetaError::Exists));
+                        }
+                        std::collections::btree_map::Entry::Vacant(slot) => {
+                            let Ok(Reply::Attr(a)) = r else { panic!("create failed: {r:?}") };
+                            prop_assert!(a.ino > max_ino, "inode number reused or not growing");
+                            max_ino = a.ino;
+                            slot.insert((kind, next_model_ino));
+                            next_model_ino += 1;
+                        }
                     }
                 }
                 Step::Unlink(i) | Step::Rmdir(i) => {
@@ -152,7 +151,7 @@ proptest! {
                         }
                     };
                     prop_assert_eq!(r.is_ok(), expect, "rename {:?} -> {:?}: {:?}", from, to, r);
-                    if expect && from != to && !m.get(&to).is_some_and(|t| t.1 == id) {
+                    if expect && from != to && m.get(&to).is_none_or(|t| t.1 != id) {
                         m.remove(&to);
                         let moved: Vec<(Vec<String>, (Kind, u64))> = m.iter().filter(|(q, _)| q.starts_with(&from)).map(|(q, x)| (q.clone(), *x)).collect();
                         for (q, x) in moved {
