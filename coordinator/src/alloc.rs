@@ -19,6 +19,18 @@ impl Allocator {
         a
     }
 
+    /// An allocator whose free space is exactly `intervals` (as saved by a
+    /// snapshot). Fails on overlapping or touching intervals.
+    pub fn from_intervals(intervals: &[(u64, u64)]) -> Option<Self> {
+        let mut a = Allocator::default();
+        for &(s, l) in intervals {
+            if l == 0 || s.checked_add(l).is_none() || !a.release(s, l) {
+                return None;
+            }
+        }
+        (a.free.len() == intervals.len()).then_some(a)
+    }
+
     /// Free bytes.
     pub fn free_bytes(&self) -> u64 {
         self.free.values().sum()

@@ -20,6 +20,10 @@
 use crate::alloc::Allocator;
 use std::collections::{BTreeMap, BTreeSet};
 
+mod snapshot;
+
+pub use snapshot::SnapshotError;
+
 /// An inode number.
 pub type Ino = u64;
 /// The root directory's inode.
