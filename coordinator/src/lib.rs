@@ -4,10 +4,11 @@
 //! and one per volume (namespace, inodes, extents, allocator, leases). The
 //! leader of a volume's group is that volume's coordinator.
 //!
-//! Written so far: the deterministic state machine of a volume ([`meta`])
-//! and its LUN space allocator ([`alloc`]). Still to come (see the
-//! project's issues): the Raft groups with durable storage, snapshots, the
-//! RPC service and client.
+//! Written so far: the deterministic state machine of a volume ([`meta`],
+//! with snapshots), its LUN space allocator ([`alloc`]) and the durable log
+//! a replica keeps ([`wal`]). Still to come (see the project's issues):
+//! the Raft groups driving them, the RPC service and client.
 
 pub mod alloc;
 pub mod meta;
+pub mod wal;
