@@ -242,21 +242,7 @@ proptest! {
 #[test]
 fn write_leases_exclude_other_writers_and_epochs_grow() {
     let mut v = Volume::new(0, 1 << 20, 0);
-    let Reply::Attr(f) = v
-        .apply(Op::Create {
-            parent: ROOT,
-            name: "vm1.vhd".into(),
-            kind: Kind::File,
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            target: String::new(),
-            now: 0,
-        })
-        .unwrap()
-    else {
-        unreachable!()
-    };
+    let f = mk(&mut v, ROOT, "vm1.vhd", Kind::File, "", 0);
     let Reply::Lease(a) = v
         .apply(Op::GrantLease {
             node: 1,
@@ -329,21 +315,7 @@ fn write_leases_exclude_other_writers_and_epochs_grow() {
 #[test]
 fn written_ranges_split_unwritten_extents() {
     let mut v = Volume::new(0, 1 << 20, 0);
-    let Reply::Attr(f) = v
-        .apply(Op::Create {
-            parent: ROOT,
-            name: "f".into(),
-            kind: Kind::File,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            target: String::new(),
-            now: 0,
-        })
-        .unwrap()
-    else {
-        unreachable!()
-    };
+    let f = mk(&mut v, ROOT, "f", Kind::File, "", 0);
     v.apply(Op::Allocate {
         ino: f.ino,
         off: 0,
@@ -387,49 +359,35 @@ fn names_are_checked() {
     }
 }
 
-fn busy_volume() -> Volume {
-    let mut v = Volume::new(0, 1 << 20, 0);
-    let Reply::Attr(d) = v
-        .apply(Op::Create {
-            parent: ROOT,
-            name: "vms".into(),
-            kind: Kind::Dir,
-            mode: 0o755,
-            uid: 0,
-            gid: 0,
-            target: String::new(),
-            now: 1,
-        })
-        .unwrap()
-    else {
-        unreachable!()
-    };
-    let Reply::Attr(f) = v
-        .apply(Op::Create {
-            parent: d.ino,
-            name: "vm1.vhd".into(),
-            kind: Kind::File,
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-            target: String::new(),
-            now: 2,
-        })
-        .unwrap()
-    else {
-        unreachable!()
-    };
-    v.apply(Op::Create {
-        parent: ROOT,
-        name: "latest".into(),
-        kind: Kind::Symlink,
-        mode: 0o777,
+/// Creates `name` in `parent` and returns its attributes.
+fn mk(
+    v: &mut Volume,
+    parent: u64,
+    name: &str,
+    kind: Kind,
+    target: &str,
+    now: u64,
+) -> coordinator::meta::Attr {
+    match v.apply(Op::Create {
+        parent,
+        name: name.into(),
+        kind,
+        mode: 0o644,
         uid: 0,
         gid: 0,
-        target: "vms/vm1.vhd".into(),
-        now: 3,
-    })
-    .unwrap();
+        target: target.into(),
+        now,
+    }) {
+        Ok(Reply::Attr(a)) => a,
+        r => panic!("create {name}: {r:?}"),
+    }
+}
+
+fn busy_volume() -> Volume {
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let d = mk(&mut v, ROOT, "vms", Kind::Dir, "", 1);
+    let f = mk(&mut v, d.ino, "vm1.vhd", Kind::File, "", 2);
+    mk(&mut v, ROOT, "latest", Kind::Symlink, "vms/vm1.vhd", 3);
     v.apply(Op::Allocate {
         ino: f.ino,
         off: 0,

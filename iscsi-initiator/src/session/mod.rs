@@ -319,19 +319,8 @@ impl Session {
 
     /// Runs one SCSI command on `lun`.
     pub async fn command(&self, lun: u16, cdb: [u8; 16], data: Data) -> Result<Reply> {
-        let rx = self.submit(Kind::Scsi, lun, cdb, data, 0)?;
+        let rx = submit(&self.inner, Kind::Scsi, lun, cdb, data, 0)?;
         self.wait(rx).await
-    }
-
-    fn submit(
-        &self,
-        kind: Kind,
-        lun: u16,
-        cdb: [u8; 16],
-        data: Data,
-        referenced: u32,
-    ) -> Result<oneshot::Receiver<Result<Reply>>> {
-        submit(&self.inner, kind, lun, cdb, data, referenced)
     }
 
     async fn wait(&self, rx: oneshot::Receiver<Result<Reply>>) -> Result<Reply> {
@@ -340,7 +329,7 @@ impl Session {
 
     /// NOP-Out ping: a round trip to the target.
     pub async fn ping(&self) -> Result<()> {
-        let rx = self.submit(Kind::Nop, 0, [0; 16], Data::None, 0)?;
+        let rx = submit(&self.inner, Kind::Nop, 0, [0; 16], Data::None, 0)?;
         self.wait(rx).await.map(drop)
     }
 
@@ -350,13 +339,13 @@ impl Session {
     pub async fn task_management(&self, lun: u16, function: u8, referenced: u32) -> Result<u8> {
         let mut cdb = [0u8; 16];
         cdb[0] = function;
-        let rx = self.submit(Kind::Tmf, lun, cdb, Data::None, referenced)?;
+        let rx = submit(&self.inner, Kind::Tmf, lun, cdb, Data::None, referenced)?;
         self.wait(rx).await.map(|r| r.status)
     }
 
     /// Logs out (closing the session) and waits for the answer.
     pub async fn logout(&self) -> Result<()> {
-        let rx = self.submit(Kind::Logout, 0, [0; 16], Data::None, 0)?;
+        let rx = submit(&self.inner, Kind::Logout, 0, [0; 16], Data::None, 0)?;
         let r = self.wait(rx).await;
         close(&self.inner, "logged out".into());
         r.map(drop)
