@@ -197,6 +197,16 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn open_rw(path: &Path) -> Result<Vhd<std::fs::File>> {
+    open(
+        path,
+        &OpenOptions {
+            write: true,
+            ..Default::default()
+        },
+    )
+}
+
 fn open(path: &Path, opts: &OpenOptions) -> Result<Vhd<std::fs::File>> {
     Vhd::open(path, opts).with_context(|| format!("cannot open {}", path.display()))
 }
@@ -393,6 +403,14 @@ fn bar(total: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// A progress callback that moves `pb`.
+fn track(pb: &ProgressBar) -> impl FnMut(u64, u64) + '_ {
+    |done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    }
+}
+
 fn convert(src: &Path, dst: &Path, to: Format, bs: u64, opts: &OpenOptions) -> Result<ExitCode> {
     let f = match to {
         Format::Fixed => vhd::ops::Format::Fixed,
@@ -400,11 +418,8 @@ fn convert(src: &Path, dst: &Path, to: Format, bs: u64, opts: &OpenOptions) -> R
         Format::Raw => vhd::ops::Format::Raw,
     };
     let pb = bar(0, "convert");
-    let r = vhd::ops::convert(src, dst, f, block_size(bs)?, opts, &mut |d, t| {
-        pb.set_length(t);
-        pb.set_position(d);
-    })
-    .with_context(|| format!("cannot convert {} to {}", src.display(), dst.display()))?;
+    let r = vhd::ops::convert(src, dst, f, block_size(bs)?, opts, &mut track(&pb))
+        .with_context(|| format!("cannot convert {} to {}", src.display(), dst.display()))?;
     pb.finish_and_clear();
     println!(
         "converted {} ({}, {}) to {} ({:?}): {} of data written",
@@ -419,14 +434,7 @@ fn convert(src: &Path, dst: &Path, to: Format, bs: u64, opts: &OpenOptions) -> R
 }
 
 fn resize(path: &Path, size: u64) -> Result<ExitCode> {
-    let mut v = Vhd::open(
-        path,
-        &OpenOptions {
-            write: true,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut v = open_rw(path)?;
     let old = v.size();
     vhd::ops::resize(&mut v, size).with_context(|| format!("cannot resize {}", path.display()))?;
     println!(
@@ -440,11 +448,8 @@ fn resize(path: &Path, size: u64) -> Result<ExitCode> {
 
 fn merge(child: &Path, keep: bool, opts: &OpenOptions) -> Result<ExitCode> {
     let pb = bar(0, "merge");
-    let r = vhd::ops::merge(child, opts, &mut |d, t| {
-        pb.set_length(t);
-        pb.set_position(d);
-    })
-    .with_context(|| format!("cannot merge {}", child.display()))?;
+    let r = vhd::ops::merge(child, opts, &mut track(&pb))
+        .with_context(|| format!("cannot merge {}", child.display()))?;
     pb.finish_and_clear();
     println!(
         "merged {} of {} into {}",
@@ -461,20 +466,10 @@ fn merge(child: &Path, keep: bool, opts: &OpenOptions) -> Result<ExitCode> {
 }
 
 fn compact(path: &Path) -> Result<ExitCode> {
-    let mut v = Vhd::open(
-        path,
-        &OpenOptions {
-            write: true,
-            ..Default::default()
-        },
-    )
-    .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut v = open_rw(path)?;
     let pb = bar(0, "compact");
-    let r = vhd::ops::compact(&mut v, &mut |d, t| {
-        pb.set_length(t);
-        pb.set_position(d);
-    })
-    .with_context(|| format!("cannot compact {}", path.display()))?;
+    let r = vhd::ops::compact(&mut v, &mut track(&pb))
+        .with_context(|| format!("cannot compact {}", path.display()))?;
     pb.finish_and_clear();
     println!(
         "compacted {}: {} block(s) dropped, {} moved, {} given back",

@@ -44,41 +44,31 @@ impl BlockIo for File {
     }
 }
 
-impl<T: BlockIo + ?Sized> BlockIo for Box<T> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
+/// `BlockIo` through a smart pointer: the pointee does the I/O.
+macro_rules! forward_block_io {
+    ($($ptr:ident)::+) => {
+        impl<T: BlockIo + ?Sized> BlockIo for $($ptr)::+<T> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                (**self).read_at(buf, offset)
+            }
+            fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+                (**self).write_at(buf, offset)
+            }
+            fn flush(&self) -> io::Result<()> {
+                (**self).flush()
+            }
+            fn len(&self) -> io::Result<u64> {
+                (**self).len()
+            }
+            fn set_len(&self, len: u64) -> io::Result<()> {
+                (**self).set_len(len)
+            }
+        }
+    };
 }
 
-impl<T: BlockIo + ?Sized> BlockIo for std::sync::Arc<T> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        (**self).read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        (**self).write_at(buf, offset)
-    }
-    fn flush(&self) -> io::Result<()> {
-        (**self).flush()
-    }
-    fn len(&self) -> io::Result<u64> {
-        (**self).len()
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        (**self).set_len(len)
-    }
-}
+forward_block_io!(Box);
+forward_block_io!(std::sync::Arc);
 
 /// An in-memory file, for tests and fuzzing.
 #[derive(Debug, Default)]
