@@ -10,5 +10,13 @@
 //! the Raft groups driving them, the RPC service and client.
 
 pub mod alloc;
+pub mod client;
+pub mod cluster;
+pub mod codec;
+pub mod group;
 pub mod meta;
+pub mod node;
+pub mod proto;
+pub mod storage;
 pub mod wal;
+pub mod wire;

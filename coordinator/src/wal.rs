@@ -290,6 +290,12 @@ impl Wal {
         self.rewrite(first, keep)
     }
 
+    /// Drops every entry: the log restarts at `first` (a snapshot up to
+    /// `first - 1` was installed).
+    pub fn reset(&mut self, first: u64) -> Result<()> {
+        self.rewrite(first, Vec::new())
+    }
+
     fn rewrite(&mut self, first: u64, keep: Vec<Entry>) -> Result<()> {
         let path = self.dir.join("log");
         let tmp = self.dir.join("log.new");
@@ -340,7 +346,8 @@ impl Wal {
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Makes a rename in `dir` durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io("sync directory", dir))

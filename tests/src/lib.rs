@@ -12,6 +12,7 @@
 //! `tools/test.sh` can find and remove what a killed test left behind.
 
 pub mod cmd;
+pub mod csvd;
 pub mod netns;
 pub mod skip;
 pub mod tgt;

@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod cluster_cmd;
 mod san_cmd;
 mod size;
 mod vhd_cmd;
@@ -30,6 +31,12 @@ enum Command {
     /// targets, list LUNs, show persistent reservations.
     #[command(subcommand)]
     San(san_cmd::SanCommand),
+    /// Create a cluster key, show the hosts' Raft groups, add hosts.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCommand),
+    /// Create and list volumes, move a volume's coordinator.
+    #[command(subcommand)]
+    Volume(cluster_cmd::VolumeCommand),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +44,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Vhd(c) => vhd_cmd::run(c),
         Command::San(c) => san_cmd::run(c),
+        Command::Cluster(c) => cluster_cmd::run_cluster(c),
+        Command::Volume(c) => cluster_cmd::run_volume(c),
     };
     match result {
         Ok(code) => code,

@@ -169,6 +169,16 @@ pub enum Op {
     },
     /// Give a lease back, or take it from a host.
     RevokeLease { node: NodeId, ino: Ino },
+    /// Move the write lease of a file from the host that holds it to
+    /// another (the switch-over of a live migration): `from` loses its
+    /// lease, `to` gets a write lease with a new epoch.
+    HandOver {
+        ino: Ino,
+        from: NodeId,
+        to: NodeId,
+        now: u64,
+        ttl: u64,
+    },
     /// Expire every lease whose time has come.
     Tick { now: u64 },
 }
@@ -329,6 +339,12 @@ impl Volume {
             .collect()
     }
 
+    /// Whether any host holds a lease (the leader then proposes `Tick`s so
+    /// that they expire).
+    pub fn has_leases(&self) -> bool {
+        !self.leases.is_empty()
+    }
+
     /// Applies one committed command.
     pub fn apply(&mut self, op: Op) -> Result<Reply, MetaError> {
         match op {
@@ -390,6 +406,29 @@ impl Volume {
                 self.leases.remove(&(ino, node));
                 self.release_quarantine(ino);
                 Ok(Reply::Ok)
+            }
+            Op::HandOver {
+                ino,
+                from,
+                to,
+                now,
+                ttl,
+            } => {
+                match self.leases.get(&(ino, from)) {
+                    Some(l) if l.write && l.expires > now => {}
+                    _ => {
+                        return Err(MetaError::Invalid(format!(
+                            "host {from} holds no live write lease on inode {ino}"
+                        )))
+                    }
+                }
+                self.leases.remove(&(ino, from));
+                // The new holder gets a fresh epoch even if it held a read
+                // lease: anything it cached under the old one is stale.
+                self.leases.remove(&(ino, to));
+                let r = self.grant(to, ino, true, now, ttl);
+                self.release_quarantine(ino);
+                r
             }
             Op::Tick { now } => {
                 let expired: Vec<(Ino, NodeId)> = self

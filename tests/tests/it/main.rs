@@ -4,6 +4,7 @@
 // Test helpers outside `#[test]` functions fail loudly on purpose.
 #![allow(clippy::unwrap_used)]
 
+mod coordinator;
 mod fixtures;
 mod iscsi;
 mod vhd_interop;

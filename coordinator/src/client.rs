@@ -1,0 +1,417 @@
+//! The client of the coordinator service: finds the leader of a group,
+//! follows redirects, retries through elections and failed networks, and
+//! numbers its requests so that a retried command is applied once.
+//!
+//! A client is blocking and handles one request at a time; run one per
+//! thread for concurrency. Every host of the cluster can be given as an
+//! endpoint, each with several addresses (one per cluster network): when a
+//! connection fails or times out, the client moves on to the next address.
+
+use crate::proto::{
+    self, admin, read, reply::Value, request, response, volume_op, ErrorCode, Frame, Request,
+};
+use crate::wire::{self, Conn, Identity};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Why a request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The service answered with an error (a metadata error such as
+    /// `NotFound`, or a refused request).
+    #[error("{}", .0.message)]
+    Refused(proto::Error),
+    /// No leader answered before the deadline.
+    #[error("no answer from the cluster within {secs:.1} s (last: {last})")]
+    Unavailable {
+        /// The deadline.
+        secs: f64,
+        /// The last failure seen.
+        last: String,
+    },
+    /// The answer does not fit the question.
+    #[error("unexpected answer: {0}")]
+    BadReply(String),
+}
+
+impl ClientError {
+    /// The service's error code, if it answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused(e) => ErrorCode::try_from(e.code).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// A client of the coordinator service.
+#[derive(Debug)]
+pub struct Client {
+    me: Identity,
+    endpoints: Vec<SocketAddr>,
+    cursor: usize,
+    prefer: Vec<SocketAddr>,
+    conn: Option<Conn>,
+    id: u64,
+    seq: u64,
+    /// How long one request may take, retries included.
+    pub timeout: Duration,
+    /// How long one attempt waits for its answer.
+    pub attempt_timeout: Duration,
+    /// How long a connection attempt may take before the next address is
+    /// tried (short: a host or network that is down must not stall).
+    pub connect_timeout: Duration,
+}
+
+/// Result of a request.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+impl Client {
+    /// A client that may reach the cluster at `endpoints`.
+    pub fn new(me: Identity, endpoints: Vec<SocketAddr>) -> Client {
+        Client {
+            me,
+            endpoints,
+            cursor: 0,
+            prefer: Vec::new(),
+            conn: None,
+            id: wire::random_u64() | 1,
+            seq: 0,
+            timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// The host this client is connected to (0: none).
+    pub fn connected_to(&self) -> u64 {
+        self.conn.as_ref().map_or(0, |c| c.peer)
+    }
+
+    fn connect(&mut self) -> std::result::Result<(), String> {
+        let mut order: Vec<SocketAddr> = std::mem::take(&mut self.prefer);
+        let n = self.endpoints.len();
+        for i in 0..n {
+            order.push(self.endpoints[(self.cursor + i) % n]);
+        }
+        let mut last = String::from("no endpoints");
+        for a in order {
+            match wire::connect(a, &self.me, self.connect_timeout) {
+                Ok(c) => {
+                    let _ = c.set_read_timeout(Some(self.attempt_timeout));
+                    self.conn = Some(c);
+                    return Ok(());
+                }
+                Err(e) => last = format!("{a}: {e}"),
+            }
+        }
+        self.cursor = (self.cursor + 1) % n.max(1);
+        Err(last)
+    }
+
+    fn drop_conn(&mut self) {
+        if let Some(c) = self.conn.take() {
+            c.shutdown();
+        }
+        self.cursor = (self.cursor + 1) % self.endpoints.len().max(1);
+    }
+
+    /// Sends a request to the leader of `group` and returns its reply.
+    pub fn call(&mut self, group: u64, body: request::Body) -> Result<proto::Reply> {
+        self.seq += 1;
+        let req = Request {
+            client: self.id,
+            seq: self.seq,
+            group,
+            body: Some(body),
+        };
+        self.send_until_answered(req)
+    }
+
+    fn send_until_answered(&mut self, req: Request) -> Result<proto::Reply> {
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        let mut last = String::new();
+        let frame = Frame {
+            body: Some(proto::frame::Body::Request(req.clone())),
+        };
+        loop {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Unavailable {
+                    secs: self.timeout.as_secs_f64(),
+                    last,
+                });
+            }
+            if self.conn.is_none() {
+                if let Err(e) = self.connect() {
+                    last = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            }
+            let Some(c) = self.conn.as_mut() else {
+                continue;
+            };
+            let got = c.send(&frame).and_then(|()| loop {
+                // Skip answers to earlier attempts on this connection.
+                match c.recv()? {
+                    Frame {
+                        body: Some(proto::frame::Body::Response(r)),
+                    } if r.seq == req.seq => break Ok(r),
+                    Frame {
+                        body: Some(proto::frame::Body::Response(_)),
+                    } => continue,
+                    _ => {
+                        break Err(wire::WireError::Frame(
+                            "the service sent something other than a response".into(),
+                        ))
+                    }
+                }
+            });
+            let resp = match got {
+                Ok(r) => r,
+                Err(e) => {
+                    last = format!("host {}: {e}", c.peer);
+                    self.drop_conn();
+                    continue;
+                }
+            };
+            match resp.result {
+                Some(response::Result::Reply(r)) => return Ok(r),
+                Some(response::Result::Error(e)) if e.code == ErrorCode::Unavailable as i32 => {
+                    last = e.message;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Some(response::Result::Error(e)) if e.code == ErrorCode::NoGroup as i32 => {
+                    // A host that has not (yet) opened its replica: ask another.
+                    last = e.message;
+                    self.drop_conn();
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Some(response::Result::Error(e)) => return Err(ClientError::Refused(e)),
+                Some(response::Result::Redirect(r)) => {
+                    let here = self.connected_to();
+                    if r.leader != 0 && r.leader != here && !r.addrs.is_empty() {
+                        last = format!("redirected to host {}", r.leader);
+                        self.prefer = crate::node::resolve(&r.addrs);
+                        self.drop_conn();
+                    } else {
+                        last = format!("host {here} knows no leader (election running)");
+                        self.drop_conn();
+                        std::thread::sleep(Duration::from_millis(30));
+                    }
+                }
+                None => return Err(ClientError::BadReply("empty response".into())),
+            }
+        }
+    }
+
+    fn op(&mut self, vol: u64, op: volume_op::Op) -> Result<proto::Reply> {
+        self.call(vol, request::Body::Op(proto::VolumeOp { op: Some(op) }))
+    }
+
+    fn read(&mut self, group: u64, q: read::Query) -> Result<proto::Reply> {
+        self.call(group, request::Body::Read(proto::Read { query: Some(q) }))
+    }
+
+    /// Creates a file (kind 1), directory (0) or symlink (2) in `vol`.
+    pub fn create(
+        &mut self,
+        vol: u64,
+        parent: u64,
+        name: &str,
+        kind: u32,
+        mode: u32,
+        target: &str,
+    ) -> Result<proto::Attr> {
+        let r = self.op(
+            vol,
+            volume_op::Op::Create(proto::CreateOp {
+                parent,
+                name: name.into(),
+                kind,
+                mode,
+                uid: 0,
+                gid: 0,
+                target: target.into(),
+                now: 0,
+            }),
+        )?;
+        attr(r)
+    }
+
+    /// Removes a name (`rmdir` for a directory).
+    pub fn unlink(&mut self, vol: u64, parent: u64, name: &str, rmdir: bool) -> Result<()> {
+        self.op(
+            vol,
+            volume_op::Op::Unlink(proto::UnlinkOp {
+                parent,
+                name: name.into(),
+                rmdir,
+                now: 0,
+            }),
+        )
+        .map(|_| ())
+    }
+
+    /// Renames.
+    pub fn rename(
+        &mut self,
+        vol: u64,
+        parent: u64,
+        name: &str,
+        new_parent: u64,
+        new_name: &str,
+    ) -> Result<()> {
+        self.op(
+            vol,
+            volume_op::Op::Rename(proto::RenameOp {
+                parent,
+                name: name.into(),
+                new_parent,
+                new_name: new_name.into(),
+                now: 0,
+            }),
+        )
+        .map(|_| ())
+    }
+
+    /// Sets attributes (absent ones stay).
+    pub fn setattr(&mut self, vol: u64, op: proto::SetAttrOp) -> Result<proto::Attr> {
+        attr(self.op(vol, volume_op::Op::SetAttr(op))?)
+    }
+
+    /// Any volume command.
+    pub fn volume_op(&mut self, vol: u64, op: volume_op::Op) -> Result<proto::Reply> {
+        self.op(vol, op)
+    }
+
+    /// Looks a name up (linearizable).
+    pub fn lookup(&mut self, vol: u64, parent: u64, name: &str) -> Result<proto::Attr> {
+        attr(self.read(
+            vol,
+            read::Query::Lookup(proto::LookupQ {
+                parent,
+                name: name.into(),
+            }),
+        )?)
+    }
+
+    /// Attributes of an inode (linearizable).
+    pub fn getattr(&mut self, vol: u64, ino: u64) -> Result<proto::Attr> {
+        attr(self.read(vol, read::Query::GetAttr(ino))?)
+    }
+
+    /// Directory entries (linearizable).
+    pub fn readdir(&mut self, vol: u64, ino: u64) -> Result<Vec<proto::DirEntry>> {
+        match self.read(vol, read::Query::ReadDir(ino))?.value {
+            Some(Value::Entries(e)) => Ok(e.entries),
+            v => Err(ClientError::BadReply(format!("{v:?}"))),
+        }
+    }
+
+    /// The cluster registry (linearizable).
+    pub fn cluster_info(&mut self) -> Result<proto::ClusterInfo> {
+        match self
+            .read(crate::group::CLUSTER, read::Query::Cluster(proto::Empty {}))?
+            .value
+        {
+            Some(Value::Cluster(c)) => Ok(c),
+            v => Err(ClientError::BadReply(format!("{v:?}"))),
+        }
+    }
+
+    /// Creates VolumeN on a LUN; its group starts on the cluster's voters
+    /// when `voters` is empty.
+    pub fn add_volume(&mut self, info: proto::VolumeInfo) -> Result<()> {
+        self.call(
+            crate::group::CLUSTER,
+            request::Body::Cluster(proto::ClusterOp {
+                op: Some(proto::cluster_op::Op::AddVolume(info)),
+            }),
+        )
+        .map(|_| ())
+    }
+
+    /// Adds a host: it becomes a learner of every group, then a voter.
+    pub fn add_node(&mut self, id: u64, addrs: Vec<String>) -> Result<()> {
+        self.call(
+            crate::group::CLUSTER,
+            request::Body::Admin(proto::Admin {
+                action: Some(admin::Action::AddNode(proto::NodeInfo { id, addrs })),
+            }),
+        )
+        .map(|_| ())
+    }
+
+    /// Moves the leadership of `group` to host `to`; returns once it moved.
+    pub fn transfer_leader(&mut self, group: u64, to: u64) -> Result<()> {
+        self.call(
+            group,
+            request::Body::Admin(proto::Admin {
+                action: Some(admin::Action::TransferLeader(to)),
+            }),
+        )
+        .map(|_| ())
+    }
+}
+
+fn attr(r: proto::Reply) -> Result<proto::Attr> {
+    match r.value {
+        Some(Value::Attr(a)) => Ok(a),
+        v => Err(ClientError::BadReply(format!("{v:?}"))),
+    }
+}
+
+/// The status of one host's groups, asked of that host directly.
+pub fn node_status(
+    me: &Identity,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<proto::NodeStatus> {
+    let unavailable = |e: wire::WireError| ClientError::Unavailable {
+        secs: timeout.as_secs_f64(),
+        last: format!("{addr}: {e}"),
+    };
+    let mut c = wire::connect(addr, me, timeout).map_err(unavailable)?;
+    c.set_read_timeout(Some(timeout))
+        .map_err(|e| unavailable(e.into()))?;
+    let f = Frame {
+        body: Some(proto::frame::Body::Request(Request {
+            client: 0,
+            seq: 1,
+            group: 0,
+            body: Some(request::Body::Admin(proto::Admin {
+                action: Some(admin::Action::Status(proto::Empty {})),
+            })),
+        })),
+    };
+    c.send(&f).map_err(unavailable)?;
+    let r = c.recv().map_err(unavailable)?;
+    match r.body {
+        Some(proto::frame::Body::Response(proto::Response {
+            result:
+                Some(response::Result::Reply(proto::Reply {
+                    value: Some(Value::Status(s)),
+                })),
+            ..
+        })) => Ok(s),
+        Some(proto::frame::Body::Response(proto::Response {
+            result: Some(response::Result::Error(e)),
+            ..
+        })) => Err(ClientError::Refused(e)),
+        other => Err(ClientError::BadReply(format!("{other:?}"))),
+    }
+}
+
+/// A readable error for a failed metadata call.
+pub fn describe(e: &ClientError) -> String {
+    match e {
+        ClientError::Refused(p) => format!(
+            "{} ({:?})",
+            p.message,
+            ErrorCode::try_from(p.code).unwrap_or(ErrorCode::Unspecified)
+        ),
+        other => other.to_string(),
+    }
+}

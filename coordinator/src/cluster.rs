@@ -1,0 +1,139 @@
+//! The cluster group's state machine: the hosts and their addresses, the
+//! volumes (each with its own Raft group) and the VM roles.
+
+use crate::codec;
+use crate::proto::{self, cluster_op, ClusterInfo, ErrorCode, NodeInfo, VmRole, VolumeInfo};
+use prost::Message;
+use std::collections::BTreeMap;
+
+/// What applying a cluster command asks the host to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// A volume exists: host a replica of its group.
+    Volume(VolumeInfo),
+    /// A host's addresses are known or changed.
+    Node(NodeInfo),
+}
+
+/// The registry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterState {
+    nodes: BTreeMap<u64, NodeInfo>,
+    volumes: BTreeMap<u64, VolumeInfo>,
+    vms: BTreeMap<String, VmRole>,
+}
+
+/// Highest volume number (the group id space above it is free).
+pub const MAX_VOLUME: u64 = 1 << 20;
+
+impl ClusterState {
+    /// Applies one committed command.
+    pub fn apply(
+        &mut self,
+        op: &proto::ClusterOp,
+    ) -> (Result<proto::Reply, proto::Error>, Vec<Effect>) {
+        let done = Ok(proto::Reply {
+            value: Some(proto::reply::Value::Done(proto::Empty {})),
+        });
+        match op.op.as_ref() {
+            None => (
+                Err(codec::error(
+                    ErrorCode::BadRequest,
+                    "cluster command missing",
+                )),
+                vec![],
+            ),
+            Some(cluster_op::Op::RegisterNode(n)) => {
+                if n.id == 0 || n.addrs.is_empty() {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::Invalid,
+                            "a host needs a non-zero id and at least one address",
+                        )),
+                        vec![],
+                    );
+                }
+                self.nodes.insert(n.id, n.clone());
+                (done, vec![Effect::Node(n.clone())])
+            }
+            Some(cluster_op::Op::AddVolume(v)) => {
+                if v.number == 0 || v.number > MAX_VOLUME {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::Invalid,
+                            format!("volume number must be 1..={MAX_VOLUME}"),
+                        )),
+                        vec![],
+                    );
+                }
+                if v.data_start >= v.capacity || v.voters.is_empty() {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::Invalid,
+                            "a volume needs a data area and at least one replica",
+                        )),
+                        vec![],
+                    );
+                }
+                if self.volumes.contains_key(&v.number) {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::Exists,
+                            format!("Volume{} exists", v.number),
+                        )),
+                        vec![],
+                    );
+                }
+                self.volumes.insert(v.number, v.clone());
+                (done, vec![Effect::Volume(v.clone())])
+            }
+            Some(cluster_op::Op::SetVmRole(r)) => {
+                self.vms.insert(r.name.clone(), r.clone());
+                (done, vec![])
+            }
+        }
+    }
+
+    /// Registered hosts.
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.nodes.values()
+    }
+
+    /// Whether `id` is registered.
+    pub fn has_node(&self, id: u64) -> bool {
+        self.nodes.contains_key(&id)
+    }
+
+    /// The registry as a message.
+    pub fn info(&self) -> ClusterInfo {
+        ClusterInfo {
+            nodes: self.nodes.values().cloned().collect(),
+            volumes: self.volumes.values().cloned().collect(),
+            vms: self.vms.values().cloned().collect(),
+        }
+    }
+
+    /// Encoded for a snapshot.
+    pub fn encode(&self) -> Vec<u8> {
+        self.info().encode_to_vec()
+    }
+
+    /// From a snapshot, with the effects of everything in it.
+    pub fn decode(b: &[u8]) -> Result<(ClusterState, Vec<Effect>), prost::DecodeError> {
+        let info = ClusterInfo::decode(b)?;
+        let mut s = ClusterState::default();
+        let mut fx = Vec::new();
+        for n in info.nodes {
+            fx.push(Effect::Node(n.clone()));
+            s.nodes.insert(n.id, n);
+        }
+        for v in info.volumes {
+            fx.push(Effect::Volume(v.clone()));
+            s.volumes.insert(v.number, v);
+        }
+        for r in info.vms {
+            s.vms.insert(r.name.clone(), r);
+        }
+        Ok((s, fx))
+    }
+}

@@ -1,0 +1,229 @@
+//! Between the state machine's types ([`crate::meta`]) and the messages on
+//! the wire and in the log ([`crate::proto`]).
+//!
+//! Decoding checks what prost cannot: a command must be present, a kind
+//! must be known. Bad input becomes a [`DecodeError`], never a panic.
+
+use crate::meta::{self, Kind, MetaError, Op};
+use crate::proto::{self, volume_op, ErrorCode};
+
+/// A message that is well-formed protobuf but not a valid command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid message: {0}")]
+pub struct DecodeError(pub String);
+
+fn kind_from(k: u32) -> Result<Kind, DecodeError> {
+    match k {
+        0 => Ok(Kind::Dir),
+        1 => Ok(Kind::File),
+        2 => Ok(Kind::Symlink),
+        _ => Err(DecodeError(format!("unknown inode kind {k}"))),
+    }
+}
+
+/// The wire code of an inode kind.
+pub fn kind_code(k: Kind) -> u32 {
+    match k {
+        Kind::Dir => 0,
+        Kind::File => 1,
+        Kind::Symlink => 2,
+    }
+}
+
+/// A volume command from its message.
+pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
+    use volume_op::Op as P;
+    Ok(match op.op.as_ref() {
+        None => return Err(DecodeError("volume command missing".into())),
+        Some(P::Create(c)) => Op::Create {
+            parent: c.parent,
+            name: c.name.clone(),
+            kind: kind_from(c.kind)?,
+            mode: c.mode,
+            uid: c.uid,
+            gid: c.gid,
+            target: c.target.clone(),
+            now: c.now,
+        },
+        Some(P::Link(c)) => Op::Link {
+            ino: c.ino,
+            parent: c.parent,
+            name: c.name.clone(),
+            now: c.now,
+        },
+        Some(P::Unlink(c)) => Op::Unlink {
+            parent: c.parent,
+            name: c.name.clone(),
+            rmdir: c.rmdir,
+            now: c.now,
+        },
+        Some(P::Rename(c)) => Op::Rename {
+            parent: c.parent,
+            name: c.name.clone(),
+            new_parent: c.new_parent,
+            new_name: c.new_name.clone(),
+            now: c.now,
+        },
+        Some(P::SetAttr(c)) => Op::SetAttr {
+            ino: c.ino,
+            mode: c.mode,
+            uid: c.uid,
+            gid: c.gid,
+            size: c.size,
+            now: c.now,
+        },
+        Some(P::Allocate(c)) => Op::Allocate {
+            ino: c.ino,
+            off: c.off,
+            len: c.len,
+        },
+        Some(P::MarkWritten(c)) => Op::MarkWritten {
+            ino: c.ino,
+            off: c.off,
+            len: c.len,
+            size: c.size,
+            now: c.now,
+        },
+        Some(P::GrantLease(c)) => Op::GrantLease {
+            node: c.node,
+            ino: c.ino,
+            write: c.write,
+            now: c.now,
+            ttl: c.ttl,
+        },
+        Some(P::RevokeLease(c)) => Op::RevokeLease {
+            node: c.node,
+            ino: c.ino,
+        },
+        Some(P::Tick(c)) => Op::Tick { now: c.now },
+        Some(P::HandOver(c)) => Op::HandOver {
+            ino: c.ino,
+            from: c.from,
+            to: c.to,
+            now: c.now,
+            ttl: c.ttl,
+        },
+    })
+}
+
+/// Sets the time of a command that carries one (the leader does this
+/// before proposing, so every replica applies the same time).
+pub fn stamp(op: &mut proto::VolumeOp, now_ms: u64) {
+    use volume_op::Op as P;
+    match op.op.as_mut() {
+        Some(P::Create(c)) => c.now = now_ms,
+        Some(P::Link(c)) => c.now = now_ms,
+        Some(P::Unlink(c)) => c.now = now_ms,
+        Some(P::Rename(c)) => c.now = now_ms,
+        Some(P::SetAttr(c)) => c.now = now_ms,
+        Some(P::MarkWritten(c)) => c.now = now_ms,
+        Some(P::GrantLease(c)) => c.now = now_ms,
+        Some(P::Tick(c)) => c.now = now_ms,
+        Some(P::HandOver(c)) => c.now = now_ms,
+        Some(P::Allocate(_)) | Some(P::RevokeLease(_)) | None => {}
+    }
+}
+
+/// An inode's attributes as a message.
+pub fn attr_to_proto(a: &meta::Attr) -> proto::Attr {
+    proto::Attr {
+        ino: a.ino,
+        kind: kind_code(a.kind),
+        mode: a.mode,
+        uid: a.uid,
+        gid: a.gid,
+        size: a.size,
+        nlink: a.nlink,
+        mtime: a.mtime,
+        ctime: a.ctime,
+    }
+}
+
+/// Attributes from a message.
+pub fn attr_from_proto(a: &proto::Attr) -> Result<meta::Attr, DecodeError> {
+    Ok(meta::Attr {
+        ino: a.ino,
+        kind: kind_from(a.kind)?,
+        mode: a.mode,
+        uid: a.uid,
+        gid: a.gid,
+        size: a.size,
+        nlink: a.nlink,
+        mtime: a.mtime,
+        ctime: a.ctime,
+    })
+}
+
+/// Extents as a message.
+pub fn extents_to_proto(e: &[meta::Extent]) -> proto::ExtentList {
+    proto::ExtentList {
+        extents: e
+            .iter()
+            .map(|e| proto::Extent {
+                file_off: e.file_off,
+                lun_off: e.lun_off,
+                len: e.len,
+                unwritten: e.unwritten,
+            })
+            .collect(),
+    }
+}
+
+/// Extents from a message.
+pub fn extents_from_proto(e: &proto::ExtentList) -> Vec<meta::Extent> {
+    e.extents
+        .iter()
+        .map(|e| meta::Extent {
+            file_off: e.file_off,
+            lun_off: e.lun_off,
+            len: e.len,
+            unwritten: e.unwritten,
+        })
+        .collect()
+}
+
+/// A state machine reply as a message.
+pub fn reply_to_proto(r: &meta::Reply) -> proto::Reply {
+    use proto::reply::Value;
+    let v = match r {
+        meta::Reply::Ok => Value::Done(proto::Empty {}),
+        meta::Reply::Attr(a) => Value::Attr(attr_to_proto(a)),
+        meta::Reply::Extents(e) => Value::Extents(extents_to_proto(e)),
+        meta::Reply::Lease(l) => Value::Lease(proto::Lease {
+            node: 0,
+            epoch: l.epoch,
+            expires: l.expires,
+            write: l.write,
+        }),
+    };
+    proto::Reply { value: Some(v) }
+}
+
+/// A state machine error as a message.
+pub fn meta_error_to_proto(e: &MetaError) -> proto::Error {
+    let (code, node) = match e {
+        MetaError::NotFound => (ErrorCode::NotFound, 0),
+        MetaError::Exists => (ErrorCode::Exists, 0),
+        MetaError::NotDir => (ErrorCode::NotDir, 0),
+        MetaError::IsDir => (ErrorCode::IsDir, 0),
+        MetaError::NotEmpty => (ErrorCode::NotEmpty, 0),
+        MetaError::Invalid(_) => (ErrorCode::Invalid, 0),
+        MetaError::Loop => (ErrorCode::Loop, 0),
+        MetaError::NoSpace => (ErrorCode::NoSpace, 0),
+        MetaError::Busy(n) => (ErrorCode::Busy, *n),
+    };
+    proto::Error {
+        code: code as i32,
+        message: e.to_string(),
+        node,
+    }
+}
+
+/// A message for a failure that is not the state machine's.
+pub fn error(code: ErrorCode, message: impl Into<String>) -> proto::Error {
+    proto::Error {
+        code: code as i32,
+        message: message.into(),
+        node: 0,
+    }
+}

@@ -1,0 +1,852 @@
+//! One Raft group on one host: a raft-rs `RawNode` over the host's
+//! [`RaftStore`], the state machine it drives (the cluster registry or a
+//! volume's metadata), and the requests waiting on it.
+//!
+//! [`Group::on_ready`] follows raft-rs's documented order: install a
+//! snapshot, persist entries and hard state, fsync when raft-rs says it
+//! must, then send the messages that wait for persistence, apply committed
+//! entries, and handle the light ready (its commit index, messages and
+//! entries). Messages a leader may send before persisting go first.
+//!
+//! Every client command carries `(client, seq)`. The table of each
+//! client's last applied `seq` and answer is part of the replicated state
+//! (and of snapshots), so a command retried after a leader change is
+//! applied once and the retry gets the first answer.
+
+use crate::cluster::{ClusterState, Effect};
+use crate::codec;
+use crate::meta::Volume;
+use crate::proto::{self, command, read, response, ErrorCode, Response};
+use crate::storage::{RaftStore, StoreError};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, EntryType, Message,
+};
+use raft::{RawNode, StateRole};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+/// The cluster group's id.
+pub const CLUSTER: u64 = 0;
+
+/// Where answers go.
+pub type Waiter = Sender<Response>;
+
+/// The replicated state of a group.
+#[derive(Debug, Clone)]
+pub enum Machine {
+    /// The cluster registry.
+    Cluster(ClusterState),
+    /// A volume's metadata.
+    Volume(Box<Volume>),
+}
+
+/// Timing of the Raft groups.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// One Raft tick.
+    pub tick: Duration,
+    /// Election timeout in ticks (randomised up to twice this).
+    pub election_ticks: usize,
+    /// Heartbeat interval in ticks.
+    pub heartbeat_ticks: usize,
+    /// Applied entries between snapshots (the log is compacted then).
+    pub snapshot_every: u64,
+    /// How long a read or a leader transfer may wait.
+    pub request_timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            tick: Duration::from_millis(50),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            snapshot_every: 4096,
+            request_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+struct PendingRead {
+    seq: u64,
+    query: proto::Read,
+    waiter: Waiter,
+    deadline: Instant,
+}
+
+/// A group's state as restored from a snapshot: its deduplication table,
+/// state machine, and what the host must do about it.
+type Restored = (BTreeMap<u64, proto::DedupEntry>, Machine, Vec<Effect>);
+
+/// What a group asks of its host after handling a ready.
+pub trait Outbox {
+    /// Sends Raft messages of `group` to their hosts.
+    fn send(&mut self, group: u64, msgs: Vec<Message>);
+}
+
+/// One group's replica on this host.
+pub struct Group {
+    /// Group id (0: cluster, N: VolumeN).
+    pub id: u64,
+    raw: RawNode<RaftStore>,
+    machine: Machine,
+    /// The state before the first entry (a snapshot without data means it).
+    base: Machine,
+    applied: u64,
+    /// Take a snapshot at the next chance (a host was added: it must get
+    /// one whose configuration names it, or raft-rs on that host drops it).
+    force_snapshot: bool,
+    conf: ConfState,
+    dedup: BTreeMap<u64, proto::DedupEntry>,
+    waiters: HashMap<(u64, u64), Waiter>,
+    reads: HashMap<Vec<u8>, PendingRead>,
+    ready_reads: Vec<(u64, PendingRead)>,
+    next_read: u64,
+    transfer: Option<(u64, Instant, u64, Waiter)>,
+    timing: Timing,
+    last_lease_tick: Instant,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("id", &self.id)
+            .field("applied", &self.applied)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a group could not be opened or advanced.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// Storage.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// raft-rs refused.
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// A snapshot's state does not decode.
+    #[error("group {group} snapshot: {why}")]
+    Snapshot {
+        /// The group.
+        group: u64,
+        /// Why.
+        why: String,
+    },
+}
+
+fn sorted(ids: &[u64]) -> Vec<u64> {
+    let mut v = ids.to_vec();
+    v.sort_unstable();
+    v
+}
+
+fn done() -> proto::Reply {
+    proto::Reply {
+        value: Some(proto::reply::Value::Done(proto::Empty {})),
+    }
+}
+
+fn respond(w: &Waiter, seq: u64, r: Result<proto::Reply, proto::Error>) {
+    let result = match r {
+        Ok(v) => response::Result::Reply(v),
+        Err(e) => response::Result::Error(e),
+    };
+    let _ = w.send(Response {
+        seq,
+        result: Some(result),
+    });
+}
+
+/// Milliseconds of the wall clock (the time stamped into commands).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A slog drain that hands raft-rs's log lines to `tracing`.
+struct TracingDrain {
+    group: u64,
+}
+
+struct KvLine(String);
+
+impl slog::Serializer for KvLine {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
+        use std::fmt::Write;
+        let _ = write!(self.0, " {key}={val}");
+        Ok(())
+    }
+}
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+    fn log(&self, r: &slog::Record, kv: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        use slog::KV;
+        let mut line = KvLine(String::new());
+        let _ = r.kv().serialize(r, &mut line);
+        let _ = kv.serialize(r, &mut line);
+        let g = self.group;
+        match r.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", group = g, "{}{}", r.msg(), line.0)
+            }
+            slog::Level::Warning => {
+                tracing::warn!(target: "raft", group = g, "{}{}", r.msg(), line.0)
+            }
+            slog::Level::Info => tracing::info!(target: "raft", group = g, "{}{}", r.msg(), line.0),
+            _ => tracing::trace!(target: "raft", group = g, "{}{}", r.msg(), line.0),
+        }
+        Ok(())
+    }
+}
+
+fn decode_machine(base: &Machine, data: &[u8]) -> Result<(Machine, Vec<Effect>), String> {
+    match base {
+        Machine::Cluster(_) => ClusterState::decode(data)
+            .map(|(s, fx)| (Machine::Cluster(s), fx))
+            .map_err(|e| e.to_string()),
+        Machine::Volume(_) => Volume::decode(data)
+            .map(|v| (Machine::Volume(Box::new(v)), vec![]))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+impl Group {
+    /// Opens the replica of group `id` in `dir`, creating it with the
+    /// voters `init` when the directory is new (empty `init`: a host that
+    /// waits to be added). `base` is the state before the first entry.
+    pub fn open(
+        id: u64,
+        node: u64,
+        dir: &Path,
+        init: &[u64],
+        base: Machine,
+        timing: Timing,
+    ) -> Result<(Group, Vec<Effect>), GroupError> {
+        let store = if RaftStore::exists(dir) {
+            RaftStore::open(dir)?
+        } else {
+            let mut cs = ConfState::default();
+            cs.set_voters(init.to_vec());
+            RaftStore::create(dir, cs)?
+        };
+        let snap = store.snapshot_ref().clone();
+        let applied = snap.get_metadata().index;
+        let conf = snap.get_metadata().get_conf_state().clone();
+        let (dedup, machine, fx) = if snap.get_data().is_empty() {
+            (BTreeMap::new(), base.clone(), vec![])
+        } else {
+            Self::decode_snapshot(id, &base, snap.get_data())?
+        };
+        let config = raft::Config {
+            id: node,
+            election_tick: timing.election_ticks,
+            heartbeat_tick: timing.heartbeat_ticks,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Fuse(TracingDrain { group: id }), slog::o!());
+        let raw = RawNode::new(&config, store, &logger)?;
+        Ok((
+            Group {
+                id,
+                raw,
+                machine,
+                base,
+                applied,
+                force_snapshot: false,
+                conf,
+                dedup,
+                waiters: HashMap::new(),
+                reads: HashMap::new(),
+                ready_reads: Vec::new(),
+                next_read: 1,
+                transfer: None,
+                timing,
+                last_lease_tick: Instant::now(),
+            },
+            fx,
+        ))
+    }
+
+    fn decode_snapshot(id: u64, base: &Machine, data: &[u8]) -> Result<Restored, GroupError> {
+        let bad = |why: String| GroupError::Snapshot { group: id, why };
+        let gs = proto::GroupSnapshot::decode(data).map_err(|e| bad(e.to_string()))?;
+        let (m, fx) = decode_machine(base, &gs.machine).map_err(bad)?;
+        let dedup = gs.dedup.into_iter().map(|d| (d.client, d)).collect();
+        Ok((dedup, m, fx))
+    }
+
+    fn encode_snapshot(&self) -> Vec<u8> {
+        let machine = match &self.machine {
+            Machine::Cluster(c) => c.encode(),
+            Machine::Volume(v) => v.encode(),
+        };
+        proto::GroupSnapshot {
+            dedup: self.dedup.values().cloned().collect(),
+            machine,
+        }
+        .encode_to_vec()
+    }
+
+    /// Whether this host leads the group.
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    /// The leader this host knows of (0: none).
+    pub fn leader(&self) -> u64 {
+        self.raw.raft.leader_id
+    }
+
+    /// The state machine.
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// Steps a message from a peer.
+    pub fn step(&mut self, m: Message) {
+        if let Err(e) = self.raw.step(m) {
+            tracing::debug!(group = self.id, "dropped a Raft message: {e}");
+        }
+    }
+
+    /// One tick of the Raft clock, plus the leader's housekeeping:
+    /// expiring leases, adding registered hosts as learners, promoting
+    /// learners that caught up.
+    pub fn tick(&mut self, members: &[u64]) {
+        self.raw.tick();
+        let now = Instant::now();
+        if let Some((to, deadline, seq, w)) = self.transfer.take() {
+            if self.leader() == to {
+                respond(&w, seq, Ok(done()));
+            } else if now >= deadline {
+                respond(
+                    &w,
+                    seq,
+                    Err(codec::error(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "leadership of group {} did not move to host {to} in time",
+                            self.id
+                        ),
+                    )),
+                );
+            } else {
+                self.transfer = Some((to, deadline, seq, w));
+            }
+        }
+        self.expire_reads(now);
+        if !self.is_leader() {
+            return;
+        }
+        if let Machine::Volume(v) = &self.machine {
+            if v.has_leases() && now.duration_since(self.last_lease_tick) >= Duration::from_secs(1)
+            {
+                self.last_lease_tick = now;
+                let op = proto::VolumeOp {
+                    op: Some(proto::volume_op::Op::Tick(proto::TickOp { now: now_ms() })),
+                };
+                self.propose_internal(command::Body::Volume(op));
+            }
+        }
+        self.membership(members);
+    }
+
+    fn membership(&mut self, members: &[u64]) {
+        let r = &self.raw.raft;
+        if r.pending_conf_index > r.raft_log.applied {
+            return;
+        }
+        let voters = self.conf.get_voters();
+        let learners = self.conf.get_learners();
+        let commit = r.raft_log.committed;
+        let mut change = None;
+        for &l in learners {
+            if let Some(pr) = r.prs().get(l) {
+                if pr.matched >= commit {
+                    change = Some((ConfChangeType::AddNode, l));
+                    break;
+                }
+            }
+        }
+        if change.is_none() {
+            if let Some(&n) = members
+                .iter()
+                .find(|n| !voters.contains(n) && !learners.contains(n))
+            {
+                change = Some((ConfChangeType::AddLearnerNode, n));
+            }
+        }
+        if let Some((t, n)) = change {
+            let mut s = ConfChangeSingle::default();
+            s.set_change_type(t);
+            s.node_id = n;
+            let mut cc = ConfChangeV2::default();
+            cc.set_changes(vec![s].into());
+            tracing::info!(group = self.id, node = n, "membership change: {t:?}");
+            if let Err(e) = self.raw.propose_conf_change(vec![], cc) {
+                tracing::debug!(group = self.id, "conf change not proposed: {e}");
+            }
+        }
+    }
+
+    fn propose_internal(&mut self, body: command::Body) {
+        let c = proto::Command {
+            client: 0,
+            seq: 0,
+            body: Some(body),
+        };
+        let _ = self.raw.propose(vec![], c.encode_to_vec());
+    }
+
+    /// Proposes a client's command; the answer goes to `w` once applied.
+    pub fn propose(&mut self, client: u64, seq: u64, mut body: command::Body, w: Waiter) {
+        if client != 0 {
+            if let Some(d) = self.dedup.get(&client) {
+                if d.seq == seq {
+                    let mut r = d.response.clone().unwrap_or_default();
+                    r.seq = seq;
+                    let _ = w.send(r);
+                    return;
+                }
+                if d.seq > seq {
+                    respond(
+                        &w,
+                        seq,
+                        Err(codec::error(
+                            ErrorCode::BadRequest,
+                            format!("request {seq} is older than this client's last ({})", d.seq),
+                        )),
+                    );
+                    return;
+                }
+            }
+        }
+        if let command::Body::Volume(op) = &mut body {
+            codec::stamp(op, now_ms());
+        }
+        let c = proto::Command {
+            client,
+            seq,
+            body: Some(body),
+        };
+        match self.raw.propose(vec![], c.encode_to_vec()) {
+            Ok(()) => {
+                if let Some(old) = self.waiters.insert((client, seq), w) {
+                    respond(
+                        &old,
+                        seq,
+                        Err(codec::error(
+                            ErrorCode::Unavailable,
+                            "superseded by a retry",
+                        )),
+                    );
+                }
+            }
+            Err(e) => respond(
+                &w,
+                seq,
+                Err(codec::error(
+                    ErrorCode::Unavailable,
+                    format!("proposal dropped: {e}"),
+                )),
+            ),
+        }
+    }
+
+    /// Starts a linearizable read; it is answered once this host has
+    /// applied up to the index the leader confirmed.
+    pub fn read(&mut self, seq: u64, query: proto::Read, w: Waiter) {
+        let ctx = self.next_read.to_le_bytes().to_vec();
+        self.next_read += 1;
+        self.raw.read_index(ctx.clone());
+        self.reads.insert(
+            ctx,
+            PendingRead {
+                seq,
+                query,
+                waiter: w,
+                deadline: Instant::now() + self.timing.request_timeout,
+            },
+        );
+    }
+
+    /// Asks the group's leadership to move to `to`; answered when it did.
+    pub fn transfer(&mut self, to: u64, seq: u64, w: Waiter) {
+        if self.leader() == to {
+            respond(&w, seq, Ok(done()));
+            return;
+        }
+        if !self.conf.get_voters().contains(&to) {
+            respond(
+                &w,
+                seq,
+                Err(codec::error(
+                    ErrorCode::Invalid,
+                    format!("host {to} is not a voter of group {}", self.id),
+                )),
+            );
+            return;
+        }
+        self.raw.transfer_leader(to);
+        let deadline = Instant::now() + self.timing.request_timeout * 2;
+        if let Some((_, _, s, old)) = self.transfer.replace((to, deadline, seq, w)) {
+            respond(
+                &old,
+                s,
+                Err(codec::error(
+                    ErrorCode::Unavailable,
+                    "another transfer was asked",
+                )),
+            );
+        }
+    }
+
+    fn expire_reads(&mut self, now: Instant) {
+        let late: Vec<Vec<u8>> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in late {
+            if let Some(r) = self.reads.remove(&k) {
+                respond(
+                    &r.waiter,
+                    r.seq,
+                    Err(codec::error(
+                        ErrorCode::Unavailable,
+                        "read not confirmed by a quorum in time",
+                    )),
+                );
+            }
+        }
+    }
+
+    fn fail_all(&mut self, why: &str) {
+        for ((_, seq), w) in self.waiters.drain() {
+            respond(&w, seq, Err(codec::error(ErrorCode::Unavailable, why)));
+        }
+        for (_, r) in self.reads.drain() {
+            respond(
+                &r.waiter,
+                r.seq,
+                Err(codec::error(ErrorCode::Unavailable, why)),
+            );
+        }
+        for (_, r) in self.ready_reads.drain(..) {
+            respond(
+                &r.waiter,
+                r.seq,
+                Err(codec::error(ErrorCode::Unavailable, why)),
+            );
+        }
+    }
+
+    /// Handles raft-rs's ready, if any. Returns what the host must do.
+    pub fn on_ready(&mut self, out: &mut dyn Outbox) -> Result<Vec<Effect>, GroupError> {
+        if !self.raw.has_ready() {
+            return Ok(vec![]);
+        }
+        let mut fx = Vec::new();
+        let mut rd = self.raw.ready();
+        if let Some(ss) = rd.ss() {
+            if ss.raft_state != StateRole::Leader {
+                self.fail_all("this host is no longer the group's leader");
+            }
+        }
+        if !rd.messages().is_empty() {
+            out.send(self.id, rd.take_messages());
+        }
+        if !rd.snapshot().is_empty() {
+            let s = rd.snapshot().clone();
+            let (dedup, m, f) = if s.get_data().is_empty() {
+                (BTreeMap::new(), self.base.clone(), vec![])
+            } else {
+                Self::decode_snapshot(self.id, &self.base, s.get_data())?
+            };
+            self.raw.mut_store().apply_snapshot(s.clone())?;
+            self.dedup = dedup;
+            self.machine = m;
+            self.applied = s.get_metadata().index;
+            self.conf = s.get_metadata().get_conf_state().clone();
+            fx.extend(f);
+        }
+        let committed = rd.take_committed_entries();
+        let store = self.raw.mut_store();
+        store.append(rd.entries())?;
+        if let Some(hs) = rd.hs() {
+            store.set_hard_state(hs)?;
+        }
+        if rd.must_sync() && !rd.entries().is_empty() {
+            store.sync()?;
+        }
+        if !rd.persisted_messages().is_empty() {
+            out.send(self.id, rd.take_persisted_messages());
+        }
+        for rs in rd.take_read_states() {
+            if let Some(r) = self.reads.remove(rs.request_ctx.as_slice()) {
+                self.ready_reads.push((rs.index, r));
+            }
+        }
+        self.apply(committed, &mut fx)?;
+        let mut light = self.raw.advance(rd);
+        if let Some(c) = light.commit_index() {
+            self.raw.mut_store().set_commit(c);
+        }
+        out.send(self.id, light.take_messages());
+        self.apply(light.take_committed_entries(), &mut fx)?;
+        self.raw.advance_apply();
+        self.serve_reads();
+        self.maybe_compact()?;
+        Ok(fx)
+    }
+
+    fn apply(
+        &mut self,
+        entries: Vec<raft::eraftpb::Entry>,
+        fx: &mut Vec<Effect>,
+    ) -> Result<(), GroupError> {
+        for e in entries {
+            let index = e.index;
+            match e.get_entry_type() {
+                EntryType::EntryNormal if !e.get_data().is_empty() => {
+                    self.apply_command(index, e.get_data(), fx)
+                }
+                EntryType::EntryNormal => {}
+                EntryType::EntryConfChangeV2 => {
+                    match ConfChangeV2::parse_from_bytes(e.get_data()) {
+                        Ok(cc) => {
+                            self.conf = self.raw.apply_conf_change(&cc)?;
+                            self.force_snapshot |= cc
+                                .get_changes()
+                                .iter()
+                                .any(|c| c.get_change_type() == ConfChangeType::AddLearnerNode);
+                        }
+                        Err(x) => tracing::error!(group = self.id, index, "bad conf change: {x}"),
+                    }
+                }
+                EntryType::EntryConfChange => match ConfChange::parse_from_bytes(e.get_data()) {
+                    Ok(cc) => self.conf = self.raw.apply_conf_change(&cc)?,
+                    Err(x) => tracing::error!(group = self.id, index, "bad conf change: {x}"),
+                },
+            }
+            self.applied = index;
+            // Forget clients idle for a long stretch of the log (the same
+            // on every replica: it depends on the index only).
+            if index % 1024 == 0 {
+                let horizon = index.saturating_sub(1 << 20);
+                self.dedup.retain(|_, d| d.index > horizon);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_command(&mut self, index: u64, data: &[u8], fx: &mut Vec<Effect>) {
+        let cmd = match proto::Command::decode(data) {
+            Ok(c) => c,
+            Err(e) => {
+                // Only this build's proposals reach the log; skip it the
+                // same way on every replica rather than stop the group.
+                tracing::error!(group = self.id, index, "undecodable command skipped: {e}");
+                return;
+            }
+        };
+        let (client, seq) = (cmd.client, cmd.seq);
+        if client != 0 {
+            if let Some(d) = self.dedup.get(&client) {
+                if d.seq >= seq {
+                    // A retry that was proposed twice: applied once.
+                    if let Some(w) = self.waiters.remove(&(client, seq)) {
+                        let mut r = d.response.clone().unwrap_or_default();
+                        r.seq = seq;
+                        let _ = w.send(r);
+                    }
+                    return;
+                }
+            }
+        }
+        let result = match (&mut self.machine, cmd.body) {
+            (Machine::Volume(v), Some(command::Body::Volume(op))) => {
+                match codec::op_from_proto(&op) {
+                    Ok(op) => v
+                        .apply(op)
+                        .map(|r| codec::reply_to_proto(&r))
+                        .map_err(|e| codec::meta_error_to_proto(&e)),
+                    Err(e) => Err(codec::error(ErrorCode::BadRequest, e.to_string())),
+                }
+            }
+            (Machine::Cluster(c), Some(command::Body::Cluster(op))) => {
+                let (r, f) = c.apply(&op);
+                fx.extend(f);
+                r
+            }
+            _ => Err(codec::error(
+                ErrorCode::BadRequest,
+                "command does not belong to this group",
+            )),
+        };
+        let resp = Response {
+            seq,
+            result: Some(match result {
+                Ok(v) => response::Result::Reply(v),
+                Err(e) => response::Result::Error(e),
+            }),
+        };
+        if client != 0 {
+            self.dedup.insert(
+                client,
+                proto::DedupEntry {
+                    client,
+                    seq,
+                    index,
+                    response: Some(resp.clone()),
+                },
+            );
+        }
+        if let Some(w) = self.waiters.remove(&(client, seq)) {
+            let _ = w.send(resp);
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.applied;
+        let (now, later): (Vec<_>, Vec<_>) =
+            self.ready_reads.drain(..).partition(|(i, _)| *i <= applied);
+        self.ready_reads = later;
+        for (_, r) in now {
+            let res = self.query(&r.query);
+            respond(&r.waiter, r.seq, res);
+        }
+    }
+
+    /// Answers a read from the applied state.
+    fn query(&self, q: &proto::Read) -> Result<proto::Reply, proto::Error> {
+        use proto::reply::Value;
+        let value = match (&self.machine, q.query.as_ref()) {
+            (Machine::Cluster(c), Some(read::Query::Cluster(_))) => Value::Cluster(c.info()),
+            (Machine::Volume(v), Some(q)) => {
+                let me = |e: crate::meta::MetaError| codec::meta_error_to_proto(&e);
+                let attr = |ino| {
+                    v.getattr(ino)
+                        .map(codec::attr_to_proto)
+                        .ok_or_else(|| me(crate::meta::MetaError::NotFound))
+                };
+                match q {
+                    read::Query::Lookup(l) => {
+                        Value::Attr(attr(v.lookup(l.parent, &l.name).map_err(me)?)?)
+                    }
+                    read::Query::GetAttr(i) => Value::Attr(attr(*i)?),
+                    read::Query::ReadDir(i) => Value::Entries(proto::DirEntries {
+                        entries: v
+                            .readdir(*i)
+                            .map_err(me)?
+                            .into_iter()
+                            .map(|(name, ino)| proto::DirEntry { name, ino })
+                            .collect(),
+                    }),
+                    read::Query::ReadLink(i) => {
+                        Value::Text(v.readlink(*i).map_err(me)?.to_string())
+                    }
+                    read::Query::Extents(i) => {
+                        Value::Extents(codec::extents_to_proto(&v.extents(*i).map_err(me)?))
+                    }
+                    read::Query::Leases(i) => Value::Leases(proto::LeaseList {
+                        leases: v
+                            .leases(*i)
+                            .into_iter()
+                            .map(|(node, l)| proto::Lease {
+                                node,
+                                epoch: l.epoch,
+                                expires: l.expires,
+                                write: l.write,
+                            })
+                            .collect(),
+                    }),
+                    read::Query::Cluster(_) => {
+                        return Err(codec::error(
+                            ErrorCode::BadRequest,
+                            "the cluster registry is read from the cluster group",
+                        ))
+                    }
+                }
+            }
+            _ => {
+                return Err(codec::error(
+                    ErrorCode::BadRequest,
+                    "read does not belong to this group",
+                ))
+            }
+        };
+        Ok(proto::Reply { value: Some(value) })
+    }
+
+    fn maybe_compact(&mut self) -> Result<(), GroupError> {
+        let snap_index = self.raw.store().snapshot_ref().get_metadata().index;
+        if self.applied > snap_index
+            && (self.force_snapshot || self.applied >= snap_index + self.timing.snapshot_every)
+        {
+            self.force_snapshot = false;
+            let data = self.encode_snapshot();
+            let (applied, conf) = (self.applied, self.conf.clone());
+            self.raw.mut_store().compact(applied, conf, data)?;
+            tracing::debug!(
+                group = self.id,
+                index = applied,
+                "snapshot taken, log compacted"
+            );
+        }
+        Ok(())
+    }
+
+    /// The group as this host sees it.
+    pub fn status(&self) -> proto::GroupStatus {
+        let r = &self.raw.raft;
+        let role = match r.state {
+            StateRole::Leader => "leader",
+            StateRole::Follower => "follower",
+            StateRole::Candidate => "candidate",
+            StateRole::PreCandidate => "pre-candidate",
+        };
+        let last = r.raft_log.last_index();
+        let followers = if r.state == StateRole::Leader {
+            r.prs()
+                .iter()
+                .filter(|(id, _)| **id != r.id)
+                .map(|(id, pr)| proto::FollowerStatus {
+                    node: *id,
+                    matched: pr.matched,
+                    lag: last.saturating_sub(pr.matched),
+                    state: format!("{:?}", pr.state).to_lowercase(),
+                })
+                .collect()
+        } else {
+            vec![]
+        };
+        proto::GroupStatus {
+            group: self.id,
+            role: role.into(),
+            term: r.term,
+            leader: r.leader_id,
+            commit: r.raft_log.committed,
+            applied: self.applied,
+            last_index: last,
+            snapshot_index: self.raw.store().snapshot_ref().get_metadata().index,
+            voters: sorted(self.conf.get_voters()),
+            learners: sorted(self.conf.get_learners()),
+            followers,
+        }
+    }
+}

@@ -1,0 +1,666 @@
+//! A host's coordinator service: its replicas of every group, the
+//! connections to its peers, and the listener that serves clients.
+//!
+//! Threads:
+//! - one *Raft thread* owns every [`Group`]: it ticks them, steps the
+//!   messages peers send, proposes client commands, and handles each
+//!   group's ready (so a group's storage is only touched from there);
+//! - one *sender* per peer writes that peer's Raft messages on one
+//!   authenticated connection, trying the peer's addresses in order (its
+//!   networks) and reconnecting when one fails;
+//! - one *acceptor* per listen address and one thread per accepted
+//!   connection read frames and hand them to the Raft thread.
+//!
+//! Raft messages are unreliable by design: a message to a peer that is
+//! down is dropped and raft-rs sends again.
+
+use crate::cluster::{ClusterState, Effect};
+use crate::codec;
+use crate::group::{Group, Machine, Outbox, Timing, Waiter, CLUSTER};
+use crate::meta::Volume;
+use crate::proto::{self, admin, frame, request, response, ErrorCode, Frame, Request, Response};
+use crate::wire::{self, Conn, Identity};
+use prost::Message as _;
+use protobuf::Message as _;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// How a host's coordinator is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Who this host is (node id, cluster name and key).
+    pub identity: Identity,
+    /// Where its replicas live.
+    pub data_dir: PathBuf,
+    /// Addresses to listen on (one per cluster network).
+    pub listen: Vec<SocketAddr>,
+    /// Known hosts and their addresses, preferred first (this host too).
+    pub peers: BTreeMap<u64, Vec<String>>,
+    /// Create the cluster group with `peers` as its voters if this host
+    /// has no replica yet (the founding hosts); otherwise wait to be added.
+    pub init: bool,
+    /// Raft timing.
+    pub timing: Timing,
+}
+
+/// Why a host's coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A listen address.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A group's replica.
+    #[error("group {group}: {source}")]
+    Group {
+        /// Group.
+        group: u64,
+        /// Cause.
+        source: crate::group::GroupError,
+    },
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+}
+
+enum Event {
+    Raft(u64, Vec<raft::eraftpb::Message>),
+    Request(Request, Waiter),
+}
+
+type Book = Arc<RwLock<BTreeMap<u64, Vec<String>>>>;
+
+struct Transport {
+    me: Identity,
+    book: Book,
+    senders: HashMap<u64, Sender<Frame>>,
+}
+
+impl Transport {
+    fn sender(&mut self, to: u64) -> &Sender<Frame> {
+        let (me, book) = (self.me.clone(), self.book.clone());
+        self.senders.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("csv-peer-{to}"))
+                .spawn(move || peer_sender(me, book, to, rx))
+                .map_err(|e| tracing::error!("cannot start the sender to host {to}: {e}"))
+                .ok();
+            tx
+        })
+    }
+}
+
+impl Outbox for Transport {
+    fn send(&mut self, group: u64, msgs: Vec<raft::eraftpb::Message>) {
+        let mut by_peer: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+        for m in msgs {
+            match m.write_to_bytes() {
+                Ok(b) => by_peer.entry(m.to).or_default().push(b),
+                Err(e) => tracing::error!(group, "cannot encode a Raft message: {e}"),
+            }
+        }
+        for (to, msgs) in by_peer {
+            let f = Frame {
+                body: Some(frame::Body::Raft(proto::RaftBatch { group, msgs })),
+            };
+            let _ = self.sender(to).send(f);
+        }
+    }
+}
+
+/// Resolves `host:port` strings (a name may give several addresses).
+pub fn resolve(addrs: &[String]) -> Vec<SocketAddr> {
+    addrs
+        .iter()
+        .flat_map(|a| {
+            a.to_socket_addrs()
+                .map(|i| i.collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn peer_sender(me: Identity, book: Book, to: u64, rx: Receiver<Frame>) {
+    let timeout = Duration::from_millis(500);
+    let mut conn: Option<Conn> = None;
+    let mut next_try = Instant::now();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(f) = rx.try_recv() {
+            batch.push(f);
+        }
+        if conn.is_none() {
+            if Instant::now() < next_try {
+                continue;
+            }
+            let addrs = book.read().map(|b| b.get(&to).cloned()).ok().flatten();
+            for a in resolve(&addrs.unwrap_or_default()) {
+                match wire::connect(a, &me, timeout) {
+                    Ok(c) if c.peer == to => {
+                        let _ = c.set_read_timeout(None);
+                        tracing::debug!("connected to host {to} at {a}");
+                        conn = Some(c);
+                        break;
+                    }
+                    Ok(c) => {
+                        tracing::warn!("{a} answered as host {}, not {to}", c.peer);
+                        c.shutdown();
+                    }
+                    Err(e) => tracing::debug!("host {to} at {a}: {e}"),
+                }
+            }
+            if conn.is_none() {
+                // Messages for a host that is down are dropped; Raft resends.
+                next_try = Instant::now() + Duration::from_millis(100);
+                continue;
+            }
+        }
+        if let Some(c) = conn.as_mut() {
+            for f in &batch {
+                if let Err(e) = c.send(f) {
+                    tracing::debug!("lost connection to host {to}: {e}");
+                    c.shutdown();
+                    conn = None;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A running coordinator service.
+#[derive(Debug)]
+pub struct Node {
+    stop: Arc<AtomicBool>,
+    raft: Option<std::thread::JoinHandle<()>>,
+    /// Addresses actually bound (port 0 resolved).
+    pub bound: Vec<SocketAddr>,
+}
+
+impl Node {
+    /// Opens this host's replicas and starts serving.
+    pub fn start(cfg: Config) -> Result<Node, NodeError> {
+        let me = cfg.identity.node;
+        if me == 0 {
+            return Err(NodeError::Config("node id must not be 0".into()));
+        }
+        if cfg.listen.is_empty() {
+            return Err(NodeError::Config(
+                "at least one listen address is needed".into(),
+            ));
+        }
+        let (tx, rx) = mpsc::channel::<Event>();
+        let mut listeners = Vec::new();
+        let mut bound = Vec::new();
+        for a in &cfg.listen {
+            let l =
+                TcpListener::bind(a).map_err(|source| NodeError::Listen { addr: *a, source })?;
+            bound.push(
+                l.local_addr()
+                    .map_err(|source| NodeError::Listen { addr: *a, source })?,
+            );
+            listeners.push(l);
+        }
+        let book: Book = Arc::new(RwLock::new(cfg.peers.clone()));
+        let mut state = RaftLoop::open(&cfg, book.clone())?;
+        for l in listeners {
+            let (tx, me) = (tx.clone(), cfg.identity.clone());
+            std::thread::Builder::new()
+                .name("csv-accept".into())
+                .spawn(move || acceptor(l, me, tx))
+                .map_err(|e| NodeError::Config(format!("cannot start a thread: {e}")))?;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let raft = std::thread::Builder::new()
+            .name("csv-raft".into())
+            .spawn(move || state.run(rx, s2))
+            .map_err(|e| NodeError::Config(format!("cannot start a thread: {e}")))?;
+        Ok(Node {
+            stop,
+            raft: Some(raft),
+            bound,
+        })
+    }
+
+    /// Waits until the service stops (it runs until the process ends).
+    pub fn wait(mut self) {
+        if let Some(h) = self.raft.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn acceptor(l: TcpListener, me: Identity, tx: Sender<Event>) {
+    for s in l.incoming() {
+        let Ok(s) = s else { continue };
+        let (me, tx) = (me.clone(), tx.clone());
+        let _ = std::thread::Builder::new()
+            .name("csv-conn".into())
+            .spawn(move || serve(s, me, tx));
+    }
+}
+
+fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>) {
+    let peer = s.peer_addr().ok();
+    let mut c = match wire::accept(s, &me, Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("refused a connection from {peer:?}: {e}");
+            return;
+        }
+    };
+    let _ = c.set_read_timeout(None);
+    let _ = c.set_write_timeout(Some(Duration::from_secs(10)));
+    loop {
+        let f = match c.recv() {
+            Ok(f) => f,
+            Err(wire::WireError::Io(_)) => return,
+            Err(e) => {
+                tracing::warn!("closing the connection from {peer:?}: {e}");
+                return;
+            }
+        };
+        match f.body {
+            Some(frame::Body::Raft(b)) => {
+                if c.peer == 0 {
+                    tracing::warn!("a client sent Raft messages; closing {peer:?}");
+                    return;
+                }
+                let mut msgs = Vec::with_capacity(b.msgs.len());
+                for m in &b.msgs {
+                    match raft::eraftpb::Message::parse_from_bytes(m) {
+                        Ok(m) if m.from == c.peer => msgs.push(m),
+                        Ok(m) => {
+                            tracing::warn!("host {} sent a message as host {}", c.peer, m.from)
+                        }
+                        Err(e) => tracing::warn!("bad Raft message from host {}: {e}", c.peer),
+                    }
+                }
+                if tx.send(Event::Raft(b.group, msgs)).is_err() {
+                    return;
+                }
+            }
+            Some(frame::Body::Request(r)) => {
+                let seq = r.seq;
+                let (wtx, wrx) = mpsc::channel();
+                if tx.send(Event::Request(r, wtx)).is_err() {
+                    return;
+                }
+                let resp = wrx
+                    .recv_timeout(Duration::from_secs(10))
+                    .unwrap_or_else(|_| Response {
+                        seq,
+                        result: Some(response::Result::Error(codec::error(
+                            ErrorCode::Unavailable,
+                            "no answer in time",
+                        ))),
+                    });
+                let f = Frame {
+                    body: Some(frame::Body::Response(resp)),
+                };
+                if c.send(&f).is_err() {
+                    return;
+                }
+            }
+            Some(frame::Body::Response(_)) | None => {
+                tracing::warn!("unexpected frame from {peer:?}; closing");
+                return;
+            }
+        }
+    }
+}
+
+/// The file in a volume replica's directory that records the volume's
+/// parameters (the state before the group's first entry).
+const VOLUME_INFO: &str = "volume.info";
+
+fn write_durably(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("new");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent() {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
+struct RaftLoop {
+    me: u64,
+    dir: PathBuf,
+    timing: Timing,
+    groups: BTreeMap<u64, Group>,
+    net: Transport,
+    book: Book,
+    /// Hosts registered in the cluster group (every one is a replica of
+    /// every group).
+    members: Vec<u64>,
+    last_register: Instant,
+}
+
+impl RaftLoop {
+    fn open(cfg: &Config, book: Book) -> Result<RaftLoop, NodeError> {
+        let me = cfg.identity.node;
+        let mut l = RaftLoop {
+            me,
+            dir: cfg.data_dir.clone(),
+            timing: cfg.timing.clone(),
+            groups: BTreeMap::new(),
+            net: Transport {
+                me: cfg.identity.clone(),
+                book: book.clone(),
+                senders: HashMap::new(),
+            },
+            book,
+            members: Vec::new(),
+            last_register: Instant::now(),
+        };
+        let init: Vec<u64> = if cfg.init {
+            cfg.peers.keys().copied().collect()
+        } else {
+            vec![]
+        };
+        if cfg.init && !init.contains(&me) {
+            return Err(NodeError::Config(format!(
+                "--init lists the founding hosts; host {me} must be one of them"
+            )));
+        }
+        let (g, fx) = Group::open(
+            CLUSTER,
+            me,
+            &l.group_dir(CLUSTER),
+            &init,
+            Machine::Cluster(ClusterState::default()),
+            l.timing.clone(),
+        )
+        .map_err(|source| NodeError::Group {
+            group: CLUSTER,
+            source,
+        })?;
+        l.groups.insert(CLUSTER, g);
+        l.effects(fx);
+        // Volume replicas this host already has: open them now rather than
+        // when the cluster log is replayed (which waits for a leader).
+        if let Ok(rd) = std::fs::read_dir(&l.dir) {
+            let mut infos = Vec::new();
+            for e in rd.flatten() {
+                let p = e.path().join(VOLUME_INFO);
+                if let Ok(b) = std::fs::read(&p) {
+                    match proto::VolumeInfo::decode(b.as_slice()) {
+                        Ok(v) => infos.push(Effect::Volume(v)),
+                        Err(e) => return Err(NodeError::Config(format!("{}: {e}", p.display()))),
+                    }
+                }
+            }
+            l.effects(infos);
+        }
+        Ok(l)
+    }
+
+    fn group_dir(&self, g: u64) -> PathBuf {
+        if g == CLUSTER {
+            self.dir.join("cluster")
+        } else {
+            self.dir.join(format!("volume{g}"))
+        }
+    }
+
+    fn effects(&mut self, fx: Vec<Effect>) {
+        for f in fx {
+            match f {
+                Effect::Node(n) => {
+                    if let Ok(mut b) = self.book.write() {
+                        b.insert(n.id, n.addrs.clone());
+                    }
+                    if !self.members.contains(&n.id) {
+                        self.members.push(n.id);
+                    }
+                }
+                Effect::Volume(v) => {
+                    if self.groups.contains_key(&v.number) {
+                        continue;
+                    }
+                    let init = if v.voters.contains(&self.me) {
+                        v.voters.clone()
+                    } else {
+                        vec![]
+                    };
+                    let dir = self.group_dir(v.number);
+                    if let Err(e) = std::fs::create_dir_all(&dir)
+                        .and_then(|()| write_durably(&dir.join(VOLUME_INFO), &v.encode_to_vec()))
+                    {
+                        tracing::error!(
+                            "cannot record Volume{} in {}: {e}",
+                            v.number,
+                            dir.display()
+                        );
+                        continue;
+                    }
+                    let base =
+                        Machine::Volume(Box::new(Volume::new(v.data_start, v.capacity, v.now)));
+                    match Group::open(
+                        v.number,
+                        self.me,
+                        &self.group_dir(v.number),
+                        &init,
+                        base,
+                        self.timing.clone(),
+                    ) {
+                        Ok((g, more)) => {
+                            tracing::info!("hosting a replica of Volume{}", v.number);
+                            self.groups.insert(v.number, g);
+                            debug_assert!(more.is_empty());
+                        }
+                        Err(e) => {
+                            tracing::error!("cannot open the replica of Volume{}: {e}", v.number)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn run(&mut self, rx: Receiver<Event>, stop: Arc<AtomicBool>) {
+        let mut next_tick = Instant::now() + self.timing.tick;
+        while !stop.load(Ordering::Relaxed) {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(ev) => self.event(ev),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            while let Ok(ev) = rx.try_recv() {
+                self.event(ev);
+            }
+            if Instant::now() >= next_tick {
+                next_tick += self.timing.tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.timing.tick;
+                }
+                let members = self.members.clone();
+                for g in self.groups.values_mut() {
+                    g.tick(&members);
+                }
+                self.register_founders();
+            }
+            let mut fx = Vec::new();
+            for g in self.groups.values_mut() {
+                match g.on_ready(&mut self.net) {
+                    Ok(f) => fx.extend(f),
+                    Err(e) => {
+                        // Storage failed under a replica: continuing could
+                        // acknowledge what is not durable. Stop the host.
+                        tracing::error!("group {}: {e}; stopping this host's coordinator", g.id);
+                        std::process::exit(70);
+                    }
+                }
+            }
+            self.effects(fx);
+        }
+    }
+
+    /// The cluster leader records the addresses of founding hosts that are
+    /// voters but not yet registered.
+    fn register_founders(&mut self) {
+        let Some(g) = self.groups.get_mut(&CLUSTER) else {
+            return;
+        };
+        if !g.is_leader() || self.last_register.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        self.last_register = Instant::now();
+        let Machine::Cluster(c) = g.machine() else {
+            return;
+        };
+        let voters = g.status().voters;
+        let missing: Vec<u64> = voters.into_iter().filter(|v| !c.has_node(*v)).collect();
+        for id in missing {
+            let addrs = self.book.read().ok().and_then(|b| b.get(&id).cloned());
+            if let Some(addrs) = addrs {
+                let (w, _r) = mpsc::channel();
+                let op = proto::ClusterOp {
+                    op: Some(proto::cluster_op::Op::RegisterNode(proto::NodeInfo {
+                        id,
+                        addrs,
+                    })),
+                };
+                g.propose(0, 0, proto::command::Body::Cluster(op), w);
+            }
+        }
+    }
+
+    fn redirect(&self, g: &Group) -> Response {
+        let leader = g.leader();
+        let addrs = if leader == 0 {
+            vec![]
+        } else {
+            self.book
+                .read()
+                .ok()
+                .and_then(|b| b.get(&leader).cloned())
+                .unwrap_or_default()
+        };
+        Response {
+            seq: 0,
+            result: Some(response::Result::Redirect(proto::Redirect {
+                leader,
+                addrs,
+            })),
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Raft(group, msgs) => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    for m in msgs {
+                        g.step(m);
+                    }
+                }
+            }
+            Event::Request(r, w) => self.request(r, w),
+        }
+    }
+
+    fn request(&mut self, r: Request, w: Waiter) {
+        let seq = r.seq;
+        let fail = |w: &Waiter, code, msg: String| {
+            let _ = w.send(Response {
+                seq,
+                result: Some(response::Result::Error(codec::error(code, msg))),
+            });
+        };
+        let Some(body) = r.body else {
+            return fail(&w, ErrorCode::BadRequest, "empty request".into());
+        };
+        if let request::Body::Admin(proto::Admin {
+            action: Some(admin::Action::Status(_)),
+        }) = &body
+        {
+            let _ = w.send(Response {
+                seq,
+                result: Some(response::Result::Reply(proto::Reply {
+                    value: Some(proto::reply::Value::Status(proto::NodeStatus {
+                        node: self.me,
+                        groups: self.groups.values().map(|g| g.status()).collect(),
+                    })),
+                })),
+            });
+            return;
+        }
+        let group = if matches!(
+            body,
+            request::Body::Admin(proto::Admin {
+                action: Some(admin::Action::AddNode(_))
+            })
+        ) {
+            CLUSTER
+        } else {
+            r.group
+        };
+        let Some(g) = self.groups.get(&group) else {
+            return fail(
+                &w,
+                ErrorCode::NoGroup,
+                format!("host {} has no replica of group {group}", self.me),
+            );
+        };
+        if !g.is_leader() {
+            let mut resp = self.redirect(g);
+            resp.seq = seq;
+            let _ = w.send(resp);
+            return;
+        }
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        match body {
+            request::Body::Op(op) => g.propose(r.client, seq, proto::command::Body::Volume(op), w),
+            request::Body::Cluster(mut op) => {
+                if let Some(proto::cluster_op::Op::AddVolume(v)) = op.op.as_mut() {
+                    // A volume's group starts on the cluster's voters unless
+                    // told otherwise; its clock starts at the leader's.
+                    if v.voters.is_empty() {
+                        v.voters = g.status().voters;
+                    }
+                    v.now = crate::group::now_ms();
+                }
+                g.propose(r.client, seq, proto::command::Body::Cluster(op), w)
+            }
+            request::Body::Read(q) => g.read(seq, q, w),
+            request::Body::Admin(a) => match a.action {
+                Some(admin::Action::TransferLeader(to)) => g.transfer(to, seq, w),
+                Some(admin::Action::AddNode(n)) => {
+                    let op = proto::ClusterOp {
+                        op: Some(proto::cluster_op::Op::RegisterNode(n)),
+                    };
+                    g.propose(r.client, seq, proto::command::Body::Cluster(op), w)
+                }
+                Some(admin::Action::Status(_)) | None => fail(
+                    &w,
+                    ErrorCode::BadRequest,
+                    "unknown administrative action".into(),
+                ),
+            },
+        }
+    }
+}

@@ -1,0 +1,880 @@
+//! The messages hosts exchange, as prost messages.
+//!
+//! Every connection carries length-delimited frames (see [`crate::wire`]).
+//! After the authentication handshake ([`Hello`], [`Proof`]) each frame is
+//! one [`Frame`]: Raft traffic between hosts, or a client's [`Request`] and
+//! the [`Response`] to it. The commands committed through Raft are
+//! [`Command`]s, encoded the same way, so the log and the wire share one
+//! schema.
+//!
+//! The structs are written out with prost's derive (no code generator), and
+//! tags are never reused: a field that goes away keeps its number reserved.
+
+/// First frame each side sends.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Hello {
+    /// Protocol version ([`PROTOCOL`]).
+    #[prost(uint32, tag = "1")]
+    pub protocol: u32,
+    /// The sender's node id (0 for a client that is not a node).
+    #[prost(uint64, tag = "2")]
+    pub node: u64,
+    /// 32 fresh random bytes.
+    #[prost(bytes = "vec", tag = "3")]
+    pub nonce: Vec<u8>,
+    /// The cluster's name (a connection to another cluster is refused early).
+    #[prost(string, tag = "4")]
+    pub cluster: String,
+}
+
+/// Protocol version spoken by this build.
+pub const PROTOCOL: u32 = 1;
+
+/// Second frame each side sends: proof that it holds the cluster key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Proof {
+    /// HMAC-SHA256 under the session key of the side's role.
+    #[prost(bytes = "vec", tag = "1")]
+    pub mac: Vec<u8>,
+}
+
+/// One frame after the handshake.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Frame {
+    /// What it carries.
+    #[prost(oneof = "frame::Body", tags = "1, 2, 3")]
+    pub body: Option<frame::Body>,
+}
+
+/// [`Frame`]'s body.
+pub mod frame {
+    /// What a frame carries.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        /// Raft messages of one group (host to host).
+        #[prost(message, tag = "1")]
+        Raft(super::RaftBatch),
+        /// A client's request.
+        #[prost(message, tag = "2")]
+        Request(super::Request),
+        /// The answer to a request.
+        #[prost(message, tag = "3")]
+        Response(super::Response),
+    }
+}
+
+/// Raft messages for one group, each in raft-rs's own encoding.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RaftBatch {
+    /// The group (0: the cluster group, N: VolumeN).
+    #[prost(uint64, tag = "1")]
+    pub group: u64,
+    /// Encoded `eraftpb::Message`s.
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub msgs: Vec<Vec<u8>>,
+}
+
+/// A client's request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Request {
+    /// The client's id (random per client instance).
+    #[prost(uint64, tag = "1")]
+    pub client: u64,
+    /// Grows with every request of that client; a retry reuses it, so a
+    /// command is applied once however often it is sent.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// The group it is for.
+    #[prost(uint64, tag = "3")]
+    pub group: u64,
+    /// What is asked.
+    #[prost(oneof = "request::Body", tags = "4, 5, 6, 7")]
+    pub body: Option<request::Body>,
+}
+
+/// [`Request`]'s body.
+pub mod request {
+    /// What a request asks.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        /// A metadata command of a volume (committed through Raft).
+        #[prost(message, tag = "4")]
+        Op(super::VolumeOp),
+        /// A linearizable read (ReadIndex).
+        #[prost(message, tag = "5")]
+        Read(super::Read),
+        /// A command of the cluster group.
+        #[prost(message, tag = "6")]
+        Cluster(super::ClusterOp),
+        /// An administrative action.
+        #[prost(message, tag = "7")]
+        Admin(super::Admin),
+    }
+}
+
+/// The answer to a request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Response {
+    /// The request's `seq`.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Result.
+    #[prost(oneof = "response::Result", tags = "2, 3, 4")]
+    pub result: Option<response::Result>,
+}
+
+/// [`Response`]'s result.
+pub mod response {
+    /// How a request ended.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Result {
+        /// It was done.
+        #[prost(message, tag = "2")]
+        Reply(super::Reply),
+        /// It failed.
+        #[prost(message, tag = "3")]
+        Error(super::Error),
+        /// This host does not lead the group: ask the one named.
+        #[prost(message, tag = "4")]
+        Redirect(super::Redirect),
+    }
+}
+
+/// A failed request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Error {
+    /// What kind of failure ([`ErrorCode`]).
+    #[prost(enumeration = "ErrorCode", tag = "1")]
+    pub code: i32,
+    /// Details for people.
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// For `Busy`: the host holding the write lease.
+    #[prost(uint64, tag = "3")]
+    pub node: u64,
+}
+
+/// Failure kinds (the metadata ones mirror POSIX errno names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ErrorCode {
+    /// Unknown.
+    Unspecified = 0,
+    /// ENOENT.
+    NotFound = 1,
+    /// EEXIST.
+    Exists = 2,
+    /// ENOTDIR.
+    NotDir = 3,
+    /// EISDIR.
+    IsDir = 4,
+    /// ENOTEMPTY.
+    NotEmpty = 5,
+    /// EINVAL.
+    Invalid = 6,
+    /// EINVAL for a rename into itself.
+    Loop = 7,
+    /// ENOSPC.
+    NoSpace = 8,
+    /// Another host holds the write lease.
+    Busy = 9,
+    /// No such group on this host.
+    NoGroup = 10,
+    /// The group cannot take the request now (no leader, proposal dropped):
+    /// retry.
+    Unavailable = 11,
+    /// The request is not valid.
+    BadRequest = 12,
+}
+
+/// Where the leader is.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Redirect {
+    /// The leader's node id (0: unknown, an election is running).
+    #[prost(uint64, tag = "1")]
+    pub leader: u64,
+    /// Its addresses, best first.
+    #[prost(string, repeated, tag = "2")]
+    pub addrs: Vec<String>,
+}
+
+/// A successful result.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Reply {
+    /// What came back.
+    #[prost(oneof = "reply::Value", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    pub value: Option<reply::Value>,
+}
+
+/// [`Reply`]'s value.
+pub mod reply {
+    /// A result's value.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Value {
+        /// Done, nothing to say.
+        #[prost(message, tag = "1")]
+        Done(super::Empty),
+        /// An inode's attributes.
+        #[prost(message, tag = "2")]
+        Attr(super::Attr),
+        /// Extents.
+        #[prost(message, tag = "3")]
+        Extents(super::ExtentList),
+        /// A lease.
+        #[prost(message, tag = "4")]
+        Lease(super::Lease),
+        /// Directory entries.
+        #[prost(message, tag = "5")]
+        Entries(super::DirEntries),
+        /// A symlink target.
+        #[prost(string, tag = "6")]
+        Text(String),
+        /// Leases on a file.
+        #[prost(message, tag = "7")]
+        Leases(super::LeaseList),
+        /// A host's view of its groups.
+        #[prost(message, tag = "8")]
+        Status(super::NodeStatus),
+        /// The cluster's registry.
+        #[prost(message, tag = "9")]
+        Cluster(super::ClusterInfo),
+    }
+}
+
+/// Nothing.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Empty {}
+
+/// Attributes of an inode.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Attr {
+    /// Inode number.
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    /// 0 directory, 1 file, 2 symlink.
+    #[prost(uint32, tag = "2")]
+    pub kind: u32,
+    /// Permission bits.
+    #[prost(uint32, tag = "3")]
+    pub mode: u32,
+    /// Owner.
+    #[prost(uint32, tag = "4")]
+    pub uid: u32,
+    /// Group.
+    #[prost(uint32, tag = "5")]
+    pub gid: u32,
+    /// Size.
+    #[prost(uint64, tag = "6")]
+    pub size: u64,
+    /// Links.
+    #[prost(uint32, tag = "7")]
+    pub nlink: u32,
+    /// Modification time (ms).
+    #[prost(uint64, tag = "8")]
+    pub mtime: u64,
+    /// Change time (ms).
+    #[prost(uint64, tag = "9")]
+    pub ctime: u64,
+}
+
+/// A piece of a file on the LUN.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Extent {
+    /// Offset in the file.
+    #[prost(uint64, tag = "1")]
+    pub file_off: u64,
+    /// Offset on the LUN.
+    #[prost(uint64, tag = "2")]
+    pub lun_off: u64,
+    /// Length.
+    #[prost(uint64, tag = "3")]
+    pub len: u64,
+    /// Reads as zeros.
+    #[prost(bool, tag = "4")]
+    pub unwritten: bool,
+}
+
+/// Extents.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExtentList {
+    /// In file order.
+    #[prost(message, repeated, tag = "1")]
+    pub extents: Vec<Extent>,
+}
+
+/// A lease.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Lease {
+    /// The holder.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// Epoch.
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
+    /// Expiry (ms).
+    #[prost(uint64, tag = "3")]
+    pub expires: u64,
+    /// Write lease.
+    #[prost(bool, tag = "4")]
+    pub write: bool,
+}
+
+/// Leases.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseList {
+    /// By holder.
+    #[prost(message, repeated, tag = "1")]
+    pub leases: Vec<Lease>,
+}
+
+/// One directory entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DirEntry {
+    /// Name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Inode.
+    #[prost(uint64, tag = "2")]
+    pub ino: u64,
+}
+
+/// Directory entries.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DirEntries {
+    /// In name order.
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<DirEntry>,
+}
+
+/// A volume metadata command.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VolumeOp {
+    /// Which command.
+    #[prost(oneof = "volume_op::Op", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    pub op: Option<volume_op::Op>,
+}
+
+/// [`VolumeOp`]'s commands. `now` fields are set by the leader when it
+/// proposes the command, so every replica sees the same time.
+pub mod volume_op {
+    /// A volume metadata command.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Op {
+        /// Create.
+        #[prost(message, tag = "1")]
+        Create(super::CreateOp),
+        /// Link.
+        #[prost(message, tag = "2")]
+        Link(super::LinkOp),
+        /// Unlink or rmdir.
+        #[prost(message, tag = "3")]
+        Unlink(super::UnlinkOp),
+        /// Rename.
+        #[prost(message, tag = "4")]
+        Rename(super::RenameOp),
+        /// Set attributes.
+        #[prost(message, tag = "5")]
+        SetAttr(super::SetAttrOp),
+        /// Allocate extents.
+        #[prost(message, tag = "6")]
+        Allocate(super::AllocateOp),
+        /// Extents written.
+        #[prost(message, tag = "7")]
+        MarkWritten(super::MarkWrittenOp),
+        /// Grant or renew a lease.
+        #[prost(message, tag = "8")]
+        GrantLease(super::GrantLeaseOp),
+        /// Give back or take away a lease.
+        #[prost(message, tag = "9")]
+        RevokeLease(super::RevokeLeaseOp),
+        /// Expire leases (the leader proposes it).
+        #[prost(message, tag = "10")]
+        Tick(super::TickOp),
+        /// Hand a write lease from one host to another (migration).
+        #[prost(message, tag = "11")]
+        HandOver(super::HandOverOp),
+    }
+}
+
+/// Create a file, directory or symlink.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreateOp {
+    /// Parent directory.
+    #[prost(uint64, tag = "1")]
+    pub parent: u64,
+    /// Name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// 0 directory, 1 file, 2 symlink.
+    #[prost(uint32, tag = "3")]
+    pub kind: u32,
+    /// Permission bits.
+    #[prost(uint32, tag = "4")]
+    pub mode: u32,
+    /// Owner.
+    #[prost(uint32, tag = "5")]
+    pub uid: u32,
+    /// Group.
+    #[prost(uint32, tag = "6")]
+    pub gid: u32,
+    /// Symlink target.
+    #[prost(string, tag = "7")]
+    pub target: String,
+    /// Time (ms).
+    #[prost(uint64, tag = "8")]
+    pub now: u64,
+}
+
+/// A new name for a file.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LinkOp {
+    /// The file.
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    /// Directory of the new name.
+    #[prost(uint64, tag = "2")]
+    pub parent: u64,
+    /// New name.
+    #[prost(string, tag = "3")]
+    pub name: String,
+    /// Time (ms).
+    #[prost(uint64, tag = "4")]
+    pub now: u64,
+}
+
+/// Remove a name.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct UnlinkOp {
+    /// Directory.
+    #[prost(uint64, tag = "1")]
+    pub parent: u64,
+    /// Name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Remove a directory.
+    #[prost(bool, tag = "3")]
+    pub rmdir: bool,
+    /// Time (ms).
+    #[prost(uint64, tag = "4")]
+    pub now: u64,
+}
+
+/// Rename.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RenameOp {
+    /// Source directory.
+    #[prost(uint64, tag = "1")]
+    pub parent: u64,
+    /// Source name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Destination directory.
+    #[prost(uint64, tag = "3")]
+    pub new_parent: u64,
+    /// Destination name.
+    #[prost(string, tag = "4")]
+    pub new_name: String,
+    /// Time (ms).
+    #[prost(uint64, tag = "5")]
+    pub now: u64,
+}
+
+/// Set attributes (absent fields stay).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SetAttrOp {
+    /// The inode.
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    /// Permission bits.
+    #[prost(uint32, optional, tag = "2")]
+    pub mode: Option<u32>,
+    /// Owner.
+    #[prost(uint32, optional, tag = "3")]
+    pub uid: Option<u32>,
+    /// Group.
+    #[prost(uint32, optional, tag = "4")]
+    pub gid: Option<u32>,
+    /// Size.
+    #[prost(uint64, optional, tag = "5")]
+    pub size: Option<u64>,
+    /// Time (ms).
+    #[prost(uint64, tag = "6")]
+    pub now: u64,
+}
+
+/// Allocate unwritten extents.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AllocateOp {
+    /// The file.
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    /// Offset.
+    #[prost(uint64, tag = "2")]
+    pub off: u64,
+    /// Length.
+    #[prost(uint64, tag = "3")]
+    pub len: u64,
+}
+
+/// Extents were written.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MarkWrittenOp {
+    /// The file.
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    /// Offset.
+    #[prost(uint64, tag = "2")]
+    pub off: u64,
+    /// Length.
+    #[prost(uint64, tag = "3")]
+    pub len: u64,
+    /// The file's size after the write.
+    #[prost(uint64, tag = "4")]
+    pub size: u64,
+    /// Time (ms).
+    #[prost(uint64, tag = "5")]
+    pub now: u64,
+}
+
+/// Grant or renew a lease.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GrantLeaseOp {
+    /// The host.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// The file.
+    #[prost(uint64, tag = "2")]
+    pub ino: u64,
+    /// Write lease.
+    #[prost(bool, tag = "3")]
+    pub write: bool,
+    /// Time (ms).
+    #[prost(uint64, tag = "4")]
+    pub now: u64,
+    /// Lifetime (ms).
+    #[prost(uint64, tag = "5")]
+    pub ttl: u64,
+}
+
+/// End a lease.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RevokeLeaseOp {
+    /// The host.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// The file.
+    #[prost(uint64, tag = "2")]
+    pub ino: u64,
+}
+
+/// Expire leases.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TickOp {
+    /// Time (ms).
+    #[prost(uint64, tag = "1")]
+    pub now: u64,
+}
+
+/// Move a write lease from one host to another.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HandOverOp {
+    /// The file.
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    /// Current holder.
+    #[prost(uint64, tag = "2")]
+    pub from: u64,
+    /// New holder.
+    #[prost(uint64, tag = "3")]
+    pub to: u64,
+    /// Time (ms).
+    #[prost(uint64, tag = "4")]
+    pub now: u64,
+    /// Lifetime of the new lease (ms).
+    #[prost(uint64, tag = "5")]
+    pub ttl: u64,
+}
+
+/// A read served at a linearizable point (ReadIndex).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Read {
+    /// Which read.
+    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7")]
+    pub query: Option<read::Query>,
+}
+
+/// [`Read`]'s queries.
+pub mod read {
+    /// A read.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Query {
+        /// Look a name up in a directory: its attributes.
+        #[prost(message, tag = "1")]
+        Lookup(super::LookupQ),
+        /// Attributes of an inode.
+        #[prost(uint64, tag = "2")]
+        GetAttr(u64),
+        /// Entries of a directory.
+        #[prost(uint64, tag = "3")]
+        ReadDir(u64),
+        /// Target of a symlink.
+        #[prost(uint64, tag = "4")]
+        ReadLink(u64),
+        /// Extents of a file.
+        #[prost(uint64, tag = "5")]
+        Extents(u64),
+        /// Leases on a file.
+        #[prost(uint64, tag = "6")]
+        Leases(u64),
+        /// The cluster registry (cluster group).
+        #[prost(message, tag = "7")]
+        Cluster(super::Empty),
+    }
+}
+
+/// A name in a directory.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LookupQ {
+    /// Directory.
+    #[prost(uint64, tag = "1")]
+    pub parent: u64,
+    /// Name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+}
+
+/// A command of the cluster group.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ClusterOp {
+    /// Which command.
+    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3")]
+    pub op: Option<cluster_op::Op>,
+}
+
+/// [`ClusterOp`]'s commands.
+pub mod cluster_op {
+    /// A cluster command.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Op {
+        /// Record a host and its addresses.
+        #[prost(message, tag = "1")]
+        RegisterNode(super::NodeInfo),
+        /// Create a volume (and its Raft group on its replicas).
+        #[prost(message, tag = "2")]
+        AddVolume(super::VolumeInfo),
+        /// Place a VM role on a host.
+        #[prost(message, tag = "3")]
+        SetVmRole(super::VmRole),
+    }
+}
+
+/// A host of the cluster.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NodeInfo {
+    /// Node id.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// Its cluster addresses (host:port), preferred first.
+    #[prost(string, repeated, tag = "2")]
+    pub addrs: Vec<String>,
+}
+
+/// A volume of the cluster.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VolumeInfo {
+    /// N in `/ClusterStorage/VolumeN` (also its Raft group id).
+    #[prost(uint64, tag = "1")]
+    pub number: u64,
+    /// Where its LUN is (iSCSI URL or file path).
+    #[prost(string, tag = "2")]
+    pub lun: String,
+    /// First byte of the data area.
+    #[prost(uint64, tag = "3")]
+    pub data_start: u64,
+    /// Capacity of the LUN.
+    #[prost(uint64, tag = "4")]
+    pub capacity: u64,
+    /// The replicas its group starts with.
+    #[prost(uint64, repeated, tag = "5")]
+    pub voters: Vec<u64>,
+    /// Creation time (ms).
+    #[prost(uint64, tag = "6")]
+    pub now: u64,
+}
+
+/// A VM role and where it runs.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmRole {
+    /// The VM's name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The host that owns it (0: none, stopped).
+    #[prost(uint64, tag = "2")]
+    pub node: u64,
+    /// Its configuration (opaque here).
+    #[prost(bytes = "vec", tag = "3")]
+    pub config: Vec<u8>,
+}
+
+/// The cluster registry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ClusterInfo {
+    /// Hosts.
+    #[prost(message, repeated, tag = "1")]
+    pub nodes: Vec<NodeInfo>,
+    /// Volumes.
+    #[prost(message, repeated, tag = "2")]
+    pub volumes: Vec<VolumeInfo>,
+    /// VM roles.
+    #[prost(message, repeated, tag = "3")]
+    pub vms: Vec<VmRole>,
+}
+
+/// An administrative action.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Admin {
+    /// Which action.
+    #[prost(oneof = "admin::Action", tags = "1, 2, 3")]
+    pub action: Option<admin::Action>,
+}
+
+/// [`Admin`]'s actions.
+pub mod admin {
+    /// An administrative action.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Action {
+        /// This host's view of its groups (served by any host).
+        #[prost(message, tag = "1")]
+        Status(super::Empty),
+        /// Move the group's leadership to the node given.
+        #[prost(uint64, tag = "2")]
+        TransferLeader(u64),
+        /// Add a host: learner in every group, promoted to voter once it
+        /// has caught up.
+        #[prost(message, tag = "3")]
+        AddNode(super::NodeInfo),
+    }
+}
+
+/// A host's view of its Raft groups.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NodeStatus {
+    /// The host.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// Its groups.
+    #[prost(message, repeated, tag = "2")]
+    pub groups: Vec<GroupStatus>,
+}
+
+/// One group as a host sees it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupStatus {
+    /// Group id.
+    #[prost(uint64, tag = "1")]
+    pub group: u64,
+    /// "leader", "follower", "candidate", "pre-candidate".
+    #[prost(string, tag = "2")]
+    pub role: String,
+    /// Term.
+    #[prost(uint64, tag = "3")]
+    pub term: u64,
+    /// Known leader (0: none).
+    #[prost(uint64, tag = "4")]
+    pub leader: u64,
+    /// Commit index.
+    #[prost(uint64, tag = "5")]
+    pub commit: u64,
+    /// Applied index.
+    #[prost(uint64, tag = "6")]
+    pub applied: u64,
+    /// Last log index.
+    #[prost(uint64, tag = "7")]
+    pub last_index: u64,
+    /// Index of the latest snapshot.
+    #[prost(uint64, tag = "8")]
+    pub snapshot_index: u64,
+    /// Voters.
+    #[prost(uint64, repeated, tag = "9")]
+    pub voters: Vec<u64>,
+    /// Learners.
+    #[prost(uint64, repeated, tag = "10")]
+    pub learners: Vec<u64>,
+    /// On the leader: each follower's progress.
+    #[prost(message, repeated, tag = "11")]
+    pub followers: Vec<FollowerStatus>,
+}
+
+/// A follower's progress as the leader sees it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FollowerStatus {
+    /// The follower.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// Highest index known replicated there.
+    #[prost(uint64, tag = "2")]
+    pub matched: u64,
+    /// Entries behind the leader's last index.
+    #[prost(uint64, tag = "3")]
+    pub lag: u64,
+    /// "probe", "replicate" or "snapshot".
+    #[prost(string, tag = "4")]
+    pub state: String,
+}
+
+/// A command as committed in a group's log.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Command {
+    /// Client id (0: proposed by the leader itself, not deduplicated).
+    #[prost(uint64, tag = "1")]
+    pub client: u64,
+    /// The client's sequence number.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// The command.
+    #[prost(oneof = "command::Body", tags = "3, 4")]
+    pub body: Option<command::Body>,
+}
+
+/// [`Command`]'s body.
+pub mod command {
+    /// A committed command.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Body {
+        /// Of a volume group.
+        #[prost(message, tag = "3")]
+        Volume(super::VolumeOp),
+        /// Of the cluster group.
+        #[prost(message, tag = "4")]
+        Cluster(super::ClusterOp),
+    }
+}
+
+/// A client's last applied command, kept so a retry gets the same answer.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DedupEntry {
+    /// Client id.
+    #[prost(uint64, tag = "1")]
+    pub client: u64,
+    /// Its last applied sequence number.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// Log index where it was applied.
+    #[prost(uint64, tag = "3")]
+    pub index: u64,
+    /// The answer given.
+    #[prost(message, optional, tag = "4")]
+    pub response: Option<Response>,
+}
+
+/// The applied state of a group, as stored in a Raft snapshot.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GroupSnapshot {
+    /// Deduplication table.
+    #[prost(message, repeated, tag = "1")]
+    pub dedup: Vec<DedupEntry>,
+    /// The state machine's own encoding (a volume's `CSVMETA` bytes, or
+    /// an encoded [`ClusterInfo`]).
+    #[prost(bytes = "vec", tag = "2")]
+    pub machine: Vec<u8>,
+}

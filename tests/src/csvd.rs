@@ -1,0 +1,288 @@
+//! `CsvCluster`: several `csvd` hosts on one machine, as real processes.
+//!
+//! Each host is a `csvd` process with its own data directory and listen
+//! addresses: on loopback with distinct ports, or inside a network
+//! namespace of its own (see [`crate::netns`]). The fixture can kill a host
+//! with SIGKILL (a crash: nothing is flushed or said goodbye) and start it
+//! again on the same directory. Every process is killed on drop.
+
+use crate::cmd::workspace_bin;
+use anyhow::{bail, Context, Result};
+use coordinator::client::{self, Client};
+use coordinator::proto::NodeStatus;
+use coordinator::wire::{Identity, Key};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One host of the cluster.
+#[derive(Debug)]
+pub struct Host {
+    /// Node id.
+    pub id: u64,
+    /// Addresses it listens on.
+    pub listen: Vec<SocketAddr>,
+    /// Network namespace it runs in (None: this one).
+    pub netns: Option<String>,
+    /// Found the cluster (`--init`) on first start.
+    pub founder: bool,
+    dir: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+/// A cluster of `csvd` processes.
+#[derive(Debug)]
+pub struct CsvCluster {
+    dir: tempfile::TempDir,
+    key_file: PathBuf,
+    key: Key,
+    /// The hosts, in id order.
+    pub hosts: Vec<Host>,
+    /// Extra `csvd` arguments (e.g. `--snapshot-every`).
+    pub extra_args: Vec<String>,
+}
+
+/// The cluster name the fixture uses.
+pub const CLUSTER: &str = "csvt";
+
+impl CsvCluster {
+    /// `n` founding hosts on loopback (not started).
+    pub fn loopback(n: usize) -> Result<CsvCluster> {
+        let mut specs = Vec::new();
+        for i in 0..n {
+            let port = crate::free_port()?;
+            specs.push((
+                i as u64 + 1,
+                vec![SocketAddr::from(([127, 0, 0, 1], port))],
+                None,
+            ));
+        }
+        CsvCluster::new(specs)
+    }
+
+    /// Founding hosts with the given ids, addresses and namespaces.
+    pub fn new(specs: Vec<(u64, Vec<SocketAddr>, Option<String>)>) -> Result<CsvCluster> {
+        let dir = crate::temp_dir("csvd")?;
+        let key = Key::generate()?;
+        let key_file = dir.path().join("cluster.key");
+        std::fs::write(&key_file, key.to_hex())?;
+        let hosts = specs
+            .into_iter()
+            .map(|(id, listen, netns)| Host {
+                id,
+                dir: dir.path().join(format!("host{id}")),
+                listen,
+                netns,
+                founder: true,
+                child: None,
+                starts: 0,
+            })
+            .collect();
+        Ok(CsvCluster {
+            dir,
+            key_file,
+            key,
+            hosts,
+            extra_args: Vec::new(),
+        })
+    }
+
+    /// Adds a host that is not a founder (it waits to be added).
+    pub fn add_host(&mut self, id: u64, listen: Vec<SocketAddr>, netns: Option<String>) {
+        self.hosts.push(Host {
+            id,
+            dir: self.dir.path().join(format!("host{id}")),
+            listen,
+            netns,
+            founder: false,
+            child: None,
+            starts: 0,
+        });
+    }
+
+    /// The fixture's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The identity a client of this cluster uses.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            node: 0,
+            cluster: CLUSTER.into(),
+            key: self.key.clone(),
+        }
+    }
+
+    /// Every founder's first address (a client's endpoints).
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.hosts.iter().flat_map(|h| h.listen.clone()).collect()
+    }
+
+    /// A client of the cluster.
+    pub fn client(&self) -> Client {
+        Client::new(self.identity(), self.endpoints())
+    }
+
+    fn index(&self, id: u64) -> Result<usize> {
+        self.hosts
+            .iter()
+            .position(|h| h.id == id)
+            .with_context(|| format!("no host {id}"))
+    }
+
+    /// Starts every host.
+    pub fn start_all(&mut self) -> Result<()> {
+        let ids: Vec<u64> = self.hosts.iter().map(|h| h.id).collect();
+        for id in ids {
+            self.start(id)?;
+        }
+        Ok(())
+    }
+
+    /// Starts host `id` (again, after a kill: same directory).
+    pub fn start(&mut self, id: u64) -> Result<()> {
+        let i = self.index(id)?;
+        let peers: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|h| h.founder)
+            .map(|h| {
+                let a: Vec<String> = h.listen.iter().map(|a| a.to_string()).collect();
+                format!("{}={}", h.id, a.join(","))
+            })
+            .collect();
+        let h = &mut self.hosts[i];
+        if h.child.is_some() {
+            bail!("host {id} is running");
+        }
+        let bin = workspace_bin("csvd");
+        let mut cmd = match &h.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("--id")
+            .arg(h.id.to_string())
+            .arg("--data-dir")
+            .arg(&h.dir)
+            .args(["--cluster", CLUSTER])
+            .arg("--key-file")
+            .arg(&self.key_file);
+        for a in &h.listen {
+            cmd.arg("--listen").arg(a.to_string());
+        }
+        for p in &peers {
+            cmd.arg("--peer").arg(p);
+        }
+        if h.founder {
+            cmd.arg("--init");
+        }
+        cmd.args(&self.extra_args);
+        h.starts += 1;
+        let out = self.dir.path().join(format!("host{id}.{}.out", h.starts));
+        let err = self.dir.path().join(format!("host{id}.log"));
+        let errf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&err)?;
+        cmd.stdout(std::fs::File::create(&out)?)
+            .stderr(errf)
+            .stdin(Stdio::null())
+            .env("RUST_LOG", "info");
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        h.child = Some(child);
+        let ok = crate::wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&out).is_ok_and(|s| s.contains("serving on"))
+        });
+        if ok.is_err() {
+            let log = std::fs::read_to_string(&err).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "host {id} did not start; its log ends:\n{}",
+                tail.join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// Kills host `id` with SIGKILL (a crash).
+    pub fn kill(&mut self, id: u64) -> Result<()> {
+        let i = self.index(id)?;
+        if let Some(mut c) = self.hosts[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+
+    /// Whether host `id` runs.
+    pub fn running(&self, id: u64) -> bool {
+        self.index(id).is_ok_and(|i| self.hosts[i].child.is_some())
+    }
+
+    /// Host `id`'s status (asked of it directly).
+    pub fn status(&self, id: u64) -> Result<NodeStatus> {
+        let i = self.index(id)?;
+        let a = *self.hosts[i]
+            .listen
+            .first()
+            .context("host has no address")?;
+        client::node_status(&self.identity(), a, Duration::from_secs(1))
+            .map_err(|e| anyhow::anyhow!("host {id}: {e}"))
+    }
+
+    /// The leader of `group` that a running host reports as itself, with
+    /// the highest term (None: no leader now).
+    pub fn leader_of(&self, group: u64) -> Option<u64> {
+        let mut best: Option<(u64, u64)> = None;
+        for h in self.hosts.iter().filter(|h| h.child.is_some()) {
+            if let Ok(s) = self.status(h.id) {
+                for g in s.groups.iter().filter(|g| g.group == group) {
+                    if g.role == "leader" && best.is_none_or(|(t, _)| g.term > t) {
+                        best = Some((g.term, h.id));
+                    }
+                }
+            }
+        }
+        best.map(|(_, id)| id)
+    }
+
+    /// Waits until `group` has a leader; returns it.
+    pub fn wait_leader(&self, group: u64, within: Duration) -> Result<u64> {
+        let t = Instant::now();
+        while t.elapsed() < within {
+            if let Some(l) = self.leader_of(group) {
+                return Ok(l);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("group {group} has no leader after {within:?}")
+    }
+
+    /// The last lines of host `id`'s log (for failure messages).
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let s = std::fs::read_to_string(self.dir.path().join(format!("host{id}.log")))
+            .unwrap_or_default();
+        let v: Vec<&str> = s.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for CsvCluster {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            if let Some(mut c) = h.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
