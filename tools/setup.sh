@@ -14,7 +14,8 @@ set -euo pipefail
 #   iproute2        network namespaces for multi-host tests
 #   fio             the filesystem benchmark
 #   istgt           a second iSCSI target (it has COMPARE AND WRITE, tgtd not)
-PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt)
+#   etcd-server     the metadata benchmark's peer (a Raft-replicated store)
+PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt etcd-server)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

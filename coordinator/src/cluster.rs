@@ -2,7 +2,10 @@
 //! volumes (each with its own Raft group) and the VM roles.
 
 use crate::codec;
-use crate::proto::{self, cluster_op, ClusterInfo, ErrorCode, NodeInfo, VmRole, VolumeInfo};
+use crate::proto::{
+    self, cluster_op, ClusterInfo, ErrorCode, NodeHealth, NodeInfo, SnapshotRecord, VmRole,
+    VolumeInfo,
+};
 use prost::Message;
 use std::collections::BTreeMap;
 
@@ -21,6 +24,8 @@ pub struct ClusterState {
     nodes: BTreeMap<u64, NodeInfo>,
     volumes: BTreeMap<u64, VolumeInfo>,
     vms: BTreeMap<String, VmRole>,
+    health: BTreeMap<u64, NodeHealth>,
+    snapshots: BTreeMap<String, SnapshotRecord>,
 }
 
 /// Highest volume number (the group id space above it is free).
@@ -91,12 +96,46 @@ impl ClusterState {
                 self.vms.insert(r.name.clone(), r.clone());
                 (done, vec![])
             }
+            Some(cluster_op::Op::NodeHealth(h)) => {
+                self.health.insert(h.node, h.clone());
+                (done, vec![])
+            }
+            Some(cluster_op::Op::SetSnapshot(s)) => {
+                if s.name.is_empty() {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::Invalid,
+                            "a snapshot set needs a name",
+                        )),
+                        vec![],
+                    );
+                }
+                self.snapshots.insert(s.name.clone(), s.clone());
+                (done, vec![])
+            }
+            Some(cluster_op::Op::DeleteSnapshot(name)) => {
+                if self.snapshots.remove(name).is_none() {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::NotFound,
+                            format!("no snapshot set {name:?}"),
+                        )),
+                        vec![],
+                    );
+                }
+                (done, vec![])
+            }
         }
     }
 
     /// Registered hosts.
     pub fn nodes(&self) -> impl Iterator<Item = &NodeInfo> {
         self.nodes.values()
+    }
+
+    /// Whether the leader last saw `node` up (unknown hosts count as up).
+    pub fn is_up(&self, node: u64) -> bool {
+        self.health.get(&node).is_none_or(|h| h.up)
     }
 
     /// Whether `id` is registered.
@@ -110,6 +149,8 @@ impl ClusterState {
             nodes: self.nodes.values().cloned().collect(),
             volumes: self.volumes.values().cloned().collect(),
             vms: self.vms.values().cloned().collect(),
+            health: self.health.values().cloned().collect(),
+            snapshots: self.snapshots.values().cloned().collect(),
         }
     }
 
@@ -133,6 +174,12 @@ impl ClusterState {
         }
         for r in info.vms {
             s.vms.insert(r.name.clone(), r);
+        }
+        for h in info.health {
+            s.health.insert(h.node, h);
+        }
+        for r in info.snapshots {
+            s.snapshots.insert(r.name.clone(), r);
         }
         Ok((s, fx))
     }

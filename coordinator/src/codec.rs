@@ -70,6 +70,7 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             uid: c.uid,
             gid: c.gid,
             size: c.size,
+            mtime: c.mtime,
             now: c.now,
         },
         Some(P::Allocate(c)) => Op::Allocate {
@@ -226,4 +227,125 @@ pub fn error(code: ErrorCode, message: impl Into<String>) -> proto::Error {
         message: message.into(),
         node: 0,
     }
+}
+
+/// A volume command as a message (the inverse of [`op_from_proto`]).
+pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
+    use volume_op::Op as P;
+    let p = match op.clone() {
+        Op::Create {
+            parent,
+            name,
+            kind,
+            mode,
+            uid,
+            gid,
+            target,
+            now,
+        } => P::Create(proto::CreateOp {
+            parent,
+            name,
+            kind: kind_code(kind),
+            mode,
+            uid,
+            gid,
+            target,
+            now,
+        }),
+        Op::Link {
+            ino,
+            parent,
+            name,
+            now,
+        } => P::Link(proto::LinkOp {
+            ino,
+            parent,
+            name,
+            now,
+        }),
+        Op::Unlink {
+            parent,
+            name,
+            rmdir,
+            now,
+        } => P::Unlink(proto::UnlinkOp {
+            parent,
+            name,
+            rmdir,
+            now,
+        }),
+        Op::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            now,
+        } => P::Rename(proto::RenameOp {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            now,
+        }),
+        Op::SetAttr {
+            ino,
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+            now,
+        } => P::SetAttr(proto::SetAttrOp {
+            ino,
+            mode,
+            uid,
+            gid,
+            size,
+            mtime,
+            now,
+        }),
+        Op::Allocate { ino, off, len } => P::Allocate(proto::AllocateOp { ino, off, len }),
+        Op::MarkWritten {
+            ino,
+            off,
+            len,
+            size,
+            now,
+        } => P::MarkWritten(proto::MarkWrittenOp {
+            ino,
+            off,
+            len,
+            size,
+            now,
+        }),
+        Op::GrantLease {
+            node,
+            ino,
+            write,
+            now,
+            ttl,
+        } => P::GrantLease(proto::GrantLeaseOp {
+            node,
+            ino,
+            write,
+            now,
+            ttl,
+        }),
+        Op::RevokeLease { node, ino } => P::RevokeLease(proto::RevokeLeaseOp { node, ino }),
+        Op::Tick { now } => P::Tick(proto::TickOp { now }),
+        Op::HandOver {
+            ino,
+            from,
+            to,
+            now,
+            ttl,
+        } => P::HandOver(proto::HandOverOp {
+            ino,
+            from,
+            to,
+            now,
+            ttl,
+        }),
+    };
+    proto::VolumeOp { op: Some(p) }
 }

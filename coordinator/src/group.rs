@@ -109,6 +109,10 @@ pub struct Group {
     transfer: Option<(u64, Instant, u64, Waiter)>,
     timing: Timing,
     last_lease_tick: Instant,
+    /// When each peer was last heard from (any Raft message).
+    heard: HashMap<u64, Instant>,
+    /// When this host last became the group's leader.
+    leader_since: Option<Instant>,
 }
 
 impl std::fmt::Debug for Group {
@@ -275,6 +279,8 @@ impl Group {
                 transfer: None,
                 timing,
                 last_lease_tick: Instant::now(),
+                heard: HashMap::new(),
+                leader_since: None,
             },
             fx,
         ))
@@ -317,6 +323,7 @@ impl Group {
 
     /// Steps a message from a peer.
     pub fn step(&mut self, m: Message) {
+        self.heard.insert(m.from, Instant::now());
         if let Err(e) = self.raw.step(m) {
             tracing::debug!(group = self.id, "dropped a Raft message: {e}");
         }
@@ -351,14 +358,52 @@ impl Group {
         if !self.is_leader() {
             return;
         }
-        if let Machine::Volume(v) = &self.machine {
-            if v.has_leases() && now.duration_since(self.last_lease_tick) >= Duration::from_secs(1)
-            {
-                self.last_lease_tick = now;
-                let op = proto::VolumeOp {
-                    op: Some(proto::volume_op::Op::Tick(proto::TickOp { now: now_ms() })),
-                };
-                self.propose_internal(command::Body::Volume(op));
+        if now.duration_since(self.last_lease_tick) >= Duration::from_secs(1) {
+            self.last_lease_tick = now;
+            match &self.machine {
+                Machine::Volume(v) if v.has_leases() => {
+                    let op = proto::VolumeOp {
+                        op: Some(proto::volume_op::Op::Tick(proto::TickOp { now: now_ms() })),
+                    };
+                    self.propose_internal(command::Body::Volume(op));
+                }
+                Machine::Volume(_) => {}
+                Machine::Cluster(c)
+                    if self.leader_since.is_some_and(|t| {
+                        now.duration_since(t)
+                            >= self.timing.tick * (self.timing.election_ticks as u32 * 2)
+                    }) =>
+                {
+                    // Record hosts whose reachability changed, as this
+                    // leader sees it (heard from within two election
+                    // timeouts), so the cluster can act on a dead host.
+                    let r = &self.raw.raft;
+                    let window = self.timing.tick * (self.timing.election_ticks as u32 * 2);
+                    let changed: Vec<(u64, bool)> = r
+                        .prs()
+                        .iter()
+                        .map(|(&id, _)| {
+                            let heard = self
+                                .heard
+                                .get(&id)
+                                .is_some_and(|t| now.duration_since(*t) < window);
+                            (id, id == r.id || heard)
+                        })
+                        .filter(|&(id, up)| c.is_up(id) != up)
+                        .collect();
+                    for (node, up) in changed {
+                        tracing::info!(node, up, "host reachability changed");
+                        let op = proto::ClusterOp {
+                            op: Some(proto::cluster_op::Op::NodeHealth(proto::NodeHealth {
+                                node,
+                                up,
+                                since: now_ms(),
+                            })),
+                        };
+                        self.propose_internal(command::Body::Cluster(op));
+                    }
+                }
+                Machine::Cluster(_) => {}
             }
         }
         self.membership(members);
@@ -563,7 +608,10 @@ impl Group {
         let mut fx = Vec::new();
         let mut rd = self.raw.ready();
         if let Some(ss) = rd.ss() {
-            if ss.raft_state != StateRole::Leader {
+            if ss.raft_state == StateRole::Leader {
+                self.leader_since = Some(Instant::now());
+            } else {
+                self.leader_since = None;
                 self.fail_all("this host is no longer the group's leader");
             }
         }

@@ -266,7 +266,10 @@ fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>) {
             return;
         }
     };
-    let _ = c.set_read_timeout(None);
+    // Hosts talk all the time (heartbeats); a peer connection silent this
+    // long is dead (its network failed) and only holds a thread.
+    let idle = (c.peer != 0).then(|| Duration::from_secs(30));
+    let _ = c.set_read_timeout(idle);
     let _ = c.set_write_timeout(Some(Duration::from_secs(10)));
     loop {
         let f = match c.recv() {

@@ -500,6 +500,9 @@ pub struct SetAttrOp {
     /// Time (ms).
     #[prost(uint64, tag = "6")]
     pub now: u64,
+    /// Modification time to set (ms).
+    #[prost(uint64, optional, tag = "7")]
+    pub mtime: Option<u64>,
 }
 
 /// Allocate unwritten extents.
@@ -647,7 +650,7 @@ pub struct LookupQ {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ClusterOp {
     /// Which command.
-    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3")]
+    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6")]
     pub op: Option<cluster_op::Op>,
 }
 
@@ -665,6 +668,16 @@ pub mod cluster_op {
         /// Place a VM role on a host.
         #[prost(message, tag = "3")]
         SetVmRole(super::VmRole),
+        /// A host became reachable or unreachable from the cluster leader
+        /// (the leader proposes it).
+        #[prost(message, tag = "4")]
+        NodeHealth(super::NodeHealth),
+        /// Record (or update) a snapshot set.
+        #[prost(message, tag = "5")]
+        SetSnapshot(super::SnapshotRecord),
+        /// Forget a snapshot set.
+        #[prost(string, tag = "6")]
+        DeleteSnapshot(String),
     }
 }
 
@@ -716,6 +729,40 @@ pub struct VmRole {
     pub config: Vec<u8>,
 }
 
+/// Whether a host is reachable, as the cluster leader last saw it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NodeHealth {
+    /// The host.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// Heard from within the last election timeout.
+    #[prost(bool, tag = "2")]
+    pub up: bool,
+    /// Since when (leader's clock, ms).
+    #[prost(uint64, tag = "3")]
+    pub since: u64,
+}
+
+/// A snapshot set (the VSS-like hook's record of one backup point).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotRecord {
+    /// Its name (unique).
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The volumes it covers.
+    #[prost(uint64, repeated, tag = "2")]
+    pub volumes: Vec<u64>,
+    /// Creation time (ms).
+    #[prost(uint64, tag = "3")]
+    pub created: u64,
+    /// "preparing", "frozen", "complete" or "failed".
+    #[prost(string, tag = "4")]
+    pub state: String,
+    /// Details for the tool that made it (opaque here).
+    #[prost(bytes = "vec", tag = "5")]
+    pub detail: Vec<u8>,
+}
+
 /// The cluster registry.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ClusterInfo {
@@ -728,6 +775,12 @@ pub struct ClusterInfo {
     /// VM roles.
     #[prost(message, repeated, tag = "3")]
     pub vms: Vec<VmRole>,
+    /// Reachability of hosts.
+    #[prost(message, repeated, tag = "4")]
+    pub health: Vec<NodeHealth>,
+    /// Snapshot sets.
+    #[prost(message, repeated, tag = "5")]
+    pub snapshots: Vec<SnapshotRecord>,
 }
 
 /// An administrative action.

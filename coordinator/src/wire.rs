@@ -31,6 +31,11 @@ type HmacSha256 = SimpleHmac<Sha256>;
 pub const MAX_FRAME: usize = 64 << 20;
 const MAX_HANDSHAKE: usize = 4096;
 const TAG: usize = 16;
+/// A connection whose sent data stays unacknowledged this long fails
+/// (`TCP_USER_TIMEOUT`), so a sender notices a dead network within about
+/// an election timeout and moves on to the peer's next address, instead of
+/// writing into a dead connection until TCP gives up minutes later.
+pub const USER_TIMEOUT: Duration = Duration::from_millis(1500);
 const NONCE: usize = 32;
 
 /// What can go wrong on a connection.
@@ -193,6 +198,12 @@ fn handshake(
     timeout: Duration,
 ) -> Result<Conn, WireError> {
     stream.set_nodelay(true)?;
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::TcpUserTimeout,
+        &(USER_TIMEOUT.as_millis() as u32),
+    )
+    .map_err(std::io::Error::from)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut writer = stream.try_clone()?;
@@ -293,24 +304,43 @@ fn tag(key: &[u8; 32], ctr: u64, body: &[u8]) -> HmacSha256 {
     m
 }
 
+/// Checks and decodes one frame's `body | mac` (the bytes after its
+/// length), the `ctr`-th frame received under `key`.
+pub fn open_frame(key: &[u8; 32], ctr: u64, buf: &[u8]) -> Result<Frame, WireError> {
+    if buf.len() < TAG {
+        return Err(WireError::Frame("frame shorter than its MAC".into()));
+    }
+    let (body, t) = buf.split_at(buf.len() - TAG);
+    if tag(key, ctr, body).verify_truncated_left(t).is_err() {
+        return Err(WireError::Frame(
+            "MAC does not match: frame forged, altered or replayed".into(),
+        ));
+    }
+    Frame::decode(body).map_err(|e| WireError::Frame(e.to_string()))
+}
+
+/// Seals a frame: `len | body | mac`, the `ctr`-th frame sent under `key`.
+pub fn seal_frame(key: &[u8; 32], ctr: u64, f: &Frame) -> Result<Vec<u8>, WireError> {
+    let body = f.encode_to_vec();
+    if body.len() > MAX_FRAME {
+        return Err(WireError::Frame(format!(
+            "frame of {} bytes is longer than the {MAX_FRAME} allowed",
+            body.len()
+        )));
+    }
+    let t = tag(key, ctr, &body).finalize().into_bytes();
+    let mut buf = Vec::with_capacity(4 + body.len() + TAG);
+    buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    buf.extend_from_slice(&body);
+    buf.extend_from_slice(&t[..TAG]);
+    Ok(buf)
+}
+
 impl Conn {
     /// Sends one frame.
     pub fn send(&mut self, f: &Frame) -> Result<(), WireError> {
-        let body = f.encode_to_vec();
-        if body.len() > MAX_FRAME {
-            return Err(WireError::Frame(format!(
-                "frame of {} bytes is longer than the {MAX_FRAME} allowed",
-                body.len()
-            )));
-        }
-        let t = tag(&self.send_key, self.send_ctr, &body)
-            .finalize()
-            .into_bytes();
+        let buf = seal_frame(&self.send_key, self.send_ctr, f)?;
         self.send_ctr += 1;
-        let mut buf = Vec::with_capacity(4 + body.len() + TAG);
-        buf.extend_from_slice(&(body.len() as u32).to_be_bytes());
-        buf.extend_from_slice(&body);
-        buf.extend_from_slice(&t[..TAG]);
         self.writer.write_all(&buf)?;
         Ok(())
     }
@@ -318,19 +348,11 @@ impl Conn {
     /// Receives one frame (waits at most the read timeout, if one is set).
     pub fn recv(&mut self) -> Result<Frame, WireError> {
         let len = read_len(&mut self.reader, MAX_FRAME)?;
-        let mut body = vec![0u8; len + TAG];
-        read_exact_or(&mut self.reader, &mut body)?;
-        let (body, t) = body.split_at(len);
-        if tag(&self.recv_key, self.recv_ctr, body)
-            .verify_truncated_left(t)
-            .is_err()
-        {
-            return Err(WireError::Frame(
-                "MAC does not match: frame forged, altered or replayed".into(),
-            ));
-        }
+        let mut buf = vec![0u8; len + TAG];
+        read_exact_or(&mut self.reader, &mut buf)?;
+        let f = open_frame(&self.recv_key, self.recv_ctr, &buf)?;
         self.recv_ctr += 1;
-        Frame::decode(body).map_err(|e| WireError::Frame(e.to_string()))
+        Ok(f)
     }
 
     /// Sets how long `recv` waits (None: forever).
@@ -346,5 +368,94 @@ impl Conn {
     /// Closes both directions.
     pub fn shutdown(&self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{frame, RaftBatch};
+    use std::net::TcpListener;
+
+    fn ident(node: u64, key: &Key) -> Identity {
+        Identity {
+            node,
+            cluster: "t".into(),
+            key: key.clone(),
+        }
+    }
+
+    fn pair(a: Identity, b: Identity) -> (Result<Conn, WireError>, Result<Conn, WireError>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            accept(s, &b, Duration::from_secs(2))
+        });
+        let c = connect(addr, &a, Duration::from_secs(2));
+        (c, t.join().unwrap())
+    }
+
+    fn raft_frame(n: u8) -> Frame {
+        Frame {
+            body: Some(frame::Body::Raft(RaftBatch {
+                group: 7,
+                msgs: vec![vec![n; 3]],
+            })),
+        }
+    }
+
+    #[test]
+    fn peers_with_the_key_talk_both_ways() {
+        let k = Key::generate().unwrap();
+        let (c, s) = pair(ident(1, &k), ident(2, &k));
+        let (mut c, mut s) = (c.unwrap(), s.unwrap());
+        assert_eq!((c.peer, s.peer), (2, 1));
+        for i in 0..3 {
+            c.send(&raft_frame(i)).unwrap();
+            assert_eq!(s.recv().unwrap(), raft_frame(i));
+            s.send(&raft_frame(10 + i)).unwrap();
+            assert_eq!(c.recv().unwrap(), raft_frame(10 + i));
+        }
+    }
+
+    #[test]
+    fn a_peer_with_another_key_is_refused_by_both_sides() {
+        let (c, s) = pair(
+            ident(1, &Key::generate().unwrap()),
+            ident(2, &Key::generate().unwrap()),
+        );
+        assert!(matches!(c, Err(WireError::Auth(_))), "{c:?}");
+        assert!(matches!(s, Err(WireError::Auth(_))), "{s:?}");
+    }
+
+    #[test]
+    fn a_frame_replayed_reordered_or_altered_is_refused() {
+        let k = [7u8; 32];
+        let f0 = seal_frame(&k, 0, &raft_frame(1)).unwrap();
+        let f1 = seal_frame(&k, 1, &raft_frame(2)).unwrap();
+        assert_eq!(open_frame(&k, 0, &f0[4..]).unwrap(), raft_frame(1));
+        // Replayed as the second frame, or out of order.
+        assert!(open_frame(&k, 1, &f0[4..]).is_err());
+        assert!(open_frame(&k, 0, &f1[4..]).is_err());
+        // One bit flipped anywhere.
+        for i in 4..f0.len() {
+            let mut b = f0.clone();
+            b[i] ^= 1;
+            assert!(open_frame(&k, 0, &b[4..]).is_err(), "bit at {i}");
+        }
+        // Another key.
+        assert!(open_frame(&[8u8; 32], 0, &f0[4..]).is_err());
+        assert!(open_frame(&k, 0, &[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn key_files_round_trip_and_bad_ones_are_refused() {
+        let k = Key::generate().unwrap();
+        let back = Key::from_hex(&format!("  {}\n", k.to_hex())).unwrap();
+        assert_eq!(back.0, k.0);
+        assert!(Key::from_hex("abc").is_none());
+        assert!(Key::from_hex(&"zz".repeat(32)).is_none());
+        assert!(Key::from_hex(&"é".repeat(32)).is_none());
     }
 }

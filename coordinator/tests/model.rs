@@ -193,7 +193,7 @@ proptest! {
                     let ino = ino_of(&v, p).unwrap();
                     let leased = !v.leases(ino).is_empty();
                     let (free0, q0) = (v.free_bytes(), v.quarantined_bytes());
-                    v.apply(Op::SetAttr { ino, mode: None, uid: None, gid: None, size: Some(size), now }).unwrap();
+                    v.apply(Op::SetAttr { ino, mode: None, uid: None, gid: None, size: Some(size), mtime: None, now }).unwrap();
                     if leased {
                         prop_assert_eq!(v.free_bytes(), free0, "space of a leased file freed before its leases ended");
                     } else {
@@ -313,6 +313,63 @@ fn write_leases_exclude_other_writers_and_epochs_grow() {
 }
 
 #[test]
+fn hand_over_moves_the_write_lease_atomically() {
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let f = mk(&mut v, ROOT, "vm.vhd", Kind::File, "", 0);
+    let Reply::Lease(a) = v
+        .apply(Op::GrantLease {
+            node: 1,
+            ino: f.ino,
+            write: true,
+            now: 10,
+            ttl: 1000,
+        })
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    // Only the holder's live write lease can be handed over.
+    for (from, now) in [(2, 20), (1, 5000)] {
+        assert!(matches!(
+            v.apply(Op::HandOver {
+                ino: f.ino,
+                from,
+                to: 3,
+                now,
+                ttl: 1000
+            }),
+            Err(MetaError::Invalid(_))
+        ));
+    }
+    let Reply::Lease(b) = v
+        .apply(Op::HandOver {
+            ino: f.ino,
+            from: 1,
+            to: 2,
+            now: 20,
+            ttl: 1000,
+        })
+        .unwrap()
+    else {
+        unreachable!()
+    };
+    assert!(b.write && b.epoch > a.epoch);
+    let holders: Vec<u64> = v.leases(f.ino).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(holders, vec![2], "the source keeps nothing");
+    // The source cannot take it back while the destination holds it.
+    assert_eq!(
+        v.apply(Op::GrantLease {
+            node: 1,
+            ino: f.ino,
+            write: true,
+            now: 30,
+            ttl: 1000
+        }),
+        Err(MetaError::Busy(2))
+    );
+}
+
+#[test]
 fn written_ranges_split_unwritten_extents() {
     let mut v = Volume::new(0, 1 << 20, 0);
     let f = mk(&mut v, ROOT, "f", Kind::File, "", 0);
@@ -408,6 +465,7 @@ fn busy_volume() -> Volume {
         uid: None,
         gid: None,
         size: Some(4096),
+        mtime: None,
         now: 5,
     })
     .unwrap();

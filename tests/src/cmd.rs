@@ -62,13 +62,16 @@ pub fn workspace_bin(name: &str) -> std::path::PathBuf {
     if let Some(dir) = std::env::var_os("CSV_BIN_DIR") {
         return std::path::Path::new(&dir).join(name);
     }
-    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
+    // target/<profile>/deps/<test binary> -> target/<profile>/<name>;
+    // target/<profile>/<binary> (the benchmark driver) -> its own directory.
     let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe
+    let mut profile_dir = exe
         .parent()
-        .and_then(std::path::Path::parent)
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir.pop();
+    }
     let p = profile_dir.join(name);
     if !p.exists() {
         // A test run without the binaries built first: build them now.

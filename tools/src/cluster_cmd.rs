@@ -72,6 +72,12 @@ pub enum ClusterCommand {
         #[arg(long)]
         prometheus: bool,
     },
+    /// List the hosts: id, addresses, and whether the cluster leader hears
+    /// from them.
+    Nodes {
+        #[command(flatten)]
+        access: Access,
+    },
     /// Add a host: it becomes a learner of every group, then a voter once
     /// caught up. Start its `csvd` (without --init) first.
     AddNode {
@@ -143,6 +149,31 @@ pub fn run_cluster(c: ClusterCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         ClusterCommand::Status { access, prometheus } => status(&access, prometheus),
+        ClusterCommand::Nodes { access } => {
+            let info = access
+                .client()?
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            println!("{:<6} {:<6} {:<22} ADDRESSES", "HOST", "STATE", "SINCE");
+            for n in &info.nodes {
+                let h = info.health.iter().find(|h| h.node == n.id);
+                let (state, since) = match h {
+                    Some(h) => (
+                        if h.up { "up" } else { "down" },
+                        crate::vhd_cmd::iso8601(h.since / 1000),
+                    ),
+                    None => ("up", "-".to_string()),
+                };
+                println!(
+                    "{:<6} {:<6} {:<22} {}",
+                    n.id,
+                    state,
+                    since,
+                    n.addrs.join(", ")
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         ClusterCommand::AddNode { access, id, addrs } => {
             access
                 .client()?

@@ -212,7 +212,7 @@ fn open(path: &Path, opts: &OpenOptions) -> Result<Vhd<std::fs::File>> {
 }
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
-fn iso8601(unix: u64) -> String {
+pub(crate) fn iso8601(unix: u64) -> String {
     let days = (unix / 86400) as i64;
     let secs = unix % 86400;
     // Civil from days (Howard Hinnant's algorithm).

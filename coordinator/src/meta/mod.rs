@@ -141,12 +141,14 @@ pub enum Op {
         now: u64,
     },
     /// Change attributes; a smaller size frees the extents beyond it.
+    /// `mtime` sets the modification time (ms) explicitly (`utimensat`).
     SetAttr {
         ino: Ino,
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
+        mtime: Option<u64>,
         now: u64,
     },
     /// Allocate unwritten extents for `[off, off + len)` of a file.
@@ -385,8 +387,9 @@ impl Volume {
                 uid,
                 gid,
                 size,
+                mtime,
                 now,
-            } => self.setattr(ino, mode, uid, gid, size, now),
+            } => self.setattr(ino, [mode, uid, gid], size, mtime, now),
             Op::Allocate { ino, off, len } => self.allocate(ino, off, len),
             Op::MarkWritten {
                 ino,
@@ -672,13 +675,16 @@ impl Volume {
     fn setattr(
         &mut self,
         ino: Ino,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
+        [mode, uid, gid]: [Option<u32>; 3],
         size: Option<u64>,
+        mtime: Option<u64>,
         now: u64,
     ) -> Result<Reply, MetaError> {
         let i = self.inodes.get_mut(&ino).ok_or(MetaError::NotFound)?;
+        // Refuse before changing anything: a command applies whole or not.
+        if size.is_some() && !matches!(i.body, Body::File(_)) {
+            return Err(MetaError::IsDir);
+        }
         if let Some(m) = mode {
             i.attr.mode = m;
         }
@@ -711,6 +717,9 @@ impl Volume {
             }
             i.attr.size = new;
             i.attr.mtime = now;
+        }
+        if let Some(t) = mtime {
+            i.attr.mtime = t;
         }
         let attr = i.attr.clone();
         self.free(ino, freed);

@@ -290,6 +290,83 @@ fn a_new_host_joins_as_learner_then_voter() {
     cl.kill(1).unwrap();
     c.create(VOL, ROOT, "after", 1, 0o644, "").unwrap();
     assert!(names(&mut c, ROOT).contains("after"));
+    // The cluster records host 1 as unreachable, and as back once it is.
+    let health = |c: &mut Client, node: u64| {
+        c.cluster_info()
+            .unwrap()
+            .health
+            .into_iter()
+            .find(|h| h.node == node)
+            .map(|h| h.up)
+    };
+    let down =
+        csv_test_support::wait_until(Duration::from_secs(15), || health(&mut c, 1) == Some(false));
+    assert!(
+        down.is_ok(),
+        "host 1 not recorded as down: {:?}",
+        c.cluster_info()
+    );
+    cl.start(1).unwrap();
+    let up =
+        csv_test_support::wait_until(Duration::from_secs(15), || health(&mut c, 1) == Some(true));
+    assert!(up.is_ok(), "host 1 not recorded as up again");
+}
+
+#[test]
+fn hosts_and_clients_move_to_the_second_network_when_the_first_fails() {
+    skip_unless!(Need::Root, Need::Command("ip"));
+    // Two cluster networks; every host and the client on both.
+    let lan_a = Lan::new("neta", 42).unwrap();
+    let lan_b = Lan::new("netb", 43).unwrap();
+    let nss: Vec<NetNs> = (1..=3)
+        .map(|i| NetNs::new(&format!("net{i}")).unwrap())
+        .collect();
+    let mut links_a = Vec::new();
+    for (i, ns) in nss.iter().enumerate() {
+        links_a.push(lan_a.attach(ns, i as u8 + 1).unwrap());
+        lan_b.attach(ns, i as u8 + 1).unwrap();
+    }
+    let cns = NetNs::new("netc").unwrap();
+    let ca = lan_a.attach(&cns, 10).unwrap();
+    lan_b.attach(&cns, 10).unwrap();
+    let on = |lan: &Lan, i: usize| -> SocketAddr {
+        format!("{}:7100", lan.addr(i as u8)).parse().unwrap()
+    };
+    let specs = (1..=3)
+        .map(|i| {
+            (
+                i as u64,
+                vec![on(&lan_a, i), on(&lan_b, i)],
+                Some(nss[i - 1].name().to_string()),
+            )
+        })
+        .collect();
+    let mut cl = CsvCluster::new(specs).unwrap();
+    cl.start_all().unwrap();
+    cns.run(|| {
+        let mut c = cl.client();
+        c.add_volume(volume(VOL)).unwrap();
+        c.create(VOL, ROOT, "on-a", 1, 0o644, "").unwrap();
+    })
+    .unwrap();
+    // Network A fails everywhere: hosts keep their quorum over B, and a
+    // client that knows both addresses of each host carries on.
+    for l in links_a.iter().chain(std::iter::once(&ca)) {
+        l.down().unwrap();
+    }
+    cns.run(|| {
+        let mut c = cl.client();
+        c.timeout = Duration::from_secs(20);
+        let t = Instant::now();
+        c.create(VOL, ROOT, "on-b", 1, 0o644, "").unwrap();
+        eprintln!("first create over network B after {:?}", t.elapsed());
+        // The hosts' own traffic moved too: a leader transfer needs it.
+        c.transfer_leader(VOL, 2).unwrap();
+        c.transfer_leader(VOL, 3).unwrap();
+        let n = names(&mut c, ROOT);
+        assert!(n.contains("on-a") && n.contains("on-b"), "{n:?}");
+    })
+    .unwrap();
 }
 
 #[test]

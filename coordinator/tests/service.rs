@@ -1,0 +1,109 @@
+//! The coordinator service in this process, on loopback: a retried
+//! request is applied once, and reads see every acknowledged write.
+
+#![allow(clippy::unwrap_used)]
+
+use coordinator::group::Timing;
+use coordinator::meta::ROOT;
+use coordinator::node::{Config, Node};
+use coordinator::proto::{self, frame, request, response, Frame, Request};
+use coordinator::wire::{self, Identity, Key};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+fn one_host(dir: &std::path::Path) -> (Node, Identity) {
+    let key = Key::generate().unwrap();
+    let me = Identity {
+        node: 1,
+        cluster: "t".into(),
+        key,
+    };
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let node = Node::start(Config {
+        identity: me.clone(),
+        data_dir: dir.to_path_buf(),
+        listen: vec![addr],
+        peers: BTreeMap::from([(1, vec![addr.to_string()])]),
+        init: true,
+        timing: Timing {
+            tick: Duration::from_millis(10),
+            ..Timing::default()
+        },
+    })
+    .unwrap();
+    (node, me)
+}
+
+fn call(c: &mut wire::Conn, r: &Request) -> response::Result {
+    c.send(&Frame {
+        body: Some(frame::Body::Request(r.clone())),
+    })
+    .unwrap();
+    match c.recv().unwrap().body {
+        Some(frame::Body::Response(r)) => r.result.unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_retried_create_is_applied_once_and_answered_the_same() {
+    let d = tempfile::tempdir().unwrap();
+    let (node, me) = one_host(d.path());
+    let addr = node.bound[0];
+    let client = Identity { node: 0, ..me };
+    let mut cl = coordinator::client::Client::new(client.clone(), vec![addr]);
+    cl.add_volume(proto::VolumeInfo {
+        number: 1,
+        lun: "x".into(),
+        data_start: 4096,
+        capacity: 1 << 30,
+        voters: vec![],
+        now: 0,
+    })
+    .unwrap();
+    // The volume's group elects its (only) leader.
+    while cl.readdir(1, ROOT).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = wire::connect(addr, &client, Duration::from_secs(2)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let create = |seq, name: &str| Request {
+        client: 77,
+        seq,
+        group: 1,
+        body: Some(request::Body::Op(proto::VolumeOp {
+            op: Some(proto::volume_op::Op::Create(proto::CreateOp {
+                parent: ROOT,
+                name: name.into(),
+                kind: 1,
+                mode: 0o644,
+                ..Default::default()
+            })),
+        })),
+    };
+    let first = call(&mut c, &create(1, "once"));
+    let again = call(&mut c, &create(1, "once"));
+    assert!(matches!(first, response::Result::Reply(_)), "{first:?}");
+    assert_eq!(first, again, "a retry gets the first answer");
+    // A new request for the same name is a new command: it fails.
+    let third = call(&mut c, &create(2, "once"));
+    let response::Result::Error(e) = third else {
+        panic!("{third:?}")
+    };
+    assert_eq!(e.code, proto::ErrorCode::Exists as i32);
+    // An older sequence number than the last is refused, not applied.
+    let old = call(&mut c, &create(1, "other"));
+    let response::Result::Error(e) = old else {
+        panic!("{old:?}")
+    };
+    assert_eq!(e.code, proto::ErrorCode::BadRequest as i32);
+    assert!(
+        cl.lookup(1, ROOT, "other").is_err(),
+        "stale retry was applied"
+    );
+    assert_eq!(cl.readdir(1, ROOT).unwrap().len(), 1);
+}
