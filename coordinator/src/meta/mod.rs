@@ -854,7 +854,7 @@ impl Volume {
         };
         let l = Lease {
             epoch,
-            expires: now + ttl,
+            expires: now.saturating_add(ttl),
             write,
         };
         self.leases.insert((ino, node), l);
