@@ -79,6 +79,72 @@ impl Allocator {
         Some(out)
     }
 
+    /// Like [`Allocator::allocate`], but every piece starts at a multiple
+    /// of `align` (a power of two): files never share a sector, so one
+    /// host's read-modify-write of a partial sector cannot touch another
+    /// file. Unaligned slivers stay free until their neighbours come back.
+    pub fn allocate_aligned(&mut self, len: u64, hint: u64, align: u64) -> Option<Vec<(u64, u64)>> {
+        if len == 0 {
+            return Some(Vec::new());
+        }
+        let usable = |s: u64, l: u64| -> Option<(u64, u64)> {
+            let a = s.checked_next_multiple_of(align)?;
+            let end = s.checked_add(l)?;
+            (a < end).then(|| (a, end - a))
+        };
+        let avail: u64 = self
+            .intervals()
+            .filter_map(|(s, l)| usable(s, l))
+            .map(|(_, n)| n)
+            .sum();
+        if avail < len {
+            return None;
+        }
+        let whole = self
+            .free
+            .range(hint..)
+            .chain(self.free.range(..hint))
+            .filter_map(|(&s, &l)| usable(s, l).map(|u| (s, u)))
+            .find(|(_, (_, n))| *n >= len)
+            .map(|(s, (a, _))| (s, a));
+        if let Some((s, a)) = whole {
+            self.take_at(s, a, len);
+            return Some(vec![(a, len)]);
+        }
+        let mut by_size: Vec<(u64, u64, u64)> = self
+            .intervals()
+            .filter_map(|(s, l)| usable(s, l).map(|(a, n)| (s, a, n)))
+            .collect();
+        by_size.sort_by(|x, y| y.2.cmp(&x.2).then(x.1.cmp(&y.1)));
+        let mut out = Vec::new();
+        let mut left = len;
+        for (s, a, n) in by_size {
+            let n = n.min(left);
+            self.take_at(s, a, n);
+            out.push((a, n));
+            left -= n;
+            if left == 0 {
+                break;
+            }
+        }
+        out.sort_unstable();
+        Some(out)
+    }
+
+    /// Removes `[a, a + n)` from the free interval that starts at `s`
+    /// (with `s <= a`), keeping what lies before and after free.
+    fn take_at(&mut self, s: u64, a: u64, n: u64) {
+        if let Some(l) = self.free.remove(&s) {
+            if a > s {
+                self.free.insert(s, a - s);
+            }
+            let end = s + l;
+            if a + n < end {
+                self.free.insert(a + n, end - a - n);
+            }
+        }
+    }
+
     /// Removes `[s, s + n)` from the front of the free interval at `s`.
     fn take(&mut self, s: u64, n: u64) {
         if let Some(l) = self.free.remove(&s) {

@@ -210,7 +210,8 @@ impl Client {
         self.call(vol, request::Body::Op(proto::VolumeOp { op: Some(op) }))
     }
 
-    fn read(&mut self, group: u64, q: read::Query) -> Result<proto::Reply> {
+    /// Any linearizable read.
+    pub fn read(&mut self, group: u64, q: read::Query) -> Result<proto::Reply> {
         self.call(group, request::Body::Read(proto::Read { query: Some(q) }))
     }
 
@@ -308,6 +309,25 @@ impl Client {
             Some(Value::Entries(e)) => Ok(e.entries),
             v => Err(ClientError::BadReply(format!("{v:?}"))),
         }
+    }
+
+    /// Space and inode use of a volume (linearizable).
+    pub fn usage(&mut self, vol: u64) -> Result<proto::VolumeUsage> {
+        match self.read(vol, read::Query::Usage(proto::Empty {}))?.value {
+            Some(Value::Usage(u)) => Ok(u),
+            v => Err(ClientError::BadReply(format!("{v:?}"))),
+        }
+    }
+
+    /// Removes VolumeN from the cluster.
+    pub fn remove_volume(&mut self, number: u64) -> Result<()> {
+        self.call(
+            crate::group::CLUSTER,
+            request::Body::Cluster(proto::ClusterOp {
+                op: Some(proto::cluster_op::Op::RemoveVolume(number)),
+            }),
+        )
+        .map(|_| ())
     }
 
     /// The cluster registry (linearizable).

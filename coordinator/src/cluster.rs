@@ -16,6 +16,8 @@ pub enum Effect {
     Volume(VolumeInfo),
     /// A host's addresses are known or changed.
     Node(NodeInfo),
+    /// A volume was removed: stop serving and hosting it.
+    RemoveVolume(u64),
 }
 
 /// The registry.
@@ -95,6 +97,15 @@ impl ClusterState {
             Some(cluster_op::Op::SetVmRole(r)) => {
                 self.vms.insert(r.name.clone(), r.clone());
                 (done, vec![])
+            }
+            Some(cluster_op::Op::RemoveVolume(n)) => {
+                if self.volumes.remove(n).is_none() {
+                    return (
+                        Err(codec::error(ErrorCode::NotFound, format!("no Volume{n}"))),
+                        vec![],
+                    );
+                }
+                (done, vec![Effect::RemoveVolume(*n)])
             }
             Some(cluster_op::Op::NodeHealth(h)) => {
                 self.health.insert(h.node, h.clone());

@@ -802,7 +802,11 @@ impl Group {
                             .readdir(*i)
                             .map_err(me)?
                             .into_iter()
-                            .map(|(name, ino)| proto::DirEntry { name, ino })
+                            .map(|(name, ino)| proto::DirEntry {
+                                name,
+                                ino,
+                                kind: v.getattr(ino).map_or(1, |a| codec::kind_code(a.kind)),
+                            })
                             .collect(),
                     }),
                     read::Query::ReadLink(i) => {
@@ -822,6 +826,12 @@ impl Group {
                                 write: l.write,
                             })
                             .collect(),
+                    }),
+                    read::Query::Usage(_) => Value::Usage(proto::VolumeUsage {
+                        free: v.free_bytes(),
+                        quarantined: v.quarantined_bytes(),
+                        inodes: v.inode_count(),
+                        leases: v.lease_count(),
                     }),
                     read::Query::Cluster(_) => {
                         return Err(codec::error(

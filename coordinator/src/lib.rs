@@ -34,6 +34,7 @@ pub mod cluster;
 pub mod codec;
 pub mod group;
 pub mod meta;
+pub mod metrics;
 pub mod node;
 pub mod proto;
 pub mod storage;

@@ -178,9 +178,15 @@ fn peer_sender(me: Identity, book: Book, to: u64, rx: Receiver<Frame>) {
     }
 }
 
+/// How this host reaches each volume, as the filesystem layer reports it
+/// (served in the status RPC).
+pub type VolumeStates = Arc<RwLock<Vec<proto::VolumeState>>>;
+
 /// A running coordinator service.
 #[derive(Debug)]
 pub struct Node {
+    /// The volume states this host reports; the filesystem layer fills it.
+    pub volumes: VolumeStates,
     stop: Arc<AtomicBool>,
     raft: Option<std::thread::JoinHandle<()>>,
     /// Addresses actually bound (port 0 resolved).
@@ -212,7 +218,9 @@ impl Node {
             listeners.push(l);
         }
         let book: Book = Arc::new(RwLock::new(cfg.peers.clone()));
+        let volumes: VolumeStates = Arc::default();
         let mut state = RaftLoop::open(&cfg, book.clone())?;
+        state.volumes = volumes.clone();
         for l in listeners {
             let (tx, me) = (tx.clone(), cfg.identity.clone());
             std::thread::Builder::new()
@@ -227,6 +235,7 @@ impl Node {
             .spawn(move || state.run(rx, s2))
             .map_err(|e| NodeError::Config(format!("cannot start a thread: {e}")))?;
         Ok(Node {
+            volumes,
             stop,
             raft: Some(raft),
             bound,
@@ -358,6 +367,7 @@ struct RaftLoop {
     /// every group).
     members: Vec<u64>,
     last_register: Instant,
+    volumes: VolumeStates,
 }
 
 impl RaftLoop {
@@ -376,6 +386,7 @@ impl RaftLoop {
             book,
             members: Vec::new(),
             last_register: Instant::now(),
+            volumes: Arc::default(),
         };
         let init: Vec<u64> = if cfg.init {
             cfg.peers.keys().copied().collect()
@@ -438,8 +449,21 @@ impl RaftLoop {
                         self.members.push(n.id);
                     }
                 }
+                Effect::RemoveVolume(n) => {
+                    if self.groups.remove(&n).is_some() {
+                        // Keep the replica's files (a removed volume's
+                        // metadata is not destroyed by accident); mark it
+                        // so it is not reopened at the next start.
+                        let dir = self.group_dir(n);
+                        let _ = std::fs::rename(dir.join(VOLUME_INFO), dir.join("volume.removed"));
+                        tracing::info!("Volume{n} removed from the cluster");
+                    }
+                }
                 Effect::Volume(v) => {
                     if self.groups.contains_key(&v.number) {
+                        continue;
+                    }
+                    if self.group_dir(v.number).join("volume.removed").exists() {
                         continue;
                     }
                     let init = if v.voters.contains(&self.me) {
@@ -605,6 +629,7 @@ impl RaftLoop {
                     value: Some(proto::reply::Value::Status(proto::NodeStatus {
                         node: self.me,
                         groups: self.groups.values().map(|g| g.status()).collect(),
+                        volumes: self.volumes.read().map(|v| v.clone()).unwrap_or_default(),
                     })),
                 })),
             });

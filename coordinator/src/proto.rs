@@ -202,7 +202,7 @@ pub struct Redirect {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Reply {
     /// What came back.
-    #[prost(oneof = "reply::Value", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "reply::Value", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub value: Option<reply::Value>,
 }
 
@@ -238,12 +238,49 @@ pub mod reply {
         /// The cluster's registry.
         #[prost(message, tag = "9")]
         Cluster(super::ClusterInfo),
+        /// A volume's use.
+        #[prost(message, tag = "10")]
+        Usage(super::VolumeUsage),
     }
 }
 
 /// Nothing.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Empty {}
+
+/// How much of a volume is used.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VolumeUsage {
+    /// Free bytes (not counting quarantine).
+    #[prost(uint64, tag = "1")]
+    pub free: u64,
+    /// Freed bytes waiting for leases to end.
+    #[prost(uint64, tag = "2")]
+    pub quarantined: u64,
+    /// Inodes in use.
+    #[prost(uint64, tag = "3")]
+    pub inodes: u64,
+    /// Live leases (files open somewhere).
+    #[prost(uint64, tag = "4")]
+    pub leases: u64,
+}
+
+/// How a host reaches one volume.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VolumeState {
+    /// N of VolumeN.
+    #[prost(uint64, tag = "1")]
+    pub number: u64,
+    /// "Direct", "BlockRedirected", "FileSystemRedirected" or "Unmounted".
+    #[prost(string, tag = "2")]
+    pub state: String,
+    /// Why it is in that state.
+    #[prost(string, tag = "3")]
+    pub reason: String,
+    /// Where it is mounted on this host.
+    #[prost(string, tag = "4")]
+    pub mountpoint: String,
+}
 
 /// Attributes of an inode.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -336,6 +373,9 @@ pub struct DirEntry {
     /// Inode.
     #[prost(uint64, tag = "2")]
     pub ino: u64,
+    /// 0 directory, 1 file, 2 symlink.
+    #[prost(uint32, tag = "3")]
+    pub kind: u32,
 }
 
 /// Directory entries.
@@ -602,7 +642,7 @@ pub struct HandOverOp {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Read {
     /// Which read.
-    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub query: Option<read::Query>,
 }
 
@@ -632,6 +672,9 @@ pub mod read {
         /// The cluster registry (cluster group).
         #[prost(message, tag = "7")]
         Cluster(super::Empty),
+        /// Space and inode use of the volume.
+        #[prost(message, tag = "8")]
+        Usage(super::Empty),
     }
 }
 
@@ -650,7 +693,7 @@ pub struct LookupQ {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ClusterOp {
     /// Which command.
-    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6")]
+    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub op: Option<cluster_op::Op>,
 }
 
@@ -678,6 +721,9 @@ pub mod cluster_op {
         /// Forget a snapshot set.
         #[prost(string, tag = "6")]
         DeleteSnapshot(String),
+        /// Remove a volume from the cluster (hosts unmount it).
+        #[prost(uint64, tag = "7")]
+        RemoveVolume(u64),
     }
 }
 
@@ -818,6 +864,9 @@ pub struct NodeStatus {
     /// Its groups.
     #[prost(message, repeated, tag = "2")]
     pub groups: Vec<GroupStatus>,
+    /// How it reaches each volume.
+    #[prost(message, repeated, tag = "3")]
+    pub volumes: Vec<VolumeState>,
 }
 
 /// One group as a host sees it.

@@ -216,3 +216,34 @@ proptest! {
         prop_assert!(wire::open_frame(&key, 5, &b).is_err());
     }
 }
+
+proptest! {
+    /// Aligned allocation: every piece starts aligned, pieces never overlap
+    /// each other or what stays free, and the lengths add up; or nothing is
+    /// taken.
+    #[test]
+    fn aligned_pieces_never_share_a_sector(
+        frees in proptest::collection::vec((0u64..1 << 20, 1u64..40_000), 1..20),
+        want in 1u64..200_000,
+        hint in 0u64..1 << 20,
+    ) {
+        use coordinator::alloc::Allocator;
+        let mut a = Allocator::default();
+        for (s, l) in frees {
+            let _ = a.release(s, l);
+        }
+        let before = a.clone();
+        match a.allocate_aligned(want, hint, 4096) {
+            None => prop_assert_eq!(a, before),
+            Some(pieces) => {
+                prop_assert_eq!(pieces.iter().map(|p| p.1).sum::<u64>(), want);
+                for &(s, l) in &pieces {
+                    prop_assert_eq!(s % 4096, 0);
+                    prop_assert!(!a.overlaps(s, l));
+                    prop_assert!(before.intervals().any(|(fs, fl)| fs <= s && s + l <= fs + fl));
+                }
+                prop_assert_eq!(a.free_bytes() + want, before.free_bytes());
+            }
+        }
+    }
+}

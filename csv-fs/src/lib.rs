@@ -1,7 +1,19 @@
 //! The csv node daemon (`csvd`) and the `/ClusterStorage` FUSE filesystem.
 //!
-//! A node joins the cluster, hosts its Raft replicas, keeps its SAN paths
-//! (direct or redirected through a peer), serves redirected I/O for peers,
-//! and mounts every volume at `/ClusterStorage/VolumeN`.
+//! A node joins the cluster, hosts its Raft replicas (the coordinator
+//! service), and mounts every volume at `<mount root>/VolumeN`: metadata
+//! goes to the volume's coordinator, file data straight to the LUN.
 //!
-//! Not written yet; see the project's issue list.
+//! - [`superblock`]: the first 4 KiB of a volume's LUN (identity, layout);
+//! - [`extents`]: a host's copy of a file's extent map;
+//! - [`fs`]: the FUSE filesystem of one volume;
+//! - [`mounts`]: mounts and unmounts volumes as the cluster registry says,
+//!   and reports how this host reaches each one.
+//!
+//! Still to come (see the project's issues): SAN paths over iSCSI and I/O
+//! redirected through a peer when this host's path fails.
+
+pub mod extents;
+pub mod fs;
+pub mod mounts;
+pub mod superblock;

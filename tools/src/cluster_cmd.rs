@@ -100,17 +100,37 @@ pub enum VolumeCommand {
     Add {
         #[command(flatten)]
         access: Access,
+        /// The LUN: a file or block device every host can reach at this
+        /// path (or give hosts their own path with `csvd --lun N=PATH`).
+        lun: PathBuf,
+        /// N in /ClusterStorage/VolumeN (default: the next free number).
+        #[arg(long)]
+        number: Option<u64>,
+        /// Size of the LUN; a file that does not exist is created (sparse)
+        /// with this size. Default: the LUN's current size.
+        #[arg(long, value_parser = crate::size::parse_size)]
+        size: Option<u64>,
+        /// Format a LUN that already holds a csv volume (its data is lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove VolumeN from the cluster (refused while any file on it is
+    /// open somewhere). Hosts unmount it; the LUN keeps its data.
+    Remove {
+        #[command(flatten)]
+        access: Access,
         /// N in /ClusterStorage/VolumeN.
         number: u64,
-        /// The LUN: an iscsi:// URL or a file path.
+    },
+    /// How each host reaches each volume: Direct, BlockRedirected,
+    /// FileSystemRedirected or Unmounted, and why (like
+    /// Get-ClusterSharedVolumeState).
+    Status {
+        #[command(flatten)]
+        access: Access,
+        /// Print JSON.
         #[arg(long)]
-        lun: String,
-        /// The LUN's size (e.g. 10G).
-        #[arg(long, value_parser = crate::size::parse_size)]
-        size: u64,
-        /// Bytes reserved at the start of the LUN for the volume's header.
-        #[arg(long, default_value = "1M", value_parser = crate::size::parse_size)]
-        data_start: u64,
+        json: bool,
     },
     /// List the volumes.
     List {
@@ -203,13 +223,7 @@ fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn group_name(g: u64) -> String {
-    if g == 0 {
-        "cluster".into()
-    } else {
-        format!("Volume{g}")
-    }
-}
+use coordinator::metrics::group_name;
 
 fn status(access: &Access, prometheus: bool) -> Result<ExitCode> {
     let me = access.identity()?;
@@ -225,7 +239,8 @@ fn status(access: &Access, prometheus: bool) -> Result<ExitCode> {
         }
     }
     if prometheus {
-        print!("{}", prometheus_text(&all));
+        let only: Vec<proto::NodeStatus> = all.iter().map(|(_, s)| s.clone()).collect();
+        print!("{}", coordinator::metrics::prometheus_text(&only));
     } else {
         println!(
             "{:<6} {:<10} {:<13} {:>6} {:>7} {:>9} {:>9} {:>9}  MEMBERS / LAG",
@@ -272,57 +287,128 @@ fn status(access: &Access, prometheus: bool) -> Result<ExitCode> {
     })
 }
 
-/// The status of every host in Prometheus text format.
-pub fn prometheus_text(all: &[(SocketAddr, proto::NodeStatus)]) -> String {
-    let mut out = String::new();
-    type Metric = (&'static str, &'static str, fn(&proto::GroupStatus) -> u64);
-    let metrics: [Metric; 5] = [
-        (
-            "csv_raft_term",
-            "Raft term of the group on this host",
-            |g| g.term,
+/// Formats `lun` as VolumeN: creates a missing file of `size`, refuses
+/// a LUN that already holds a volume unless `force`, writes the superblock.
+fn format_lun(
+    lun: &std::path::Path,
+    number: u64,
+    size: Option<u64>,
+    force: bool,
+) -> Result<(PathBuf, csv_fs::superblock::Superblock)> {
+    use csv_fs::superblock::{Superblock, DEFAULT_DATA_START};
+    use vhd::BlockIo;
+    if !lun.exists() {
+        let Some(size) = size else {
+            bail!("{} does not exist; give --size to create it", lun.display());
+        };
+        let f = std::fs::File::create(lun).with_context(|| format!("create {}", lun.display()))?;
+        f.set_len(size)
+            .with_context(|| format!("size {}", lun.display()))?;
+    }
+    let lun = std::fs::canonicalize(lun).with_context(|| format!("{}", lun.display()))?;
+    let dev =
+        vhd::io::DirectFile::open(&lun, true).with_context(|| format!("open {}", lun.display()))?;
+    let mut len = dev
+        .len()
+        .with_context(|| format!("size of {}", lun.display()))?;
+    if len == 0 {
+        // A block device: its size comes from seeking to the end.
+        use std::io::Seek;
+        len = dev
+            .file()
+            .try_clone()?
+            .seek(std::io::SeekFrom::End(0))
+            .with_context(|| format!("size of {}", lun.display()))?;
+    }
+    if let Some(s) = size {
+        if s > len {
+            bail!(
+                "{} is {} bytes, smaller than --size {s}",
+                lun.display(),
+                len
+            );
+        }
+        len = s;
+    }
+    if len < 64 << 20 {
+        bail!(
+            "{} is {} bytes; a volume needs at least 64 MiB",
+            lun.display(),
+            len
+        );
+    }
+    match Superblock::read(&dev) {
+        Ok(old) if !force => bail!(
+            "{} already holds Volume{} (id {}); pass --force to format it again (its data is lost)",
+            lun.display(),
+            old.number,
+            old.id_hex()
         ),
-        (
-            "csv_raft_leader",
-            "Node id of the leader this host knows (0: none)",
-            |g| g.leader,
-        ),
-        ("csv_raft_commit_index", "Commit index", |g| g.commit),
-        ("csv_raft_applied_index", "Applied index", |g| g.applied),
-        (
-            "csv_raft_is_leader",
-            "1 if this host leads the group",
-            |g| u64::from(g.role == "leader"),
-        ),
-    ];
-    for (name, help, f) in metrics {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-        for (_, s) in all {
-            for g in &s.groups {
-                out.push_str(&format!(
-                    "{name}{{host=\"{}\",group=\"{}\"}} {}\n",
-                    s.node,
-                    group_name(g.group),
-                    f(g)
-                ));
+        _ => {}
+    }
+    let mut id = [0u8; 16];
+    coordinator::wire::random(&mut id).context("random volume id")?;
+    let sb = Superblock {
+        number,
+        id,
+        capacity: len,
+        data_start: DEFAULT_DATA_START,
+    };
+    sb.write(&dev)
+        .with_context(|| format!("write the superblock of {}", lun.display()))?;
+    Ok((lun, sb))
+}
+
+fn volume_status(access: &Access, json: bool) -> Result<ExitCode> {
+    let me = access.identity()?;
+    let mut rows = Vec::new();
+    let mut failed = false;
+    for a in access.addrs()? {
+        match client::node_status(&me, a, Duration::from_secs(2)) {
+            Ok(s) => {
+                for v in s.volumes {
+                    rows.push((s.node, v));
+                }
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("{a}: {}", client::describe(&e));
             }
         }
     }
-    out.push_str("# HELP csv_raft_follower_lag Entries a follower is behind its leader\n# TYPE csv_raft_follower_lag gauge\n");
-    for (_, s) in all {
-        for g in &s.groups {
-            for fl in &g.followers {
-                out.push_str(&format!(
-                    "csv_raft_follower_lag{{leader=\"{}\",group=\"{}\",follower=\"{}\"}} {}\n",
-                    s.node,
-                    group_name(g.group),
-                    fl.node,
-                    fl.lag
-                ));
-            }
+    rows.sort_by_key(|(n, v)| (v.number, *n));
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(n, v)| {
+                serde_json::json!({
+                    "host": n, "volume": format!("Volume{}", v.number),
+                    "state": v.state, "reason": v.reason, "mountpoint": v.mountpoint,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!(
+            "{:<10} {:<6} {:<22} {:<40} REASON",
+            "VOLUME", "HOST", "STATE", "MOUNTPOINT"
+        );
+        for (n, v) in &rows {
+            println!(
+                "{:<10} {:<6} {:<22} {:<40} {}",
+                format!("Volume{}", v.number),
+                n,
+                v.state,
+                v.mountpoint,
+                v.reason
+            );
         }
     }
-    out
+    Ok(if failed {
+        ExitCode::from(3)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Runs a `volume` command.
@@ -330,28 +416,55 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
     match c {
         VolumeCommand::Add {
             access,
-            number,
             lun,
+            number,
             size,
-            data_start,
+            force,
         } => {
-            if data_start >= size {
-                bail!("--data-start ({data_start}) must be below --size ({size})");
-            }
-            access
-                .client()?
-                .add_volume(proto::VolumeInfo {
-                    number,
-                    lun,
-                    data_start,
-                    capacity: size,
-                    voters: vec![],
-                    now: 0,
-                })
+            let mut c = access.client()?;
+            let info = c
+                .cluster_info()
                 .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
-            println!("Volume{number} created");
+            let number = number
+                .unwrap_or_else(|| info.volumes.iter().map(|v| v.number).max().unwrap_or(0) + 1);
+            if info.volumes.iter().any(|v| v.number == number) {
+                bail!("Volume{number} exists");
+            }
+            let (lun, sb) = format_lun(&lun, number, size, force)?;
+            c.add_volume(proto::VolumeInfo {
+                number,
+                lun: lun.display().to_string(),
+                data_start: sb.data_start,
+                capacity: sb.capacity,
+                voters: vec![],
+                now: 0,
+            })
+            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            println!(
+                "Volume{number} created on {} ({}, id {}); every host mounts it as VolumeN under its mount root",
+                lun.display(),
+                crate::size::human(sb.capacity),
+                sb.id_hex()
+            );
             Ok(ExitCode::SUCCESS)
         }
+        VolumeCommand::Remove { access, number } => {
+            let mut c = access.client()?;
+            let u = c
+                .usage(number)
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            if u.leases > 0 {
+                bail!(
+                    "Volume{number} has {} open file(s) on the cluster's hosts; close them (stop the VMs) first",
+                    u.leases
+                );
+            }
+            c.remove_volume(number)
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            println!("Volume{number} removed; hosts unmount it (the LUN keeps its data)");
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Status { access, json } => volume_status(&access, json),
         VolumeCommand::List { access } => {
             let info = access
                 .client()?

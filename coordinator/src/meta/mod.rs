@@ -32,6 +32,9 @@ pub const ROOT: Ino = 1;
 pub type NodeId = u64;
 /// Longest name in a directory (bytes).
 pub const MAX_NAME: usize = 255;
+/// Every extent starts on the LUN at a multiple of this (files never share
+/// a sector, whatever sizes they are truncated to).
+pub const ALIGN: u64 = 4096;
 
 /// Kinds of inode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -326,6 +329,16 @@ impl Volume {
     /// Free bytes of the LUN (not counting quarantine).
     pub fn free_bytes(&self) -> u64 {
         self.alloc.free_bytes()
+    }
+
+    /// Inodes in use.
+    pub fn inode_count(&self) -> u64 {
+        self.inodes.len() as u64
+    }
+
+    /// Live leases on all files.
+    pub fn lease_count(&self) -> u64 {
+        self.leases.len() as u64
     }
 
     /// Bytes waiting in quarantine.
@@ -756,8 +769,12 @@ impl Volume {
         }
         let hint = ext.values().last().map_or(0, |e| e.lun_off + e.len);
         let mut new = Vec::new();
+        // Allocate every hole or none: work on a copy of the free list.
+        let mut alloc = self.alloc.clone();
         for (hoff, hlen) in holes {
-            let pieces = self.alloc.allocate(hlen, hint).ok_or(MetaError::NoSpace)?;
+            let pieces = alloc
+                .allocate_aligned(hlen, hint, ALIGN)
+                .ok_or(MetaError::NoSpace)?;
             let mut foff = hoff;
             for (s, l) in pieces {
                 new.push(Extent {
@@ -769,6 +786,7 @@ impl Volume {
                 foff += l;
             }
         }
+        self.alloc = alloc;
         if let Some(Inode {
             body: Body::File(ext),
             ..

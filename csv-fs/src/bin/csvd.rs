@@ -1,17 +1,24 @@
 //! `csvd`: the csv node daemon.
 //!
-//! Today it runs this host's coordinator service (its replicas of the
-//! cluster group and of every volume's group, and the RPC service); the
-//! SAN paths and the `/ClusterStorage` mounts join it as they are built.
+//! It runs this host's coordinator service (its replicas of the cluster
+//! group and of every volume's group, and the RPC service), mounts every
+//! volume at `<mount root>/VolumeN` with file data going straight to the
+//! LUN, and serves Prometheus metrics. SIGTERM or SIGINT unmounts the
+//! volumes and stops it.
 
 use clap::Parser;
 use coordinator::group::Timing;
 use coordinator::node::{Config, Node};
 use coordinator::wire::{Identity, Key};
+use csv_fs::mounts::{MountConfig, Mounts};
+use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Run a csv cluster host.
@@ -22,57 +29,104 @@ use std::time::Duration;
 /// until `csvctl cluster add-node` makes it a member: it then becomes a
 /// learner of every Raft group and a voter once it has caught up.
 ///
+/// With `--mount-root`, every volume of the cluster is mounted at
+/// `<mount root>/VolumeN` as soon as it exists (the LUN is the path the
+/// volume was added with, or the one `--lun N=PATH` gives for this host).
+///
+/// Settings can also come from a TOML file (`--config`); flags win:
+///
+///   id = 1
+///   data_dir = "/var/lib/csv"
+///   listen = ["10.0.0.1:7100", "10.1.0.1:7100"]
+///   cluster = "prod"
+///   key_file = "/etc/csv/cluster.key"
+///   mount_root = "/ClusterStorage"
+///   metrics = "127.0.0.1:9477"
+///   [peers]
+///   1 = ["10.0.0.1:7100", "10.1.0.1:7100"]
+///   2 = ["10.0.0.2:7100", "10.1.0.2:7100"]
+///   [luns]
+///   1 = "/dev/disk/by-id/wwn-0x6001405..."
+///
 /// Example, three hosts on one machine:
 ///
-///   csvctl cluster init --name lab --key-file /etc/csv/cluster.key
+///   csvctl cluster init --key-file /etc/csv/cluster.key
 ///   csvd --id 1 --data-dir /var/lib/csv/1 --listen 127.0.0.1:7101 \
 ///        --peer 1=127.0.0.1:7101 --peer 2=127.0.0.1:7102 --peer 3=127.0.0.1:7103 \
-///        --cluster lab --key-file /etc/csv/cluster.key --init
+///        --cluster lab --key-file /etc/csv/cluster.key --init --mount-root /tmp/h1
 #[derive(Parser, Debug)]
 #[command(name = "csvd", version, verbatim_doc_comment)]
 struct Cli {
+    /// Settings file (TOML, the keys of the long flags).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// This host's node id (a positive number, unique in the cluster).
     #[arg(long)]
-    id: u64,
+    id: Option<u64>,
     /// Directory for this host's Raft logs and snapshots (local disk).
     #[arg(long, value_name = "DIR")]
-    data_dir: PathBuf,
+    data_dir: Option<PathBuf>,
     /// Address to serve on; repeat for each cluster network.
-    #[arg(long, value_name = "IP:PORT", required = true)]
+    #[arg(long, value_name = "IP:PORT")]
     listen: Vec<SocketAddr>,
     /// A host and its addresses, preferred network first:
     /// `ID=HOST:PORT[,HOST:PORT...]`. Repeat for each host.
     #[arg(long, value_name = "ID=ADDRS", value_parser = parse_peer)]
     peer: Vec<(u64, Vec<String>)>,
     /// The cluster's name (connections from another cluster are refused).
-    #[arg(long, default_value = "csv")]
-    cluster: String,
+    #[arg(long)]
+    cluster: Option<String>,
     /// The cluster key file made by `csvctl cluster init`.
     #[arg(long, value_name = "FILE")]
-    key_file: PathBuf,
+    key_file: Option<PathBuf>,
     /// Found the cluster with the `--peer` hosts as voters (ignored once
     /// this host has state in --data-dir).
     #[arg(long)]
     init: bool,
+    /// Mount every volume under this directory as VolumeN.
+    #[arg(long, value_name = "DIR")]
+    mount_root: Option<PathBuf>,
+    /// This host's path to a volume's LUN: `N=PATH` (repeat).
+    #[arg(long, value_name = "N=PATH", value_parser = parse_lun)]
+    lun: Vec<(u64, PathBuf)>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics: Option<SocketAddr>,
     /// Raft tick in milliseconds (elections take 10-20 ticks).
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(5..=1000))]
-    tick_ms: u64,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(5..=1000))]
+    tick_ms: Option<u64>,
     /// Applied entries between snapshots of a group.
-    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(16..))]
-    snapshot_every: u64,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
+    snapshot_every: Option<u64>,
+}
+
+/// The settings file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    listen: Vec<SocketAddr>,
+    #[serde(default)]
+    peers: BTreeMap<String, Vec<String>>,
+    cluster: Option<String>,
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    init: bool,
+    mount_root: Option<PathBuf>,
+    #[serde(default)]
+    luns: BTreeMap<String, PathBuf>,
+    metrics: Option<SocketAddr>,
+    tick_ms: Option<u64>,
+    snapshot_every: Option<u64>,
 }
 
 fn parse_peer(s: &str) -> Result<(u64, Vec<String>), String> {
     let (id, addrs) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT[,HOST:PORT...]"))?;
-    let id: u64 = id
-        .trim()
-        .parse()
-        .map_err(|_| format!("{id:?} is not a node id (a positive number)"))?;
-    if id == 0 {
-        return Err("node id 0 is reserved".into());
-    }
+    let id = parse_id(id)?;
     let addrs: Vec<String> = addrs
         .split(',')
         .map(|a| a.trim().to_string())
@@ -89,6 +143,129 @@ fn parse_peer(s: &str) -> Result<(u64, Vec<String>), String> {
     Ok((id, addrs))
 }
 
+fn parse_id(id: &str) -> Result<u64, String> {
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("{id:?} is not a node id (a positive number)"))?;
+    if id == 0 {
+        return Err("node id 0 is reserved".into());
+    }
+    Ok(id)
+}
+
+fn parse_lun(s: &str) -> Result<(u64, PathBuf), String> {
+    let (n, p) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected N=PATH (volume number and LUN path)"))?;
+    let n: u64 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{n:?} is not a volume number"))?;
+    Ok((n, PathBuf::from(p)))
+}
+
+struct Settings {
+    cfg: Config,
+    mount_root: Option<PathBuf>,
+    luns: BTreeMap<u64, PathBuf>,
+    metrics: Option<SocketAddr>,
+}
+
+fn settings(cli: Cli) -> Result<Settings, String> {
+    let file = match &cli.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            toml::from_str::<FileConfig>(&text).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let id = cli
+        .id
+        .or(file.id)
+        .ok_or("--id (or `id` in the settings file) is required")?;
+    if id == 0 {
+        return Err("node id 0 is reserved".into());
+    }
+    let data_dir = cli
+        .data_dir
+        .or(file.data_dir)
+        .ok_or("--data-dir (or `data_dir`) is required")?;
+    let listen = if cli.listen.is_empty() {
+        file.listen
+    } else {
+        cli.listen
+    };
+    if listen.is_empty() {
+        return Err("--listen (or `listen`) needs at least one address".into());
+    }
+    let key_file = cli
+        .key_file
+        .or(file.key_file)
+        .ok_or("--key-file (or `key_file`) is required")?;
+    let key = Key::load(&key_file)?;
+    let mut peers: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for (k, v) in file.peers {
+        peers.insert(parse_id(&k)?, v);
+    }
+    peers.extend(cli.peer);
+    peers
+        .entry(id)
+        .or_insert_with(|| listen.iter().map(|a| a.to_string()).collect());
+    let mut luns = BTreeMap::new();
+    for (k, v) in file.luns {
+        luns.insert(parse_lun(&format!("{k}=x"))?.0, v);
+    }
+    luns.extend(cli.lun);
+    let timing = Timing {
+        tick: Duration::from_millis(cli.tick_ms.or(file.tick_ms).unwrap_or(50)),
+        snapshot_every: cli.snapshot_every.or(file.snapshot_every).unwrap_or(4096),
+        ..Timing::default()
+    };
+    Ok(Settings {
+        cfg: Config {
+            identity: Identity {
+                node: id,
+                cluster: cli.cluster.or(file.cluster).unwrap_or_else(|| "csv".into()),
+                key,
+            },
+            data_dir,
+            listen,
+            peers,
+            init: cli.init || file.init,
+            timing,
+        },
+        mount_root: cli.mount_root.or(file.mount_root),
+        luns,
+        metrics: cli.metrics.or(file.metrics),
+    })
+}
+
+/// Answers every HTTP request with this host's metrics.
+fn serve_metrics(addr: SocketAddr, me: Identity, own: SocketAddr) -> std::io::Result<()> {
+    let l = std::net::TcpListener::bind(addr)?;
+    std::thread::Builder::new()
+        .name("csv-metrics".into())
+        .spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf);
+                let body = match coordinator::client::node_status(&me, own, Duration::from_secs(2)) {
+                    Ok(st) => coordinator::metrics::prometheus_text(&[st]),
+                    Err(e) => format!("# status unavailable: {e}\n"),
+                };
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -99,43 +276,78 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let key = match Key::load(&cli.key_file) {
-        Ok(k) => k,
+    let s = match settings(cli) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("csvd: {e}");
             return ExitCode::from(2);
         }
     };
-    let mut peers: BTreeMap<u64, Vec<String>> = cli.peer.into_iter().collect();
-    peers
-        .entry(cli.id)
-        .or_insert_with(|| cli.listen.iter().map(|a| a.to_string()).collect());
-    let cfg = Config {
-        identity: Identity {
-            node: cli.id,
-            cluster: cli.cluster,
-            key,
-        },
-        data_dir: cli.data_dir,
-        listen: cli.listen,
-        peers,
-        init: cli.init,
-        timing: Timing {
-            tick: Duration::from_millis(cli.tick_ms),
-            snapshot_every: cli.snapshot_every,
-            ..Timing::default()
-        },
-    };
-    match Node::start(cfg) {
-        Ok(node) => {
-            let addrs: Vec<String> = node.bound.iter().map(|a| a.to_string()).collect();
-            println!("csvd: host {} serving on {}", cli.id, addrs.join(", "));
-            node.wait();
-            ExitCode::SUCCESS
-        }
+    // Signals are taken by the main thread only (every thread started
+    // from here inherits the mask).
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    if let Err(e) = sigs.thread_block() {
+        eprintln!("csvd: cannot block signals: {e}");
+        return ExitCode::from(1);
+    }
+    let identity = s.cfg.identity.clone();
+    let id = identity.node;
+    let peers = s.cfg.peers.clone();
+    let node = match Node::start(s.cfg) {
+        Ok(n) => n,
         Err(e) => {
             eprintln!("csvd: {e}");
-            ExitCode::from(1)
+            return ExitCode::from(1);
+        }
+    };
+    let own = node.bound[0];
+    if let Some(m) = s.metrics {
+        if let Err(e) = serve_metrics(
+            m,
+            Identity {
+                node: 0,
+                ..identity.clone()
+            },
+            own,
+        ) {
+            eprintln!("csvd: metrics on {m}: {e}");
+            return ExitCode::from(1);
         }
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    let mounts = s.mount_root.map(|root| {
+        // This host first, then the others.
+        let mut endpoints = node.bound.clone();
+        endpoints.extend(
+            peers
+                .iter()
+                .filter(|(p, _)| **p != id)
+                .flat_map(|(_, a)| coordinator::node::resolve(a)),
+        );
+        let cfg = MountConfig {
+            node: id,
+            root,
+            luns: s.luns,
+            identity: Identity {
+                node: 0,
+                ..identity.clone()
+            },
+            endpoints,
+            threads: 8,
+        };
+        let m = Mounts::new(cfg, node.volumes.clone());
+        let stop = stop.clone();
+        std::thread::spawn(move || m.run(stop))
+    });
+    let addrs: Vec<String> = node.bound.iter().map(|a| a.to_string()).collect();
+    println!("csvd: host {id} serving on {}", addrs.join(", "));
+    let sig = sigs.wait();
+    tracing::info!("{sig:?}: unmounting and stopping");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = mounts {
+        let _ = h.join();
+    }
+    ExitCode::SUCCESS
 }

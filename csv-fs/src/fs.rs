@@ -1,0 +1,1125 @@
+//! `/ClusterStorage/VolumeN` on one host: a FUSE filesystem whose metadata
+//! lives with the volume's coordinator and whose file data this host reads
+//! and writes straight on the LUN.
+//!
+//! - Every namespace operation is one call to the coordinator (committed
+//!   through Raft, or a linearizable read), so paths and inode numbers are
+//!   the same on every host. Attributes and names are not cached by the
+//!   kernel (TTL 0): what one host changed, the next call on any host sees.
+//! - Opening a file takes a lease on its extent map (a write lease for a
+//!   writer: at most one host writes a file), fetches the map, and keeps it
+//!   while the file is open; a background thread renews the leases.
+//! - A write finds its LUN blocks in the map; where there are none it asks
+//!   the coordinator for space in large chunks (so a growing VHD costs few
+//!   calls), then writes to the LUN directly. Writes into never-written
+//!   space are remembered and reported at flush, fsync or close, after the
+//!   LUN itself was flushed: the coordinator never says "written" about
+//!   bytes that might not be on the LUN, so a file never shows what a
+//!   deleted file left there.
+//! - Close-to-open coherence: another host sees this host's data and size
+//!   after its fsync or close; an open re-reads the map, and a reader that
+//!   meets a hole or unwritten range inside the size asks again.
+//! - A host that cannot renew a write lease before it runs out stops
+//!   writing (`EIO`): by then the coordinator may have given the file to
+//!   another host.
+
+use crate::extents::{ExtentMap, Piece};
+use coordinator::client::{Client, ClientError};
+use coordinator::codec::extents_from_proto;
+use coordinator::meta::Extent;
+use coordinator::proto::{self, volume_op, ErrorCode};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a lease lasts; renewed every third of it.
+pub const LEASE_TTL: Duration = Duration::from_secs(30);
+/// Smallest and largest allocation request.
+const MIN_CHUNK: u64 = 64 << 10;
+const MAX_CHUNK: u64 = 64 << 20;
+const TTL: Duration = Duration::ZERO;
+
+/// Blocking clients to the coordinator, one per concurrent caller.
+pub struct ClientPool {
+    idle: Mutex<Vec<Client>>,
+    make: Box<dyn Fn() -> Client + Send + Sync>,
+}
+
+impl std::fmt::Debug for ClientPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientPool")
+    }
+}
+
+impl ClientPool {
+    /// A pool that makes clients with `make`.
+    pub fn new(make: impl Fn() -> Client + Send + Sync + 'static) -> ClientPool {
+        ClientPool {
+            idle: Mutex::new(Vec::new()),
+            make: Box::new(make),
+        }
+    }
+
+    /// Runs `f` with a client of the pool.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Client) -> R) -> R {
+        let c = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let mut c = c.unwrap_or_else(|| (self.make)());
+        let r = f(&mut c);
+        if let Ok(mut v) = self.idle.lock() {
+            v.push(c);
+        }
+        r
+    }
+}
+
+fn errno(e: &ClientError) -> Errno {
+    match e.code() {
+        Some(ErrorCode::NotFound) => Errno::ENOENT,
+        Some(ErrorCode::Exists) => Errno::EEXIST,
+        Some(ErrorCode::NotDir) => Errno::ENOTDIR,
+        Some(ErrorCode::IsDir) => Errno::EISDIR,
+        Some(ErrorCode::NotEmpty) => Errno::ENOTEMPTY,
+        Some(ErrorCode::Invalid) | Some(ErrorCode::Loop) => Errno::EINVAL,
+        Some(ErrorCode::NoSpace) => Errno::ENOSPC,
+        Some(ErrorCode::Busy) => Errno::EBUSY,
+        _ => {
+            tracing::warn!("metadata call failed: {e}");
+            Errno::EIO
+        }
+    }
+}
+
+fn io_errno(e: &std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn ms_to_time(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn time_to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn name_of(name: &OsStr) -> Result<&str, Errno> {
+    let s = name.to_str().ok_or(Errno::EINVAL)?;
+    if s.len() > coordinator::meta::MAX_NAME {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    Ok(s)
+}
+
+#[derive(Debug)]
+struct Lease {
+    epoch: u64,
+    write: bool,
+    /// After this, a writer must stop (a margin before the real expiry).
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct OpenFile {
+    handles: u32,
+    writers: u32,
+    extents: ExtentMap,
+    /// Size as this host knows it (its own writes included).
+    size: u64,
+    /// Size the coordinator has.
+    size_reported: u64,
+    /// Ranges written into unwritten space, not yet reported.
+    dirty: Vec<(u64, u64)>,
+    lease: Option<Lease>,
+    /// The write lease was lost: writes fail until the file is reopened.
+    fenced: bool,
+}
+
+/// A directory entry as listed at `opendir`: inode, kind, name.
+type DirEntry = (u64, FileType, String);
+
+#[derive(Debug, Clone, Copy)]
+struct Handle {
+    ino: u64,
+    write: bool,
+}
+
+/// One mounted volume.
+pub struct VolumeFs {
+    vol: u64,
+    node: u64,
+    lun: Arc<dyn vhd::BlockIo>,
+    capacity: u64,
+    clients: ClientPool,
+    files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    /// Directory listings by open directory handle.
+    dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
+    next_fh: AtomicU64,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for VolumeFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeFs")
+            .field("vol", &self.vol)
+            .finish_non_exhaustive()
+    }
+}
+
+fn file_type(kind: u32) -> FileType {
+    match kind {
+        0 => FileType::Directory,
+        2 => FileType::Symlink,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl VolumeFs {
+    /// A filesystem for VolumeN on `lun` (whose data area ends at
+    /// `capacity`), acting as host `node`.
+    pub fn new(
+        vol: u64,
+        node: u64,
+        lun: Arc<dyn vhd::BlockIo>,
+        capacity: u64,
+        clients: ClientPool,
+    ) -> Arc<VolumeFs> {
+        let fs = Arc::new(VolumeFs {
+            vol,
+            node,
+            lun,
+            capacity,
+            clients,
+            files: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        let weak = Arc::downgrade(&fs);
+        let stop = fs.stop.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("csv-lease-v{vol}"))
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(500));
+                    match weak.upgrade() {
+                        Some(fs) => fs.renew_leases(),
+                        None => return,
+                    }
+                }
+            });
+        fs
+    }
+
+    fn fattr(&self, a: &proto::Attr) -> FileAttr {
+        let mut size = a.size;
+        if let Some(f) = self.files.lock().ok().and_then(|m| m.get(&a.ino).cloned()) {
+            if let Ok(f) = f.lock() {
+                size = size.max(f.size);
+            }
+        }
+        let kind = file_type(a.kind);
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: ms_to_time(a.mtime),
+            mtime: ms_to_time(a.mtime),
+            ctime: ms_to_time(a.ctime),
+            crtime: ms_to_time(a.ctime),
+            kind,
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn call<R>(&self, f: impl FnOnce(&mut Client) -> Result<R, ClientError>) -> Result<R, Errno> {
+        self.clients.with(f).map_err(|e| errno(&e))
+    }
+
+    fn op(&self, op: volume_op::Op) -> Result<proto::Reply, Errno> {
+        let vol = self.vol;
+        self.call(|c| c.volume_op(vol, op))
+    }
+
+    fn op_attr(&self, op: volume_op::Op) -> Result<proto::Attr, Errno> {
+        match self.op(op)?.value {
+            Some(proto::reply::Value::Attr(a)) => Ok(a),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn create_node(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        kind: u32,
+        mode: u32,
+        target: &str,
+    ) -> Result<proto::Attr, Errno> {
+        let name = name_of(name)?;
+        self.op_attr(volume_op::Op::Create(proto::CreateOp {
+            parent,
+            name: name.into(),
+            kind,
+            mode: mode & 0o7777,
+            uid: req.uid(),
+            gid: req.gid(),
+            target: target.into(),
+            now: 0,
+        }))
+    }
+
+    fn fetch_extents(&self, ino: u64) -> Result<Vec<Extent>, Errno> {
+        let vol = self.vol;
+        match self
+            .call(|c| c.read(vol, proto::read::Query::Extents(ino)))?
+            .value
+        {
+            Some(proto::reply::Value::Extents(e)) => Ok(extents_from_proto(&e)),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    fn grant(&self, ino: u64, write: bool) -> Result<Lease, Errno> {
+        let r = self.op(volume_op::Op::GrantLease(proto::GrantLeaseOp {
+            node: self.node,
+            ino,
+            write,
+            now: 0,
+            ttl: LEASE_TTL.as_millis() as u64,
+        }))?;
+        match r.value {
+            Some(proto::reply::Value::Lease(l)) => Ok(Lease {
+                epoch: l.epoch,
+                write: l.write,
+                deadline: Instant::now() + LEASE_TTL * 3 / 4,
+            }),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// Opens `ino` on this host: lease, attributes, extent map.
+    fn open_file(&self, ino: u64, write: bool) -> Result<u64, Errno> {
+        let existing = self
+            .files
+            .lock()
+            .map_err(|_| Errno::EIO)?
+            .get(&ino)
+            .cloned();
+        let file = match existing {
+            Some(f) => f,
+            None => {
+                let vol = self.vol;
+                let attr = self.call(|c| c.getattr(vol, ino))?;
+                if attr.kind != 1 {
+                    return Err(Errno::EISDIR);
+                }
+                let lease = self.grant(ino, write)?;
+                let extents = ExtentMap::new(&self.fetch_extents(ino)?);
+                let f = Arc::new(Mutex::new(OpenFile {
+                    handles: 0,
+                    writers: 0,
+                    extents,
+                    size: attr.size,
+                    size_reported: attr.size,
+                    dirty: Vec::new(),
+                    lease: Some(lease),
+                    fenced: false,
+                }));
+                let mut files = self.files.lock().map_err(|_| Errno::EIO)?;
+                files.entry(ino).or_insert(f).clone()
+            }
+        };
+        {
+            let mut f = file.lock().map_err(|_| Errno::EIO)?;
+            if write && !f.lease.as_ref().is_some_and(|l| l.write) {
+                let l = self.grant(ino, true)?;
+                f.lease = Some(l);
+            }
+            f.handles += 1;
+            if write {
+                f.writers += 1;
+            }
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .map_err(|_| Errno::EIO)?
+            .insert(fh, Handle { ino, write });
+        Ok(fh)
+    }
+
+    fn file(&self, ino: u64) -> Option<Arc<Mutex<OpenFile>>> {
+        self.files.lock().ok()?.get(&ino).cloned()
+    }
+
+    /// Reports writes into unwritten space and a grown size, after making
+    /// the data durable on the LUN.
+    fn report(&self, ino: u64, f: &mut OpenFile) -> Result<(), Errno> {
+        if f.dirty.is_empty() && f.size <= f.size_reported {
+            return Ok(());
+        }
+        self.lun.flush().map_err(|e| io_errno(&e))?;
+        let mut ranges = std::mem::take(&mut f.dirty);
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        for (o, l) in ranges {
+            match merged.last_mut() {
+                Some((mo, ml)) if *mo + *ml >= o => *ml = (*ml).max(o + l - *mo),
+                _ => merged.push((o, l)),
+            }
+        }
+        if merged.is_empty() {
+            merged.push((0, 0));
+        }
+        for (off, len) in merged {
+            let r = self.op(volume_op::Op::MarkWritten(proto::MarkWrittenOp {
+                ino,
+                off,
+                len,
+                size: f.size,
+                now: 0,
+            }));
+            if let Err(e) = r {
+                f.dirty.push((off, len));
+                return Err(e);
+            }
+        }
+        f.size_reported = f.size;
+        Ok(())
+    }
+
+    fn renew_leases(&self) {
+        let open: Vec<(u64, Arc<Mutex<OpenFile>>)> = match self.files.lock() {
+            Ok(m) => m.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            Err(_) => return,
+        };
+        for (ino, f) in open {
+            let (write, due) = match f.lock() {
+                Ok(g) => match &g.lease {
+                    Some(l) => (
+                        l.write,
+                        l.deadline.saturating_duration_since(Instant::now()) < LEASE_TTL / 2,
+                    ),
+                    None => continue,
+                },
+                Err(_) => continue,
+            };
+            if !due {
+                continue;
+            }
+            match self.grant(ino, write) {
+                Ok(l) => {
+                    if let Ok(mut g) = f.lock() {
+                        let lost = g.lease.as_ref().is_some_and(|old| old.epoch != l.epoch);
+                        if lost && write {
+                            // The lease lapsed and another host may have
+                            // had the file meanwhile: stop writing.
+                            tracing::error!(
+                                ino,
+                                "write lease lapsed; writes to this open file now fail"
+                            );
+                            g.fenced = true;
+                        }
+                        g.lease = Some(l);
+                    }
+                }
+                Err(e) => tracing::warn!(ino, "cannot renew the lease: {e:?}"),
+            }
+        }
+    }
+
+    fn read_data(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let file = self.file(ino).ok_or(Errno::EBADF)?;
+        let (pieces, end) = {
+            let mut f = file.lock().map_err(|_| Errno::EIO)?;
+            let mut fsize = f.size;
+            if f.writers == 0 {
+                // Another host may have written since the map was fetched.
+                let want_end = off.saturating_add(size as u64);
+                let stale = f
+                    .extents
+                    .pieces(off, want_end.min(fsize.max(want_end)) - off.min(want_end))
+                    .iter()
+                    .any(|p| p.lun_off.is_none() || p.unwritten);
+                if stale || off >= fsize {
+                    let vol = self.vol;
+                    if let Ok(a) = self.call(|c| c.getattr(vol, ino)) {
+                        f.size = f.size.max(a.size);
+                        f.size_reported = f.size;
+                        fsize = f.size;
+                    }
+                    if let Ok(e) = self.fetch_extents(ino) {
+                        f.extents = ExtentMap::new(&e);
+                    }
+                }
+            }
+            if off >= fsize {
+                return Ok(Vec::new());
+            }
+            let end = off.saturating_add(size as u64).min(fsize);
+            (f.extents.pieces(off, end - off), end)
+        };
+        let mut buf = vec![0u8; (end - off) as usize];
+        for p in pieces {
+            if let (Some(l), false) = (p.lun_off, p.unwritten) {
+                let at = (p.file_off - off) as usize;
+                self.lun
+                    .read_at(&mut buf[at..at + p.len as usize], l)
+                    .map_err(|e| io_errno(&e))?;
+            }
+        }
+        Ok(buf)
+    }
+
+    fn chunk_for(size: u64) -> u64 {
+        (size / 8).next_power_of_two().clamp(MIN_CHUNK, MAX_CHUNK)
+    }
+
+    /// Makes sure `[off, off + len)` has LUN space; returns the pieces.
+    fn ensure_space(
+        &self,
+        ino: u64,
+        f: &mut OpenFile,
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<Piece>, Errno> {
+        if f.extents.has_hole(off, len) {
+            let chunk = Self::chunk_for(f.size.max(off + len));
+            let start = off / chunk * chunk;
+            let end = (off + len).div_ceil(chunk) * chunk;
+            let r = self.op(volume_op::Op::Allocate(proto::AllocateOp {
+                ino,
+                off: start,
+                len: end - start,
+            }));
+            let got = match r {
+                Ok(r) => r,
+                Err(e) if e == Errno::ENOSPC && end - start > len => {
+                    // Not room for the whole chunk: just what is written.
+                    let a = off / 4096 * 4096;
+                    let b = (off + len).div_ceil(4096) * 4096;
+                    self.op(volume_op::Op::Allocate(proto::AllocateOp {
+                        ino,
+                        off: a,
+                        len: b - a,
+                    }))?
+                }
+                Err(e) => return Err(e),
+            };
+            if let Some(proto::reply::Value::Extents(e)) = got.value {
+                f.extents.insert(&extents_from_proto(&e));
+            }
+        }
+        let p = f.extents.pieces(off, len);
+        if p.iter().any(|p| p.lun_off.is_none()) {
+            return Err(Errno::EIO);
+        }
+        Ok(p)
+    }
+
+    fn write_data(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32, Errno> {
+        let file = self.file(ino).ok_or(Errno::EBADF)?;
+        let len = data.len() as u64;
+        let pieces = {
+            let mut f = file.lock().map_err(|_| Errno::EIO)?;
+            if f.fenced
+                || f.lease
+                    .as_ref()
+                    .is_none_or(|l| !l.write || Instant::now() > l.deadline)
+            {
+                return Err(Errno::EIO);
+            }
+            self.ensure_space(ino, &mut f, off, len)?
+        };
+        for p in &pieces {
+            let at = (p.file_off - off) as usize;
+            if let Some(l) = p.lun_off {
+                self.lun
+                    .write_at(&data[at..at + p.len as usize], l)
+                    .map_err(|e| io_errno(&e))?;
+            }
+        }
+        let mut f = file.lock().map_err(|_| Errno::EIO)?;
+        if pieces.iter().any(|p| p.unwritten) && f.extents.mark_written(off, len) {
+            f.dirty.push((off, len));
+        }
+        f.size = f.size.max(off + len);
+        Ok(data.len() as u32)
+    }
+
+    fn release_handle(&self, fh: u64) -> Result<(), Errno> {
+        let h = self
+            .handles
+            .lock()
+            .map_err(|_| Errno::EIO)?
+            .remove(&fh)
+            .ok_or(Errno::EBADF)?;
+        let Some(file) = self.file(h.ino) else {
+            return Ok(());
+        };
+        let mut f = file.lock().map_err(|_| Errno::EIO)?;
+        f.handles = f.handles.saturating_sub(1);
+        if h.write {
+            f.writers = f.writers.saturating_sub(1);
+        }
+        let res = if h.write {
+            self.report(h.ino, &mut f)
+        } else {
+            Ok(())
+        };
+        if f.handles == 0 {
+            // Give back space allocated past the end, and the lease.
+            if h.write && f.extents.allocated_end() > f.size.next_multiple_of(4096) {
+                let _ = self.op(volume_op::Op::SetAttr(proto::SetAttrOp {
+                    ino: h.ino,
+                    size: Some(f.size),
+                    ..Default::default()
+                }));
+            }
+            let _ = self.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
+                node: self.node,
+                ino: h.ino,
+            }));
+            drop(f);
+            if let Ok(mut m) = self.files.lock() {
+                m.remove(&h.ino);
+            }
+        }
+        res
+    }
+
+    /// Stops the lease thread (the mount is going away).
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The FUSE adapter (fuser wants the filesystem by value).
+#[derive(Debug, Clone)]
+pub struct Mounted(pub Arc<VolumeFs>);
+
+impl Filesystem for Mounted {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let fs = &self.0;
+        let r = name_of(name).and_then(|n| {
+            let vol = fs.vol;
+            fs.call(|c| c.lookup(vol, parent.0, n))
+        });
+        match r {
+            Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let fs = &self.0;
+        let vol = fs.vol;
+        match fs.call(|c| c.getattr(vol, ino.0)) {
+            Ok(a) => reply.attr(&TTL, &fs.fattr(&a)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let fs = &self.0;
+        let open = fs.file(ino.0);
+        if let (Some(f), Some(_)) = (&open, size) {
+            if let Ok(mut g) = f.lock() {
+                if let Err(e) = fs.report(ino.0, &mut g) {
+                    return reply.error(e);
+                }
+            }
+        }
+        let mtime = mtime.map(|t| match t {
+            TimeOrNow::Now => time_to_ms(SystemTime::now()),
+            TimeOrNow::SpecificTime(t) => time_to_ms(t),
+        });
+        let r = fs.op_attr(volume_op::Op::SetAttr(proto::SetAttrOp {
+            ino: ino.0,
+            mode: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            now: 0,
+            mtime,
+        }));
+        match r {
+            Ok(a) => {
+                if let (Some(f), Some(s)) = (&open, size) {
+                    if let Ok(mut g) = f.lock() {
+                        g.size = s;
+                        g.size_reported = s;
+                        g.extents.truncate(s);
+                        g.dirty.retain(|&(o, _)| o < s);
+                    }
+                }
+                reply.attr(&TTL, &fs.fattr(&a))
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let fs = &self.0;
+        let vol = fs.vol;
+        match fs.call(|c| c.read(vol, proto::read::Query::ReadLink(ino.0))) {
+            Ok(proto::Reply {
+                value: Some(proto::reply::Value::Text(t)),
+            }) => reply.data(t.as_bytes()),
+            Ok(_) => reply.error(Errno::EIO),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // Device nodes, FIFOs and sockets do not belong on a shared
+            // volume of VM disks.
+            return reply.error(Errno::EPERM);
+        }
+        let fs = &self.0;
+        match fs.create_node(req, parent.0, name, 1, mode & !umask, "") {
+            Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let fs = &self.0;
+        match fs.create_node(req, parent.0, name, 0, mode & !umask, "") {
+            Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let fs = &self.0;
+        let r = name_of(name).and_then(|n| {
+            let vol = fs.vol;
+            fs.call(|c| c.unlink(vol, parent.0, n, false))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let fs = &self.0;
+        let r = name_of(name).and_then(|n| {
+            let vol = fs.vol;
+            fs.call(|c| c.unlink(vol, parent.0, n, true))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let fs = &self.0;
+        let Some(t) = target.to_str() else {
+            return reply.error(Errno::EINVAL);
+        };
+        match fs.create_node(req, parent.0, link_name, 2, 0o777, t) {
+            Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let fs = &self.0;
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            return reply.error(Errno::EINVAL);
+        }
+        let r = (|| {
+            let (n, nn) = (name_of(name)?, name_of(newname)?);
+            let vol = fs.vol;
+            if flags.contains(RenameFlags::RENAME_NOREPLACE)
+                && fs.call(|c| c.lookup(vol, newparent.0, nn)).is_ok()
+            {
+                return Err(Errno::EEXIST);
+            }
+            fs.call(|c| c.rename(vol, parent.0, n, newparent.0, nn))
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let fs = &self.0;
+        let r = name_of(newname).and_then(|n| {
+            fs.op_attr(volume_op::Op::Link(proto::LinkOp {
+                ino: ino.0,
+                parent: newparent.0,
+                name: n.into(),
+                now: 0,
+            }))
+        });
+        match r {
+            Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let fs = &self.0;
+        let write = (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY;
+        match fs.open_file(ino.0, write) {
+            Ok(fh) => {
+                let f = if flags.0 & libc::O_DIRECT != 0 {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(fh), f)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let fs = &self.0;
+        let a = match fs.create_node(req, parent.0, name, 1, mode & !umask, "") {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
+        let write = (flags & libc::O_ACCMODE) != libc::O_RDONLY;
+        match fs.open_file(a.ino, write) {
+            Ok(fh) => {
+                let f = if flags & libc::O_DIRECT != 0 {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.created(&TTL, &fs.fattr(&a), Generation(0), FileHandle(fh), f)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.0.read_data(ino.0, offset, size) {
+            Ok(b) => reply.data(&b),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.0.write_data(ino.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let fs = &self.0;
+        let r = match fs.file(ino.0) {
+            Some(f) => match f.lock() {
+                Ok(mut g) if g.writers > 0 => fs.report(ino.0, &mut g),
+                _ => Ok(()),
+            },
+            None => Ok(()),
+        };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.0.release_handle(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = &self.0;
+        let r = match fs.file(ino.0) {
+            Some(f) => match f.lock() {
+                Ok(mut g) => fs
+                    .lun
+                    .flush()
+                    .map_err(|e| io_errno(&e))
+                    .and_then(|()| fs.report(ino.0, &mut g)),
+                Err(_) => Err(Errno::EIO),
+            },
+            None => fs.lun.flush().map_err(|e| io_errno(&e)),
+        };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fs = &self.0;
+        let vol = fs.vol;
+        let entries = match fs.call(|c| c.readdir(vol, ino.0)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        let mut list = vec![
+            (ino.0, FileType::Directory, ".".to_string()),
+            (ino.0, FileType::Directory, "..".to_string()),
+        ];
+        for e in entries {
+            list.push((e.ino, file_type(e.kind), e.name));
+        }
+        let fh = fs.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut d) = fs.dirs.lock() {
+            d.insert(fh, list);
+        }
+        reply.opened(FileHandle(fh), FopenFlags::empty())
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let fs = &self.0;
+        let Ok(d) = fs.dirs.lock() else {
+            return reply.error(Errno::EIO);
+        };
+        let Some(list) = d.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        if let Ok(mut d) = self.0.dirs.lock() {
+            d.remove(&fh.0);
+        }
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Namespace changes are committed to a quorum before they return.
+        reply.ok()
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let fs = &self.0;
+        let vol = fs.vol;
+        match fs.call(|c| c.usage(vol)) {
+            Ok(u) => {
+                let bs = 4096u64;
+                let blocks = fs.capacity / bs;
+                let free = u.free / bs;
+                let files = u.inodes + (1 << 32);
+                reply.statfs(
+                    blocks,
+                    free,
+                    free,
+                    files,
+                    files - u.inodes,
+                    bs as u32,
+                    255,
+                    bs as u32,
+                )
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permissions (default_permissions).
+        reply.ok()
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let fs = &self.0;
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return reply.error(Errno::EOPNOTSUPP);
+        }
+        let Some(file) = fs.file(ino.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let r = (|| {
+            let mut f = file.lock().map_err(|_| Errno::EIO)?;
+            if f.fenced || !f.lease.as_ref().is_some_and(|l| l.write) {
+                return Err(Errno::EBADF);
+            }
+            let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+            fs.ensure_space(ino.0, &mut f, offset, length)?;
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > f.size {
+                f.size = end;
+                fs.report(ino.0, &mut f)?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

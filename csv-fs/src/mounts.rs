@@ -1,0 +1,228 @@
+//! Mounts every volume of the cluster on this host, and unmounts removed
+//! ones, as the cluster registry says; records how this host reaches each
+//! volume (served by the status RPC and `csvctl volume status`).
+
+use crate::fs::{ClientPool, Mounted, VolumeFs};
+use crate::superblock::Superblock;
+use coordinator::client::Client;
+use coordinator::node::VolumeStates;
+use coordinator::proto::{VolumeInfo, VolumeState};
+use coordinator::wire::Identity;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where and how this host mounts volumes.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// This host's node id (the lease holder).
+    pub node: u64,
+    /// Directory under which `VolumeN` are mounted.
+    pub root: PathBuf,
+    /// LUN paths on this host by volume number (when they differ from the
+    /// path in the registry).
+    pub luns: BTreeMap<u64, PathBuf>,
+    /// Credentials for the coordinator service.
+    pub identity: Identity,
+    /// Where to reach it (this host first).
+    pub endpoints: Vec<SocketAddr>,
+    /// FUSE worker threads per volume.
+    pub threads: usize,
+}
+
+struct Active {
+    session: Option<fuser::BackgroundSession>,
+    fs: Arc<VolumeFs>,
+}
+
+/// The mounts of this host.
+pub struct Mounts {
+    cfg: MountConfig,
+    active: BTreeMap<u64, Active>,
+    states: VolumeStates,
+    failed: BTreeMap<u64, String>,
+}
+
+impl std::fmt::Debug for Mounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounts")
+            .field("active", &self.active.keys())
+            .finish()
+    }
+}
+
+/// Lazily unmounts whatever is mounted at `p` (left by a host that was
+/// killed); quiet when nothing is.
+pub fn clear_stale_mount(p: &Path) {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(&p.display().to_string()));
+    if mounted {
+        let _ = std::process::Command::new("fusermount3")
+            .arg("-uz")
+            .arg(p)
+            .status();
+    }
+}
+
+impl Mounts {
+    /// A mount manager reporting into `states`.
+    pub fn new(cfg: MountConfig, states: VolumeStates) -> Mounts {
+        Mounts {
+            cfg,
+            active: BTreeMap::new(),
+            states,
+            failed: BTreeMap::new(),
+        }
+    }
+
+    fn mountpoint(&self, n: u64) -> PathBuf {
+        self.cfg.root.join(format!("Volume{n}"))
+    }
+
+    fn mount(&mut self, v: &VolumeInfo) -> Result<(), String> {
+        let path = match self.cfg.luns.get(&v.number) {
+            Some(p) => p.clone(),
+            None if v.lun.starts_with("iscsi://") => {
+                return Err(format!(
+                    "{} is an iSCSI LUN; give this host a path with --lun {}=PATH",
+                    v.lun, v.number
+                ))
+            }
+            None => PathBuf::from(&v.lun),
+        };
+        let lun = vhd::io::DirectFile::open(&path, true)
+            .map_err(|e| format!("cannot open LUN {}: {e}", path.display()))?;
+        let sb = Superblock::read(&lun).map_err(|e| format!("LUN {}: {e}", path.display()))?;
+        if sb.number != v.number {
+            return Err(format!(
+                "LUN {} holds Volume{}, not Volume{}",
+                path.display(),
+                sb.number,
+                v.number
+            ));
+        }
+        let mp = self.mountpoint(v.number);
+        clear_stale_mount(&mp);
+        std::fs::create_dir_all(&mp).map_err(|e| format!("create {}: {e}", mp.display()))?;
+        let (me, endpoints) = (self.cfg.identity.clone(), self.cfg.endpoints.clone());
+        let pool = ClientPool::new(move || Client::new(me.clone(), endpoints.clone()));
+        let lun: Arc<dyn vhd::BlockIo> = Arc::new(lun);
+        let fs = VolumeFs::new(v.number, self.cfg.node, lun, v.capacity, pool);
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::FSName(format!("csv-Volume{}", v.number)),
+            fuser::MountOption::Subtype("csv".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoAtime,
+        ];
+        // VMs may run as other users than csvd.
+        config.acl = fuser::SessionACL::All;
+        config.n_threads = Some(self.cfg.threads.max(1));
+        config.clone_fd = true;
+        let session = fuser::Session::new(Mounted(fs.clone()), &mp, &config)
+            .and_then(fuser::Session::spawn)
+            .map_err(|e| format!("mount {}: {e}", mp.display()))?;
+        tracing::info!(
+            "Volume{} mounted at {} (LUN {})",
+            v.number,
+            mp.display(),
+            path.display()
+        );
+        self.active.insert(
+            v.number,
+            Active {
+                session: Some(session),
+                fs,
+            },
+        );
+        Ok(())
+    }
+
+    fn unmount(&mut self, n: u64) {
+        if let Some(mut a) = self.active.remove(&n) {
+            a.fs.shutdown();
+            if let Some(s) = a.session.take() {
+                if let Err(e) = s.umount_and_join() {
+                    tracing::warn!("unmount Volume{n}: {e}");
+                    clear_stale_mount(&self.mountpoint(n));
+                }
+            }
+            tracing::info!("Volume{n} unmounted");
+        }
+    }
+
+    /// Brings the mounts in line with the registry.
+    pub fn sync(&mut self, volumes: &[VolumeInfo]) {
+        let wanted: BTreeMap<u64, &VolumeInfo> = volumes.iter().map(|v| (v.number, v)).collect();
+        let gone: Vec<u64> = self
+            .active
+            .keys()
+            .filter(|n| !wanted.contains_key(n))
+            .copied()
+            .collect();
+        for n in gone {
+            self.unmount(n);
+        }
+        self.failed.retain(|n, _| wanted.contains_key(n));
+        for (n, v) in &wanted {
+            if !self.active.contains_key(n) {
+                match self.mount(v) {
+                    Ok(()) => {
+                        self.failed.remove(n);
+                    }
+                    Err(e) => {
+                        if self.failed.get(n) != Some(&e) {
+                            tracing::error!("Volume{n} not mounted: {e}");
+                        }
+                        self.failed.insert(*n, e);
+                    }
+                }
+            }
+        }
+        let mut states = Vec::new();
+        for n in wanted.keys() {
+            let mp = self.mountpoint(*n).display().to_string();
+            let (state, reason) = match (self.active.contains_key(n), self.failed.get(n)) {
+                (true, _) => ("Direct", "LUN reached by this host".to_string()),
+                (false, Some(e)) => ("Unmounted", e.clone()),
+                (false, None) => ("Unmounted", "not mounted yet".to_string()),
+            };
+            states.push(VolumeState {
+                number: *n,
+                state: state.into(),
+                reason,
+                mountpoint: mp,
+            });
+        }
+        if let Ok(mut s) = self.states.write() {
+            *s = states;
+        }
+    }
+
+    /// Follows the registry until `stop` is set, then unmounts everything.
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        let mut c = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
+        c.timeout = Duration::from_secs(2);
+        while !stop.load(Ordering::Relaxed) {
+            match c.cluster_info() {
+                Ok(info) => self.sync(&info.volumes),
+                Err(e) => tracing::debug!("cluster registry not readable yet: {e}"),
+            }
+            for _ in 0..10 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let all: Vec<u64> = self.active.keys().copied().collect();
+        for n in all {
+            self.unmount(n);
+        }
+    }
+}
