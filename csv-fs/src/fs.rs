@@ -140,6 +140,9 @@ struct OpenFile {
     lease: Option<Lease>,
     /// The write lease was lost: writes fail until the file is reopened.
     fenced: bool,
+    /// Attributes when opened (what `fstat` shows once the file is
+    /// unlinked while still open).
+    attr: proto::Attr,
 }
 
 /// A directory entry as listed at `opendir`: inode, kind, name.
@@ -341,6 +344,7 @@ impl VolumeFs {
                     dirty: Vec::new(),
                     lease: Some(lease),
                     fenced: false,
+                    attr,
                 }));
                 let mut files = self.files.lock().map_err(|_| Errno::EIO)?;
                 files.entry(ino).or_insert(f).clone()
@@ -639,6 +643,19 @@ impl Filesystem for Mounted {
         let vol = fs.vol;
         match fs.call(|c| c.getattr(vol, ino.0)) {
             Ok(a) => reply.attr(&TTL, &fs.fattr(&a)),
+            Err(Errno::ENOENT) => {
+                // Unlinked while open here: the open file still has one.
+                let local = fs.file(ino.0).and_then(|f| {
+                    f.lock().ok().map(|g| proto::Attr {
+                        nlink: 0,
+                        ..g.attr.clone()
+                    })
+                });
+                match local {
+                    Some(a) => reply.attr(&TTL, &fs.fattr(&a)),
+                    None => reply.error(Errno::ENOENT),
+                }
+            }
             Err(e) => reply.error(e),
         }
     }

@@ -42,6 +42,8 @@ pub struct CsvCluster {
     pub hosts: Vec<Host>,
     /// Extra `csvd` arguments (e.g. `--snapshot-every`).
     pub extra_args: Vec<String>,
+    /// Hosts mount the volumes (under `<dir>/host<id>/mnt`).
+    pub mounts: bool,
 }
 
 /// The cluster name the fixture uses.
@@ -86,6 +88,7 @@ impl CsvCluster {
             key,
             hosts,
             extra_args: Vec::new(),
+            mounts: false,
         })
     }
 
@@ -183,6 +186,10 @@ impl CsvCluster {
         if h.founder {
             cmd.arg("--init");
         }
+        if self.mounts {
+            cmd.arg("--mount-root")
+                .arg(self.dir.path().join(format!("host{id}/mnt")));
+        }
         cmd.args(&self.extra_args);
         h.starts += 1;
         let out = self.dir.path().join(format!("host{id}.{}.out", h.starts));
@@ -213,14 +220,108 @@ impl CsvCluster {
         Ok(())
     }
 
-    /// Kills host `id` with SIGKILL (a crash).
+    /// Kills host `id` with SIGKILL (a crash). Its FUSE mounts, left
+    /// without a server, are detached.
     pub fn kill(&mut self, id: u64) -> Result<()> {
         let i = self.index(id)?;
         if let Some(mut c) = self.hosts[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.detach_mounts(Some(id));
         Ok(())
+    }
+
+    /// Stops host `id` with SIGTERM (it unmounts and exits), SIGKILL after
+    /// 10 s.
+    pub fn stop(&mut self, id: u64) -> Result<()> {
+        let i = self.index(id)?;
+        if let Some(c) = self.hosts[i].child.take() {
+            stop_child(c);
+        }
+        self.detach_mounts(Some(id));
+        Ok(())
+    }
+
+    fn detach_mounts(&self, id: Option<u64>) {
+        let root = match id {
+            Some(id) => self.dir.path().join(format!("host{id}/")),
+            None => self.dir.path().to_path_buf(),
+        };
+        let root = root.display().to_string();
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if m.starts_with(&root) {
+                let _ = Command::new("fusermount3").arg("-uz").arg(m).status();
+            }
+        }
+    }
+
+    /// Where host `id` mounts VolumeN.
+    pub fn mountpoint(&self, id: u64, vol: u64) -> PathBuf {
+        self.dir.path().join(format!("host{id}/mnt/Volume{vol}"))
+    }
+
+    /// Makes a LUN file of `size` bytes and adds it as a volume with
+    /// `csvctl volume add` (which formats it). Returns the volume number.
+    pub fn add_volume_file(&self, size: u64) -> Result<u64> {
+        let n = std::fs::read_dir(self.dir.path())?
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("lun"))
+            })
+            .count() as u64
+            + 1;
+        let lun = self.dir.path().join(format!("lun{n}.img"));
+        let out = self
+            .csvctl()
+            .args(["volume", "add"])
+            .arg(&lun)
+            .args(["--number", &n.to_string(), "--size", &size.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "csvctl volume add: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(n)
+    }
+
+    /// `csvctl` set up to reach this cluster (endpoints, key, name).
+    pub fn csvctl(&self) -> Command {
+        let mut c = Command::new(workspace_bin("csvctl"));
+        let eps: Vec<String> = self.endpoints().iter().map(|a| a.to_string()).collect();
+        c.env("CSV_ENDPOINTS", eps.join(","))
+            .env("CSV_KEY_FILE", &self.key_file)
+            .env("CSV_CLUSTER", CLUSTER);
+        c
+    }
+
+    /// Waits until every running host reports VolumeN mounted (Direct).
+    pub fn wait_mounted(&self, vol: u64, within: Duration) -> Result<()> {
+        let t = Instant::now();
+        loop {
+            let all = self.hosts.iter().filter(|h| h.child.is_some()).all(|h| {
+                self.status(h.id).is_ok_and(|s| {
+                    s.volumes
+                        .iter()
+                        .any(|v| v.number == vol && v.state == "Direct")
+                })
+            });
+            if all {
+                return Ok(());
+            }
+            if t.elapsed() > within {
+                let st: Vec<String> = self
+                    .hosts
+                    .iter()
+                    .map(|h| format!("host {}: {:?}", h.id, self.status(h.id).map(|s| s.volumes)))
+                    .collect();
+                bail!("Volume{vol} not mounted everywhere after {within:?}: {st:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Whether host `id` runs.
@@ -276,13 +377,34 @@ impl CsvCluster {
     }
 }
 
+/// SIGTERM, then SIGKILL if the process is still there after 10 s.
+fn stop_child(mut c: Child) {
+    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 impl Drop for CsvCluster {
     fn drop(&mut self) {
-        for h in &mut self.hosts {
-            if let Some(mut c) = h.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
+        let children: Vec<Child> = self
+            .hosts
+            .iter_mut()
+            .filter_map(|h| h.child.take())
+            .collect();
+        // Stop them in parallel: each unmounts its volumes.
+        std::thread::scope(|s| {
+            for c in children {
+                s.spawn(move || stop_child(c));
             }
-        }
+        });
+        self.detach_mounts(None);
     }
 }

@@ -6,5 +6,7 @@
 
 mod coordinator;
 mod fixtures;
+mod fs;
 mod iscsi;
+mod posix;
 mod vhd_interop;

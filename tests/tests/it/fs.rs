@@ -1,0 +1,269 @@
+//! `/ClusterStorage` on three hosts (three `csvd` processes, real FUSE
+//! mounts) sharing one LUN file: data written on one host is read on the
+//! others, VHDs made through one mount open with qemu-img through another,
+//! namespace changes show everywhere, new files never show old bytes, and
+//! a writer carries on through the coordinator's crash.
+
+use csv_test_support::csvd::CsvCluster;
+use csv_test_support::{skip_unless, Need};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// Three hosts with Volume1 (1 GiB LUN file) mounted on each.
+fn cluster() -> (CsvCluster, u64) {
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(1 << 30).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    (cl, v)
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn write_synced(p: &Path, data: &[u8]) {
+    let mut f = File::create(p).unwrap();
+    f.write_all(data).unwrap();
+    f.sync_all().unwrap();
+}
+
+macro_rules! skip_without_fuse {
+    () => {
+        skip_unless!(
+            Need::Root,
+            Need::Command("fusermount3"),
+            Need::Device("/dev/fuse")
+        );
+    };
+}
+
+#[test]
+fn data_written_on_one_host_reads_the_same_on_the_others() {
+    skip_without_fuse!();
+    let (cl, v) = cluster();
+    let m = |h| cl.mountpoint(h, v);
+    let data = pattern(1, (5 * MIB + 123) as usize);
+    write_synced(&m(1).join("a.bin"), &data);
+    for h in [2, 3] {
+        assert_eq!(fs::read(m(h).join("a.bin")).unwrap(), data, "host {h}");
+    }
+    // Concurrent writers to different files on different hosts.
+    std::thread::scope(|s| {
+        for h in 1..=3u64 {
+            let p = m(h).join(format!("from{h}.bin"));
+            s.spawn(move || write_synced(&p, &pattern(10 + h, (8 * MIB) as usize)));
+        }
+    });
+    for reader in 1..=3u64 {
+        for writer in 1..=3u64 {
+            let got = fs::read(m(reader).join(format!("from{writer}.bin"))).unwrap();
+            assert!(
+                got == pattern(10 + writer, (8 * MIB) as usize),
+                "host {reader} reads host {writer}'s file wrong"
+            );
+        }
+    }
+    // Close without fsync is enough for the next opener (close-to-open).
+    fs::write(m(2).join("closed.txt"), b"closed, not synced").unwrap();
+    assert_eq!(
+        fs::read(m(3).join("closed.txt")).unwrap(),
+        b"closed, not synced"
+    );
+    // The same inode numbers everywhere.
+    use std::os::unix::fs::MetadataExt;
+    let inos: Vec<u64> = (1..=3)
+        .map(|h| fs::metadata(m(h).join("a.bin")).unwrap().ino())
+        .collect();
+    assert!(inos.windows(2).all(|w| w[0] == w[1]), "{inos:?}");
+}
+
+#[test]
+fn a_vhd_made_through_one_host_opens_with_qemu_img_on_another() {
+    skip_without_fuse!();
+    skip_unless!(Need::Command("qemu-img"), Need::Command("qemu-io"));
+    let (cl, v) = cluster();
+    let img = |h| cl.mountpoint(h, v).join("vm1.vhd");
+    let run = |c: &mut Command| {
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "vpc"])
+        .arg(img(1))
+        .arg("4G"));
+    run(Command::new("qemu-io")
+        .args(["-f", "vpc", "-c", "write -P 0x5a 1M 16M"])
+        .arg(img(1)));
+    let info = run(Command::new("qemu-img")
+        .args(["info", "-f", "vpc"])
+        .arg(img(2)));
+    assert!(info.contains("virtual size: 4 GiB"), "{info}");
+    let read = run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "vpc",
+            "-c",
+            "read -P 0x5a 1M 16M",
+            "-c",
+            "read -P 0 0 1M",
+        ])
+        .arg(img(3)));
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    // Our own checker agrees on the third host.
+    let out = Command::new(csv_test_support::cmd::workspace_bin("csvctl"))
+        .args(["vhd", "check"])
+        .arg(img(3))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn names_change_everywhere_and_new_files_never_show_old_bytes() {
+    skip_without_fuse!();
+    let (cl, v) = cluster();
+    let m = |h| cl.mountpoint(h, v);
+    // Rename and unlink are seen at once on the other hosts.
+    fs::create_dir(m(1).join("dir")).unwrap();
+    fs::write(m(1).join("dir/old"), b"x").unwrap();
+    fs::rename(m(2).join("dir/old"), m(2).join("new")).unwrap();
+    assert!(!m(3).join("dir/old").exists());
+    assert_eq!(fs::read(m(3).join("new")).unwrap(), b"x");
+    fs::remove_file(m(3).join("new")).unwrap();
+    assert!(!m(1).join("new").exists());
+    // Fill files with a recognisable secret, delete them, then make new
+    // files in the freed space: they must read as zeros wherever they
+    // were not written.
+    let secret = vec![0xa5u8; (8 * MIB) as usize];
+    for i in 0..4 {
+        write_synced(&m(1).join(format!("secret{i}")), &secret);
+    }
+    for i in 0..4 {
+        fs::remove_file(m(2).join(format!("secret{i}"))).unwrap();
+    }
+    for i in 0..4 {
+        let p = m(3).join(format!("fresh{i}"));
+        let f = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        // A sparse file with one byte in the middle, and an allocated
+        // but unwritten range.
+        f.write_all_at(b"!", 3 * MIB).unwrap();
+        f.set_len(8 * MIB).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        for h in 1..=3 {
+            let got = fs::read(m(h).join(format!("fresh{i}"))).unwrap();
+            assert_eq!(got.len() as u64, 8 * MIB);
+            let bad = got
+                .iter()
+                .enumerate()
+                .find(|&(o, &b)| b != 0 && o as u64 != 3 * MIB);
+            assert!(
+                bad.is_none(),
+                "host {h} sees old bytes in fresh{i} at {bad:?}"
+            );
+            assert_eq!(got[(3 * MIB) as usize], b'!');
+        }
+    }
+}
+
+#[test]
+fn a_writer_carries_on_through_the_coordinators_crash() {
+    skip_without_fuse!();
+    let (mut cl, v) = cluster();
+    let leader = cl.wait_leader(v, Duration::from_secs(10)).unwrap();
+    let writer_host = if leader == 1 { 2 } else { 1 };
+    let path = cl.mountpoint(writer_host, v).join("stream.bin");
+    const CHUNK: usize = 256 << 10;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (path, stop) = (path.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<(u64, Duration), String> {
+            let mut f = File::create(&path).map_err(|e| e.to_string())?;
+            let mut synced = 0u64;
+            let mut slowest = Duration::ZERO;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) || i < 8 {
+                let t = Instant::now();
+                f.write_all(&pattern(1000 + i, CHUNK))
+                    .map_err(|e| format!("write of chunk {i}: {e}"))?;
+                if i % 4 == 3 {
+                    f.sync_all()
+                        .map_err(|e| format!("fsync after chunk {i}: {e}"))?;
+                    synced = (i + 1) * CHUNK as u64;
+                }
+                slowest = slowest.max(t.elapsed());
+                i += 1;
+                // About 20 MiB/s: the stream spans the crash without
+                // filling the volume.
+                std::thread::sleep(Duration::from_millis(12));
+            }
+            f.sync_all().map_err(|e| format!("last fsync: {e}"))?;
+            assert!(synced <= i * CHUNK as u64);
+            Ok((i * CHUNK as u64, slowest))
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    cl.kill(leader).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+    let (written, slowest) = w
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the stream failed: {e}"));
+    eprintln!(
+        "streamed {} MiB through host {writer_host}; host {leader} (coordinator) killed; slowest write+fsync {slowest:?}",
+        written / MIB
+    );
+    // Every byte is there, read on the third host (and on the writer).
+    let third = (1..=3).find(|h| *h != leader && *h != writer_host).unwrap();
+    for h in [third, writer_host] {
+        let mut f = File::open(cl.mountpoint(h, v).join("stream.bin")).unwrap();
+        let mut buf = vec![0u8; CHUNK];
+        for i in 0..written / CHUNK as u64 {
+            f.read_exact(&mut buf).unwrap();
+            assert!(
+                buf == pattern(1000 + i, CHUNK),
+                "chunk {i} wrong on host {h}"
+            );
+        }
+    }
+    // The killed host comes back and sees the same file.
+    cl.start(leader).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    let len = fs::metadata(cl.mountpoint(leader, v).join("stream.bin"))
+        .unwrap()
+        .len();
+    assert_eq!(len, written);
+}
