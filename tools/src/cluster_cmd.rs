@@ -289,7 +289,7 @@ fn status(access: &Access, prometheus: bool) -> Result<ExitCode> {
 
 /// Formats `lun` as VolumeN: creates a missing file of `size`, refuses
 /// a LUN that already holds a volume unless `force`, writes the superblock.
-fn format_lun(
+pub(crate) fn format_lun(
     lun: &std::path::Path,
     number: u64,
     size: Option<u64>,

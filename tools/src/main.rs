@@ -10,6 +10,7 @@ use std::process::ExitCode;
 mod cluster_cmd;
 mod san_cmd;
 mod size;
+mod up_cmd;
 mod vhd_cmd;
 
 /// Cluster Shared Volumes for Linux and KVM.
@@ -37,6 +38,12 @@ enum Command {
     /// Create and list volumes, move a volume's coordinator.
     #[command(subcommand)]
     Volume(cluster_cmd::VolumeCommand),
+    /// Start a whole cluster on this machine: N hosts on loopback, a LUN
+    /// file as Volume1, mounted on every host; prints `ready:` when it is
+    /// up; Ctrl-C stops it.
+    Up(up_cmd::UpArgs),
+    /// Stop the hosts `csvctl up --detach` left running.
+    Down(up_cmd::DownArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +53,8 @@ fn main() -> ExitCode {
         Command::San(c) => san_cmd::run(c),
         Command::Cluster(c) => cluster_cmd::run_cluster(c),
         Command::Volume(c) => cluster_cmd::run_volume(c),
+        Command::Up(a) => up_cmd::up(a),
+        Command::Down(a) => up_cmd::down(a),
     };
     match result {
         Ok(code) => code,

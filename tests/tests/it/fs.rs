@@ -267,3 +267,55 @@ fn a_writer_carries_on_through_the_coordinators_crash() {
         .len();
     assert_eq!(len, written);
 }
+
+#[test]
+fn csvctl_up_starts_a_mounted_cluster_and_ctrl_c_stops_it() {
+    skip_without_fuse!();
+    let dir = csv_test_support::temp_dir("up").unwrap();
+    let base = csv_test_support::free_port().unwrap();
+    let mut child = Command::new(csv_test_support::cmd::workspace_bin("csvctl"))
+        .args([
+            "up",
+            "--nodes",
+            "2",
+            "--lun-size",
+            "256M",
+            "--base-port",
+            &base.to_string(),
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut ready = String::new();
+    let t = Instant::now();
+    while !ready.starts_with("ready:") {
+        ready.clear();
+        if std::io::BufRead::read_line(&mut out, &mut ready).unwrap() == 0
+            || t.elapsed() > Duration::from_secs(60)
+        {
+            let _ = child.kill();
+            panic!("csvctl up ended or stalled before `ready:`");
+        }
+    }
+    let m1 = dir.path().join("node1/ClusterStorage/Volume1");
+    let m2 = dir.path().join("node2/ClusterStorage/Volume1");
+    assert!(ready.contains(&m1.display().to_string()), "{ready}");
+    fs::write(m1.join("hello"), b"from host 1").unwrap();
+    assert_eq!(fs::read(m2.join("hello")).unwrap(), b"from host 1");
+    // Ctrl-C: hosts unmount and stop, the command exits cleanly.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&dir.path().display().to_string()),
+        "a mount was left"
+    );
+}
