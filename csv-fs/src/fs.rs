@@ -145,6 +145,35 @@ struct OpenFile {
     attr: proto::Attr,
 }
 
+type BufSlot = std::cell::RefCell<Option<vhd::io::AlignedBuf>>;
+
+thread_local! {
+    /// Each FUSE thread's aligned buffers for what it reads and writes.
+    static READ_BUF: BufSlot = const { std::cell::RefCell::new(None) };
+    static WRITE_BUF: BufSlot = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` on the first `len` bytes of this thread's buffer in `slot`
+/// (grown to the next power of two when too small).
+fn with_buf<R>(
+    slot: &'static std::thread::LocalKey<BufSlot>,
+    len: usize,
+    f: impl FnOnce(&mut [u8]) -> Result<R, Errno>,
+) -> Result<R, Errno> {
+    slot.with(|cell| {
+        let mut s = cell.borrow_mut();
+        if s.as_ref().is_none_or(|b| b.len() < len) {
+            let b = vhd::io::AlignedBuf::new(len.next_power_of_two().max(4096))
+                .map_err(|e| io_errno(&e))?;
+            *s = Some(b);
+        }
+        match s.as_mut() {
+            Some(b) => f(&mut b.as_mut_slice()[..len]),
+            None => Err(Errno::EIO),
+        }
+    })
+}
+
 /// A directory entry as listed at `opendir`: inode, kind, name.
 type DirEntry = (u64, FileType, String);
 
@@ -449,7 +478,15 @@ impl VolumeFs {
         }
     }
 
-    fn read_data(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    /// Reads `[off, off + size)` (clamped to the size) and hands the bytes
+    /// to `f` (a reply).
+    fn read_data<R>(
+        &self,
+        ino: u64,
+        off: u64,
+        size: u32,
+        deliver: impl FnOnce(&[u8]) -> Result<R, Errno>,
+    ) -> Result<R, Errno> {
         let file = self.file(ino).ok_or(Errno::EBADF)?;
         let (pieces, end) = {
             let mut f = file.lock().map_err(|_| Errno::EIO)?;
@@ -475,21 +512,25 @@ impl VolumeFs {
                 }
             }
             if off >= fsize {
-                return Ok(Vec::new());
+                return deliver(&[]);
             }
             let end = off.saturating_add(size as u64).min(fsize);
             (f.extents.pieces(off, end - off), end)
         };
-        let mut buf = vec![0u8; (end - off) as usize];
-        for p in pieces {
-            if let (Some(l), false) = (p.lun_off, p.unwritten) {
+        // This thread's aligned buffer: O_DIRECT reads of aligned ranges
+        // land in it without a bounce copy, and it is not reallocated.
+        let len = (end - off) as usize;
+        with_buf(&READ_BUF, len, |b| {
+            for p in &pieces {
                 let at = (p.file_off - off) as usize;
-                self.lun
-                    .read_at(&mut buf[at..at + p.len as usize], l)
-                    .map_err(|e| io_errno(&e))?;
+                let dst = &mut b[at..at + p.len as usize];
+                match (p.lun_off, p.unwritten) {
+                    (Some(l), false) => self.lun.read_at(dst, l).map_err(|e| io_errno(&e))?,
+                    _ => dst.fill(0),
+                }
             }
-        }
-        Ok(buf)
+            deliver(b)
+        })
     }
 
     fn chunk_for(size: u64) -> u64 {
@@ -552,14 +593,21 @@ impl VolumeFs {
             }
             self.ensure_space(ino, &mut f, off, len)?
         };
-        for p in &pieces {
-            let at = (p.file_off - off) as usize;
-            if let Some(l) = p.lun_off {
-                self.lun
-                    .write_at(&data[at..at + p.len as usize], l)
-                    .map_err(|e| io_errno(&e))?;
+        // FUSE hands the data at an unaligned address; copy it into this
+        // thread's aligned buffer once, so O_DIRECT writes of aligned
+        // ranges go out without a fresh bounce buffer each time.
+        with_buf(&WRITE_BUF, data.len(), |b| {
+            b.copy_from_slice(data);
+            for p in &pieces {
+                let at = (p.file_off - off) as usize;
+                if let Some(l) = p.lun_off {
+                    self.lun
+                        .write_at(&b[at..at + p.len as usize], l)
+                        .map_err(|e| io_errno(&e))?;
+                }
             }
-        }
+            Ok(())
+        })?;
         let mut f = file.lock().map_err(|_| Errno::EIO)?;
         if pieces.iter().any(|p| p.unwritten) && f.extents.mark_written(off, len) {
             f.dirty.push((off, len));
@@ -623,6 +671,16 @@ impl Filesystem for Mounted {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
+        // Many requests in flight: asynchronous direct I/O (a VM's queue
+        // depth reaches the LUN), and lookups in one directory in parallel.
+        for f in [
+            fuser::InitFlags::FUSE_ASYNC_DIO,
+            fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            let _ = config.add_capabilities(f);
+        }
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
         Ok(())
     }
 
@@ -917,9 +975,15 @@ impl Filesystem for Mounted {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
-        match self.0.read_data(ino.0, offset, size) {
-            Ok(b) => reply.data(&b),
-            Err(e) => reply.error(e),
+        let mut reply = Some(reply);
+        let r = self.0.read_data(ino.0, offset, size, |b| {
+            if let Some(r) = reply.take() {
+                r.data(b);
+            }
+            Ok(())
+        });
+        if let (Err(e), Some(r)) = (r, reply.take()) {
+            r.error(e);
         }
     }
 

@@ -335,7 +335,7 @@ fn main() -> ExitCode {
                 ..identity.clone()
             },
             endpoints,
-            threads: 8,
+            threads: 32,
         };
         let m = Mounts::new(cfg, node.volumes.clone());
         let stop = stop.clone();
