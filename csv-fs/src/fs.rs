@@ -143,6 +143,9 @@ struct OpenFile {
     /// Attributes when opened (what `fstat` shows once the file is
     /// unlinked while still open).
     attr: proto::Attr,
+    /// The last handle was released and the lease given back: an opener
+    /// that finds this entry must start afresh.
+    closed: bool,
 }
 
 type BufSlot = std::cell::RefCell<Option<vhd::io::AlignedBuf>>;
@@ -348,6 +351,45 @@ impl VolumeFs {
 
     /// Opens `ino` on this host: lease, attributes, extent map.
     fn open_file(&self, ino: u64, write: bool) -> Result<u64, Errno> {
+        loop {
+            let file = self.open_entry(ino, write)?;
+            let mut f = file.lock().map_err(|_| Errno::EIO)?;
+            if f.closed {
+                // Released and revoked meanwhile: drop it and start again.
+                drop(f);
+                self.forget(ino, &file);
+                continue;
+            }
+            if write && !f.lease.as_ref().is_some_and(|l| l.write) {
+                let l = self.grant(ino, true)?;
+                f.lease = Some(l);
+            }
+            f.handles += 1;
+            if write {
+                f.writers += 1;
+            }
+            break;
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .map_err(|_| Errno::EIO)?
+            .insert(fh, Handle { ino, write });
+        Ok(fh)
+    }
+
+    /// Removes `file` from the open files if it is still the entry of `ino`.
+    fn forget(&self, ino: u64, file: &Arc<Mutex<OpenFile>>) {
+        if let Ok(mut m) = self.files.lock() {
+            if m.get(&ino).is_some_and(|x| Arc::ptr_eq(x, file)) {
+                m.remove(&ino);
+            }
+        }
+    }
+
+    /// The open-file entry of `ino`, made (lease, attributes, map) if there
+    /// is none.
+    fn open_entry(&self, ino: u64, write: bool) -> Result<Arc<Mutex<OpenFile>>, Errno> {
         let existing = self
             .files
             .lock()
@@ -374,28 +416,13 @@ impl VolumeFs {
                     lease: Some(lease),
                     fenced: false,
                     attr,
+                    closed: false,
                 }));
                 let mut files = self.files.lock().map_err(|_| Errno::EIO)?;
                 files.entry(ino).or_insert(f).clone()
             }
         };
-        {
-            let mut f = file.lock().map_err(|_| Errno::EIO)?;
-            if write && !f.lease.as_ref().is_some_and(|l| l.write) {
-                let l = self.grant(ino, true)?;
-                f.lease = Some(l);
-            }
-            f.handles += 1;
-            if write {
-                f.writers += 1;
-            }
-        }
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .map_err(|_| Errno::EIO)?
-            .insert(fh, Handle { ino, write });
-        Ok(fh)
+        Ok(file)
     }
 
     fn file(&self, ino: u64) -> Option<Arc<Mutex<OpenFile>>> {
@@ -460,6 +487,15 @@ impl VolumeFs {
             match self.grant(ino, write) {
                 Ok(l) => {
                     if let Ok(mut g) = f.lock() {
+                        if g.closed {
+                            // Closed while this renewal was on its way:
+                            // give back what it just took.
+                            let _ = self.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
+                                node: self.node,
+                                ino,
+                            }));
+                            continue;
+                        }
                         let lost = g.lease.as_ref().is_some_and(|old| old.epoch != l.epoch);
                         if lost && write {
                             // The lease lapsed and another host may have
@@ -649,10 +685,10 @@ impl VolumeFs {
                 node: self.node,
                 ino: h.ino,
             }));
+            f.closed = true;
+            f.lease = None;
             drop(f);
-            if let Ok(mut m) = self.files.lock() {
-                m.remove(&h.ino);
-            }
+            self.forget(h.ino, &file);
         }
         res
     }

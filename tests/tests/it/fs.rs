@@ -319,3 +319,33 @@ fn csvctl_up_starts_a_mounted_cluster_and_ctrl_c_stops_it() {
         "a mount was left"
     );
 }
+
+#[test]
+fn one_host_at_a_time_writes_a_file() {
+    skip_without_fuse!();
+    let (cl, v) = cluster();
+    let m = |h| cl.mountpoint(h, v);
+    let mut w1 = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(m(1).join("vm.vhd"))
+        .unwrap();
+    w1.write_all(b"host 1").unwrap();
+    // Another host may read it, but not open it for writing.
+    let err = OpenOptions::new()
+        .write(true)
+        .open(m(2).join("vm.vhd"))
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+    assert!(File::open(m(3).join("vm.vhd")).is_ok());
+    // Closing gives the write lease back at once.
+    drop(w1);
+    let mut w2 = OpenOptions::new()
+        .write(true)
+        .open(m(2).join("vm.vhd"))
+        .unwrap();
+    w2.write_all(b"host 2").unwrap();
+    drop(w2);
+    assert_eq!(fs::read(m(3).join("vm.vhd")).unwrap(), b"host 2");
+}
