@@ -98,6 +98,10 @@ struct Cli {
     /// Applied entries between snapshots of a group.
     #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
     snapshot_every: Option<u64>,
+    /// Log one JSON object per line (for journald or a log shipper)
+    /// instead of text. RUST_LOG sets the level (default: info).
+    #[arg(long)]
+    log_json: bool,
 }
 
 /// The settings file.
@@ -268,14 +272,17 @@ fn serve_metrics(addr: SocketAddr, me: Identity, own: SocketAddr) -> std::io::Re
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     let s = match settings(cli) {
         Ok(s) => s,
         Err(e) => {

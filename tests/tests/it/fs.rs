@@ -349,3 +349,70 @@ fn one_host_at_a_time_writes_a_file() {
     drop(w2);
     assert_eq!(fs::read(m(3).join("vm.vhd")).unwrap(), b"host 2");
 }
+
+#[test]
+fn metrics_json_logs_and_volume_removal() {
+    skip_without_fuse!();
+    let mut cl = CsvCluster::loopback(1).unwrap();
+    cl.mounts = true;
+    let port = csv_test_support::free_port().unwrap();
+    cl.extra_args = vec![
+        "--metrics".into(),
+        format!("127.0.0.1:{port}"),
+        "--log-json".into(),
+    ];
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    // Prometheus text over HTTP.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains("csv_raft_term{host=\"1\",group=\"Volume1\"}"),
+        "{body}"
+    );
+    assert!(
+        body.contains("csv_volume_direct{host=\"1\",volume=\"Volume1\"} 1"),
+        "{body}"
+    );
+    // Structured logs: one JSON object per line.
+    let log = fs::read_to_string(cl.dir().join("host1.log")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("mounted"))
+        .unwrap_or_default();
+    assert!(
+        line.starts_with('{') && line.contains("\"level\":\"INFO\""),
+        "{line}"
+    );
+    // Removal is refused while a file is open, then unmounts the volume.
+    let mp = cl.mountpoint(1, v);
+    let f = File::create(mp.join("open")).unwrap();
+    let out = cl
+        .csvctl()
+        .args(["volume", "remove", &v.to_string()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("open file"),
+        "{out:?}"
+    );
+    drop(f);
+    let out = cl
+        .csvctl()
+        .args(["volume", "remove", &v.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let gone = csv_test_support::wait_until(Duration::from_secs(10), || {
+        !fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .contains(&mp.display().to_string())
+    });
+    assert!(gone.is_ok(), "Volume{v} still mounted after removal");
+}
