@@ -182,11 +182,17 @@ pub fn up(a: UpArgs) -> Result<ExitCode> {
         children.push(child);
         let t = Instant::now();
         while !std::fs::read_to_string(&out).is_ok_and(|s| s.contains("serving")) {
-            if t.elapsed() > Duration::from_secs(15) {
+            let exited = children
+                .last_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || t.elapsed() > Duration::from_secs(15) {
                 stop_all(&dir, &mut children);
+                let log = std::fs::read_to_string(nd.join("csvd.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
                 bail!(
-                    "host {k} did not start; see {}",
-                    nd.join("csvd.log").display()
+                    "host {k} did not start ({}):\n{}",
+                    nd.join("csvd.log").display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -272,7 +272,16 @@ fn a_writer_carries_on_through_the_coordinators_crash() {
 fn csvctl_up_starts_a_mounted_cluster_and_ctrl_c_stops_it() {
     skip_without_fuse!();
     let dir = csv_test_support::temp_dir("up").unwrap();
-    let base = csv_test_support::free_port().unwrap();
+    // Two consecutive free ports (host K listens on base + K - 1).
+    let base = (0..100)
+        .find_map(|_| {
+            let p = csv_test_support::free_port().ok()?;
+            let a = std::net::TcpListener::bind(("127.0.0.1", p)).ok()?;
+            let b = std::net::TcpListener::bind(("127.0.0.1", p.checked_add(1)?)).ok()?;
+            drop((a, b));
+            Some(p)
+        })
+        .unwrap();
     let mut child = Command::new(csv_test_support::cmd::workspace_bin("csvctl"))
         .args([
             "up",
