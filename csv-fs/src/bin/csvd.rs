@@ -98,6 +98,10 @@ struct Cli {
     /// Applied entries between snapshots of a group.
     #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
     snapshot_every: Option<u64>,
+    /// FUSE worker threads per mounted volume (each has one LUN request
+    /// in flight at a time; more lets large writes overlap).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=256))]
+    fuse_threads: u64,
     /// Log one JSON object per line (for journald or a log shipper)
     /// instead of text. RUST_LOG sets the level (default: info).
     #[arg(long)]
@@ -283,6 +287,7 @@ fn main() -> ExitCode {
         logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
+    let fuse_threads = cli.fuse_threads as usize;
     let s = match settings(cli) {
         Ok(s) => s,
         Err(e) => {
@@ -342,7 +347,7 @@ fn main() -> ExitCode {
                 ..identity.clone()
             },
             endpoints,
-            threads: 32,
+            threads: fuse_threads,
         };
         let m = Mounts::new(cfg, node.volumes.clone());
         let stop = stop.clone();
