@@ -10,10 +10,13 @@
 //! - [`mounts`]: mounts and unmounts volumes as the cluster registry says,
 //!   and reports how this host reaches each one.
 //!
-//! Still to come (see the project's issues): SAN paths over iSCSI and I/O
-//! redirected through a peer when this host's path fails.
+//! - [`san`]: this host's own iSCSI session to a volume's LUN.
+//!
+//! Still to come (see the project's issues): I/O redirected through a peer
+//! when this host's SAN path fails, and fencing by persistent reservation.
 
 pub mod extents;
 pub mod fs;
 pub mod mounts;
+pub mod san;
 pub mod superblock;

@@ -31,11 +31,18 @@ pub struct MountConfig {
     pub endpoints: Vec<SocketAddr>,
     /// FUSE worker threads per volume.
     pub threads: usize,
+    /// This host on the SAN (for volumes on iSCSI LUNs).
+    pub san: crate::san::SanIdentity,
 }
 
 struct Active {
     session: Option<fuser::BackgroundSession>,
     fs: Arc<VolumeFs>,
+    /// The iSCSI session's runtime, when the LUN is reached over iSCSI
+    /// (dropped after the mount).
+    san: Option<crate::san::IscsiPath>,
+    /// How this host reaches the LUN.
+    path: String,
 }
 
 /// The mounts of this host.
@@ -85,25 +92,26 @@ impl Mounts {
     }
 
     fn mount(&mut self, v: &VolumeInfo) -> Result<(), String> {
-        let path = match self.cfg.luns.get(&v.number) {
-            Some(p) => p.clone(),
-            None if v.lun.starts_with("iscsi://") => {
-                return Err(format!(
-                    "{} is an iSCSI LUN; give this host a path with --lun {}=PATH",
-                    v.lun, v.number
-                ))
-            }
-            None => PathBuf::from(&v.lun),
-        };
-        let lun = vhd::io::DirectFile::open(&path, true)
-            .map_err(|e| format!("cannot open LUN {}: {e}", path.display()))?;
-        let sb = Superblock::read(&lun).map_err(|e| format!("LUN {}: {e}", path.display()))?;
+        let (lun, san, path): (Arc<dyn vhd::BlockIo>, _, String) =
+            match (self.cfg.luns.get(&v.number), v.lun.starts_with("iscsi://")) {
+                (None, true) => {
+                    let p = crate::san::open(&v.lun, &self.cfg.san)?;
+                    let lun: Arc<dyn vhd::BlockIo> = p.lun.clone();
+                    let d = p.describe.clone();
+                    (lun, Some(p), d)
+                }
+                (over, _) => {
+                    let path = over.cloned().unwrap_or_else(|| PathBuf::from(&v.lun));
+                    let f = vhd::io::DirectFile::open(&path, true)
+                        .map_err(|e| format!("cannot open LUN {}: {e}", path.display()))?;
+                    (Arc::new(f), None, format!("LUN file {}", path.display()))
+                }
+            };
+        let sb = Superblock::read(lun.as_ref()).map_err(|e| format!("{path}: {e}"))?;
         if sb.number != v.number {
             return Err(format!(
-                "LUN {} holds Volume{}, not Volume{}",
-                path.display(),
-                sb.number,
-                v.number
+                "{path} holds Volume{}, not Volume{}",
+                sb.number, v.number
             ));
         }
         let mp = self.mountpoint(v.number);
@@ -111,7 +119,6 @@ impl Mounts {
         std::fs::create_dir_all(&mp).map_err(|e| format!("create {}: {e}", mp.display()))?;
         let (me, endpoints) = (self.cfg.identity.clone(), self.cfg.endpoints.clone());
         let pool = ClientPool::new(move || Client::new(me.clone(), endpoints.clone()));
-        let lun: Arc<dyn vhd::BlockIo> = Arc::new(lun);
         let fs = VolumeFs::new(v.number, self.cfg.node, lun, v.capacity, pool);
         let mut config = fuser::Config::default();
         config.mount_options = vec![
@@ -127,17 +134,14 @@ impl Mounts {
         let session = fuser::Session::new(Mounted(fs.clone()), &mp, &config)
             .and_then(fuser::Session::spawn)
             .map_err(|e| format!("mount {}: {e}", mp.display()))?;
-        tracing::info!(
-            "Volume{} mounted at {} (LUN {})",
-            v.number,
-            mp.display(),
-            path.display()
-        );
+        tracing::info!("Volume{} mounted at {} ({path})", v.number, mp.display());
         self.active.insert(
             v.number,
             Active {
                 session: Some(session),
                 fs,
+                san,
+                path,
             },
         );
         Ok(())
@@ -152,6 +156,7 @@ impl Mounts {
                     clear_stale_mount(&self.mountpoint(n));
                 }
             }
+            drop(a.san.take());
             tracing::info!("Volume{n} unmounted");
         }
     }
@@ -187,10 +192,10 @@ impl Mounts {
         let mut states = Vec::new();
         for n in wanted.keys() {
             let mp = self.mountpoint(*n).display().to_string();
-            let (state, reason) = match (self.active.contains_key(n), self.failed.get(n)) {
-                (true, _) => ("Direct", "LUN reached by this host".to_string()),
-                (false, Some(e)) => ("Unmounted", e.clone()),
-                (false, None) => ("Unmounted", "not mounted yet".to_string()),
+            let (state, reason) = match (self.active.get(n), self.failed.get(n)) {
+                (Some(a), _) => ("Direct", a.path.clone()),
+                (None, Some(e)) => ("Unmounted", e.clone()),
+                (None, None) => ("Unmounted", "not mounted yet".to_string()),
             };
             states.push(VolumeState {
                 number: *n,

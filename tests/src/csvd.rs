@@ -288,6 +288,29 @@ impl CsvCluster {
         Ok(n)
     }
 
+    /// Adds the LUN at `url` (an iSCSI URL) as VolumeN with `csvctl volume
+    /// add`, which formats it.
+    pub fn add_volume_url(&self, url: &str, number: u64) -> Result<()> {
+        let out = self
+            .csvctl()
+            .args([
+                "volume",
+                "add",
+                url,
+                "--number",
+                &number.to_string(),
+                "--force",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "csvctl volume add {url}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     /// `csvctl` set up to reach this cluster (endpoints, key, name).
     pub fn csvctl(&self) -> Command {
         let mut c = Command::new(workspace_bin("csvctl"));

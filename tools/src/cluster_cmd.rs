@@ -100,9 +100,10 @@ pub enum VolumeCommand {
     Add {
         #[command(flatten)]
         access: Access,
-        /// The LUN: a file or block device every host can reach at this
-        /// path (or give hosts their own path with `csvd --lun N=PATH`).
-        lun: PathBuf,
+        /// The LUN: an iscsi://portal/target-iqn/lun URL (each host logs in
+        /// with its own initiator), or a file or block device every host
+        /// reaches at this path (or at its own: `csvd --lun N=PATH`).
+        lun: String,
         /// N in /ClusterStorage/VolumeN (default: the next free number).
         #[arg(long)]
         number: Option<u64>,
@@ -359,6 +360,52 @@ pub(crate) fn format_lun(
     Ok((lun, sb))
 }
 
+/// Formats the iSCSI LUN at `url` as VolumeN, logged in as this command
+/// (initiator `iqn.2026-11.io.csv:<hostname>-csvctl`; CHAP user and secret
+/// from CSV_CHAP_USER and CSV_CHAP_SECRET when the target wants them).
+fn format_iscsi(
+    url: &str,
+    number: u64,
+    force: bool,
+) -> Result<(String, csv_fs::superblock::Superblock)> {
+    use csv_fs::superblock::{Superblock, DEFAULT_DATA_START};
+    use vhd::BlockIo;
+    let initiator = csv_fs::san::SanIdentity::default_initiator(0).replace("-node0", "-csvctl");
+    let chap = match (
+        std::env::var("CSV_CHAP_USER"),
+        std::env::var("CSV_CHAP_SECRET"),
+    ) {
+        (Ok(user), Ok(secret)) => Some(iscsi_initiator::Chap { user, secret }),
+        _ => None,
+    };
+    let who = csv_fs::san::SanIdentity { initiator, chap };
+    let path = csv_fs::san::open(url, &who).map_err(anyhow::Error::msg)?;
+    let len = path.lun.len()?;
+    if len < 64 << 20 {
+        bail!("{url} is {len} bytes; a volume needs at least 64 MiB");
+    }
+    if let Ok(old) = Superblock::read(path.lun.as_ref()) {
+        if !force {
+            bail!(
+                "{url} already holds Volume{} (id {}); pass --force to format it again (its data is lost)",
+                old.number,
+                old.id_hex()
+            );
+        }
+    }
+    let mut id = [0u8; 16];
+    coordinator::wire::random(&mut id).context("random volume id")?;
+    let sb = Superblock {
+        number,
+        id,
+        capacity: len,
+        data_start: DEFAULT_DATA_START,
+    };
+    sb.write(path.lun.as_ref())
+        .with_context(|| format!("write the superblock of {url}"))?;
+    Ok((url.to_string(), sb))
+}
+
 fn volume_status(access: &Access, json: bool) -> Result<ExitCode> {
     let me = access.identity()?;
     let mut rows = Vec::new();
@@ -430,10 +477,15 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
             if info.volumes.iter().any(|v| v.number == number) {
                 bail!("Volume{number} exists");
             }
-            let (lun, sb) = format_lun(&lun, number, size, force)?;
+            let (lun, sb) = if lun.starts_with("iscsi://") {
+                format_iscsi(&lun, number, force)?
+            } else {
+                let (p, sb) = format_lun(std::path::Path::new(&lun), number, size, force)?;
+                (p.display().to_string(), sb)
+            };
             c.add_volume(proto::VolumeInfo {
                 number,
-                lun: lun.display().to_string(),
+                lun: lun.clone(),
                 data_start: sb.data_start,
                 capacity: sb.capacity,
                 voters: vec![],
@@ -442,7 +494,7 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
             .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
             println!(
                 "Volume{number} created on {} ({}, id {}); every host mounts it as VolumeN under its mount root",
-                lun.display(),
+                lun,
                 crate::size::human(sb.capacity),
                 sb.id_hex()
             );

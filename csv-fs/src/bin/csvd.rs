@@ -98,6 +98,17 @@ struct Cli {
     /// Applied entries between snapshots of a group.
     #[arg(long, value_parser = clap::value_parser!(u64).range(16..))]
     snapshot_every: Option<u64>,
+    /// This host's iSCSI initiator name (default:
+    /// iqn.2026-11.io.csv:<hostname>-node<ID>; every host needs its own).
+    #[arg(long, value_name = "IQN")]
+    initiator: Option<String>,
+    /// CHAP user for the SAN's targets; the secret is read from
+    /// --chap-secret-file (never given on the command line).
+    #[arg(long)]
+    chap_user: Option<String>,
+    /// File holding the CHAP secret (one line).
+    #[arg(long, value_name = "FILE")]
+    chap_secret_file: Option<PathBuf>,
     /// FUSE worker threads per mounted volume (each has one LUN request
     /// in flight at a time; more lets large writes overlap).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=256))]
@@ -128,6 +139,9 @@ struct FileConfig {
     metrics: Option<SocketAddr>,
     tick_ms: Option<u64>,
     snapshot_every: Option<u64>,
+    initiator: Option<String>,
+    chap_user: Option<String>,
+    chap_secret_file: Option<PathBuf>,
 }
 
 fn parse_peer(s: &str) -> Result<(u64, Vec<String>), String> {
@@ -174,6 +188,7 @@ fn parse_lun(s: &str) -> Result<(u64, PathBuf), String> {
 }
 
 struct Settings {
+    san: csv_fs::san::SanIdentity,
     cfg: Config,
     mount_root: Option<PathBuf>,
     luns: BTreeMap<u64, PathBuf>,
@@ -230,7 +245,30 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         snapshot_every: cli.snapshot_every.or(file.snapshot_every).unwrap_or(4096),
         ..Timing::default()
     };
+    let chap = match (
+        cli.chap_user.or(file.chap_user),
+        cli.chap_secret_file.or(file.chap_secret_file),
+    ) {
+        (Some(user), Some(f)) => {
+            let secret = std::fs::read_to_string(&f)
+                .map_err(|e| format!("CHAP secret {}: {e}", f.display()))?
+                .trim()
+                .to_string();
+            Some(iscsi_initiator::Chap { user, secret })
+        }
+        (Some(_), None) => return Err("--chap-user needs --chap-secret-file".into()),
+        (None, Some(_)) => return Err("--chap-secret-file needs --chap-user".into()),
+        (None, None) => None,
+    };
+    let san = csv_fs::san::SanIdentity {
+        initiator: cli
+            .initiator
+            .or(file.initiator)
+            .unwrap_or_else(|| csv_fs::san::SanIdentity::default_initiator(id)),
+        chap,
+    };
     Ok(Settings {
+        san,
         cfg: Config {
             identity: Identity {
                 node: id,
@@ -348,6 +386,7 @@ fn main() -> ExitCode {
             },
             endpoints,
             threads: fuse_threads,
+            san: s.san,
         };
         let m = Mounts::new(cfg, node.volumes.clone());
         let stop = stop.clone();

@@ -425,3 +425,45 @@ fn metrics_json_logs_and_volume_removal() {
     });
     assert!(gone.is_ok(), "Volume{v} still mounted after removal");
 }
+
+#[test]
+fn a_volume_on_an_iscsi_lun_is_shared_by_three_hosts() {
+    skip_without_fuse!();
+    skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
+    let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
+    let t = tgt.add_target("csvvol").unwrap();
+    let backing = tgt.dir().join("lun1.img");
+    tgt.add_lun_file(&t, 1, &backing, 512 * MIB).unwrap();
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    cl.add_volume_url(&tgt.url(&t, 1), 1).unwrap();
+    cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
+    // Each host has its own session, under its own initiator name.
+    let names: std::collections::BTreeSet<String> = tgt
+        .connections(&t)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.initiator)
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    let st = cl.status(2).unwrap();
+    assert!(st.volumes[0].reason.contains("iSCSI"), "{:?}", st.volumes);
+    let m = |h| cl.mountpoint(h, 1);
+    let data = pattern(77, (6 * MIB + 5) as usize);
+    write_synced(&m(1).join("over-iscsi.bin"), &data);
+    for h in [2, 3] {
+        assert_eq!(
+            fs::read(m(h).join("over-iscsi.bin")).unwrap(),
+            data,
+            "host {h}"
+        );
+    }
+    // The bytes are on the target's LUN, past the volume's superblock.
+    let lun = fs::read(&backing).unwrap();
+    assert_eq!(&lun[..8], b"CSVVOL\0\0");
+    assert!(
+        lun.windows(64).any(|w| w == &data[..64]),
+        "the file's data is not on the LUN"
+    );
+}
