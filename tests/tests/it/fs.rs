@@ -467,3 +467,55 @@ fn a_volume_on_an_iscsi_lun_is_shared_by_three_hosts() {
         "the file's data is not on the LUN"
     );
 }
+
+#[test]
+fn moving_the_coordinator_ten_times_under_a_write_stream_loses_nothing() {
+    skip_without_fuse!();
+    let (cl, v) = cluster();
+    let path = cl.mountpoint(1, v).join("moving.bin");
+    const CHUNK: usize = 128 << 10;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (path, stop) = (path.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut f = File::create(&path).map_err(|e| e.to_string())?;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all(&pattern(5000 + i, CHUNK))
+                    .map_err(|e| format!("write of chunk {i}: {e}"))?;
+                if i % 2 == 1 {
+                    f.sync_all()
+                        .map_err(|e| format!("fsync after chunk {i}: {e}"))?;
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            f.sync_all().map_err(|e| format!("last fsync: {e}"))?;
+            Ok(i)
+        })
+    };
+    let mut c = cl.client();
+    for k in 0..10u64 {
+        let to = k % 3 + 1;
+        let t = Instant::now();
+        c.transfer_leader(v, to)
+            .unwrap_or_else(|e| panic!("move {k} to host {to}: {e}"));
+        eprintln!("move {k}: coordinator on host {to} after {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let chunks = w
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the stream failed: {e}"));
+    for h in [2, 3] {
+        let got = fs::read(cl.mountpoint(h, v).join("moving.bin")).unwrap();
+        assert_eq!(got.len(), chunks as usize * CHUNK);
+        for i in 0..chunks as usize {
+            assert!(
+                got[i * CHUNK..(i + 1) * CHUNK] == pattern(5000 + i as u64, CHUNK),
+                "chunk {i} wrong on host {h}"
+            );
+        }
+    }
+}
