@@ -351,8 +351,19 @@ impl VolumeFs {
 
     /// Opens `ino` on this host: lease, attributes, extent map.
     fn open_file(&self, ino: u64, write: bool) -> Result<u64, Errno> {
+        self.open_file_as(ino, write, None)
+    }
+
+    /// Opens `ino`; `created` is its attributes when this host just made
+    /// it (empty: nothing to fetch).
+    fn open_file_as(
+        &self,
+        ino: u64,
+        write: bool,
+        created: Option<&proto::Attr>,
+    ) -> Result<u64, Errno> {
         loop {
-            let file = self.open_entry(ino, write)?;
+            let file = self.open_entry(ino, write, created)?;
             let mut f = file.lock().map_err(|_| Errno::EIO)?;
             if f.closed {
                 // Released and revoked meanwhile: drop it and start again.
@@ -389,7 +400,12 @@ impl VolumeFs {
 
     /// The open-file entry of `ino`, made (lease, attributes, map) if there
     /// is none.
-    fn open_entry(&self, ino: u64, write: bool) -> Result<Arc<Mutex<OpenFile>>, Errno> {
+    fn open_entry(
+        &self,
+        ino: u64,
+        write: bool,
+        created: Option<&proto::Attr>,
+    ) -> Result<Arc<Mutex<OpenFile>>, Errno> {
         let existing = self
             .files
             .lock()
@@ -400,12 +416,19 @@ impl VolumeFs {
             Some(f) => f,
             None => {
                 let vol = self.vol;
-                let attr = self.call(|c| c.getattr(vol, ino))?;
+                let attr = match created {
+                    Some(a) => a.clone(),
+                    None => self.call(|c| c.getattr(vol, ino))?,
+                };
                 if attr.kind != 1 {
                     return Err(Errno::EISDIR);
                 }
                 let lease = self.grant(ino, write)?;
-                let extents = ExtentMap::new(&self.fetch_extents(ino)?);
+                let extents = match created {
+                    // A file this host just created has no extents yet.
+                    Some(_) => ExtentMap::default(),
+                    None => ExtentMap::new(&self.fetch_extents(ino)?),
+                };
                 let f = Arc::new(Mutex::new(OpenFile {
                     handles: 0,
                     writers: 0,
@@ -987,7 +1010,7 @@ impl Filesystem for Mounted {
             Err(e) => return reply.error(e),
         };
         let write = (flags & libc::O_ACCMODE) != libc::O_RDONLY;
-        match fs.open_file(a.ino, write) {
+        match fs.open_file_as(a.ino, write, Some(&a)) {
             Ok(fh) => {
                 let f = if flags & libc::O_DIRECT != 0 {
                     FopenFlags::FOPEN_DIRECT_IO
