@@ -424,6 +424,46 @@ pub fn node_status(
     }
 }
 
+/// Asks the host at `addr` to send its I/O to VolumeN through a peer
+/// (`on`) or over its own path.
+pub fn redirect(
+    me: &Identity,
+    addr: SocketAddr,
+    volume: u64,
+    on: bool,
+    timeout: Duration,
+) -> Result<()> {
+    let unavailable = |e: wire::WireError| ClientError::Unavailable {
+        secs: timeout.as_secs_f64(),
+        last: format!("{addr}: {e}"),
+    };
+    let mut c = wire::connect(addr, me, timeout).map_err(unavailable)?;
+    c.set_read_timeout(Some(timeout))
+        .map_err(|e| unavailable(e.into()))?;
+    let f = Frame {
+        body: Some(proto::frame::Body::Request(Request {
+            client: 0,
+            seq: 1,
+            group: 0,
+            body: Some(request::Body::Admin(proto::Admin {
+                action: Some(admin::Action::Redirect(proto::RedirectReq { volume, on })),
+            })),
+        })),
+    };
+    c.send(&f).map_err(unavailable)?;
+    match c.recv().map_err(unavailable)?.body {
+        Some(proto::frame::Body::Response(proto::Response {
+            result: Some(response::Result::Reply(_)),
+            ..
+        })) => Ok(()),
+        Some(proto::frame::Body::Response(proto::Response {
+            result: Some(response::Result::Error(e)),
+            ..
+        })) => Err(ClientError::Refused(e)),
+        other => Err(ClientError::BadReply(format!("{other:?}"))),
+    }
+}
+
 /// A readable error for a failed metadata call.
 pub fn describe(e: &ClientError) -> String {
     match e {

@@ -182,11 +182,26 @@ fn peer_sender(me: Identity, book: Book, to: u64, rx: Receiver<Frame>) {
 /// (served in the status RPC).
 pub type VolumeStates = Arc<RwLock<Vec<proto::VolumeState>>>;
 
+/// What the filesystem layer does for peers: block I/O on the LUNs this
+/// host reaches directly, and redirection of its own I/O on request.
+pub trait BlockServer: Send + Sync {
+    /// Serves one redirected block request; reads return the bytes.
+    fn block(&self, op: &proto::BlockOp) -> Result<Vec<u8>, String>;
+    /// Sends this host's I/O to `volume` through a peer (on) or over its
+    /// own path (off).
+    fn redirect(&self, volume: u64, on: bool) -> Result<(), String>;
+}
+
+/// Where the block server is installed (by the filesystem layer, after
+/// the node started).
+pub type BlockSlot = Arc<RwLock<Option<Arc<dyn BlockServer>>>>;
+
 /// A running coordinator service.
-#[derive(Debug)]
 pub struct Node {
     /// The volume states this host reports; the filesystem layer fills it.
     pub volumes: VolumeStates,
+    /// The filesystem layer's block server, once installed.
+    pub block: BlockSlot,
     stop: Arc<AtomicBool>,
     raft: Option<std::thread::JoinHandle<()>>,
     /// Addresses actually bound (port 0 resolved).
@@ -219,13 +234,14 @@ impl Node {
         }
         let book: Book = Arc::new(RwLock::new(cfg.peers.clone()));
         let volumes: VolumeStates = Arc::default();
+        let block: BlockSlot = Arc::default();
         let mut state = RaftLoop::open(&cfg, book.clone())?;
         state.volumes = volumes.clone();
         for l in listeners {
-            let (tx, me) = (tx.clone(), cfg.identity.clone());
+            let (tx, me, block) = (tx.clone(), cfg.identity.clone(), block.clone());
             std::thread::Builder::new()
                 .name("csv-accept".into())
-                .spawn(move || acceptor(l, me, tx))
+                .spawn(move || acceptor(l, me, tx, block))
                 .map_err(|e| NodeError::Config(format!("cannot start a thread: {e}")))?;
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -236,6 +252,7 @@ impl Node {
             .map_err(|e| NodeError::Config(format!("cannot start a thread: {e}")))?;
         Ok(Node {
             volumes,
+            block,
             stop,
             raft: Some(raft),
             bound,
@@ -250,23 +267,77 @@ impl Node {
     }
 }
 
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("bound", &self.bound)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
 
-fn acceptor(l: TcpListener, me: Identity, tx: Sender<Event>) {
+fn acceptor(l: TcpListener, me: Identity, tx: Sender<Event>, block: BlockSlot) {
     for s in l.incoming() {
         let Ok(s) = s else { continue };
-        let (me, tx) = (me.clone(), tx.clone());
+        let (me, tx, block) = (me.clone(), tx.clone(), block.clone());
         let _ = std::thread::Builder::new()
             .name("csv-conn".into())
-            .spawn(move || serve(s, me, tx));
+            .spawn(move || serve(s, me, tx, block));
     }
 }
 
-fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>) {
+/// Answers block I/O and redirect requests here, off the Raft thread.
+fn serve_local(block: &BlockSlot, r: &Request) -> Option<Response> {
+    let result = match &r.body {
+        Some(request::Body::Block(op)) => {
+            let server = block.read().ok().and_then(|b| b.clone());
+            Some(match server {
+                None => Err(codec::error(
+                    ErrorCode::NoGroup,
+                    "this host serves no volume",
+                )),
+                Some(s) => match s.block(op) {
+                    Ok(data) if op.kind == 0 => Ok(proto::reply::Value::Data(proto::BlockData {
+                        crc: crc32fast::hash(&data),
+                        data,
+                    })),
+                    Ok(_) => Ok(proto::reply::Value::Done(proto::Empty {})),
+                    Err(e) => Err(codec::error(ErrorCode::Unavailable, e)),
+                },
+            })
+        }
+        Some(request::Body::Admin(proto::Admin {
+            action: Some(admin::Action::Redirect(q)),
+        })) => {
+            let server = block.read().ok().and_then(|b| b.clone());
+            Some(match server {
+                None => Err(codec::error(
+                    ErrorCode::NoGroup,
+                    "this host mounts no volume",
+                )),
+                Some(s) => s
+                    .redirect(q.volume, q.on)
+                    .map(|()| proto::reply::Value::Done(proto::Empty {}))
+                    .map_err(|e| codec::error(ErrorCode::Invalid, e)),
+            })
+        }
+        _ => None,
+    }?;
+    Some(Response {
+        seq: r.seq,
+        result: Some(match result {
+            Ok(v) => response::Result::Reply(proto::Reply { value: Some(v) }),
+            Err(e) => response::Result::Error(e),
+        }),
+    })
+}
+
+fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>, block: BlockSlot) {
     let peer = s.peer_addr().ok();
     let mut c = match wire::accept(s, &me, Duration::from_secs(5)) {
         Ok(c) => c,
@@ -310,6 +381,15 @@ fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>) {
                 }
             }
             Some(frame::Body::Request(r)) => {
+                if let Some(resp) = serve_local(&block, &r) {
+                    let f = Frame {
+                        body: Some(frame::Body::Response(resp)),
+                    };
+                    if c.send(&f).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let seq = r.seq;
                 let (wtx, wrx) = mpsc::channel();
                 if tx.send(Event::Request(r, wtx)).is_err() {
@@ -675,6 +755,11 @@ impl RaftLoop {
                 g.propose(r.client, seq, proto::command::Body::Cluster(op), w)
             }
             request::Body::Read(q) => g.read(seq, q, w),
+            request::Body::Block(_) => fail(
+                &w,
+                ErrorCode::BadRequest,
+                "block requests are served by the connection, not the groups".into(),
+            ),
             request::Body::Admin(a) => match a.action {
                 Some(admin::Action::TransferLeader(to)) => g.transfer(to, seq, w),
                 Some(admin::Action::AddNode(n)) => {
@@ -683,7 +768,7 @@ impl RaftLoop {
                     };
                     g.propose(r.client, seq, proto::command::Body::Cluster(op), w)
                 }
-                Some(admin::Action::Status(_)) | None => fail(
+                Some(admin::Action::Status(_)) | Some(admin::Action::Redirect(_)) | None => fail(
                     &w,
                     ErrorCode::BadRequest,
                     "unknown administrative action".into(),

@@ -88,7 +88,7 @@ pub struct Request {
     #[prost(uint64, tag = "3")]
     pub group: u64,
     /// What is asked.
-    #[prost(oneof = "request::Body", tags = "4, 5, 6, 7")]
+    #[prost(oneof = "request::Body", tags = "4, 5, 6, 7, 8")]
     pub body: Option<request::Body>,
 }
 
@@ -109,6 +109,10 @@ pub mod request {
         /// An administrative action.
         #[prost(message, tag = "7")]
         Admin(super::Admin),
+        /// Block I/O on a volume's LUN, redirected from a host that does
+        /// not use its own path (served by the host asked, not by Raft).
+        #[prost(message, tag = "8")]
+        Block(super::BlockOp),
     }
 }
 
@@ -202,7 +206,7 @@ pub struct Redirect {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Reply {
     /// What came back.
-    #[prost(oneof = "reply::Value", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "reply::Value", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub value: Option<reply::Value>,
 }
 
@@ -241,6 +245,9 @@ pub mod reply {
         /// A volume's use.
         #[prost(message, tag = "10")]
         Usage(super::VolumeUsage),
+        /// Bytes read from a LUN.
+        #[prost(message, tag = "11")]
+        Data(super::BlockData),
     }
 }
 
@@ -263,6 +270,40 @@ pub struct VolumeUsage {
     /// Live leases (files open somewhere).
     #[prost(uint64, tag = "4")]
     pub leases: u64,
+}
+
+/// One redirected block request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlockOp {
+    /// N of VolumeN.
+    #[prost(uint64, tag = "1")]
+    pub volume: u64,
+    /// Byte offset on the LUN.
+    #[prost(uint64, tag = "2")]
+    pub offset: u64,
+    /// Bytes to read (reads).
+    #[prost(uint64, tag = "3")]
+    pub len: u64,
+    /// Bytes to write (writes).
+    #[prost(bytes = "vec", tag = "4")]
+    pub data: Vec<u8>,
+    /// 0 read, 1 write, 2 flush.
+    #[prost(uint32, tag = "5")]
+    pub kind: u32,
+    /// CRC32 of `data`.
+    #[prost(uint32, tag = "6")]
+    pub crc: u32,
+}
+
+/// Bytes read for a redirected request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BlockData {
+    /// The bytes.
+    #[prost(bytes = "vec", tag = "1")]
+    pub data: Vec<u8>,
+    /// CRC32 of `data`.
+    #[prost(uint32, tag = "2")]
+    pub crc: u32,
 }
 
 /// How a host reaches one volume.
@@ -833,7 +874,7 @@ pub struct ClusterInfo {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Admin {
     /// Which action.
-    #[prost(oneof = "admin::Action", tags = "1, 2, 3")]
+    #[prost(oneof = "admin::Action", tags = "1, 2, 3, 4")]
     pub action: Option<admin::Action>,
 }
 
@@ -852,7 +893,22 @@ pub mod admin {
         /// has caught up.
         #[prost(message, tag = "3")]
         AddNode(super::NodeInfo),
+        /// Make the host asked send its I/O to a volume through a peer
+        /// (on) or over its own path again (off).
+        #[prost(message, tag = "4")]
+        Redirect(super::RedirectReq),
     }
+}
+
+/// Redirect a volume's I/O on the host asked.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RedirectReq {
+    /// N of VolumeN.
+    #[prost(uint64, tag = "1")]
+    pub volume: u64,
+    /// On or off.
+    #[prost(bool, tag = "2")]
+    pub on: bool,
 }
 
 /// A host's view of its Raft groups.

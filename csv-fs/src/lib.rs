@@ -10,7 +10,9 @@
 //! - [`mounts`]: mounts and unmounts volumes as the cluster registry says,
 //!   and reports how this host reaches each one.
 //!
-//! - [`san`]: this host's own iSCSI session to a volume's LUN.
+//! - [`san`]: this host's own iSCSI session to a volume's LUN;
+//! - [`redirect`]: block I/O through a peer when this host does not use its
+//!   own path, and the service that answers peers.
 //!
 //! Still to come (see the project's issues): I/O redirected through a peer
 //! when this host's SAN path fails, and fencing by persistent reservation.
@@ -18,5 +20,6 @@
 pub mod extents;
 pub mod fs;
 pub mod mounts;
+pub mod redirect;
 pub mod san;
 pub mod superblock;

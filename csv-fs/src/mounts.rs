@@ -33,6 +33,8 @@ pub struct MountConfig {
     pub threads: usize,
     /// This host on the SAN (for volumes on iSCSI LUNs).
     pub san: crate::san::SanIdentity,
+    /// The other hosts' addresses (redirected I/O goes there).
+    pub peers: Vec<SocketAddr>,
 }
 
 struct Active {
@@ -43,11 +45,13 @@ struct Active {
     san: Option<crate::san::IscsiPath>,
     /// How this host reaches the LUN.
     path: String,
+    lun: Arc<crate::redirect::RedirectingLun>,
 }
 
 /// The mounts of this host.
 pub struct Mounts {
     cfg: MountConfig,
+    served: Arc<crate::redirect::Served>,
     active: BTreeMap<u64, Active>,
     states: VolumeStates,
     failed: BTreeMap<u64, String>,
@@ -77,10 +81,16 @@ pub fn clear_stale_mount(p: &Path) {
 }
 
 impl Mounts {
-    /// A mount manager reporting into `states`.
-    pub fn new(cfg: MountConfig, states: VolumeStates) -> Mounts {
+    /// A mount manager reporting into `states`; `served` answers peers'
+    /// redirected I/O from this host's mounted LUNs.
+    pub fn new(
+        cfg: MountConfig,
+        states: VolumeStates,
+        served: Arc<crate::redirect::Served>,
+    ) -> Mounts {
         Mounts {
             cfg,
+            served,
             active: BTreeMap::new(),
             states,
             failed: BTreeMap::new(),
@@ -119,6 +129,13 @@ impl Mounts {
         std::fs::create_dir_all(&mp).map_err(|e| format!("create {}: {e}", mp.display()))?;
         let (me, endpoints) = (self.cfg.identity.clone(), self.cfg.endpoints.clone());
         let pool = ClientPool::new(move || Client::new(me.clone(), endpoints.clone()));
+        let rl = Arc::new(crate::redirect::RedirectingLun::new(
+            v.number,
+            lun,
+            self.cfg.identity.clone(),
+            self.cfg.peers.clone(),
+        ));
+        let lun: Arc<dyn vhd::BlockIo> = rl.clone();
         let fs = VolumeFs::new(v.number, self.cfg.node, lun, v.capacity, pool);
         let mut config = fuser::Config::default();
         config.mount_options = vec![
@@ -142,12 +159,15 @@ impl Mounts {
                 fs,
                 san,
                 path,
+                lun: rl.clone(),
             },
         );
+        self.served.set(v.number, Some(rl));
         Ok(())
     }
 
     fn unmount(&mut self, n: u64) {
+        self.served.set(n, None);
         if let Some(mut a) = self.active.remove(&n) {
             a.fs.shutdown();
             if let Some(s) = a.session.take() {
@@ -193,6 +213,14 @@ impl Mounts {
         for n in wanted.keys() {
             let mp = self.mountpoint(*n).display().to_string();
             let (state, reason) = match (self.active.get(n), self.failed.get(n)) {
+                (Some(a), _) if a.lun.is_redirected() => (
+                    "BlockRedirected",
+                    format!(
+                        "I/O through a peer, asked by the operator ({} requests so far; own path: {})",
+                        a.lun.redirected_ops(),
+                        a.path
+                    ),
+                ),
                 (Some(a), _) => ("Direct", a.path.clone()),
                 (None, Some(e)) => ("Unmounted", e.clone()),
                 (None, None) => ("Unmounted", "not mounted yet".to_string()),

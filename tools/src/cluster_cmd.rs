@@ -123,6 +123,21 @@ pub enum VolumeCommand {
         /// N in /ClusterStorage/VolumeN.
         number: u64,
     },
+    /// Send a host's I/O to VolumeN through a peer that reaches the LUN
+    /// directly (`on`), or back over its own path (`off`): for maintenance
+    /// of a host's SAN path. `volume status` shows it as BlockRedirected.
+    Redirect {
+        #[command(flatten)]
+        access: Access,
+        /// N in /ClusterStorage/VolumeN.
+        number: u64,
+        /// The host whose I/O is redirected.
+        #[arg(long)]
+        node: u64,
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
     /// How each host reaches each volume: Direct, BlockRedirected,
     /// FileSystemRedirected or Unmounted, and why (like
     /// Get-ClusterSharedVolumeState).
@@ -517,6 +532,42 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VolumeCommand::Status { access, json } => volume_status(&access, json),
+        VolumeCommand::Redirect {
+            access,
+            number,
+            node,
+            state,
+        } => {
+            let info = access
+                .client()?
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let host = info
+                .nodes
+                .iter()
+                .find(|n| n.id == node)
+                .with_context(|| format!("no host {node} in the cluster"))?;
+            let on = state == "on";
+            let me = access.identity()?;
+            let mut last = String::from("no address");
+            for a in coordinator::node::resolve(&host.addrs) {
+                match client::redirect(&me, a, number, on, Duration::from_secs(5)) {
+                    Ok(()) => {
+                        println!(
+                            "host {node}: Volume{number} {}",
+                            if on {
+                                "I/O now goes through a peer (BlockRedirected)"
+                            } else {
+                                "back on its own path (Direct)"
+                            }
+                        );
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Err(e) => last = client::describe(&e),
+                }
+            }
+            bail!("host {node}: {last}")
+        }
         VolumeCommand::List { access } => {
             let info = access
                 .client()?

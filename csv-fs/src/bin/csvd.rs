@@ -376,6 +376,12 @@ fn main() -> ExitCode {
                 .filter(|(p, _)| **p != id)
                 .flat_map(|(_, a)| coordinator::node::resolve(a)),
         );
+        let own: Vec<SocketAddr> = node.bound.clone();
+        let peer_addrs: Vec<SocketAddr> = endpoints
+            .iter()
+            .filter(|a| !own.contains(a))
+            .copied()
+            .collect();
         let cfg = MountConfig {
             node: id,
             root,
@@ -387,8 +393,13 @@ fn main() -> ExitCode {
             endpoints,
             threads: fuse_threads,
             san: s.san,
+            peers: peer_addrs,
         };
-        let m = Mounts::new(cfg, node.volumes.clone());
+        let served = Arc::new(csv_fs::redirect::Served::new(node.volumes.clone()));
+        if let Ok(mut slot) = node.block.write() {
+            *slot = Some(served.clone());
+        }
+        let m = Mounts::new(cfg, node.volumes.clone(), served);
         let stop = stop.clone();
         std::thread::spawn(move || m.run(stop))
     });

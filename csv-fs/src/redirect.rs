@@ -1,0 +1,330 @@
+//! Redirected block I/O: a host that does not use its own SAN path to a
+//! volume (forced by the operator now; on path failure with the path
+//! manager to come) sends its block requests over the cluster network to a
+//! host that reaches the LUN directly, with a CRC32 on every payload.
+//!
+//! [`RedirectingLun`] is the LUN the filesystem uses: direct I/O while the
+//! host's own path is in use, redirected I/O otherwise. [`Served`] answers
+//! the peers' redirected requests from this host's direct paths.
+
+use coordinator::node::BlockServer;
+use coordinator::proto::{self, frame, reply, request, response, BlockOp, Frame, Request};
+use coordinator::wire::{self, Conn, Identity};
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+/// A volume's LUN as this host uses it.
+pub struct RedirectingLun {
+    vol: u64,
+    direct: Arc<dyn vhd::BlockIo>,
+    redirected: AtomicBool,
+    me: Identity,
+    peers: Vec<SocketAddr>,
+    pool: Mutex<Vec<(SocketAddr, Conn)>>,
+    seq: AtomicU64,
+    /// Requests served through a peer so far.
+    redirected_ops: AtomicU64,
+}
+
+impl std::fmt::Debug for RedirectingLun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedirectingLun")
+            .field("vol", &self.vol)
+            .field("redirected", &self.redirected)
+            .finish_non_exhaustive()
+    }
+}
+
+const READ: u32 = 0;
+const WRITE: u32 = 1;
+const FLUSH: u32 = 2;
+
+impl RedirectingLun {
+    /// VolumeN's LUN over `direct`, redirected through `peers` (the other
+    /// hosts' addresses) when asked.
+    pub fn new(
+        vol: u64,
+        direct: Arc<dyn vhd::BlockIo>,
+        me: Identity,
+        peers: Vec<SocketAddr>,
+    ) -> Self {
+        RedirectingLun {
+            vol,
+            direct,
+            redirected: AtomicBool::new(false),
+            me,
+            peers,
+            pool: Mutex::new(Vec::new()),
+            seq: AtomicU64::new(1),
+            redirected_ops: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether I/O goes through a peer.
+    pub fn is_redirected(&self) -> bool {
+        self.redirected.load(Ordering::Relaxed)
+    }
+
+    /// Sends I/O through a peer (true) or over the own path (false).
+    pub fn set_redirected(&self, on: bool) {
+        if self.redirected.swap(on, Ordering::Relaxed) != on {
+            tracing::warn!(
+                volume = self.vol,
+                "Volume{}: {}",
+                self.vol,
+                if on {
+                    "BlockRedirected (I/O through a peer)"
+                } else {
+                    "Direct again"
+                }
+            );
+        }
+    }
+
+    /// Requests that went through a peer so far.
+    pub fn redirected_ops(&self) -> u64 {
+        self.redirected_ops.load(Ordering::Relaxed)
+    }
+
+    /// The LUN this host reaches directly.
+    pub fn direct(&self) -> &Arc<dyn vhd::BlockIo> {
+        &self.direct
+    }
+
+    fn conn(&self, a: SocketAddr) -> io::Result<Conn> {
+        let pooled = self.pool.lock().ok().and_then(|mut p| {
+            let i = p.iter().position(|(x, _)| *x == a)?;
+            Some(p.swap_remove(i).1)
+        });
+        if let Some(c) = pooled {
+            return Ok(c);
+        }
+        let c = wire::connect(a, &self.me, Duration::from_millis(500)).map_err(io::Error::other)?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(c)
+    }
+
+    /// One redirected request, tried on each peer until one serves it.
+    fn call(&self, mut op: BlockOp) -> io::Result<Vec<u8>> {
+        op.volume = self.vol;
+        op.crc = crc32fast::hash(&op.data);
+        let mut last = String::from("no peer to redirect to");
+        for &a in &self.peers {
+            let mut c = match self.conn(a) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{a}: {e}");
+                    continue;
+                }
+            };
+            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+            let req = Frame {
+                body: Some(frame::Body::Request(Request {
+                    client: 0,
+                    seq,
+                    group: 0,
+                    body: Some(request::Body::Block(op.clone())),
+                })),
+            };
+            let got = c.send(&req).and_then(|()| c.recv());
+            let resp = match got {
+                Ok(Frame {
+                    body: Some(frame::Body::Response(r)),
+                }) if r.seq == seq => r,
+                Ok(_) => {
+                    last = format!("{a}: unexpected answer");
+                    continue;
+                }
+                Err(e) => {
+                    last = format!("{a}: {e}");
+                    continue;
+                }
+            };
+            if let Ok(mut p) = self.pool.lock() {
+                p.push((a, c));
+            }
+            match resp.result {
+                Some(response::Result::Reply(proto::Reply {
+                    value: Some(reply::Value::Data(d)),
+                })) => {
+                    if crc32fast::hash(&d.data) != d.crc {
+                        last = format!("{a}: redirected data failed its checksum");
+                        continue;
+                    }
+                    self.redirected_ops.fetch_add(1, Ordering::Relaxed);
+                    return Ok(d.data);
+                }
+                Some(response::Result::Reply(_)) => {
+                    self.redirected_ops.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Vec::new());
+                }
+                Some(response::Result::Error(e)) => last = format!("{a}: {}", e.message),
+                _ => last = format!("{a}: empty answer"),
+            }
+        }
+        Err(io::Error::other(format!(
+            "redirected I/O to Volume{} failed on every peer ({last})",
+            self.vol
+        )))
+    }
+}
+
+impl vhd::BlockIo for RedirectingLun {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if !self.is_redirected() {
+            return self.direct.read_at(buf, offset);
+        }
+        let d = self.call(BlockOp {
+            offset,
+            len: buf.len() as u64,
+            kind: READ,
+            ..Default::default()
+        })?;
+        if d.len() != buf.len() {
+            return Err(io::Error::other("redirected read came back short"));
+        }
+        buf.copy_from_slice(&d);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.is_redirected() {
+            return self.direct.write_at(buf, offset);
+        }
+        self.call(BlockOp {
+            offset,
+            data: buf.to_vec(),
+            kind: WRITE,
+            ..Default::default()
+        })
+        .map(|_| ())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if !self.is_redirected() {
+            return self.direct.flush();
+        }
+        self.call(BlockOp {
+            kind: FLUSH,
+            ..Default::default()
+        })
+        .map(|_| ())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.direct.len()
+    }
+
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        Err(io::Error::other("a volume's LUN does not change size"))
+    }
+}
+
+/// This host's LUNs, served to peers whose I/O is redirected.
+#[derive(Default)]
+pub struct Served {
+    luns: RwLock<BTreeMap<u64, Arc<RedirectingLun>>>,
+    /// The states this host reports (updated at once on a redirect).
+    states: coordinator::node::VolumeStates,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Served")
+    }
+}
+
+impl Served {
+    /// Serving peers, and reporting redirects into `states`.
+    pub fn new(states: coordinator::node::VolumeStates) -> Served {
+        Served {
+            luns: RwLock::default(),
+            states,
+        }
+    }
+
+    /// Registers (or, with None, forgets) VolumeN's LUN.
+    pub fn set(&self, vol: u64, lun: Option<Arc<RedirectingLun>>) {
+        if let Ok(mut m) = self.luns.write() {
+            match lun {
+                Some(l) => m.insert(vol, l),
+                None => m.remove(&vol),
+            };
+        }
+    }
+
+    fn get(&self, vol: u64) -> Result<Arc<RedirectingLun>, String> {
+        self.luns
+            .read()
+            .ok()
+            .and_then(|m| m.get(&vol).cloned())
+            .ok_or_else(|| format!("Volume{vol} is not mounted on this host"))
+    }
+}
+
+impl BlockServer for Served {
+    fn block(&self, op: &BlockOp) -> Result<Vec<u8>, String> {
+        let lun = self.get(op.volume)?;
+        if lun.is_redirected() {
+            // Its own I/O goes through a peer: it must not serve others.
+            return Err(format!(
+                "this host is redirected for Volume{} too",
+                op.volume
+            ));
+        }
+        let d = lun.direct();
+        let cap = d.len().map_err(|e| e.to_string())?;
+        match op.kind {
+            READ => {
+                if op.len > 64 << 20 || op.offset.checked_add(op.len).is_none_or(|e| e > cap) {
+                    return Err(format!(
+                        "read of {} bytes at {} is outside the LUN",
+                        op.len, op.offset
+                    ));
+                }
+                let mut buf = vec![0u8; op.len as usize];
+                d.read_at(&mut buf, op.offset).map_err(|e| e.to_string())?;
+                Ok(buf)
+            }
+            WRITE => {
+                if crc32fast::hash(&op.data) != op.crc {
+                    return Err("redirected write failed its checksum".into());
+                }
+                if op
+                    .offset
+                    .checked_add(op.data.len() as u64)
+                    .is_none_or(|e| e > cap)
+                {
+                    return Err(format!("write at {} is outside the LUN", op.offset));
+                }
+                d.write_at(&op.data, op.offset).map_err(|e| e.to_string())?;
+                Ok(Vec::new())
+            }
+            FLUSH => d.flush().map(|()| Vec::new()).map_err(|e| e.to_string()),
+            k => Err(format!("unknown block request kind {k}")),
+        }
+    }
+
+    fn redirect(&self, volume: u64, on: bool) -> Result<(), String> {
+        self.get(volume)?.set_redirected(on);
+        if let Ok(mut st) = self.states.write() {
+            for s in st.iter_mut().filter(|s| s.number == volume) {
+                if on && s.state == "Direct" {
+                    s.reason = format!(
+                        "I/O through a peer, asked by the operator (own path: {})",
+                        s.reason
+                    );
+                    s.state = "BlockRedirected".into();
+                } else if !on && s.state == "BlockRedirected" {
+                    s.state = "Direct".into();
+                    s.reason = "own path again".into();
+                }
+            }
+        }
+        Ok(())
+    }
+}
