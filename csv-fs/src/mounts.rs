@@ -40,9 +40,6 @@ pub struct MountConfig {
 struct Active {
     session: Option<fuser::BackgroundSession>,
     fs: Arc<VolumeFs>,
-    /// The iSCSI session's runtime, when the LUN is reached over iSCSI
-    /// (dropped after the mount).
-    san: Option<crate::san::IscsiPath>,
     /// How this host reaches the LUN.
     path: String,
     lun: Arc<crate::redirect::RedirectingLun>,
@@ -129,12 +126,27 @@ impl Mounts {
         std::fs::create_dir_all(&mp).map_err(|e| format!("create {}: {e}", mp.display()))?;
         let (me, endpoints) = (self.cfg.identity.clone(), self.cfg.endpoints.clone());
         let pool = ClientPool::new(move || Client::new(me.clone(), endpoints.clone()));
-        let rl = Arc::new(crate::redirect::RedirectingLun::new(
+        // An iSCSI path is reopened (a new login) when it failed; a LUN
+        // file is probed as it is.
+        let reopen: Option<crate::redirect::Reopen> = san.as_ref().map(|_| {
+            let (url, who) = (v.lun.clone(), self.cfg.san.clone());
+            let f: crate::redirect::Reopen = Box::new(move || {
+                let p = crate::san::open(&url, &who)?;
+                let lun: Arc<dyn vhd::BlockIo> = p.lun.clone();
+                let keep: Box<dyn std::any::Any + Send + Sync> = Box::new(p);
+                Ok((lun, keep))
+            });
+            f
+        });
+        let keep = san.map(|p| Box::new(p) as Box<dyn std::any::Any + Send + Sync>);
+        let rl = crate::redirect::RedirectingLun::new(
             v.number,
             lun,
+            keep,
+            reopen,
             self.cfg.identity.clone(),
             self.cfg.peers.clone(),
-        ));
+        );
         let lun: Arc<dyn vhd::BlockIo> = rl.clone();
         let fs = VolumeFs::new(v.number, self.cfg.node, lun, v.capacity, pool);
         let mut config = fuser::Config::default();
@@ -157,7 +169,6 @@ impl Mounts {
             Active {
                 session: Some(session),
                 fs,
-                san,
                 path,
                 lun: rl.clone(),
             },
@@ -176,7 +187,6 @@ impl Mounts {
                     clear_stale_mount(&self.mountpoint(n));
                 }
             }
-            drop(a.san.take());
             tracing::info!("Volume{n} unmounted");
         }
     }
@@ -216,7 +226,8 @@ impl Mounts {
                 (Some(a), _) if a.lun.is_redirected() => (
                     "BlockRedirected",
                     format!(
-                        "I/O through a peer, asked by the operator ({} requests so far; own path: {})",
+                        "I/O through a peer: {} ({} requests so far; own path: {})",
+                        a.lun.redirect_reason().unwrap_or_default(),
                         a.lun.redirected_ops(),
                         a.path
                     ),

@@ -17,11 +17,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+/// Opens the own path again (a new SAN session): the LUN, and what must
+/// live as long as it (the session's runtime).
+pub type Reopen = Box<
+    dyn Fn() -> Result<(Arc<dyn vhd::BlockIo>, Box<dyn std::any::Any + Send + Sync>), String>
+        + Send
+        + Sync,
+>;
+
 /// A volume's LUN as this host uses it.
 pub struct RedirectingLun {
     vol: u64,
-    direct: Arc<dyn vhd::BlockIo>,
+    direct: RwLock<Arc<dyn vhd::BlockIo>>,
+    keep: Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>,
+    reopen: Option<Reopen>,
+    /// The operator asked for redirection.
     redirected: AtomicBool,
+    /// The own path failed (redirected until it works again).
+    failed: AtomicBool,
+    reason: Mutex<String>,
     me: Identity,
     peers: Vec<SocketAddr>,
     pool: Mutex<Vec<(SocketAddr, Conn)>>,
@@ -44,29 +58,138 @@ const WRITE: u32 = 1;
 const FLUSH: u32 = 2;
 
 impl RedirectingLun {
-    /// VolumeN's LUN over `direct`, redirected through `peers` (the other
-    /// hosts' addresses) when asked.
+    /// VolumeN's LUN over `direct` (kept alive with `keep`), redirected
+    /// through `peers` (the other hosts' addresses) when asked or when the
+    /// own path fails; `reopen` makes a new own path (None: probe `direct`
+    /// itself). A probe thread brings the own path back.
     pub fn new(
         vol: u64,
         direct: Arc<dyn vhd::BlockIo>,
+        keep: Option<Box<dyn std::any::Any + Send + Sync>>,
+        reopen: Option<Reopen>,
         me: Identity,
         peers: Vec<SocketAddr>,
-    ) -> Self {
-        RedirectingLun {
+    ) -> Arc<Self> {
+        let lun = Arc::new(RedirectingLun {
             vol,
-            direct,
+            direct: RwLock::new(direct),
+            keep: Mutex::new(keep),
+            reopen,
             redirected: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            reason: Mutex::new(String::new()),
             me,
             peers,
             pool: Mutex::new(Vec::new()),
             seq: AtomicU64::new(1),
             redirected_ops: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&lun);
+        let _ = std::thread::Builder::new()
+            .name(format!("csv-probe-v{vol}"))
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(500));
+                match weak.upgrade() {
+                    Some(l) => l.probe(),
+                    None => return,
+                }
+            });
+        lun
+    }
+
+    /// While the own path is failed, tries it again; switches back to
+    /// direct I/O when it works.
+    fn probe(&self) {
+        if !self.failed.load(Ordering::Relaxed) {
+            return;
         }
+        let candidate = match &self.reopen {
+            Some(f) => match f() {
+                Ok((lun, keep)) => Some((lun, Some(keep))),
+                Err(e) => {
+                    tracing::debug!(volume = self.vol, "own path still down: {e}");
+                    None
+                }
+            },
+            None => self.direct.read().ok().map(|d| (d.clone(), None)),
+        };
+        let Some((lun, keep)) = candidate else { return };
+        let mut b = vec![0u8; 4096];
+        if let Err(e) = lun.read_at(&mut b, 0) {
+            tracing::debug!(volume = self.vol, "own path still down: {e}");
+            return;
+        }
+        if let Ok(mut d) = self.direct.write() {
+            *d = lun;
+        }
+        if let Some(k) = keep {
+            if let Ok(mut slot) = self.keep.lock() {
+                // The old session's runtime is dropped here.
+                *slot = Some(k);
+            }
+        }
+        self.failed.store(false, Ordering::Relaxed);
+        if let Ok(mut r) = self.reason.lock() {
+            r.clear();
+        }
+        tracing::warn!(
+            volume = self.vol,
+            "Volume{}: own path works again: Direct",
+            self.vol
+        );
+    }
+
+    /// Runs `f` on the own path unless I/O is redirected; a failure of the
+    /// path (not of the request) switches to redirected I/O and gives None,
+    /// so the caller sends the request through a peer.
+    fn try_direct<R>(
+        &self,
+        f: impl FnOnce(&dyn vhd::BlockIo) -> io::Result<R>,
+    ) -> Option<io::Result<R>> {
+        if self.is_redirected() {
+            return None;
+        }
+        let d = self.direct.read().ok()?.clone();
+        match f(d.as_ref()) {
+            Ok(r) => Some(Ok(r)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Some(Err(e))
+            }
+            Err(e) => {
+                if !self.failed.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        volume = self.vol,
+                        "Volume{}: own path failed ({e}): BlockRedirected, I/O goes through a peer",
+                        self.vol
+                    );
+                    if let Ok(mut r) = self.reason.lock() {
+                        *r = format!("own path failed: {e}");
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Why I/O is redirected (None: it is not).
+    pub fn redirect_reason(&self) -> Option<String> {
+        if self.redirected.load(Ordering::Relaxed) {
+            return Some("asked by the operator".into());
+        }
+        if self.failed.load(Ordering::Relaxed) {
+            return Some(self.reason.lock().map(|r| r.clone()).unwrap_or_default());
+        }
+        None
     }
 
     /// Whether I/O goes through a peer.
     pub fn is_redirected(&self) -> bool {
-        self.redirected.load(Ordering::Relaxed)
+        self.redirected.load(Ordering::Relaxed) || self.failed.load(Ordering::Relaxed)
     }
 
     /// Sends I/O through a peer (true) or over the own path (false).
@@ -91,8 +214,11 @@ impl RedirectingLun {
     }
 
     /// The LUN this host reaches directly.
-    pub fn direct(&self) -> &Arc<dyn vhd::BlockIo> {
-        &self.direct
+    pub fn direct(&self) -> Arc<dyn vhd::BlockIo> {
+        match self.direct.read() {
+            Ok(d) => d.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     fn conn(&self, a: SocketAddr) -> io::Result<Conn> {
@@ -175,8 +301,8 @@ impl RedirectingLun {
 
 impl vhd::BlockIo for RedirectingLun {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if !self.is_redirected() {
-            return self.direct.read_at(buf, offset);
+        if let Some(r) = self.try_direct(|d| d.read_at(buf, offset)) {
+            return r;
         }
         let d = self.call(BlockOp {
             offset,
@@ -192,8 +318,8 @@ impl vhd::BlockIo for RedirectingLun {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if !self.is_redirected() {
-            return self.direct.write_at(buf, offset);
+        if let Some(r) = self.try_direct(|d| d.write_at(buf, offset)) {
+            return r;
         }
         self.call(BlockOp {
             offset,
@@ -205,8 +331,8 @@ impl vhd::BlockIo for RedirectingLun {
     }
 
     fn flush(&self) -> io::Result<()> {
-        if !self.is_redirected() {
-            return self.direct.flush();
+        if let Some(r) = self.try_direct(|d| d.flush()) {
+            return r;
         }
         self.call(BlockOp {
             kind: FLUSH,
@@ -216,7 +342,7 @@ impl vhd::BlockIo for RedirectingLun {
     }
 
     fn len(&self) -> io::Result<u64> {
-        self.direct.len()
+        self.direct().len()
     }
 
     fn set_len(&self, _len: u64) -> io::Result<()> {

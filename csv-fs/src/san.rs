@@ -3,8 +3,10 @@
 //! its ACLs and its persistent reservations see each host apart), through
 //! the project's userspace initiator.
 
+use iscsi_initiator::session::Timeouts;
 use iscsi_initiator::{new_isid, BlockingLun, Chap, IscsiUrl, LoginConfig, Lun, Session};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How this host identifies itself on the SAN.
 #[derive(Debug, Clone)]
@@ -80,7 +82,16 @@ pub fn open(url: &str, who: &SanIdentity) -> Result<IscsiPath, String> {
     };
     let lun = runtime
         .block_on(async {
-            let s = Session::connect(&u.portal, &cfg).await?;
+            // A short recovery window: when the path stays down for a
+            // second, I/O fails and the filesystem redirects it through a
+            // peer instead of waiting for the SAN.
+            let t = Timeouts {
+                command: Duration::from_secs(5),
+                keepalive: Duration::from_secs(2),
+                recovery: Duration::from_secs(1),
+                login: Duration::from_millis(500),
+            };
+            let s = Session::connect_paths(std::slice::from_ref(&u.portal), &cfg, t).await?;
             Lun::open(s, u.lun).await
         })
         .map_err(|e| format!("cannot reach {} as {}: {e}", u, who.initiator))?;

@@ -599,3 +599,87 @@ fn a_host_redirected_by_the_operator_carries_on_through_a_peer() {
         b"own path"
     );
 }
+
+#[test]
+fn a_host_that_loses_its_san_path_is_redirected_and_comes_back_by_itself() {
+    skip_without_fuse!();
+    skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
+    let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
+    let t = tgt.add_target("csvpath").unwrap();
+    let backing = tgt.dir().join("lun1.img");
+    tgt.add_lun_file(&t, 1, &backing, 512 * MIB).unwrap();
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    cl.add_volume_url(&tgt.url(&t, 1), 1).unwrap();
+    cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
+    let host2 = tgt
+        .connections(&t)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.initiator)
+        .find(|i| i.ends_with("-node2"))
+        .unwrap();
+    let state = |h: u64| {
+        cl.status(h)
+            .unwrap()
+            .volumes
+            .into_iter()
+            .find(|s| s.number == 1)
+            .map(|s| (s.state, s.reason))
+            .unwrap()
+    };
+    // Host 2 streams writes and fsyncs while its SAN path is cut.
+    let path = cl.mountpoint(2, 1).join("stream.bin");
+    const CHUNK: usize = 128 << 10;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = {
+        let (path, stop) = (path.clone(), stop.clone());
+        std::thread::spawn(move || -> Result<(u64, Duration), String> {
+            let mut f = File::create(&path).map_err(|e| e.to_string())?;
+            let (mut i, mut slowest) = (0u64, Duration::ZERO);
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                f.write_all(&pattern(7000 + i, CHUNK))
+                    .map_err(|e| format!("write {i}: {e}"))?;
+                f.sync_all().map_err(|e| format!("fsync {i}: {e}"))?;
+                slowest = slowest.max(t.elapsed());
+                i += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok((i, slowest))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let cut = Instant::now();
+    tgt.cut_initiator(&t, &host2).unwrap();
+    let redirected =
+        csv_test_support::wait_until(Duration::from_secs(10), || state(2).0 == "BlockRedirected");
+    assert!(redirected.is_ok(), "host 2 not redirected: {:?}", state(2));
+    eprintln!(
+        "BlockRedirected {:?} after the cut: {}",
+        cut.elapsed(),
+        state(2).1
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    tgt.restore_initiator(&t, &host2).unwrap();
+    let back = csv_test_support::wait_until(Duration::from_secs(15), || state(2).0 == "Direct");
+    assert!(back.is_ok(), "host 2 did not come back: {:?}", state(2));
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (chunks, slowest) = w
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the stream failed: {e}"));
+    eprintln!("{chunks} chunks written and fsync'd; slowest write+fsync {slowest:?}");
+    for h in [1, 2, 3] {
+        let got = fs::read(cl.mountpoint(h, 1).join("stream.bin")).unwrap();
+        assert_eq!(got.len(), chunks as usize * CHUNK, "host {h}");
+        for i in 0..chunks as usize {
+            assert!(
+                got[i * CHUNK..(i + 1) * CHUNK] == pattern(7000 + i as u64, CHUNK),
+                "chunk {i} on host {h}"
+            );
+        }
+    }
+}
