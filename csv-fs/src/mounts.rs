@@ -139,6 +139,24 @@ impl Mounts {
             f
         });
         let keep = san.map(|p| Box::new(p) as Box<dyn std::any::Any + Send + Sync>);
+        // Switches show in `volume status` at once, not at the next sync.
+        let (states, own) = (self.states.clone(), path.clone());
+        let notify: crate::redirect::Notify = Box::new(move |vol, why| {
+            if let Ok(mut st) = states.write() {
+                for s in st.iter_mut().filter(|s| s.number == vol) {
+                    match &why {
+                        Some(w) => {
+                            s.state = "BlockRedirected".into();
+                            s.reason = format!("I/O through a peer: {w} (own path: {own})");
+                        }
+                        None => {
+                            s.state = "Direct".into();
+                            s.reason = own.clone();
+                        }
+                    }
+                }
+            }
+        });
         let rl = crate::redirect::RedirectingLun::new(
             v.number,
             lun,
@@ -146,6 +164,7 @@ impl Mounts {
             reopen,
             self.cfg.identity.clone(),
             self.cfg.peers.clone(),
+            Some(notify),
         );
         let lun: Arc<dyn vhd::BlockIo> = rl.clone();
         let fs = VolumeFs::new(v.number, self.cfg.node, lun, v.capacity, pool);

@@ -25,8 +25,13 @@ pub type Reopen = Box<
         + Sync,
 >;
 
+/// Told when I/O to a volume switches: the volume and why it is
+/// redirected now (None: back on the own path).
+pub type Notify = Box<dyn Fn(u64, Option<String>) + Send + Sync>;
+
 /// A volume's LUN as this host uses it.
 pub struct RedirectingLun {
+    notify: Option<Notify>,
     vol: u64,
     direct: RwLock<Arc<dyn vhd::BlockIo>>,
     keep: Mutex<Option<Box<dyn std::any::Any + Send + Sync>>>,
@@ -69,8 +74,10 @@ impl RedirectingLun {
         reopen: Option<Reopen>,
         me: Identity,
         peers: Vec<SocketAddr>,
+        notify: Option<Notify>,
     ) -> Arc<Self> {
         let lun = Arc::new(RedirectingLun {
+            notify,
             vol,
             direct: RwLock::new(direct),
             keep: Mutex::new(keep),
@@ -132,6 +139,7 @@ impl RedirectingLun {
         if let Ok(mut r) = self.reason.lock() {
             r.clear();
         }
+        self.tell();
         tracing::warn!(
             volume = self.vol,
             "Volume{}: own path works again: Direct",
@@ -170,6 +178,7 @@ impl RedirectingLun {
                     if let Ok(mut r) = self.reason.lock() {
                         *r = format!("own path failed: {e}");
                     }
+                    self.tell();
                 }
                 None
             }
@@ -192,9 +201,16 @@ impl RedirectingLun {
         self.redirected.load(Ordering::Relaxed) || self.failed.load(Ordering::Relaxed)
     }
 
+    fn tell(&self) {
+        if let Some(n) = &self.notify {
+            n(self.vol, self.redirect_reason());
+        }
+    }
+
     /// Sends I/O through a peer (true) or over the own path (false).
     pub fn set_redirected(&self, on: bool) {
         if self.redirected.swap(on, Ordering::Relaxed) != on {
+            self.tell();
             tracing::warn!(
                 volume = self.vol,
                 "Volume{}: {}",
@@ -354,8 +370,6 @@ impl vhd::BlockIo for RedirectingLun {
 #[derive(Default)]
 pub struct Served {
     luns: RwLock<BTreeMap<u64, Arc<RedirectingLun>>>,
-    /// The states this host reports (updated at once on a redirect).
-    states: coordinator::node::VolumeStates,
 }
 
 impl std::fmt::Debug for Served {
@@ -365,14 +379,6 @@ impl std::fmt::Debug for Served {
 }
 
 impl Served {
-    /// Serving peers, and reporting redirects into `states`.
-    pub fn new(states: coordinator::node::VolumeStates) -> Served {
-        Served {
-            luns: RwLock::default(),
-            states,
-        }
-    }
-
     /// Registers (or, with None, forgets) VolumeN's LUN.
     pub fn set(&self, vol: u64, lun: Option<Arc<RedirectingLun>>) {
         if let Ok(mut m) = self.luns.write() {
@@ -437,20 +443,6 @@ impl BlockServer for Served {
 
     fn redirect(&self, volume: u64, on: bool) -> Result<(), String> {
         self.get(volume)?.set_redirected(on);
-        if let Ok(mut st) = self.states.write() {
-            for s in st.iter_mut().filter(|s| s.number == volume) {
-                if on && s.state == "Direct" {
-                    s.reason = format!(
-                        "I/O through a peer, asked by the operator (own path: {})",
-                        s.reason
-                    );
-                    s.state = "BlockRedirected".into();
-                } else if !on && s.state == "BlockRedirected" {
-                    s.state = "Direct".into();
-                    s.reason = "own path again".into();
-                }
-            }
-        }
         Ok(())
     }
 }

@@ -82,14 +82,14 @@ pub fn open(url: &str, who: &SanIdentity) -> Result<IscsiPath, String> {
     };
     let lun = runtime
         .block_on(async {
-            // A short recovery window: when the path stays down for a
-            // second, I/O fails and the filesystem redirects it through a
-            // peer instead of waiting for the SAN.
+            // A short recovery window: when the path stays down for half
+            // a second, I/O fails and the filesystem redirects it through
+            // a peer instead of waiting for the SAN.
             let t = Timeouts {
                 command: Duration::from_secs(5),
                 keepalive: Duration::from_secs(2),
-                recovery: Duration::from_secs(1),
-                login: Duration::from_millis(500),
+                recovery: Duration::from_millis(500),
+                login: Duration::from_millis(300),
             };
             let s = Session::connect_paths(std::slice::from_ref(&u.portal), &cfg, t).await?;
             Lun::open(s, u.lun).await

@@ -15,15 +15,15 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct Job {
-    name: &'static str,
+pub(crate) struct Job {
+    pub name: &'static str,
     rw: &'static str,
     bs: &'static str,
     depth: u32,
-    unit: &'static str,
+    pub unit: &'static str,
 }
 
-const JOBS: [Job; 4] = [
+pub(crate) const JOBS: [Job; 4] = [
     Job {
         name: "1 MiB sequential write, QD8",
         rw: "write",
@@ -54,7 +54,7 @@ const JOBS: [Job; 4] = [
     },
 ];
 
-fn fio(file: &Path, job: &Job, secs: u64) -> Result<f64> {
+pub(crate) fn fio(file: &Path, job: &Job, secs: u64) -> Result<f64> {
     let out = Command::new("fio")
         .args([
             "--name=csv",
@@ -88,7 +88,7 @@ fn fio(file: &Path, job: &Job, secs: u64) -> Result<f64> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

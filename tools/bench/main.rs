@@ -11,19 +11,21 @@ use anyhow::{bail, Result};
 mod fs_suite;
 mod iscsi_suite;
 mod meta_suite;
+mod redirect_suite;
 mod table;
 mod vhd_suite;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(suite) = args.first() else {
-        bail!("usage: csv-bench <suite> [options]; suites: vhd, iscsi, meta, fs");
+        bail!("usage: csv-bench <suite> [options]; suites: vhd, iscsi, meta, fs, redirect");
     };
     match suite.as_str() {
         "vhd" => vhd_suite::run(&args[1..]),
         "iscsi" => iscsi_suite::run(&args[1..]),
         "meta" => meta_suite::run(&args[1..]),
         "fs" => fs_suite::run(&args[1..]),
-        other => bail!("unknown suite `{other}`; suites: vhd, iscsi, meta, fs"),
+        "redirect" => redirect_suite::run(&args[1..]),
+        other => bail!("unknown suite `{other}`; suites: vhd, iscsi, meta, fs, redirect"),
     }
 }

@@ -395,7 +395,7 @@ fn main() -> ExitCode {
             san: s.san,
             peers: peer_addrs,
         };
-        let served = Arc::new(csv_fs::redirect::Served::new(node.volumes.clone()));
+        let served = Arc::new(csv_fs::redirect::Served::default());
         if let Ok(mut slot) = node.block.write() {
             *slot = Some(served.clone());
         }

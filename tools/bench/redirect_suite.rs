@@ -1,0 +1,208 @@
+//! `redirect` suite: a host's I/O through the mount with its own iSCSI
+//! path (`Direct`) against the same fio job with its I/O redirected
+//! through a peer (`BlockRedirected`, forced with `csvctl volume
+//! redirect`), on one tgtd LUN; and the stall a writing application sees
+//! when the host's SAN path is cut (tgtd drops and refuses its initiator),
+//! over 20 cuts.
+
+use crate::fs_suite::{fio, median, JOBS};
+use crate::table::{self, Row};
+use anyhow::{bail, Context, Result};
+use csv_test_support::csvd::CsvCluster;
+use csv_test_support::tgt::TgtTarget;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn state(cl: &CsvCluster, h: u64) -> String {
+    cl.status(h)
+        .ok()
+        .and_then(|s| s.volumes.into_iter().find(|v| v.number == 1))
+        .map(|v| v.state)
+        .unwrap_or_default()
+}
+
+fn redirect(cl: &CsvCluster, on: bool) -> Result<()> {
+    let o = cl
+        .csvctl()
+        .args([
+            "volume",
+            "redirect",
+            "1",
+            "--node",
+            "1",
+            if on { "on" } else { "off" },
+        ])
+        .output()?;
+    if !o.status.success() {
+        bail!(
+            "csvctl volume redirect: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(())
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let arg = |name: &str, default: u64| -> Result<u64> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => Ok(args.get(i + 1).context("option needs a number")?.parse()?),
+            None => Ok(default),
+        }
+    };
+    let rounds = arg("--rounds", 3)?.max(1) as usize;
+    let secs = arg("--secs", 3)?;
+    let cuts = arg("--cuts", 20)?;
+    let mut tgt = TgtTarget::start()?;
+    let t = tgt.add_target("bench")?;
+    let backing = tgt.dir().join("lun1.img");
+    tgt.add_lun_file(&t, 1, &backing, 4 << 30)?;
+    let mut cl = CsvCluster::loopback(3)?;
+    cl.mounts = true;
+    cl.start_all()?;
+    cl.add_volume_url(&tgt.url(&t, 1), 1)?;
+    cl.wait_mounted(1, Duration::from_secs(30))?;
+    let file = cl.mountpoint(1, 1).join("fio.dat");
+    eprintln!(
+        "redirect bench: fio on {}, Direct vs BlockRedirected, {rounds} rounds of {secs} s",
+        file.display()
+    );
+    let o = std::process::Command::new("fio")
+        .args([
+            "--name=layout",
+            "--size=1G",
+            "--rw=write",
+            "--bs=1m",
+            "--direct=1",
+        ])
+        .arg(format!("--filename={}", file.display()))
+        .output()?;
+    if !o.status.success() {
+        bail!("laying out {}", file.display());
+    }
+    let mut rows = Vec::new();
+    for job in &JOBS {
+        let (mut red, mut dir) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            for on in if r % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            } {
+                redirect(&cl, on)?;
+                let x = fio(&file, job, secs)?;
+                if on {
+                    red.push(x)
+                } else {
+                    dir.push(x)
+                }
+            }
+        }
+        eprintln!("{}: redirected {red:?}, direct {dir:?}", job.name);
+        rows.push(Row {
+            name: job.name.into(),
+            ours: median(red),
+            peer: Some(median(dir)),
+            unit: job.unit,
+            higher_is_better: true,
+        });
+    }
+    redirect(&cl, false)?;
+
+    // Cut host 2's SAN path under a write+fsync loop: the longest gap
+    // between two completed writes after each cut.
+    let initiator = tgt
+        .connections(&t)?
+        .into_iter()
+        .map(|c| c.initiator)
+        .find(|i| i.ends_with("-node2"))
+        .context("host 2 has no session")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let path = cl.mountpoint(2, 1).join("cut.bin");
+    let w = {
+        let (stop, done, path) = (stop.clone(), done.clone(), path.clone());
+        std::thread::spawn(move || -> Result<()> {
+            let mut f = std::fs::File::create(&path)?;
+            let buf = vec![0x5au8; 4096];
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                f.write_all(&buf)?;
+                f.sync_data()?;
+                if let Ok(mut d) = done.lock() {
+                    d.push(Instant::now());
+                }
+                i += 1;
+                if i % 256 == 0 {
+                    f.set_len(0)?;
+                    use std::io::Seek;
+                    f.seek(std::io::SeekFrom::Start(0))?;
+                }
+            }
+            Ok(())
+        })
+    };
+    let mut stalls = Vec::new();
+    for k in 0..cuts {
+        std::thread::sleep(Duration::from_millis(300));
+        let cut = Instant::now();
+        tgt.cut_initiator(&t, &initiator)?;
+        let t0 = Instant::now();
+        while state(&cl, 2) != "BlockRedirected" && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // The application's stall: the longest gap between two completed
+        // writes from the cut until redirection was reported (+300 ms).
+        let end = Instant::now();
+        let times: Vec<Instant> = done
+            .lock()
+            .map(|d| {
+                d.iter()
+                    .filter(|&&x| x >= cut && x <= end)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        if times.is_empty() {
+            bail!("cut {k}: no write completed after the cut");
+        }
+        let mut gap = times[0].duration_since(cut);
+        for w in times.windows(2) {
+            gap = gap.max(w[1].duration_since(w[0]));
+        }
+        stalls.push(gap.as_secs_f64() * 1e3);
+        tgt.restore_initiator(&t, &initiator)?;
+        let t0 = Instant::now();
+        while state(&cl, 2) != "Direct" && t0.elapsed() < Duration::from_secs(15) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    w.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    stalls.sort_by(f64::total_cmp);
+    eprintln!("stalls (ms): {stalls:?}");
+    let p50 = stalls[stalls.len() / 2];
+    let max = stalls[stalls.len() - 1];
+    rows.push(Row {
+        name: format!("SAN path cut: longest write stall, p50 of {cuts} cuts"),
+        ours: p50,
+        peer: None,
+        unit: "ms",
+        higher_is_better: false,
+    });
+    rows.push(Row {
+        name: format!("SAN path cut: longest write stall, max of {cuts} cuts"),
+        ours: max,
+        peer: None,
+        unit: "ms",
+        higher_is_better: false,
+    });
+    table::print(
+        "redirect: a host's I/O through a peer vs its own iSCSI path (same LUN, loopback)",
+        "Direct",
+        &rows,
+    );
+    Ok(())
+}
