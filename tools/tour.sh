@@ -61,7 +61,7 @@ for i in 1 2 3; do start_host $i; done
 for i in 1 2 3; do
   for _ in $(seq 100); do grep -q serving "$dir/host$i.out" 2>/dev/null && break; sleep 0.1; done
 done
-"$csvctl" volume add 1 --lun "$dir/lun1.img" --size 1G
+"$csvctl" volume add iscsi://127.0.0.1:3261/iqn.2026-11.io.csv:demo/1 --number 1
 sleep 1.5   # Volume1's group elects its coordinator
 "$csvctl" volume list
 "$csvctl" cluster status
