@@ -397,3 +397,61 @@ fn a_peer_without_the_cluster_key_is_refused() {
     let e = c.lookup(VOL, ROOT, "nothing").unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NotFound));
 }
+
+#[test]
+fn csvd_reads_a_toml_settings_file_and_refuses_a_bad_one() {
+    skip_unless!(Need::Command("true"));
+    let dir = csv_test_support::temp_dir("toml").unwrap();
+    let key = Key::generate().unwrap();
+    let key_file = dir.path().join("cluster.key");
+    std::fs::write(&key_file, key.to_hex()).unwrap();
+    let port = csv_test_support::free_port().unwrap();
+    let conf = dir.path().join("csvd.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "id = 1\ndata_dir = \"{}\"\nlisten = [\"127.0.0.1:{port}\"]\ncluster = \"tomlcl\"\nkey_file = \"{}\"\ninit = true\n[peers]\n1 = [\"127.0.0.1:{port}\"]\n",
+            dir.path().join("data").display(),
+            key_file.display()
+        ),
+    )
+    .unwrap();
+    let csvd = csv_test_support::cmd::workspace_bin("csvd");
+    let mut child = std::process::Command::new(&csvd)
+        .arg("--config")
+        .arg(&conf)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.contains("serving on"), "{line}");
+    let me = Identity {
+        node: 0,
+        cluster: "tomlcl".into(),
+        key,
+    };
+    let a: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let st = coordinator::client::node_status(&me, a, Duration::from_secs(2)).unwrap();
+    assert_eq!(st.node, 1);
+    let _ = child.kill();
+    let _ = child.wait();
+    // A misspelt key is refused with the file's name and the key.
+    std::fs::write(&conf, "id = 1\ndata_dri = \"/x\"\n").unwrap();
+    let out = std::process::Command::new(&csvd)
+        .arg("--config")
+        .arg(&conf)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("csvd.toml") && err.contains("data_dri"),
+        "{err}"
+    );
+}

@@ -398,6 +398,18 @@ fn metrics_json_logs_and_volume_removal() {
         line.starts_with('{') && line.contains("\"level\":\"INFO\""),
         "{line}"
     );
+    // Volume status as JSON, for scripts.
+    let out = cl
+        .csvctl()
+        .args(["volume", "status", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let j = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        j.contains("\"state\": \"Direct\"") && j.contains("\"volume\": \"Volume1\""),
+        "{j}"
+    );
     // Removal is refused while a file is open, then unmounts the volume.
     let mp = cl.mountpoint(1, v);
     let f = File::create(mp.join("open")).unwrap();
