@@ -95,7 +95,8 @@ pub enum ClusterCommand {
 /// `csvctl volume ...`
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
-    /// Create VolumeN on a LUN (its Raft group starts on the cluster's
+    /// Format a LUN as VolumeN and add it to the cluster: every host mounts
+    /// it under its mount root (its Raft group starts on the cluster's
     /// voters).
     Add {
         #[command(flatten)]

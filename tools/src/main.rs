@@ -15,7 +15,13 @@ mod vhd_cmd;
 
 /// Cluster Shared Volumes for Linux and KVM.
 #[derive(Debug, Parser)]
-#[command(name = "csvctl", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "csvctl",
+    version,
+    about = "The operator's command line of a csv cluster: VHD disks, the SAN, the cluster, its volumes",
+    long_about = None,
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -35,7 +41,8 @@ enum Command {
     /// Create a cluster key, show the hosts' Raft groups, add hosts.
     #[command(subcommand)]
     Cluster(cluster_cmd::ClusterCommand),
-    /// Create and list volumes, move a volume's coordinator.
+    /// Add (format), list and remove volumes; show how each host reaches
+    /// them; redirect a host's I/O; move a volume's coordinator.
     #[command(subcommand)]
     Volume(cluster_cmd::VolumeCommand),
     /// Start a whole cluster on this machine: N hosts on loopback, a LUN
