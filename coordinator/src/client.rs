@@ -383,12 +383,13 @@ fn attr(r: proto::Reply) -> Result<proto::Attr> {
     }
 }
 
-/// The status of one host's groups, asked of that host directly.
-pub fn node_status(
+/// Asks the host at `addr` itself (not a group's leader) to do `action`.
+fn ask_host(
     me: &Identity,
     addr: SocketAddr,
+    action: admin::Action,
     timeout: Duration,
-) -> Result<proto::NodeStatus> {
+) -> Result<proto::Reply> {
     let unavailable = |e: wire::WireError| ClientError::Unavailable {
         secs: timeout.as_secs_f64(),
         last: format!("{addr}: {e}"),
@@ -402,25 +403,33 @@ pub fn node_status(
             seq: 1,
             group: 0,
             body: Some(request::Body::Admin(proto::Admin {
-                action: Some(admin::Action::Status(proto::Empty {})),
+                action: Some(action),
             })),
         })),
     };
     c.send(&f).map_err(unavailable)?;
-    let r = c.recv().map_err(unavailable)?;
-    match r.body {
+    match c.recv().map_err(unavailable)?.body {
         Some(proto::frame::Body::Response(proto::Response {
-            result:
-                Some(response::Result::Reply(proto::Reply {
-                    value: Some(Value::Status(s)),
-                })),
+            result: Some(response::Result::Reply(r)),
             ..
-        })) => Ok(s),
+        })) => Ok(r),
         Some(proto::frame::Body::Response(proto::Response {
             result: Some(response::Result::Error(e)),
             ..
         })) => Err(ClientError::Refused(e)),
         other => Err(ClientError::BadReply(format!("{other:?}"))),
+    }
+}
+
+/// The status of one host's groups, asked of that host directly.
+pub fn node_status(
+    me: &Identity,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<proto::NodeStatus> {
+    match ask_host(me, addr, admin::Action::Status(proto::Empty {}), timeout)?.value {
+        Some(Value::Status(s)) => Ok(s),
+        v => Err(ClientError::BadReply(format!("{v:?}"))),
     }
 }
 
@@ -433,35 +442,8 @@ pub fn redirect(
     on: bool,
     timeout: Duration,
 ) -> Result<()> {
-    let unavailable = |e: wire::WireError| ClientError::Unavailable {
-        secs: timeout.as_secs_f64(),
-        last: format!("{addr}: {e}"),
-    };
-    let mut c = wire::connect(addr, me, timeout).map_err(unavailable)?;
-    c.set_read_timeout(Some(timeout))
-        .map_err(|e| unavailable(e.into()))?;
-    let f = Frame {
-        body: Some(proto::frame::Body::Request(Request {
-            client: 0,
-            seq: 1,
-            group: 0,
-            body: Some(request::Body::Admin(proto::Admin {
-                action: Some(admin::Action::Redirect(proto::RedirectReq { volume, on })),
-            })),
-        })),
-    };
-    c.send(&f).map_err(unavailable)?;
-    match c.recv().map_err(unavailable)?.body {
-        Some(proto::frame::Body::Response(proto::Response {
-            result: Some(response::Result::Reply(_)),
-            ..
-        })) => Ok(()),
-        Some(proto::frame::Body::Response(proto::Response {
-            result: Some(response::Result::Error(e)),
-            ..
-        })) => Err(ClientError::Refused(e)),
-        other => Err(ClientError::BadReply(format!("{other:?}"))),
-    }
+    let action = admin::Action::Redirect(proto::RedirectReq { volume, on });
+    ask_host(me, addr, action, timeout).map(|_| ())
 }
 
 /// A readable error for a failed metadata call.

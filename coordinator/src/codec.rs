@@ -140,21 +140,6 @@ pub fn attr_to_proto(a: &meta::Attr) -> proto::Attr {
     }
 }
 
-/// Attributes from a message.
-pub fn attr_from_proto(a: &proto::Attr) -> Result<meta::Attr, DecodeError> {
-    Ok(meta::Attr {
-        ino: a.ino,
-        kind: kind_from(a.kind)?,
-        mode: a.mode,
-        uid: a.uid,
-        gid: a.gid,
-        size: a.size,
-        nlink: a.nlink,
-        mtime: a.mtime,
-        ctime: a.ctime,
-    })
-}
-
 /// Extents as a message.
 pub fn extents_to_proto(e: &[meta::Extent]) -> proto::ExtentList {
     proto::ExtentList {

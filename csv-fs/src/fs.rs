@@ -146,6 +146,8 @@ struct OpenFile {
     /// The last handle was released and the lease given back: an opener
     /// that finds this entry must start afresh.
     closed: bool,
+    /// When the map and size were last fetched from the coordinator.
+    refreshed: Instant,
 }
 
 type BufSlot = std::cell::RefCell<Option<vhd::io::AlignedBuf>>;
@@ -375,6 +377,11 @@ impl VolumeFs {
                 let l = self.grant(ino, true)?;
                 f.lease = Some(l);
             }
+            if f.handles > 0 && f.writers == 0 {
+                // Open again while open here for reading: close-to-open
+                // wants what other hosts closed since.
+                self.refresh(ino, &mut f);
+            }
             f.handles += 1;
             if write {
                 f.writers += 1;
@@ -440,6 +447,7 @@ impl VolumeFs {
                     fenced: false,
                     attr,
                     closed: false,
+                    refreshed: Instant::now(),
                 }));
                 let mut files = self.files.lock().map_err(|_| Errno::EIO)?;
                 files.entry(ino).or_insert(f).clone()
@@ -549,32 +557,27 @@ impl VolumeFs {
         let file = self.file(ino).ok_or(Errno::EBADF)?;
         let (pieces, end) = {
             let mut f = file.lock().map_err(|_| Errno::EIO)?;
-            let mut fsize = f.size;
-            if f.writers == 0 {
-                // Another host may have written since the map was fetched.
-                let want_end = off.saturating_add(size as u64);
-                let stale = f
-                    .extents
-                    .pieces(off, want_end.min(fsize.max(want_end)) - off.min(want_end))
-                    .iter()
-                    .any(|p| p.lun_off.is_none() || p.unwritten);
-                if stale || off >= fsize {
-                    let vol = self.vol;
-                    if let Ok(a) = self.call(|c| c.getattr(vol, ino)) {
-                        f.size = f.size.max(a.size);
-                        f.size_reported = f.size;
-                        fsize = f.size;
-                    }
-                    if let Ok(e) = self.fetch_extents(ino) {
-                        f.extents = ExtentMap::new(&e);
-                    }
-                }
+            let want = off.saturating_add(size as u64);
+            let mut pieces = f.extents.pieces(off, want - off);
+            // A reader may follow another host's writes: past the size it
+            // knows, or on a hole or never-written range, it asks the
+            // coordinator again (at most once a second; a sparse file's
+            // holes stay holes).
+            let unknown =
+                off >= f.size || pieces.iter().any(|p| p.lun_off.is_none() || p.unwritten);
+            if f.writers == 0 && unknown && f.refreshed.elapsed() >= Duration::from_secs(1) {
+                self.refresh(ino, &mut f);
+                pieces = f.extents.pieces(off, want - off);
             }
-            if off >= fsize {
+            if off >= f.size {
                 return deliver(&[]);
             }
-            let end = off.saturating_add(size as u64).min(fsize);
-            (f.extents.pieces(off, end - off), end)
+            let end = want.min(f.size);
+            pieces.retain(|p| p.file_off < end);
+            if let Some(last) = pieces.last_mut() {
+                last.len = last.len.min(end - last.file_off);
+            }
+            (pieces, end)
         };
         // This thread's aligned buffer: O_DIRECT reads of aligned ranges
         // land in it without a bounce copy, and it is not reallocated.
@@ -590,6 +593,19 @@ impl VolumeFs {
             }
             deliver(b)
         })
+    }
+
+    /// Fetches the size and extent map of a file this host only reads.
+    fn refresh(&self, ino: u64, f: &mut OpenFile) {
+        f.refreshed = Instant::now();
+        let vol = self.vol;
+        if let Ok(a) = self.call(|c| c.getattr(vol, ino)) {
+            f.size = f.size.max(a.size);
+            f.size_reported = f.size;
+        }
+        if let Ok(e) = self.fetch_extents(ino) {
+            f.extents = ExtentMap::new(&e);
+        }
     }
 
     fn chunk_for(size: u64) -> u64 {
@@ -714,6 +730,16 @@ impl VolumeFs {
             self.forget(h.ino, &file);
         }
         res
+    }
+
+    /// Removes a name (`rmdir` for a directory) and answers the kernel.
+    fn remove(&self, parent: u64, name: &OsStr, rmdir: bool, reply: ReplyEmpty) {
+        let vol = self.vol;
+        let r = name_of(name).and_then(|n| self.call(|c| c.unlink(vol, parent, n, rmdir)));
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     /// Stops the lease thread (the mount is going away).
@@ -884,27 +910,11 @@ impl Filesystem for Mounted {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let fs = &self.0;
-        let r = name_of(name).and_then(|n| {
-            let vol = fs.vol;
-            fs.call(|c| c.unlink(vol, parent.0, n, false))
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.0.remove(parent.0, name, false, reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let fs = &self.0;
-        let r = name_of(name).and_then(|n| {
-            let vol = fs.vol;
-            fs.call(|c| c.unlink(vol, parent.0, n, true))
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.0.remove(parent.0, name, true, reply)
     }
 
     fn symlink(

@@ -321,16 +321,25 @@ impl CsvCluster {
         c
     }
 
+    /// How host `id` reports reaching VolumeN: its state (`Direct`,
+    /// `BlockRedirected`, ...) and the reason; None when it cannot be asked
+    /// or does not know the volume.
+    pub fn volume_state(&self, id: u64, vol: u64) -> Option<(String, String)> {
+        self.status(id)
+            .ok()?
+            .volumes
+            .into_iter()
+            .find(|v| v.number == vol)
+            .map(|v| (v.state, v.reason))
+    }
+
     /// Waits until every running host reports VolumeN mounted (Direct).
     pub fn wait_mounted(&self, vol: u64, within: Duration) -> Result<()> {
         let t = Instant::now();
         loop {
             let all = self.hosts.iter().filter(|h| h.child.is_some()).all(|h| {
-                self.status(h.id).is_ok_and(|s| {
-                    s.volumes
-                        .iter()
-                        .any(|v| v.number == vol && v.state == "Direct")
-                })
+                self.volume_state(h.id, vol)
+                    .is_some_and(|(s, _)| s == "Direct")
             });
             if all {
                 return Ok(());

@@ -88,6 +88,25 @@ pub(crate) fn fio(file: &Path, job: &Job, secs: u64) -> Result<f64> {
     })
 }
 
+/// Writes `file` fully (1 GiB), so jobs measure I/O, not allocation.
+pub(crate) fn layout(file: &Path) -> Result<()> {
+    let o = Command::new("fio")
+        .args([
+            "--name=layout",
+            "--size=1G",
+            "--rw=write",
+            "--bs=1m",
+            "--direct=1",
+        ])
+        .arg(format!("--filename={}", file.display()))
+        .output()
+        .context("cannot run fio (is the fio package installed?)")?;
+    if !o.status.success() {
+        bail!("laying out {}", file.display());
+    }
+    Ok(())
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -129,19 +148,7 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     // Lay both files out fully first (fio writes them when they are new).
     for f in [&ours, &raw] {
-        let o = Command::new("fio")
-            .args([
-                "--name=layout",
-                "--size=1G",
-                "--rw=write",
-                "--bs=1m",
-                "--direct=1",
-            ])
-            .arg(format!("--filename={}", f.display()))
-            .output()?;
-        if !o.status.success() {
-            bail!("laying out {}", f.display());
-        }
+        layout(f)?;
     }
     let mut rows = Vec::new();
     for job in &JOBS {

@@ -5,7 +5,7 @@
 //! when the host's SAN path is cut (tgtd drops and refuses its initiator),
 //! over 20 cuts.
 
-use crate::fs_suite::{fio, median, JOBS};
+use crate::fs_suite::{fio, layout, median, JOBS};
 use crate::table::{self, Row};
 use anyhow::{bail, Context, Result};
 use csv_test_support::csvd::CsvCluster;
@@ -16,11 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 fn state(cl: &CsvCluster, h: u64) -> String {
-    cl.status(h)
-        .ok()
-        .and_then(|s| s.volumes.into_iter().find(|v| v.number == 1))
-        .map(|v| v.state)
-        .unwrap_or_default()
+    cl.volume_state(h, 1).map(|(s, _)| s).unwrap_or_default()
 }
 
 fn redirect(cl: &CsvCluster, on: bool) -> Result<()> {
@@ -68,19 +64,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "redirect bench: fio on {}, Direct vs BlockRedirected, {rounds} rounds of {secs} s",
         file.display()
     );
-    let o = std::process::Command::new("fio")
-        .args([
-            "--name=layout",
-            "--size=1G",
-            "--rw=write",
-            "--bs=1m",
-            "--direct=1",
-        ])
-        .arg(format!("--filename={}", file.display()))
-        .output()?;
-    if !o.status.success() {
-        bail!("laying out {}", file.display());
-    }
+    layout(&file)?;
     let mut rows = Vec::new();
     for job in &JOBS {
         let (mut red, mut dir) = (Vec::new(), Vec::new());

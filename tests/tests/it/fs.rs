@@ -55,6 +55,28 @@ macro_rules! skip_without_fuse {
     };
 }
 
+/// A tgtd target `name` with a 512 MiB LUN, and three hosts with it
+/// mounted as Volume1 (each logged in with its own initiator).
+fn iscsi_cluster(
+    name: &str,
+) -> (
+    csv_test_support::tgt::TgtTarget,
+    csv_test_support::tgt::Target,
+    std::path::PathBuf,
+    CsvCluster,
+) {
+    let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
+    let t = tgt.add_target(name).unwrap();
+    let backing = tgt.dir().join("lun1.img");
+    tgt.add_lun_file(&t, 1, &backing, 512 * MIB).unwrap();
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    cl.add_volume_url(&tgt.url(&t, 1), 1).unwrap();
+    cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
+    (tgt, t, backing, cl)
+}
+
 #[test]
 fn data_written_on_one_host_reads_the_same_on_the_others() {
     skip_without_fuse!();
@@ -442,15 +464,7 @@ fn metrics_json_logs_and_volume_removal() {
 fn a_volume_on_an_iscsi_lun_is_shared_by_three_hosts() {
     skip_without_fuse!();
     skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
-    let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
-    let t = tgt.add_target("csvvol").unwrap();
-    let backing = tgt.dir().join("lun1.img");
-    tgt.add_lun_file(&t, 1, &backing, 512 * MIB).unwrap();
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    cl.add_volume_url(&tgt.url(&t, 1), 1).unwrap();
-    cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
+    let (tgt, t, backing, cl) = iscsi_cluster("csvvol");
     // Each host has its own session, under its own initiator name.
     let names: std::collections::BTreeSet<String> = tgt
         .connections(&t)
@@ -536,15 +550,7 @@ fn moving_the_coordinator_ten_times_under_a_write_stream_loses_nothing() {
 fn a_host_redirected_by_the_operator_carries_on_through_a_peer() {
     skip_without_fuse!();
     let (cl, v) = cluster();
-    let state = |h: u64| {
-        cl.status(h)
-            .unwrap()
-            .volumes
-            .into_iter()
-            .find(|s| s.number == v)
-            .map(|s| (s.state, s.reason))
-            .unwrap()
-    };
+    let state = |h: u64| cl.volume_state(h, v).unwrap();
     let redirect = |on: &str| {
         let o = cl
             .csvctl()
@@ -616,15 +622,7 @@ fn a_host_redirected_by_the_operator_carries_on_through_a_peer() {
 fn a_host_that_loses_its_san_path_is_redirected_and_comes_back_by_itself() {
     skip_without_fuse!();
     skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
-    let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
-    let t = tgt.add_target("csvpath").unwrap();
-    let backing = tgt.dir().join("lun1.img");
-    tgt.add_lun_file(&t, 1, &backing, 512 * MIB).unwrap();
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    cl.add_volume_url(&tgt.url(&t, 1), 1).unwrap();
-    cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
+    let (mut tgt, t, _backing, cl) = iscsi_cluster("csvpath");
     let host2 = tgt
         .connections(&t)
         .unwrap()
@@ -632,15 +630,7 @@ fn a_host_that_loses_its_san_path_is_redirected_and_comes_back_by_itself() {
         .map(|c| c.initiator)
         .find(|i| i.ends_with("-node2"))
         .unwrap();
-    let state = |h: u64| {
-        cl.status(h)
-            .unwrap()
-            .volumes
-            .into_iter()
-            .find(|s| s.number == 1)
-            .map(|s| (s.state, s.reason))
-            .unwrap()
-    };
+    let state = |h: u64| cl.volume_state(h, 1).unwrap();
     // Host 2 streams writes and fsyncs while its SAN path is cut.
     let path = cl.mountpoint(2, 1).join("stream.bin");
     const CHUNK: usize = 128 << 10;
