@@ -294,14 +294,16 @@ fn a_writer_carries_on_through_the_coordinators_crash() {
 fn csvctl_up_starts_a_mounted_cluster_and_ctrl_c_stops_it() {
     skip_without_fuse!();
     let dir = csv_test_support::temp_dir("up").unwrap();
-    // Two consecutive free ports (host K listens on base + K - 1).
-    let base = (0..100)
-        .find_map(|_| {
-            let p = csv_test_support::free_port().ok()?;
-            let a = std::net::TcpListener::bind(("127.0.0.1", p)).ok()?;
-            let b = std::net::TcpListener::bind(("127.0.0.1", p.checked_add(1)?)).ok()?;
-            drop((a, b));
-            Some(p)
+    // Two consecutive free ports (host K listens on base + K - 1), below
+    // the kernel's ephemeral range, where outgoing connections of the other
+    // tests do not take them.
+    let start = 20000 + (std::process::id() % 5000) as u16 * 2;
+    let base = (0..2000u16)
+        .map(|i| 20000 + (start - 20000 + 2 * i) % 10000)
+        .find(|&p| {
+            let a = std::net::TcpListener::bind(("127.0.0.1", p));
+            let b = std::net::TcpListener::bind(("127.0.0.1", p + 1));
+            a.is_ok() && b.is_ok()
         })
         .unwrap();
     let mut child = Command::new(csv_test_support::cmd::workspace_bin("csvctl"))
