@@ -1,7 +1,17 @@
 //! A small KVM VMM (`csv-vmm`) for the VMs of a csv cluster.
 //!
-//! Boots a guest with a serial console and a virtio-blk disk backed by a VHD
-//! on a cluster volume; pause, save, restore, and live migration by
-//! iterative pre-copy of dirty memory. One process per VM.
-//!
-//! Not written yet; see the project's issue list.
+//! - [`vm`]: one KVM virtual machine (memory with dirty tracking, vCPU
+//!   threads, serial console, i8042 reset, the test guest's ports),
+//!   pause/resume and the state KVM holds;
+//! - [`stream`]: the versioned, checksummed state stream shared by save
+//!   files and live migration;
+//! - [`migrate`]: save/restore (quick migration) and live migration by
+//!   iterative pre-copy;
+//! - [`guest`]: the purpose-built test guest and its memory layout;
+//! - [`control`]: the per-VM control socket (JSON lines).
+
+pub mod control;
+pub mod guest;
+pub mod migrate;
+pub mod stream;
+pub mod vm;

@@ -16,6 +16,7 @@ pub mod csvd;
 pub mod netns;
 pub mod skip;
 pub mod tgt;
+pub mod vmm;
 pub mod wait;
 
 pub use skip::Need;

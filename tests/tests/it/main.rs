@@ -10,3 +10,4 @@ mod fs;
 mod iscsi;
 mod posix;
 mod vhd_interop;
+mod vmm;

@@ -1,0 +1,286 @@
+//! `csv-vmm`: one KVM virtual machine per process.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use hypervisor_shim::control::{self, Slot};
+use hypervisor_shim::guest::TestGuestConfig;
+use hypervisor_shim::migrate;
+use hypervisor_shim::vm::{RunState, SerialOut, Vm, VmConfig};
+use serde_json::{json, Value};
+
+/// A small KVM VMM for csv cluster VMs: runs the test guest, saves and
+/// restores it, and live-migrates it to another csv-vmm.
+///
+/// Examples:
+///   csv-vmm run --memory 256M --dirty-rate 50 --control /run/vm1.sock
+///   csv-vmm incoming --listen 0.0.0.0:7400 --control /run/vm1-in.sock
+///   csv-vmm ctl --control /run/vm1.sock migrate 10.0.0.2:7400
+///   csv-vmm ctl --control /run/vm1.sock save /ClusterStorage/Volume1/vm1.state
+///   csv-vmm restore --from /ClusterStorage/Volume1/vm1.state
+#[derive(Parser, Debug)]
+#[command(version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot the test guest.
+    Run(RunArgs),
+    /// Wait for a live migration, then run the guest it brings.
+    Incoming {
+        /// Address to listen on for the migration stream.
+        #[arg(long)]
+        listen: SocketAddr,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Restore a VM saved with `ctl save` and run it.
+    Restore {
+        /// The save file.
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        host: HostArgs,
+    },
+    /// Talk to a running csv-vmm through its control socket.
+    Ctl {
+        /// The VMM's control socket.
+        #[arg(long)]
+        control: PathBuf,
+        #[command(subcommand)]
+        op: CtlOp,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Guest memory (bytes, or with K, M, G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    memory: u64,
+    /// Virtual CPUs (the test guest runs on the first; the others wait for
+    /// a start-up IPI).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// How fast the test guest rewrites its memory, MiB/s (0: idle).
+    #[arg(long, default_value_t = 0.0)]
+    dirty_rate: f64,
+    /// Heartbeat interval of the test guest, microseconds.
+    #[arg(long, default_value_t = 1000)]
+    tick_us: u64,
+    #[command(flatten)]
+    host: HostArgs,
+}
+
+#[derive(Args, Debug)]
+struct HostArgs {
+    /// Serial console: `stdout`, `null` or `file:PATH`.
+    #[arg(long, default_value = "stdout", value_parser = parse_serial)]
+    serial: SerialOut,
+    /// Control socket (JSON lines); see `csv-vmm ctl --help`.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Send every heartbeat to this UDP observer (u64 sequence, u32 pid).
+    #[arg(long)]
+    heartbeat_udp: Option<SocketAddr>,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlOp {
+    /// State, heartbeat and the guest's counters (JSON).
+    Status,
+    Pause,
+    Resume,
+    Stop,
+    /// Save the VM to a file and stop it (quick migration).
+    Save {
+        path: PathBuf,
+        /// Resume the guest here after saving.
+        #[arg(long)]
+        keep_running: bool,
+    },
+    /// Live-migrate to a `csv-vmm incoming` at HOST:PORT.
+    Migrate {
+        to: String,
+        /// Longest acceptable pause of the guest, ms.
+        #[arg(long, default_value_t = 100)]
+        downtime_ms: u64,
+        /// Give up after this many seconds (the guest stays here).
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+        /// Compare a CRC of all guest memory on both sides at the switch-over.
+        #[arg(long)]
+        verify_memory: bool,
+    },
+    /// Change the test guest's dirtying rate, MiB/s.
+    SetRate {
+        mib_per_s: f64,
+    },
+    /// Check every page the test guest wrote against its pattern.
+    Check,
+    /// CRC32 of all guest memory.
+    MemoryCrc,
+    /// Memory size and pages in use.
+    Stats,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 268435456, 256M, 1G)"))?;
+    n.checked_mul(mul)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_serial(s: &str) -> Result<SerialOut, String> {
+    match s {
+        "stdout" => Ok(SerialOut::Stdout),
+        "null" | "none" => Ok(SerialOut::Null),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialOut::File(PathBuf::from(p))),
+            _ => Err(format!("{s:?}: use stdout, null or file:PATH")),
+        },
+    }
+}
+
+fn init_logs(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CSV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn host_config(h: &HostArgs, mem_bytes: u64, vcpus: u32) -> VmConfig {
+    VmConfig {
+        mem_bytes,
+        vcpus,
+        serial: h.serial.clone(),
+        heartbeat_udp: h.heartbeat_udp,
+    }
+}
+
+/// Serves the control socket and waits until the VM is stopped, saved or
+/// migrated away; returns the process exit code.
+fn supervise(vm: Arc<Vm>, slot: &Slot) -> i32 {
+    slot.set(vm.clone());
+    let end = vm.wait_stopped();
+    // Let a `save` or `migrate` request send its answer before exiting.
+    slot.drain(Duration::from_secs(5));
+    tracing::info!(state = ?end, "VM finished");
+    match end {
+        RunState::Migrated | RunState::Saved => 0,
+        _ => {
+            if vm.heartbeat().guest_errors > 0 {
+                2
+            } else {
+                0
+            }
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let host = match &cli.cmd {
+        Cmd::Run(a) => Some(&a.host),
+        Cmd::Incoming { host, .. } | Cmd::Restore { host, .. } => Some(host),
+        Cmd::Ctl { .. } => None,
+    };
+    if let Some(h) = host {
+        init_logs(h.log_json);
+    }
+    let slot = Arc::new(Slot::default());
+    if let Some(path) = host.and_then(|h| h.control.as_ref()) {
+        control::serve(path, slot.clone())
+            .with_context(|| format!("control socket {}", path.display()))?;
+    }
+    let code = match cli.cmd {
+        Cmd::Run(a) => {
+            let vm = Arc::new(Vm::new(host_config(&a.host, a.memory, a.vcpus))?);
+            vm.load_test_guest(TestGuestConfig::for_rate(a.dirty_rate, a.tick_us))?;
+            vm.start()?;
+            supervise(vm, &slot)
+        }
+        Cmd::Incoming { listen, host } => {
+            let l = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
+            tracing::info!(%listen, "waiting for an incoming migration");
+            let vm = migrate::incoming(&l, &host_config(&host, 0, 1))?;
+            supervise(vm, &slot)
+        }
+        Cmd::Restore { from, host } => {
+            let vm = migrate::restore(&from, &host_config(&host, 0, 1))
+                .with_context(|| format!("restore {}", from.display()))?;
+            supervise(vm, &slot)
+        }
+        Cmd::Ctl { control, op } => return ctl(&control, op),
+    };
+    std::process::exit(code)
+}
+
+fn ctl(path: &std::path::Path, op: CtlOp) -> anyhow::Result<()> {
+    let req = match op {
+        CtlOp::Status => json!({"cmd": "status"}),
+        CtlOp::Pause => json!({"cmd": "pause"}),
+        CtlOp::Resume => json!({"cmd": "resume"}),
+        CtlOp::Stop => json!({"cmd": "stop"}),
+        CtlOp::Save { path, keep_running } => {
+            json!({"cmd": "save", "path": path, "stop": !keep_running})
+        }
+        CtlOp::Migrate {
+            to,
+            downtime_ms,
+            timeout_s,
+            verify_memory,
+        } => json!({
+            "cmd": "migrate", "to": to, "downtime_ms": downtime_ms,
+            "timeout_s": timeout_s, "verify_memory": verify_memory,
+        }),
+        CtlOp::SetRate { mib_per_s } => json!({"cmd": "set-rate", "mib_per_s": mib_per_s}),
+        CtlOp::Check => json!({"cmd": "check"}),
+        CtlOp::MemoryCrc => json!({"cmd": "memory-crc"}),
+        CtlOp::Stats => json!({"cmd": "stats"}),
+    };
+    let answer = control::request(path, &req, |ev: &Value| {
+        if let Some(p) = ev.get("progress") {
+            eprintln!(
+                "round {:>3}  dirty {:>8} pages  {:>8.1} MiB/s  est. downtime {:>7.1} ms  throttle {}%",
+                p["round"], p["dirty_pages"], p["bandwidth_mib_s"].as_f64().unwrap_or(0.0),
+                p["estimated_downtime_ms"].as_f64().unwrap_or(0.0), p["throttle_pct"]
+            );
+        }
+    })
+    .with_context(|| format!("control socket {}", path.display()))?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    if answer.get("ok").and_then(Value::as_bool) != Some(true) {
+        bail!(
+            "{}",
+            answer
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed")
+        );
+    }
+    Ok(())
+}

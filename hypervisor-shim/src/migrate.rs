@@ -1,0 +1,646 @@
+//! Save/restore and live migration over the state stream.
+//!
+//! Live migration (the source side, [`migrate`]):
+//! 1. send `Hello`; switch on KVM's dirty log (the VMM's own writes are in
+//!    the memory bitmap already);
+//! 2. round 0 sends every page that is not zero (the target's memory starts
+//!    zeroed); each later round takes the dirty pages since the previous
+//!    one, ORs them into a pending set, and sends the pending pages, clearing
+//!    a page's bit only once its frame is written, so a failed send loses
+//!    nothing;
+//! 3. when the pending set would go in less than the downtime limit at the
+//!    bandwidth measured in the last round (or after the round limit, with
+//!    auto-converge throttling of the vCPUs once rounds stop shrinking), the
+//!    vCPUs are paused, the last dirty pages, the devices, the VM and the
+//!    vCPU state go, then `End`;
+//! 4. the target checks everything, restores, and answers `Ack`; the source
+//!    runs its hand-over hook (the cluster moves the disk's write lease
+//!    there), sends `Go`, and the target resumes the guest and answers
+//!    `Resumed`.
+//!
+//! Until the `Ack` arrives, any failure (the connection drops, the target
+//! refuses the state, a timeout) resumes the guest on the source as if
+//! nothing happened. After `Go` the source never resumes: if `Resumed` does
+//! not arrive, the outcome is reported as unknown rather than risking the
+//! guest running twice.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::stream::{
+    self, DeviceState, End, Hello, Kind, PagesHead, Status, StreamError, VcpuState, VmState,
+    MAX_PAGES_PER_FRAME, PAGE,
+};
+use crate::vm::{RunState, Vm, VmConfig, VmError};
+
+/// Errors of save, restore and migration.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("{0}")]
+    Io(String),
+    #[error("the target refused the migration: {0}")]
+    Refused(String),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("migration aborted: {0}")]
+    Aborted(String),
+}
+
+type Result<T> = std::result::Result<T, MigrateError>;
+
+/// Options of a live migration.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// Longest acceptable pause of the guest.
+    pub downtime_limit: Duration,
+    /// Give up (and stay on the source) after this long.
+    pub timeout: Duration,
+    /// Rounds after which the vCPUs are throttled if the dirty set does not
+    /// shrink.
+    pub throttle_after: u32,
+    /// Ask both sides for a CRC of all guest memory at the switch-over
+    /// (costs downtime: the target hashes before it resumes).
+    pub verify_memory: bool,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            downtime_limit: Duration::from_millis(100),
+            timeout: Duration::from_secs(120),
+            throttle_after: 5,
+            verify_memory: false,
+        }
+    }
+}
+
+/// Progress of a migration, reported after every round.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Progress {
+    pub round: u32,
+    pub pages_sent: u64,
+    pub dirty_pages: u64,
+    pub bandwidth_mib_s: f64,
+    pub estimated_downtime_ms: f64,
+    pub throttle_pct: u32,
+}
+
+/// What a finished migration (or save) did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub rounds: u32,
+    pub total_ms: f64,
+    pub downtime_ms: f64,
+    pub bytes: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub memory_crc_source: Option<u32>,
+    pub memory_crc_target: Option<u32>,
+    pub heartbeat_seq: u64,
+}
+
+struct Sender<'a, W: Write> {
+    vm: &'a Vm,
+    w: W,
+    buf: Vec<u8>,
+    bytes: u64,
+    pages: u64,
+    zero_pages: u64,
+}
+
+impl<W: Write> Sender<'_, W> {
+    fn frame(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<()> {
+        stream::write_frame(&mut self.w, kind, parts)?;
+        self.bytes += 12 + parts.iter().map(|p| p.len() as u64).sum::<u64>();
+        Ok(())
+    }
+
+    /// Sends pages `first..first + count` (one run).
+    fn send_run(&mut self, first: u64, count: u64, skip_zero: bool) -> Result<()> {
+        let (base, _) = self.vm.host_memory();
+        let mut p = first;
+        let end = first + count;
+        while p < end {
+            let n = (end - p).min(u64::from(MAX_PAGES_PER_FRAME));
+            let len = (n * PAGE) as usize;
+            self.buf.resize(len, 0);
+            // SAFETY: pages p..p+n are inside guest memory (the caller's
+            // bitmap covers exactly mem_bytes / 4096 pages). The guest may
+            // write them while we copy; such a page is in the next round's
+            // dirty log, and the last round copies with the vCPUs paused.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    base.add((p * PAGE) as usize),
+                    self.buf.as_mut_ptr(),
+                    len,
+                );
+            }
+            if is_zero(&self.buf) {
+                self.zero_pages += n;
+                if !skip_zero {
+                    let head = PagesHead {
+                        gpa: p * PAGE,
+                        count: n as u32,
+                        zero: true,
+                    };
+                    self.frame(Kind::Pages, &[&head.encode()])?;
+                }
+            } else {
+                let head = PagesHead {
+                    gpa: p * PAGE,
+                    count: n as u32,
+                    zero: false,
+                };
+                stream::write_frame(&mut self.w, Kind::Pages, &[&head.encode(), &self.buf])?;
+                self.bytes += 12 + PagesHead::LEN as u64 + len as u64;
+            }
+            self.pages += n;
+            p += n;
+        }
+        Ok(())
+    }
+
+    /// Sends every page whose bit is set in `pending`, clearing bits as
+    /// their frames are written. Returns the number of pages sent.
+    fn send_pending(&mut self, pending: &mut [u64]) -> Result<u64> {
+        let mut sent = 0;
+        let total = (self.vm.mem_bytes() / PAGE) as usize;
+        let mut i = 0;
+        while i < total {
+            let w = pending[i / 64];
+            if w == 0 {
+                i = (i / 64 + 1) * 64;
+                continue;
+            }
+            if w & (1 << (i % 64)) == 0 {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < total
+                && i - start < MAX_PAGES_PER_FRAME as usize
+                && pending[i / 64] & (1 << (i % 64)) != 0
+            {
+                i += 1;
+            }
+            self.send_run(start as u64, (i - start) as u64, false)?;
+            for j in start..i {
+                pending[j / 64] &= !(1 << (j % 64));
+            }
+            sent += (i - start) as u64;
+        }
+        Ok(sent)
+    }
+
+    fn send_state(&mut self) -> Result<()> {
+        let dev = self.vm.device_state().encode();
+        self.frame(Kind::Devices, &[&dev])?;
+        let vm_state = self.vm.vm_state()?.encode();
+        self.frame(Kind::VmState, &[&vm_state])?;
+        for c in self.vm.vcpu_states()? {
+            self.frame(Kind::VcpuState, &[&c.encode()])?;
+        }
+        Ok(())
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets.
+        unsafe { b.align_to::<u64>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+fn count_bits(b: &[u64]) -> u64 {
+    b.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> MigrateError + '_ {
+    move |e| MigrateError::Io(format!("{what}: {e}"))
+}
+
+/// Saves the VM to `path` (pausing it) for a quick migration; the caller
+/// decides whether the guest resumes here or stops.
+pub fn save(vm: &Vm, path: &Path) -> Result<Summary> {
+    let t0 = Instant::now();
+    vm.pause();
+    let r = (|| -> Result<Summary> {
+        let tmp = path.with_extension("partial");
+        let f = std::fs::File::create(&tmp).map_err(io("create the save file"))?;
+        let mut s = Sender {
+            vm,
+            w: BufWriter::with_capacity(1 << 20, f),
+            buf: Vec::new(),
+            bytes: 0,
+            pages: 0,
+            zero_pages: 0,
+        };
+        stream::write_header(&mut s.w)?;
+        let hello = Hello {
+            mem_bytes: vm.mem_bytes(),
+            vcpus: vm.config.vcpus,
+            guest: 1,
+        };
+        s.frame(Kind::Hello, &[&hello.encode()])?;
+        s.send_run(0, vm.mem_bytes() / PAGE, true)?;
+        s.send_state()?;
+        let crc = vm.memory_crc();
+        s.frame(
+            Kind::End,
+            &[&End {
+                memory_crc: Some(crc),
+            }
+            .encode()],
+        )?;
+        let f =
+            s.w.into_inner()
+                .map_err(|e| MigrateError::Io(format!("write the save file: {e}")))?;
+        f.sync_all().map_err(io("sync the save file"))?;
+        std::fs::rename(&tmp, path).map_err(io("rename the save file into place"))?;
+        let elapsed = t0.elapsed().as_secs_f64() * 1e3;
+        Ok(Summary {
+            rounds: 1,
+            total_ms: elapsed,
+            downtime_ms: elapsed,
+            bytes: s.bytes,
+            pages: s.pages,
+            zero_pages: s.zero_pages,
+            memory_crc_source: Some(crc),
+            memory_crc_target: None,
+            heartbeat_seq: vm.heartbeat().seq,
+        })
+    })();
+    if r.is_err() {
+        vm.resume();
+    }
+    r
+}
+
+/// Live-migrates `vm` to a `csv-vmm incoming` listening at `to`.
+/// `handover` runs after the target acknowledged the state and before it
+/// is told to resume (the cluster moves the disk's write lease there).
+pub fn migrate(
+    vm: &Vm,
+    to: &str,
+    opts: &MigrateOptions,
+    mut progress: impl FnMut(&Progress),
+    handover: impl FnOnce() -> std::result::Result<(), String>,
+) -> Result<Summary> {
+    let t0 = Instant::now();
+    let addr = to
+        .to_socket_addrs()
+        .map_err(io("resolve the target"))?
+        .next()
+        .ok_or_else(|| MigrateError::Io(format!("{to}: no address")))?;
+    let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(io("connect to the target"))?;
+    let _ = conn.set_nodelay(true);
+    let mut back = conn.try_clone().map_err(io("clone the connection"))?;
+    let mut s = Sender {
+        vm,
+        w: BufWriter::with_capacity(1 << 20, conn),
+        buf: Vec::new(),
+        bytes: 0,
+        pages: 0,
+        zero_pages: 0,
+    };
+    let pages_total = (vm.mem_bytes() / PAGE) as usize;
+    let mut pending = vec![0u64; pages_total.div_ceil(64)];
+    let mut paused_at = None;
+    let mut acked = false;
+    let result = (|| -> Result<Summary> {
+        stream::write_header(&mut s.w)?;
+        let hello = Hello {
+            mem_bytes: vm.mem_bytes(),
+            vcpus: vm.config.vcpus,
+            guest: 1,
+        };
+        s.frame(Kind::Hello, &[&hello.encode()])?;
+        vm.set_dirty_log(true)?;
+        // Round 0: everything that is not zero.
+        let r0 = Instant::now();
+        s.send_run(0, pages_total as u64, true)?;
+        s.w.flush().map_err(io("send memory"))?;
+        let mut round = 0u32;
+        let mut round_bytes = s.bytes;
+        let mut round_time = r0.elapsed();
+        let mut last_dirty = u64::MAX;
+        let mut throttle = 0u32;
+        loop {
+            round += 1;
+            vm.take_dirty(&mut pending)?;
+            let dirty = count_bits(&pending);
+            let bw = round_bytes as f64 / round_time.as_secs_f64().max(1e-6);
+            let est = Duration::from_secs_f64(dirty as f64 * PAGE as f64 / bw.max(1.0));
+            progress(&Progress {
+                round,
+                pages_sent: s.pages,
+                dirty_pages: dirty,
+                bandwidth_mib_s: bw / (1 << 20) as f64,
+                estimated_downtime_ms: est.as_secs_f64() * 1e3,
+                throttle_pct: throttle,
+            });
+            if est <= opts.downtime_limit {
+                break;
+            }
+            if t0.elapsed() > opts.timeout {
+                return Err(MigrateError::Aborted(format!(
+                    "did not converge in {:?} ({dirty} pages dirty per round)",
+                    opts.timeout
+                )));
+            }
+            if round >= opts.throttle_after && dirty >= last_dirty / 2 {
+                throttle = (throttle + 20).min(95);
+                vm.throttle(throttle);
+                tracing::info!(throttle, "auto-converge: holding the vCPUs back");
+            }
+            last_dirty = dirty;
+            let before = s.bytes;
+            let rt = Instant::now();
+            s.send_pending(&mut pending)?;
+            s.w.flush().map_err(io("send memory"))?;
+            round_bytes = s.bytes - before;
+            round_time = rt.elapsed();
+        }
+        // Stop-and-copy.
+        vm.pause();
+        paused_at = Some(Instant::now());
+        vm.take_dirty(&mut pending)?;
+        s.send_pending(&mut pending)?;
+        s.frame(Kind::Round, &[&round.to_le_bytes()])?;
+        s.send_state()?;
+        let crc = opts.verify_memory.then(|| vm.memory_crc());
+        s.frame(Kind::End, &[&End { memory_crc: crc }.encode()])?;
+        s.w.flush().map_err(io("send the final state"))?;
+        // Wait for the target's verdict.
+        back.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io("set timeout"))?;
+        let mut buf = Vec::new();
+        let k = stream::read_frame(&mut back, &mut buf)?;
+        let st = Status::decode(&buf)?;
+        match k {
+            Kind::Ack if st.ok => {}
+            Kind::Ack | Kind::Abort => return Err(MigrateError::Refused(st.message)),
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "expected Ack, got {}",
+                    other.name()
+                )))
+            }
+        }
+        acked = true;
+        handover().map_err(|e| MigrateError::Aborted(format!("hand-over hook: {e}")))?;
+        s.frame(
+            Kind::Go,
+            &[&Status {
+                ok: true,
+                memory_crc: None,
+                message: String::new(),
+            }
+            .encode()],
+        )?;
+        s.w.flush().map_err(io("send Go"))?;
+        let k = stream::read_frame(&mut back, &mut buf)?;
+        if k != Kind::Resumed {
+            return Err(MigrateError::Protocol(format!(
+                "expected Resumed, got {}",
+                k.name()
+            )));
+        }
+        let resumed = Status::decode(&buf)?;
+        let downtime = paused_at.map(|p| p.elapsed()).unwrap_or_default();
+        Ok(Summary {
+            rounds: round + 1,
+            total_ms: t0.elapsed().as_secs_f64() * 1e3,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            bytes: s.bytes,
+            pages: s.pages,
+            zero_pages: s.zero_pages,
+            memory_crc_source: crc,
+            memory_crc_target: st.memory_crc.or(resumed.memory_crc),
+            heartbeat_seq: vm.heartbeat().seq,
+        })
+    })();
+    vm.throttle(0);
+    let _ = vm.set_dirty_log(false);
+    match &result {
+        Ok(_) => vm.finish(RunState::Migrated),
+        Err(e) if !acked => {
+            tracing::warn!(error = %e, "migration failed; the guest keeps running here");
+            let _ = stream::write_frame(
+                &mut s.w,
+                Kind::Abort,
+                &[&Status {
+                    ok: false,
+                    memory_crc: None,
+                    message: e.to_string(),
+                }
+                .encode()],
+            );
+            let _ = s.w.flush();
+            vm.resume();
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "migration failed after the target took the state; the guest stays paused here so it never runs twice");
+        }
+    }
+    result
+}
+
+/// The receiving side: builds a VM from a stream. With `reply`, it is a
+/// live migration (answers `Ack`, waits for `Go`); without, a restore.
+struct Receiver {
+    vm: Option<Arc<Vm>>,
+    mem_bytes: u64,
+    devices: Option<DeviceState>,
+    vm_state: Option<VmState>,
+    vcpus: Vec<VcpuState>,
+    pages: u64,
+}
+
+impl Receiver {
+    fn run(
+        r: &mut impl Read,
+        config: &VmConfig,
+        mut verify: impl FnMut(&Vm, &End) -> Result<Option<u32>>,
+    ) -> Result<(Arc<Vm>, Option<u32>)> {
+        stream::read_header(r)?;
+        let mut buf = Vec::new();
+        let k = stream::read_frame(r, &mut buf)?;
+        if k != Kind::Hello {
+            return Err(StreamError::Unexpected {
+                got: k.name(),
+                expected: "Hello",
+            }
+            .into());
+        }
+        let hello = Hello::decode(&buf)?;
+        let mut cfg = config.clone();
+        cfg.mem_bytes = hello.mem_bytes;
+        cfg.vcpus = hello.vcpus;
+        let vm = Arc::new(Vm::new(cfg)?);
+        let mut me = Receiver {
+            vm: Some(vm.clone()),
+            mem_bytes: hello.mem_bytes,
+            devices: None,
+            vm_state: None,
+            vcpus: Vec::new(),
+            pages: 0,
+        };
+        let (base, _) = vm.host_memory();
+        loop {
+            let k = stream::read_frame(r, &mut buf)?;
+            match k {
+                Kind::Pages => {
+                    let (head, data) = PagesHead::decode(&buf, me.mem_bytes)?;
+                    let at = head.gpa as usize;
+                    let len = head.count as usize * PAGE as usize;
+                    // SAFETY: PagesHead::decode checked gpa + len <= mem_bytes,
+                    // the size of the mapping; no vCPU runs yet.
+                    unsafe {
+                        if head.zero {
+                            std::ptr::write_bytes(base.add(at), 0, len);
+                        } else {
+                            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(at), len);
+                        }
+                    }
+                    me.pages += u64::from(head.count);
+                }
+                Kind::Round => {}
+                Kind::Devices => me.devices = Some(DeviceState::decode(&buf)?),
+                Kind::VmState => me.vm_state = Some(VmState::decode(&buf)?),
+                Kind::VcpuState => me.vcpus.push(VcpuState::decode(&buf)?),
+                Kind::End => {
+                    let end = End::decode(&buf)?;
+                    let devices = me.devices.take().ok_or_else(|| {
+                        MigrateError::Protocol("stream ended without device state".into())
+                    })?;
+                    let vm_state = me.vm_state.take().ok_or_else(|| {
+                        MigrateError::Protocol("stream ended without VM state".into())
+                    })?;
+                    me.vcpus.sort_by_key(|c| c.id);
+                    vm.restore_vm_state(&vm_state)?;
+                    vm.restore_vcpus(&me.vcpus)?;
+                    vm.restore_devices(&devices)?;
+                    let crc = verify(&vm, &end)?;
+                    let vm = me
+                        .vm
+                        .take()
+                        .ok_or_else(|| MigrateError::Protocol("VM gone".into()))?;
+                    return Ok((vm, crc));
+                }
+                Kind::Abort => {
+                    let st = Status::decode(&buf).map(|s| s.message).unwrap_or_default();
+                    return Err(MigrateError::Aborted(format!("the source gave up: {st}")));
+                }
+                other => {
+                    return Err(StreamError::Unexpected {
+                        got: other.name(),
+                        expected: "state",
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+}
+
+/// Restores a VM saved with [`save`] and starts it.
+pub fn restore(path: &Path, config: &VmConfig) -> Result<Arc<Vm>> {
+    let f = std::fs::File::open(path).map_err(io("open the save file"))?;
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let (vm, _) = Receiver::run(&mut r, config, |vm, end| {
+        if let Some(want) = end.memory_crc {
+            let got = vm.memory_crc();
+            if got != want {
+                return Err(MigrateError::Protocol(format!(
+                    "memory CRC after restore is {got:08x}, the save file says {want:08x}"
+                )));
+            }
+        }
+        Ok(None)
+    })?;
+    vm.start()?;
+    Ok(vm)
+}
+
+/// Waits for one incoming migration on `listener`, restores it, answers the
+/// hand-shake and starts the guest.
+pub fn incoming(listener: &TcpListener, config: &VmConfig) -> Result<Arc<Vm>> {
+    let (conn, peer) = listener.accept().map_err(io("accept the migration"))?;
+    tracing::info!(%peer, "incoming migration");
+    let _ = conn.set_nodelay(true);
+    let mut w = conn.try_clone().map_err(io("clone the connection"))?;
+    let mut r = BufReader::with_capacity(1 << 20, conn);
+    let got = Receiver::run(&mut r, config, |vm, end| {
+        Ok(match end.memory_crc {
+            Some(want) => {
+                let got = vm.memory_crc();
+                if got != want {
+                    return Err(MigrateError::Protocol(format!(
+                        "memory CRC on the target is {got:08x}, the source's is {want:08x}"
+                    )));
+                }
+                Some(got)
+            }
+            None => None,
+        })
+    });
+    let (vm, crc) = match got {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = stream::write_frame(
+                &mut w,
+                Kind::Ack,
+                &[&Status {
+                    ok: false,
+                    memory_crc: None,
+                    message: e.to_string(),
+                }
+                .encode()],
+            );
+            return Err(e);
+        }
+    };
+    stream::write_frame(
+        &mut w,
+        Kind::Ack,
+        &[&Status {
+            ok: true,
+            memory_crc: crc,
+            message: String::new(),
+        }
+        .encode()],
+    )?;
+    let mut buf = Vec::new();
+    r.get_mut()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io("set timeout"))?;
+    let k = stream::read_frame(&mut r, &mut buf)?;
+    if k != Kind::Go {
+        return Err(MigrateError::Aborted(format!(
+            "the source sent {} instead of Go; the guest does not start here",
+            k.name()
+        )));
+    }
+    vm.start()?;
+    stream::write_frame(
+        &mut w,
+        Kind::Resumed,
+        &[&Status {
+            ok: true,
+            memory_crc: crc,
+            message: String::new(),
+        }
+        .encode()],
+    )?;
+    Ok(vm)
+}

@@ -1,0 +1,260 @@
+//! csv-vmm on /dev/kvm with the purpose-built test guest: boot, save and
+//! restore, live migration under a dirtying load, and a migration killed
+//! half-way. Every VMM reports its heartbeats to one observer, so a missing
+//! sequence number anywhere (on either host) fails the test.
+
+use std::time::{Duration, Instant};
+
+use csv_test_support::vmm::{Observer, Vmm};
+use csv_test_support::{skip_unless, temp_dir, Need};
+use serde_json::json;
+
+fn no_errors(vm: &Vmm) {
+    let s = vm.status().unwrap();
+    assert_eq!(s["guest"]["errors"], 0, "the guest found a bad page: {s}");
+    assert_eq!(s["heartbeat"]["guest_errors"], 0, "{s}");
+    assert_eq!(
+        s["heartbeat"]["gaps"], 0,
+        "the VMM saw a heartbeat gap: {s}"
+    );
+    let c = vm.ok(json!({"cmd": "check"})).unwrap();
+    assert_eq!(c["check"]["bad_pages"], 0, "host-side page check: {c}");
+}
+
+/// Pages the guest wrote per second, measured over `over`.
+fn dirty_rate_mib_s(vm: &Vmm, over: Duration) -> f64 {
+    let a = vm.status().unwrap()["guest"]["pages_written"]
+        .as_u64()
+        .unwrap();
+    let t = Instant::now();
+    std::thread::sleep(over);
+    let b = vm.status().unwrap()["guest"]["pages_written"]
+        .as_u64()
+        .unwrap();
+    (b - a) as f64 / 256.0 / t.elapsed().as_secs_f64()
+}
+
+#[test]
+fn test_guest_boots_and_heartbeats() {
+    skip_unless!(Need::Device("/dev/kvm"));
+    let dir = temp_dir("vmm-boot").unwrap();
+    let obs = Observer::start().unwrap();
+    let t = Instant::now();
+    let vm = Vmm::spawn(dir.path(), "vm", &["run", "--memory", "64M"], Some(&obs)).unwrap();
+    vm.wait_heartbeats(300, Duration::from_secs(20)).unwrap();
+    eprintln!("300 heartbeats {:?} after the process started", t.elapsed());
+    let serial = std::fs::read_to_string(dir.path().join("vm.serial")).unwrap();
+    assert!(
+        serial.contains("csv test guest: up"),
+        "serial console: {serial:?}"
+    );
+    let s = vm.status().unwrap();
+    assert_eq!(s["state"], "running");
+    assert!(s["heartbeat"]["booted"].as_bool().unwrap());
+    assert!(
+        obs.beats().len() >= 250,
+        "observer got {} heartbeats",
+        obs.beats().len()
+    );
+    assert_eq!(obs.missing(), Vec::<u64>::new());
+    no_errors(&vm);
+}
+
+#[test]
+fn save_and_restore_continue_the_heartbeat() {
+    skip_unless!(Need::Device("/dev/kvm"));
+    let dir = temp_dir("vmm-save").unwrap();
+    let obs = Observer::start().unwrap();
+    let mut a = Vmm::spawn(
+        dir.path(),
+        "a",
+        &["run", "--memory", "128M", "--dirty-rate", "50"],
+        Some(&obs),
+    )
+    .unwrap();
+    a.wait_heartbeats(300, Duration::from_secs(20)).unwrap();
+    let state = dir.path().join("vm.state");
+    let r = a.ok(json!({"cmd": "save", "path": state})).unwrap();
+    let saved_seq = r["summary"]["heartbeat_seq"].as_u64().unwrap();
+    assert_eq!(
+        a.wait_exit(Duration::from_secs(10)).unwrap(),
+        0,
+        "{}",
+        a.log_text()
+    );
+
+    let b = Vmm::spawn(
+        dir.path(),
+        "b",
+        &["restore", "--from", state.to_str().unwrap()],
+        Some(&obs),
+    )
+    .unwrap();
+    b.wait_heartbeats(300, Duration::from_secs(20)).unwrap();
+    let s = b.status().unwrap();
+    assert!(
+        s["heartbeat"]["seq"].as_u64().unwrap() >= saved_seq + 300,
+        "{s}"
+    );
+    assert_eq!(
+        obs.missing(),
+        Vec::<u64>::new(),
+        "heartbeats lost across save/restore"
+    );
+    let pids: std::collections::BTreeSet<u32> = obs.beats().iter().map(|b| b.pid).collect();
+    assert_eq!(pids.len(), 2, "both processes reported heartbeats");
+    no_errors(&b);
+
+    // A damaged save file is refused with a reason, not restored.
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    let bad = dir.path().join("bad.state");
+    std::fs::write(&bad, bytes).unwrap();
+    let out = std::process::Command::new(csv_test_support::cmd::workspace_bin("csv-vmm"))
+        .args([
+            "restore",
+            "--serial",
+            "null",
+            "--from",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("checksum"), "{err}");
+}
+
+#[test]
+fn live_migration_under_a_dirtying_load_loses_nothing() {
+    skip_unless!(Need::Device("/dev/kvm"));
+    let dir = temp_dir("vmm-live").unwrap();
+    let obs = Observer::start().unwrap();
+    let mut src = Vmm::spawn(
+        dir.path(),
+        "src",
+        &["run", "--memory", "256M", "--dirty-rate", "64"],
+        Some(&obs),
+    )
+    .unwrap();
+    let port = csv_test_support::free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let dst = Vmm::spawn(
+        dir.path(),
+        "dst",
+        &["incoming", "--listen", &listen],
+        Some(&obs),
+    )
+    .unwrap();
+    src.wait_heartbeats(200, Duration::from_secs(20)).unwrap();
+    let rate = dirty_rate_mib_s(&src, Duration::from_secs(1));
+    assert!(rate >= 50.0, "the guest dirties only {rate:.1} MiB/s");
+
+    let mut rounds = 0;
+    let r = src
+        .request(
+            json!({"cmd": "migrate", "to": listen, "verify_memory": true}),
+            |_| rounds += 1,
+        )
+        .unwrap();
+    assert_eq!(
+        r["ok"],
+        true,
+        "{r}; source log: {}; target log: {}",
+        src.log_text(),
+        dst.log_text()
+    );
+    let sum = &r["summary"];
+    eprintln!("migration at {rate:.1} MiB/s of dirtying: {sum}");
+    assert!(rounds >= 1);
+    assert!(sum["memory_crc_source"].is_u64());
+    assert_eq!(
+        sum["memory_crc_source"], sum["memory_crc_target"],
+        "memory differs at the switch-over"
+    );
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)).unwrap(),
+        0,
+        "{}",
+        src.log_text()
+    );
+
+    dst.wait_heartbeats(300, Duration::from_secs(20)).unwrap();
+    assert_eq!(
+        obs.missing(),
+        Vec::<u64>::new(),
+        "heartbeats lost in the migration"
+    );
+    let last_src = obs
+        .beats()
+        .iter()
+        .filter(|b| b.pid == src.pid())
+        .map(|b| b.seq)
+        .max()
+        .unwrap();
+    let first_dst = obs
+        .beats()
+        .iter()
+        .filter(|b| b.pid == dst.pid())
+        .map(|b| b.seq)
+        .min()
+        .unwrap();
+    assert_eq!(
+        first_dst,
+        last_src + 1,
+        "the target continues where the source stopped"
+    );
+    eprintln!(
+        "largest heartbeat gap seen by the observer: {:?}",
+        obs.longest_gap()
+    );
+    no_errors(&dst);
+}
+
+#[test]
+fn a_migration_killed_half_way_leaves_the_source_running() {
+    skip_unless!(Need::Device("/dev/kvm"));
+    let dir = temp_dir("vmm-kill").unwrap();
+    let obs = Observer::start().unwrap();
+    let src = Vmm::spawn(
+        dir.path(),
+        "src",
+        &["run", "--memory", "256M", "--dirty-rate", "100"],
+        Some(&obs),
+    )
+    .unwrap();
+    let port = csv_test_support::free_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let mut dst = Vmm::spawn(dir.path(), "dst", &["incoming", "--listen", &listen], None).unwrap();
+    src.wait_heartbeats(200, Duration::from_secs(20)).unwrap();
+
+    // The target is killed as soon as the first round of memory is across.
+    let victim = dst.pid() as i32;
+    let mut killed = false;
+    let answer = src
+        .request(
+            json!({"cmd": "migrate", "to": listen, "downtime_ms": 0}),
+            |_| {
+                if !killed {
+                    // SAFETY: plain kill(2) of the target process this test started.
+                    unsafe { libc::kill(victim, libc::SIGKILL) };
+                    killed = true;
+                }
+            },
+        )
+        .unwrap();
+    dst.kill();
+    assert!(killed, "the migration never reported a round");
+    assert_eq!(answer["ok"], false, "{answer}");
+    eprintln!("migration error as reported: {}", answer["error"]);
+
+    let before = src.status().unwrap()["heartbeat"]["local_count"]
+        .as_u64()
+        .unwrap();
+    src.wait_heartbeats(before + 300, Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(src.status().unwrap()["state"], "running");
+    assert_eq!(obs.missing(), Vec::<u64>::new());
+    no_errors(&src);
+}
