@@ -367,11 +367,10 @@ impl Vm {
             memory_size: self.config.mem_bytes,
             userspace_addr: self.host as u64,
         };
-        // SAFETY: the region is the mapping owned by `self.mem`, which lives
-        // as long as the VM file descriptor (both are fields of `self`, and
-        // the mapping is dropped after the VM fd is closed by field order
-        // being irrelevant: KVM keeps no access once the VM fd is closed and
-        // no vCPU runs after `Vm` is dropped, see `Drop`).
+        // SAFETY: the region is the mapping owned by `self.mem`, which is
+        // never unmapped or resized while `self` lives; `fd` is declared
+        // before `mem`, so the VM fd is closed (and KVM lets go of the
+        // memory) before the mapping is dropped.
         unsafe {
             kvm(
                 "register guest memory",
@@ -395,7 +394,8 @@ impl Vm {
         (self.host as *mut u8, self.config.mem_bytes as usize)
     }
 
-    /// Loads the test guest and sets up its vCPU 0 to enter it in long mode.
+    /// Loads the test guest and sets up its vCPU 0 to enter it in long mode at
+    /// CPL 3 (see guest/testguest.S for why not ring 0).
     pub fn load_test_guest(&self, cfg: guest::TestGuestConfig) -> Result<()> {
         let m = &self.mem;
         let w = |addr: u64, v: u64| {
