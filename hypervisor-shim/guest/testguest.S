@@ -20,6 +20,13 @@
  *     its normal pace), then bump the heartbeat sequence number in the
  *     mailbox and write its low 32 bits to port 0x510.
  *
+ * The same image also boots under any multiboot loader (QEMU's -kernel),
+ * for the benchmark against QEMU: the multiboot entry runs in 32-bit
+ * protected mode, fills the mailbox from the multiboot memory size and the
+ * command line "<tsc_khz> <pages per tick> <tick_us>", builds the same
+ * page tables and GDT, enters long mode and drops to CPL 3 at _start. There
+ * the heartbeat also goes to COM1 as "H<16 hex digits>\n".
+ *
  * Page p at generation g holds, in qword i, (((p << 32) | g) * M) + i * K.
  * Everything the guest keeps lives in guest memory or in its registers, so
  * a save/restore or a migration carries it along.
@@ -30,11 +37,13 @@
     .globl _start
 
     .set MAILBOX,      0x5000
+    .set MB_MAGIC,     0
     .set MB_TSC_KHZ,   8
     .set MB_MEM,       16
     .set MB_RATE,      24
     .set MB_TICK_US,   32
     .set MB_DIRTY,     40
+    .set MB_HB_SERIAL, 48
     .set MB_SEQ,       0x100
     .set MB_ERRORS,    0x108
     .set MB_WRITTEN,   0x110
@@ -49,6 +58,21 @@
     .set PAT_STEP,     0x2545F4914F6CDD1D
 
 _start:
+    jmp start64
+
+    /* Multiboot header with the address fields (a flat image). */
+    .balign 4
+mb_header:
+    .long 0x1BADB002
+    .long 0x00010002
+    .long -(0x1BADB002 + 0x00010002)
+    .long mb_header
+    .long _start
+    .long 0
+    .long 0
+    .long mb_entry
+
+start64:
     mov rsp, 0x80000
     mov rbx, MAILBOX
 
@@ -168,7 +192,148 @@ pace:
     mov [rbx + MB_SEQ], rax
     mov dx, PORT_HEART
     out dx, eax
+    cmp qword ptr [rbx + MB_HB_SERIAL], 0
+    je main_loop
+    /* "H" + the sequence number in hex + newline on COM1 */
+    mov rsi, [rbx + MB_SEQ]
+    mov dx, PORT_SERIAL
+    mov al, 'H'
+    out dx, al
+    lea r8, [rip + hexdigits]
+    mov ecx, 16
+11: rol rsi, 4
+    mov eax, esi
+    and eax, 0xf
+    mov al, [r8 + rax]
+    out dx, al
+    dec ecx
+    jnz 11b
+    mov al, 10
+    out dx, al
     jmp main_loop
 
 banner:
     .asciz "csv test guest: up\n"
+hexdigits:
+    .ascii "0123456789abcdef"
+
+/*
+ * Multiboot entry: 32-bit protected mode, paging off, EBX = multiboot info.
+ */
+    .code32
+mb_entry:
+    cli
+    mov esp, 0x80000
+    mov ebp, ebx
+    /* The mailbox: zero, then defaults. */
+    mov edi, MAILBOX
+    xor eax, eax
+    mov ecx, 1024
+    rep stosd
+    mov dword ptr [MAILBOX + MB_MAGIC], 0x47565343
+    mov dword ptr [MAILBOX + MB_MAGIC + 4], 0x54534555
+    mov dword ptr [MAILBOX + MB_DIRTY], 0x400000
+    mov dword ptr [MAILBOX + MB_TICK_US], 1000
+    mov dword ptr [MAILBOX + MB_TSC_KHZ], 1000000
+    mov dword ptr [MAILBOX + MB_HB_SERIAL], 1
+    /* Memory: mem_upper KiB above 1 MiB, rounded down to 2 MiB, at most 2 GiB. */
+    test dword ptr [ebp], 1
+    jz 1f
+    mov eax, [ebp + 8]
+    add eax, 1024
+    cmp eax, 0x200000
+    jbe 20f
+    mov eax, 0x200000
+20: shl eax, 10
+    and eax, 0xFFE00000
+    mov [MAILBOX + MB_MEM], eax
+1:  /* Command line: tsc_khz, pages per tick, tick_us. */
+    test dword ptr [ebp], 4
+    jz 2f
+    mov esi, [ebp + 16]
+    call parse_num
+    test eax, eax
+    jz 2f
+    mov [MAILBOX + MB_TSC_KHZ], eax
+    call parse_num
+    mov [MAILBOX + MB_RATE], eax
+    call parse_num
+    test eax, eax
+    jz 2f
+    mov [MAILBOX + MB_TICK_US], eax
+2:  /* Page tables at 0x9000: PML4, PDPT, four PDs of 2 MiB user pages. */
+    mov edi, 0x9000
+    xor eax, eax
+    mov ecx, 6 * 1024
+    rep stosd
+    mov dword ptr [0x9000], 0xA007
+    mov dword ptr [0xA000], 0xB007
+    mov dword ptr [0xA008], 0xC007
+    mov dword ptr [0xA010], 0xD007
+    mov dword ptr [0xA018], 0xE007
+    mov edi, 0xB000
+    mov eax, 0x87
+    mov ecx, 2048
+3:  mov [edi], eax
+    add eax, 0x200000
+    add edi, 8
+    dec ecx
+    jnz 3b
+    lgdt [gdt_ptr]
+    mov eax, cr4
+    or eax, 0x620
+    mov cr4, eax
+    mov eax, 0x9000
+    mov cr3, eax
+    mov ecx, 0xC0000080
+    rdmsr
+    or eax, 0x100
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80000021
+    mov cr0, eax
+    push 0x08
+    push offset long64
+    retf
+
+parse_num:
+    xor eax, eax
+4:  cmp byte ptr [esi], ' '
+    jne 5f
+    inc esi
+    jmp 4b
+5:  movzx ecx, byte ptr [esi]
+    sub ecx, '0'
+    cmp ecx, 9
+    ja 6f
+    imul eax, eax, 10
+    add eax, ecx
+    inc esi
+    jmp 5b
+6:  ret
+
+    .code64
+long64:
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    /* Drop to CPL 3 at _start with IOPL 3 and interrupts off. */
+    push 0x23
+    push 0x80000
+    push 0x3002
+    push 0x1b
+    lea rax, [rip + start64]
+    push rax
+    iretq
+
+    .balign 8
+gdt:
+    .quad 0
+    .quad 0x00af9a000000ffff    /* 0x08 kernel code, 64-bit */
+    .quad 0x00cf92000000ffff    /* 0x10 kernel data */
+    .quad 0x00affa000000ffff    /* 0x18 user code, 64-bit */
+    .quad 0x00cff2000000ffff    /* 0x20 user data */
+gdt_ptr:
+    .word gdt_ptr - gdt - 1
+    .long gdt

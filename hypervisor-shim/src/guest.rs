@@ -14,6 +14,7 @@
 //! | 0x018 | pages dirtied per heartbeat | VMM (may change while running) |
 //! | 0x020 | heartbeat interval, µs | VMM |
 //! | 0x028 | start of the dirty area | VMM |
+//! | 0x030 | heartbeat also on COM1 as text when not 0 | VMM (multiboot entry: 1) |
 //! | 0x100 | heartbeat sequence number | guest |
 //! | 0x108 | pages that failed their check | guest |
 //! | 0x110 | pages written | guest |
@@ -54,6 +55,7 @@ pub const MB_MEM: u64 = 0x010;
 pub const MB_RATE: u64 = 0x018;
 pub const MB_TICK_US: u64 = 0x020;
 pub const MB_DIRTY: u64 = 0x028;
+pub const MB_HB_SERIAL: u64 = 0x030;
 pub const MB_SEQ: u64 = 0x100;
 pub const MB_ERRORS: u64 = 0x108;
 pub const MB_WRITTEN: u64 = 0x110;
@@ -107,8 +109,9 @@ mod tests {
 
     #[test]
     fn image_is_built_and_starts_with_the_stack_setup() {
-        // mov rsp, 0x80000 (48 c7 c4 imm32)
-        assert_eq!(&IMAGE[..3], &[0x48, 0xc7, 0xc4]);
+        // A short jump over the multiboot header, which follows at offset 4.
+        assert_eq!(IMAGE[0], 0xeb);
+        assert_eq!(&IMAGE[4..8], &0x1BAD_B002u32.to_le_bytes());
         assert!(IMAGE.len() < 4096);
     }
 

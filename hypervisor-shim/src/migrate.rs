@@ -1,7 +1,8 @@
 //! Save/restore and live migration over the state stream.
 //!
 //! Live migration (the source side, [`migrate`]):
-//! 1. send `Hello`; switch on KVM's dirty log (the VMM's own writes are in
+//! 1. send `Hello` and wait for the target's `Ready` (it has built its VM,
+//!    so that time is not downtime); switch on KVM's dirty log (the VMM's own writes are in
 //!    the memory bitmap already);
 //! 2. round 0 sends every page that is not zero (the target's memory starts
 //!    zeroed); each later round takes the dirty pages since the previous
@@ -9,9 +10,10 @@
 //!    a page's bit only once its frame is written, so a failed send loses
 //!    nothing;
 //! 3. when the pending set would go in less than the downtime limit at the
-//!    bandwidth measured in the last round (or after the round limit, with
-//!    auto-converge throttling of the vCPUs once rounds stop shrinking), the
-//!    vCPUs are paused, the last dirty pages, the devices, the VM and the
+//!    bandwidth measured in the last round, and further rounds no longer
+//!    halve it (or it would take under a twentieth of the limit); rounds
+//!    that stop shrinking while above the limit throttle the vCPUs
+//!    (auto-converge). Then the vCPUs are paused, the last dirty pages, the devices, the VM and the
 //!    vCPU state go, then `End`;
 //! 4. the target checks everything, restores, and answers `Ack`; the source
 //!    runs its hand-over hook (the cluster moves the disk's write lease
@@ -104,6 +106,10 @@ pub struct Summary {
     pub memory_crc_source: Option<u32>,
     pub memory_crc_target: Option<u32>,
     pub heartbeat_seq: u64,
+    /// Connecting and the target building its VM.
+    pub setup_ms: f64,
+    /// The first round (all memory that is not zero).
+    pub first_round_ms: f64,
 }
 
 struct Sender<'a, W: Write> {
@@ -122,6 +128,33 @@ impl<W: Write> Sender<'_, W> {
         Ok(())
     }
 
+    /// Sends every page of memory that is not zero (the first round and a
+    /// save file). Pages the host never backed (neither present nor swapped
+    /// in /proc/self/pagemap) were never written and are skipped without
+    /// being read, which spares a page fault for each of them.
+    fn send_all(&mut self) -> Result<()> {
+        let total = self.vm.mem_bytes() / PAGE;
+        let backed = backed_pages(self.vm);
+        let mut p = 0;
+        while p < total {
+            let Some(map) = &backed else {
+                return self.send_run(0, total, true);
+            };
+            if !map[p as usize] {
+                self.zero_pages += 1;
+                self.pages += 1;
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < total && map[p as usize] {
+                p += 1;
+            }
+            self.send_run(start, p - start, true)?;
+        }
+        Ok(())
+    }
+
     /// Sends pages `first..first + count` (one run).
     fn send_run(&mut self, first: u64, count: u64, skip_zero: bool) -> Result<()> {
         let (base, _) = self.vm.host_memory();
@@ -130,18 +163,29 @@ impl<W: Write> Sender<'_, W> {
         while p < end {
             let n = (end - p).min(u64::from(MAX_PAGES_PER_FRAME));
             let len = (n * PAGE) as usize;
-            self.buf.resize(len, 0);
-            // SAFETY: pages p..p+n are inside guest memory (the caller's
-            // bitmap covers exactly mem_bytes / 4096 pages). The guest may
-            // write them while we copy; such a page is in the next round's
-            // dirty log, and the last round copies with the vCPUs paused.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    base.add((p * PAGE) as usize),
-                    self.buf.as_mut_ptr(),
-                    len,
-                );
+            // SAFETY: pages p..p+n are inside guest memory (callers pass
+            // runs within mem_bytes / 4096 pages). The guest may write them
+            // while we read; such a page is in the next round's dirty log,
+            // and the last round reads with the vCPUs paused.
+            let src = unsafe {
+                std::slice::from_raw_parts(base.add((p * PAGE) as usize) as *const u8, len)
+            };
+            if is_zero(src) {
+                self.zero_pages += n;
+                if !skip_zero {
+                    let head = PagesHead {
+                        gpa: p * PAGE,
+                        count: n as u32,
+                        zero: true,
+                    };
+                    self.frame(Kind::Pages, &[&head.encode()])?;
+                }
+                self.pages += n;
+                p += n;
+                continue;
             }
+            self.buf.clear();
+            self.buf.extend_from_slice(src);
             if is_zero(&self.buf) {
                 self.zero_pages += n;
                 if !skip_zero {
@@ -219,6 +263,33 @@ fn is_zero(b: &[u8]) -> bool {
     pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
 }
 
+/// For each page of guest memory, whether the host has ever backed it
+/// (present or swapped, from /proc/self/pagemap); `None` when the pagemap
+/// cannot be read, and then every page is read.
+fn backed_pages(vm: &Vm) -> Option<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    let (base, len) = vm.host_memory();
+    let pages = len / PAGE as usize;
+    let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let mut out = Vec::with_capacity(pages);
+    let mut buf = vec![0u8; 8 * 65536];
+    let mut done = 0usize;
+    while done < pages {
+        let n = (pages - done).min(65536);
+        let off = ((base as usize / PAGE as usize) + done) as u64 * 8;
+        f.read_exact_at(&mut buf[..n * 8], off).ok()?;
+        for e in buf[..n * 8].chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(e);
+            let v = u64::from_le_bytes(b);
+            // Bit 63: present; bit 62: swapped.
+            out.push(v & (3 << 62) != 0);
+        }
+        done += n;
+    }
+    Some(out)
+}
+
 fn count_bits(b: &[u64]) -> u64 {
     b.iter().map(|w| u64::from(w.count_ones())).sum()
 }
@@ -250,7 +321,7 @@ pub fn save(vm: &Vm, path: &Path) -> Result<Summary> {
             guest: 1,
         };
         s.frame(Kind::Hello, &[&hello.encode()])?;
-        s.send_run(0, vm.mem_bytes() / PAGE, true)?;
+        s.send_all()?;
         s.send_state()?;
         let crc = vm.memory_crc();
         s.frame(
@@ -276,6 +347,8 @@ pub fn save(vm: &Vm, path: &Path) -> Result<Summary> {
             memory_crc_source: Some(crc),
             memory_crc_target: None,
             heartbeat_seq: vm.heartbeat().seq,
+            setup_ms: 0.0,
+            first_round_ms: elapsed,
         })
     })();
     if r.is_err() {
@@ -316,6 +389,7 @@ pub fn migrate(
     let mut pending = vec![0u64; pages_total.div_ceil(64)];
     let mut paused_at = None;
     let mut acked = false;
+    let (mut setup_ms, mut first_round_ms) = (0.0, 0.0);
     let result = (|| -> Result<Summary> {
         stream::write_header(&mut s.w)?;
         let hello = Hello {
@@ -324,14 +398,33 @@ pub fn migrate(
             guest: 1,
         };
         s.frame(Kind::Hello, &[&hello.encode()])?;
+        s.w.flush().map_err(io("send Hello"))?;
+        // The target builds its VM now, so that time is not downtime.
+        back.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io("set timeout"))?;
+        let mut buf = Vec::new();
+        match stream::read_frame(&mut back, &mut buf)? {
+            Kind::Ready => {}
+            Kind::Ack | Kind::Abort => {
+                return Err(MigrateError::Refused(Status::decode(&buf)?.message))
+            }
+            other => {
+                return Err(MigrateError::Protocol(format!(
+                    "expected Ready, got {}",
+                    other.name()
+                )))
+            }
+        }
+        setup_ms = t0.elapsed().as_secs_f64() * 1e3;
         vm.set_dirty_log(true)?;
         // Round 0: everything that is not zero.
         let r0 = Instant::now();
-        s.send_run(0, pages_total as u64, true)?;
+        s.send_all()?;
         s.w.flush().map_err(io("send memory"))?;
         let mut round = 0u32;
         let mut round_bytes = s.bytes;
         let mut round_time = r0.elapsed();
+        first_round_ms = round_time.as_secs_f64() * 1e3;
         let mut last_dirty = u64::MAX;
         let mut throttle = 0u32;
         loop {
@@ -348,7 +441,14 @@ pub fn migrate(
                 estimated_downtime_ms: est.as_secs_f64() * 1e3,
                 throttle_pct: throttle,
             });
-            if est <= opts.downtime_limit {
+            // Within the limit, one more round is still worth it while the
+            // dirty set keeps shrinking by half or more: the pause is what
+            // the guest feels.
+            if est <= opts.downtime_limit
+                && (est <= opts.downtime_limit / 20
+                    || dirty.saturating_mul(2) > last_dirty
+                    || round > 10)
+            {
                 break;
             }
             if t0.elapsed() > opts.timeout {
@@ -381,9 +481,6 @@ pub fn migrate(
         s.frame(Kind::End, &[&End { memory_crc: crc }.encode()])?;
         s.w.flush().map_err(io("send the final state"))?;
         // Wait for the target's verdict.
-        back.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(io("set timeout"))?;
-        let mut buf = Vec::new();
         let k = stream::read_frame(&mut back, &mut buf)?;
         let st = Status::decode(&buf)?;
         match k {
@@ -427,6 +524,8 @@ pub fn migrate(
             memory_crc_source: crc,
             memory_crc_target: st.memory_crc.or(resumed.memory_crc),
             heartbeat_seq: vm.heartbeat().seq,
+            setup_ms,
+            first_round_ms,
         })
     })();
     vm.throttle(0);
@@ -469,6 +568,7 @@ struct Receiver {
 impl Receiver {
     fn run(
         r: &mut impl Read,
+        mut reply: Option<&mut dyn Write>,
         config: &VmConfig,
         mut verify: impl FnMut(&Vm, &End) -> Result<Option<u32>>,
     ) -> Result<(Arc<Vm>, Option<u32>)> {
@@ -487,6 +587,14 @@ impl Receiver {
         cfg.mem_bytes = hello.mem_bytes;
         cfg.vcpus = hello.vcpus;
         let vm = Arc::new(Vm::new(cfg)?);
+        if let Some(w) = reply.as_mut() {
+            let ready = Status {
+                ok: true,
+                memory_crc: None,
+                message: String::new(),
+            };
+            stream::write_frame(w, Kind::Ready, &[&ready.encode()])?;
+        }
         let mut me = Receiver {
             vm: Some(vm.clone()),
             mem_bytes: hello.mem_bytes,
@@ -495,23 +603,15 @@ impl Receiver {
             vcpus: Vec::new(),
             pages: 0,
         };
-        let (base, _) = vm.host_memory();
+        let (base, len) = vm.host_memory();
+        // SAFETY: the mapping is `len` bytes and lives as long as `vm`; no
+        // vCPU runs before the stream is complete, so nothing else touches it.
+        let memory = unsafe { std::slice::from_raw_parts_mut(base, len) };
         loop {
-            let k = stream::read_frame(r, &mut buf)?;
+            let k = stream::read_frame_to_memory(r, &mut buf, memory)?;
             match k {
                 Kind::Pages => {
-                    let (head, data) = PagesHead::decode(&buf, me.mem_bytes)?;
-                    let at = head.gpa as usize;
-                    let len = head.count as usize * PAGE as usize;
-                    // SAFETY: PagesHead::decode checked gpa + len <= mem_bytes,
-                    // the size of the mapping; no vCPU runs yet.
-                    unsafe {
-                        if head.zero {
-                            std::ptr::write_bytes(base.add(at), 0, len);
-                        } else {
-                            std::ptr::copy_nonoverlapping(data.as_ptr(), base.add(at), len);
-                        }
-                    }
+                    let (head, _) = PagesHead::decode_head(&buf, me.mem_bytes)?;
                     me.pages += u64::from(head.count);
                 }
                 Kind::Round => {}
@@ -557,7 +657,7 @@ impl Receiver {
 pub fn restore(path: &Path, config: &VmConfig) -> Result<Arc<Vm>> {
     let f = std::fs::File::open(path).map_err(io("open the save file"))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
-    let (vm, _) = Receiver::run(&mut r, config, |vm, end| {
+    let (vm, _) = Receiver::run(&mut r, None, config, |vm, end| {
         if let Some(want) = end.memory_crc {
             let got = vm.memory_crc();
             if got != want {
@@ -580,7 +680,7 @@ pub fn incoming(listener: &TcpListener, config: &VmConfig) -> Result<Arc<Vm>> {
     let _ = conn.set_nodelay(true);
     let mut w = conn.try_clone().map_err(io("clone the connection"))?;
     let mut r = BufReader::with_capacity(1 << 20, conn);
-    let got = Receiver::run(&mut r, config, |vm, end| {
+    let got = Receiver::run(&mut r, Some(&mut w), config, |vm, end| {
         Ok(match end.memory_crc {
             Some(want) => {
                 let got = vm.memory_crc();

@@ -10,7 +10,7 @@
 //! A save file is a recorded migration stream of one round: `Hello`, the
 //! memory as `Pages` frames, `Devices`, `VmState`, one `VcpuState` per vCPU,
 //! then `End`. A live migration sends several rounds of pages and adds the
-//! hand-shake frames (`Ack`, `Go`, `Resumed`, `Abort`) that flow back and
+//! hand-shake frames (`Ready`, `Ack`, `Go`, `Resumed`, `Abort`) that flow back and
 //! forth on the same connection. Every frame is checked before anything in
 //! it is used; an unknown major version, a bad checksum, an oversized or
 //! short frame and a malformed payload are errors that name the frame.
@@ -84,6 +84,7 @@ pub enum Kind {
     Go = 0x82,
     Resumed = 0x83,
     Abort = 0x84,
+    Ready = 0x85,
 }
 
 impl Kind {
@@ -100,6 +101,7 @@ impl Kind {
             0x82 => Kind::Go,
             0x83 => Kind::Resumed,
             0x84 => Kind::Abort,
+            0x85 => Kind::Ready,
             other => return Err(StreamError::UnknownKind(other)),
         })
     }
@@ -118,6 +120,7 @@ impl Kind {
             Kind::Go => "Go",
             Kind::Resumed => "Resumed",
             Kind::Abort => "Abort",
+            Kind::Ready => "Ready",
         }
     }
 }
@@ -371,9 +374,9 @@ impl PagesHead {
         b
     }
 
-    /// Parses a `Pages` payload against a memory of `mem_bytes`; returns the
-    /// head and the page data (empty for a zero run).
-    pub fn decode(p: &[u8], mem_bytes: u64) -> Result<(PagesHead, &[u8])> {
+    /// Parses the 13-byte head of a `Pages` payload against a memory of
+    /// `mem_bytes`; returns it and the number of data bytes that must follow.
+    pub fn decode_head(p: &[u8], mem_bytes: u64) -> Result<(PagesHead, usize)> {
         let mut r = Reader::new("Pages", p);
         let gpa = r.u64("guest address")?;
         let count = r.u32("page count")?;
@@ -388,31 +391,119 @@ impl PagesHead {
         if count == 0 || count > MAX_PAGES_PER_FRAME {
             return Err(r.err(format!("{count} pages (1 to {MAX_PAGES_PER_FRAME})")));
         }
-        let end = gpa
+        if gpa
             .checked_add(u64::from(count) * PAGE)
-            .filter(|&e| e <= mem_bytes)
-            .ok_or_else(|| {
-                r.err(format!(
-                    "pages {gpa:#x}+{count} run past the end of memory ({mem_bytes:#x})"
-                ))
-            })?;
-        let _ = end;
-        let data = r.rest();
+            .is_none_or(|e| e > mem_bytes)
+        {
+            return Err(r.err(format!(
+                "pages {gpa:#x}+{count} run past the end of memory ({mem_bytes:#x})"
+            )));
+        }
         let want = if zero {
             0
         } else {
             count as usize * PAGE as usize
         };
+        Ok((PagesHead { gpa, count, zero }, want))
+    }
+
+    /// Parses a whole `Pages` payload; returns the head and the page data
+    /// (empty for a zero run).
+    pub fn decode(p: &[u8], mem_bytes: u64) -> Result<(PagesHead, &[u8])> {
+        let (head, want) = Self::decode_head(p, mem_bytes)?;
+        let data = p.get(Self::LEN..).unwrap_or_default();
         if data.len() != want {
             return Err(StreamError::Malformed {
                 frame: "Pages",
                 what: format!(
-                    "{} data bytes for {count} pages, expected {want}",
-                    data.len()
+                    "{} data bytes for {} pages, expected {want}",
+                    data.len(),
+                    head.count
                 ),
             });
         }
-        Ok((PagesHead { gpa, count, zero }, data))
+        Ok((head, data))
+    }
+}
+
+/// Reads one frame like [`read_frame`], except that the data of a `Pages`
+/// frame goes straight into `memory` (the receiver's guest memory, whose
+/// length is the memory size) and only the 13-byte head lands in `buf`.
+/// When the checksum then fails, `memory` holds unchecked bytes: the caller
+/// must discard the VM (a receiver never runs a guest from a failed stream).
+pub fn read_frame_to_memory(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    memory: &mut [u8],
+) -> Result<Kind> {
+    let mut head = [0u8; 12];
+    r.read_exact(&mut head)?;
+    if head[0] != Kind::Pages as u8 {
+        // Not page data: the ordinary path (re-using the header just read).
+        return read_frame(&mut Chain(&head[..], r), buf);
+    }
+    if head[1..4] != [0, 0, 0] {
+        return Err(StreamError::Reserved);
+    }
+    let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let expected = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if len as usize > MAX_PAYLOAD {
+        return Err(StreamError::TooLarge { kind: head[0], len });
+    }
+    if (len as usize) < PagesHead::LEN {
+        return Err(StreamError::Malformed {
+            frame: "Pages",
+            what: format!("{len} bytes, shorter than its head"),
+        });
+    }
+    buf.clear();
+    buf.resize(PagesHead::LEN, 0);
+    r.read_exact(buf)?;
+    let (ph, want) = PagesHead::decode_head(buf, memory.len() as u64)?;
+    if len as usize != PagesHead::LEN + want {
+        return Err(StreamError::Malformed {
+            frame: "Pages",
+            what: format!(
+                "{len} bytes for {} pages, expected {}",
+                ph.count,
+                PagesHead::LEN + want
+            ),
+        });
+    }
+    let at = ph.gpa as usize;
+    let dest = &mut memory[at..at + want];
+    r.read_exact(dest)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[head[0]]);
+    h.update(&len.to_le_bytes());
+    h.update(buf);
+    h.update(dest);
+    let found = h.finalize();
+    if found != expected {
+        return Err(StreamError::Checksum {
+            kind: head[0],
+            found,
+            expected,
+        });
+    }
+    if ph.zero {
+        memory[at..at + ph.count as usize * PAGE as usize].fill(0);
+    }
+    Ok(Kind::Pages)
+}
+
+/// `Read` over a prefix already read, then the rest of the stream.
+struct Chain<'a, R: Read>(&'a [u8], &'a mut R);
+
+impl<R: Read> Read for Chain<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if !self.0.is_empty() {
+            let n = self.0.len().min(out.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            return Ok(n);
+        }
+        self.1.read(out)
     }
 }
 
@@ -757,6 +848,93 @@ impl Status {
     }
 }
 
+/// What a stream holds, from [`inspect`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Inspection {
+    pub minor: u16,
+    pub mem_bytes: u64,
+    pub vcpus: u32,
+    pub frames: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub vcpu_states: u32,
+    pub memory_crc: Option<u32>,
+}
+
+/// Reads and checks a whole stream (a save file) without a VM: every
+/// frame's checksum and payload, pages inside memory, one state per vCPU,
+/// and an `End` frame last. What `csv-vmm inspect` and the fuzz target run.
+pub fn inspect(r: &mut impl Read) -> Result<Inspection> {
+    let mut out = Inspection {
+        minor: read_header(r)?,
+        ..Default::default()
+    };
+    let mut buf = Vec::new();
+    let k = read_frame(r, &mut buf)?;
+    if k != Kind::Hello {
+        return Err(StreamError::Unexpected {
+            got: k.name(),
+            expected: "Hello",
+        });
+    }
+    let hello = Hello::decode(&buf)?;
+    out.mem_bytes = hello.mem_bytes;
+    out.vcpus = hello.vcpus;
+    out.frames = 1;
+    let (mut devices, mut vm) = (false, false);
+    loop {
+        let k = read_frame(r, &mut buf)?;
+        out.frames += 1;
+        match k {
+            Kind::Pages => {
+                let (head, _) = PagesHead::decode(&buf, hello.mem_bytes)?;
+                out.pages += u64::from(head.count);
+                if head.zero {
+                    out.zero_pages += u64::from(head.count);
+                }
+            }
+            Kind::Round => {}
+            Kind::Devices => {
+                DeviceState::decode(&buf)?;
+                devices = true;
+            }
+            Kind::VmState => {
+                VmState::decode(&buf)?;
+                vm = true;
+            }
+            Kind::VcpuState => {
+                let v = VcpuState::decode(&buf)?;
+                if v.id >= hello.vcpus {
+                    return Err(StreamError::Malformed {
+                        frame: "VcpuState",
+                        what: format!("vCPU {} of a {}-vCPU VM", v.id, hello.vcpus),
+                    });
+                }
+                out.vcpu_states += 1;
+            }
+            Kind::End => {
+                out.memory_crc = End::decode(&buf)?.memory_crc;
+                if !devices || !vm || out.vcpu_states != hello.vcpus {
+                    return Err(StreamError::Malformed {
+                        frame: "End",
+                        what: format!(
+                            "stream ends with devices={devices}, VM state={vm}, {} of {} vCPU states",
+                            out.vcpu_states, hello.vcpus
+                        ),
+                    });
+                }
+                return Ok(out);
+            }
+            other => {
+                return Err(StreamError::Unexpected {
+                    got: other.name(),
+                    expected: "state",
+                })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -906,6 +1084,76 @@ mod tests {
         assert!(err.contains("VcpuState"), "{err}");
     }
 
+    fn synthetic_stream() -> Vec<u8> {
+        let mut s = Vec::new();
+        write_header(&mut s).unwrap();
+        let mem = 8 << 20;
+        write_frame(
+            &mut s,
+            Kind::Hello,
+            &[&Hello {
+                mem_bytes: mem,
+                vcpus: 1,
+                guest: 1,
+            }
+            .encode()],
+        )
+        .unwrap();
+        let zero = PagesHead {
+            gpa: 0,
+            count: 16,
+            zero: true,
+        };
+        write_frame(&mut s, Kind::Pages, &[&zero.encode()]).unwrap();
+        let one = PagesHead {
+            gpa: 0x5000,
+            count: 1,
+            zero: false,
+        };
+        write_frame(&mut s, Kind::Pages, &[&one.encode(), &[0x5a; 4096]]).unwrap();
+        write_frame(&mut s, Kind::Round, &[&1u32.to_le_bytes()]).unwrap();
+        write_frame(&mut s, Kind::Devices, &[&DeviceState::default().encode()]).unwrap();
+        let vm = VmState {
+            pic_master: from_seed(b"a"),
+            pic_slave: from_seed(b"b"),
+            ioapic: from_seed(b"c"),
+            pit: from_seed(b"d"),
+            clock: from_seed(b"e"),
+        };
+        write_frame(&mut s, Kind::VmState, &[&vm.encode()]).unwrap();
+        write_frame(&mut s, Kind::VcpuState, &[&vcpu(b"cpu", 0, 8).encode()]).unwrap();
+        write_frame(
+            &mut s,
+            Kind::End,
+            &[&End {
+                memory_crc: Some(7),
+            }
+            .encode()],
+        )
+        .unwrap();
+        s
+    }
+
+    /// The fuzz target's seed is a complete stream that `inspect` accepts
+    /// (`CSV_REGEN_FUZZ_SEED=1` rewrites it after a format change).
+    #[test]
+    fn fuzz_seed_is_a_valid_stream() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/stream/full-stream");
+        if std::env::var_os("CSV_REGEN_FUZZ_SEED").is_some() {
+            std::fs::write(path, synthetic_stream()).unwrap();
+        }
+        let seed = std::fs::read(path).unwrap();
+        let i = inspect(&mut &seed[..]).unwrap();
+        assert_eq!(
+            (i.pages, i.zero_pages, i.vcpu_states, i.memory_crc),
+            (17, 16, 1, Some(7))
+        );
+        // Cut anywhere: an error, never a panic or a success.
+        for cut in 0..seed.len() {
+            assert!(inspect(&mut &seed[..cut]).is_err(), "cut at {cut} accepted");
+        }
+    }
+
     proptest! {
         #[test]
         fn any_bytes_decode_without_panic(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
@@ -923,6 +1171,7 @@ mod tests {
             }
             let mut r = &data[..];
             let _ = read_frame(&mut r, &mut buf);
+            let _ = inspect(&mut &data[..]);
         }
 
         #[test]

@@ -14,11 +14,12 @@ mod meta_suite;
 mod redirect_suite;
 mod table;
 mod vhd_suite;
+mod vmm_suite;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(suite) = args.first() else {
-        bail!("usage: csv-bench <suite> [options]; suites: vhd, iscsi, meta, fs, redirect");
+        bail!("usage: csv-bench <suite> [options]; suites: vhd, iscsi, meta, fs, redirect, vmm");
     };
     match suite.as_str() {
         "vhd" => vhd_suite::run(&args[1..]),
@@ -26,6 +27,7 @@ fn main() -> Result<()> {
         "meta" => meta_suite::run(&args[1..]),
         "fs" => fs_suite::run(&args[1..]),
         "redirect" => redirect_suite::run(&args[1..]),
-        other => bail!("unknown suite `{other}`; suites: vhd, iscsi, meta, fs, redirect"),
+        "vmm" => vmm_suite::run(&args[1..]),
+        other => bail!("unknown suite `{other}`; suites: vhd, iscsi, meta, fs, redirect, vmm"),
     }
 }

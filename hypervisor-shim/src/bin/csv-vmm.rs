@@ -49,6 +49,12 @@ enum Cmd {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Write the test guest image (a flat multiboot kernel that also boots
+    /// under `qemu-system-x86_64 -kernel FILE -append "TSC_KHZ PAGES TICK_US"`).
+    GuestImage {
+        /// Where to write it.
+        out: PathBuf,
+    },
     /// Talk to a running csv-vmm through its control socket.
     Ctl {
         /// The VMM's control socket.
@@ -206,7 +212,7 @@ fn main() -> anyhow::Result<()> {
     let host = match &cli.cmd {
         Cmd::Run(a) => Some(&a.host),
         Cmd::Incoming { host, .. } | Cmd::Restore { host, .. } => Some(host),
-        Cmd::Ctl { .. } => None,
+        Cmd::Ctl { .. } | Cmd::GuestImage { .. } => None,
     };
     if let Some(h) = host {
         init_logs(h.log_json);
@@ -235,6 +241,11 @@ fn main() -> anyhow::Result<()> {
             supervise(vm, &slot)
         }
         Cmd::Ctl { control, op } => return ctl(&control, op),
+        Cmd::GuestImage { out } => {
+            std::fs::write(&out, hypervisor_shim::guest::IMAGE)
+                .with_context(|| format!("write {}", out.display()))?;
+            return Ok(());
+        }
     };
     std::process::exit(code)
 }

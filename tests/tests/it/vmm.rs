@@ -134,7 +134,7 @@ fn live_migration_under_a_dirtying_load_loses_nothing() {
     let mut src = Vmm::spawn(
         dir.path(),
         "src",
-        &["run", "--memory", "256M", "--dirty-rate", "64"],
+        &["run", "--memory", "256M", "--dirty-rate", "100"],
         Some(&obs),
     )
     .unwrap();
