@@ -15,8 +15,7 @@ set -euo pipefail
 #   fio             the filesystem benchmark
 #   istgt           a second iSCSI target (it has COMPARE AND WRITE, tgtd not)
 #   etcd-server     the metadata benchmark's peer (a Raft-replicated store)
-#   qemu-system-x86 the VMM benchmark's peer (boots the same test guest)
-PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt etcd-server qemu-system-x86)
+PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt etcd-server)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -42,4 +41,29 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+
+# `tools/setup.sh --qemu-system`: also qemu-system-x86, the VMM benchmark's
+# peer (tools/bench/run vmm). Not needed by the tests. It must come from the
+# same Debian suite as the installed qemu-utils: installing bookworm's 7.2
+# next to a qemu-utils from bookworm-backports makes apt remove qemu-utils
+# (and with it qemu-img, the VHD tests' peer). So when qemu-utils is a
+# backports build, qemu-system-x86 is taken from bookworm-backports too
+# (the suite is added to apt's sources if it is missing).
+if [ "${1:-}" = --qemu-system ] && ! command -v qemu-system-x86_64 >/dev/null; then
+  sudo=()
+  [ "$(id -u)" != 0 ] && sudo=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  suite=()
+  if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q 'bpo'; then
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+    if ! grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      echo "deb http://deb.debian.org/debian ${codename}-backports main" |
+        "${sudo[@]}" tee /etc/apt/sources.list.d/csv-backports.list >/dev/null
+    fi
+    suite=(-t "${codename}-backports")
+  fi
+  echo "setup: installing qemu-system-x86 ${suite[*]}"
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${suite[@]}" qemu-system-x86 qemu-utils >/dev/null
 fi

@@ -221,7 +221,11 @@ fn status(vm: &Vm) -> Value {
             "errors": vm.mailbox(guest::MB_ERRORS),
             "pages_written": vm.mailbox(guest::MB_WRITTEN),
             "laps": vm.mailbox(guest::MB_LAPS),
+            "disk_writes": vm.mailbox(guest::MB_DISK_WRITES),
+            "disk_last_seq": vm.mailbox(guest::MB_DISK_LAST),
+            "disk_errors": vm.mailbox(guest::MB_DISK_ERRORS),
         },
+        "disk": vm.disk_stats(),
     })
 }
 

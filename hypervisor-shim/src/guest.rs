@@ -15,11 +15,17 @@
 //! | 0x020 | heartbeat interval, µs | VMM |
 //! | 0x028 | start of the dirty area | VMM |
 //! | 0x030 | heartbeat also on COM1 as text when not 0 | VMM (multiboot entry: 1) |
+//! | 0x038 | disk blocks written round robin (0: none) | VMM |
+//! | 0x040 | a disk write every this many heartbeats | VMM |
 //! | 0x100 | heartbeat sequence number | guest |
 //! | 0x108 | pages that failed their check | guest |
 //! | 0x110 | pages written | guest |
 //! | 0x118 | laps over the dirty area | guest |
 //! | 0x120 | next page to write | guest |
+//! | 0x128 | disk writes completed | guest |
+//! | 0x130 | heartbeat number of the last completed disk write | guest |
+//! | 0x138 | disk requests that failed | guest |
+//! | 0x140 | virtqueue avail index | guest |
 //!
 //! Page `p` of the dirty area at generation `g` (kept as a `u32` per page in
 //! the generation table) holds `((p << 32 | g) * PAT_MUL) + i * PAT_STEP` in
@@ -56,6 +62,11 @@ pub const MB_RATE: u64 = 0x018;
 pub const MB_TICK_US: u64 = 0x020;
 pub const MB_DIRTY: u64 = 0x028;
 pub const MB_HB_SERIAL: u64 = 0x030;
+pub const MB_DISK_BLOCKS: u64 = 0x038;
+pub const MB_DISK_EVERY: u64 = 0x040;
+pub const MB_DISK_WRITES: u64 = 0x128;
+pub const MB_DISK_LAST: u64 = 0x130;
+pub const MB_DISK_ERRORS: u64 = 0x138;
 pub const MB_SEQ: u64 = 0x100;
 pub const MB_ERRORS: u64 = 0x108;
 pub const MB_WRITTEN: u64 = 0x110;
@@ -82,6 +93,54 @@ pub fn pattern(page: u64, generation: u32, i: u64) -> u64 {
         .wrapping_add(i.wrapping_mul(PAT_STEP))
 }
 
+/// A request failed (or the virtio device was not found: 0xffffffff).
+pub const PORT_DISK_ERROR: u16 = 0x513;
+
+/// What a scan of the test guest's disk found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DiskCheck {
+    /// Blocks the guest has written (not all zero).
+    pub written: u64,
+    /// Written blocks whose contents do not hold together.
+    pub bad: u64,
+    /// The highest heartbeat number found on the disk.
+    pub newest_seq: u64,
+}
+
+/// Checks the blocks the test guest wrote to its disk: block `b` holds its
+/// heartbeat number `s` (with `s mod blocks == b`), `b`, and the pattern
+/// of page `b | 1 << 31` at generation `s mod 2^32`; unwritten blocks are
+/// zero. `read` reads 4 KiB block `b`.
+pub fn check_disk(
+    blocks: u64,
+    mut read: impl FnMut(u64, &mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<DiskCheck> {
+    let mut out = DiskCheck::default();
+    let mut buf = vec![0u8; 4096];
+    for b in 0..blocks {
+        read(b, &mut buf)?;
+        if buf.iter().all(|&x| x == 0) {
+            continue;
+        }
+        out.written += 1;
+        let q = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(a)
+        };
+        let seq = q(0);
+        let ok = q(1) == b
+            && seq % blocks == b
+            && (2..512).all(|i| q(i) == pattern(b | 1 << 31, seq as u32, i as u64));
+        if ok {
+            out.newest_seq = out.newest_seq.max(seq);
+        } else {
+            out.bad += 1;
+        }
+    }
+    Ok(out)
+}
+
 /// Settings of a test guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TestGuestConfig {
@@ -89,6 +148,11 @@ pub struct TestGuestConfig {
     pub pages_per_tick: u64,
     /// Heartbeat interval in microseconds.
     pub tick_us: u64,
+    /// 4 KiB blocks of the virtio-blk disk the guest writes round robin
+    /// (0: no disk writes).
+    pub disk_blocks: u64,
+    /// One block written every this many heartbeats.
+    pub disk_every: u64,
 }
 
 impl TestGuestConfig {
@@ -99,6 +163,8 @@ impl TestGuestConfig {
         TestGuestConfig {
             pages_per_tick: per_tick,
             tick_us: tick_us.max(1),
+            disk_blocks: 0,
+            disk_every: 0,
         }
     }
 }

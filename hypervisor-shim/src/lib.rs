@@ -14,4 +14,5 @@ pub mod control;
 pub mod guest;
 pub mod migrate;
 pub mod stream;
+pub mod virtio_blk;
 pub mod vm;

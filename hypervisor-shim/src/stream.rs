@@ -129,8 +129,59 @@ fn frame_crc(kind: u8, len: u32, payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&[kind]);
     h.update(&len.to_le_bytes());
-    h.update(payload);
+    h.update(&payload[..covered_len(kind, payload)]);
     h.finalize()
+}
+
+/// How much of a payload the frame CRC covers: all of it, except for page
+/// data, which carries a CRC per page (in the covered part) instead.
+fn covered_len(kind: u8, payload: &[u8]) -> usize {
+    if kind != Kind::Pages as u8 || payload.len() < PagesHead::LEN {
+        return payload.len();
+    }
+    let count = u32::from_le_bytes([payload[8], payload[9], payload[10], payload[11]]) as usize;
+    let crcs = if payload[12] == 0 {
+        4 * count.min(MAX_PAGES_PER_FRAME as usize)
+    } else {
+        0
+    };
+    payload.len().min(PagesHead::LEN + crcs)
+}
+
+/// Writes a `Pages` frame of page data: the head, one CRC32 per page, and
+/// the pages. The frame CRC covers the head and the page CRCs, so a page
+/// the guest changes while it is being sent is caught by its own CRC on
+/// the receiver, which then waits for the copy a later round must send
+/// (the change made it dirty).
+pub fn write_pages_frame(
+    w: &mut impl Write,
+    head: &PagesHead,
+    crcs: &[u8],
+    data: &[u8],
+) -> Result<()> {
+    let len = PagesHead::LEN + crcs.len() + data.len();
+    if len > MAX_PAYLOAD {
+        return Err(StreamError::TooLarge {
+            kind: Kind::Pages as u8,
+            len: len as u32,
+        });
+    }
+    let len = len as u32;
+    let h = head.encode();
+    let mut c = crc32fast::Hasher::new();
+    c.update(&[Kind::Pages as u8]);
+    c.update(&len.to_le_bytes());
+    c.update(&h);
+    c.update(crcs);
+    let mut fh = [0u8; 12];
+    fh[0] = Kind::Pages as u8;
+    fh[4..8].copy_from_slice(&len.to_le_bytes());
+    fh[8..12].copy_from_slice(&c.finalize().to_le_bytes());
+    w.write_all(&fh)?;
+    w.write_all(&h)?;
+    w.write_all(crcs)?;
+    w.write_all(data)?;
+    Ok(())
 }
 
 /// Writes the stream header.
@@ -375,7 +426,8 @@ impl PagesHead {
     }
 
     /// Parses the 13-byte head of a `Pages` payload against a memory of
-    /// `mem_bytes`; returns it and the number of data bytes that must follow.
+    /// `mem_bytes`; returns it and the number of bytes that must follow
+    /// (a CRC32 per page, then the pages; nothing for a zero run).
     pub fn decode_head(p: &[u8], mem_bytes: u64) -> Result<(PagesHead, usize)> {
         let mut r = Reader::new("Pages", p);
         let gpa = r.u64("guest address")?;
@@ -402,23 +454,36 @@ impl PagesHead {
         let want = if zero {
             0
         } else {
-            count as usize * PAGE as usize
+            count as usize * (4 + PAGE as usize)
         };
         Ok((PagesHead { gpa, count, zero }, want))
     }
 
-    /// Parses a whole `Pages` payload; returns the head and the page data
-    /// (empty for a zero run).
+    /// Parses a whole `Pages` payload and checks every page's CRC; returns
+    /// the head and the page data (empty for a zero run).
     pub fn decode(p: &[u8], mem_bytes: u64) -> Result<(PagesHead, &[u8])> {
         let (head, want) = Self::decode_head(p, mem_bytes)?;
-        let data = p.get(Self::LEN..).unwrap_or_default();
-        if data.len() != want {
+        let rest = p.get(Self::LEN..).unwrap_or_default();
+        if rest.len() != want {
             return Err(StreamError::Malformed {
                 frame: "Pages",
                 what: format!(
-                    "{} data bytes for {} pages, expected {want}",
-                    data.len(),
+                    "{} bytes after the head for {} pages, expected {want}",
+                    rest.len(),
                     head.count
+                ),
+            });
+        }
+        if head.zero {
+            return Ok((head, rest));
+        }
+        let (crcs, data) = rest.split_at(4 * head.count as usize);
+        if let Some(bad) = bad_pages(crcs, data).next() {
+            return Err(StreamError::Malformed {
+                frame: "Pages",
+                what: format!(
+                    "page {:#x} does not match its CRC",
+                    head.gpa + bad as u64 * PAGE
                 ),
             });
         }
@@ -426,15 +491,29 @@ impl PagesHead {
     }
 }
 
-/// Reads one frame like [`read_frame`], except that the data of a `Pages`
-/// frame goes straight into `memory` (the receiver's guest memory, whose
-/// length is the memory size) and only the 13-byte head lands in `buf`.
-/// When the checksum then fails, `memory` holds unchecked bytes: the caller
-/// must discard the VM (a receiver never runs a guest from a failed stream).
+/// Indexes (within the frame) of the pages whose CRC does not match.
+fn bad_pages<'a>(crcs: &'a [u8], data: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    crcs.chunks_exact(4)
+        .zip(data.chunks_exact(PAGE as usize))
+        .enumerate()
+        .filter(|(_, (c, page))| {
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]]) != crc32fast::hash(page)
+        })
+        .map(|(i, _)| i)
+}
+
+/// Reads one frame like [`read_frame`], except that the pages of a `Pages`
+/// frame go straight into `memory` (the receiver's guest memory, whose
+/// length is the memory size) once its head and page CRCs are checked.
+/// A page whose own CRC does not match (the sender's guest changed it
+/// while it was sent) gets its bit set in `damaged` (one bit per page); a
+/// page that arrives intact gets its bit cleared. A receiver must refuse a
+/// stream that ends with any bit set.
 pub fn read_frame_to_memory(
     r: &mut impl Read,
     buf: &mut Vec<u8>,
     memory: &mut [u8],
+    damaged: &mut [u64],
 ) -> Result<Kind> {
     let mut head = [0u8; 12];
     r.read_exact(&mut head)?;
@@ -470,15 +549,10 @@ pub fn read_frame_to_memory(
             ),
         });
     }
-    let at = ph.gpa as usize;
-    let dest = &mut memory[at..at + want];
-    r.read_exact(dest)?;
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[head[0]]);
-    h.update(&len.to_le_bytes());
-    h.update(buf);
-    h.update(dest);
-    let found = h.finalize();
+    let crc_len = if ph.zero { 0 } else { 4 * ph.count as usize };
+    buf.resize(PagesHead::LEN + crc_len, 0);
+    r.read_exact(&mut buf[PagesHead::LEN..])?;
+    let found = frame_crc(head[0], len, buf);
     if found != expected {
         return Err(StreamError::Checksum {
             kind: head[0],
@@ -486,8 +560,53 @@ pub fn read_frame_to_memory(
             expected,
         });
     }
+    let first = (ph.gpa / PAGE) as usize;
+    let at = ph.gpa as usize;
+    let bytes = ph.count as usize * PAGE as usize;
+    let dest = memory
+        .get_mut(at..at + bytes)
+        .ok_or_else(|| StreamError::Malformed {
+            frame: "Pages",
+            what: "pages outside memory".into(),
+        })?;
+    let mark = |damaged: &mut [u64], page: usize, bad: bool| {
+        if let Some(w) = damaged.get_mut(page / 64) {
+            if bad {
+                *w |= 1 << (page % 64);
+            } else {
+                *w &= !(1 << (page % 64));
+            }
+        }
+    };
     if ph.zero {
-        memory[at..at + ph.count as usize * PAGE as usize].fill(0);
+        dest.fill(0);
+        for p in first..first + ph.count as usize {
+            mark(damaged, p, false);
+        }
+        return Ok(Kind::Pages);
+    }
+    // Fault the destination in with one call rather than a trap per page
+    // (the receiver's memory is fresh; this is most of the cost of a first
+    // round). Best effort: on kernels without MADV_POPULATE_WRITE the read
+    // faults the pages in as usual.
+    // SAFETY: `dest` is a valid, writable range of the caller's mapping;
+    // populating it changes no contents.
+    unsafe {
+        libc::madvise(
+            dest.as_mut_ptr() as *mut libc::c_void,
+            dest.len(),
+            libc::MADV_POPULATE_WRITE,
+        );
+    }
+    r.read_exact(dest)?;
+    let crcs = &buf[PagesHead::LEN..];
+    for (i, (c, page)) in crcs
+        .chunks_exact(4)
+        .zip(dest.chunks_exact(PAGE as usize))
+        .enumerate()
+    {
+        let ok = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) == crc32fast::hash(page);
+        mark(damaged, first + i, !ok);
     }
     Ok(Kind::Pages)
 }
@@ -713,10 +832,13 @@ pub struct DeviceState {
     pub heartbeat_gaps: u64,
     /// Page-check failures the guest reported.
     pub guest_errors: u64,
+    /// The virtio-blk device, when the VM has a disk.
+    pub blk: Option<crate::virtio_blk::BlkState>,
 }
 
 const DEV_SERIAL: u16 = 1;
 const DEV_HEARTBEAT: u16 = 2;
+const DEV_VIRTIO_BLK: u16 = 3;
 
 impl DeviceState {
     pub fn encode(&self) -> Vec<u8> {
@@ -734,6 +856,9 @@ impl DeviceState {
             h.extend_from_slice(&x.to_le_bytes());
         }
         put_record(&mut v, DEV_HEARTBEAT, &h);
+        if let Some(b) = &self.blk {
+            put_record(&mut v, DEV_VIRTIO_BLK, &b.encode());
+        }
         v
     }
 
@@ -760,6 +885,12 @@ impl DeviceState {
                     d.guest_errors = hr.u64("guest errors")?;
                     hr.finish()?;
                     hb = true;
+                }
+                DEV_VIRTIO_BLK => {
+                    let mut br = Reader::new(F, body);
+                    let b = crate::virtio_blk::BlkState::decode(&mut br)?;
+                    br.finish()?;
+                    d.blk = Some(b);
                 }
                 _ => {}
             }
@@ -981,7 +1112,7 @@ mod tests {
             count: 1,
             zero: false,
         };
-        write_frame(&mut s, Kind::Pages, &[&head.encode(), &page]).unwrap();
+        write_pages_frame(&mut s, &head, &crc32fast::hash(&page).to_le_bytes(), &page).unwrap();
         let mut r = &s[..];
         read_header(&mut r).unwrap();
         let mut buf = Vec::new();
@@ -1070,8 +1201,30 @@ mod tests {
             heartbeats: 1000,
             heartbeat_gaps: 0,
             guest_errors: 0,
+            blk: None,
         };
         assert_eq!(DeviceState::decode(&d.encode()).unwrap(), d);
+        let with_disk = DeviceState {
+            blk: Some(crate::virtio_blk::BlkState {
+                capacity: 64 << 20,
+                status: 15,
+                driver_features: 1 << 32,
+                queue: virtio_queue::QueueState {
+                    max_size: 64,
+                    size: 8,
+                    ready: true,
+                    next_avail: 7,
+                    next_used: 7,
+                    desc_table: 0x60000,
+                    avail_ring: 0x60100,
+                    used_ring: 0x61000,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+            ..d.clone()
+        };
+        assert_eq!(DeviceState::decode(&with_disk.encode()).unwrap(), with_disk);
         // A record of the wrong size is named in the error.
         let mut enc = v.encode();
         let regs_at = enc
@@ -1082,6 +1235,60 @@ mod tests {
         enc.truncate(enc.len() - 1);
         let err = VcpuState::decode(&enc).unwrap_err().to_string();
         assert!(err.contains("VcpuState"), "{err}");
+    }
+
+    #[test]
+    fn a_page_changed_in_flight_is_damaged_until_sent_again() {
+        let mem_bytes = 16 * 4096;
+        let mut memory = vec![0u8; mem_bytes];
+        let mut damaged = vec![0u64; 1];
+        let mut buf = Vec::new();
+        let head = PagesHead {
+            gpa: 2 * 4096,
+            count: 2,
+            zero: false,
+        };
+        let pages = vec![0x11u8; 8192];
+        let mut crcs = Vec::new();
+        crcs.extend_from_slice(&crc32fast::hash(&pages[..4096]).to_le_bytes());
+        crcs.extend_from_slice(&crc32fast::hash(&pages[4096..]).to_le_bytes());
+        // The second page changed after its CRC was taken.
+        let mut sent = pages.clone();
+        sent[5000] = 0x22;
+        let mut s = Vec::new();
+        write_pages_frame(&mut s, &head, &crcs, &sent).unwrap();
+        let k = read_frame_to_memory(&mut &s[..], &mut buf, &mut memory, &mut damaged).unwrap();
+        assert_eq!(k, Kind::Pages);
+        assert_eq!(damaged[0], 1 << 3, "page 3 is damaged, page 2 is not");
+        // The general decoder refuses the same frame outright.
+        let mut r = &s[..];
+        read_frame(&mut r, &mut buf).unwrap();
+        assert!(PagesHead::decode(&buf, mem_bytes as u64).is_err());
+        // The copy of the next round repairs it.
+        let again = PagesHead {
+            gpa: 3 * 4096,
+            count: 1,
+            zero: false,
+        };
+        let mut s = Vec::new();
+        write_pages_frame(
+            &mut s,
+            &again,
+            &crc32fast::hash(&pages[4096..]).to_le_bytes(),
+            &pages[4096..],
+        )
+        .unwrap();
+        read_frame_to_memory(&mut &s[..], &mut buf, &mut memory, &mut damaged).unwrap();
+        assert_eq!(damaged[0], 0);
+        assert_eq!(&memory[2 * 4096..4 * 4096], &pages[..]);
+        // A damaged head or CRC list is a frame checksum error, before any
+        // page is written.
+        let mut s = Vec::new();
+        write_pages_frame(&mut s, &again, &[0, 0, 0, 0], &pages[4096..]).unwrap();
+        s[12 + PagesHead::LEN] ^= 1;
+        let mut fresh = vec![0u8; mem_bytes];
+        assert!(read_frame_to_memory(&mut &s[..], &mut buf, &mut fresh, &mut damaged).is_err());
+        assert!(fresh.iter().all(|&b| b == 0));
     }
 
     fn synthetic_stream() -> Vec<u8> {
@@ -1110,7 +1317,13 @@ mod tests {
             count: 1,
             zero: false,
         };
-        write_frame(&mut s, Kind::Pages, &[&one.encode(), &[0x5a; 4096]]).unwrap();
+        write_pages_frame(
+            &mut s,
+            &one,
+            &crc32fast::hash(&[0x5a; 4096]).to_le_bytes(),
+            &[0x5a; 4096],
+        )
+        .unwrap();
         write_frame(&mut s, Kind::Round, &[&1u32.to_le_bytes()]).unwrap();
         write_frame(&mut s, Kind::Devices, &[&DeviceState::default().encode()]).unwrap();
         let vm = VmState {

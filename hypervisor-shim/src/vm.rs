@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::guest;
 use crate::stream::{DeviceState, VcpuState, VmState};
+use crate::virtio_blk::{self, VirtioBlk};
 
 /// Guest memory with the VMM's own writes tracked in a bitmap.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -95,6 +96,9 @@ pub struct VmConfig {
     /// Every heartbeat is also sent as a UDP datagram (sequence number `u64`
     /// then the VMM's pid `u32`, little-endian) to this observer.
     pub heartbeat_udp: Option<SocketAddr>,
+    /// The VHD behind the virtio-blk device (on a migration target or a
+    /// restore, the same file the source used, on shared storage).
+    pub disk: Option<PathBuf>,
 }
 
 /// Where a VM is in its life.
@@ -179,6 +183,8 @@ struct Devices {
     serial: Serial<IrqFd, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
     i8042: I8042Device<ResetFlag>,
     heartbeat: Heartbeat,
+    blk: Option<VirtioBlk>,
+    blk_irq: EventFd,
 }
 
 impl std::fmt::Debug for Devices {
@@ -310,6 +316,12 @@ impl Vm {
                 .open()
                 .map_err(|e| VmError::Config(format!("serial output {:?}: {e}", config.serial)))?;
             let reset = Arc::new(AtomicBool::new(false));
+            let blk_irq = EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VmError::Config(format!("eventfd: {e}")))?;
+            kvm(
+                "wire the virtio-blk IRQ",
+                vm_fd.register_irqfd(&blk_irq, virtio_blk::IRQ),
+            )?;
             let udp = match config.heartbeat_udp {
                 Some(to) => Some((
                     UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
@@ -332,6 +344,8 @@ impl Vm {
                     max_gap: Duration::ZERO,
                     udp,
                 },
+                blk: None,
+                blk_irq,
             };
             Vm {
                 _kvm_sys: kvm_sys,
@@ -432,6 +446,8 @@ impl Vm {
             (guest::MB_RATE, cfg.pages_per_tick),
             (guest::MB_TICK_US, cfg.tick_us),
             (guest::MB_DIRTY, guest::DIRTY_BASE),
+            (guest::MB_DISK_BLOCKS, cfg.disk_blocks),
+            (guest::MB_DISK_EVERY, cfg.disk_every),
         ] {
             w(guest::MAILBOX + off, v)?;
         }
@@ -558,6 +574,16 @@ impl Vm {
                 break;
             }
             if gate.pause.load(Ordering::SeqCst) {
+                // An I/O or MMIO exit is complete (RIP past the instruction)
+                // only once KVM_RUN is entered again: do that with
+                // immediate_exit, which runs no guest instruction, so the
+                // state a save reads is consistent.
+                {
+                    let mut v = lock(&vcpu);
+                    v.set_kvm_immediate_exit(1);
+                    let _ = v.run();
+                    v.set_kvm_immediate_exit(0);
+                }
                 let mut st = lock(&gate.state);
                 st.parked += 1;
                 gate.cv.notify_all();
@@ -586,11 +612,15 @@ impl Vm {
                     self.io_in(port, data);
                     None
                 }
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    data.fill(0xff);
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.mmio_read(addr, data);
                     None
                 }
-                Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) => None,
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.mmio_write(addr, data);
+                    None
+                }
+                Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) => None,
                 Ok(VcpuExit::Shutdown) => {
                     Some("the guest shut down (triple fault or reset)".to_string())
                 }
@@ -636,6 +666,9 @@ impl Vm {
                     "the test guest found a page that does not match what it wrote"
                 );
             }
+            guest::PORT_DISK_ERROR => {
+                tracing::error!(status = ?data, "the test guest's disk request failed");
+            }
             guest::PORT_BOOTED => {
                 d.heartbeat.booted = true;
                 tracing::info!("test guest booted");
@@ -643,6 +676,76 @@ impl Vm {
             _ => {}
         }
         None
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        let d = lock(&self.devices);
+        match &d.blk {
+            Some(b)
+                if (virtio_blk::MMIO_BASE..virtio_blk::MMIO_BASE + virtio_blk::MMIO_SIZE)
+                    .contains(&addr) =>
+            {
+                b.read(addr - virtio_blk::MMIO_BASE, data)
+            }
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        let mut d = lock(&self.devices);
+        let d = &mut *d;
+        if let Some(b) = &mut d.blk {
+            if (virtio_blk::MMIO_BASE..virtio_blk::MMIO_BASE + virtio_blk::MMIO_SIZE)
+                .contains(&addr)
+                && b.write(addr - virtio_blk::MMIO_BASE, data, &self.mem)
+            {
+                let _ = d.blk_irq.write(1);
+            }
+        }
+    }
+
+    /// Opens the VHD of `config.disk` and attaches it to the virtio-blk
+    /// device (creating the device on a fresh VM; a restored one has it
+    /// from the state). A restored device without a disk is an error.
+    pub fn attach_disk(&self) -> Result<()> {
+        let mut d = lock(&self.devices);
+        let Some(path) = &self.config.disk else {
+            return match d.blk {
+                Some(_) => Err(VmError::Config(
+                    "this VM has a virtio-blk disk: give its VHD with --disk".into(),
+                )),
+                None => Ok(()),
+            };
+        };
+        let opts = vhd::OpenOptions {
+            write: true,
+            ..Default::default()
+        };
+        let disk = vhd::Vhd::open(path, &opts)
+            .map_err(|e| VmError::Config(format!("open the disk: {e}")))?;
+        let blk = d.blk.get_or_insert_with(|| VirtioBlk::new(disk.size()));
+        blk.attach(Arc::new(disk))
+            .map_err(|e| VmError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Flushes the disk (before handing it to another host).
+    pub fn flush_disk(&self) -> Result<()> {
+        match &lock(&self.devices).blk {
+            Some(b) => b
+                .flush()
+                .map_err(|e| VmError::Config(format!("flush the disk: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// The disk's size in bytes, when the VM has one.
+    pub fn disk_capacity(&self) -> Option<u64> {
+        lock(&self.devices).blk.as_ref().map(VirtioBlk::capacity)
+    }
+
+    /// The disk's request counters, when there is one.
+    pub fn disk_stats(&self) -> Option<virtio_blk::BlkStats> {
+        lock(&self.devices).blk.as_ref().map(|b| b.stats)
     }
 
     fn io_in(&self, port: u16, data: &mut [u8]) {
@@ -700,8 +803,11 @@ impl Vm {
         }
     }
 
-    /// Stops the guest for good.
+    /// Stops the guest for good (the disk is flushed).
     pub fn stop(&self) {
+        if let Err(e) = self.flush_disk() {
+            tracing::error!(error = %e, "flushing the disk at stop");
+        }
         {
             let _st = lock(&self.gate.state);
             self.gate.stop.store(true, Ordering::SeqCst);
@@ -821,6 +927,7 @@ impl Vm {
             heartbeats: d.heartbeat.count,
             heartbeat_gaps: d.heartbeat.gaps,
             guest_errors: d.heartbeat.guest_errors,
+            blk: d.blk.as_ref().map(VirtioBlk::state),
         }
     }
 
@@ -859,6 +966,11 @@ impl Vm {
         d.heartbeat.gaps = s.heartbeat_gaps;
         d.heartbeat.guest_errors = s.guest_errors;
         d.heartbeat.booted = s.heartbeats > 0;
+        if let Some(b) = &s.blk {
+            let mut dev = VirtioBlk::new(b.capacity);
+            dev.restore(b).map_err(VmError::Config)?;
+            d.blk = Some(dev);
+        }
         Ok(())
     }
 

@@ -82,6 +82,7 @@ impl Observer {
                             let at = Instant::now();
                             let t = line.trim();
                             if let Some(hex) = t.strip_prefix('H') {
+                                // The low 32 bits of the sequence number.
                                 if let Ok(seq) = u64::from_str_radix(hex, 16) {
                                     b.lock().unwrap_or_else(|p| p.into_inner()).push(Beat {
                                         seq,
@@ -305,6 +306,31 @@ struct Migration {
     downtime_ms: f64,
     total_ms: f64,
     missing: usize,
+    /// The guest's dirtying rate measured before the migration, MiB/s.
+    dirty_mib_s: f64,
+}
+
+/// The test guest's pages-written counter, read from its mailbox.
+const PAGES_WRITTEN: u64 = hypervisor_shim::guest::MAILBOX + hypervisor_shim::guest::MB_WRITTEN;
+
+/// Pages the guest wrote per second over `over`, in MiB/s, from a reader
+/// of its pages-written counter.
+fn dirty_rate(mut read: impl FnMut() -> Result<u64>, over: Duration) -> Result<f64> {
+    let (a, t) = (read()?, Instant::now());
+    std::thread::sleep(over);
+    let b = read()?;
+    Ok(b.saturating_sub(a) as f64 / 256.0 / t.elapsed().as_secs_f64())
+}
+
+impl Qmp {
+    /// A u64 of guest-physical memory (through the human monitor's `xp`).
+    fn read_u64(&mut self, gpa: u64) -> Result<u64> {
+        let out = self.cmd(json!({"execute": "human-monitor-command",
+            "arguments": {"command-line": format!("xp /1gx {gpa:#x}")}}))?;
+        let text = out.as_str().unwrap_or_default();
+        let hex = text.rsplit("0x").next().unwrap_or_default().trim();
+        u64::from_str_radix(hex, 16).with_context(|| format!("xp answered {text:?}"))
+    }
 }
 
 fn ours_boot(dir: &Path, obs: &Observer) -> Result<f64> {
@@ -339,6 +365,15 @@ fn ours_migrate(dir: &Path, obs: &Observer, mem_mib: u64, rate: f64) -> Result<M
     let (src, dst) = (sp.0.id(), dp.0.id());
     obs.clear();
     obs.wait_beats(|b| b.source == src, 500, Duration::from_secs(20))?;
+    let dirty_mib_s = dirty_rate(
+        || {
+            let s = ctl(&sc, json!({"cmd": "status"}))?;
+            s["guest"]["pages_written"]
+                .as_u64()
+                .context("pages_written")
+        },
+        Duration::from_millis(500),
+    )?;
     let t = Instant::now();
     let r = ctl(&sc, json!({"cmd": "migrate", "to": to, "downtime_ms": 100}))?;
     obs.wait_beats(|b| b.source == dst, 200, Duration::from_secs(20))?;
@@ -347,6 +382,7 @@ fn ours_migrate(dir: &Path, obs: &Observer, mem_mib: u64, rate: f64) -> Result<M
         downtime_ms: gap.as_secs_f64() * 1e3,
         total_ms: r["summary"]["total_ms"].as_f64().unwrap_or(0.0),
         missing,
+        dirty_mib_s,
     })
 }
 
@@ -360,6 +396,7 @@ fn qemu_migrate(dir: &Path, obs: &Observer, mem_mib: u64, append: &str) -> Resul
     let mut q = Qmp::connect(&sq)?;
     q.cmd(json!({"execute": "migrate-set-parameters",
         "arguments": {"downtime-limit": 100, "max-bandwidth": 100u64 << 30}}))?;
+    let dirty_mib_s = dirty_rate(|| q.read_u64(PAGES_WRITTEN), Duration::from_millis(500))?;
     let before: std::collections::BTreeSet<u32> = obs.beats().iter().map(|b| b.source).collect();
     let t = Instant::now();
     q.cmd(json!({"execute": "migrate", "arguments": {"uri": format!("tcp:127.0.0.1:{port}")}}))?;
@@ -390,6 +427,7 @@ fn qemu_migrate(dir: &Path, obs: &Observer, mem_mib: u64, append: &str) -> Resul
         downtime_ms: gap.as_secs_f64() * 1e3,
         total_ms,
         missing,
+        dirty_mib_s,
     })
 }
 
@@ -436,12 +474,17 @@ pub fn run(args: &[String]) -> Result<()> {
                 hypervisor_shim::guest::TestGuestConfig::for_rate(rate, 1000).pages_per_tick;
             let append = format!("{khz} {pages} 1000");
             let (mut od, mut ot, mut pd, mut pt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut ours_rates, mut qemu_rates) = (Vec::new(), Vec::new());
             for i in 0..reps {
                 let mut run_ours = || -> Result<()> {
                     let m = ours_migrate(dir.path(), &obs, mem, rate)?;
                     if m.missing > 0 {
                         bail!("ours lost {} heartbeats", m.missing);
                     }
+                    if m.dirty_mib_s < rate * 0.9 {
+                        bail!("our guest dirtied {:.1} MiB/s, not {rate}", m.dirty_mib_s);
+                    }
+                    ours_rates.push(m.dirty_mib_s.round());
                     od.push(m.downtime_ms);
                     ot.push(m.total_ms);
                     Ok(())
@@ -454,6 +497,13 @@ pub fn run(args: &[String]) -> Result<()> {
                             m.missing
                         );
                     }
+                    if m.dirty_mib_s < rate * 0.9 {
+                        bail!(
+                            "the guest under QEMU dirtied {:.1} MiB/s, not {rate}",
+                            m.dirty_mib_s
+                        );
+                    }
+                    qemu_rates.push(m.dirty_mib_s.round());
                     pd.push(m.downtime_ms);
                     pt.push(m.total_ms);
                     Ok(())
@@ -471,7 +521,7 @@ pub fn run(args: &[String]) -> Result<()> {
             } else {
                 "idle".into()
             };
-            eprintln!("{mem} MiB {load}: ours downtime {od:?} total {ot:?}; qemu downtime {pd:?} total {pt:?}");
+            eprintln!("{mem} MiB {load}: ours downtime {od:?} total {ot:?}; qemu downtime {pd:?} total {pt:?}; dirtying measured, MiB/s: ours {ours_rates:?}, qemu {qemu_rates:?}");
             rows.push(Row {
                 name: format!("live migration {mem} MiB {load}: downtime"),
                 ours: median(od),

@@ -49,6 +49,12 @@ enum Cmd {
         #[command(flatten)]
         host: HostArgs,
     },
+    /// Check a save file frame by frame without running it, and print what
+    /// it holds (JSON).
+    Inspect {
+        /// The save file.
+        file: PathBuf,
+    },
     /// Write the test guest image (a flat multiboot kernel that also boots
     /// under `qemu-system-x86_64 -kernel FILE -append "TSC_KHZ PAGES TICK_US"`).
     GuestImage {
@@ -80,6 +86,12 @@ struct RunArgs {
     /// Heartbeat interval of the test guest, microseconds.
     #[arg(long, default_value_t = 1000)]
     tick_us: u64,
+    /// With --disk: 4 KiB blocks the test guest writes round robin.
+    #[arg(long, default_value_t = 256)]
+    disk_blocks: u64,
+    /// With --disk: one block every this many heartbeats.
+    #[arg(long, default_value_t = 10)]
+    disk_every: u64,
     #[command(flatten)]
     host: HostArgs,
 }
@@ -95,6 +107,11 @@ struct HostArgs {
     /// Send every heartbeat to this UDP observer (u64 sequence, u32 pid).
     #[arg(long)]
     heartbeat_udp: Option<SocketAddr>,
+    /// The VM's disk: a VHD (fixed, dynamic or differencing) behind a
+    /// virtio-blk device. A migration target or a restore names the same
+    /// file on shared storage.
+    #[arg(long)]
+    disk: Option<PathBuf>,
     /// Logs as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -184,6 +201,7 @@ fn host_config(h: &HostArgs, mem_bytes: u64, vcpus: u32) -> VmConfig {
         vcpus,
         serial: h.serial.clone(),
         heartbeat_udp: h.heartbeat_udp,
+        disk: h.disk.clone(),
     }
 }
 
@@ -212,7 +230,7 @@ fn main() -> anyhow::Result<()> {
     let host = match &cli.cmd {
         Cmd::Run(a) => Some(&a.host),
         Cmd::Incoming { host, .. } | Cmd::Restore { host, .. } => Some(host),
-        Cmd::Ctl { .. } | Cmd::GuestImage { .. } => None,
+        Cmd::Ctl { .. } | Cmd::GuestImage { .. } | Cmd::Inspect { .. } => None,
     };
     if let Some(h) = host {
         init_logs(h.log_json);
@@ -225,7 +243,13 @@ fn main() -> anyhow::Result<()> {
     let code = match cli.cmd {
         Cmd::Run(a) => {
             let vm = Arc::new(Vm::new(host_config(&a.host, a.memory, a.vcpus))?);
-            vm.load_test_guest(TestGuestConfig::for_rate(a.dirty_rate, a.tick_us))?;
+            vm.attach_disk()?;
+            let mut cfg = TestGuestConfig::for_rate(a.dirty_rate, a.tick_us);
+            if let Some(stats) = vm.disk_capacity() {
+                cfg.disk_blocks = a.disk_blocks.min(stats / 4096);
+                cfg.disk_every = a.disk_every.max(1);
+            }
+            vm.load_test_guest(cfg)?;
             vm.start()?;
             supervise(vm, &slot)
         }
@@ -241,6 +265,14 @@ fn main() -> anyhow::Result<()> {
             supervise(vm, &slot)
         }
         Cmd::Ctl { control, op } => return ctl(&control, op),
+        Cmd::Inspect { file } => {
+            let f =
+                std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;
+            let i = hypervisor_shim::stream::inspect(&mut std::io::BufReader::new(f))
+                .with_context(|| format!("{} is not a valid csv-vmm save file", file.display()))?;
+            println!("{}", serde_json::to_string_pretty(&i)?);
+            return Ok(());
+        }
         Cmd::GuestImage { out } => {
             std::fs::write(&out, hypervisor_shim::guest::IMAGE)
                 .with_context(|| format!("write {}", out.display()))?;

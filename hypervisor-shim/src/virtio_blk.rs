@@ -1,0 +1,419 @@
+//! A virtio-blk device on virtio-mmio (version 2), backed by a VHD through
+//! the `vhd` crate (fixed, dynamic or differencing).
+//!
+//! Requests are served on the vCPU thread that writes the queue-notify
+//! register, so none is in flight when the vCPUs are paused for a save or
+//! the last round of a migration. Everything the device writes into guest
+//! memory (read data, status bytes, the used ring) goes through
+//! `vm-memory`, which marks those pages in the VMM's dirty bitmap, so a
+//! migration sends them again.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueState, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vm::GuestMemoryMmap;
+
+/// Guest-physical base of the device's registers.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// Size of the register window.
+pub const MMIO_SIZE: u64 = 0x1000;
+/// The GSI its interrupt is wired to.
+pub const IRQ: u32 = 5;
+/// Queue size offered.
+pub const QUEUE_MAX: u16 = 64;
+
+const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+/// The disk behind the device.
+pub type Backend = vhd::Vhd<std::fs::File>;
+
+/// Counters for status reports.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct BlkStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub errors: u64,
+}
+
+/// The device.
+pub struct VirtioBlk {
+    disk: Option<Arc<Backend>>,
+    /// Size in bytes (fixed when the VM is created; a migration carries it).
+    capacity: u64,
+    queue: Queue,
+    status: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    interrupt_status: u32,
+    pub stats: BlkStats,
+}
+
+impl std::fmt::Debug for VirtioBlk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioBlk")
+            .field("capacity", &self.capacity)
+            .field("status", &self.status)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// The device's registers and queue as a migration carries them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlkState {
+    pub capacity: u64,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub driver_features: u64,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub queue: QueueState,
+}
+
+impl BlkState {
+    pub const LEN: usize = 8 + 4 * 3 + 8 + 4 * 2 + (2 * 4 + 1 + 1 + 8 * 3);
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(Self::LEN);
+        v.extend_from_slice(&self.capacity.to_le_bytes());
+        v.extend_from_slice(&self.status.to_le_bytes());
+        v.extend_from_slice(&self.device_features_sel.to_le_bytes());
+        v.extend_from_slice(&self.driver_features_sel.to_le_bytes());
+        v.extend_from_slice(&self.driver_features.to_le_bytes());
+        v.extend_from_slice(&self.queue_sel.to_le_bytes());
+        v.extend_from_slice(&self.interrupt_status.to_le_bytes());
+        let q = &self.queue;
+        for x in [q.max_size, q.next_avail, q.next_used, q.size] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.push(u8::from(q.event_idx_enabled));
+        v.push(u8::from(q.ready));
+        for x in [q.desc_table, q.avail_ring, q.used_ring] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v
+    }
+
+    pub fn decode(
+        r: &mut crate::stream::Reader<'_>,
+    ) -> Result<BlkState, crate::stream::StreamError> {
+        let capacity = r.u64("disk capacity")?;
+        let status = r.u32("device status")?;
+        let device_features_sel = r.u32("device features select")?;
+        let driver_features_sel = r.u32("driver features select")?;
+        let driver_features = r.u64("driver features")?;
+        let queue_sel = r.u32("queue select")?;
+        let interrupt_status = r.u32("interrupt status")?;
+        let queue = QueueState {
+            max_size: r.u16("queue max size")?,
+            next_avail: r.u16("next avail")?,
+            next_used: r.u16("next used")?,
+            size: r.u16("queue size")?,
+            event_idx_enabled: r.u8("event idx")? != 0,
+            ready: r.u8("queue ready")? != 0,
+            desc_table: r.u64("descriptor table")?,
+            avail_ring: r.u64("avail ring")?,
+            used_ring: r.u64("used ring")?,
+        };
+        Ok(BlkState {
+            capacity,
+            status,
+            device_features_sel,
+            driver_features_sel,
+            driver_features,
+            queue_sel,
+            interrupt_status,
+            queue,
+        })
+    }
+}
+
+impl VirtioBlk {
+    /// A device for a disk of `capacity` bytes; the backend is attached
+    /// separately (a migration target opens the disk only once the source
+    /// has flushed it and handed it over).
+    pub fn new(capacity: u64) -> Self {
+        VirtioBlk {
+            disk: None,
+            capacity,
+            queue: fresh_queue(),
+            status: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            stats: BlkStats::default(),
+        }
+    }
+
+    /// Attaches the disk; its size must be the device's.
+    pub fn attach(&mut self, disk: Arc<Backend>) -> Result<(), String> {
+        if disk.size() != self.capacity {
+            return Err(format!(
+                "the disk is {} bytes, the VM's virtio-blk device {}",
+                disk.size(),
+                self.capacity
+            ));
+        }
+        self.disk = Some(disk);
+        Ok(())
+    }
+
+    /// Size of the disk in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether a disk is attached.
+    pub fn attached(&self) -> bool {
+        self.disk.is_some()
+    }
+
+    /// Flushes the disk (before a hand-over).
+    pub fn flush(&self) -> Result<(), String> {
+        match &self.disk {
+            Some(d) => d.flush().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    pub fn state(&self) -> BlkState {
+        BlkState {
+            capacity: self.capacity,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            queue: self.queue.state(),
+        }
+    }
+
+    pub fn restore(&mut self, s: &BlkState) -> Result<(), String> {
+        self.capacity = s.capacity;
+        self.status = s.status;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.driver_features = s.driver_features;
+        self.queue_sel = s.queue_sel;
+        self.interrupt_status = s.interrupt_status;
+        self.queue = Queue::try_from(s.queue).map_err(|e| format!("virtio queue state: {e:?}"))?;
+        Ok(())
+    }
+
+    /// A register read at `offset` into the window.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        let v: u32 = match offset {
+            0x000 => 0x7472_6976, // "virt"
+            0x004 => 2,
+            0x008 => 2,           // block device
+            0x00c => 0x0043_5356, // "CSV"
+            0x010 => match self.device_features_sel {
+                0 => FEATURES as u32,
+                1 => (FEATURES >> 32) as u32,
+                _ => 0,
+            },
+            0x034 => u32::from(QUEUE_MAX),
+            0x044 => u32::from(self.queue.ready()),
+            0x060 => self.interrupt_status,
+            0x070 => self.status,
+            0x0fc => 0,
+            0x100..=0x107 => {
+                let b = self.capacity / 512;
+                let shift = (offset - 0x100) * 8;
+                (b >> shift) as u32
+            }
+            _ => 0,
+        };
+        let b = v.to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&b[..n]);
+    }
+
+    /// A register write; a queue notification serves the queue. Returns
+    /// whether the guest should be interrupted.
+    pub fn write(&mut self, offset: u64, data: &[u8], mem: &GuestMemoryMmap) -> bool {
+        let mut b = [0u8; 4];
+        let n = data.len().min(4);
+        b[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(b);
+        let q = &mut self.queue;
+        match offset {
+            0x014 => self.device_features_sel = v,
+            0x020 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                }
+                _ => {}
+            },
+            0x024 => self.driver_features_sel = v,
+            0x030 => self.queue_sel = v,
+            0x038 => q.set_size(v as u16),
+            0x044 => q.set_ready(v == 1),
+            0x050 => return self.serve(mem),
+            0x064 => self.interrupt_status &= !v,
+            0x070 => {
+                if v == 0 {
+                    // Reset.
+                    self.status = 0;
+                    self.queue = fresh_queue();
+                    self.driver_features = 0;
+                    self.interrupt_status = 0;
+                } else {
+                    self.status = v;
+                }
+            }
+            0x080 => q.set_desc_table_address(Some(v), None),
+            0x084 => q.set_desc_table_address(None, Some(v)),
+            0x090 => q.set_avail_ring_address(Some(v), None),
+            0x094 => q.set_avail_ring_address(None, Some(v)),
+            0x0a0 => q.set_used_ring_address(Some(v), None),
+            0x0a4 => q.set_used_ring_address(None, Some(v)),
+            _ => {}
+        }
+        false
+    }
+
+    fn serve(&mut self, mem: &GuestMemoryMmap) -> bool {
+        const DRIVER_OK: u32 = 4;
+        if self.status & DRIVER_OK == 0 || !self.queue.ready() {
+            return false;
+        }
+        let mut served = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let descs: Vec<_> = chain.collect();
+            let (status, written) = self.request(mem, &descs);
+            if status != S_OK {
+                self.stats.errors += 1;
+            }
+            if let Some(last) = descs.last() {
+                if last.is_write_only() && last.len() >= 1 {
+                    let _ = mem.write_obj(status, last.addr());
+                }
+            }
+            if self.queue.add_used(mem, head, written + 1).is_err() {
+                self.stats.errors += 1;
+            }
+            served = true;
+        }
+        if served {
+            self.interrupt_status |= 1;
+        }
+        served
+    }
+
+    /// Serves one request; returns its status and the bytes written into
+    /// guest memory before the status byte.
+    fn request(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        descs: &[virtio_queue::desc::split::Descriptor],
+    ) -> (u8, u32) {
+        let Some((hdr, rest)) = descs.split_first() else {
+            return (S_IOERR, 0);
+        };
+        let Some((_status, data)) = rest.split_last() else {
+            return (S_IOERR, 0);
+        };
+        if hdr.len() < 16 || hdr.is_write_only() {
+            return (S_IOERR, 0);
+        }
+        let Ok(kind) = mem.read_obj::<u32>(hdr.addr()) else {
+            return (S_IOERR, 0);
+        };
+        let Ok(sector) = mem.read_obj::<u64>(GuestAddress(hdr.addr().0 + 8)) else {
+            return (S_IOERR, 0);
+        };
+        let Some(disk) = self.disk.clone() else {
+            return (S_IOERR, 0);
+        };
+        match kind {
+            T_IN | T_OUT => {
+                let mut off = match sector.checked_mul(512) {
+                    Some(o) => o,
+                    None => return (S_IOERR, 0),
+                };
+                let mut written = 0u32;
+                for d in data {
+                    let len = d.len() as usize;
+                    if off
+                        .checked_add(len as u64)
+                        .is_none_or(|e| e > self.capacity)
+                    {
+                        return (S_IOERR, written);
+                    }
+                    let mut buf = vec![0u8; len];
+                    if kind == T_OUT {
+                        if d.is_write_only() || mem.read_slice(&mut buf, d.addr()).is_err() {
+                            return (S_IOERR, written);
+                        }
+                        if disk.write_at(&buf, off).is_err() {
+                            return (S_IOERR, written);
+                        }
+                        self.stats.writes += 1;
+                    } else {
+                        if !d.is_write_only() || disk.read_at(&mut buf, off).is_err() {
+                            return (S_IOERR, written);
+                        }
+                        if mem.write_slice(&buf, d.addr()).is_err() {
+                            return (S_IOERR, written);
+                        }
+                        written += len as u32;
+                        self.stats.reads += 1;
+                    }
+                    off += len as u64;
+                }
+                (S_OK, written)
+            }
+            T_FLUSH => {
+                self.stats.flushes += 1;
+                if disk.flush().is_err() {
+                    (S_IOERR, 0)
+                } else {
+                    (S_OK, 0)
+                }
+            }
+            T_GET_ID => {
+                let mut id = [0u8; 20];
+                id[..8].copy_from_slice(b"csv-vhd\0");
+                match data.first() {
+                    Some(d) if d.is_write_only() => {
+                        let n = (d.len() as usize).min(20);
+                        if mem.write_slice(&id[..n], d.addr()).is_err() {
+                            return (S_IOERR, 0);
+                        }
+                        (S_OK, n as u32)
+                    }
+                    _ => (S_IOERR, 0),
+                }
+            }
+            _ => (S_UNSUPP, 0),
+        }
+    }
+}
+
+fn fresh_queue() -> Queue {
+    // QUEUE_MAX is a power of two: Queue::new cannot fail.
+    Queue::new(QUEUE_MAX).unwrap_or_else(|_| unreachable!("queue size {QUEUE_MAX} is valid"))
+}
