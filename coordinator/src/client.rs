@@ -353,6 +353,28 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Records (or replaces) a VM role.
+    pub fn set_vm_role(&mut self, role: proto::VmRole) -> Result<()> {
+        self.call(
+            crate::group::CLUSTER,
+            request::Body::Cluster(proto::ClusterOp {
+                op: Some(proto::cluster_op::Op::SetVmRole(role)),
+            }),
+        )
+        .map(|_| ())
+    }
+
+    /// Forgets a VM role.
+    pub fn remove_vm_role(&mut self, name: &str) -> Result<()> {
+        self.call(
+            crate::group::CLUSTER,
+            request::Body::Cluster(proto::ClusterOp {
+                op: Some(proto::cluster_op::Op::RemoveVmRole(name.to_string())),
+            }),
+        )
+        .map(|_| ())
+    }
+
     /// Adds a host: it becomes a learner of every group, then a voter.
     pub fn add_node(&mut self, id: u64, addrs: Vec<String>) -> Result<()> {
         self.call(

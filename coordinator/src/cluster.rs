@@ -98,6 +98,18 @@ impl ClusterState {
                 self.vms.insert(r.name.clone(), r.clone());
                 (done, vec![])
             }
+            Some(cluster_op::Op::RemoveVmRole(name)) => {
+                if self.vms.remove(name).is_none() {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::NotFound,
+                            format!("no VM role {name:?}"),
+                        )),
+                        vec![],
+                    );
+                }
+                (done, vec![])
+            }
             Some(cluster_op::Op::RemoveVolume(n)) => {
                 if self.volumes.remove(n).is_none() {
                     return (

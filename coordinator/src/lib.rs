@@ -36,6 +36,7 @@ pub mod group;
 pub mod meta;
 pub mod metrics;
 pub mod node;
+pub mod placement;
 pub mod proto;
 pub mod storage;
 pub mod wal;

@@ -100,6 +100,7 @@ mod tests {
                 }],
                 ..Default::default()
             }],
+            load: None,
             volumes: vec![proto::VolumeState {
                 number: 1,
                 state: "Direct".into(),

@@ -710,6 +710,7 @@ impl RaftLoop {
                         node: self.me,
                         groups: self.groups.values().map(|g| g.status()).collect(),
                         volumes: self.volumes.read().map(|v| v.clone()).unwrap_or_default(),
+                        load: Some(crate::placement::sample_load()),
                     })),
                 })),
             });

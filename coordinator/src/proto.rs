@@ -734,7 +734,7 @@ pub struct LookupQ {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ClusterOp {
     /// Which command.
-    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub op: Option<cluster_op::Op>,
 }
 
@@ -765,6 +765,9 @@ pub mod cluster_op {
         /// Remove a volume from the cluster (hosts unmount it).
         #[prost(uint64, tag = "7")]
         RemoveVolume(u64),
+        /// Forget a VM role.
+        #[prost(string, tag = "8")]
+        RemoveVmRole(String),
     }
 }
 
@@ -923,6 +926,26 @@ pub struct NodeStatus {
     /// How it reaches each volume.
     #[prost(message, repeated, tag = "3")]
     pub volumes: Vec<VolumeState>,
+    /// What it has free, for placement.
+    #[prost(message, optional, tag = "4")]
+    pub load: Option<HostLoadInfo>,
+}
+
+/// A host's resources as it measures them.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HostLoadInfo {
+    /// CPU cores.
+    #[prost(uint32, tag = "1")]
+    pub cores: u32,
+    /// 1-minute load average per core, in thousandths (capped at 1000).
+    #[prost(uint32, tag = "2")]
+    pub cpu_busy_permille: u32,
+    /// Memory, bytes (MemTotal).
+    #[prost(uint64, tag = "3")]
+    pub mem_total: u64,
+    /// Memory available without swapping, bytes (MemAvailable).
+    #[prost(uint64, tag = "4")]
+    pub mem_available: u64,
 }
 
 /// One group as a host sees it.

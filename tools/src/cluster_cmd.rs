@@ -26,7 +26,7 @@ pub struct Access {
 }
 
 impl Access {
-    fn identity(&self) -> Result<Identity> {
+    pub(crate) fn identity(&self) -> Result<Identity> {
         let key = Key::load(&self.key_file).map_err(anyhow::Error::msg)?;
         Ok(Identity {
             node: 0,
@@ -35,7 +35,7 @@ impl Access {
         })
     }
 
-    fn addrs(&self) -> Result<Vec<SocketAddr>> {
+    pub(crate) fn addrs(&self) -> Result<Vec<SocketAddr>> {
         if self.endpoints.is_empty() {
             bail!("no endpoint given: pass --endpoint HOST:PORT (or set CSV_ENDPOINTS)");
         }
@@ -49,7 +49,7 @@ impl Access {
         Ok(out)
     }
 
-    fn client(&self) -> Result<Client> {
+    pub(crate) fn client(&self) -> Result<Client> {
         Ok(Client::new(self.identity()?, self.addrs()?))
     }
 }

@@ -12,13 +12,14 @@ mod san_cmd;
 mod size;
 mod up_cmd;
 mod vhd_cmd;
+mod vm_cmd;
 
 /// Cluster Shared Volumes for Linux and KVM.
 #[derive(Debug, Parser)]
 #[command(
     name = "csvctl",
     version,
-    about = "The operator's command line of a csv cluster: VHD disks, the SAN, the cluster, its volumes",
+    about = "The operator's command line of a csv cluster: VHD disks, the SAN, the cluster, its volumes, VM roles",
     long_about = None,
     propagate_version = true
 )]
@@ -45,6 +46,10 @@ enum Command {
     /// them; redirect a host's I/O; move a volume's coordinator.
     #[command(subcommand)]
     Volume(cluster_cmd::VolumeCommand),
+    /// VM roles of the cluster: add, list, remove, and rate the hosts for
+    /// one (Add-ClusterVirtualMachineRole and friends).
+    #[command(subcommand)]
+    Vm(vm_cmd::VmCommand),
     /// Start a whole cluster on this machine: N hosts on loopback, a LUN
     /// file as Volume1, mounted on every host; prints `ready:` when it is
     /// up; Ctrl-C stops it.
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         Command::San(c) => san_cmd::run(c),
         Command::Cluster(c) => cluster_cmd::run_cluster(c),
         Command::Volume(c) => cluster_cmd::run_volume(c),
+        Command::Vm(c) => vm_cmd::run(c),
         Command::Up(a) => up_cmd::up(a),
         Command::Down(a) => up_cmd::down(a),
     };

@@ -10,4 +10,5 @@ mod fs;
 mod iscsi;
 mod posix;
 mod vhd_interop;
+mod vm_roles;
 mod vmm;

@@ -1,0 +1,400 @@
+//! `csvctl vm`: VM roles of the cluster (Add-ClusterVirtualMachineRole and
+//! friends) and where they would run best.
+//!
+//! A role lives in the cluster group's state: its name, the host that owns
+//! it (0 while stopped) and its configuration as JSON ([`VmConfig`]).
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use coordinator::client;
+use coordinator::placement::{self, HostLoad, Policy, VmNeeds};
+use coordinator::proto;
+use serde::{Deserialize, Serialize};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cluster_cmd::Access;
+
+/// A VM role's configuration, stored with the role.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub vcpus: u32,
+    /// Bytes.
+    pub memory: u64,
+    /// The VM's disk: a VHD on a cluster volume.
+    pub disk: String,
+    /// The volume that holds the disk.
+    pub volume: u64,
+    /// Hosts tried first, in order.
+    #[serde(default)]
+    pub preferred: Vec<u64>,
+    /// `high`, `medium` or `low`: the order of restarts after a failure.
+    pub priority: String,
+    /// `stopped` or `running`.
+    pub state: String,
+    /// The guest: `test` (the project's test guest).
+    pub guest: String,
+    /// The test guest's dirtying rate, MiB/s.
+    #[serde(default)]
+    pub dirty_rate: f64,
+}
+
+/// `csvctl vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Make a VM a role of the cluster (stopped; nothing runs yet).
+    Add {
+        #[command(flatten)]
+        access: Access,
+        /// Its name: letters, digits, '-', '_' and '.', up to 63.
+        name: String,
+        /// Memory (bytes, or with K, M, G).
+        #[arg(long, default_value = "256M", value_parser = crate::size::parse_size)]
+        memory: u64,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Its disk: a VHD under a host's mount root, e.g.
+        /// /ClusterStorage/Volume1/vm1.vhd (the volume is read from the path).
+        #[arg(long)]
+        disk: String,
+        /// The volume of the disk, when the path does not say.
+        #[arg(long)]
+        volume: Option<u64>,
+        /// Hosts to try first, in order (comma-separated ids).
+        #[arg(long, value_delimiter = ',')]
+        preferred: Vec<u64>,
+        /// Restart order after a host failure.
+        #[arg(long, default_value = "medium", value_parser = ["high", "medium", "low"])]
+        priority: String,
+        /// The test guest's dirtying rate, MiB/s.
+        #[arg(long, default_value_t = 0.0)]
+        dirty_rate: f64,
+    },
+    /// The cluster's VM roles.
+    List {
+        #[command(flatten)]
+        access: Access,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a stopped VM role (its disk stays).
+    Remove {
+        #[command(flatten)]
+        access: Access,
+        name: String,
+    },
+    /// Rate every host for a VM, best first, with the reason for each
+    /// rating (nothing moves).
+    Place {
+        #[command(flatten)]
+        access: Access,
+        name: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !n.starts_with('.')
+}
+
+/// VolumeN from a path like /ClusterStorage/Volume3/vm.vhd.
+fn volume_of(path: &str) -> Option<u64> {
+    path.split('/')
+        .find_map(|part| part.strip_prefix("Volume").and_then(|n| n.parse().ok()))
+}
+
+fn config_of(role: &proto::VmRole) -> Result<VmConfig> {
+    serde_json::from_slice(&role.config).with_context(|| {
+        format!(
+            "VM role {:?} has a configuration this csvctl cannot read",
+            role.name
+        )
+    })
+}
+
+fn find(info: &proto::ClusterInfo, name: &str) -> Result<proto::VmRole> {
+    info.vms
+        .iter()
+        .find(|r| r.name == name)
+        .cloned()
+        .with_context(|| format!("no VM role {name:?} (csvctl vm list shows them)"))
+}
+
+pub fn run(c: VmCommand) -> Result<ExitCode> {
+    match c {
+        VmCommand::Add {
+            access,
+            name,
+            memory,
+            vcpus,
+            disk,
+            volume,
+            preferred,
+            priority,
+            dirty_rate,
+        } => {
+            if !valid_name(&name) {
+                bail!("{name:?} is not a VM name: use letters, digits, '-', '_' and '.', up to 63");
+            }
+            if vcpus == 0 || vcpus > 64 {
+                bail!("--vcpus {vcpus}: 1 to 64");
+            }
+            if memory < 16 << 20 {
+                bail!("--memory {}: at least 16 MiB", crate::size::human(memory));
+            }
+            let Some(volume) = volume.or_else(|| volume_of(&disk)) else {
+                bail!("cannot tell the volume of {disk:?}: give a path with VolumeN in it or --volume N");
+            };
+            let mut c = access.client()?;
+            let info = c
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            if info.vms.iter().any(|r| r.name == name) {
+                bail!("a VM role {name:?} exists");
+            }
+            if !info.volumes.iter().any(|v| v.number == volume) {
+                bail!("there is no Volume{volume} (csvctl volume list shows the volumes)");
+            }
+            for p in &preferred {
+                if !info.nodes.iter().any(|n| n.id == *p) {
+                    bail!("--preferred {p}: no such host");
+                }
+            }
+            let cfg = VmConfig {
+                vcpus,
+                memory,
+                disk,
+                volume,
+                preferred,
+                priority,
+                state: "stopped".into(),
+                guest: "test".into(),
+                dirty_rate,
+            };
+            c.set_vm_role(proto::VmRole {
+                name: name.clone(),
+                node: 0,
+                config: serde_json::to_vec(&cfg)?,
+            })
+            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            println!(
+                "VM role {name} added (stopped): {vcpus} vCPU(s), {}, disk {} on Volume{volume}",
+                crate::size::human(memory),
+                cfg.disk
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::List { access, json } => {
+            let mut c = access.client()?;
+            let info = c
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let mut rows = Vec::new();
+            for r in &info.vms {
+                rows.push((r.clone(), config_of(r)?));
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(r, c)| serde_json::json!({"name": r.name, "host": r.node, "config": c}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<20} {:<8} {:>5} {:>6} {:>10} {:<8} DISK",
+                "NAME", "STATE", "HOST", "VCPUS", "MEMORY", "PRIORITY"
+            );
+            for (r, c) in rows {
+                let host = if r.node == 0 {
+                    "-".to_string()
+                } else {
+                    r.node.to_string()
+                };
+                println!(
+                    "{:<20} {:<8} {:>5} {:>6} {:>10} {:<8} {}",
+                    r.name,
+                    c.state,
+                    host,
+                    c.vcpus,
+                    crate::size::human(c.memory),
+                    c.priority,
+                    c.disk
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Remove { access, name } => {
+            let mut c = access.client()?;
+            let info = c
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let role = find(&info, &name)?;
+            let cfg = config_of(&role)?;
+            if cfg.state != "stopped" || role.node != 0 {
+                bail!(
+                    "VM {name} is {} on host {}: stop it first",
+                    cfg.state,
+                    role.node
+                );
+            }
+            c.remove_vm_role(&name)
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            println!("VM role {name} removed (its disk {} stays)", cfg.disk);
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Place { access, name, json } => place(&access, &name, json),
+    }
+}
+
+/// Every host's load as the hosts report it, with the vCPUs of the roles
+/// running there and the free space of `volume`.
+fn host_loads(access: &Access, info: &proto::ClusterInfo, volume: u64) -> Result<Vec<HostLoad>> {
+    let me = access.identity()?;
+    let mut c = access.client()?;
+    let usage = c
+        .usage(volume)
+        .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    let capacity = info
+        .volumes
+        .iter()
+        .find(|v| v.number == volume)
+        .map_or(0, |v| v.capacity);
+    let mut out = Vec::new();
+    for n in &info.nodes {
+        let up_in_registry = info
+            .health
+            .iter()
+            .find(|h| h.node == n.id)
+            .is_none_or(|h| h.up);
+        let status = n
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .find_map(|a| client::node_status(&me, a, Duration::from_secs(2)).ok());
+        let load = status
+            .as_ref()
+            .and_then(|s| s.load.clone())
+            .unwrap_or_default();
+        let vcpus = info
+            .vms
+            .iter()
+            .filter(|r| r.node == n.id)
+            .filter_map(|r| config_of(r).ok())
+            .filter(|c| c.state == "running")
+            .map(|c| c.vcpus)
+            .sum();
+        out.push(HostLoad {
+            node: n.id,
+            up: up_in_registry && status.is_some(),
+            draining: false,
+            cores: load.cores,
+            cpu_busy: f64::from(load.cpu_busy_permille) / 1000.0,
+            vcpus,
+            mem_total: load.mem_total,
+            mem_available: load.mem_available,
+            disk_free: usage.free,
+            disk_total: capacity,
+            net_busy: None,
+        });
+    }
+    Ok(out)
+}
+
+fn place(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
+    let mut c = access.client()?;
+    let info = c
+        .cluster_info()
+        .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    let role = find(&info, name)?;
+    let cfg = config_of(&role)?;
+    let loads = host_loads(access, &info, cfg.volume)?;
+    // The disk is on the volume already: it needs no new space.
+    let needs = VmNeeds {
+        vcpus: cfg.vcpus,
+        memory: cfg.memory,
+        disk: 0,
+        preferred: cfg.preferred.clone(),
+    };
+    let policy = Policy::default();
+    let ratings = placement::rate(&loads, &needs, &policy);
+    if json {
+        let v: Vec<_> = ratings
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "host": r.node, "rating": r.rating, "stars": r.stars,
+                    "free_cpu": r.free_cpu, "free_mem": r.free_mem,
+                    "free_disk": r.free_disk, "free_net": r.free_net,
+                    "preferred": r.preferred, "reason": r.reason,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "VM {name}: {} vCPU(s), {}, disk on Volume{}; weights CPU {} memory {} disk {} network {}; memory reserve {}, {} vCPUs per core, {:.0} % of the volume kept free",
+        cfg.vcpus,
+        crate::size::human(cfg.memory),
+        cfg.volume,
+        policy.w_cpu,
+        policy.w_mem,
+        policy.w_disk,
+        policy.w_net,
+        crate::size::human(policy.mem_reserve),
+        policy.max_vcpus_per_core,
+        policy.disk_reserve * 100.0
+    );
+    println!(
+        "{:<6} {:<7} {:>6} {:>5} {:>5} {:>5} {:>5}  WHY",
+        "HOST", "STARS", "RATING", "CPU", "MEM", "DISK", "NET"
+    );
+    for r in &ratings {
+        println!(
+            "{:<6} {} {:>6.2} {:>4.0}% {:>4.0}% {:>4.0}% {:>4.0}%  {}{}",
+            r.node,
+            placement::stars(r.stars),
+            r.rating,
+            r.free_cpu * 100.0,
+            r.free_mem * 100.0,
+            r.free_disk * 100.0,
+            r.free_net * 100.0,
+            if r.preferred { "preferred; " } else { "" },
+            r.reason
+        );
+    }
+    match ratings.iter().find(|r| r.rating > 0.0) {
+        Some(b) => println!("best host: {}", b.node),
+        None => println!("no host can run {name} now"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_volumes_from_paths() {
+        assert!(valid_name("web-01.prod"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("../x"));
+        assert!(!valid_name(".hidden"));
+        assert!(!valid_name(&"a".repeat(64)));
+        assert_eq!(volume_of("/ClusterStorage/Volume3/vm.vhd"), Some(3));
+        assert_eq!(
+            volume_of("/tmp/csv-up/node1/ClusterStorage/Volume12/a/b.vhd"),
+            Some(12)
+        );
+        assert_eq!(volume_of("/srv/vm.vhd"), None);
+    }
+}
