@@ -39,5 +39,6 @@ pub mod node;
 pub mod placement;
 pub mod proto;
 pub mod storage;
+pub mod vmrole;
 pub mod wal;
 pub mod wire;

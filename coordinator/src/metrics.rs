@@ -101,6 +101,7 @@ mod tests {
                 ..Default::default()
             }],
             load: None,
+            vms: vec![],
             volumes: vec![proto::VolumeState {
                 number: 1,
                 state: "Direct".into(),

@@ -182,6 +182,10 @@ fn peer_sender(me: Identity, book: Book, to: u64, rx: Receiver<Frame>) {
 /// (served in the status RPC).
 pub type VolumeStates = Arc<RwLock<Vec<proto::VolumeState>>>;
 
+/// The VMs this host runs, as its supervisor reports them (served in the
+/// status RPC).
+pub type VmStates = Arc<RwLock<Vec<proto::VmRuntime>>>;
+
 /// What the filesystem layer does for peers: block I/O on the LUNs this
 /// host reaches directly, and redirection of its own I/O on request.
 pub trait BlockServer: Send + Sync {
@@ -200,6 +204,8 @@ pub type BlockSlot = Arc<RwLock<Option<Arc<dyn BlockServer>>>>;
 pub struct Node {
     /// The volume states this host reports; the filesystem layer fills it.
     pub volumes: VolumeStates,
+    /// The VMs this host runs; the VM supervisor fills it.
+    pub vms: VmStates,
     /// The filesystem layer's block server, once installed.
     pub block: BlockSlot,
     stop: Arc<AtomicBool>,
@@ -234,9 +240,11 @@ impl Node {
         }
         let book: Book = Arc::new(RwLock::new(cfg.peers.clone()));
         let volumes: VolumeStates = Arc::default();
+        let vms: VmStates = Arc::default();
         let block: BlockSlot = Arc::default();
         let mut state = RaftLoop::open(&cfg, book.clone())?;
         state.volumes = volumes.clone();
+        state.vms = vms.clone();
         for l in listeners {
             let (tx, me, block) = (tx.clone(), cfg.identity.clone(), block.clone());
             std::thread::Builder::new()
@@ -252,6 +260,7 @@ impl Node {
             .map_err(|e| NodeError::Config(format!("cannot start a thread: {e}")))?;
         Ok(Node {
             volumes,
+            vms,
             block,
             stop,
             raft: Some(raft),
@@ -448,6 +457,7 @@ struct RaftLoop {
     members: Vec<u64>,
     last_register: Instant,
     volumes: VolumeStates,
+    vms: VmStates,
 }
 
 impl RaftLoop {
@@ -467,6 +477,7 @@ impl RaftLoop {
             members: Vec::new(),
             last_register: Instant::now(),
             volumes: Arc::default(),
+            vms: Arc::default(),
         };
         let init: Vec<u64> = if cfg.init {
             cfg.peers.keys().copied().collect()
@@ -711,6 +722,7 @@ impl RaftLoop {
                         groups: self.groups.values().map(|g| g.status()).collect(),
                         volumes: self.volumes.read().map(|v| v.clone()).unwrap_or_default(),
                         load: Some(crate::placement::sample_load()),
+                        vms: self.vms.read().map(|v| v.clone()).unwrap_or_default(),
                     })),
                 })),
             });

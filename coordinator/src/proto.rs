@@ -929,6 +929,35 @@ pub struct NodeStatus {
     /// What it has free, for placement.
     #[prost(message, optional, tag = "4")]
     pub load: Option<HostLoadInfo>,
+    /// The VMs it runs.
+    #[prost(message, repeated, tag = "5")]
+    pub vms: Vec<VmRuntime>,
+}
+
+/// A VM a host runs, as its supervisor sees it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmRuntime {
+    /// The role's name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// The csv-vmm process.
+    #[prost(uint32, tag = "2")]
+    pub pid: u32,
+    /// "starting", "running", "paused", "stopping", "failed", ...
+    #[prost(string, tag = "3")]
+    pub state: String,
+    /// The guest's heartbeat sequence number.
+    #[prost(uint64, tag = "4")]
+    pub heartbeat_seq: u64,
+    /// Heartbeats this host has seen.
+    #[prost(uint64, tag = "5")]
+    pub heartbeats: u64,
+    /// Disk writes the guest completed.
+    #[prost(uint64, tag = "6")]
+    pub disk_writes: u64,
+    /// The last error, if any.
+    #[prost(string, tag = "7")]
+    pub error: String,
 }
 
 /// A host's resources as it measures them.

@@ -23,3 +23,4 @@ pub mod mounts;
 pub mod redirect;
 pub mod san;
 pub mod superblock;
+pub mod vms;

@@ -9,35 +9,11 @@ use clap::Subcommand;
 use coordinator::client;
 use coordinator::placement::{self, HostLoad, Policy, VmNeeds};
 use coordinator::proto;
-use serde::{Deserialize, Serialize};
+use coordinator::vmrole::{volume_of, VmConfig};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cluster_cmd::Access;
-
-/// A VM role's configuration, stored with the role.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmConfig {
-    pub vcpus: u32,
-    /// Bytes.
-    pub memory: u64,
-    /// The VM's disk: a VHD on a cluster volume.
-    pub disk: String,
-    /// The volume that holds the disk.
-    pub volume: u64,
-    /// Hosts tried first, in order.
-    #[serde(default)]
-    pub preferred: Vec<u64>,
-    /// `high`, `medium` or `low`: the order of restarts after a failure.
-    pub priority: String,
-    /// `stopped` or `running`.
-    pub state: String,
-    /// The guest: `test` (the project's test guest).
-    pub guest: String,
-    /// The test guest's dirtying rate, MiB/s.
-    #[serde(default)]
-    pub dirty_rate: f64,
-}
 
 /// `csvctl vm ...`
 #[derive(Debug, Subcommand)]
@@ -85,6 +61,32 @@ pub enum VmCommand {
         access: Access,
         name: String,
     },
+    /// Start a VM role: on its best-rated host (or --on HOST), whose csvd
+    /// runs it.
+    Start {
+        #[command(flatten)]
+        access: Access,
+        name: String,
+        /// Run it on this host rather than the best-rated one.
+        #[arg(long)]
+        on: Option<u64>,
+    },
+    /// Stop a VM role (its host stops the VMM, which flushes the disk).
+    Stop {
+        #[command(flatten)]
+        access: Access,
+        name: String,
+    },
+    /// A VM role's state: the registry's, and its host's view of the VM
+    /// (heartbeat, disk writes, errors).
+    Status {
+        #[command(flatten)]
+        access: Access,
+        name: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rate every host for a VM, best first, with the reason for each
     /// rating (nothing moves).
     Place {
@@ -103,12 +105,6 @@ fn valid_name(n: &str) -> bool {
         && n.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !n.starts_with('.')
-}
-
-/// VolumeN from a path like /ClusterStorage/Volume3/vm.vhd.
-fn volume_of(path: &str) -> Option<u64> {
-    path.split('/')
-        .find_map(|part| part.strip_prefix("Volume").and_then(|n| n.parse().ok()))
 }
 
 fn config_of(role: &proto::VmRole) -> Result<VmConfig> {
@@ -182,7 +178,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             c.set_vm_role(proto::VmRole {
                 name: name.clone(),
                 node: 0,
-                config: serde_json::to_vec(&cfg)?,
+                config: cfg.to_bytes(),
             })
             .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
             println!(
@@ -252,6 +248,141 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Place { access, name, json } => place(&access, &name, json),
+        VmCommand::Start { access, name, on } => {
+            let mut c = access.client()?;
+            let info = c
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let role = find(&info, &name)?;
+            let mut cfg = config_of(&role)?;
+            if cfg.state == "running" {
+                bail!("VM {name} is running on host {} already", role.node);
+            }
+            let host = match on {
+                Some(h) => {
+                    if !info.nodes.iter().any(|n| n.id == h) {
+                        bail!("--on {h}: no such host");
+                    }
+                    h
+                }
+                None => {
+                    let loads = host_loads(&access, &info, cfg.volume)?;
+                    let needs = VmNeeds {
+                        vcpus: cfg.vcpus,
+                        memory: cfg.memory,
+                        disk: 0,
+                        preferred: cfg.preferred.clone(),
+                    };
+                    match placement::best(&loads, &needs, &Policy::default()) {
+                        Some(h) => h,
+                        None => {
+                            bail!("no host can run {name} now (csvctl vm place {name} says why)")
+                        }
+                    }
+                }
+            };
+            cfg.state = "running".into();
+            c.set_vm_role(proto::VmRole {
+                name: name.clone(),
+                node: host,
+                config: cfg.to_bytes(),
+            })
+            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            println!(
+                "VM {name} placed on host {host}; its csvd starts it (csvctl vm status {name})"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Stop { access, name } => {
+            let mut c = access.client()?;
+            let info = c
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let role = find(&info, &name)?;
+            let mut cfg = config_of(&role)?;
+            if cfg.state == "stopped" && role.node == 0 {
+                println!("VM {name} is stopped already");
+                return Ok(ExitCode::SUCCESS);
+            }
+            cfg.state = "stopped".into();
+            c.set_vm_role(proto::VmRole {
+                name: name.clone(),
+                node: 0,
+                config: cfg.to_bytes(),
+            })
+            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            println!("VM {name} stopping on host {}", role.node);
+            Ok(ExitCode::SUCCESS)
+        }
+        VmCommand::Status { access, name, json } => {
+            let mut c = access.client()?;
+            let info = c
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let role = find(&info, &name)?;
+            let cfg = config_of(&role)?;
+            let me = access.identity()?;
+            // Every host's view (a VM that is stopping is still on its old host).
+            let mut seen = Vec::new();
+            for n in &info.nodes {
+                let st = n
+                    .addrs
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .find_map(|a| client::node_status(&me, a, Duration::from_secs(2)).ok());
+                if let Some(st) = st {
+                    for v in st.vms.into_iter().filter(|v| v.name == name) {
+                        seen.push((n.id, v));
+                    }
+                }
+            }
+            if json {
+                let hosts: Vec<_> = seen
+                    .iter()
+                    .map(|(h, v)| {
+                        serde_json::json!({
+                            "host": h, "pid": v.pid, "state": v.state,
+                            "heartbeat_seq": v.heartbeat_seq, "heartbeats": v.heartbeats,
+                            "disk_writes": v.disk_writes, "error": v.error,
+                        })
+                    })
+                    .collect();
+                let v = serde_json::json!({"name": name, "host": role.node, "config": cfg, "runtime": hosts});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "VM {name}: {} on host {}; {} vCPU(s), {}, disk {}",
+                cfg.state,
+                if role.node == 0 {
+                    "-".to_string()
+                } else {
+                    role.node.to_string()
+                },
+                cfg.vcpus,
+                crate::size::human(cfg.memory),
+                cfg.disk
+            );
+            if seen.is_empty() {
+                println!("no host runs it");
+            }
+            for (h, v) in seen {
+                println!(
+                    "host {h}: csv-vmm pid {} {}; heartbeat {} ({} seen here), {} disk writes{}",
+                    v.pid,
+                    v.state,
+                    v.heartbeat_seq,
+                    v.heartbeats,
+                    v.disk_writes,
+                    if v.error.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; error: {}", v.error)
+                    }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

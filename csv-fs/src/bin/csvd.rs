@@ -113,6 +113,10 @@ struct Cli {
     /// in flight at a time; more lets large writes overlap).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=256))]
     fuse_threads: u64,
+    /// The VMM program that runs the VM roles placed on this host
+    /// (default: `csv-vmm` next to csvd, else on PATH).
+    #[arg(long, value_name = "FILE")]
+    vmm: Option<PathBuf>,
     /// Log one JSON object per line (for journald or a log shipper)
     /// instead of text. RUST_LOG sets the level (default: info).
     #[arg(long)]
@@ -188,6 +192,7 @@ fn parse_lun(s: &str) -> Result<(u64, PathBuf), String> {
 }
 
 struct Settings {
+    vmm: PathBuf,
     san: csv_fs::san::SanIdentity,
     cfg: Config,
     mount_root: Option<PathBuf>,
@@ -267,7 +272,15 @@ fn settings(cli: Cli) -> Result<Settings, String> {
             .unwrap_or_else(|| csv_fs::san::SanIdentity::default_initiator(id)),
         chap,
     };
+    let vmm = cli.vmm.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("csv-vmm")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("csv-vmm"))
+    });
     Ok(Settings {
+        vmm,
         san,
         cfg: Config {
             identity: Identity {
@@ -344,6 +357,7 @@ fn main() -> ExitCode {
     }
     let identity = s.cfg.identity.clone();
     let id = identity.node;
+    let run_dir = s.cfg.data_dir.join("vms");
     let peers = s.cfg.peers.clone();
     let node = match Node::start(s.cfg) {
         Ok(n) => n,
@@ -367,6 +381,24 @@ fn main() -> ExitCode {
         }
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let vm_stop = Arc::new(AtomicBool::new(false));
+    // The VM roles placed on this host run on its mounts.
+    let vms = s.mount_root.clone().map(|root| {
+        let cfg = csv_fs::vms::VmHostConfig {
+            node: id,
+            mount_root: root,
+            run_dir,
+            vmm: s.vmm.clone(),
+            identity: Identity {
+                node: 0,
+                ..identity.clone()
+            },
+            endpoints: node.bound.clone(),
+        };
+        let sup = csv_fs::vms::VmSupervisor::new(cfg, node.vms.clone());
+        let stop = vm_stop.clone();
+        std::thread::spawn(move || sup.run(stop))
+    });
     let mounts = s.mount_root.map(|root| {
         // This host first, then the others.
         let mut endpoints = node.bound.clone();
@@ -406,7 +438,11 @@ fn main() -> ExitCode {
     let addrs: Vec<String> = node.bound.iter().map(|a| a.to_string()).collect();
     println!("csvd: host {id} serving on {}", addrs.join(", "));
     let sig = sigs.wait();
-    tracing::info!("{sig:?}: unmounting and stopping");
+    tracing::info!("{sig:?}: stopping the VMs, unmounting and stopping");
+    vm_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(h) = vms {
+        let _ = h.join();
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(h) = mounts {
         let _ = h.join();

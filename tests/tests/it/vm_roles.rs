@@ -142,3 +142,110 @@ fn vm_roles_are_added_rated_and_removed() {
         .collect();
     assert_eq!(names, vec!["pref", "vm1"]);
 }
+
+/// A VM role started through csvctl runs on its best-rated host from a VHD
+/// on Volume1, stops, and its disk reads back whole on another host.
+#[test]
+fn a_vm_role_runs_on_its_host_and_its_disk_is_whole_elsewhere() {
+    csv_test_support::skip_unless!(
+        csv_test_support::Need::Root,
+        csv_test_support::Need::Device("/dev/fuse"),
+        csv_test_support::Need::Device("/dev/kvm")
+    );
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client()
+            .cluster_info()
+            .map(|i| i.nodes.len() == 3)
+            .unwrap_or(false)
+    })
+    .unwrap();
+    let on_host1 = cl.mountpoint(1, v).join("vm1.vhd");
+    vhd::Vhd::create(
+        &on_host1,
+        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
+    )
+    .unwrap();
+    let disk = format!("/ClusterStorage/Volume{v}/vm1.vhd");
+    csvctl_ok(
+        &cl,
+        &[
+            "vm",
+            "add",
+            "vm1",
+            "--memory",
+            "64M",
+            "--disk",
+            &disk,
+            "--dirty-rate",
+            "10",
+        ],
+    );
+    let out = csvctl_ok(&cl, &["vm", "start", "vm1"]);
+    eprintln!("{out}");
+    let err = csvctl_err(&cl, &["vm", "start", "vm1"]);
+    assert!(err.contains("running on host"), "{err}");
+
+    // Its host's csvd runs it; the status shows the guest's heartbeat.
+    let mut status = Value::Null;
+    let t = std::time::Instant::now();
+    let running = csv_test_support::wait_until(Duration::from_secs(30), || {
+        status = csvctl_json(&cl, &["vm", "status", "vm1", "--json"]);
+        status["runtime"]
+            .as_array()
+            .and_then(|r| r.first())
+            .is_some_and(|r| {
+                r["state"] == "running" && r["heartbeats"].as_u64().unwrap_or(0) >= 500
+            })
+    });
+    assert!(
+        running.is_ok(),
+        "not running after {:?}: {status}",
+        t.elapsed()
+    );
+    let host = status["host"].as_u64().unwrap();
+    assert_eq!(status["runtime"][0]["host"], host, "{status}");
+    assert_eq!(
+        status["runtime"].as_array().unwrap().len(),
+        1,
+        "one host runs it: {status}"
+    );
+    eprintln!("{}", csvctl_ok(&cl, &["vm", "status", "vm1"]));
+    let err = csvctl_err(&cl, &["vm", "remove", "vm1"]);
+    assert!(err.contains("stop it first"), "{err}");
+
+    csvctl_ok(&cl, &["vm", "stop", "vm1"]);
+    csv_test_support::wait_until(Duration::from_secs(20), || {
+        let s = csvctl_json(&cl, &["vm", "status", "vm1", "--json"]);
+        s["runtime"].as_array().is_some_and(|r| r.is_empty())
+    })
+    .unwrap();
+
+    // Another host reads the disk the VM wrote (close-to-open through the
+    // volume), with our VHD reader.
+    let other = if host == 2 { 3 } else { 2 };
+    let path = cl.mountpoint(other, v).join("vm1.vhd");
+    let d = vhd::Vhd::open(&path, &vhd::OpenOptions::default()).unwrap();
+    let found = hypervisor_shim::guest::check_disk(256, |b, buf| {
+        d.read_at(buf, b * 4096).map_err(std::io::Error::other)
+    })
+    .unwrap();
+    eprintln!("disk seen from host {other}: {found:?}");
+    assert!(found.written > 20, "{found:?}");
+    assert_eq!(found.bad, 0, "{found:?}");
+    let check = cl
+        .csvctl()
+        .args(["vhd", "check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    csvctl_ok(&cl, &["vm", "remove", "vm1"]);
+}

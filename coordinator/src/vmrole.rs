@@ -1,0 +1,107 @@
+//! A VM role's configuration, as the cluster registry stores it (JSON in
+//! [`crate::proto::VmRole::config`]): what `csvctl vm add` records and what
+//! each host's VM supervisor runs.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A VM role's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub vcpus: u32,
+    /// Bytes.
+    pub memory: u64,
+    /// The VM's disk: a VHD on a cluster volume, named by its path under
+    /// the usual mount root (`/ClusterStorage/VolumeN/...`).
+    pub disk: String,
+    /// The volume that holds the disk.
+    pub volume: u64,
+    /// Hosts tried first, in order.
+    #[serde(default)]
+    pub preferred: Vec<u64>,
+    /// `high`, `medium` or `low`: the order of restarts after a failure.
+    pub priority: String,
+    /// `stopped` or `running`.
+    pub state: String,
+    /// The guest: `test` (the project's test guest).
+    pub guest: String,
+    /// The test guest's dirtying rate, MiB/s.
+    #[serde(default)]
+    pub dirty_rate: f64,
+}
+
+impl VmConfig {
+    /// Parses a role's stored configuration.
+    pub fn from_role(role: &crate::proto::VmRole) -> Result<VmConfig, String> {
+        serde_json::from_slice(&role.config)
+            .map_err(|e| format!("VM role {:?}: unreadable configuration: {e}", role.name))
+    }
+
+    /// The stored form.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The disk's path under this host's mount root: the part of `disk`
+    /// after `VolumeN/`, under `<mount_root>/VolumeN/`. `None` when the
+    /// path names no volume or tries to leave it.
+    pub fn disk_on(&self, mount_root: &Path) -> Option<PathBuf> {
+        let marker = format!("Volume{}/", self.volume);
+        let at = self.disk.find(&marker)?;
+        let rel = &self.disk[at + marker.len()..];
+        if rel.is_empty() || rel.split('/').any(|p| p == ".." || p == ".") {
+            return None;
+        }
+        Some(mount_root.join(format!("Volume{}", self.volume)).join(rel))
+    }
+}
+
+/// VolumeN from a path like `/ClusterStorage/Volume3/vm.vhd`.
+pub fn volume_of(path: &str) -> Option<u64> {
+    path.split('/')
+        .find_map(|part| part.strip_prefix("Volume").and_then(|n| n.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(disk: &str, volume: u64) -> VmConfig {
+        VmConfig {
+            vcpus: 1,
+            memory: 1 << 28,
+            disk: disk.into(),
+            volume,
+            preferred: vec![],
+            priority: "medium".into(),
+            state: "stopped".into(),
+            guest: "test".into(),
+            dirty_rate: 0.0,
+        }
+    }
+
+    #[test]
+    fn disk_paths_map_to_each_hosts_mount_root() {
+        let root = Path::new("/tmp/csv-up/node2/ClusterStorage");
+        assert_eq!(
+            cfg("/ClusterStorage/Volume1/vms/a.vhd", 1).disk_on(root),
+            Some(root.join("Volume1/vms/a.vhd"))
+        );
+        assert_eq!(
+            cfg("/ClusterStorage/Volume1/../etc/x", 1).disk_on(root),
+            None
+        );
+        assert_eq!(cfg("/ClusterStorage/Volume2/a.vhd", 1).disk_on(root), None);
+        assert_eq!(cfg("/ClusterStorage/Volume1/", 1).disk_on(root), None);
+        assert_eq!(volume_of("/ClusterStorage/Volume12/a/b.vhd"), Some(12));
+        assert_eq!(volume_of("/srv/vm.vhd"), None);
+        let c = cfg("/ClusterStorage/Volume1/a.vhd", 1);
+        let role = crate::proto::VmRole {
+            name: "a".into(),
+            node: 0,
+            config: c.to_bytes(),
+        };
+        assert_eq!(VmConfig::from_role(&role).unwrap(), c);
+    }
+}
