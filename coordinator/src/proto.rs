@@ -958,6 +958,15 @@ pub struct VmRuntime {
     /// The last error, if any.
     #[prost(string, tag = "7")]
     pub error: String,
+    /// Where it waits for an incoming migration (state "incoming").
+    #[prost(string, tag = "8")]
+    pub listen: String,
+    /// Gaps in the guest's heartbeat sequence (carried across migrations).
+    #[prost(uint64, tag = "9")]
+    pub heartbeat_gaps: u64,
+    /// Pages the guest found damaged.
+    #[prost(uint64, tag = "10")]
+    pub guest_errors: u64,
 }
 
 /// A host's resources as it measures them.

@@ -29,6 +29,14 @@ pub struct VmConfig {
     /// The test guest's dirtying rate, MiB/s.
     #[serde(default)]
     pub dirty_rate: f64,
+    /// A live migration asked for: the host it goes to. The target's
+    /// supervisor waits for it, the owner's sends it; the owner records
+    /// the outcome and clears this.
+    #[serde(default)]
+    pub migrate_to: Option<u64>,
+    /// How the last migration went (its summary, or why it failed).
+    #[serde(default)]
+    pub last_migration: Option<String>,
 }
 
 impl VmConfig {
@@ -78,6 +86,8 @@ mod tests {
             state: "stopped".into(),
             guest: "test".into(),
             dirty_rate: 0.0,
+            migrate_to: None,
+            last_migration: None,
         }
     }
 

@@ -46,6 +46,14 @@ struct Running {
     control: PathBuf,
     log: PathBuf,
     stopping: Option<Instant>,
+    /// Waiting for an incoming migration (no VM in the process yet).
+    incoming: bool,
+    /// The VM went to another host: the process exits by itself.
+    migrated: bool,
+    /// A live migration this host is sending.
+    migration: Option<std::thread::JoinHandle<Result<String, String>>>,
+    /// The disk's path on this host.
+    disk: PathBuf,
 }
 
 /// Runs this host's VM roles until `stop`, then stops them all.
@@ -95,7 +103,7 @@ impl VmSupervisor {
         VmSupervisor { cfg, reports }
     }
 
-    fn spawn(&self, name: &str, vm: &VmConfig) -> Result<Running, String> {
+    fn spawn(&self, name: &str, vm: &VmConfig, incoming: bool) -> Result<Running, String> {
         let disk = vm
             .disk_on(&self.cfg.mount_root)
             .ok_or_else(|| format!("disk {:?} is not a path on Volume{}", vm.disk, vm.volume))?;
@@ -110,15 +118,31 @@ impl VmSupervisor {
         let log = self.cfg.run_dir.join(format!("{name}.log"));
         let serial = self.cfg.run_dir.join(format!("{name}.serial"));
         let _ = std::fs::remove_file(&control);
-        let child = Command::new(&self.cfg.vmm)
-            .args([
+        let mut cmd = Command::new(&self.cfg.vmm);
+        if incoming {
+            // On this host's cluster address, a port of the kernel's choice
+            // (the status reports it).
+            let ip = self
+                .cfg
+                .endpoints
+                .first()
+                .map_or_else(|| std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip());
+            cmd.args([
+                "incoming",
+                "--listen",
+                &std::net::SocketAddr::new(ip, 0).to_string(),
+            ]);
+        } else {
+            cmd.args([
                 "run",
                 "--memory",
                 &vm.memory.to_string(),
                 "--vcpus",
                 &vm.vcpus.to_string(),
             ])
-            .args(["--dirty-rate", &vm.dirty_rate.to_string()])
+            .args(["--dirty-rate", &vm.dirty_rate.to_string()]);
+        }
+        let child = cmd
             .arg("--disk")
             .arg(&disk)
             .arg("--control")
@@ -130,12 +154,16 @@ impl VmSupervisor {
             .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?)
             .spawn()
             .map_err(|e| format!("start {}: {e}", self.cfg.vmm.display()))?;
-        tracing::info!(vm = name, pid = child.id(), disk = %disk.display(), "VM started");
+        tracing::info!(vm = name, pid = child.id(), disk = %disk.display(), incoming, "VMM started");
         Ok(Running {
             child,
             control,
             log,
             stopping: None,
+            incoming,
+            migrated: false,
+            migration: None,
+            disk,
         })
     }
 
@@ -154,6 +182,12 @@ impl VmSupervisor {
             if let Ok(s) = ask(&r.control, &serde_json::json!({"cmd": "status"})) {
                 let hb = &s["heartbeat"];
                 out.state = s["state"].as_str().unwrap_or("unknown").to_string();
+                out.listen = s["listen"].as_str().unwrap_or_default().to_string();
+                out.heartbeat_gaps = hb["gaps"].as_u64().unwrap_or(0);
+                out.guest_errors = hb["guest_errors"].as_u64().unwrap_or(0);
+                if r.migration.is_some() {
+                    out.state = "migrating".into();
+                }
                 out.heartbeat_seq = hb["seq"].as_u64().unwrap_or(0);
                 out.heartbeats = hb["local_count"].as_u64().unwrap_or(0);
                 out.disk_writes = s["guest"]["disk_writes"].as_u64().unwrap_or(0);
@@ -169,16 +203,41 @@ impl VmSupervisor {
         let mut running: BTreeMap<String, Running> = BTreeMap::new();
         let mut failures: BTreeMap<String, (Instant, String)> = BTreeMap::new();
         while !stop.load(Ordering::Relaxed) {
-            let wanted: Option<BTreeMap<String, VmConfig>> = c.cluster_info().ok().map(|info| {
-                info.vms
+            let info = c.cluster_info().ok();
+            if let Some(info) = &info {
+                let me = self.cfg.node;
+                // Roles placed here, and roles migrating here.
+                let wanted: BTreeMap<String, Wanted> = info
+                    .vms
                     .iter()
-                    .filter(|r| r.node == self.cfg.node)
-                    .filter_map(|r| VmConfig::from_role(r).ok().map(|c| (r.name.clone(), c)))
+                    .filter_map(|r| VmConfig::from_role(r).ok().map(|c| (r, c)))
                     .filter(|(_, c)| c.state == "running")
-                    .collect()
-            });
-            if let Some(wanted) = wanted {
+                    .filter_map(|(r, c)| {
+                        if r.node == me {
+                            Some((
+                                r.name.clone(),
+                                Wanted {
+                                    cfg: c,
+                                    owner: r.node,
+                                    incoming: false,
+                                },
+                            ))
+                        } else if c.migrate_to == Some(me) {
+                            Some((
+                                r.name.clone(),
+                                Wanted {
+                                    cfg: c,
+                                    owner: r.node,
+                                    incoming: true,
+                                },
+                            ))
+                        } else {
+                            None
+                        }
+                    })
+                    .collect();
                 self.converge(&wanted, &mut running, &mut failures);
+                self.migrations(info, &wanted, &mut running, &mut c);
             }
             let mut reports: Vec<VmRuntime> = running
                 .iter_mut()
@@ -205,7 +264,12 @@ impl VmSupervisor {
             }
         }
         // Shutting down: every VM stops (flushing its disk) before the
-        // volumes are unmounted.
+        // volumes are unmounted. A migration under way finishes first.
+        for r in running.values_mut() {
+            if let Some(h) = r.migration.take() {
+                let _ = h.join();
+            }
+        }
         self.converge(&BTreeMap::new(), &mut running, &mut failures);
         let t = Instant::now();
         while !running.is_empty() && t.elapsed() < Duration::from_secs(12) {
@@ -216,15 +280,22 @@ impl VmSupervisor {
 
     fn converge(
         &self,
-        wanted: &BTreeMap<String, VmConfig>,
+        wanted: &BTreeMap<String, Wanted>,
         running: &mut BTreeMap<String, Running>,
         failures: &mut BTreeMap<String, (Instant, String)>,
     ) {
         // Reap what exited.
         let mut gone = Vec::new();
         for (name, r) in running.iter_mut() {
+            if r.migration.is_some() {
+                // The migration's outcome decides (a VMM that migrated
+                // exits before its answer is read).
+                continue;
+            }
             if let Ok(Some(status)) = r.child.try_wait() {
-                if r.stopping.is_none() {
+                if r.migrated {
+                    tracing::info!(vm = %name, "VM left for another host");
+                } else if r.stopping.is_none() {
                     let err = format!("csv-vmm exited ({status}): {}", log_tail(&r.log));
                     tracing::error!(vm = %name, error = %err, "VM failed");
                     failures.insert(name.clone(), (Instant::now(), err));
@@ -239,10 +310,15 @@ impl VmSupervisor {
         }
         // Stop what is no longer wanted here.
         for (name, r) in running.iter_mut() {
-            if wanted.contains_key(name) {
+            if wanted.contains_key(name) || r.migrated || r.migration.is_some() {
                 continue;
             }
             match r.stopping {
+                None if r.incoming => {
+                    // Nothing arrived (the migration was called off).
+                    let _ = r.child.kill();
+                    r.stopping = Some(Instant::now());
+                }
                 None => {
                     let _ = ask(&r.control, &serde_json::json!({"cmd": "stop"}));
                     r.stopping = Some(Instant::now());
@@ -255,8 +331,12 @@ impl VmSupervisor {
             }
         }
         // Start what is wanted and not running (a failed one after 5 s).
-        for (name, vm) in wanted {
-            if running.contains_key(name) {
+        for (name, w) in wanted {
+            if let Some(r) = running.get_mut(name) {
+                // An incoming VM that arrived runs here now.
+                if !w.incoming {
+                    r.incoming = false;
+                }
                 continue;
             }
             if let Some((at, _)) = failures.get(name) {
@@ -264,7 +344,7 @@ impl VmSupervisor {
                     continue;
                 }
             }
-            match self.spawn(name, vm) {
+            match self.spawn(name, &w.cfg, w.incoming) {
                 Ok(r) => {
                     failures.remove(name);
                     running.insert(name.clone(), r);
@@ -276,6 +356,185 @@ impl VmSupervisor {
             }
         }
         failures.retain(|n, _| wanted.contains_key(n) || running.contains_key(n));
+    }
+}
+
+/// A role this host should run (or receive).
+#[derive(Debug, Clone)]
+struct Wanted {
+    cfg: VmConfig,
+    /// The host that owns it now.
+    owner: u64,
+    /// It is migrating here: wait for it.
+    incoming: bool,
+}
+
+impl VmSupervisor {
+    /// Starts the migrations asked of this host's VMs, and records the
+    /// outcome of finished ones in the registry.
+    fn migrations(
+        &self,
+        info: &coordinator::proto::ClusterInfo,
+        wanted: &BTreeMap<String, Wanted>,
+        running: &mut BTreeMap<String, Running>,
+        c: &mut Client,
+    ) {
+        let me = self.cfg.node;
+        for (name, r) in running.iter_mut() {
+            // A finished migration: record where the VM is now.
+            if r.migration.as_ref().is_some_and(|h| h.is_finished()) {
+                let Some(h) = r.migration.take() else {
+                    continue;
+                };
+                let outcome = h
+                    .join()
+                    .unwrap_or_else(|_| Err("the migration thread panicked".into()));
+                let Some(role) = info.vms.iter().find(|v| &v.name == name) else {
+                    continue;
+                };
+                let Ok(mut cfg) = VmConfig::from_role(role) else {
+                    continue;
+                };
+                let to = cfg.migrate_to.take();
+                let node = match (&outcome, to) {
+                    (Ok(summary), Some(t)) => {
+                        r.migrated = true;
+                        cfg.last_migration = Some(summary.clone());
+                        tracing::info!(vm = %name, to = t, %summary, "VM migrated");
+                        t
+                    }
+                    _ => {
+                        let e = outcome
+                            .as_ref()
+                            .err()
+                            .cloned()
+                            .unwrap_or_else(|| "the role no longer names a target".into());
+                        tracing::error!(vm = %name, error = %e, "migration failed; the VM stays here");
+                        cfg.last_migration = Some(format!("failed: {e}"));
+                        me
+                    }
+                };
+                let role = coordinator::proto::VmRole {
+                    name: name.clone(),
+                    node,
+                    config: cfg.to_bytes(),
+                };
+                if let Err(e) = c.set_vm_role(role) {
+                    tracing::error!(vm = %name, error = %coordinator::client::describe(&e), "cannot record the migration");
+                }
+                continue;
+            }
+            // A migration asked for: send it once the target waits for it.
+            let Some(w) = wanted.get(name) else { continue };
+            let Some(to) = w.cfg.migrate_to else { continue };
+            if w.incoming
+                || w.owner != me
+                || r.migration.is_some()
+                || r.migrated
+                || r.stopping.is_some()
+            {
+                continue;
+            }
+            let Some(listen) = self.target_listen(info, to, name) else {
+                continue;
+            };
+            let control = r.control.clone();
+            let disk = r.disk.clone();
+            let volume = w.cfg.volume;
+            let mut hc = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
+            hc.timeout = Duration::from_secs(5);
+            let name2 = name.clone();
+            tracing::info!(vm = %name, to, %listen, "live migration starts");
+            r.migration = Some(std::thread::spawn(move || {
+                send_migration(&control, &listen, &disk, volume, me, to, &mut hc, &name2)
+            }));
+        }
+    }
+
+    /// Where host `to` waits for VM `name`, from its status.
+    fn target_listen(
+        &self,
+        info: &coordinator::proto::ClusterInfo,
+        to: u64,
+        name: &str,
+    ) -> Option<String> {
+        let node = info.nodes.iter().find(|n| n.id == to)?;
+        let st = node
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse().ok())
+            .find_map(|a| {
+                coordinator::client::node_status(&self.cfg.identity, a, Duration::from_secs(2)).ok()
+            })?;
+        st.vms
+            .into_iter()
+            .find(|v| v.name == name && v.state == "incoming" && !v.listen.is_empty())
+            .map(|v| v.listen)
+    }
+}
+
+/// Sends a live migration through the VMM's control socket and moves the
+/// disk's write lease to `to` at the switch-over (after the target has
+/// acknowledged the state, before it resumes). Returns the VMM's summary.
+#[allow(clippy::too_many_arguments)]
+fn send_migration(
+    control: &Path,
+    listen: &str,
+    disk: &Path,
+    volume: u64,
+    from: u64,
+    to: u64,
+    c: &mut Client,
+    name: &str,
+) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(disk)
+        .map_err(|e| format!("{}: {e}", disk.display()))?
+        .ino();
+    let conn = UnixStream::connect(control).map_err(|e| e.to_string())?;
+    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
+    let req = serde_json::json!({"cmd": "migrate", "to": listen, "confirm": true});
+    writeln!(w, "{req}").map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("the VMM closed its control socket during the migration".into());
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        match v.get("event").and_then(|e| e.as_str()) {
+            Some("acked") => {
+                // The switch-over: the disk's write lease goes to the target.
+                let op =
+                    coordinator::proto::volume_op::Op::HandOver(coordinator::proto::HandOverOp {
+                        ino,
+                        from,
+                        to,
+                        now: 0,
+                        ttl: crate::fs::LEASE_TTL.as_millis() as u64,
+                    });
+                match c.volume_op(volume, op) {
+                    Ok(_) => writeln!(w, "{}", serde_json::json!({"cmd": "go"})),
+                    Err(e) => {
+                        tracing::error!(vm = name, error = %coordinator::client::describe(&e), "lease hand-over failed");
+                        writeln!(w, "{}", serde_json::json!({"cmd": "abort"}))
+                    }
+                }
+                .map_err(|e| e.to_string())?;
+            }
+            Some(_) => {}
+            None => {
+                return if v["ok"] == true {
+                    Ok(v["summary"].to_string())
+                } else {
+                    Err(v["error"]
+                        .as_str()
+                        .unwrap_or("migration failed")
+                        .to_string())
+                };
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@
 //! | `status` | | state, memory, vCPUs, heartbeat, the guest's own counters |
 //! | `pause`, `resume`, `stop` | | |
 //! | `save` | `path`, `stop` (default true) | summary |
-//! | `migrate` | `to`, `downtime_ms`, `timeout_s`, `verify_memory` | progress lines, summary |
+//! | `migrate` | `to`, `downtime_ms`, `timeout_s`, `verify_memory`, `confirm` | progress lines (and `acked`, then a `go` from the caller, with `confirm`), summary |
 //! | `set-rate` | `mib_per_s`, `tick_us` (default 1000) | |
 //! | `check` | | the host-side scan of the test guest's pages |
 //! | `memory-crc` | | CRC32 of all guest memory (pauses for the read) |
@@ -33,11 +33,22 @@ use crate::vm::{RunState, Vm};
 pub struct Slot {
     vm: Mutex<Option<Arc<Vm>>>,
     active: AtomicUsize,
+    incoming: Mutex<Option<std::net::SocketAddr>>,
 }
 
 impl Slot {
     pub fn set(&self, vm: Arc<Vm>) {
         *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);
+    }
+
+    /// Where this VMM waits for an incoming migration (reported by
+    /// `status` until the VM arrives).
+    pub fn set_incoming(&self, addr: std::net::SocketAddr) {
+        *self.incoming.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+    }
+
+    fn incoming(&self) -> Option<std::net::SocketAddr> {
+        *self.incoming.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn get(&self) -> Option<Arc<Vm>> {
@@ -86,7 +97,7 @@ fn connection(conn: UnixStream, slot: &Slot) {
         }
         slot.active.fetch_add(1, Ordering::SeqCst);
         let answer = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => handle(&req, slot, &mut w),
+            Ok(req) => handle(&req, slot, &mut w, &mut r),
             Err(e) => json!({"ok": false, "error": format!("not a JSON request: {e}")}),
         };
         let ok = writeln!(w, "{answer}").is_ok();
@@ -101,13 +112,16 @@ fn err(msg: impl std::fmt::Display) -> Value {
     json!({"ok": false, "error": msg.to_string()})
 }
 
-fn handle(req: &Value, slot: &Slot, w: &mut UnixStream) -> Value {
+fn handle(req: &Value, slot: &Slot, w: &mut UnixStream, r: &mut BufReader<UnixStream>) -> Value {
     let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
         return err("the request has no \"cmd\"");
     };
     let Some(vm) = slot.get() else {
         return if cmd == "status" {
-            json!({"ok": true, "state": "incoming"})
+            match slot.incoming() {
+                Some(a) => json!({"ok": true, "state": "incoming", "listen": a.to_string()}),
+                None => json!({"ok": true, "state": "starting"}),
+            }
         } else {
             err("no VM yet (waiting for an incoming migration)")
         };
@@ -188,6 +202,16 @@ fn handle(req: &Value, slot: &Slot, w: &mut UnixStream) -> Value {
             if let Some(v) = req.get("verify_memory").and_then(Value::as_bool) {
                 opts.verify_memory = v;
             }
+            // With "confirm", the hand-over waits for the caller: after the
+            // target's Ack this sends {"event": "acked"} and reads one line,
+            // {"cmd": "go"} to let the target resume (the caller has moved
+            // the disk's write lease) or anything else to give up, which
+            // resumes the guest here.
+            let confirm = req.get("confirm").and_then(Value::as_bool).unwrap_or(false);
+            let mut w2 = match w.try_clone() {
+                Ok(w2) => w2,
+                Err(e) => return err(e),
+            };
             let r = migrate::migrate(
                 &vm,
                 to,
@@ -195,7 +219,18 @@ fn handle(req: &Value, slot: &Slot, w: &mut UnixStream) -> Value {
                 |p| {
                     let _ = writeln!(w, "{}", json!({"event": "progress", "progress": p}));
                 },
-                || Ok(()),
+                || {
+                    if !confirm {
+                        return Ok(());
+                    }
+                    writeln!(w2, "{}", json!({"event": "acked"})).map_err(|e| e.to_string())?;
+                    let mut line = String::new();
+                    r.read_line(&mut line).map_err(|e| e.to_string())?;
+                    match serde_json::from_str::<Value>(&line) {
+                        Ok(v) if v["cmd"] == "go" => Ok(()),
+                        _ => Err(format!("the caller did not confirm: {}", line.trim())),
+                    }
+                },
             );
             match r {
                 Ok(summary) => json!({"ok": true, "summary": summary}),

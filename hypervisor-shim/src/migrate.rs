@@ -593,6 +593,7 @@ impl Receiver {
     fn run(
         r: &mut impl Read,
         mut reply: Option<&mut dyn Write>,
+        live: bool,
         config: &VmConfig,
         mut verify: impl FnMut(&Vm, &End) -> Result<Option<u32>>,
     ) -> Result<(Arc<Vm>, Option<u32>)> {
@@ -662,9 +663,16 @@ impl Receiver {
                     vm.restore_vcpus(&me.vcpus)?;
                     vm.restore_devices(&devices)?;
                     let crc = verify(&vm, &end)?;
-                    // The source flushed the disk before End: open it now,
-                    // so an Ack means this host can run the guest.
-                    vm.attach_disk()?;
+                    // The source flushed the disk before End. A restore
+                    // opens it now; a migration target checks that it can
+                    // (read-only: the source's host still holds the write
+                    // lease until the hand-over) and opens it for writing
+                    // after Go.
+                    if live {
+                        vm.check_disk()?;
+                    } else {
+                        vm.attach_disk()?;
+                    }
                     let vm = me
                         .vm
                         .take()
@@ -691,7 +699,7 @@ impl Receiver {
 pub fn restore(path: &Path, config: &VmConfig) -> Result<Arc<Vm>> {
     let f = std::fs::File::open(path).map_err(io("open the save file"))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
-    let (vm, _) = Receiver::run(&mut r, None, config, |vm, end| {
+    let (vm, _) = Receiver::run(&mut r, None, false, config, |vm, end| {
         if let Some(want) = end.memory_crc {
             let got = vm.memory_crc();
             if got != want {
@@ -715,7 +723,7 @@ pub fn incoming(listener: &TcpListener, config: &VmConfig) -> Result<Arc<Vm>> {
     let _ = conn.set_nodelay(true);
     let mut w = conn.try_clone().map_err(io("clone the connection"))?;
     let mut r = BufReader::with_capacity(1 << 20, conn);
-    let got = Receiver::run(&mut r, Some(&mut w), config, |vm, end| {
+    let got = Receiver::run(&mut r, Some(&mut w), true, config, |vm, end| {
         Ok(match end.memory_crc {
             Some(want) => {
                 let got = vm.memory_crc();
@@ -766,6 +774,9 @@ pub fn incoming(listener: &TcpListener, config: &VmConfig) -> Result<Arc<Vm>> {
             k.name()
         )));
     }
+    // This host holds the disk's write lease now (the source's caller
+    // moved it before Go).
+    vm.attach_disk()?;
     vm.start()?;
     stream::write_frame(
         &mut w,

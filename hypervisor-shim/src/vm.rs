@@ -728,6 +728,32 @@ impl Vm {
             .map_err(|e| VmError::Config(format!("{}: {e}", path.display())))
     }
 
+    /// Checks, without opening it for writing, that the disk of
+    /// `config.disk` opens and fits the VM's device (a migration target,
+    /// before it acknowledges).
+    pub fn check_disk(&self) -> Result<()> {
+        let d = lock(&self.devices);
+        let Some(path) = &self.config.disk else {
+            return match d.blk {
+                Some(_) => Err(VmError::Config(
+                    "this VM has a virtio-blk disk: give its VHD with --disk".into(),
+                )),
+                None => Ok(()),
+            };
+        };
+        let disk = vhd::Vhd::open(path, &vhd::OpenOptions::default())
+            .map_err(|e| VmError::Config(format!("open the disk: {e}")))?;
+        match &d.blk {
+            Some(b) if b.capacity() != disk.size() => Err(VmError::Config(format!(
+                "{} is {} bytes, the VM's disk {}",
+                path.display(),
+                disk.size(),
+                b.capacity()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Flushes the disk (before handing it to another host).
     pub fn flush_disk(&self) -> Result<()> {
         match &lock(&self.devices).blk {

@@ -71,6 +71,21 @@ pub enum VmCommand {
         #[arg(long)]
         on: Option<u64>,
     },
+    /// Live-migrate a running VM role to another host
+    /// (Move-ClusterVirtualMachineRole): its host sends the memory while
+    /// the guest runs, the disk's write lease moves to the target at the
+    /// switch-over, and the target resumes it.
+    Migrate {
+        #[command(flatten)]
+        access: Access,
+        name: String,
+        /// The host to move it to.
+        #[arg(long)]
+        to: u64,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
     /// Stop a VM role (its host stops the VMM, which flushes the disk).
     Stop {
         #[command(flatten)]
@@ -174,6 +189,8 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 state: "stopped".into(),
                 guest: "test".into(),
                 dirty_rate,
+                migrate_to: None,
+                last_migration: None,
             };
             c.set_vm_role(proto::VmRole {
                 name: name.clone(),
@@ -293,6 +310,12 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        VmCommand::Migrate {
+            access,
+            name,
+            to,
+            timeout_s,
+        } => migrate(&access, &name, to, timeout_s),
         VmCommand::Stop { access, name } => {
             let mut c = access.client()?;
             let info = c
@@ -344,6 +367,8 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                             "host": h, "pid": v.pid, "state": v.state,
                             "heartbeat_seq": v.heartbeat_seq, "heartbeats": v.heartbeats,
                             "disk_writes": v.disk_writes, "error": v.error,
+                            "heartbeat_gaps": v.heartbeat_gaps, "guest_errors": v.guest_errors,
+                            "listen": v.listen,
                         })
                     })
                     .collect();
@@ -382,6 +407,64 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 );
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn migrate(access: &Access, name: &str, to: u64, timeout_s: u64) -> Result<ExitCode> {
+    let mut c = access.client()?;
+    let info = c
+        .cluster_info()
+        .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    let role = find(&info, name)?;
+    let mut cfg = config_of(&role)?;
+    if cfg.state != "running" || role.node == 0 {
+        bail!("VM {name} is not running (csvctl vm start {name})");
+    }
+    if role.node == to {
+        bail!("VM {name} runs on host {to} already");
+    }
+    if !info.nodes.iter().any(|n| n.id == to) {
+        bail!("--to {to}: no such host");
+    }
+    if let Some(t) = cfg.migrate_to {
+        bail!("VM {name} is migrating to host {t} already");
+    }
+    let from = role.node;
+    cfg.migrate_to = Some(to);
+    cfg.last_migration = None;
+    c.set_vm_role(proto::VmRole {
+        name: name.to_string(),
+        node: from,
+        config: cfg.to_bytes(),
+    })
+    .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    eprintln!("VM {name}: host {to} prepares to receive it, host {from} sends it");
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout_s);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let info = c
+            .cluster_info()
+            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+        let role = find(&info, name)?;
+        let cfg = config_of(&role)?;
+        if cfg.migrate_to.is_none() {
+            let outcome = cfg.last_migration.unwrap_or_default();
+            if role.node != to {
+                bail!("VM {name} stays on host {}: {outcome}", role.node);
+            }
+            let s: serde_json::Value = serde_json::from_str(&outcome).unwrap_or_default();
+            println!(
+                "VM {name} moved from host {from} to host {to}: downtime {:.1} ms, total {:.0} ms, {} rounds, {}",
+                s["downtime_ms"].as_f64().unwrap_or(0.0),
+                s["total_ms"].as_f64().unwrap_or(0.0),
+                s["rounds"],
+                crate::size::human(s["bytes"].as_u64().unwrap_or(0))
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("VM {name} has not moved after {timeout_s} s (csvctl vm status {name}); the request stays in the registry");
         }
     }
 }

@@ -255,7 +255,9 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Incoming { listen, host } => {
             let l = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
-            tracing::info!(%listen, "waiting for an incoming migration");
+            let bound = l.local_addr()?;
+            slot.set_incoming(bound);
+            tracing::info!(listen = %bound, "waiting for an incoming migration");
             let vm = migrate::incoming(&l, &host_config(&host, 0, 1))?;
             supervise(vm, &slot)
         }

@@ -249,3 +249,119 @@ fn a_vm_role_runs_on_its_host_and_its_disk_is_whole_elsewhere() {
     );
     csvctl_ok(&cl, &["vm", "remove", "vm1"]);
 }
+
+/// A running VM role moves between the three hosts ten times while it
+/// dirties memory and writes its disk: every move lands, the guest's
+/// heartbeat has no gap and its pages no damage, and the disk reads back
+/// whole with the newest write on it.
+#[test]
+fn a_vm_role_live_migrates_between_hosts_ten_times() {
+    csv_test_support::skip_unless!(
+        csv_test_support::Need::Root,
+        csv_test_support::Need::Device("/dev/fuse"),
+        csv_test_support::Need::Device("/dev/kvm")
+    );
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client()
+            .cluster_info()
+            .map(|i| i.nodes.len() == 3)
+            .unwrap_or(false)
+    })
+    .unwrap();
+    vhd::Vhd::create(
+        cl.mountpoint(1, v).join("mig.vhd"),
+        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
+    )
+    .unwrap();
+    let disk = format!("/ClusterStorage/Volume{v}/mig.vhd");
+    csvctl_ok(
+        &cl,
+        &[
+            "vm",
+            "add",
+            "mig",
+            "--memory",
+            "128M",
+            "--disk",
+            &disk,
+            "--dirty-rate",
+            "50",
+        ],
+    );
+    csvctl_ok(&cl, &["vm", "start", "mig", "--on", "1"]);
+    let runtime = |cl: &CsvCluster| -> Value {
+        let s = csvctl_json(cl, &["vm", "status", "mig", "--json"]);
+        s["runtime"]
+            .as_array()
+            .and_then(|r| r.iter().find(|x| x["state"] == "running").cloned())
+            .unwrap_or(Value::Null)
+    };
+    csv_test_support::wait_until(Duration::from_secs(30), || {
+        runtime(&cl)["heartbeats"].as_u64().unwrap_or(0) >= 300
+    })
+    .unwrap();
+
+    let mut host = 1u64;
+    for i in 0..10 {
+        let to = host % 3 + 1;
+        let o = cl
+            .csvctl()
+            .args([
+                "vm",
+                "migrate",
+                "mig",
+                "--to",
+                &to.to_string(),
+                "--timeout-s",
+                "30",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "move {}: {}\nstatus: {}\nhost {host} log:\n{}\nhost {to} log:\n{}",
+            i + 1,
+            String::from_utf8_lossy(&o.stderr),
+            csvctl_ok(&cl, &["vm", "status", "mig"]),
+            cl.log_tail(host, 15),
+            cl.log_tail(to, 15)
+        );
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        eprintln!("move {}: {}", i + 1, out.trim());
+        assert!(out.contains(&format!("to host {to}")), "{out}");
+        host = to;
+        // Running on the new host, heartbeat continuing, no gap.
+        let mut rt = Value::Null;
+        let ok = csv_test_support::wait_until(Duration::from_secs(20), || {
+            rt = runtime(&cl);
+            rt["host"] == host && rt["heartbeats"].as_u64().unwrap_or(0) >= 200
+        });
+        assert!(ok.is_ok(), "not running on host {host}: {rt}");
+        assert_eq!(rt["heartbeat_gaps"], 0, "{rt}");
+        assert_eq!(rt["guest_errors"], 0, "{rt}");
+        assert_eq!(rt["error"], "", "{rt}");
+    }
+    let rt = runtime(&cl);
+    let last_disk_write = rt["disk_writes"].as_u64().unwrap();
+    assert!(last_disk_write > 0, "{rt}");
+    csvctl_ok(&cl, &["vm", "stop", "mig"]);
+    csv_test_support::wait_until(Duration::from_secs(20), || {
+        let s = csvctl_json(&cl, &["vm", "status", "mig", "--json"]);
+        s["runtime"].as_array().is_some_and(|r| r.is_empty())
+    })
+    .unwrap();
+    let path = cl.mountpoint(1, v).join("mig.vhd");
+    let d = vhd::Vhd::open(&path, &vhd::OpenOptions::default()).unwrap();
+    let found = hypervisor_shim::guest::check_disk(256, |b, buf| {
+        d.read_at(buf, b * 4096).map_err(std::io::Error::other)
+    })
+    .unwrap();
+    eprintln!("disk after ten moves: {found:?}");
+    assert_eq!(found.bad, 0, "{found:?}");
+    assert!(found.written > 20, "{found:?}");
+}
