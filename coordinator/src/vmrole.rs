@@ -37,6 +37,13 @@ pub struct VmConfig {
     /// How the last migration went (its summary, or why it failed).
     #[serde(default)]
     pub last_migration: Option<String>,
+    /// The migration asked for is a quick one (save, restore elsewhere).
+    #[serde(default)]
+    pub migrate_quick: bool,
+    /// The owner starts the VM from this saved state (a path on the VM's
+    /// volume, like `disk`) instead of booting it; cleared once it runs.
+    #[serde(default)]
+    pub restore_from: Option<String>,
 }
 
 impl VmConfig {
@@ -55,9 +62,23 @@ impl VmConfig {
     /// after `VolumeN/`, under `<mount_root>/VolumeN/`. `None` when the
     /// path names no volume or tries to leave it.
     pub fn disk_on(&self, mount_root: &Path) -> Option<PathBuf> {
+        self.path_on(&self.disk, mount_root)
+    }
+
+    /// Where a quick migration keeps the VM's saved state (on its volume).
+    pub fn state_path(&self, name: &str) -> String {
+        format!(
+            "/ClusterStorage/Volume{}/.csv-vm-state/{name}.state",
+            self.volume
+        )
+    }
+
+    /// `path` (a `/ClusterStorage/VolumeN/...` path on this VM's volume)
+    /// under this host's mount root.
+    pub fn path_on(&self, path: &str, mount_root: &Path) -> Option<PathBuf> {
         let marker = format!("Volume{}/", self.volume);
-        let at = self.disk.find(&marker)?;
-        let rel = &self.disk[at + marker.len()..];
+        let at = path.find(&marker)?;
+        let rel = &path[at + marker.len()..];
         if rel.is_empty() || rel.split('/').any(|p| p == ".." || p == ".") {
             return None;
         }
@@ -88,6 +109,8 @@ mod tests {
             dirty_rate: 0.0,
             migrate_to: None,
             last_migration: None,
+            migrate_quick: false,
+            restore_from: None,
         }
     }
 

@@ -54,6 +54,9 @@ struct Running {
     migration: Option<std::thread::JoinHandle<Result<String, String>>>,
     /// The disk's path on this host.
     disk: PathBuf,
+    /// Started from this saved state (a quick migration's file), until the
+    /// VM runs and the registry no longer asks for it.
+    restored_from: Option<PathBuf>,
 }
 
 /// Runs this host's VM roles until `stop`, then stops them all.
@@ -104,6 +107,12 @@ impl VmSupervisor {
     }
 
     fn spawn(&self, name: &str, vm: &VmConfig, incoming: bool) -> Result<Running, String> {
+        let restore = match (&vm.restore_from, incoming) {
+            (Some(p), false) => Some(vm.path_on(p, &self.cfg.mount_root).ok_or_else(|| {
+                format!("saved state {p:?} is not a path on Volume{}", vm.volume)
+            })?),
+            _ => None,
+        };
         let disk = vm
             .disk_on(&self.cfg.mount_root)
             .ok_or_else(|| format!("disk {:?} is not a path on Volume{}", vm.disk, vm.volume))?;
@@ -132,6 +141,8 @@ impl VmSupervisor {
                 "--listen",
                 &std::net::SocketAddr::new(ip, 0).to_string(),
             ]);
+        } else if let Some(state) = &restore {
+            cmd.arg("restore").arg("--from").arg(state);
         } else {
             cmd.args([
                 "run",
@@ -164,6 +175,7 @@ impl VmSupervisor {
             migrated: false,
             migration: None,
             disk,
+            restored_from: restore,
         })
     }
 
@@ -222,7 +234,7 @@ impl VmSupervisor {
                                     incoming: false,
                                 },
                             ))
-                        } else if c.migrate_to == Some(me) {
+                        } else if c.migrate_to == Some(me) && !c.migrate_quick {
                             Some((
                                 r.name.clone(),
                                 Wanted {
@@ -381,6 +393,27 @@ impl VmSupervisor {
     ) {
         let me = self.cfg.node;
         for (name, r) in running.iter_mut() {
+            // Restored from a quick migration's state and running: the
+            // registry stops asking for the restore, the file goes.
+            if let Some(state) = r.restored_from.clone() {
+                let up = ask(&r.control, &serde_json::json!({"cmd": "status"}))
+                    .is_ok_and(|s| s["state"] == "running");
+                let role = info.vms.iter().find(|v| &v.name == name);
+                if let (true, Some(role)) = (up, role) {
+                    if let Ok(mut cfg) = VmConfig::from_role(role) {
+                        cfg.restore_from = None;
+                        let role = coordinator::proto::VmRole {
+                            name: name.clone(),
+                            node: role.node,
+                            config: cfg.to_bytes(),
+                        };
+                        if c.set_vm_role(role).is_ok() {
+                            let _ = std::fs::remove_file(&state);
+                            r.restored_from = None;
+                        }
+                    }
+                }
+            }
             // A finished migration: record where the VM is now.
             if r.migration.as_ref().is_some_and(|h| h.is_finished()) {
                 let Some(h) = r.migration.take() else {
@@ -396,9 +429,13 @@ impl VmSupervisor {
                     continue;
                 };
                 let to = cfg.migrate_to.take();
+                let quick = std::mem::take(&mut cfg.migrate_quick);
                 let node = match (&outcome, to) {
                     (Ok(summary), Some(t)) => {
                         r.migrated = true;
+                        if quick {
+                            cfg.restore_from = Some(cfg.state_path(name));
+                        }
                         cfg.last_migration = Some(summary.clone());
                         tracing::info!(vm = %name, to = t, %summary, "VM migrated");
                         t
@@ -433,6 +470,22 @@ impl VmSupervisor {
                 || r.migrated
                 || r.stopping.is_some()
             {
+                continue;
+            }
+            if w.cfg.migrate_quick {
+                let Some(state) = w.cfg.path_on(&w.cfg.state_path(name), &self.cfg.mount_root)
+                else {
+                    continue;
+                };
+                let control = r.control.clone();
+                let disk = r.disk.clone();
+                let volume = w.cfg.volume;
+                let mut hc = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
+                hc.timeout = Duration::from_secs(5);
+                tracing::info!(vm = %name, to, state = %state.display(), "quick migration starts");
+                r.migration = Some(std::thread::spawn(move || {
+                    send_quick(&control, &state, &disk, volume, me, to, &mut hc)
+                }));
                 continue;
             }
             let Some(listen) = self.target_listen(info, to, name) else {
@@ -471,6 +524,48 @@ impl VmSupervisor {
             .find(|v| v.name == name && v.state == "incoming" && !v.listen.is_empty())
             .map(|v| v.listen)
     }
+}
+
+/// A quick migration: the VMM saves the VM to `state` (on the VM's volume)
+/// and stops, closing the disk; the disk's write lease goes to `to`, whose
+/// supervisor restores the VM from the file. Returns the save's summary.
+fn send_quick(
+    control: &Path,
+    state: &Path,
+    disk: &Path,
+    volume: u64,
+    from: u64,
+    to: u64,
+    c: &mut Client,
+) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(disk)
+        .map_err(|e| format!("{}: {e}", disk.display()))?
+        .ino();
+    if let Some(dir) = state.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let a = ask(
+        control,
+        &serde_json::json!({"cmd": "save", "path": state, "stop": true}),
+    )?;
+    if a["ok"] != true {
+        return Err(a["error"].as_str().unwrap_or("save failed").to_string());
+    }
+    // The VMM exits and its host gives the lease back; hand it over now so
+    // the target can open the disk at once. When the release got there
+    // first, the lease is free anyway.
+    let op = coordinator::proto::volume_op::Op::HandOver(coordinator::proto::HandOverOp {
+        ino,
+        from,
+        to,
+        now: 0,
+        ttl: crate::fs::LEASE_TTL.as_millis() as u64,
+    });
+    if let Err(e) = c.volume_op(volume, op) {
+        tracing::debug!(error = %coordinator::client::describe(&e), "lease hand-over after save");
+    }
+    Ok(a["summary"].to_string())
 }
 
 /// Sends a live migration through the VMM's control socket and moves the

@@ -82,6 +82,11 @@ pub enum VmCommand {
         /// The host to move it to.
         #[arg(long)]
         to: u64,
+        /// Quick migration (Move-ClusterGroup): save the VM's state to its
+        /// volume, stop it, and restore it on the target (a longer pause,
+        /// no memory copied while it runs).
+        #[arg(long)]
+        quick: bool,
         /// Give up waiting after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
@@ -191,6 +196,8 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 dirty_rate,
                 migrate_to: None,
                 last_migration: None,
+                migrate_quick: false,
+                restore_from: None,
             };
             c.set_vm_role(proto::VmRole {
                 name: name.clone(),
@@ -314,8 +321,9 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             access,
             name,
             to,
+            quick,
             timeout_s,
-        } => migrate(&access, &name, to, timeout_s),
+        } => migrate(&access, &name, to, quick, timeout_s),
         VmCommand::Stop { access, name } => {
             let mut c = access.client()?;
             let info = c
@@ -411,7 +419,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
     }
 }
 
-fn migrate(access: &Access, name: &str, to: u64, timeout_s: u64) -> Result<ExitCode> {
+fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) -> Result<ExitCode> {
     let mut c = access.client()?;
     let info = c
         .cluster_info()
@@ -432,6 +440,7 @@ fn migrate(access: &Access, name: &str, to: u64, timeout_s: u64) -> Result<ExitC
     }
     let from = role.node;
     cfg.migrate_to = Some(to);
+    cfg.migrate_quick = quick;
     cfg.last_migration = None;
     c.set_vm_role(proto::VmRole {
         name: name.to_string(),
@@ -454,6 +463,14 @@ fn migrate(access: &Access, name: &str, to: u64, timeout_s: u64) -> Result<ExitC
                 bail!("VM {name} stays on host {}: {outcome}", role.node);
             }
             let s: serde_json::Value = serde_json::from_str(&outcome).unwrap_or_default();
+            if quick {
+                println!(
+                    "VM {name} moved from host {from} to host {to} by save and restore: saved {} in {:.0} ms",
+                    crate::size::human(s["bytes"].as_u64().unwrap_or(0)),
+                    s["total_ms"].as_f64().unwrap_or(0.0)
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "VM {name} moved from host {from} to host {to}: downtime {:.1} ms, total {:.0} ms, {} rounds, {}",
                 s["downtime_ms"].as_f64().unwrap_or(0.0),
