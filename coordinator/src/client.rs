@@ -364,6 +364,20 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Puts a host in maintenance (no VM is placed there) or takes it out.
+    pub fn set_draining(&mut self, node: u64, draining: bool) -> Result<()> {
+        self.call(
+            crate::group::CLUSTER,
+            request::Body::Cluster(proto::ClusterOp {
+                op: Some(proto::cluster_op::Op::SetDraining(proto::NodeDraining {
+                    node,
+                    draining,
+                })),
+            }),
+        )
+        .map(|_| ())
+    }
+
     /// Forgets a VM role.
     pub fn remove_vm_role(&mut self, name: &str) -> Result<()> {
         self.call(

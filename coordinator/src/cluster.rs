@@ -28,6 +28,7 @@ pub struct ClusterState {
     vms: BTreeMap<String, VmRole>,
     health: BTreeMap<u64, NodeHealth>,
     snapshots: BTreeMap<String, SnapshotRecord>,
+    draining: std::collections::BTreeSet<u64>,
 }
 
 /// Highest volume number (the group id space above it is free).
@@ -96,6 +97,23 @@ impl ClusterState {
             }
             Some(cluster_op::Op::SetVmRole(r)) => {
                 self.vms.insert(r.name.clone(), r.clone());
+                (done, vec![])
+            }
+            Some(cluster_op::Op::SetDraining(d)) => {
+                if !self.nodes.contains_key(&d.node) {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::NotFound,
+                            format!("no host {}", d.node),
+                        )),
+                        vec![],
+                    );
+                }
+                if d.draining {
+                    self.draining.insert(d.node);
+                } else {
+                    self.draining.remove(&d.node);
+                }
                 (done, vec![])
             }
             Some(cluster_op::Op::RemoveVmRole(name)) => {
@@ -174,6 +192,7 @@ impl ClusterState {
             vms: self.vms.values().cloned().collect(),
             health: self.health.values().cloned().collect(),
             snapshots: self.snapshots.values().cloned().collect(),
+            draining: self.draining.iter().copied().collect(),
         }
     }
 
@@ -198,6 +217,7 @@ impl ClusterState {
         for r in info.vms {
             s.vms.insert(r.name.clone(), r);
         }
+        s.draining = info.draining.into_iter().collect();
         for h in info.health {
             s.health.insert(h.node, h);
         }

@@ -734,7 +734,7 @@ pub struct LookupQ {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ClusterOp {
     /// Which command.
-    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub op: Option<cluster_op::Op>,
 }
 
@@ -768,6 +768,9 @@ pub mod cluster_op {
         /// Forget a VM role.
         #[prost(string, tag = "8")]
         RemoveVmRole(String),
+        /// Put a host in maintenance (no VM is placed there) or back.
+        #[prost(message, tag = "9")]
+        SetDraining(super::NodeDraining),
     }
 }
 
@@ -853,6 +856,15 @@ pub struct SnapshotRecord {
     pub detail: Vec<u8>,
 }
 
+/// A host in maintenance or back.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct NodeDraining {
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    #[prost(bool, tag = "2")]
+    pub draining: bool,
+}
+
 /// The cluster registry.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ClusterInfo {
@@ -871,6 +883,9 @@ pub struct ClusterInfo {
     /// Snapshot sets.
     #[prost(message, repeated, tag = "5")]
     pub snapshots: Vec<SnapshotRecord>,
+    /// Hosts in maintenance (drained: no VM is placed there).
+    #[prost(uint64, repeated, tag = "6")]
+    pub draining: Vec<u64>,
 }
 
 /// An administrative action.

@@ -50,6 +50,9 @@ enum Command {
     /// one (Add-ClusterVirtualMachineRole and friends).
     #[command(subcommand)]
     Vm(vm_cmd::VmCommand),
+    /// Hosts in maintenance: drain (move every VM away) and resume.
+    #[command(subcommand)]
+    Node(vm_cmd::NodeCommand),
     /// Start a whole cluster on this machine: N hosts on loopback, a LUN
     /// file as Volume1, mounted on every host; prints `ready:` when it is
     /// up; Ctrl-C stops it.
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Cluster(c) => cluster_cmd::run_cluster(c),
         Command::Volume(c) => cluster_cmd::run_volume(c),
         Command::Vm(c) => vm_cmd::run(c),
+        Command::Node(c) => vm_cmd::run_node(c),
         Command::Up(a) => up_cmd::up(a),
         Command::Down(a) => up_cmd::down(a),
     };

@@ -486,6 +486,97 @@ fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) ->
     }
 }
 
+/// `csvctl node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Maintenance: no VM is placed on HOST any more, and every VM running
+    /// there live-migrates to its best-rated other host, high priority
+    /// first (Suspend-ClusterNode -Drain).
+    Drain {
+        #[command(flatten)]
+        access: Access,
+        host: u64,
+        /// Give up on one VM after this many seconds (it stays).
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
+    /// End maintenance: HOST takes VMs again (Resume-ClusterNode).
+    Resume {
+        #[command(flatten)]
+        access: Access,
+        host: u64,
+    },
+}
+
+fn priority_rank(p: &str) -> u8 {
+    match p {
+        "high" => 0,
+        "medium" => 1,
+        _ => 2,
+    }
+}
+
+pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
+    match c {
+        NodeCommand::Resume { access, host } => {
+            let mut c = access.client()?;
+            c.set_draining(host, false)
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            println!("host {host} takes VMs again");
+            Ok(ExitCode::SUCCESS)
+        }
+        NodeCommand::Drain {
+            access,
+            host,
+            timeout_s,
+        } => {
+            let mut c = access.client()?;
+            c.set_draining(host, true)
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let info = c
+                .cluster_info()
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let mut here: Vec<(proto::VmRole, VmConfig)> = info
+                .vms
+                .iter()
+                .filter(|r| r.node == host)
+                .filter_map(|r| config_of(r).ok().map(|c| (r.clone(), c)))
+                .filter(|(_, c)| c.state == "running")
+                .collect();
+            here.sort_by_key(|(r, c)| (priority_rank(&c.priority), r.name.clone()));
+            println!("host {host} drains: {} VM(s) to move", here.len());
+            let mut failed = 0;
+            for (role, cfg) in here {
+                let info = c
+                    .cluster_info()
+                    .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+                let loads = host_loads(&access, &info, cfg.volume)?;
+                let needs = VmNeeds {
+                    vcpus: cfg.vcpus,
+                    memory: cfg.memory,
+                    disk: 0,
+                    preferred: cfg.preferred.clone(),
+                };
+                let Some(to) = placement::best(&loads, &needs, &Policy::default()) else {
+                    eprintln!("VM {}: no other host can run it; it stays", role.name);
+                    failed += 1;
+                    continue;
+                };
+                if let Err(e) = migrate(&access, &role.name, to, false, timeout_s) {
+                    eprintln!("VM {}: {e:#}", role.name);
+                    failed += 1;
+                }
+            }
+            if failed > 0 {
+                eprintln!("host {host} is draining, but {failed} VM(s) still run there");
+                return Ok(ExitCode::from(1));
+            }
+            println!("host {host} is empty and in maintenance (csvctl node resume {host} ends it)");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// Every host's load as the hosts report it, with the vCPUs of the roles
 /// running there and the free space of `volume`.
 fn host_loads(access: &Access, info: &proto::ClusterInfo, volume: u64) -> Result<Vec<HostLoad>> {
@@ -526,7 +617,7 @@ fn host_loads(access: &Access, info: &proto::ClusterInfo, volume: u64) -> Result
         out.push(HostLoad {
             node: n.id,
             up: up_in_registry && status.is_some(),
-            draining: false,
+            draining: info.draining.contains(&n.id),
             cores: load.cores,
             cpu_busy: f64::from(load.cpu_busy_permille) / 1000.0,
             vcpus,

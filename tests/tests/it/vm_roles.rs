@@ -350,6 +350,68 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
     let rt = runtime(&cl);
     let last_disk_write = rt["disk_writes"].as_u64().unwrap();
     assert!(last_disk_write > 0, "{rt}");
+
+    // Drain the host it is on, with a second VM there: both leave, the
+    // host rates 0 ("draining") until it resumes.
+    vhd::Vhd::create(
+        cl.mountpoint(1, v).join("second.vhd"),
+        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
+    )
+    .unwrap();
+    let second = format!("/ClusterStorage/Volume{v}/second.vhd");
+    csvctl_ok(
+        &cl,
+        &[
+            "vm",
+            "add",
+            "second",
+            "--memory",
+            "64M",
+            "--disk",
+            &second,
+            "--priority",
+            "high",
+        ],
+    );
+    csvctl_ok(&cl, &["vm", "start", "second", "--on", &host.to_string()]);
+    csv_test_support::wait_until(Duration::from_secs(30), || {
+        let s = csvctl_json(&cl, &["vm", "status", "second", "--json"]);
+        s["runtime"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x["state"] == "running"))
+    })
+    .unwrap();
+    let out = csvctl_ok(&cl, &["node", "drain", &host.to_string()]);
+    eprintln!("{out}");
+    assert!(out.contains("is empty and in maintenance"), "{out}");
+    let list = csvctl_json(&cl, &["vm", "list", "--json"]);
+    for vm in list.as_array().unwrap() {
+        assert_ne!(vm["host"], host, "{vm}");
+    }
+    let r = csvctl_json(&cl, &["vm", "place", "mig", "--json"]);
+    let drained = r
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .unwrap();
+    assert_eq!(
+        drained["reason"], "host is draining (maintenance)",
+        "{drained}"
+    );
+    csvctl_ok(&cl, &["node", "resume", &host.to_string()]);
+    let r = csvctl_json(&cl, &["vm", "place", "mig", "--json"]);
+    let back = r
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == host)
+        .unwrap();
+    assert!(back["rating"].as_f64().unwrap() > 0.0, "{back}");
+    let rt = runtime(&cl);
+    assert_eq!(rt["heartbeat_gaps"], 0, "{rt}");
+    csvctl_ok(&cl, &["vm", "stop", "second"]);
+
     csvctl_ok(&cl, &["vm", "stop", "mig"]);
     csv_test_support::wait_until(Duration::from_secs(20), || {
         let s = csvctl_json(&cl, &["vm", "status", "mig", "--json"]);
