@@ -219,6 +219,65 @@ pub fn best(hosts: &[HostLoad], vm: &VmNeeds, policy: &Policy) -> Option<u64> {
         .map(|r| r.node)
 }
 
+/// Every registered host's load for a VM on `volume`: what each host
+/// reports in its status (asked over the network, 2 s per host at most), the
+/// vCPUs of the roles running there, whether the registry has it down or
+/// draining, and the volume's free space.
+pub fn cluster_loads(
+    me: &crate::wire::Identity,
+    client: &mut crate::client::Client,
+    info: &crate::proto::ClusterInfo,
+    volume: u64,
+) -> Result<Vec<HostLoad>, crate::client::ClientError> {
+    let usage = client.usage(volume)?;
+    let capacity = info
+        .volumes
+        .iter()
+        .find(|v| v.number == volume)
+        .map_or(0, |v| v.capacity);
+    let mut out = Vec::new();
+    for n in &info.nodes {
+        let up_in_registry = info
+            .health
+            .iter()
+            .find(|h| h.node == n.id)
+            .is_none_or(|h| h.up);
+        let status = if up_in_registry {
+            n.addrs.iter().filter_map(|a| a.parse().ok()).find_map(|a| {
+                crate::client::node_status(me, a, std::time::Duration::from_secs(2)).ok()
+            })
+        } else {
+            None
+        };
+        let load = status
+            .as_ref()
+            .and_then(|s| s.load.clone())
+            .unwrap_or_default();
+        let vcpus = info
+            .vms
+            .iter()
+            .filter(|r| r.node == n.id)
+            .filter_map(|r| crate::vmrole::VmConfig::from_role(r).ok())
+            .filter(|c| c.state == "running")
+            .map(|c| c.vcpus)
+            .sum();
+        out.push(HostLoad {
+            node: n.id,
+            up: up_in_registry && status.is_some(),
+            draining: info.draining.contains(&n.id),
+            cores: load.cores,
+            cpu_busy: f64::from(load.cpu_busy_permille) / 1000.0,
+            vcpus,
+            mem_total: load.mem_total,
+            mem_available: load.mem_available,
+            disk_free: usage.free,
+            disk_total: capacity,
+            net_busy: None,
+        });
+    }
+    Ok(out)
+}
+
 /// This host's resources: cores, the 1-minute load average per core (a
 /// stand-in for CPU use that needs no sampling interval), and memory from
 /// /proc/meminfo. Zero where /proc cannot be read.

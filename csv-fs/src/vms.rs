@@ -153,6 +153,18 @@ impl VmSupervisor {
             ])
             .args(["--dirty-rate", &vm.dirty_rate.to_string()]);
         }
+        // A VM dies with the csvd that runs it: a host whose csvd is gone
+        // is failed over, and its VMs must not go on writing their disks.
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls prctl(2), which is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .arg("--disk")
             .arg(&disk)
@@ -250,6 +262,7 @@ impl VmSupervisor {
                     .collect();
                 self.converge(&wanted, &mut running, &mut failures);
                 self.migrations(info, &wanted, &mut running, &mut c);
+                self.failover(info, &mut c);
             }
             let mut reports: Vec<VmRuntime> = running
                 .iter_mut()
@@ -501,6 +514,111 @@ impl VmSupervisor {
             r.migration = Some(std::thread::spawn(move || {
                 send_migration(&control, &listen, &disk, volume, me, to, &mut hc, &name2)
             }));
+        }
+    }
+
+    /// When this host leads the cluster group: the running roles of hosts
+    /// the registry has down restart on the best-rated hosts that are up,
+    /// high priority first. The dead host's lease on each disk is revoked
+    /// first, so it cannot be handed a write again, and the placement of
+    /// each VM counts the ones placed before it in the same pass.
+    fn failover(&self, info: &coordinator::proto::ClusterInfo, c: &mut Client) {
+        let me = self.cfg.node;
+        let leads = self.cfg.endpoints.first().and_then(|a| {
+            coordinator::client::node_status(&self.cfg.identity, *a, Duration::from_secs(1)).ok()
+        });
+        let leads = leads.is_some_and(|s| {
+            s.groups
+                .iter()
+                .any(|g| g.group == coordinator::group::CLUSTER && g.role == "leader")
+        });
+        if !leads {
+            return;
+        }
+        let down: Vec<u64> = info
+            .health
+            .iter()
+            .filter(|h| !h.up)
+            .map(|h| h.node)
+            .collect();
+        let mut orphans: Vec<(coordinator::proto::VmRole, VmConfig)> = info
+            .vms
+            .iter()
+            .filter(|r| r.node != 0 && down.contains(&r.node))
+            .filter_map(|r| VmConfig::from_role(r).ok().map(|c| (r.clone(), c)))
+            .filter(|(_, c)| c.state == "running")
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        let rank = |p: &str| match p {
+            "high" => 0,
+            "medium" => 1,
+            _ => 2,
+        };
+        orphans.sort_by_key(|(r, c)| (rank(&c.priority), r.name.clone()));
+        let mut placed: BTreeMap<u64, (u32, u64)> = BTreeMap::new();
+        for (role, mut cfg) in orphans {
+            let dead = role.node;
+            let Ok(mut loads) =
+                coordinator::placement::cluster_loads(&self.cfg.identity, c, info, cfg.volume)
+            else {
+                continue;
+            };
+            for l in &mut loads {
+                if let Some((vcpus, mem)) = placed.get(&l.node) {
+                    l.vcpus += vcpus;
+                    l.mem_available = l.mem_available.saturating_sub(*mem);
+                }
+            }
+            let needs = coordinator::placement::VmNeeds {
+                vcpus: cfg.vcpus,
+                memory: cfg.memory,
+                disk: 0,
+                preferred: cfg.preferred.clone(),
+            };
+            let policy = coordinator::placement::Policy::default();
+            let Some(to) = coordinator::placement::best(&loads, &needs, &policy) else {
+                tracing::error!(vm = %role.name, dead, "failover: no host can run it");
+                continue;
+            };
+            // Fence the dead host off the disk's lease.
+            if let Some(disk) = cfg.disk_on(&self.cfg.mount_root) {
+                use std::os::unix::fs::MetadataExt;
+                if let Ok(m) = std::fs::metadata(&disk) {
+                    let op = coordinator::proto::volume_op::Op::RevokeLease(
+                        coordinator::proto::RevokeLeaseOp {
+                            node: dead,
+                            ino: m.ino(),
+                        },
+                    );
+                    if let Err(e) = c.volume_op(cfg.volume, op) {
+                        tracing::warn!(vm = %role.name, error = %coordinator::client::describe(&e), "failover: revoking the dead host's lease");
+                    }
+                }
+            }
+            cfg.migrate_to = None;
+            cfg.migrate_quick = false;
+            cfg.restore_from = None;
+            cfg.last_migration = Some(format!(
+                "failover: host {dead} went down; restarted on host {to} (placed by host {me})"
+            ));
+            let new = coordinator::proto::VmRole {
+                name: role.name.clone(),
+                node: to,
+                config: cfg.to_bytes(),
+            };
+            match c.set_vm_role(new) {
+                Ok(()) => {
+                    tracing::warn!(vm = %role.name, dead, to, "failover: VM restarts on another host");
+                    let e = placed.entry(to).or_insert((0, 0));
+                    e.0 += cfg.vcpus;
+                    e.1 += cfg.memory;
+                }
+                Err(e) => {
+                    tracing::error!(vm = %role.name, error = %coordinator::client::describe(&e), "failover: cannot place")
+                }
+            }
         }
     }
 

@@ -582,53 +582,8 @@ pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
 fn host_loads(access: &Access, info: &proto::ClusterInfo, volume: u64) -> Result<Vec<HostLoad>> {
     let me = access.identity()?;
     let mut c = access.client()?;
-    let usage = c
-        .usage(volume)
-        .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
-    let capacity = info
-        .volumes
-        .iter()
-        .find(|v| v.number == volume)
-        .map_or(0, |v| v.capacity);
-    let mut out = Vec::new();
-    for n in &info.nodes {
-        let up_in_registry = info
-            .health
-            .iter()
-            .find(|h| h.node == n.id)
-            .is_none_or(|h| h.up);
-        let status = n
-            .addrs
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .find_map(|a| client::node_status(&me, a, Duration::from_secs(2)).ok());
-        let load = status
-            .as_ref()
-            .and_then(|s| s.load.clone())
-            .unwrap_or_default();
-        let vcpus = info
-            .vms
-            .iter()
-            .filter(|r| r.node == n.id)
-            .filter_map(|r| config_of(r).ok())
-            .filter(|c| c.state == "running")
-            .map(|c| c.vcpus)
-            .sum();
-        out.push(HostLoad {
-            node: n.id,
-            up: up_in_registry && status.is_some(),
-            draining: info.draining.contains(&n.id),
-            cores: load.cores,
-            cpu_busy: f64::from(load.cpu_busy_permille) / 1000.0,
-            vcpus,
-            mem_total: load.mem_total,
-            mem_available: load.mem_available,
-            disk_free: usage.free,
-            disk_total: capacity,
-            net_busy: None,
-        });
-    }
-    Ok(out)
+    placement::cluster_loads(&me, &mut c, info, volume)
+        .map_err(|e| anyhow::anyhow!(client::describe(&e)))
 }
 
 fn place(access: &Access, name: &str, json: bool) -> Result<ExitCode> {

@@ -428,3 +428,117 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
     assert_eq!(found.bad, 0, "{found:?}");
     assert!(found.written > 20, "{found:?}");
 }
+
+/// Kill -9 the host that runs two VMs: its VMMs die with it, the cluster
+/// marks it down, and both VMs restart on the other hosts (high priority
+/// first); their disks check clean afterwards.
+#[test]
+fn vm_roles_restart_elsewhere_when_their_host_dies() {
+    csv_test_support::skip_unless!(
+        csv_test_support::Need::Root,
+        csv_test_support::Need::Device("/dev/fuse"),
+        csv_test_support::Need::Device("/dev/kvm")
+    );
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client()
+            .cluster_info()
+            .map(|i| i.nodes.len() == 3)
+            .unwrap_or(false)
+    })
+    .unwrap();
+    for (name, prio) in [("fa", "low"), ("fb", "high")] {
+        vhd::Vhd::create(
+            cl.mountpoint(1, v).join(format!("{name}.vhd")),
+            &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
+        )
+        .unwrap();
+        let disk = format!("/ClusterStorage/Volume{v}/{name}.vhd");
+        csvctl_ok(
+            &cl,
+            &[
+                "vm",
+                "add",
+                name,
+                "--memory",
+                "64M",
+                "--disk",
+                &disk,
+                "--priority",
+                prio,
+            ],
+        );
+        csvctl_ok(&cl, &["vm", "start", name, "--on", "3"]);
+    }
+    let running_on = |cl: &CsvCluster, name: &str| -> Option<u64> {
+        let s = csvctl_json(cl, &["vm", "status", name, "--json"]);
+        s["runtime"]
+            .as_array()?
+            .iter()
+            .find(|x| x["state"] == "running" && x["heartbeats"].as_u64().unwrap_or(0) > 100)
+            .and_then(|x| x["host"].as_u64())
+    };
+    csv_test_support::wait_until(Duration::from_secs(30), || {
+        running_on(&cl, "fa") == Some(3) && running_on(&cl, "fb") == Some(3)
+    })
+    .unwrap();
+
+    let killed = std::time::Instant::now();
+    cl.kill(3).unwrap();
+    let mut hosts = (None, None);
+    let ok = csv_test_support::wait_until(Duration::from_secs(30), || {
+        hosts = (running_on(&cl, "fa"), running_on(&cl, "fb"));
+        matches!(hosts, (Some(a), Some(b)) if a != 3 && b != 3)
+    });
+    assert!(
+        ok.is_ok(),
+        "not restarted: {hosts:?}\n{}\n{}",
+        csvctl_ok(&cl, &["vm", "status", "fa"]),
+        csvctl_ok(&cl, &["vm", "status", "fb"])
+    );
+    eprintln!(
+        "both VMs run again {:?} after the kill, on hosts {hosts:?}",
+        killed.elapsed()
+    );
+    let s = csvctl_json(&cl, &["vm", "status", "fb", "--json"]);
+    assert!(
+        s["config"]["last_migration"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("failover: host 3"),
+        "{s}"
+    );
+    for name in ["fa", "fb"] {
+        csvctl_ok(&cl, &["vm", "stop", name]);
+    }
+    csv_test_support::wait_until(Duration::from_secs(20), || {
+        ["fa", "fb"].iter().all(|n| {
+            let s = csvctl_json(&cl, &["vm", "status", n, "--json"]);
+            s["runtime"].as_array().is_some_and(|r| r.is_empty())
+        })
+    })
+    .unwrap();
+    for name in ["fa", "fb"] {
+        let path = cl.mountpoint(1, v).join(format!("{name}.vhd"));
+        let check = cl
+            .csvctl()
+            .args(["vhd", "check", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        let d = vhd::Vhd::open(&path, &vhd::OpenOptions::default()).unwrap();
+        let found = hypervisor_shim::guest::check_disk(256, |b, buf| {
+            d.read_at(buf, b * 4096).map_err(std::io::Error::other)
+        })
+        .unwrap();
+        assert_eq!(found.bad, 0, "{name}: {found:?}");
+    }
+}
