@@ -982,6 +982,9 @@ pub struct VmRuntime {
     /// Pages the guest found damaged.
     #[prost(uint64, tag = "10")]
     pub guest_errors: u64,
+    /// Heartbeat number of the guest's last completed disk write.
+    #[prost(uint64, tag = "11")]
+    pub disk_last_seq: u64,
 }
 
 /// A host's resources as it measures them.

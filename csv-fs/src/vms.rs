@@ -215,6 +215,7 @@ impl VmSupervisor {
                 out.heartbeat_seq = hb["seq"].as_u64().unwrap_or(0);
                 out.heartbeats = hb["local_count"].as_u64().unwrap_or(0);
                 out.disk_writes = s["guest"]["disk_writes"].as_u64().unwrap_or(0);
+                out.disk_last_seq = s["guest"]["disk_last_seq"].as_u64().unwrap_or(0);
             }
         }
         out

@@ -376,6 +376,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                             "heartbeat_seq": v.heartbeat_seq, "heartbeats": v.heartbeats,
                             "disk_writes": v.disk_writes, "error": v.error,
                             "heartbeat_gaps": v.heartbeat_gaps, "guest_errors": v.guest_errors,
+                            "disk_last_seq": v.disk_last_seq,
                             "listen": v.listen,
                         })
                     })

@@ -412,6 +412,10 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
     assert_eq!(rt["heartbeat_gaps"], 0, "{rt}");
     csvctl_ok(&cl, &["vm", "stop", "second"]);
 
+    // The guest's own log of its last completed disk write, read before it
+    // stops: that write (or a later one) must be on the disk.
+    let last_write = runtime(&cl)["disk_last_seq"].as_u64().unwrap();
+    assert!(last_write > 0);
     csvctl_ok(&cl, &["vm", "stop", "mig"]);
     csv_test_support::wait_until(Duration::from_secs(20), || {
         let s = csvctl_json(&cl, &["vm", "status", "mig", "--json"]);
@@ -426,6 +430,10 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
     .unwrap();
     eprintln!("disk after ten moves: {found:?}");
     assert_eq!(found.bad, 0, "{found:?}");
+    assert!(
+        found.newest_seq >= last_write,
+        "lost disk writes: {found:?}, guest's last write {last_write}"
+    );
     assert!(found.written > 20, "{found:?}");
 }
 
