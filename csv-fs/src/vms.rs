@@ -74,21 +74,49 @@ impl std::fmt::Debug for Running {
     }
 }
 
-/// One JSON-lines request to a csv-vmm control socket.
-fn ask(control: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
-    let conn = UnixStream::connect(control).map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(Duration::from_secs(15)))
-        .map_err(|e| e.to_string())?;
-    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
-    writeln!(w, "{req}").map_err(|e| e.to_string())?;
-    let mut r = BufReader::new(conn);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+/// A conversation with a csv-vmm control socket (JSON lines).
+struct Control {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Control {
+    /// Connects and sends `req`; answers are read with a timeout, if any.
+    fn send(
+        control: &Path,
+        req: &serde_json::Value,
+        timeout: Option<Duration>,
+    ) -> Result<Control, String> {
+        let conn = UnixStream::connect(control).map_err(|e| e.to_string())?;
+        conn.set_read_timeout(timeout).map_err(|e| e.to_string())?;
+        let mut w = conn.try_clone().map_err(|e| e.to_string())?;
+        writeln!(w, "{req}").map_err(|e| e.to_string())?;
+        Ok(Control {
+            w,
+            r: BufReader::new(conn),
+        })
+    }
+
+    /// The next line the VMM sends (an event or the answer).
+    fn next(&mut self) -> Result<serde_json::Value, String> {
+        let mut line = String::new();
+        if self.r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
             return Err("the VMM closed its control socket".into());
         }
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        serde_json::from_str(&line).map_err(|e| e.to_string())
+    }
+
+    /// One more line to the VMM (an answer to an event).
+    fn reply(&mut self, v: &serde_json::Value) -> Result<(), String> {
+        writeln!(self.w, "{v}").map_err(|e| e.to_string())
+    }
+}
+
+/// One request to a csv-vmm control socket; its answer (events skipped).
+fn ask(control: &Path, req: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let mut c = Control::send(control, req, Some(Duration::from_secs(15)))?;
+    loop {
+        let v = c.next()?;
         if v.get("event").is_none() {
             return Ok(v);
         }
@@ -705,18 +733,12 @@ fn send_migration(
     let ino = std::fs::metadata(disk)
         .map_err(|e| format!("{}: {e}", disk.display()))?
         .ino();
-    let conn = UnixStream::connect(control).map_err(|e| e.to_string())?;
-    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
     let req = serde_json::json!({"cmd": "migrate", "to": listen, "confirm": true});
-    writeln!(w, "{req}").map_err(|e| e.to_string())?;
-    let mut r = BufReader::new(conn);
-    let mut line = String::new();
+    let mut vmm = Control::send(control, &req, None)?;
     loop {
-        line.clear();
-        if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-            return Err("the VMM closed its control socket during the migration".into());
-        }
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
+        let v = vmm
+            .next()
+            .map_err(|e| format!("during the migration: {e}"))?;
         match v.get("event").and_then(|e| e.as_str()) {
             Some("acked") => {
                 // The switch-over: the disk's write lease goes to the target.
@@ -728,14 +750,14 @@ fn send_migration(
                         now: 0,
                         ttl: crate::fs::LEASE_TTL.as_millis() as u64,
                     });
-                match c.volume_op(volume, op) {
-                    Ok(_) => writeln!(w, "{}", serde_json::json!({"cmd": "go"})),
+                let answer = match c.volume_op(volume, op) {
+                    Ok(_) => serde_json::json!({"cmd": "go"}),
                     Err(e) => {
                         tracing::error!(vm = name, error = %coordinator::client::describe(&e), "lease hand-over failed");
-                        writeln!(w, "{}", serde_json::json!({"cmd": "abort"}))
+                        serde_json::json!({"cmd": "abort"})
                     }
-                }
-                .map_err(|e| e.to_string())?;
+                };
+                vmm.reply(&answer)?;
             }
             Some(_) => {}
             None => {

@@ -121,7 +121,19 @@ struct Sender<'a, W: Write> {
     zero_pages: u64,
 }
 
-impl<W: Write> Sender<'_, W> {
+impl<'a, W: Write> Sender<'a, W> {
+    /// A sender of `vm`'s state into `w` (buffered).
+    fn new(vm: &'a Vm, w: W) -> Sender<'a, BufWriter<W>> {
+        Sender {
+            vm,
+            w: BufWriter::with_capacity(1 << 20, w),
+            buf: Vec::new(),
+            bytes: 0,
+            pages: 0,
+            zero_pages: 0,
+        }
+    }
+
     fn frame(&mut self, kind: Kind, parts: &[&[u8]]) -> Result<()> {
         stream::write_frame(&mut self.w, kind, parts)?;
         self.bytes += 12 + parts.iter().map(|p| p.len() as u64).sum::<u64>();
@@ -326,14 +338,7 @@ pub fn save(vm: &Vm, path: &Path) -> Result<Summary> {
         vm.flush_disk()?;
         let tmp = path.with_extension("partial");
         let f = std::fs::File::create(&tmp).map_err(io("create the save file"))?;
-        let mut s = Sender {
-            vm,
-            w: BufWriter::with_capacity(1 << 20, f),
-            buf: Vec::new(),
-            bytes: 0,
-            pages: 0,
-            zero_pages: 0,
-        };
+        let mut s = Sender::new(vm, f);
         stream::write_header(&mut s.w)?;
         let hello = Hello {
             mem_bytes: vm.mem_bytes(),
@@ -398,14 +403,7 @@ pub fn migrate(
         .map_err(io("connect to the target"))?;
     let _ = conn.set_nodelay(true);
     let mut back = conn.try_clone().map_err(io("clone the connection"))?;
-    let mut s = Sender {
-        vm,
-        w: BufWriter::with_capacity(1 << 20, conn),
-        buf: Vec::new(),
-        bytes: 0,
-        pages: 0,
-        zero_pages: 0,
-    };
+    let mut s = Sender::new(vm, conn);
     let pages_total = (vm.mem_bytes() / PAGE) as usize;
     let mut pending = vec![0u64; pages_total.div_ceil(64)];
     let mut paused_at = None;

@@ -127,6 +127,28 @@ fn valid_name(n: &str) -> bool {
         && !n.starts_with('.')
 }
 
+/// A client error as an operator reads it.
+fn cerr(e: client::ClientError) -> anyhow::Error {
+    anyhow::anyhow!(client::describe(&e))
+}
+
+/// A client and the registry as it is now.
+fn registry(access: &Access) -> Result<(client::Client, proto::ClusterInfo)> {
+    let mut c = access.client()?;
+    let info = c.cluster_info().map_err(cerr)?;
+    Ok((c, info))
+}
+
+/// Records `name` on `node` with `cfg`.
+fn put_role(c: &mut client::Client, name: &str, node: u64, cfg: &VmConfig) -> Result<()> {
+    c.set_vm_role(proto::VmRole {
+        name: name.to_string(),
+        node,
+        config: cfg.to_bytes(),
+    })
+    .map_err(cerr)
+}
+
 fn config_of(role: &proto::VmRole) -> Result<VmConfig> {
     serde_json::from_slice(&role.config).with_context(|| {
         format!(
@@ -169,10 +191,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             let Some(volume) = volume.or_else(|| volume_of(&disk)) else {
                 bail!("cannot tell the volume of {disk:?}: give a path with VolumeN in it or --volume N");
             };
-            let mut c = access.client()?;
-            let info = c
-                .cluster_info()
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let (mut c, info) = registry(&access)?;
             if info.vms.iter().any(|r| r.name == name) {
                 bail!("a VM role {name:?} exists");
             }
@@ -199,12 +218,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 migrate_quick: false,
                 restore_from: None,
             };
-            c.set_vm_role(proto::VmRole {
-                name: name.clone(),
-                node: 0,
-                config: cfg.to_bytes(),
-            })
-            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            put_role(&mut c, &name, 0, &cfg)?;
             println!(
                 "VM role {name} added (stopped): {vcpus} vCPU(s), {}, disk {} on Volume{volume}",
                 crate::size::human(memory),
@@ -213,10 +227,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::List { access, json } => {
-            let mut c = access.client()?;
-            let info = c
-                .cluster_info()
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let (_, info) = registry(&access)?;
             let mut rows = Vec::new();
             for r in &info.vms {
                 rows.push((r.clone(), config_of(r)?));
@@ -253,10 +264,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Remove { access, name } => {
-            let mut c = access.client()?;
-            let info = c
-                .cluster_info()
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let (mut c, info) = registry(&access)?;
             let role = find(&info, &name)?;
             let cfg = config_of(&role)?;
             if cfg.state != "stopped" || role.node != 0 {
@@ -266,17 +274,13 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                     role.node
                 );
             }
-            c.remove_vm_role(&name)
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            c.remove_vm_role(&name).map_err(cerr)?;
             println!("VM role {name} removed (its disk {} stays)", cfg.disk);
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Place { access, name, json } => place(&access, &name, json),
         VmCommand::Start { access, name, on } => {
-            let mut c = access.client()?;
-            let info = c
-                .cluster_info()
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let (mut c, info) = registry(&access)?;
             let role = find(&info, &name)?;
             let mut cfg = config_of(&role)?;
             if cfg.state == "running" {
@@ -306,12 +310,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 }
             };
             cfg.state = "running".into();
-            c.set_vm_role(proto::VmRole {
-                name: name.clone(),
-                node: host,
-                config: cfg.to_bytes(),
-            })
-            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            put_role(&mut c, &name, host, &cfg)?;
             println!(
                 "VM {name} placed on host {host}; its csvd starts it (csvctl vm status {name})"
             );
@@ -325,10 +324,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             timeout_s,
         } => migrate(&access, &name, to, quick, timeout_s),
         VmCommand::Stop { access, name } => {
-            let mut c = access.client()?;
-            let info = c
-                .cluster_info()
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let (mut c, info) = registry(&access)?;
             let role = find(&info, &name)?;
             let mut cfg = config_of(&role)?;
             if cfg.state == "stopped" && role.node == 0 {
@@ -336,20 +332,12 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             cfg.state = "stopped".into();
-            c.set_vm_role(proto::VmRole {
-                name: name.clone(),
-                node: 0,
-                config: cfg.to_bytes(),
-            })
-            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            put_role(&mut c, &name, 0, &cfg)?;
             println!("VM {name} stopping on host {}", role.node);
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Status { access, name, json } => {
-            let mut c = access.client()?;
-            let info = c
-                .cluster_info()
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            let (_, info) = registry(&access)?;
             let role = find(&info, &name)?;
             let cfg = config_of(&role)?;
             let me = access.identity()?;
@@ -421,10 +409,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
 }
 
 fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) -> Result<ExitCode> {
-    let mut c = access.client()?;
-    let info = c
-        .cluster_info()
-        .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    let (mut c, info) = registry(access)?;
     let role = find(&info, name)?;
     let mut cfg = config_of(&role)?;
     if cfg.state != "running" || role.node == 0 {
@@ -443,19 +428,12 @@ fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) ->
     cfg.migrate_to = Some(to);
     cfg.migrate_quick = quick;
     cfg.last_migration = None;
-    c.set_vm_role(proto::VmRole {
-        name: name.to_string(),
-        node: from,
-        config: cfg.to_bytes(),
-    })
-    .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    put_role(&mut c, name, from, &cfg)?;
     eprintln!("VM {name}: host {to} prepares to receive it, host {from} sends it");
     let deadline = std::time::Instant::now() + Duration::from_secs(timeout_s);
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let info = c
-            .cluster_info()
-            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+        let info = c.cluster_info().map_err(cerr)?;
         let role = find(&info, name)?;
         let cfg = config_of(&role)?;
         if cfg.migrate_to.is_none() {
@@ -521,8 +499,7 @@ pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
     match c {
         NodeCommand::Resume { access, host } => {
             let mut c = access.client()?;
-            c.set_draining(host, false)
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            c.set_draining(host, false).map_err(cerr)?;
             println!("host {host} takes VMs again");
             Ok(ExitCode::SUCCESS)
         }
@@ -532,11 +509,8 @@ pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
             timeout_s,
         } => {
             let mut c = access.client()?;
-            c.set_draining(host, true)
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
-            let info = c
-                .cluster_info()
-                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            c.set_draining(host, true).map_err(cerr)?;
+            let info = c.cluster_info().map_err(cerr)?;
             let mut here: Vec<(proto::VmRole, VmConfig)> = info
                 .vms
                 .iter()
@@ -548,9 +522,7 @@ pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
             println!("host {host} drains: {} VM(s) to move", here.len());
             let mut failed = 0;
             for (role, cfg) in here {
-                let info = c
-                    .cluster_info()
-                    .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+                let info = c.cluster_info().map_err(cerr)?;
                 let loads = host_loads(&access, &info, cfg.volume)?;
                 let needs = VmNeeds {
                     vcpus: cfg.vcpus,
@@ -583,15 +555,11 @@ pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
 fn host_loads(access: &Access, info: &proto::ClusterInfo, volume: u64) -> Result<Vec<HostLoad>> {
     let me = access.identity()?;
     let mut c = access.client()?;
-    placement::cluster_loads(&me, &mut c, info, volume)
-        .map_err(|e| anyhow::anyhow!(client::describe(&e)))
+    placement::cluster_loads(&me, &mut c, info, volume).map_err(cerr)
 }
 
 fn place(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
-    let mut c = access.client()?;
-    let info = c
-        .cluster_info()
-        .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    let (_, info) = registry(access)?;
     let role = find(&info, name)?;
     let cfg = config_of(&role)?;
     let loads = host_loads(access, &info, cfg.volume)?;

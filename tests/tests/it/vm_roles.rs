@@ -33,12 +33,20 @@ fn csvctl_err(cl: &CsvCluster, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-#[test]
-fn vm_roles_are_added_rated_and_removed() {
+/// Three hosts with Volume1 (a 256 MiB LUN file) mounted on each, every
+/// host in the registry.
+fn mounted_cluster() -> (CsvCluster, u64) {
     let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
     cl.start_all().unwrap();
     let v = cl.add_volume_file(256 << 20).unwrap();
-    // The founding hosts enter the registry a moment after the first election.
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    wait_registered(&cl);
+    (cl, v)
+}
+
+/// The founding hosts enter the registry a moment after the first election.
+fn wait_registered(cl: &CsvCluster) {
     csv_test_support::wait_until(Duration::from_secs(10), || {
         cl.client()
             .cluster_info()
@@ -46,6 +54,24 @@ fn vm_roles_are_added_rated_and_removed() {
             .unwrap_or(false)
     })
     .unwrap();
+}
+
+/// A 16 MiB dynamic VHD made through host 1's mount; its role path.
+fn new_vhd(cl: &CsvCluster, v: u64, name: &str) -> String {
+    vhd::Vhd::create(
+        cl.mountpoint(1, v).join(name),
+        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
+    )
+    .unwrap();
+    format!("/ClusterStorage/Volume{v}/{name}")
+}
+
+#[test]
+fn vm_roles_are_added_rated_and_removed() {
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    wait_registered(&cl);
     let disk = format!("/ClusterStorage/Volume{v}/vm1.vhd");
 
     csvctl_ok(
@@ -152,25 +178,8 @@ fn a_vm_role_runs_on_its_host_and_its_disk_is_whole_elsewhere() {
         csv_test_support::Need::Device("/dev/fuse"),
         csv_test_support::Need::Device("/dev/kvm")
     );
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(256 << 20).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
-    csv_test_support::wait_until(Duration::from_secs(10), || {
-        cl.client()
-            .cluster_info()
-            .map(|i| i.nodes.len() == 3)
-            .unwrap_or(false)
-    })
-    .unwrap();
-    let on_host1 = cl.mountpoint(1, v).join("vm1.vhd");
-    vhd::Vhd::create(
-        &on_host1,
-        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
-    )
-    .unwrap();
-    let disk = format!("/ClusterStorage/Volume{v}/vm1.vhd");
+    let (cl, v) = mounted_cluster();
+    let disk = new_vhd(&cl, v, "vm1.vhd");
     csvctl_ok(
         &cl,
         &[
@@ -261,24 +270,8 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
         csv_test_support::Need::Device("/dev/fuse"),
         csv_test_support::Need::Device("/dev/kvm")
     );
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(256 << 20).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
-    csv_test_support::wait_until(Duration::from_secs(10), || {
-        cl.client()
-            .cluster_info()
-            .map(|i| i.nodes.len() == 3)
-            .unwrap_or(false)
-    })
-    .unwrap();
-    vhd::Vhd::create(
-        cl.mountpoint(1, v).join("mig.vhd"),
-        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
-    )
-    .unwrap();
-    let disk = format!("/ClusterStorage/Volume{v}/mig.vhd");
+    let (cl, v) = mounted_cluster();
+    let disk = new_vhd(&cl, v, "mig.vhd");
     csvctl_ok(
         &cl,
         &[
@@ -353,12 +346,7 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
 
     // Drain the host it is on, with a second VM there: both leave, the
     // host rates 0 ("draining") until it resumes.
-    vhd::Vhd::create(
-        cl.mountpoint(1, v).join("second.vhd"),
-        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
-    )
-    .unwrap();
-    let second = format!("/ClusterStorage/Volume{v}/second.vhd");
+    let second = new_vhd(&cl, v, "second.vhd");
     csvctl_ok(
         &cl,
         &[
@@ -447,25 +435,9 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
         csv_test_support::Need::Device("/dev/fuse"),
         csv_test_support::Need::Device("/dev/kvm")
     );
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(256 << 20).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
-    csv_test_support::wait_until(Duration::from_secs(10), || {
-        cl.client()
-            .cluster_info()
-            .map(|i| i.nodes.len() == 3)
-            .unwrap_or(false)
-    })
-    .unwrap();
+    let (mut cl, v) = mounted_cluster();
     for (name, prio) in [("fa", "low"), ("fb", "high")] {
-        vhd::Vhd::create(
-            cl.mountpoint(1, v).join(format!("{name}.vhd")),
-            &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
-        )
-        .unwrap();
-        let disk = format!("/ClusterStorage/Volume{v}/{name}.vhd");
+        let disk = new_vhd(&cl, v, &format!("{name}.vhd"));
         csvctl_ok(
             &cl,
             &[
