@@ -14,6 +14,7 @@
 //! | `check` | | the host-side scan of the test guest's pages |
 //! | `memory-crc` | | CRC32 of all guest memory (pauses for the read) |
 //! | `stats` | | memory size and pages in use, for placement |
+//! | `registers` | | each vCPU's RIP, RSP, CR0, CS and MP state (pauses for the read) |
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -166,6 +167,29 @@ fn handle(req: &Value, slot: &Slot, w: &mut UnixStream, r: &mut BufReader<UnixSt
             }
             v
         }
+        "registers" => {
+            let was_running = vm.state() == RunState::Running;
+            vm.pause();
+            let v = match vm.vcpu_states() {
+                Ok(cpus) => {
+                    let regs: Vec<Value> = cpus
+                        .iter()
+                        .map(|c| {
+                            json!({"id": c.id, "rip": format!("{:#x}", c.regs.rip),
+                                "rsp": format!("{:#x}", c.regs.rsp),
+                                "cr0": format!("{:#x}", c.sregs.cr0),
+                                "cs": c.sregs.cs.selector, "mp_state": c.mp_state.mp_state})
+                        })
+                        .collect();
+                    json!({"ok": true, "vcpus": regs})
+                }
+                Err(e) => err(e),
+            };
+            if was_running {
+                vm.resume();
+            }
+            v
+        }
         "stats" => json!({
             "ok": true,
             "mem_bytes": vm.mem_bytes(),
@@ -238,7 +262,7 @@ fn handle(req: &Value, slot: &Slot, w: &mut UnixStream, r: &mut BufReader<UnixSt
             }
         }
         other => err(format!(
-            "unknown command {other:?} (status, pause, resume, stop, save, migrate, set-rate, check, memory-crc, stats)"
+            "unknown command {other:?} (status, pause, resume, stop, save, migrate, set-rate, check, memory-crc, stats, registers)"
         )),
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod guest;
+pub mod linux;
 pub mod migrate;
 pub mod stream;
 pub mod virtio_blk;

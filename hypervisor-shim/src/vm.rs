@@ -408,37 +408,15 @@ impl Vm {
         (self.host as *mut u8, self.config.mem_bytes as usize)
     }
 
+    /// Guest memory (for the loaders).
+    pub(crate) fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Loads the test guest and sets up its vCPU 0 to enter it in long mode at
     /// CPL 3 (see guest/testguest.S for why not ring 0).
     pub fn load_test_guest(&self, cfg: guest::TestGuestConfig) -> Result<()> {
         let m = &self.mem;
-        let w = |addr: u64, v: u64| {
-            m.write_obj(v, GuestAddress(addr))
-                .map_err(|e| VmError::Memory(format!("write {addr:#x}: {e}")))
-        };
-        // GDT: null, 64-bit code, data, busy TSS.
-        for (i, e) in [
-            0u64,
-            0x00af_fb00_0000_ffff,
-            0x00cf_f300_0000_ffff,
-            0x008f_8b00_0000_ffff,
-        ]
-        .iter()
-        .enumerate()
-        {
-            w(guest::GDT_ADDR + 8 * i as u64, *e)?;
-        }
-        w(guest::IDT_ADDR, 0)?;
-        // Identity map of 4 GiB with 2 MiB pages.
-        let pdpt = guest::PML4_ADDR + 0x1000;
-        let pd = guest::PML4_ADDR + 0x2000;
-        w(guest::PML4_ADDR, pdpt | 7)?;
-        for i in 0..4u64 {
-            w(pdpt + 8 * i, (pd + 0x1000 * i) | 7)?;
-            for j in 0..512u64 {
-                w(pd + 0x1000 * i + 8 * j, ((i * 512 + j) << 21) | 0x87)?;
-            }
-        }
         for (off, v) in [
             (guest::MB_MAGIC, guest::MAGIC),
             (guest::MB_TSC_KHZ, u64::from(self.tsc_khz)),
@@ -449,20 +427,63 @@ impl Vm {
             (guest::MB_DISK_BLOCKS, cfg.disk_blocks),
             (guest::MB_DISK_EVERY, cfg.disk_every),
         ] {
-            w(guest::MAILBOX + off, v)?;
+            m.write_obj(v, GuestAddress(guest::MAILBOX + off))
+                .map_err(|e| VmError::Memory(format!("write the mailbox: {e}")))?;
         }
         m.write_slice(guest::IMAGE, GuestAddress(guest::LOAD_ADDR))
             .map_err(|e| VmError::Memory(format!("load the test guest: {e}")))?;
+        // IOPL 3: the guest's port writes are allowed at CPL 3.
+        self.setup_long_mode(3, guest::LOAD_ADDR, guest::STACK_TOP, 0, 0x3002)
+    }
 
+    /// Builds a GDT (null, 64-bit code, data, busy TSS; code and data at
+    /// privilege `dpl`), an empty IDT and an identity map of the first
+    /// 4 GiB with 2 MiB pages, and sets vCPU 0 up in long mode at `rip`
+    /// with `rsp`, `rsi` and `rflags`.
+    pub(crate) fn setup_long_mode(
+        &self,
+        dpl: u8,
+        rip: u64,
+        rsp: u64,
+        rsi: u64,
+        rflags: u64,
+    ) -> Result<()> {
+        let m = &self.mem;
+        let w = |addr: u64, v: u64| {
+            m.write_obj(v, GuestAddress(addr))
+                .map_err(|e| VmError::Memory(format!("write {addr:#x}: {e}")))
+        };
+        let d = u64::from(dpl & 3) << 45;
+        for (i, e) in [
+            0u64,
+            0x00af_9b00_0000_ffff | d,
+            0x00cf_9300_0000_ffff | d,
+            0x008f_8b00_0000_ffff,
+        ]
+        .iter()
+        .enumerate()
+        {
+            w(guest::GDT_ADDR + 8 * i as u64, *e)?;
+        }
+        w(guest::IDT_ADDR, 0)?;
+        let pdpt = guest::PML4_ADDR + 0x1000;
+        let pd = guest::PML4_ADDR + 0x2000;
+        w(guest::PML4_ADDR, pdpt | 7)?;
+        for i in 0..4u64 {
+            w(pdpt + 8 * i, (pd + 0x1000 * i) | 7)?;
+            for j in 0..512u64 {
+                w(pd + 0x1000 * i + 8 * j, ((i * 512 + j) << 21) | 0x87)?;
+            }
+        }
         let v = lock(&self.vcpus[0]);
         let mut sregs = kvm("read sregs", v.get_sregs())?;
         let code = kvm_segment {
             base: 0,
             limit: 0xffff_ffff,
-            selector: 0x08 | 3,
+            selector: 0x08 | u16::from(dpl & 3),
             type_: 0xb,
             present: 1,
-            dpl: 3,
+            dpl: dpl & 3,
             db: 0,
             s: 1,
             l: 1,
@@ -470,7 +491,7 @@ impl Vm {
             ..Default::default()
         };
         let data = kvm_segment {
-            selector: 0x10 | 3,
+            selector: 0x10 | u16::from(dpl & 3),
             type_: 0x3,
             db: 1,
             l: 0,
@@ -502,9 +523,10 @@ impl Vm {
         sregs.efer |= 0x500; // LME, LMA
         kvm("set sregs", v.set_sregs(&sregs))?;
         let mut regs = kvm("read regs", v.get_regs())?;
-        regs.rip = guest::LOAD_ADDR;
-        regs.rsp = guest::STACK_TOP;
-        regs.rflags = 0x3002; // IOPL 3: the guest's port writes are allowed at CPL 3
+        regs.rip = rip;
+        regs.rsp = rsp;
+        regs.rsi = rsi;
+        regs.rflags = rflags;
         kvm("set regs", v.set_regs(&regs))?;
         let mut fpu = kvm("read FPU", v.get_fpu())?;
         fpu.fcw = 0x37f;

@@ -33,6 +33,32 @@ struct Cli {
 enum Cmd {
     /// Boot the test guest.
     Run(RunArgs),
+    /// Boot a Linux kernel (bzImage) with an initramfs and a command line
+    /// (tools/guest/build-linux.sh makes a Debian kernel and a busybox
+    /// initramfs). On hosts whose KVM is kvm_pvm this is very slow: see
+    /// docs/VMM.md.
+    Boot {
+        /// The kernel (bzImage, boot protocol 2.12 or later).
+        #[arg(long)]
+        kernel: PathBuf,
+        /// The initramfs.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// The kernel command line.
+        #[arg(
+            long,
+            default_value = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 reboot=k"
+        )]
+        cmdline: String,
+        /// Guest memory (bytes, or with K, M, G).
+        #[arg(long, default_value = "512M", value_parser = parse_size)]
+        memory: u64,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[command(flatten)]
+        host: HostArgs,
+    },
     /// Wait for a live migration, then run the guest it brings.
     Incoming {
         /// Address to listen on for the migration stream.
@@ -154,6 +180,8 @@ enum CtlOp {
     MemoryCrc,
     /// Memory size and pages in use.
     Stats,
+    /// Each vCPU's RIP, RSP, CR0, CS and MP state.
+    Registers,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -229,7 +257,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let host = match &cli.cmd {
         Cmd::Run(a) => Some(&a.host),
-        Cmd::Incoming { host, .. } | Cmd::Restore { host, .. } => Some(host),
+        Cmd::Incoming { host, .. } | Cmd::Restore { host, .. } | Cmd::Boot { host, .. } => {
+            Some(host)
+        }
         Cmd::Ctl { .. } | Cmd::GuestImage { .. } | Cmd::Inspect { .. } => None,
     };
     if let Some(h) = host {
@@ -250,6 +280,29 @@ fn main() -> anyhow::Result<()> {
                 cfg.disk_every = a.disk_every.max(1);
             }
             vm.load_test_guest(cfg)?;
+            vm.start()?;
+            supervise(vm, &slot)
+        }
+        Cmd::Boot {
+            kernel,
+            initrd,
+            cmdline,
+            memory,
+            vcpus,
+            host,
+        } => {
+            let image = std::fs::read(&kernel)
+                .with_context(|| format!("read the kernel {}", kernel.display()))?;
+            let rd = match &initrd {
+                Some(p) => Some(
+                    std::fs::read(p)
+                        .with_context(|| format!("read the initramfs {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let vm = Arc::new(Vm::new(host_config(&host, memory, vcpus))?);
+            vm.attach_disk()?;
+            vm.load_linux(&image, rd.as_deref(), &cmdline)?;
             vm.start()?;
             supervise(vm, &slot)
         }
@@ -306,6 +359,7 @@ fn ctl(path: &std::path::Path, op: CtlOp) -> anyhow::Result<()> {
         CtlOp::Check => json!({"cmd": "check"}),
         CtlOp::MemoryCrc => json!({"cmd": "memory-crc"}),
         CtlOp::Stats => json!({"cmd": "stats"}),
+        CtlOp::Registers => json!({"cmd": "registers"}),
     };
     let answer = control::request(path, &req, |ev: &Value| {
         if let Some(p) = ev.get("progress") {
