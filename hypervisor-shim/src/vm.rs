@@ -69,6 +69,8 @@ pub enum SerialOut {
     Stdout,
     /// Appended to a file.
     File(PathBuf),
+    /// Sent to a Unix socket something listens on (a console server).
+    Unix(PathBuf),
 }
 
 impl SerialOut {
@@ -82,6 +84,7 @@ impl SerialOut {
                     .append(true)
                     .open(p)?,
             ),
+            SerialOut::Unix(p) => Box::new(std::os::unix::net::UnixStream::connect(p)?),
         })
     }
 }

@@ -124,7 +124,8 @@ struct RunArgs {
 
 #[derive(Args, Debug)]
 struct HostArgs {
-    /// Serial console: `stdout`, `null` or `file:PATH`.
+    /// Serial console: `stdout`, `null`, `file:PATH` or `unix:PATH` (a
+    /// socket a console server listens on).
     #[arg(long, default_value = "stdout", value_parser = parse_serial)]
     serial: SerialOut,
     /// Control socket (JSON lines); see `csv-vmm ctl --help`.
@@ -203,9 +204,10 @@ fn parse_serial(s: &str) -> Result<SerialOut, String> {
     match s {
         "stdout" => Ok(SerialOut::Stdout),
         "null" | "none" => Ok(SerialOut::Null),
-        _ => match s.strip_prefix("file:") {
-            Some(p) if !p.is_empty() => Ok(SerialOut::File(PathBuf::from(p))),
-            _ => Err(format!("{s:?}: use stdout, null or file:PATH")),
+        _ => match (s.strip_prefix("file:"), s.strip_prefix("unix:")) {
+            (Some(p), _) if !p.is_empty() => Ok(SerialOut::File(PathBuf::from(p))),
+            (_, Some(p)) if !p.is_empty() => Ok(SerialOut::Unix(PathBuf::from(p))),
+            _ => Err(format!("{s:?}: use stdout, null, file:PATH or unix:PATH")),
         },
     }
 }

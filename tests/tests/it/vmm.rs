@@ -23,11 +23,7 @@ fn make_disk(path: &Path, kind: DiskType) {
 /// qemu-img (converted to raw): both must agree that every written block
 /// holds together and that the newest write is `last_seq` or later.
 fn check_guest_disk(path: &Path, last_seq: u64) -> DiskCheck {
-    let disk = vhd::Vhd::open(path, &vhd::OpenOptions::default()).unwrap();
-    let ours = check_disk(DISK_BLOCKS, |b, buf| {
-        disk.read_at(buf, b * 4096).map_err(std::io::Error::other)
-    })
-    .unwrap();
+    let ours = check_guest_disk_ours(path, last_seq);
     let raw = path.with_extension("raw");
     csv_test_support::cmd::run_args(
         "qemu-img",
@@ -48,6 +44,17 @@ fn check_guest_disk(path: &Path, last_seq: u64) -> DiskCheck {
     })
     .unwrap();
     assert_eq!(ours, qemu, "our reading of the VHD and qemu-img's differ");
+    ours
+}
+
+/// The same check with our reader alone (qemu-img cannot follow a
+/// differencing VHD).
+fn check_guest_disk_ours(path: &Path, last_seq: u64) -> DiskCheck {
+    let disk = vhd::Vhd::open(path, &vhd::OpenOptions::default()).unwrap();
+    let ours = check_disk(DISK_BLOCKS, |b, buf| {
+        disk.read_at(buf, b * 4096).map_err(std::io::Error::other)
+    })
+    .unwrap();
     assert_eq!(ours.bad, 0, "{ours:?}");
     assert!(ours.written > 0, "{ours:?}");
     assert!(
@@ -88,7 +95,28 @@ fn test_guest_boots_and_heartbeats() {
     let dir = temp_dir("vmm-boot").unwrap();
     let obs = Observer::start().unwrap();
     let t = Instant::now();
-    let vm = Vmm::spawn(dir.path(), "vm", &["run", "--memory", "64M"], Some(&obs)).unwrap();
+    // The disk is a differencing VHD over a dynamic parent.
+    let parent = dir.path().join("parent.vhd");
+    make_disk(&parent, DiskType::Dynamic);
+    let child = dir.path().join("child.vhd");
+    let mut opts = vhd::CreateOptions::new(DiskType::Differencing, 0);
+    opts.parent = Some(parent.clone());
+    vhd::Vhd::create(&child, &opts).unwrap();
+    let mut vm = Vmm::spawn(
+        dir.path(),
+        "vm",
+        &[
+            "run",
+            "--memory",
+            "64M",
+            "--disk",
+            child.to_str().unwrap(),
+            "--disk-every",
+            "3",
+        ],
+        Some(&obs),
+    )
+    .unwrap();
     vm.wait_heartbeats(300, Duration::from_secs(20)).unwrap();
     eprintln!("300 heartbeats {:?} after the process started", t.elapsed());
     let serial = std::fs::read_to_string(dir.path().join("vm.serial")).unwrap();
@@ -106,6 +134,46 @@ fn test_guest_boots_and_heartbeats() {
     );
     assert_eq!(obs.missing(), Vec::<u64>::new());
     no_errors(&vm);
+    // Its disk writes went into the child; the parent is untouched.
+    let last = vm.status().unwrap()["guest"]["disk_last_seq"]
+        .as_u64()
+        .unwrap();
+    assert!(last > 0);
+    vm.ok(json!({"cmd": "stop"})).unwrap();
+    vm.wait_exit(Duration::from_secs(10)).unwrap();
+    let found = check_guest_disk_ours(&child, last);
+    assert!(found.written > 10, "{found:?}");
+    let p = vhd::Vhd::open(&parent, &vhd::OpenOptions::default()).unwrap();
+    let untouched = check_disk(DISK_BLOCKS, |b, buf| {
+        p.read_at(buf, b * 4096).map_err(std::io::Error::other)
+    })
+    .unwrap();
+    assert_eq!(
+        untouched.written, 0,
+        "the parent was written: {untouched:?}"
+    );
+
+    // The serial console also goes to a socket a console server listens on.
+    let sock = dir.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let arg = format!("unix:{}", sock.display());
+    let mut child = std::process::Command::new(csv_test_support::cmd::workspace_bin("csv-vmm"))
+        .args(["run", "--memory", "8M", "--serial", &arg])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&got).contains("csv test guest: up") {
+        let n = std::io::Read::read(&mut conn, &mut buf).unwrap();
+        assert!(n > 0, "console closed: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 #[test]
