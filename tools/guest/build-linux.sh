@@ -8,9 +8,9 @@
 # insmod reads plain .ko files). Its /init mounts /proc, /sys and /dev,
 # prints CSV-LINUX-UP on the console, loads virtio_mmio with the device
 # csv-vmm places at 0xd0000000 (IRQ 5; the Debian kernel builds virtio-mmio
-# as a module, so the kernel command line cannot name it), mounts /dev/vda
-# when it holds an ext2 filesystem or else writes a marker block to it,
-# prints CSV-LINUX-DISK-OK, and powers off.
+# as a module, so the kernel command line cannot name it), makes an ext2
+# filesystem on /dev/vda, mounts it, writes /csv-linux.txt, prints
+# CSV-LINUX-DISK-OK, and powers off.
 set -euo pipefail
 out=${1:?usage: tools/guest/build-linux.sh DIR}
 mkdir -p "$out"
@@ -55,7 +55,12 @@ for m in virtio virtio_ring virtio_mmio virtio_blk; do
 done
 sleep 1
 if [ -b /dev/vda ]; then
-  echo "CSV-LINUX-WROTE-THIS $(date +%s)" | dd of=/dev/vda bs=512 seek=2048 conv=fsync 2>/dev/null
+  # An ext2 filesystem on the VHD, a file on it: the host reads it back
+  # (docs/VMM.md shows how).
+  mke2fs -F /dev/vda >/dev/null
+  mount -t ext2 /dev/vda /mnt || mount -t ext4 /dev/vda /mnt
+  echo "CSV-LINUX-WROTE-THIS $(date +%s)" > /mnt/csv-linux.txt
+  umount /mnt
   sync
   echo CSV-LINUX-DISK-OK
 else
