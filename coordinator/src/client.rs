@@ -469,6 +469,15 @@ pub fn node_status(
     }
 }
 
+/// The status of a registered host, from the first of its addresses that
+/// answers (2 s each); `None` when none does.
+pub fn host_status(me: &Identity, host: &proto::NodeInfo) -> Option<proto::NodeStatus> {
+    host.addrs
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .find_map(|a| node_status(me, a, Duration::from_secs(2)).ok())
+}
+
 /// Asks the host at `addr` to send its I/O to VolumeN through a peer
 /// (`on`) or over its own path.
 pub fn redirect(

@@ -243,9 +243,7 @@ pub fn cluster_loads(
             .find(|h| h.node == n.id)
             .is_none_or(|h| h.up);
         let status = if up_in_registry {
-            n.addrs.iter().filter_map(|a| a.parse().ok()).find_map(|a| {
-                crate::client::node_status(me, a, std::time::Duration::from_secs(2)).ok()
-            })
+            crate::client::host_status(me, n)
         } else {
             None
         };

@@ -53,6 +53,26 @@ impl VmConfig {
             .map_err(|e| format!("VM role {:?}: unreadable configuration: {e}", role.name))
     }
 
+    /// What placement needs to know of this VM (its disk is on its volume
+    /// already, so it asks for no new space).
+    pub fn needs(&self) -> crate::placement::VmNeeds {
+        crate::placement::VmNeeds {
+            vcpus: self.vcpus,
+            memory: self.memory,
+            disk: 0,
+            preferred: self.preferred.clone(),
+        }
+    }
+
+    /// Restart and drain order: `high` first, then `medium`, then `low`.
+    pub fn priority_rank(&self) -> u8 {
+        match self.priority.as_str() {
+            "high" => 0,
+            "medium" => 1,
+            _ => 2,
+        }
+    }
+
     /// The stored form.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()

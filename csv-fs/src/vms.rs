@@ -134,6 +134,13 @@ impl VmSupervisor {
         VmSupervisor { cfg, reports }
     }
 
+    /// A client of the coordinator service through this host.
+    fn client(&self, timeout: Duration) -> Client {
+        let mut c = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
+        c.timeout = timeout;
+        c
+    }
+
     fn spawn(&self, name: &str, vm: &VmConfig, incoming: bool) -> Result<Running, String> {
         let restore = match (&vm.restore_from, incoming) {
             (Some(p), false) => Some(vm.path_on(p, &self.cfg.mount_root).ok_or_else(|| {
@@ -251,8 +258,7 @@ impl VmSupervisor {
 
     /// Follows the registry until `stop` is set, then stops this host's VMs.
     pub fn run(self, stop: Arc<AtomicBool>) {
-        let mut c = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
-        c.timeout = Duration::from_secs(2);
+        let mut c = self.client(Duration::from_secs(2));
         let mut running: BTreeMap<String, Running> = BTreeMap::new();
         let mut failures: BTreeMap<String, (Instant, String)> = BTreeMap::new();
         while !stop.load(Ordering::Relaxed) {
@@ -514,34 +520,27 @@ impl VmSupervisor {
             {
                 continue;
             }
-            if w.cfg.migrate_quick {
-                let Some(state) = w.cfg.path_on(&w.cfg.state_path(name), &self.cfg.mount_root)
-                else {
-                    continue;
-                };
-                let control = r.control.clone();
-                let disk = r.disk.clone();
-                let volume = w.cfg.volume;
-                let mut hc = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
-                hc.timeout = Duration::from_secs(5);
-                tracing::info!(vm = %name, to, state = %state.display(), "quick migration starts");
-                r.migration = Some(std::thread::spawn(move || {
-                    send_quick(&control, &state, &disk, volume, me, to, &mut hc)
-                }));
-                continue;
-            }
-            let Some(listen) = self.target_listen(info, to, name) else {
-                continue;
+            // Quick: through a state file on the volume. Live: once the
+            // target waits for it.
+            let quick = w.cfg.migrate_quick;
+            let dest = if quick {
+                w.cfg
+                    .path_on(&w.cfg.state_path(name), &self.cfg.mount_root)
+                    .map(|p| p.display().to_string())
+            } else {
+                self.target_listen(info, to, name)
             };
-            let control = r.control.clone();
-            let disk = r.disk.clone();
-            let volume = w.cfg.volume;
-            let mut hc = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
-            hc.timeout = Duration::from_secs(5);
-            let name2 = name.clone();
-            tracing::info!(vm = %name, to, %listen, "live migration starts");
+            let Some(dest) = dest else { continue };
+            let (control, disk, volume) = (r.control.clone(), r.disk.clone(), w.cfg.volume);
+            let mut hc = self.client(Duration::from_secs(5));
+            let vm = name.clone();
+            tracing::info!(vm = %name, to, quick, %dest, "migration starts");
             r.migration = Some(std::thread::spawn(move || {
-                send_migration(&control, &listen, &disk, volume, me, to, &mut hc, &name2)
+                if quick {
+                    send_quick(&control, Path::new(&dest), &disk, volume, me, to, &mut hc)
+                } else {
+                    send_migration(&control, &dest, &disk, volume, me, to, &mut hc, &vm)
+                }
             }));
         }
     }
@@ -553,17 +552,6 @@ impl VmSupervisor {
     /// each VM counts the ones placed before it in the same pass.
     fn failover(&self, info: &coordinator::proto::ClusterInfo, c: &mut Client) {
         let me = self.cfg.node;
-        let leads = self.cfg.endpoints.first().and_then(|a| {
-            coordinator::client::node_status(&self.cfg.identity, *a, Duration::from_secs(1)).ok()
-        });
-        let leads = leads.is_some_and(|s| {
-            s.groups
-                .iter()
-                .any(|g| g.group == coordinator::group::CLUSTER && g.role == "leader")
-        });
-        if !leads {
-            return;
-        }
         let down: Vec<u64> = info
             .health
             .iter()
@@ -580,12 +568,19 @@ impl VmSupervisor {
         if orphans.is_empty() {
             return;
         }
-        let rank = |p: &str| match p {
-            "high" => 0,
-            "medium" => 1,
-            _ => 2,
-        };
-        orphans.sort_by_key(|(r, c)| (rank(&c.priority), r.name.clone()));
+        // Only the host that leads the cluster group acts.
+        let leads = self.cfg.endpoints.first().and_then(|a| {
+            coordinator::client::node_status(&self.cfg.identity, *a, Duration::from_secs(1)).ok()
+        });
+        let leads = leads.is_some_and(|s| {
+            s.groups
+                .iter()
+                .any(|g| g.group == coordinator::group::CLUSTER && g.role == "leader")
+        });
+        if !leads {
+            return;
+        }
+        orphans.sort_by_key(|(r, c)| (c.priority_rank(), r.name.clone()));
         let mut placed: BTreeMap<u64, (u32, u64)> = BTreeMap::new();
         for (role, mut cfg) in orphans {
             let dead = role.node;
@@ -600,12 +595,7 @@ impl VmSupervisor {
                     l.mem_available = l.mem_available.saturating_sub(*mem);
                 }
             }
-            let needs = coordinator::placement::VmNeeds {
-                vcpus: cfg.vcpus,
-                memory: cfg.memory,
-                disk: 0,
-                preferred: cfg.preferred.clone(),
-            };
+            let needs = cfg.needs();
             let policy = coordinator::placement::Policy::default();
             let Some(to) = coordinator::placement::best(&loads, &needs, &policy) else {
                 tracing::error!(vm = %role.name, dead, "failover: no host can run it");
@@ -659,13 +649,7 @@ impl VmSupervisor {
         name: &str,
     ) -> Option<String> {
         let node = info.nodes.iter().find(|n| n.id == to)?;
-        let st = node
-            .addrs
-            .iter()
-            .filter_map(|a| a.parse().ok())
-            .find_map(|a| {
-                coordinator::client::node_status(&self.cfg.identity, a, Duration::from_secs(2)).ok()
-            })?;
+        let st = coordinator::client::host_status(&self.cfg.identity, node)?;
         st.vms
             .into_iter()
             .find(|v| v.name == name && v.state == "incoming" && !v.listen.is_empty())

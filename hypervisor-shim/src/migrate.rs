@@ -167,6 +167,17 @@ impl<'a, W: Write> Sender<'a, W> {
         Ok(())
     }
 
+    /// The stream's header and its `Hello` frame.
+    fn hello(&mut self) -> Result<()> {
+        stream::write_header(&mut self.w)?;
+        let hello = Hello {
+            mem_bytes: self.vm.mem_bytes(),
+            vcpus: self.vm.config.vcpus,
+            guest: 1,
+        };
+        self.frame(Kind::Hello, &[&hello.encode()])
+    }
+
     /// Sends pages `first..first + count` (one run).
     fn send_run(&mut self, first: u64, count: u64, skip_zero: bool) -> Result<()> {
         let (base, _) = self.vm.host_memory();
@@ -339,13 +350,7 @@ pub fn save(vm: &Vm, path: &Path) -> Result<Summary> {
         let tmp = path.with_extension("partial");
         let f = std::fs::File::create(&tmp).map_err(io("create the save file"))?;
         let mut s = Sender::new(vm, f);
-        stream::write_header(&mut s.w)?;
-        let hello = Hello {
-            mem_bytes: vm.mem_bytes(),
-            vcpus: vm.config.vcpus,
-            guest: 1,
-        };
-        s.frame(Kind::Hello, &[&hello.encode()])?;
+        s.hello()?;
         s.send_all()?;
         s.send_state()?;
         let crc = vm.memory_crc();
@@ -410,13 +415,7 @@ pub fn migrate(
     let mut acked = false;
     let (mut setup_ms, mut first_round_ms) = (0.0, 0.0);
     let result = (|| -> Result<Summary> {
-        stream::write_header(&mut s.w)?;
-        let hello = Hello {
-            mem_bytes: vm.mem_bytes(),
-            vcpus: vm.config.vcpus,
-            guest: 1,
-        };
-        s.frame(Kind::Hello, &[&hello.encode()])?;
+        s.hello()?;
         s.w.flush().map_err(io("send Hello"))?;
         // The target builds its VM now, so that time is not downtime.
         back.set_read_timeout(Some(Duration::from_secs(30)))

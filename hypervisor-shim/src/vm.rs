@@ -218,12 +218,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-const KICK_SIGNAL_OFFSET: i32 = 0;
-
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN() + KICK_SIGNAL_OFFSET
+    vmm_sys_util::signal::SIGRTMIN()
 }
 
 /// A running or ready virtual machine.
@@ -243,7 +241,6 @@ pub struct Vm {
     reset: Arc<AtomicBool>,
     state: Mutex<RunState>,
     state_cv: Condvar,
-    dirty_log: AtomicBool,
 }
 
 impl Vm {
@@ -257,7 +254,7 @@ impl Vm {
                 guest::MAX_MEMORY >> 20
             )));
         }
-        if config.mem_bytes % stream_page() != 0 {
+        if config.mem_bytes % crate::stream::PAGE != 0 {
             return Err(VmError::Config(
                 "memory size must be a multiple of 4 KiB".into(),
             ));
@@ -281,92 +278,82 @@ impl Vm {
         let host = mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| VmError::Memory(e.to_string()))? as usize;
-        let vm_fd = fd;
-        let vm = {
-            let cpuid = kvm(
-                "read the supported CPUID",
-                kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
-            )?;
-            let mut vcpus = Vec::new();
-            for id in 0..config.vcpus {
-                let v = kvm(
-                    format!("create vCPU {id}"),
-                    vm_fd.create_vcpu(u64::from(id)),
-                )?;
-                let mut c = cpuid.clone();
-                for e in c.as_mut_slice() {
-                    match e.function {
-                        1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
-                        0xb | 0x1f => e.edx = id,
-                        _ => {}
-                    }
+        let cpuid = kvm(
+            "read the supported CPUID",
+            kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
+        )?;
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let v = kvm(format!("create vCPU {id}"), fd.create_vcpu(u64::from(id)))?;
+            let mut c = cpuid.clone();
+            for e in c.as_mut_slice() {
+                match e.function {
+                    1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+                    0xb | 0x1f => e.edx = id,
+                    _ => {}
                 }
-                kvm(format!("set CPUID of vCPU {id}"), v.set_cpuid2(&c))?;
-                vcpus.push(v);
             }
-            let tsc_khz = kvm("read the TSC frequency", vcpus[0].get_tsc_khz())?;
-            let msr_list = readable_msrs(&kvm_sys, &vcpus[0])?;
-            let serial_irq = IrqFd(
-                EventFd::new(libc::EFD_NONBLOCK)
-                    .map_err(|e| VmError::Config(format!("eventfd: {e}")))?,
-            );
-            kvm(
-                "wire the serial IRQ",
-                vm_fd.register_irqfd(&serial_irq.0, 4),
-            )?;
-            let out = config
-                .serial
-                .open()
-                .map_err(|e| VmError::Config(format!("serial output {:?}: {e}", config.serial)))?;
-            let reset = Arc::new(AtomicBool::new(false));
-            let blk_irq = EventFd::new(libc::EFD_NONBLOCK)
-                .map_err(|e| VmError::Config(format!("eventfd: {e}")))?;
-            kvm(
-                "wire the virtio-blk IRQ",
-                vm_fd.register_irqfd(&blk_irq, virtio_blk::IRQ),
-            )?;
-            let udp = match config.heartbeat_udp {
-                Some(to) => Some((
-                    UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
-                        .map_err(|e| VmError::Config(format!("heartbeat socket: {e}")))?,
-                    to,
-                )),
-                None => None,
-            };
-            let devices = Devices {
-                serial: Serial::new(serial_irq, out),
-                i8042: I8042Device::new(ResetFlag(reset.clone())),
-                heartbeat: Heartbeat {
-                    seq: 0,
-                    count: 0,
-                    gaps: 0,
-                    guest_errors: 0,
-                    booted: false,
-                    local_count: 0,
-                    last_at: None,
-                    max_gap: Duration::ZERO,
-                    udp,
-                },
-                blk: None,
-                blk_irq,
-            };
-            Vm {
-                _kvm_sys: kvm_sys,
-                fd: vm_fd,
-                mem,
-                host,
-                config,
-                vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
-                devices: Arc::new(Mutex::new(devices)),
-                gate: Arc::new(Gate::default()),
-                threads: Mutex::new(Vec::new()),
-                msr_list,
-                tsc_khz,
-                reset,
-                state: Mutex::new(RunState::Created),
-                state_cv: Condvar::new(),
-                dirty_log: AtomicBool::new(false),
-            }
+            kvm(format!("set CPUID of vCPU {id}"), v.set_cpuid2(&c))?;
+            vcpus.push(v);
+        }
+        let tsc_khz = kvm("read the TSC frequency", vcpus[0].get_tsc_khz())?;
+        let msr_list = readable_msrs(&kvm_sys, &vcpus[0])?;
+        let serial_irq = IrqFd(
+            EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VmError::Config(format!("eventfd: {e}")))?,
+        );
+        kvm("wire the serial IRQ", fd.register_irqfd(&serial_irq.0, 4))?;
+        let out = config
+            .serial
+            .open()
+            .map_err(|e| VmError::Config(format!("serial output {:?}: {e}", config.serial)))?;
+        let reset = Arc::new(AtomicBool::new(false));
+        let blk_irq = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| VmError::Config(format!("eventfd: {e}")))?;
+        kvm(
+            "wire the virtio-blk IRQ",
+            fd.register_irqfd(&blk_irq, virtio_blk::IRQ),
+        )?;
+        let udp = match config.heartbeat_udp {
+            Some(to) => Some((
+                UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+                    .map_err(|e| VmError::Config(format!("heartbeat socket: {e}")))?,
+                to,
+            )),
+            None => None,
+        };
+        let devices = Devices {
+            serial: Serial::new(serial_irq, out),
+            i8042: I8042Device::new(ResetFlag(reset.clone())),
+            heartbeat: Heartbeat {
+                seq: 0,
+                count: 0,
+                gaps: 0,
+                guest_errors: 0,
+                booted: false,
+                local_count: 0,
+                last_at: None,
+                max_gap: Duration::ZERO,
+                udp,
+            },
+            blk: None,
+            blk_irq,
+        };
+        let vm = Vm {
+            _kvm_sys: kvm_sys,
+            fd,
+            mem,
+            host,
+            config,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            devices: Arc::new(Mutex::new(devices)),
+            gate: Arc::new(Gate::default()),
+            threads: Mutex::new(Vec::new()),
+            msr_list,
+            tsc_khz,
+            reset,
+            state: Mutex::new(RunState::Created),
+            state_cv: Condvar::new(),
         };
         vm.set_memory_region(false)?;
         Ok(vm)
@@ -913,7 +900,6 @@ impl Vm {
     /// Switches KVM's dirty-page log on or off (and clears both logs).
     pub fn set_dirty_log(&self, on: bool) -> Result<()> {
         self.set_memory_region(on)?;
-        self.dirty_log.store(on, Ordering::SeqCst);
         self.vmm_bitmap().reset();
         Ok(())
     }
@@ -938,14 +924,10 @@ impl Vm {
         for (d, s) in into.iter_mut().zip(kvm_log) {
             *d |= s;
         }
-        let pages = (self.config.mem_bytes / 4096) as usize;
-        let bm = self.vmm_bitmap();
-        for p in 0..pages {
-            if bm.is_bit_set(p) {
-                into[p / 64] |= 1 << (p % 64);
-            }
+        // The VMM's own writes: one bit per page, taken and cleared at once.
+        for (d, s) in into.iter_mut().zip(self.vmm_bitmap().get_and_reset()) {
+            *d |= s;
         }
-        bm.reset();
         Ok(())
     }
 
@@ -1174,10 +1156,6 @@ impl Vm {
         }
         Ok(())
     }
-}
-
-fn stream_page() -> u64 {
-    4096
 }
 
 /// The MSRs KVM reports and can actually read on this host.

@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use coordinator::client;
-use coordinator::placement::{self, HostLoad, Policy, VmNeeds};
+use coordinator::placement::{self, HostLoad, Policy};
 use coordinator::proto;
 use coordinator::vmrole::{volume_of, VmConfig};
 use std::process::ExitCode;
@@ -295,12 +295,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 }
                 None => {
                     let loads = host_loads(&access, &info, cfg.volume)?;
-                    let needs = VmNeeds {
-                        vcpus: cfg.vcpus,
-                        memory: cfg.memory,
-                        disk: 0,
-                        preferred: cfg.preferred.clone(),
-                    };
+                    let needs = cfg.needs();
                     match placement::best(&loads, &needs, &Policy::default()) {
                         Some(h) => h,
                         None => {
@@ -344,11 +339,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             // Every host's view (a VM that is stopping is still on its old host).
             let mut seen = Vec::new();
             for n in &info.nodes {
-                let st = n
-                    .addrs
-                    .iter()
-                    .filter_map(|a| a.parse().ok())
-                    .find_map(|a| client::node_status(&me, a, Duration::from_secs(2)).ok());
+                let st = client::host_status(&me, n);
                 if let Some(st) = st {
                     for v in st.vms.into_iter().filter(|v| v.name == name) {
                         seen.push((n.id, v));
@@ -487,14 +478,6 @@ pub enum NodeCommand {
     },
 }
 
-fn priority_rank(p: &str) -> u8 {
-    match p {
-        "high" => 0,
-        "medium" => 1,
-        _ => 2,
-    }
-}
-
 pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
     match c {
         NodeCommand::Resume { access, host } => {
@@ -518,18 +501,13 @@ pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
                 .filter_map(|r| config_of(r).ok().map(|c| (r.clone(), c)))
                 .filter(|(_, c)| c.state == "running")
                 .collect();
-            here.sort_by_key(|(r, c)| (priority_rank(&c.priority), r.name.clone()));
+            here.sort_by_key(|(r, c)| (c.priority_rank(), r.name.clone()));
             println!("host {host} drains: {} VM(s) to move", here.len());
             let mut failed = 0;
             for (role, cfg) in here {
                 let info = c.cluster_info().map_err(cerr)?;
                 let loads = host_loads(&access, &info, cfg.volume)?;
-                let needs = VmNeeds {
-                    vcpus: cfg.vcpus,
-                    memory: cfg.memory,
-                    disk: 0,
-                    preferred: cfg.preferred.clone(),
-                };
+                let needs = cfg.needs();
                 let Some(to) = placement::best(&loads, &needs, &Policy::default()) else {
                     eprintln!("VM {}: no other host can run it; it stays", role.name);
                     failed += 1;
@@ -563,13 +541,7 @@ fn place(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
     let role = find(&info, name)?;
     let cfg = config_of(&role)?;
     let loads = host_loads(access, &info, cfg.volume)?;
-    // The disk is on the volume already: it needs no new space.
-    let needs = VmNeeds {
-        vcpus: cfg.vcpus,
-        memory: cfg.memory,
-        disk: 0,
-        preferred: cfg.preferred.clone(),
-    };
+    let needs = cfg.needs();
     let policy = Policy::default();
     let ratings = placement::rate(&loads, &needs, &policy);
     if json {

@@ -66,6 +66,29 @@ fn new_vhd(cl: &CsvCluster, v: u64, name: &str) -> String {
     format!("/ClusterStorage/Volume{v}/{name}")
 }
 
+/// Stops the VMs and waits until no host runs them.
+fn stop_and_wait(cl: &CsvCluster, names: &[&str]) {
+    for name in names {
+        csvctl_ok(cl, &["vm", "stop", name]);
+    }
+    csv_test_support::wait_until(Duration::from_secs(20), || {
+        names.iter().all(|n| {
+            let s = csvctl_json(cl, &["vm", "status", n, "--json"]);
+            s["runtime"].as_array().is_some_and(|r| r.is_empty())
+        })
+    })
+    .unwrap();
+}
+
+/// What the test guest left on the VHD at `path`, read with our reader.
+fn guest_disk(path: &std::path::Path) -> hypervisor_shim::guest::DiskCheck {
+    let d = vhd::Vhd::open(path, &vhd::OpenOptions::default()).unwrap();
+    hypervisor_shim::guest::check_disk(256, |b, buf| {
+        d.read_at(buf, b * 4096).map_err(std::io::Error::other)
+    })
+    .unwrap()
+}
+
 #[test]
 fn vm_roles_are_added_rated_and_removed() {
     let mut cl = CsvCluster::loopback(3).unwrap();
@@ -227,22 +250,13 @@ fn a_vm_role_runs_on_its_host_and_its_disk_is_whole_elsewhere() {
     let err = csvctl_err(&cl, &["vm", "remove", "vm1"]);
     assert!(err.contains("stop it first"), "{err}");
 
-    csvctl_ok(&cl, &["vm", "stop", "vm1"]);
-    csv_test_support::wait_until(Duration::from_secs(20), || {
-        let s = csvctl_json(&cl, &["vm", "status", "vm1", "--json"]);
-        s["runtime"].as_array().is_some_and(|r| r.is_empty())
-    })
-    .unwrap();
+    stop_and_wait(&cl, &["vm1"]);
 
     // Another host reads the disk the VM wrote (close-to-open through the
     // volume), with our VHD reader.
     let other = if host == 2 { 3 } else { 2 };
     let path = cl.mountpoint(other, v).join("vm1.vhd");
-    let d = vhd::Vhd::open(&path, &vhd::OpenOptions::default()).unwrap();
-    let found = hypervisor_shim::guest::check_disk(256, |b, buf| {
-        d.read_at(buf, b * 4096).map_err(std::io::Error::other)
-    })
-    .unwrap();
+    let found = guest_disk(&path);
     eprintln!("disk seen from host {other}: {found:?}");
     assert!(found.written > 20, "{found:?}");
     assert_eq!(found.bad, 0, "{found:?}");
@@ -404,18 +418,9 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
     // stops: that write (or a later one) must be on the disk.
     let last_write = runtime(&cl)["disk_last_seq"].as_u64().unwrap();
     assert!(last_write > 0);
-    csvctl_ok(&cl, &["vm", "stop", "mig"]);
-    csv_test_support::wait_until(Duration::from_secs(20), || {
-        let s = csvctl_json(&cl, &["vm", "status", "mig", "--json"]);
-        s["runtime"].as_array().is_some_and(|r| r.is_empty())
-    })
-    .unwrap();
+    stop_and_wait(&cl, &["mig"]);
     let path = cl.mountpoint(1, v).join("mig.vhd");
-    let d = vhd::Vhd::open(&path, &vhd::OpenOptions::default()).unwrap();
-    let found = hypervisor_shim::guest::check_disk(256, |b, buf| {
-        d.read_at(buf, b * 4096).map_err(std::io::Error::other)
-    })
-    .unwrap();
+    let found = guest_disk(&path);
     eprintln!("disk after ten moves: {found:?}");
     assert_eq!(found.bad, 0, "{found:?}");
     assert!(
@@ -492,16 +497,7 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
             .starts_with("failover: host 3"),
         "{s}"
     );
-    for name in ["fa", "fb"] {
-        csvctl_ok(&cl, &["vm", "stop", name]);
-    }
-    csv_test_support::wait_until(Duration::from_secs(20), || {
-        ["fa", "fb"].iter().all(|n| {
-            let s = csvctl_json(&cl, &["vm", "status", n, "--json"]);
-            s["runtime"].as_array().is_some_and(|r| r.is_empty())
-        })
-    })
-    .unwrap();
+    stop_and_wait(&cl, &["fa", "fb"]);
     for name in ["fa", "fb"] {
         let path = cl.mountpoint(1, v).join(format!("{name}.vhd"));
         let check = cl
@@ -514,11 +510,7 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
             "{}",
             String::from_utf8_lossy(&check.stdout)
         );
-        let d = vhd::Vhd::open(&path, &vhd::OpenOptions::default()).unwrap();
-        let found = hypervisor_shim::guest::check_disk(256, |b, buf| {
-            d.read_at(buf, b * 4096).map_err(std::io::Error::other)
-        })
-        .unwrap();
+        let found = guest_disk(&path);
         assert_eq!(found.bad, 0, "{name}: {found:?}");
     }
 }
