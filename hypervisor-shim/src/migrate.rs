@@ -273,6 +273,23 @@ impl<'a, W: Write> Sender<'a, W> {
     }
 }
 
+/// A short status frame (`Ready`, `Ack`, `Go`, `Resumed`, `Abort`).
+fn send_status(
+    w: &mut impl Write,
+    kind: Kind,
+    ok: bool,
+    memory_crc: Option<u32>,
+    message: String,
+) -> Result<()> {
+    let st = Status {
+        ok,
+        memory_crc,
+        message,
+    };
+    stream::write_frame(w, kind, &[&st.encode()])?;
+    Ok(())
+}
+
 fn is_zero(b: &[u8]) -> bool {
     let (pre, mid, post) = {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets.
@@ -516,15 +533,7 @@ pub fn migrate(
         }
         acked = true;
         handover().map_err(|e| MigrateError::Aborted(format!("hand-over hook: {e}")))?;
-        s.frame(
-            Kind::Go,
-            &[&Status {
-                ok: true,
-                memory_crc: None,
-                message: String::new(),
-            }
-            .encode()],
-        )?;
+        send_status(&mut s.w, Kind::Go, true, None, String::new())?;
         s.w.flush().map_err(io("send Go"))?;
         let k = stream::read_frame(&mut back, &mut buf)?;
         if k != Kind::Resumed {
@@ -555,16 +564,7 @@ pub fn migrate(
         Ok(_) => vm.finish(RunState::Migrated),
         Err(e) if !acked => {
             tracing::warn!(error = %e, "migration failed; the guest keeps running here");
-            let _ = stream::write_frame(
-                &mut s.w,
-                Kind::Abort,
-                &[&Status {
-                    ok: false,
-                    memory_crc: None,
-                    message: e.to_string(),
-                }
-                .encode()],
-            );
+            let _ = send_status(&mut s.w, Kind::Abort, false, None, e.to_string());
             let _ = s.w.flush();
             vm.resume();
         }
@@ -592,7 +592,6 @@ impl Receiver {
         mut reply: Option<&mut dyn Write>,
         live: bool,
         config: &VmConfig,
-        mut verify: impl FnMut(&Vm, &End) -> Result<Option<u32>>,
     ) -> Result<(Arc<Vm>, Option<u32>)> {
         stream::read_header(r)?;
         let mut buf = Vec::new();
@@ -610,12 +609,7 @@ impl Receiver {
         cfg.vcpus = hello.vcpus;
         let vm = Arc::new(Vm::new(cfg)?);
         if let Some(w) = reply.as_mut() {
-            let ready = Status {
-                ok: true,
-                memory_crc: None,
-                message: String::new(),
-            };
-            stream::write_frame(w, Kind::Ready, &[&ready.encode()])?;
+            send_status(w, Kind::Ready, true, None, String::new())?;
         }
         let mut me = Receiver {
             vm: Some(vm.clone()),
@@ -659,7 +653,19 @@ impl Receiver {
                     vm.restore_vm_state(&vm_state)?;
                     vm.restore_vcpus(&me.vcpus)?;
                     vm.restore_devices(&devices)?;
-                    let crc = verify(&vm, &end)?;
+                    // With the sender's CRC of all memory, ours must match.
+                    let crc = match end.memory_crc {
+                        Some(want) => {
+                            let got = vm.memory_crc();
+                            if got != want {
+                                return Err(MigrateError::Protocol(format!(
+                                    "memory CRC here is {got:08x}, the sender's is {want:08x}"
+                                )));
+                            }
+                            Some(got)
+                        }
+                        None => None,
+                    };
                     // The source flushed the disk before End. A restore
                     // opens it now; a migration target checks that it can
                     // (read-only: the source's host still holds the write
@@ -696,17 +702,7 @@ impl Receiver {
 pub fn restore(path: &Path, config: &VmConfig) -> Result<Arc<Vm>> {
     let f = std::fs::File::open(path).map_err(io("open the save file"))?;
     let mut r = BufReader::with_capacity(1 << 20, f);
-    let (vm, _) = Receiver::run(&mut r, None, false, config, |vm, end| {
-        if let Some(want) = end.memory_crc {
-            let got = vm.memory_crc();
-            if got != want {
-                return Err(MigrateError::Protocol(format!(
-                    "memory CRC after restore is {got:08x}, the save file says {want:08x}"
-                )));
-            }
-        }
-        Ok(None)
-    })?;
+    let (vm, _) = Receiver::run(&mut r, None, false, config)?;
     vm.start()?;
     Ok(vm)
 }
@@ -720,46 +716,15 @@ pub fn incoming(listener: &TcpListener, config: &VmConfig) -> Result<Arc<Vm>> {
     let _ = conn.set_nodelay(true);
     let mut w = conn.try_clone().map_err(io("clone the connection"))?;
     let mut r = BufReader::with_capacity(1 << 20, conn);
-    let got = Receiver::run(&mut r, Some(&mut w), true, config, |vm, end| {
-        Ok(match end.memory_crc {
-            Some(want) => {
-                let got = vm.memory_crc();
-                if got != want {
-                    return Err(MigrateError::Protocol(format!(
-                        "memory CRC on the target is {got:08x}, the source's is {want:08x}"
-                    )));
-                }
-                Some(got)
-            }
-            None => None,
-        })
-    });
+    let got = Receiver::run(&mut r, Some(&mut w), true, config);
     let (vm, crc) = match got {
         Ok(v) => v,
         Err(e) => {
-            let _ = stream::write_frame(
-                &mut w,
-                Kind::Ack,
-                &[&Status {
-                    ok: false,
-                    memory_crc: None,
-                    message: e.to_string(),
-                }
-                .encode()],
-            );
+            let _ = send_status(&mut w, Kind::Ack, false, None, e.to_string());
             return Err(e);
         }
     };
-    stream::write_frame(
-        &mut w,
-        Kind::Ack,
-        &[&Status {
-            ok: true,
-            memory_crc: crc,
-            message: String::new(),
-        }
-        .encode()],
-    )?;
+    send_status(&mut w, Kind::Ack, true, crc, String::new())?;
     let mut buf = Vec::new();
     r.get_mut()
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -775,15 +740,6 @@ pub fn incoming(listener: &TcpListener, config: &VmConfig) -> Result<Arc<Vm>> {
     // moved it before Go).
     vm.attach_disk()?;
     vm.start()?;
-    stream::write_frame(
-        &mut w,
-        Kind::Resumed,
-        &[&Status {
-            ok: true,
-            memory_crc: crc,
-            message: String::new(),
-        }
-        .encode()],
-    )?;
+    send_status(&mut w, Kind::Resumed, true, crc, String::new())?;
     Ok(vm)
 }
