@@ -319,6 +319,15 @@ impl Client {
         }
     }
 
+    /// The write-lease history of a file of a volume (`ino` 0: of every
+    /// file), oldest first (linearizable).
+    pub fn lease_history(&mut self, vol: u64, ino: u64) -> Result<Vec<proto::LeaseEvent>> {
+        match self.read(vol, read::Query::LeaseHistory(ino))?.value {
+            Some(Value::LeaseHistory(h)) => Ok(h.events),
+            v => Err(ClientError::BadReply(format!("{v:?}"))),
+        }
+    }
+
     /// Removes VolumeN from the cluster.
     pub fn remove_volume(&mut self, number: u64) -> Result<()> {
         self.call(

@@ -95,6 +95,8 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
         Some(P::RevokeLease(c)) => Op::RevokeLease {
             node: c.node,
             ino: c.ino,
+            now: c.now,
+            revoked: c.revoked,
         },
         Some(P::Tick(c)) => Op::Tick { now: c.now },
         Some(P::HandOver(c)) => Op::HandOver {
@@ -121,7 +123,8 @@ pub fn stamp(op: &mut proto::VolumeOp, now_ms: u64) {
         Some(P::GrantLease(c)) => c.now = now_ms,
         Some(P::Tick(c)) => c.now = now_ms,
         Some(P::HandOver(c)) => c.now = now_ms,
-        Some(P::Allocate(_)) | Some(P::RevokeLease(_)) | None => {}
+        Some(P::RevokeLease(c)) => c.now = now_ms,
+        Some(P::Allocate(_)) | None => {}
     }
 }
 
@@ -153,6 +156,29 @@ pub fn extents_to_proto(e: &[meta::Extent]) -> proto::ExtentList {
             })
             .collect(),
     }
+}
+
+/// A write-lease event as a message.
+pub fn lease_event_to_proto(e: &meta::LeaseEvent) -> proto::LeaseEvent {
+    proto::LeaseEvent {
+        at: e.at,
+        ino: e.ino,
+        node: e.node,
+        epoch: e.epoch,
+        change: e.change.name().to_string(),
+        peer: e.change.peer(),
+    }
+}
+
+/// A write-lease event from a message (`None`: an unknown change).
+pub fn lease_event_from_proto(e: &proto::LeaseEvent) -> Option<meta::LeaseEvent> {
+    Some(meta::LeaseEvent {
+        at: e.at,
+        ino: e.ino,
+        node: e.node,
+        epoch: e.epoch,
+        change: meta::LeaseChange::parse(&e.change, e.peer)?,
+    })
 }
 
 /// Extents from a message.
@@ -316,7 +342,17 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             now,
             ttl,
         }),
-        Op::RevokeLease { node, ino } => P::RevokeLease(proto::RevokeLeaseOp { node, ino }),
+        Op::RevokeLease {
+            node,
+            ino,
+            now,
+            revoked,
+        } => P::RevokeLease(proto::RevokeLeaseOp {
+            node,
+            ino,
+            now,
+            revoked,
+        }),
         Op::Tick { now } => P::Tick(proto::TickOp { now }),
         Op::HandOver {
             ino,

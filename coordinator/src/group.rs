@@ -827,6 +827,13 @@ impl Group {
                             })
                             .collect(),
                     }),
+                    read::Query::LeaseHistory(i) => Value::LeaseHistory(proto::LeaseHistory {
+                        events: v
+                            .lease_history((*i != 0).then_some(*i))
+                            .iter()
+                            .map(codec::lease_event_to_proto)
+                            .collect(),
+                    }),
                     read::Query::Usage(_) => Value::Usage(proto::VolumeUsage {
                         free: v.free_bytes(),
                         quarantined: v.quarantined_bytes(),

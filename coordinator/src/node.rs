@@ -25,7 +25,7 @@ use protobuf::Message as _;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -206,6 +206,9 @@ pub struct Node {
     pub volumes: VolumeStates,
     /// The VMs this host runs; the VM supervisor fills it.
     pub vms: VmStates,
+    /// Memory this host gives to VMs (bytes; 0: all it has), reported
+    /// with its load for placement.
+    pub vm_memory: Arc<AtomicU64>,
     /// The filesystem layer's block server, once installed.
     pub block: BlockSlot,
     stop: Arc<AtomicBool>,
@@ -245,6 +248,7 @@ impl Node {
         let mut state = RaftLoop::open(&cfg, book.clone())?;
         state.volumes = volumes.clone();
         state.vms = vms.clone();
+        let vm_memory = state.vm_memory.clone();
         for l in listeners {
             let (tx, me, block) = (tx.clone(), cfg.identity.clone(), block.clone());
             std::thread::Builder::new()
@@ -261,6 +265,7 @@ impl Node {
         Ok(Node {
             volumes,
             vms,
+            vm_memory,
             block,
             stop,
             raft: Some(raft),
@@ -458,6 +463,7 @@ struct RaftLoop {
     last_register: Instant,
     volumes: VolumeStates,
     vms: VmStates,
+    vm_memory: Arc<AtomicU64>,
 }
 
 impl RaftLoop {
@@ -478,6 +484,7 @@ impl RaftLoop {
             last_register: Instant::now(),
             volumes: Arc::default(),
             vms: Arc::default(),
+            vm_memory: Arc::default(),
         };
         let init: Vec<u64> = if cfg.init {
             cfg.peers.keys().copied().collect()
@@ -721,7 +728,10 @@ impl RaftLoop {
                         node: self.me,
                         groups: self.groups.values().map(|g| g.status()).collect(),
                         volumes: self.volumes.read().map(|v| v.clone()).unwrap_or_default(),
-                        load: Some(crate::placement::sample_load()),
+                        load: Some(crate::proto::HostLoadInfo {
+                            vm_memory: self.vm_memory.load(Ordering::Relaxed),
+                            ..crate::placement::sample_load()
+                        }),
                         vms: self.vms.read().map(|v| v.clone()).unwrap_or_default(),
                     })),
                 })),

@@ -251,14 +251,22 @@ pub fn cluster_loads(
             .as_ref()
             .and_then(|s| s.load.clone())
             .unwrap_or_default();
-        let vcpus = info
+        let placed: Vec<crate::vmrole::VmConfig> = info
             .vms
             .iter()
             .filter(|r| r.node == n.id)
             .filter_map(|r| crate::vmrole::VmConfig::from_role(r).ok())
             .filter(|c| c.state == "running")
-            .map(|c| c.vcpus)
-            .sum();
+            .collect();
+        let vcpus = placed.iter().map(|c| c.vcpus).sum();
+        let (mut mem_total, mut mem_available) = (load.mem_total, load.mem_available);
+        if load.vm_memory > 0 {
+            // A host that gives VMs only part of its memory: rated as if
+            // it had that much, less what the roles placed there take.
+            let committed: u64 = placed.iter().map(|c| c.memory).sum();
+            mem_total = mem_total.min(load.vm_memory);
+            mem_available = mem_available.min(load.vm_memory.saturating_sub(committed));
+        }
         out.push(HostLoad {
             node: n.id,
             up: up_in_registry && status.is_some(),
@@ -266,8 +274,8 @@ pub fn cluster_loads(
             cores: load.cores,
             cpu_busy: f64::from(load.cpu_busy_permille) / 1000.0,
             vcpus,
-            mem_total: load.mem_total,
-            mem_available: load.mem_available,
+            mem_total,
+            mem_available,
             disk_free: usage.free,
             disk_total: capacity,
             net_busy: None,
@@ -308,6 +316,7 @@ pub fn sample_load() -> crate::proto::HostLoadInfo {
         cpu_busy_permille: ((load1 / f64::from(cores.max(1))).clamp(0.0, 1.0) * 1000.0) as u32,
         mem_total: field("MemTotal:"),
         mem_available: field("MemAvailable:"),
+        vm_memory: 0,
     }
 }
 

@@ -206,7 +206,7 @@ pub struct Redirect {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Reply {
     /// What came back.
-    #[prost(oneof = "reply::Value", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    #[prost(oneof = "reply::Value", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
     pub value: Option<reply::Value>,
 }
 
@@ -248,7 +248,41 @@ pub mod reply {
         /// Bytes read from a LUN.
         #[prost(message, tag = "11")]
         Data(super::BlockData),
+        /// Write-lease history.
+        #[prost(message, tag = "12")]
+        LeaseHistory(super::LeaseHistory),
     }
+}
+
+/// One change of a write lease.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseEvent {
+    /// When (ms, the leader's clock).
+    #[prost(uint64, tag = "1")]
+    pub at: u64,
+    /// The file.
+    #[prost(uint64, tag = "2")]
+    pub ino: u64,
+    /// The host.
+    #[prost(uint64, tag = "3")]
+    pub node: u64,
+    /// The lease's epoch.
+    #[prost(uint64, tag = "4")]
+    pub epoch: u64,
+    /// "granted", "handed-in", "released", "revoked", "handed-off",
+    /// "expired".
+    #[prost(string, tag = "5")]
+    pub change: String,
+    /// The other host of a hand-over.
+    #[prost(uint64, tag = "6")]
+    pub peer: u64,
+}
+
+/// Write-lease changes, oldest first.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaseHistory {
+    #[prost(message, repeated, tag = "1")]
+    pub events: Vec<LeaseEvent>,
 }
 
 /// Nothing.
@@ -649,6 +683,12 @@ pub struct RevokeLeaseOp {
     /// The file.
     #[prost(uint64, tag = "2")]
     pub ino: u64,
+    /// Time (ms; the leader sets it).
+    #[prost(uint64, tag = "3")]
+    pub now: u64,
+    /// Taken from the host (fenced off), not given back by it.
+    #[prost(bool, tag = "4")]
+    pub revoked: bool,
 }
 
 /// Expire leases.
@@ -683,7 +723,7 @@ pub struct HandOverOp {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Read {
     /// Which read.
-    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
+    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
     pub query: Option<read::Query>,
 }
 
@@ -716,6 +756,9 @@ pub mod read {
         /// Space and inode use of the volume.
         #[prost(message, tag = "8")]
         Usage(super::Empty),
+        /// Write-lease history of a file (0: of every file).
+        #[prost(uint64, tag = "9")]
+        LeaseHistory(u64),
     }
 }
 
@@ -1002,6 +1045,11 @@ pub struct HostLoadInfo {
     /// Memory available without swapping, bytes (MemAvailable).
     #[prost(uint64, tag = "4")]
     pub mem_available: u64,
+    /// Memory the host gives to VMs, bytes (0: all it has); placement
+    /// treats the host as if it had this much, less the memory of the VM
+    /// roles placed there.
+    #[prost(uint64, tag = "5")]
+    pub vm_memory: u64,
 }
 
 /// One group as a host sees it.

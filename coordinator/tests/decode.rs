@@ -134,7 +134,14 @@ fn any_op() -> impl Strategy<Value = Op> {
                 ttl
             }
         ),
-        (any_u64(), any_u64()).prop_map(|(node, ino)| Op::RevokeLease { node, ino }),
+        (any_u64(), any_u64(), any_u64(), any::<bool>()).prop_map(|(node, ino, now, revoked)| {
+            Op::RevokeLease {
+                node,
+                ino,
+                now,
+                revoked,
+            }
+        }),
         any_u64().prop_map(|now| Op::Tick { now }),
         (any_u64(), any_u64(), any_u64(), any_u64(), any_u64()).prop_map(
             |(ino, from, to, now, ttl)| Op::HandOver {

@@ -4,7 +4,9 @@
 // Test helpers fail loudly on purpose.
 #![allow(clippy::unwrap_used)]
 
-use coordinator::meta::{Kind, MetaError, Op, Reply, Volume, ROOT};
+use coordinator::meta::{
+    check_lease_history, Kind, LeaseChange, MetaError, Op, Reply, Volume, ROOT,
+};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
@@ -204,12 +206,13 @@ proptest! {
                 Step::Lease(f, node) => {
                     let Some(p) = pick(&files, f) else { continue };
                     let ino = ino_of(&v, p).unwrap();
-                    let _ = v.apply(Op::GrantLease { node, ino, write: node == 1, now, ttl: 20 });
+                    // Hosts 1 and 2 write, host 3 reads.
+                    let _ = v.apply(Op::GrantLease { node, ino, write: node != 3, now, ttl: 20 });
                 }
                 Step::Revoke(f, node) => {
                     let Some(p) = pick(&files, f) else { continue };
                     let ino = ino_of(&v, p).unwrap();
-                    v.apply(Op::RevokeLease { node, ino }).unwrap();
+                    v.apply(Op::RevokeLease { node, ino, now, revoked: node == 2 }).unwrap();
                 }
                 Step::Tick(dt) => {
                     now += dt;
@@ -227,6 +230,9 @@ proptest! {
             }
             let problems = v.check();
             prop_assert!(problems.is_empty(), "{:?}", problems);
+            // The write-lease history never shows two writers of a file.
+            let h = v.lease_history(None);
+            prop_assert!(check_lease_history(&h).is_ok(), "{:?}", check_lease_history(&h));
             // A snapshot restores exactly this state, and the restored
             // volume carries on in its place.
             let restored = Volume::decode(&v.encode()).unwrap();
@@ -279,6 +285,8 @@ fn write_leases_exclude_other_writers_and_epochs_grow() {
     v.apply(Op::RevokeLease {
         node: 1,
         ino: f.ino,
+        now: 15,
+        revoked: false,
     })
     .unwrap();
     let Reply::Lease(b) = v
@@ -310,6 +318,21 @@ fn write_leases_exclude_other_writers_and_epochs_grow() {
         unreachable!()
     };
     assert!(c.epoch > b.epoch);
+    let story: Vec<(u64, &str, u64)> = v
+        .lease_history(Some(f.ino))
+        .iter()
+        .map(|e| (e.node, e.change.name(), e.at))
+        .collect();
+    assert_eq!(
+        story,
+        vec![
+            (1, "granted", 0),
+            (1, "released", 15),
+            (2, "granted", 20),
+            (2, "expired", 120),
+            (3, "granted", 500),
+        ]
+    );
 }
 
 #[test]
@@ -367,6 +390,39 @@ fn hand_over_moves_the_write_lease_atomically() {
         }),
         Err(MetaError::Busy(2))
     );
+    // The history tells the whole story, one writer at a time; it survives
+    // a snapshot.
+    let h = v.lease_history(Some(f.ino));
+    let story: Vec<(u64, &str, u64)> = h.iter().map(|e| (e.node, e.change.name(), e.at)).collect();
+    assert_eq!(
+        story,
+        vec![
+            (1, "granted", 10),
+            (1, "handed-off", 20),
+            (2, "handed-in", 20),
+        ]
+    );
+    assert_eq!(h[1].change, LeaseChange::HandedOff { to: 2 });
+    check_lease_history(&h).unwrap();
+    assert_eq!(
+        Volume::decode(&v.encode())
+            .unwrap()
+            .lease_history(Some(f.ino)),
+        h
+    );
+    // A forged history with two writers is caught.
+    let mut bad = h.clone();
+    bad.insert(
+        1,
+        coordinator::meta::LeaseEvent {
+            node: 3,
+            change: LeaseChange::Granted,
+            ..h[0]
+        },
+    );
+    assert!(check_lease_history(&bad)
+        .unwrap_err()
+        .contains("while host"));
 }
 
 #[test]

@@ -524,6 +524,7 @@ impl VolumeFs {
                             let _ = self.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
                                 node: self.node,
                                 ino,
+                                ..Default::default()
                             }));
                             continue;
                         }
@@ -723,6 +724,7 @@ impl VolumeFs {
             let _ = self.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
                 node: self.node,
                 ino: h.ino,
+                ..Default::default()
             }));
             f.closed = true;
             f.lease = None;

@@ -609,6 +609,8 @@ impl VmSupervisor {
                         coordinator::proto::RevokeLeaseOp {
                             node: dead,
                             ino: m.ino(),
+                            now: 0,
+                            revoked: true,
                         },
                     );
                     if let Err(e) = c.volume_op(cfg.volume, op) {

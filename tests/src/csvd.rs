@@ -42,6 +42,8 @@ pub struct CsvCluster {
     pub hosts: Vec<Host>,
     /// Extra `csvd` arguments (e.g. `--snapshot-every`).
     pub extra_args: Vec<String>,
+    /// Extra `csvd` arguments of one host (after `extra_args`).
+    pub host_args: std::collections::BTreeMap<u64, Vec<String>>,
     /// Hosts mount the volumes (under `<dir>/host<id>/mnt`).
     pub mounts: bool,
 }
@@ -88,6 +90,7 @@ impl CsvCluster {
             key,
             hosts,
             extra_args: Vec::new(),
+            host_args: Default::default(),
             mounts: false,
         })
     }
@@ -191,6 +194,7 @@ impl CsvCluster {
                 .arg(self.dir.path().join(format!("host{id}/mnt")));
         }
         cmd.args(&self.extra_args);
+        cmd.args(self.host_args.get(&id).into_iter().flatten());
         h.starts += 1;
         let out = self.dir.path().join(format!("host{id}.{}.out", h.starts));
         let err = self.dir.path().join(format!("host{id}.log"));

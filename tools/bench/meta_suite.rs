@@ -368,6 +368,7 @@ fn ours_create_close<'a>(
                 proto::volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
                     node: 1,
                     ino: a.ino,
+                    ..Default::default()
                 }),
             )
             .map_err(|e| anyhow::anyhow!("close: {e}"))?;

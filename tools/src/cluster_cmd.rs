@@ -149,6 +149,23 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The write-lease history of a file on VolumeN (or of every file):
+    /// which host could write its blocks when, granted, handed over at a
+    /// migration, released, revoked when a host was fenced, or expired.
+    /// Ends with a check that no two hosts ever held it at once (exit
+    /// status 1 if they did). The volume keeps the last 4096 changes.
+    Leases {
+        #[command(flatten)]
+        access: Access,
+        /// N in /ClusterStorage/VolumeN.
+        number: u64,
+        /// The file, relative to the volume's root (e.g. vms/web1.vhd);
+        /// every file if absent.
+        path: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the volumes.
     List {
         #[command(flatten)]
@@ -474,6 +491,108 @@ fn volume_status(access: &Access, json: bool) -> Result<ExitCode> {
     })
 }
 
+/// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS.mmm` (UTC).
+pub(crate) fn utc_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// The inode of `path` (relative to the volume's root) on VolumeN.
+fn resolve_path(c: &mut Client, number: u64, path: &str) -> Result<u64> {
+    let mut ino = coordinator::meta::ROOT;
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        ino = c
+            .lookup(number, ino, part)
+            .map_err(|e| anyhow::anyhow!("{path} on Volume{number}: {}", client::describe(&e)))?
+            .ino;
+    }
+    Ok(ino)
+}
+
+fn volume_leases(access: &Access, number: u64, path: Option<&str>, json: bool) -> Result<ExitCode> {
+    let mut c = access.client()?;
+    let ino = match path {
+        Some(p) => resolve_path(&mut c, number, p)?,
+        None => 0,
+    };
+    let events = c
+        .lease_history(number, ino)
+        .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    let parsed: Vec<coordinator::meta::LeaseEvent> = events
+        .iter()
+        .filter_map(coordinator::codec::lease_event_from_proto)
+        .collect();
+    let verdict = coordinator::meta::check_lease_history(&parsed);
+    if json {
+        let list: Vec<serde_json::Value> = events
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "at_ms": e.at, "ino": e.ino, "host": e.node, "epoch": e.epoch,
+                    "change": e.change, "peer": e.peer,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "volume": number,
+            "ino": ino,
+            "events": list,
+            "single_writer": verdict.is_ok(),
+            "problem": verdict.as_ref().err(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{:<24} {:<8} {:<6} {:<7} CHANGE",
+            "TIME (UTC)", "INODE", "HOST", "EPOCH"
+        );
+        for e in &events {
+            let peer = match e.change.as_str() {
+                "handed-in" => format!(" from host {}", e.peer),
+                "handed-off" => format!(" to host {}", e.peer),
+                _ => String::new(),
+            };
+            println!(
+                "{:<24} {:<8} {:<6} {:<7} {}{peer}",
+                utc_ms(e.at),
+                e.ino,
+                e.node,
+                e.epoch,
+                e.change
+            );
+        }
+        match &verdict {
+            Ok(()) => println!(
+                "{} change(s); no two hosts ever held a write lease on the same file at once",
+                events.len()
+            ),
+            Err(p) => println!("VIOLATION: {p}"),
+        }
+    }
+    Ok(if verdict.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
 /// Runs a `volume` command.
 pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
     match c {
@@ -533,6 +652,12 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VolumeCommand::Status { access, json } => volume_status(&access, json),
+        VolumeCommand::Leases {
+            access,
+            number,
+            path,
+            json,
+        } => volume_leases(&access, number, path.as_deref(), json),
         VolumeCommand::Redirect {
             access,
             number,
@@ -597,5 +722,15 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn utc_times_read_as_calendar_dates() {
+        assert_eq!(super::utc_ms(0), "1970-01-01 00:00:00.000");
+        assert_eq!(super::utc_ms(951_782_400_123), "2000-02-29 00:00:00.123");
+        assert_eq!(super::utc_ms(1_795_268_522_000), "2026-11-21 13:42:02.000");
     }
 }

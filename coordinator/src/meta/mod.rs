@@ -107,6 +107,148 @@ pub struct Lease {
     pub write: bool,
 }
 
+/// How a write lease began or ended (an entry of the lease history).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseChange {
+    /// Granted to a host that held no live write lease on the file.
+    Granted,
+    /// Received from another host (the switch-over of a migration).
+    HandedIn {
+        /// The host it came from.
+        from: NodeId,
+    },
+    /// Given back by its holder (the file closed for writing).
+    Released,
+    /// Taken from its holder by someone else (a host fenced off).
+    Revoked,
+    /// Handed to another host.
+    HandedOff {
+        /// The host it went to.
+        to: NodeId,
+    },
+    /// Not renewed in time.
+    Expired,
+}
+
+impl LeaseChange {
+    /// Whether the host can write from this event on.
+    pub fn begins(self) -> bool {
+        matches!(self, LeaseChange::Granted | LeaseChange::HandedIn { .. })
+    }
+
+    /// The other host of a hand-over (0 otherwise).
+    pub fn peer(self) -> NodeId {
+        match self {
+            LeaseChange::HandedIn { from } => from,
+            LeaseChange::HandedOff { to } => to,
+            _ => 0,
+        }
+    }
+
+    /// A word for logs and tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaseChange::Granted => "granted",
+            LeaseChange::HandedIn { .. } => "handed-in",
+            LeaseChange::Released => "released",
+            LeaseChange::Revoked => "revoked",
+            LeaseChange::HandedOff { .. } => "handed-off",
+            LeaseChange::Expired => "expired",
+        }
+    }
+
+    /// The change [`LeaseChange::name`] names (`peer`: the other host of
+    /// a hand-over).
+    pub fn parse(name: &str, peer: NodeId) -> Option<LeaseChange> {
+        let code = match name {
+            "granted" => 0,
+            "handed-in" => 1,
+            "released" => 2,
+            "revoked" => 3,
+            "handed-off" => 4,
+            "expired" => 5,
+            _ => return None,
+        };
+        LeaseChange::from_code(code, peer)
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            LeaseChange::Granted => 0,
+            LeaseChange::HandedIn { .. } => 1,
+            LeaseChange::Released => 2,
+            LeaseChange::Revoked => 3,
+            LeaseChange::HandedOff { .. } => 4,
+            LeaseChange::Expired => 5,
+        }
+    }
+
+    fn from_code(code: u8, peer: NodeId) -> Option<LeaseChange> {
+        Some(match code {
+            0 => LeaseChange::Granted,
+            1 => LeaseChange::HandedIn { from: peer },
+            2 => LeaseChange::Released,
+            3 => LeaseChange::Revoked,
+            4 => LeaseChange::HandedOff { to: peer },
+            5 => LeaseChange::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// One entry of a volume's write-lease history: when a host became able
+/// to write a file's blocks, or stopped being able to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseEvent {
+    /// When (ms, the leader's clock; for an expiry, the lease's end).
+    pub at: u64,
+    /// The file.
+    pub ino: Ino,
+    /// The host.
+    pub node: NodeId,
+    /// The lease's epoch.
+    pub epoch: u64,
+    /// What happened.
+    pub change: LeaseChange,
+}
+
+/// Write-lease events a volume keeps (the oldest go first).
+pub const LEASE_HISTORY: usize = 4096;
+
+/// Checks a file's write-lease history (in commit order): no host gains
+/// a write lease while another still holds one, and every end matches a
+/// beginning. Returns the first violation.
+pub fn check_lease_history(events: &[LeaseEvent]) -> Result<(), String> {
+    let mut holders: BTreeMap<Ino, (NodeId, u64)> = BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        match (e.change.begins(), holders.get(&e.ino).copied()) {
+            (true, Some((other, epoch))) if other != e.node => {
+                return Err(format!(
+                    "event {i}: host {} gains the write lease on inode {} (epoch {}) at {} ms while host {other} holds it (epoch {epoch})",
+                    e.node, e.ino, e.epoch, e.at
+                ))
+            }
+            (true, _) => {
+                holders.insert(e.ino, (e.node, e.epoch));
+            }
+            (false, Some((holder, _))) if holder == e.node => {
+                holders.remove(&e.ino);
+            }
+            (false, _) => {
+                // The beginning fell out of the kept history; only the
+                // first end of a file may lack one.
+                if events[..i].iter().any(|p| p.ino == e.ino) {
+                    return Err(format!(
+                        "event {i}: host {} loses a write lease on inode {} it did not hold",
+                        e.node, e.ino
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A command, as committed through Raft.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -172,8 +314,14 @@ pub enum Op {
         now: u64,
         ttl: u64,
     },
-    /// Give a lease back, or take it from a host.
-    RevokeLease { node: NodeId, ino: Ino },
+    /// Give a lease back, or take it from a host (`revoked`: taken, as
+    /// when a host is fenced off).
+    RevokeLease {
+        node: NodeId,
+        ino: Ino,
+        now: u64,
+        revoked: bool,
+    },
     /// Move the write lease of a file from the host that holds it to
     /// another (the switch-over of a live migration): `from` loses its
     /// lease, `to` gets a write lease with a new epoch.
@@ -243,6 +391,8 @@ pub struct Volume {
     leases: BTreeMap<(Ino, NodeId), Lease>,
     /// Freed extents waiting for the leases of their file to end.
     quarantine: BTreeMap<Ino, Vec<(u64, u64)>>,
+    /// Write leases gained and lost, oldest first.
+    history: std::collections::VecDeque<LeaseEvent>,
 }
 
 fn check_name(name: &str) -> Result<(), MetaError> {
@@ -282,6 +432,7 @@ impl Volume {
             alloc: Allocator::new(data_start, capacity),
             leases: BTreeMap::new(),
             quarantine: BTreeMap::new(),
+            history: std::collections::VecDeque::new(),
         }
     }
 
@@ -354,6 +505,42 @@ impl Volume {
             .collect()
     }
 
+    /// The write-lease history of `ino` (every file: `None`), oldest
+    /// first; the volume keeps the last [`LEASE_HISTORY`] events.
+    pub fn lease_history(&self, ino: Option<Ino>) -> Vec<LeaseEvent> {
+        self.history
+            .iter()
+            .filter(|e| ino.is_none_or(|i| e.ino == i))
+            .copied()
+            .collect()
+    }
+
+    fn record(&mut self, at: u64, ino: Ino, node: NodeId, epoch: u64, change: LeaseChange) {
+        if self.history.len() >= LEASE_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(LeaseEvent {
+            at,
+            ino,
+            node,
+            epoch,
+            change,
+        });
+    }
+
+    /// Records the end of `lease` if it was a write lease: at `now`, or
+    /// at its expiry if that came first.
+    fn record_end(&mut self, ino: Ino, node: NodeId, lease: Lease, now: u64, change: LeaseChange) {
+        if !lease.write {
+            return;
+        }
+        if lease.expires <= now {
+            self.record(lease.expires, ino, node, lease.epoch, LeaseChange::Expired);
+        } else {
+            self.record(now, ino, node, lease.epoch, change);
+        }
+    }
+
     /// Whether any host holds a lease (the leader then proposes `Tick`s so
     /// that they expire).
     pub fn has_leases(&self) -> bool {
@@ -418,8 +605,20 @@ impl Volume {
                 now,
                 ttl,
             } => self.grant(node, ino, write, now, ttl),
-            Op::RevokeLease { node, ino } => {
-                self.leases.remove(&(ino, node));
+            Op::RevokeLease {
+                node,
+                ino,
+                now,
+                revoked,
+            } => {
+                if let Some(l) = self.leases.remove(&(ino, node)) {
+                    let change = if revoked {
+                        LeaseChange::Revoked
+                    } else {
+                        LeaseChange::Released
+                    };
+                    self.record_end(ino, node, l, now, change);
+                }
                 self.release_quarantine(ino);
                 Ok(Reply::Ok)
             }
@@ -438,11 +637,16 @@ impl Volume {
                         )))
                     }
                 }
-                self.leases.remove(&(ino, from));
+                if let Some(l) = self.leases.remove(&(ino, from)) {
+                    self.record(now, ino, from, l.epoch, LeaseChange::HandedOff { to });
+                }
                 // The new holder gets a fresh epoch even if it held a read
                 // lease: anything it cached under the old one is stale.
                 self.leases.remove(&(ino, to));
-                let r = self.grant(to, ino, true, now, ttl);
+                let r = self.grant_quiet(to, ino, true, now, ttl);
+                if let Ok(Reply::Lease(l)) = &r {
+                    self.record(now, ino, to, l.epoch, LeaseChange::HandedIn { from });
+                }
                 self.release_quarantine(ino);
                 r
             }
@@ -453,8 +657,10 @@ impl Volume {
                     .filter(|(_, l)| l.expires <= now)
                     .map(|(&k, _)| k)
                     .collect();
-                for k in &expired {
-                    self.leases.remove(k);
+                for &(ino, node) in &expired {
+                    if let Some(l) = self.leases.remove(&(ino, node)) {
+                        self.record_end(ino, node, l, now, LeaseChange::Expired);
+                    }
                 }
                 let inos: BTreeSet<Ino> = expired.iter().map(|k| k.0).collect();
                 for ino in inos {
@@ -841,7 +1047,50 @@ impl Volume {
         Ok(Reply::Attr(i.attr.clone()))
     }
 
+    /// Grants a lease and records in the history what it changes for
+    /// writing: the end of other hosts' expired write leases (gone before
+    /// this one begins), of this host's own expired or downgraded one, and
+    /// the beginning of a write lease.
     fn grant(
+        &mut self,
+        node: NodeId,
+        ino: Ino,
+        write: bool,
+        now: u64,
+        ttl: u64,
+    ) -> Result<Reply, MetaError> {
+        let before: Vec<(NodeId, Lease)> = self.leases(ino);
+        let r = self.grant_quiet(node, ino, write, now, ttl)?;
+        let Reply::Lease(new) = r else { return Ok(r) };
+        if write {
+            for &(other, l) in &before {
+                if other != node && l.write && l.expires <= now {
+                    self.leases.remove(&(ino, other));
+                    self.record(l.expires, ino, other, l.epoch, LeaseChange::Expired);
+                }
+            }
+        }
+        let own = before.iter().find(|(n, _)| *n == node).map(|&(_, l)| l);
+        let was_writing = match own {
+            Some(l) if l.write && l.expires <= now => {
+                self.record(l.expires, ino, node, l.epoch, LeaseChange::Expired);
+                false
+            }
+            Some(l) if l.write && !write => {
+                self.record(now, ino, node, l.epoch, LeaseChange::Released);
+                false
+            }
+            Some(l) => l.write,
+            None => false,
+        };
+        if write && !was_writing {
+            self.record(now, ino, node, new.epoch, LeaseChange::Granted);
+        }
+        Ok(r)
+    }
+
+    /// Grants a lease without touching the history.
+    fn grant_quiet(
         &mut self,
         node: NodeId,
         ino: Ino,

@@ -6,12 +6,13 @@
 //!
 //! All integers little-endian. The body lists, in order: counters, free
 //! space, inodes (attributes and directory entries, extents or symlink
-//! target), leases, quarantine. Decoding checks the magic, refuses an
+//! target), leases, quarantine, and (from minor version 1) the write-lease
+//! history. Decoding checks the magic, refuses an
 //! unknown major version, verifies the checksum, bounds every count by the
 //! bytes left (hostile input cannot make it allocate), and rebuilds the
 //! allocator so that overlapping free space is refused.
 
-use super::{Attr, Body, Extent, Inode, Kind, Lease, Volume};
+use super::{Attr, Body, Extent, Inode, Kind, Lease, LeaseChange, LeaseEvent, Volume};
 use crate::alloc::Allocator;
 use std::collections::BTreeMap;
 
@@ -20,7 +21,7 @@ pub const MAGIC: &[u8; 8] = b"CSVMETA\0";
 /// Format version written.
 pub const MAJOR: u16 = 1;
 /// Minor version written (additions a reader of the same major skips).
-pub const MINOR: u16 = 0;
+pub const MINOR: u16 = 1;
 const HEADER: usize = 8 + 2 + 2 + 8 + 4;
 
 /// Why a snapshot was refused.
@@ -189,6 +190,15 @@ impl Volume {
                 w.u64(l);
             }
         }
+        w.u64(self.history.len() as u64);
+        for e in &self.history {
+            w.u64(e.at);
+            w.u64(e.ino);
+            w.u64(e.node);
+            w.u64(e.epoch);
+            w.u8(e.change.code());
+            w.u64(e.change.peer());
+        }
         let body = w.0;
         let mut out = Vec::with_capacity(HEADER + body.len());
         out.extend_from_slice(MAGIC);
@@ -206,6 +216,7 @@ impl Volume {
             return Err(SnapshotError::Magic);
         }
         let major = u16::from_le_bytes([bytes[8], bytes[9]]);
+        let minor = u16::from_le_bytes([bytes[10], bytes[11]]);
         if major != MAJOR {
             return Err(SnapshotError::Version(major));
         }
@@ -308,7 +319,29 @@ impl Volume {
             }
             quarantine.insert(ino, pieces);
         }
-        if r.at != body.len() {
+        let mut history = std::collections::VecDeque::new();
+        if minor >= 1 {
+            let n = r.count(41)?;
+            if n > super::LEASE_HISTORY {
+                return Err(r.bad("lease history longer than kept"));
+            }
+            for _ in 0..n {
+                let (at, ino, node, epoch) = (r.u64()?, r.u64()?, r.u64()?, r.u64()?);
+                let code = r.u8()?;
+                let peer = r.u64()?;
+                let change = LeaseChange::from_code(code, peer)
+                    .ok_or_else(|| r.bad("unknown lease change"))?;
+                history.push_back(LeaseEvent {
+                    at,
+                    ino,
+                    node,
+                    epoch,
+                    change,
+                });
+            }
+        }
+        // A newer minor version may append sections this build skips.
+        if r.at != body.len() && minor <= MINOR {
             return Err(r.bad("bytes after the end"));
         }
         if !inodes.contains_key(&super::ROOT) {
@@ -321,6 +354,7 @@ impl Volume {
             alloc,
             leases,
             quarantine,
+            history,
         };
         if !v.check().is_empty() {
             return Err(SnapshotError::Malformed {

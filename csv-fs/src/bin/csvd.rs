@@ -42,6 +42,7 @@ use std::time::Duration;
 ///   key_file = "/etc/csv/cluster.key"
 ///   mount_root = "/ClusterStorage"
 ///   metrics = "127.0.0.1:9477"
+///   vm_memory = "16G"
 ///   [peers]
 ///   1 = ["10.0.0.1:7100", "10.1.0.1:7100"]
 ///   2 = ["10.0.0.2:7100", "10.1.0.2:7100"]
@@ -117,6 +118,11 @@ struct Cli {
     /// (default: `csv-vmm` next to csvd, else on PATH).
     #[arg(long, value_name = "FILE")]
     vmm: Option<PathBuf>,
+    /// Memory this host gives to VM roles (e.g. 16G; suffixes K, M, G,
+    /// T): placement rates it as if it had this much memory, less what
+    /// the roles placed on it take. Default: all it has (MemAvailable).
+    #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
+    vm_memory: Option<u64>,
     /// Log one JSON object per line (for journald or a log shipper)
     /// instead of text. RUST_LOG sets the level (default: info).
     #[arg(long)]
@@ -146,6 +152,32 @@ struct FileConfig {
     initiator: Option<String>,
     chap_user: Option<String>,
     chap_secret_file: Option<PathBuf>,
+    vm_memory: Option<String>,
+}
+
+/// A size such as `4096`, `512M` or `16G` (binary units).
+fn parse_mem(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (use K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 16G)"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n && *v > 0)
+        .ok_or_else(|| format!("{s:?}: size out of range"))
 }
 
 fn parse_peer(s: &str) -> Result<(u64, Vec<String>), String> {
@@ -193,6 +225,7 @@ fn parse_lun(s: &str) -> Result<(u64, PathBuf), String> {
 
 struct Settings {
     vmm: PathBuf,
+    vm_memory: u64,
     san: csv_fs::san::SanIdentity,
     cfg: Config,
     mount_root: Option<PathBuf>,
@@ -279,8 +312,14 @@ fn settings(cli: Cli) -> Result<Settings, String> {
             .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("csv-vmm"))
     });
+    let vm_memory = match (cli.vm_memory, file.vm_memory) {
+        (Some(m), _) => m,
+        (None, Some(t)) => parse_mem(&t).map_err(|e| format!("vm_memory: {e}"))?,
+        (None, None) => 0,
+    };
     Ok(Settings {
         vmm,
+        vm_memory,
         san,
         cfg: Config {
             identity: Identity {
@@ -367,6 +406,8 @@ fn main() -> ExitCode {
         }
     };
     let own = node.bound[0];
+    node.vm_memory
+        .store(s.vm_memory, std::sync::atomic::Ordering::Relaxed);
     if let Some(m) = s.metrics {
         if let Err(e) = serve_metrics(
             m,
@@ -448,4 +489,20 @@ fn main() -> ExitCode {
         let _ = h.join();
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_sizes_parse_with_binary_units() {
+        assert_eq!(super::parse_mem("4096"), Ok(4096));
+        assert_eq!(super::parse_mem("512M"), Ok(512 << 20));
+        assert_eq!(super::parse_mem(" 16g "), Ok(16 << 30));
+        assert!(super::parse_mem("0").is_err());
+        assert!(super::parse_mem("12X").unwrap_err().contains("unit"));
+        assert!(super::parse_mem("99999999999T")
+            .unwrap_err()
+            .contains("range"));
+        assert!(super::parse_mem("M").is_err());
+    }
 }

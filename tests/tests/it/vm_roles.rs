@@ -81,6 +81,33 @@ fn stop_and_wait(cl: &CsvCluster, names: &[&str]) {
 }
 
 /// What the test guest left on the VHD at `path`, read with our reader.
+/// `csvctl volume leases` of a file, which must find a single writer at
+/// all times (it exits 1 otherwise).
+fn lease_history(cl: &CsvCluster, v: u64, file: &str) -> Value {
+    let h = csvctl_json(cl, &["volume", "leases", &v.to_string(), file, "--json"]);
+    assert_eq!(h["single_writer"], true, "{h:#}");
+    eprintln!(
+        "{}",
+        csvctl_ok(cl, &["volume", "leases", &v.to_string(), file]).trim_end()
+    );
+    h
+}
+
+/// The hosts that gained the write lease, in turn (repeats of one host
+/// merged: a lease it renews late is granted again).
+fn writers_in_turn(h: &Value) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    for e in h["events"].as_array().unwrap() {
+        if e["change"] == "granted" || e["change"] == "handed-in" {
+            let n = e["host"].as_u64().unwrap();
+            if out.last() != Some(&n) {
+                out.push(n);
+            }
+        }
+    }
+    out
+}
+
 fn guest_disk(path: &std::path::Path) -> hypervisor_shim::guest::DiskCheck {
     let d = vhd::Vhd::open(path, &vhd::OpenOptions::default()).unwrap();
     hypervisor_shim::guest::check_disk(256, |b, buf| {
@@ -358,6 +385,20 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
     let last_disk_write = rt["disk_writes"].as_u64().unwrap();
     assert!(last_disk_write > 0, "{rt}");
 
+    // The coordinator's lease history of the VHD: one writer at a time,
+    // following the VM from host to host, handed over through the
+    // coordinator at each switch-over (live and quick alike).
+    let h = lease_history(&cl, v, "mig.vhd");
+    let holders = writers_in_turn(&h);
+    assert_eq!(holders, vec![1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2], "{h:#}");
+    let handed_in = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["change"] == "handed-in")
+        .count();
+    assert_eq!(handed_in, 10, "{h:#}");
+
     // Drain the host it is on, with a second VM there: both leave, the
     // host rates 0 ("draining") until it resumes.
     let second = new_vhd(&cl, v, "second.vhd");
@@ -431,8 +472,12 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
 }
 
 /// Kill -9 the host that runs two VMs: its VMMs die with it, the cluster
-/// marks it down, and both VMs restart on the other hosts (high priority
-/// first); their disks check clean afterwards.
+/// marks it down, and both VMs restart on the other hosts, high priority
+/// first, each where memory allows (host 1 offers VMs room for one of
+/// them, host 2 too); their disks check clean afterwards. The killed host,
+/// started again, rejoins without running either VM and cannot write their
+/// disks, whose lease histories show the dead host fenced off before
+/// anyone else wrote.
 #[test]
 fn vm_roles_restart_elsewhere_when_their_host_dies() {
     csv_test_support::skip_unless!(
@@ -440,7 +485,18 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
         csv_test_support::Need::Device("/dev/fuse"),
         csv_test_support::Need::Device("/dev/kvm")
     );
-    let (mut cl, v) = mounted_cluster();
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    // Memory offered to VMs: host 1 fits one 600 MiB VM (with the 512 MiB
+    // reserve) and rates better than host 2, which also fits one.
+    for (id, mem) in [(1, "1700M"), (2, "1300M"), (3, "8G")] {
+        cl.host_args
+            .insert(id, vec!["--vm-memory".into(), mem.into()]);
+    }
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    wait_registered(&cl);
     for (name, prio) in [("fa", "low"), ("fb", "high")] {
         let disk = new_vhd(&cl, v, &format!("{name}.vhd"));
         csvctl_ok(
@@ -450,7 +506,7 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
                 "add",
                 name,
                 "--memory",
-                "64M",
+                "600M",
                 "--disk",
                 &disk,
                 "--priority",
@@ -471,6 +527,20 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
         running_on(&cl, "fa") == Some(3) && running_on(&cl, "fb") == Some(3)
     })
     .unwrap();
+    // Before the failure: host 1 rates best for one of them, and says why
+    // it could not take both.
+    let r = csvctl_json(&cl, &["vm", "place", "fb", "--json"]);
+    eprintln!("{}", csvctl_ok(&cl, &["vm", "place", "fb"]));
+    let rating = |host: u64| {
+        r.as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["host"] == host)
+            .unwrap()["rating"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(rating(1) > rating(2) && rating(2) > 0.0, "{r:#}");
 
     let killed = std::time::Instant::now();
     cl.kill(3).unwrap();
@@ -485,10 +555,11 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
         csvctl_ok(&cl, &["vm", "status", "fa"]),
         csvctl_ok(&cl, &["vm", "status", "fb"])
     );
-    eprintln!(
-        "both VMs run again {:?} after the kill, on hosts {hosts:?}",
-        killed.elapsed()
-    );
+    let took = killed.elapsed();
+    eprintln!("both VMs run again {took:?} after the kill, on hosts {hosts:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    // High priority first, on the best host; the other where memory is.
+    assert_eq!(hosts, (Some(2), Some(1)), "memory-aware placement");
     let s = csvctl_json(&cl, &["vm", "status", "fb", "--json"]);
     assert!(
         s["config"]["last_migration"]
@@ -497,6 +568,60 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
             .starts_with("failover: host 3"),
         "{s}"
     );
+    // Host 1 now has no room for another 600 MiB VM, and says so.
+    let r = csvctl_json(&cl, &["vm", "place", "fa", "--json"]);
+    let h1 = r
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["host"] == 1)
+        .unwrap();
+    assert!(
+        h1["reason"].as_str().unwrap().starts_with("memory reserve"),
+        "{h1}"
+    );
+
+    // The killed host comes back: it rejoins, runs neither VM, and cannot
+    // write their disks (another host holds the write lease) though it
+    // can read them.
+    cl.start(3).unwrap();
+    csv_test_support::wait_until(Duration::from_secs(20), || {
+        cl.status(3).is_ok_and(|s| {
+            s.volumes
+                .iter()
+                .any(|x| x.number == v && x.state == "Direct")
+        })
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let st = cl.status(3).unwrap();
+    assert!(st.vms.is_empty(), "host 3 runs {:?}", st.vms);
+    for name in ["fa", "fb"] {
+        let path = cl.mountpoint(3, v).join(format!("{name}.vhd"));
+        let e = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect_err("host 3 opened a running VM's disk for writing");
+        assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{name}: {e}");
+        let mut head = [0u8; 512];
+        use std::io::Read;
+        std::fs::File::open(&path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .unwrap();
+        // The history: host 1 made the disk, host 3 wrote it while it ran
+        // the VM and lost the lease when it was fenced (revoked) or ran
+        // out, and only then did the new host gain it.
+        let h = lease_history(&cl, v, &format!("{name}.vhd"));
+        assert_eq!(writers_in_turn(&h), [1, 3, hosts_of(name, hosts)], "{h:#}");
+        let end3 = h["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["host"] == 3 && (e["change"] == "revoked" || e["change"] == "expired"))
+            .cloned();
+        assert!(end3.is_some(), "host 3's lease never ended: {h:#}");
+    }
+
     stop_and_wait(&cl, &["fa", "fb"]);
     for name in ["fa", "fb"] {
         let path = cl.mountpoint(1, v).join(format!("{name}.vhd"));
@@ -513,4 +638,9 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
         let found = guest_disk(&path);
         assert_eq!(found.bad, 0, "{name}: {found:?}");
     }
+}
+
+fn hosts_of(name: &str, hosts: (Option<u64>, Option<u64>)) -> u64 {
+    let h = if name == "fa" { hosts.0 } else { hosts.1 };
+    h.unwrap_or(0)
 }
