@@ -328,6 +328,49 @@ impl Client {
         }
     }
 
+    /// The snapshots of a volume, oldest first (linearizable).
+    pub fn snapshots(&mut self, vol: u64) -> Result<Vec<proto::SnapshotInfo>> {
+        match self
+            .read(vol, read::Query::Snapshots(proto::Empty {}))?
+            .value
+        {
+            Some(Value::Snapshots(l)) => Ok(l.snapshots),
+            v => Err(ClientError::BadReply(format!("{v:?}"))),
+        }
+    }
+
+    /// Takes a snapshot of a volume (one metadata commit, no data copied).
+    pub fn create_snapshot(&mut self, vol: u64, name: &str) -> Result<()> {
+        self.volume_op(
+            vol,
+            volume_op::Op::CreateSnapshot(proto::SnapshotOp {
+                name: name.into(),
+                now: 0,
+            }),
+        )
+        .map(|_| ())
+    }
+
+    /// Deletes a snapshot of a volume.
+    pub fn delete_snapshot(&mut self, vol: u64, name: &str) -> Result<()> {
+        self.volume_op(
+            vol,
+            volume_op::Op::DeleteSnapshot(proto::SnapshotOp {
+                name: name.into(),
+                now: 0,
+            }),
+        )
+        .map(|_| ())
+    }
+
+    /// A file's extents (with their shared flags).
+    pub fn extents(&mut self, vol: u64, ino: u64) -> Result<Vec<proto::Extent>> {
+        match self.read(vol, read::Query::Extents(ino))?.value {
+            Some(Value::Extents(l)) => Ok(l.extents),
+            v => Err(ClientError::BadReply(format!("{v:?}"))),
+        }
+    }
+
     /// Removes VolumeN from the cluster.
     pub fn remove_volume(&mut self, number: u64) -> Result<()> {
         self.call(

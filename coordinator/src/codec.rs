@@ -106,6 +106,22 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             now: c.now,
             ttl: c.ttl,
         },
+        Some(P::CreateSnapshot(c)) => Op::CreateSnapshot {
+            name: c.name.clone(),
+            now: c.now,
+        },
+        Some(P::DeleteSnapshot(c)) => Op::DeleteSnapshot {
+            name: c.name.clone(),
+        },
+        Some(P::Reserve(c)) => Op::Reserve {
+            ino: c.ino,
+            len: c.len,
+        },
+        Some(P::Remap(c)) => Op::Remap {
+            ino: c.ino,
+            off: c.off,
+            pieces: c.pieces.iter().map(|e| (e.lun_off, e.len)).collect(),
+        },
     })
 }
 
@@ -124,7 +140,12 @@ pub fn stamp(op: &mut proto::VolumeOp, now_ms: u64) {
         Some(P::Tick(c)) => c.now = now_ms,
         Some(P::HandOver(c)) => c.now = now_ms,
         Some(P::RevokeLease(c)) => c.now = now_ms,
-        Some(P::Allocate(_)) | None => {}
+        Some(P::CreateSnapshot(c)) => c.now = now_ms,
+        Some(P::Allocate(_))
+        | Some(P::DeleteSnapshot(_))
+        | Some(P::Reserve(_))
+        | Some(P::Remap(_))
+        | None => {}
     }
 }
 
@@ -153,6 +174,23 @@ pub fn extents_to_proto(e: &[meta::Extent]) -> proto::ExtentList {
                 lun_off: e.lun_off,
                 len: e.len,
                 unwritten: e.unwritten,
+                shared: false,
+            })
+            .collect(),
+    }
+}
+
+/// Extents with their shared flags as a message.
+pub fn shared_extents_to_proto(e: &[(meta::Extent, bool)]) -> proto::ExtentList {
+    proto::ExtentList {
+        extents: e
+            .iter()
+            .map(|(e, shared)| proto::Extent {
+                file_off: e.file_off,
+                lun_off: e.lun_off,
+                len: e.len,
+                unwritten: e.unwritten,
+                shared: *shared,
             })
             .collect(),
     }
@@ -366,6 +404,21 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             to,
             now,
             ttl,
+        }),
+        Op::CreateSnapshot { name, now } => P::CreateSnapshot(proto::SnapshotOp { name, now }),
+        Op::DeleteSnapshot { name } => P::DeleteSnapshot(proto::SnapshotOp { name, now: 0 }),
+        Op::Reserve { ino, len } => P::Reserve(proto::ReserveOp { ino, len }),
+        Op::Remap { ino, off, pieces } => P::Remap(proto::RemapOp {
+            ino,
+            off,
+            pieces: pieces
+                .into_iter()
+                .map(|(lun_off, len)| proto::Extent {
+                    lun_off,
+                    len,
+                    ..Default::default()
+                })
+                .collect(),
         }),
     };
     proto::VolumeOp { op: Some(p) }

@@ -789,7 +789,7 @@ impl Group {
                 let me = |e: crate::meta::MetaError| codec::meta_error_to_proto(&e);
                 let attr = |ino| {
                     v.getattr(ino)
-                        .map(codec::attr_to_proto)
+                        .map(|a| codec::attr_to_proto(&a))
                         .ok_or_else(|| me(crate::meta::MetaError::NotFound))
                 };
                 match q {
@@ -812,9 +812,22 @@ impl Group {
                     read::Query::ReadLink(i) => {
                         Value::Text(v.readlink(*i).map_err(me)?.to_string())
                     }
-                    read::Query::Extents(i) => {
-                        Value::Extents(codec::extents_to_proto(&v.extents(*i).map_err(me)?))
-                    }
+                    read::Query::Extents(i) => Value::Extents(codec::shared_extents_to_proto(
+                        &v.extents_shared(*i).map_err(me)?,
+                    )),
+                    read::Query::Snapshots(_) => Value::Snapshots(proto::SnapshotList {
+                        snapshots: v
+                            .snapshots()
+                            .into_iter()
+                            .map(|s| proto::SnapshotInfo {
+                                id: s.id,
+                                name: s.name,
+                                created: s.created,
+                                files: s.files,
+                                exclusive: s.exclusive,
+                            })
+                            .collect(),
+                    }),
                     read::Query::Leases(i) => Value::Leases(proto::LeaseList {
                         leases: v
                             .leases(*i)

@@ -206,7 +206,10 @@ pub struct Redirect {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Reply {
     /// What came back.
-    #[prost(oneof = "reply::Value", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12")]
+    #[prost(
+        oneof = "reply::Value",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+    )]
     pub value: Option<reply::Value>,
 }
 
@@ -251,6 +254,9 @@ pub mod reply {
         /// Write-lease history.
         #[prost(message, tag = "12")]
         LeaseHistory(super::LeaseHistory),
+        /// A volume's snapshots.
+        #[prost(message, tag = "13")]
+        Snapshots(super::SnapshotList),
     }
 }
 
@@ -404,6 +410,10 @@ pub struct Extent {
     /// Reads as zeros.
     #[prost(bool, tag = "4")]
     pub unwritten: bool,
+    /// Shared with a snapshot: a written one is not written in place
+    /// (reserve, copy, write, remap).
+    #[prost(bool, tag = "5")]
+    pub shared: bool,
 }
 
 /// Extents.
@@ -465,7 +475,10 @@ pub struct DirEntries {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct VolumeOp {
     /// Which command.
-    #[prost(oneof = "volume_op::Op", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
+    #[prost(
+        oneof = "volume_op::Op",
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15"
+    )]
     pub op: Option<volume_op::Op>,
 }
 
@@ -508,7 +521,80 @@ pub mod volume_op {
         /// Hand a write lease from one host to another (migration).
         #[prost(message, tag = "11")]
         HandOver(super::HandOverOp),
+        /// Take a snapshot of the volume.
+        #[prost(message, tag = "12")]
+        CreateSnapshot(super::SnapshotOp),
+        /// Delete a snapshot.
+        #[prost(message, tag = "13")]
+        DeleteSnapshot(super::SnapshotOp),
+        /// Reserve space for a redirected write.
+        #[prost(message, tag = "14")]
+        Reserve(super::ReserveOp),
+        /// Point a file range at reserved space.
+        #[prost(message, tag = "15")]
+        Remap(super::RemapOp),
     }
+}
+
+/// Take or delete a snapshot.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotOp {
+    /// Its name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Time (ms; the leader sets it).
+    #[prost(uint64, tag = "2")]
+    pub now: u64,
+}
+
+/// Reserve space for a redirected write.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReserveOp {
+    /// The file.
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    /// Bytes (a multiple of 4096).
+    #[prost(uint64, tag = "2")]
+    pub len: u64,
+}
+
+/// Point `[off, ...)` of a file at reserved space.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemapOp {
+    /// The file.
+    #[prost(uint64, tag = "1")]
+    pub ino: u64,
+    /// File offset.
+    #[prost(uint64, tag = "2")]
+    pub off: u64,
+    /// The reserved pieces, in file order (`lun_off` and `len` used).
+    #[prost(message, repeated, tag = "3")]
+    pub pieces: Vec<Extent>,
+}
+
+/// A snapshot of a volume, as listed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotInfo {
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// Creation time (ms).
+    #[prost(uint64, tag = "3")]
+    pub created: u64,
+    /// Files in it.
+    #[prost(uint64, tag = "4")]
+    pub files: u64,
+    /// Bytes only it holds.
+    #[prost(uint64, tag = "5")]
+    pub exclusive: u64,
+}
+
+/// A volume's snapshots, oldest first.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotList {
+    #[prost(message, repeated, tag = "1")]
+    pub snapshots: Vec<SnapshotInfo>,
 }
 
 /// Create a file, directory or symlink.
@@ -723,7 +809,7 @@ pub struct HandOverOp {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Read {
     /// Which read.
-    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
     pub query: Option<read::Query>,
 }
 
@@ -759,6 +845,9 @@ pub mod read {
         /// Write-lease history of a file (0: of every file).
         #[prost(uint64, tag = "9")]
         LeaseHistory(u64),
+        /// The volume's snapshots.
+        #[prost(message, tag = "10")]
+        Snapshots(super::Empty),
     }
 }
 

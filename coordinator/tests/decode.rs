@@ -152,6 +152,15 @@ fn any_op() -> impl Strategy<Value = Op> {
                 ttl
             }
         ),
+        ("[a-z.]{0,8}", any_u64()).prop_map(|(name, now)| Op::CreateSnapshot { name, now }),
+        "[a-z.]{0,8}".prop_map(|name| Op::DeleteSnapshot { name }),
+        (any_u64(), any_u64()).prop_map(|(ino, len)| Op::Reserve { ino, len }),
+        (
+            any_u64(),
+            any_u64(),
+            prop::collection::vec((any_u64(), any_u64()), 0..4)
+        )
+            .prop_map(|(ino, off, pieces)| Op::Remap { ino, off, pieces }),
     ]
 }
 

@@ -20,8 +20,13 @@
 use crate::alloc::Allocator;
 use std::collections::{BTreeMap, BTreeSet};
 
+mod snaps;
 mod snapshot;
 
+pub use snaps::{
+    is_snapshot_ino, snap_ino, split_ino, RangeCount, SnapInfo, LIVE_INO_LIMIT, MAX_SNAPSHOTS,
+    SNAPSHOTS_DIR, SNAPSHOTS_NAME,
+};
 pub use snapshot::SnapshotError;
 
 /// An inode number.
@@ -334,6 +339,19 @@ pub enum Op {
     },
     /// Expire every lease whose time has come.
     Tick { now: u64 },
+    /// Take a snapshot of the namespace (redirect-on-write, no data copied).
+    CreateSnapshot { name: String, now: u64 },
+    /// Delete a snapshot; bytes only it held are freed.
+    DeleteSnapshot { name: String },
+    /// Reserve space for a redirected write of a live file (held in the
+    /// file's quarantine until `Remap`).
+    Reserve { ino: Ino, len: u64 },
+    /// Point `[off, ...)` of a live file at reserved space, in order.
+    Remap {
+        ino: Ino,
+        off: u64,
+        pieces: Vec<(u64, u64)>,
+    },
 }
 
 /// What a command can fail with (POSIX errno names).
@@ -393,6 +411,11 @@ pub struct Volume {
     quarantine: BTreeMap<Ino, Vec<(u64, u64)>>,
     /// Write leases gained and lost, oldest first.
     history: std::collections::VecDeque<LeaseEvent>,
+    /// Snapshots by id.
+    snapshots: BTreeMap<u64, snaps::Snap>,
+    next_snap: u64,
+    /// Extra references of LUN ranges shared by live files and snapshots.
+    refs: RangeCount,
 }
 
 fn check_name(name: &str) -> Result<(), MetaError> {
@@ -406,6 +429,26 @@ fn check_name(name: &str) -> Result<(), MetaError> {
         return Err(MetaError::Invalid(format!("bad name {name:?}")));
     }
     Ok(())
+}
+
+/// Splits the extent that straddles file offset `cut` in two there.
+fn split_extents(ext: &mut BTreeMap<u64, Extent>, cut: u64) {
+    let hit = ext.range(..cut).next_back().map(|(&k, &e)| (k, e));
+    if let Some((k, e)) = hit {
+        if e.file_off < cut && cut < e.file_off + e.len {
+            let head = cut - e.file_off;
+            ext.insert(k, Extent { len: head, ..e });
+            ext.insert(
+                cut,
+                Extent {
+                    file_off: cut,
+                    lun_off: e.lun_off + head,
+                    len: e.len - head,
+                    unwritten: e.unwritten,
+                },
+            );
+        }
+    }
 }
 
 impl Volume {
@@ -433,27 +476,70 @@ impl Volume {
             leases: BTreeMap::new(),
             quarantine: BTreeMap::new(),
             history: std::collections::VecDeque::new(),
+            snapshots: BTreeMap::new(),
+            next_snap: 1,
+            refs: RangeCount::default(),
         }
     }
 
     /// Attributes of `ino`.
-    pub fn getattr(&self, ino: Ino) -> Option<&Attr> {
-        self.inodes.get(&ino).map(|i| &i.attr)
+    /// (Snapshot inode numbers and [`SNAPSHOTS_DIR`] included.)
+    pub fn getattr(&self, ino: Ino) -> Option<Attr> {
+        if ino == SNAPSHOTS_DIR {
+            return Some(self.snapshots_dir_attr());
+        }
+        self.node(ino).map(|(i, id)| Volume::view_attr(i, id))
     }
 
-    /// The inode `name` in directory `parent`.
+    /// The inode `name` in directory `parent` (in a snapshot: that
+    /// snapshot's inode number).
     pub fn lookup(&self, parent: Ino, name: &str) -> Result<Ino, MetaError> {
-        match self.inodes.get(&parent).map(|i| &i.body) {
-            Some(Body::Dir(d)) => d.get(name).copied().ok_or(MetaError::NotFound),
+        if parent == ROOT && name == SNAPSHOTS_NAME {
+            return Ok(SNAPSHOTS_DIR);
+        }
+        if parent == SNAPSHOTS_DIR {
+            return self
+                .snapshot_id(name)
+                .map(|id| snap_ino(id, ROOT))
+                .ok_or(MetaError::NotFound);
+        }
+        match self.node(parent) {
+            Some((
+                Inode {
+                    body: Body::Dir(d), ..
+                },
+                id,
+            )) => d
+                .get(name)
+                .map(|&c| if id == 0 { c } else { snap_ino(id, c) })
+                .ok_or(MetaError::NotFound),
             Some(_) => Err(MetaError::NotDir),
             None => Err(MetaError::NotFound),
         }
     }
 
-    /// Entries of a directory, in name order.
+    /// Entries of a directory, in name order (`.snapshots` is not listed
+    /// in the root; it lists the snapshots).
     pub fn readdir(&self, dir: Ino) -> Result<Vec<(String, Ino)>, MetaError> {
-        match self.inodes.get(&dir).map(|i| &i.body) {
-            Some(Body::Dir(d)) => Ok(d.iter().map(|(k, &v)| (k.clone(), v)).collect()),
+        if dir == SNAPSHOTS_DIR {
+            let mut v: Vec<(String, Ino)> = self
+                .snapshots
+                .iter()
+                .map(|(&id, s)| (s.name.clone(), snap_ino(id, ROOT)))
+                .collect();
+            v.sort();
+            return Ok(v);
+        }
+        match self.node(dir) {
+            Some((
+                Inode {
+                    body: Body::Dir(d), ..
+                },
+                id,
+            )) => Ok(d
+                .iter()
+                .map(|(k, &v)| (k.clone(), if id == 0 { v } else { snap_ino(id, v) }))
+                .collect()),
             Some(_) => Err(MetaError::NotDir),
             None => Err(MetaError::NotFound),
         }
@@ -461,7 +547,7 @@ impl Volume {
 
     /// A symlink's target.
     pub fn readlink(&self, ino: Ino) -> Result<&str, MetaError> {
-        match self.inodes.get(&ino).map(|i| &i.body) {
+        match self.node(ino).map(|(i, _)| &i.body) {
             Some(Body::Symlink(t)) => Ok(t),
             Some(_) => Err(MetaError::Invalid("not a symlink".into())),
             None => Err(MetaError::NotFound),
@@ -470,8 +556,30 @@ impl Volume {
 
     /// A file's extents, in file order.
     pub fn extents(&self, ino: Ino) -> Result<Vec<Extent>, MetaError> {
-        match self.inodes.get(&ino).map(|i| &i.body) {
-            Some(Body::File(e)) => Ok(e.values().copied().collect()),
+        Ok(self
+            .extents_shared(ino)?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
+    }
+
+    /// A file's extents, each with whether its LUN bytes are shared with
+    /// a snapshot (a host must then redirect writes to written ones).
+    pub fn extents_shared(&self, ino: Ino) -> Result<Vec<(Extent, bool)>, MetaError> {
+        match self.node(ino) {
+            Some((
+                Inode {
+                    body: Body::File(e),
+                    ..
+                },
+                id,
+            )) => Ok(e
+                .values()
+                .map(|x| {
+                    let shared = id == 0 && self.refs.shared_bytes(x.lun_off, x.len) > 0;
+                    (*x, shared)
+                })
+                .collect()),
             Some(_) => Err(MetaError::IsDir),
             None => Err(MetaError::NotFound),
         }
@@ -650,6 +758,10 @@ impl Volume {
                 self.release_quarantine(ino);
                 r
             }
+            Op::CreateSnapshot { name, now } => self.create_snapshot(&name, now),
+            Op::DeleteSnapshot { name } => self.delete_snapshot(&name),
+            Op::Reserve { ino, len } => self.reserve(ino, len),
+            Op::Remap { ino, off, pieces } => self.remap(ino, off, &pieces),
             Op::Tick { now } => {
                 let expired: Vec<(Ino, NodeId)> = self
                     .leases
@@ -692,7 +804,15 @@ impl Volume {
         now: u64,
     ) -> Result<Reply, MetaError> {
         check_name(name)?;
+        if parent == ROOT && name == SNAPSHOTS_NAME {
+            return Err(MetaError::Invalid(format!(
+                "{SNAPSHOTS_NAME} in the root is reserved for snapshots"
+            )));
+        }
         let ino = self.next_ino;
+        if ino >= LIVE_INO_LIMIT {
+            return Err(MetaError::NoSpace);
+        }
         let dir = self.dir_mut(parent)?;
         if dir.contains_key(name) {
             return Err(MetaError::Exists);
@@ -839,6 +959,11 @@ impl Volume {
         now: u64,
     ) -> Result<(), MetaError> {
         check_name(new_name)?;
+        if new_parent == ROOT && new_name == SNAPSHOTS_NAME {
+            return Err(MetaError::Invalid(format!(
+                "{SNAPSHOTS_NAME} in the root is reserved for snapshots"
+            )));
+        }
         let ino = self.lookup(parent, name)?;
         self.dir_mut(new_parent)?;
         let kind = self
@@ -1019,24 +1144,8 @@ impl Volume {
         };
         let end = off.saturating_add(len);
         // Split extents at the range's edges, then mark the inside written.
-        for cut in [off, end] {
-            let hit = ext.range(..cut).next_back().map(|(&k, &e)| (k, e));
-            if let Some((k, e)) = hit {
-                if e.file_off < cut && cut < e.file_off + e.len {
-                    let head = cut - e.file_off;
-                    ext.insert(k, Extent { len: head, ..e });
-                    ext.insert(
-                        cut,
-                        Extent {
-                            file_off: cut,
-                            lun_off: e.lun_off + head,
-                            len: e.len - head,
-                            unwritten: e.unwritten,
-                        },
-                    );
-                }
-            }
-        }
+        split_extents(ext, off);
+        split_extents(ext, end);
         for (_, e) in ext.range_mut(off..end) {
             e.unwritten = false;
         }
@@ -1098,10 +1207,13 @@ impl Volume {
         now: u64,
         ttl: u64,
     ) -> Result<Reply, MetaError> {
-        match self.inodes.get(&ino).map(|i| i.attr.kind) {
+        match self.node(ino).map(|(i, _)| i.attr.kind) {
             Some(Kind::File) => {}
             Some(_) => return Err(MetaError::IsDir),
             None => return Err(MetaError::NotFound),
+        }
+        if write && is_snapshot_ino(ino) {
+            return Err(MetaError::Invalid("snapshots are read-only".into()));
         }
         if write {
             if let Some((&(_, other), _)) = self
@@ -1130,7 +1242,16 @@ impl Volume {
 
     /// Frees LUN space of `ino`: at once if nobody holds a lease on it,
     /// else into quarantine until the last lease ends.
+    /// Bytes a snapshot still holds only lose a reference.
     fn free(&mut self, ino: Ino, pieces: Vec<(u64, u64)>) {
+        let pieces: Vec<(u64, u64)> = if self.refs.is_empty() {
+            pieces
+        } else {
+            pieces
+                .into_iter()
+                .flat_map(|(s, l)| self.refs.drop_ref(s, l))
+                .collect()
+        };
         if pieces.is_empty() {
             return;
         }
@@ -1194,6 +1315,24 @@ impl Volume {
                     w[1].2
                 ));
             }
+        }
+        // Bytes a snapshot holds are neither free nor in quarantine, and
+        // the reference table is what the owners imply.
+        let mut fq: Vec<(u64, u64)> = self.alloc.intervals().collect();
+        fq.extend(self.quarantine.values().flatten().copied());
+        fq.sort_unstable();
+        for (id, snap) in &self.snapshots {
+            for (s, l) in snaps::lun_ranges(&snap.inodes) {
+                let i = fq.partition_point(|&(fs, fl)| fs + fl <= s);
+                if fq.get(i).is_some_and(|&(fs, _)| fs < s + l) {
+                    problems.push(format!(
+                        "LUN bytes at {s} of snapshot {id} are free or in quarantine"
+                    ));
+                }
+            }
+        }
+        if self.refs != self.implied_refs() {
+            problems.push("the shared-range reference counts disagree with the owners".into());
         }
         for (ino, i) in &self.inodes {
             if let Body::Dir(d) = &i.body {

@@ -6,8 +6,10 @@
 //!
 //! All integers little-endian. The body lists, in order: counters, free
 //! space, inodes (attributes and directory entries, extents or symlink
-//! target), leases, quarantine, and (from minor version 1) the write-lease
-//! history. Decoding checks the magic, refuses an
+//! target), leases, quarantine, (from minor version 1) the write-lease
+//! history, and (from 2) the volume snapshots (id, name, time and their
+//! inodes; the shared-range reference counts are rebuilt from them).
+//! Decoding checks the magic, refuses an
 //! unknown major version, verifies the checksum, bounds every count by the
 //! bytes left (hostile input cannot make it allocate), and rebuilds the
 //! allocator so that overlapping free space is refused.
@@ -21,7 +23,7 @@ pub const MAGIC: &[u8; 8] = b"CSVMETA\0";
 /// Format version written.
 pub const MAJOR: u16 = 1;
 /// Minor version written (additions a reader of the same major skips).
-pub const MINOR: u16 = 1;
+pub const MINOR: u16 = 2;
 const HEADER: usize = 8 + 2 + 2 + 8 + 4;
 
 /// Why a snapshot was refused.
@@ -129,6 +131,100 @@ fn kind_code(k: Kind) -> u8 {
     }
 }
 
+fn write_inodes(w: &mut W, inodes: &BTreeMap<u64, Inode>) {
+    w.u64(inodes.len() as u64);
+    for i in inodes.values() {
+        let a = &i.attr;
+        w.u64(a.ino);
+        w.u8(kind_code(a.kind));
+        w.u32(a.mode);
+        w.u32(a.uid);
+        w.u32(a.gid);
+        w.u64(a.size);
+        w.u32(a.nlink);
+        w.u64(a.mtime);
+        w.u64(a.ctime);
+        match &i.body {
+            Body::Dir(d) => {
+                w.u64(d.len() as u64);
+                for (name, ino) in d {
+                    w.bytes(name.as_bytes());
+                    w.u64(*ino);
+                }
+            }
+            Body::File(ext) => {
+                w.u64(ext.len() as u64);
+                for e in ext.values() {
+                    w.u64(e.file_off);
+                    w.u64(e.lun_off);
+                    w.u64(e.len);
+                    w.u8(u8::from(e.unwritten));
+                }
+            }
+            Body::Symlink(t) => w.bytes(t.as_bytes()),
+        }
+    }
+}
+
+fn read_inodes(r: &mut R<'_>) -> Result<BTreeMap<u64, Inode>, SnapshotError> {
+    let n = r.count(49)?;
+    let mut inodes = BTreeMap::new();
+    for _ in 0..n {
+        let ino = r.u64()?;
+        if ino >= super::LIVE_INO_LIMIT {
+            return Err(r.bad("inode number out of range"));
+        }
+        let kind = match r.u8()? {
+            0 => Kind::Dir,
+            1 => Kind::File,
+            2 => Kind::Symlink,
+            _ => return Err(r.bad("unknown inode kind")),
+        };
+        let attr = Attr {
+            ino,
+            kind,
+            mode: r.u32()?,
+            uid: r.u32()?,
+            gid: r.u32()?,
+            size: r.u64()?,
+            nlink: r.u32()?,
+            mtime: r.u64()?,
+            ctime: r.u64()?,
+        };
+        let body = match kind {
+            Kind::Dir => {
+                let m = r.count(12)?;
+                let mut d = BTreeMap::new();
+                for _ in 0..m {
+                    let name = r.string()?;
+                    let child = r.u64()?;
+                    d.insert(name, child);
+                }
+                Body::Dir(d)
+            }
+            Kind::File => {
+                let m = r.count(25)?;
+                let mut ext = BTreeMap::new();
+                for _ in 0..m {
+                    let e = Extent {
+                        file_off: r.u64()?,
+                        lun_off: r.u64()?,
+                        len: r.u64()?,
+                        unwritten: r.u8()? != 0,
+                    };
+                    ext.insert(e.file_off, e);
+                }
+                Body::File(ext)
+            }
+            Kind::Symlink => Body::Symlink(r.string()?),
+        };
+        if inodes.insert(ino, Inode { attr, body }).is_some() {
+            return Err(r.bad("inode listed twice"));
+        }
+    }
+    Ok(inodes)
+}
+
 impl Volume {
     /// The whole state as a snapshot.
     pub fn encode(&self) -> Vec<u8> {
@@ -141,38 +237,7 @@ impl Volume {
             w.u64(s);
             w.u64(l);
         }
-        w.u64(self.inodes.len() as u64);
-        for i in self.inodes.values() {
-            let a = &i.attr;
-            w.u64(a.ino);
-            w.u8(kind_code(a.kind));
-            w.u32(a.mode);
-            w.u32(a.uid);
-            w.u32(a.gid);
-            w.u64(a.size);
-            w.u32(a.nlink);
-            w.u64(a.mtime);
-            w.u64(a.ctime);
-            match &i.body {
-                Body::Dir(d) => {
-                    w.u64(d.len() as u64);
-                    for (name, ino) in d {
-                        w.bytes(name.as_bytes());
-                        w.u64(*ino);
-                    }
-                }
-                Body::File(ext) => {
-                    w.u64(ext.len() as u64);
-                    for e in ext.values() {
-                        w.u64(e.file_off);
-                        w.u64(e.lun_off);
-                        w.u64(e.len);
-                        w.u8(u8::from(e.unwritten));
-                    }
-                }
-                Body::Symlink(t) => w.bytes(t.as_bytes()),
-            }
-        }
+        write_inodes(&mut w, &self.inodes);
         w.u64(self.leases.len() as u64);
         for (&(ino, node), l) in &self.leases {
             w.u64(ino);
@@ -198,6 +263,14 @@ impl Volume {
             w.u64(e.epoch);
             w.u8(e.change.code());
             w.u64(e.change.peer());
+        }
+        w.u64(self.next_snap);
+        w.u64(self.snapshots.len() as u64);
+        for (id, snap) in &self.snapshots {
+            w.u64(*id);
+            w.u64(snap.created);
+            w.bytes(snap.name.as_bytes());
+            write_inodes(&mut w, &snap.inodes);
         }
         let body = w.0;
         let mut out = Vec::with_capacity(HEADER + body.len());
@@ -245,58 +318,7 @@ impl Volume {
         }
         let alloc =
             Allocator::from_intervals(&free).ok_or_else(|| r.bad("free space overlaps itself"))?;
-        let n = r.count(49)?;
-        let mut inodes = BTreeMap::new();
-        for _ in 0..n {
-            let ino = r.u64()?;
-            let kind = match r.u8()? {
-                0 => Kind::Dir,
-                1 => Kind::File,
-                2 => Kind::Symlink,
-                _ => return Err(r.bad("unknown inode kind")),
-            };
-            let attr = Attr {
-                ino,
-                kind,
-                mode: r.u32()?,
-                uid: r.u32()?,
-                gid: r.u32()?,
-                size: r.u64()?,
-                nlink: r.u32()?,
-                mtime: r.u64()?,
-                ctime: r.u64()?,
-            };
-            let body = match kind {
-                Kind::Dir => {
-                    let m = r.count(12)?;
-                    let mut d = BTreeMap::new();
-                    for _ in 0..m {
-                        let name = r.string()?;
-                        let child = r.u64()?;
-                        d.insert(name, child);
-                    }
-                    Body::Dir(d)
-                }
-                Kind::File => {
-                    let m = r.count(25)?;
-                    let mut ext = BTreeMap::new();
-                    for _ in 0..m {
-                        let e = Extent {
-                            file_off: r.u64()?,
-                            lun_off: r.u64()?,
-                            len: r.u64()?,
-                            unwritten: r.u8()? != 0,
-                        };
-                        ext.insert(e.file_off, e);
-                    }
-                    Body::File(ext)
-                }
-                Kind::Symlink => Body::Symlink(r.string()?),
-            };
-            if inodes.insert(ino, Inode { attr, body }).is_some() {
-                return Err(r.bad("inode listed twice"));
-            }
-        }
+        let inodes = read_inodes(&mut r)?;
         let n = r.count(33)?;
         let mut leases = BTreeMap::new();
         for _ in 0..n {
@@ -340,6 +362,35 @@ impl Volume {
                 });
             }
         }
+        let mut next_snap = 1;
+        let mut snapshots = BTreeMap::new();
+        if minor >= 2 {
+            next_snap = r.u64()?;
+            let n = r.count(20)?;
+            if n > super::MAX_SNAPSHOTS {
+                return Err(r.bad("more snapshots than a volume keeps"));
+            }
+            for _ in 0..n {
+                let id = r.u64()?;
+                let created = r.u64()?;
+                let name = r.string()?;
+                let inodes = read_inodes(&mut r)?;
+                if id == 0 || id >= next_snap || id >= 1 << (63 - super::snaps::SNAP_SHIFT) {
+                    return Err(r.bad("snapshot id out of range"));
+                }
+                if !inodes.contains_key(&super::ROOT) {
+                    return Err(r.bad("snapshot without a root directory"));
+                }
+                let snap = super::snaps::Snap {
+                    name,
+                    created,
+                    inodes,
+                };
+                if snapshots.insert(id, snap).is_some() {
+                    return Err(r.bad("snapshot listed twice"));
+                }
+            }
+        }
         // A newer minor version may append sections this build skips.
         if r.at != body.len() && minor <= MINOR {
             return Err(r.bad("bytes after the end"));
@@ -355,7 +406,12 @@ impl Volume {
             leases,
             quarantine,
             history,
+            snapshots,
+            next_snap,
+            refs: super::RangeCount::default(),
         };
+        let mut v = v;
+        v.refs = v.implied_refs();
         if !v.check().is_empty() {
             return Err(SnapshotError::Malformed {
                 offset: 0,
