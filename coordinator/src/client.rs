@@ -543,6 +543,19 @@ pub fn redirect(
     ask_host(me, addr, action, timeout).map(|_| ())
 }
 
+/// Asks host `addr` to carry out one phase of a volume snapshot.
+pub fn snapshot_phase(
+    me: &Identity,
+    addr: SocketAddr,
+    req: proto::SnapshotPhaseReq,
+    timeout: Duration,
+) -> Result<proto::SnapshotPhaseReply> {
+    match ask_host(me, addr, admin::Action::SnapshotPhase(req), timeout)?.value {
+        Some(Value::Phase(p)) => Ok(p),
+        v => Err(ClientError::BadReply(format!("{v:?}"))),
+    }
+}
+
 /// A readable error for a failed metadata call.
 pub fn describe(e: &ClientError) -> String {
     match e {

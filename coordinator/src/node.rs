@@ -194,6 +194,16 @@ pub trait BlockServer: Send + Sync {
     /// Sends this host's I/O to `volume` through a peer (on) or over its
     /// own path (off).
     fn redirect(&self, volume: u64, on: bool) -> Result<(), String>;
+    /// Carries out one phase of a volume snapshot on this host.
+    fn snapshot_phase(
+        &self,
+        req: &proto::SnapshotPhaseReq,
+    ) -> Result<proto::SnapshotPhaseReply, String> {
+        Err(format!(
+            "this host cannot take part in snapshots of Volume{}",
+            req.volume
+        ))
+    }
 }
 
 /// Where the block server is installed (by the filesystem layer, after
@@ -337,6 +347,21 @@ fn serve_local(block: &BlockSlot, r: &Request) -> Option<Response> {
                 Some(s) => s
                     .redirect(q.volume, q.on)
                     .map(|()| proto::reply::Value::Done(proto::Empty {}))
+                    .map_err(|e| codec::error(ErrorCode::Invalid, e)),
+            })
+        }
+        Some(request::Body::Admin(proto::Admin {
+            action: Some(admin::Action::SnapshotPhase(q)),
+        })) => {
+            let server = block.read().ok().and_then(|b| b.clone());
+            Some(match server {
+                None => Err(codec::error(
+                    ErrorCode::NoGroup,
+                    "this host mounts no volume",
+                )),
+                Some(s) => s
+                    .snapshot_phase(q)
+                    .map(proto::reply::Value::Phase)
                     .map_err(|e| codec::error(ErrorCode::Invalid, e)),
             })
         }
@@ -791,7 +816,10 @@ impl RaftLoop {
                     };
                     g.propose(r.client, seq, proto::command::Body::Cluster(op), w)
                 }
-                Some(admin::Action::Status(_)) | Some(admin::Action::Redirect(_)) | None => fail(
+                Some(admin::Action::Status(_))
+                | Some(admin::Action::Redirect(_))
+                | Some(admin::Action::SnapshotPhase(_))
+                | None => fail(
                     &w,
                     ErrorCode::BadRequest,
                     "unknown administrative action".into(),

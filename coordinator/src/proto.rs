@@ -208,7 +208,7 @@ pub struct Reply {
     /// What came back.
     #[prost(
         oneof = "reply::Value",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
     )]
     pub value: Option<reply::Value>,
 }
@@ -257,6 +257,9 @@ pub mod reply {
         /// A volume's snapshots.
         #[prost(message, tag = "13")]
         Snapshots(super::SnapshotList),
+        /// What a host did in a snapshot phase.
+        #[prost(message, tag = "14")]
+        Phase(super::SnapshotPhaseReply),
     }
 }
 
@@ -1024,7 +1027,7 @@ pub struct ClusterInfo {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Admin {
     /// Which action.
-    #[prost(oneof = "admin::Action", tags = "1, 2, 3, 4")]
+    #[prost(oneof = "admin::Action", tags = "1, 2, 3, 4, 5")]
     pub action: Option<admin::Action>,
 }
 
@@ -1047,7 +1050,45 @@ pub mod admin {
         /// (on) or over its own path again (off).
         #[prost(message, tag = "4")]
         Redirect(super::RedirectReq),
+        /// A phase of a volume snapshot on the host asked (served by the
+        /// host itself).
+        #[prost(message, tag = "5")]
+        SnapshotPhase(super::SnapshotPhaseReq),
     }
+}
+
+/// One phase of the snapshot protocol on one host.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotPhaseReq {
+    /// N of VolumeN.
+    #[prost(uint64, tag = "1")]
+    pub volume: u64,
+    /// The snapshot's name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// "prepare", "freeze", "thaw", "complete" or "abort".
+    #[prost(string, tag = "3")]
+    pub phase: String,
+    /// For "freeze": how long writes may be held (ms).
+    #[prost(uint64, tag = "4")]
+    pub limit_ms: u64,
+}
+
+/// What a host did in a snapshot phase.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SnapshotPhaseReply {
+    /// For "thaw": how long this host held writes (ms).
+    #[prost(uint64, tag = "1")]
+    pub held_ms: u64,
+    /// For "thaw": the time limit passed first (writes went on).
+    #[prost(bool, tag = "2")]
+    pub expired: bool,
+    /// VMs paused (freeze) or resumed (thaw).
+    #[prost(uint32, tag = "3")]
+    pub vms: u32,
+    /// Hooks run, with their outcome ("NAME: ok", "NAME: exit 3", ...).
+    #[prost(string, repeated, tag = "4")]
+    pub hooks: Vec<String>,
 }
 
 /// Redirect a volume's I/O on the host asked.

@@ -5,6 +5,11 @@
 //! it while the file is open. Writes this host made into unwritten extents
 //! are marked written here at once (so this host reads back what it wrote)
 //! and reported to the coordinator at the next flush, fsync or close.
+//!
+//! Extents the coordinator flags as shared with a snapshot are remembered
+//! by file range: a write to a written one must go elsewhere (see
+//! `coordinator::meta` on redirect-on-write), and [`ExtentMap::remap`]
+//! puts the new place in the map.
 
 use coordinator::meta::Extent;
 use std::collections::BTreeMap;
@@ -26,6 +31,8 @@ pub struct Piece {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExtentMap {
     map: BTreeMap<u64, Extent>,
+    /// File ranges shared with a snapshot: start -> end.
+    shared: BTreeMap<u64, u64>,
 }
 
 impl ExtentMap {
@@ -33,6 +40,102 @@ impl ExtentMap {
     pub fn new(list: &[Extent]) -> ExtentMap {
         ExtentMap {
             map: list.iter().map(|e| (e.file_off, *e)).collect(),
+            shared: BTreeMap::new(),
+        }
+    }
+
+    /// From the coordinator's list with its shared flags.
+    pub fn with_shared(list: &[(Extent, bool)]) -> ExtentMap {
+        let mut m = ExtentMap::new(&list.iter().map(|(e, _)| *e).collect::<Vec<_>>());
+        for (e, shared) in list {
+            if *shared {
+                m.shared.insert(e.file_off, e.file_off + e.len);
+            }
+        }
+        m
+    }
+
+    /// Whether any byte of `[off, off + len)` is shared with a snapshot.
+    pub fn is_shared(&self, off: u64, len: u64) -> bool {
+        let end = off.saturating_add(len);
+        let first = self
+            .shared
+            .range(..=off)
+            .next_back()
+            .map_or(off, |(&s, _)| s);
+        self.shared
+            .range(first..end)
+            .any(|(&s, &e)| s < end && e > off)
+    }
+
+    /// The extent holding file offset `off`.
+    pub fn extent_at(&self, off: u64) -> Option<Extent> {
+        self.map
+            .range(..=off)
+            .next_back()
+            .map(|(_, e)| *e)
+            .filter(|e| off < e.file_off + e.len)
+    }
+
+    /// Points `[off, ...)` at new, written LUN pieces (a redirected write),
+    /// no longer shared.
+    pub fn remap(&mut self, off: u64, pieces: &[(u64, u64)]) {
+        let len: u64 = pieces.iter().map(|p| p.1).sum();
+        let end = off + len;
+        self.split(off);
+        self.split(end);
+        let keys: Vec<u64> = self.map.range(off..end).map(|(&k, _)| k).collect();
+        for k in keys {
+            self.map.remove(&k);
+        }
+        let mut at = off;
+        for &(lun_off, l) in pieces {
+            self.map.insert(
+                at,
+                Extent {
+                    file_off: at,
+                    lun_off,
+                    len: l,
+                    unwritten: false,
+                },
+            );
+            at += l;
+        }
+        // Cut the range out of the shared ranges.
+        let hit: Vec<(u64, u64)> = self
+            .shared
+            .iter()
+            .filter(|(&s, &e)| s < end && e > off)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, e) in hit {
+            self.shared.remove(&s);
+            if s < off {
+                self.shared.insert(s, off);
+            }
+            if e > end {
+                self.shared.insert(end, e);
+            }
+        }
+    }
+
+    /// Splits the extent straddling `cut` there.
+    fn split(&mut self, cut: u64) {
+        let hit = self.map.range(..cut).next_back().map(|(&k, &e)| (k, e));
+        if let Some((k, e)) = hit {
+            if e.file_off < cut && cut < e.file_off + e.len {
+                let head = cut - e.file_off;
+                self.map.insert(k, Extent { len: head, ..e });
+                self.map.insert(
+                    cut,
+                    Extent {
+                        file_off: cut,
+                        lun_off: e.lun_off + head,
+                        len: e.len - head,
+                        unwritten: e.unwritten,
+                    },
+                );
+            }
         }
     }
 
@@ -133,21 +236,8 @@ impl ExtentMap {
         let end = off.saturating_add(len);
         let mut changed = false;
         for cut in [off, end] {
-            let hit = self.map.range(..cut).next_back().map(|(&k, &e)| (k, e));
-            if let Some((k, e)) = hit {
-                if e.unwritten && e.file_off < cut && cut < e.file_off + e.len {
-                    let head = cut - e.file_off;
-                    self.map.insert(k, Extent { len: head, ..e });
-                    self.map.insert(
-                        cut,
-                        Extent {
-                            file_off: cut,
-                            lun_off: e.lun_off + head,
-                            len: e.len - head,
-                            unwritten: true,
-                        },
-                    );
-                }
+            if self.extent_at(cut).is_some_and(|e| e.unwritten) {
+                self.split(cut);
             }
         }
         for (_, e) in self.map.range_mut(off..end) {
@@ -239,6 +329,28 @@ mod tests {
             (p[1].file_off, p[1].len, p[1].lun_off),
             (4096, 100, Some((1 << 20) + 4096))
         );
+    }
+
+    #[test]
+    fn a_remapped_range_is_written_and_no_longer_shared() {
+        let mut m = ExtentMap::with_shared(&[(ext(0, 1 << 20, 65536, false), true)]);
+        assert!(m.is_shared(4096, 1));
+        m.remap(8192, &[(5 << 20, 4096), (7 << 20, 4096)]);
+        assert!(!m.is_shared(8192, 8192));
+        assert!(m.is_shared(0, 8192) && m.is_shared(16384, 1));
+        let p = m.pieces(0, 65536);
+        let l: Vec<(u64, Option<u64>)> = p.iter().map(|p| (p.len, p.lun_off)).collect();
+        assert_eq!(
+            l,
+            vec![
+                (8192, Some(1 << 20)),
+                (4096, Some(5 << 20)),
+                (4096, Some(7 << 20)),
+                (49152, Some((1 << 20) + 16384)),
+            ]
+        );
+        assert_eq!(m.extent_at(9000).unwrap().lun_off, 5 << 20);
+        assert!(m.extent_at(1 << 30).is_none());
     }
 
     proptest! {

@@ -26,7 +26,7 @@
 use crate::extents::{ExtentMap, Piece};
 use coordinator::client::{Client, ClientError};
 use coordinator::codec::extents_from_proto;
-use coordinator::meta::Extent;
+use coordinator::meta::{is_snapshot_ino, Extent};
 use coordinator::proto::{self, volume_op, ErrorCode};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a lease lasts; renewed every third of it.
@@ -46,6 +46,73 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 const MIN_CHUNK: u64 = 64 << 10;
 const MAX_CHUNK: u64 = 64 << 20;
 const TTL: Duration = Duration::ZERO;
+/// Unit of a redirected write (redirect-on-write after a snapshot): the
+/// written range is widened to this alignment within its extent, copied
+/// to new space and written there.
+const REDIRECT_UNIT: u64 = 64 << 10;
+
+/// Snapshot files and `.snapshots` are read-only.
+fn writable(ino: u64) -> Result<(), Errno> {
+    if is_snapshot_ino(ino) {
+        Err(Errno::EROFS)
+    } else {
+        Ok(())
+    }
+}
+
+/// New writes to a volume wait while a snapshot freezes it.
+#[derive(Debug, Default)]
+struct GateState {
+    /// Frozen until this (the freeze's time limit), unless thawed first.
+    frozen_until: Option<Instant>,
+    /// Writes in progress.
+    inflight: u32,
+    /// The time limit passed while frozen: writes went on.
+    expired: bool,
+}
+
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+/// A write in progress (lets a freeze wait for it).
+struct GateGuard<'a>(&'a Gate);
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.0.state.lock() {
+            g.inflight = g.inflight.saturating_sub(1);
+        }
+        self.0.cv.notify_all();
+    }
+}
+
+impl Gate {
+    /// Waits while the volume is frozen (at most until the freeze's time
+    /// limit), then counts a write in progress.
+    fn enter(&self) -> Result<GateGuard<'_>, Errno> {
+        let mut g = self.state.lock().map_err(|_| Errno::EIO)?;
+        while let Some(until) = g.frozen_until {
+            let now = Instant::now();
+            if now >= until {
+                g.frozen_until = None;
+                g.expired = true;
+                tracing::warn!("snapshot freeze ran past its time limit; writes resume");
+                self.cv.notify_all();
+                break;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, until - now)
+                .map_err(|_| Errno::EIO)?
+                .0;
+        }
+        g.inflight += 1;
+        Ok(GateGuard(self))
+    }
+}
 
 /// Blocking clients to the coordinator, one per concurrent caller.
 pub struct ClientPool {
@@ -137,6 +204,9 @@ struct OpenFile {
     size_reported: u64,
     /// Ranges written into unwritten space, not yet reported.
     dirty: Vec<(u64, u64)>,
+    /// Redirected writes (file offset, reserved LUN pieces) whose new
+    /// place is not yet in the coordinator's map.
+    remaps: Vec<(u64, Vec<(u64, u64)>)>,
     lease: Option<Lease>,
     /// The write lease was lost: writes fail until the file is reopened.
     fenced: bool,
@@ -201,6 +271,7 @@ pub struct VolumeFs {
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
     stop: Arc<AtomicBool>,
+    gate: Gate,
 }
 
 impl std::fmt::Debug for VolumeFs {
@@ -240,6 +311,7 @@ impl VolumeFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stop: Arc::new(AtomicBool::new(false)),
+            gate: Gate::default(),
         });
         let weak = Arc::downgrade(&fs);
         let stop = fs.stop.clone();
@@ -309,6 +381,7 @@ impl VolumeFs {
         mode: u32,
         target: &str,
     ) -> Result<proto::Attr, Errno> {
+        writable(parent)?;
         let name = name_of(name)?;
         self.op_attr(volume_op::Op::Create(proto::CreateOp {
             parent,
@@ -322,15 +395,25 @@ impl VolumeFs {
         }))
     }
 
-    fn fetch_extents(&self, ino: u64) -> Result<Vec<Extent>, Errno> {
+    /// A file's map as the coordinator has it, shared flags included.
+    fn fetch_extents(&self, ino: u64) -> Result<ExtentMap, Errno> {
         let vol = self.vol;
-        match self
-            .call(|c| c.read(vol, proto::read::Query::Extents(ino)))?
-            .value
-        {
-            Some(proto::reply::Value::Extents(e)) => Ok(extents_from_proto(&e)),
-            _ => Err(Errno::EIO),
-        }
+        let list = self.call(|c| c.extents(vol, ino))?;
+        let shared: Vec<(Extent, bool)> = list
+            .iter()
+            .map(|e| {
+                (
+                    Extent {
+                        file_off: e.file_off,
+                        lun_off: e.lun_off,
+                        len: e.len,
+                        unwritten: e.unwritten,
+                    },
+                    e.shared,
+                )
+            })
+            .collect();
+        Ok(ExtentMap::with_shared(&shared))
     }
 
     fn grant(&self, ino: u64, write: bool) -> Result<Lease, Errno> {
@@ -434,7 +517,7 @@ impl VolumeFs {
                 let extents = match created {
                     // A file this host just created has no extents yet.
                     Some(_) => ExtentMap::default(),
-                    None => ExtentMap::new(&self.fetch_extents(ino)?),
+                    None => self.fetch_extents(ino)?,
                 };
                 let f = Arc::new(Mutex::new(OpenFile {
                     handles: 0,
@@ -443,6 +526,7 @@ impl VolumeFs {
                     size: attr.size,
                     size_reported: attr.size,
                     dirty: Vec::new(),
+                    remaps: Vec::new(),
                     lease: Some(lease),
                     fenced: false,
                     attr,
@@ -463,10 +547,39 @@ impl VolumeFs {
     /// Reports writes into unwritten space and a grown size, after making
     /// the data durable on the LUN.
     fn report(&self, ino: u64, f: &mut OpenFile) -> Result<(), Errno> {
-        if f.dirty.is_empty() && f.size <= f.size_reported {
+        if f.dirty.is_empty() && f.remaps.is_empty() && f.size <= f.size_reported {
             return Ok(());
         }
         self.lun.flush().map_err(|e| io_errno(&e))?;
+        // Redirected writes first: their new places go into the map.
+        while let Some((off, pieces)) = f.remaps.first().cloned() {
+            let r = self.op(volume_op::Op::Remap(proto::RemapOp {
+                ino,
+                off,
+                pieces: pieces
+                    .iter()
+                    .map(|&(lun_off, len)| proto::Extent {
+                        lun_off,
+                        len,
+                        ..Default::default()
+                    })
+                    .collect(),
+            }));
+            match r {
+                Ok(_) => {
+                    f.remaps.remove(0);
+                }
+                Err(Errno::EINVAL) => {
+                    // The reserved space is gone: the lease ran out, and
+                    // what was written there is not this file's any more.
+                    tracing::error!(ino, "redirected write lost its reserved space; writes to this open file now fail");
+                    f.fenced = true;
+                    f.remaps.clear();
+                    return Err(Errno::EIO);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut ranges = std::mem::take(&mut f.dirty);
         ranges.sort_unstable();
         let mut merged: Vec<(u64, u64)> = Vec::new();
@@ -605,7 +718,7 @@ impl VolumeFs {
             f.size_reported = f.size;
         }
         if let Ok(e) = self.fetch_extents(ino) {
-            f.extents = ExtentMap::new(&e);
+            f.extents = e;
         }
     }
 
@@ -655,9 +768,70 @@ impl VolumeFs {
         Ok(p)
     }
 
+    /// Moves the written pieces of `[off, off + len)` that a snapshot
+    /// shares to new space: for each, the unit around it (within its
+    /// extent) is reserved, copied there, and put in this host's map; the
+    /// coordinator's map follows at the next report.
+    fn redirect(&self, ino: u64, f: &mut OpenFile, off: u64, len: u64) -> Result<(), Errno> {
+        let shared: Vec<Piece> = f
+            .extents
+            .pieces(off, len)
+            .into_iter()
+            .filter(|p| p.lun_off.is_some() && !p.unwritten)
+            .filter(|p| f.extents.is_shared(p.file_off, p.len))
+            .collect();
+        for p in shared {
+            let Some(e) = f.extents.extent_at(p.file_off) else {
+                continue;
+            };
+            let u0 = e.file_off.max(p.file_off / REDIRECT_UNIT * REDIRECT_UNIT);
+            let u1 = (e.file_off + e.len)
+                .min((p.file_off + p.len).div_ceil(REDIRECT_UNIT) * REDIRECT_UNIT);
+            let ulen = u1 - u0;
+            let got = self.op(volume_op::Op::Reserve(proto::ReserveOp {
+                ino,
+                len: ulen.next_multiple_of(4096),
+            }))?;
+            let Some(proto::reply::Value::Extents(r)) = got.value else {
+                return Err(Errno::EIO);
+            };
+            // The reserved pieces, cut to the unit's length.
+            let mut pieces = Vec::new();
+            let mut left = ulen;
+            for x in &r.extents {
+                if left == 0 {
+                    break;
+                }
+                let l = x.len.min(left);
+                pieces.push((x.lun_off, l));
+                left -= l;
+            }
+            if left > 0 {
+                return Err(Errno::EIO);
+            }
+            let mut buf = vhd::io::AlignedBuf::new((ulen as usize).next_multiple_of(4096))
+                .map_err(|e| io_errno(&e))?;
+            let b = &mut buf.as_mut_slice()[..ulen as usize];
+            self.lun
+                .read_at(b, e.lun_off + (u0 - e.file_off))
+                .map_err(|e| io_errno(&e))?;
+            let mut at = 0usize;
+            for &(lun_off, l) in &pieces {
+                self.lun
+                    .write_at(&b[at..at + l as usize], lun_off)
+                    .map_err(|e| io_errno(&e))?;
+                at += l as usize;
+            }
+            f.extents.remap(u0, &pieces);
+            f.remaps.push((u0, pieces));
+        }
+        Ok(())
+    }
+
     fn write_data(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32, Errno> {
         let file = self.file(ino).ok_or(Errno::EBADF)?;
         let len = data.len() as u64;
+        let _in_progress = self.gate.enter()?;
         let pieces = {
             let mut f = file.lock().map_err(|_| Errno::EIO)?;
             if f.fenced
@@ -667,7 +841,13 @@ impl VolumeFs {
             {
                 return Err(Errno::EIO);
             }
-            self.ensure_space(ino, &mut f, off, len)?
+            let p = self.ensure_space(ino, &mut f, off, len)?;
+            if p.iter().any(|p| !p.unwritten) && f.extents.is_shared(off, len) {
+                self.redirect(ino, &mut f, off, len)?;
+                f.extents.pieces(off, len)
+            } else {
+                p
+            }
         };
         // FUSE hands the data at an unaligned address; copy it into this
         // thread's aligned buffer once, so O_DIRECT writes of aligned
@@ -737,10 +917,113 @@ impl VolumeFs {
     /// Removes a name (`rmdir` for a directory) and answers the kernel.
     fn remove(&self, parent: u64, name: &OsStr, rmdir: bool, reply: ReplyEmpty) {
         let vol = self.vol;
-        let r = name_of(name).and_then(|n| self.call(|c| c.unlink(vol, parent, n, rmdir)));
+        let r = writable(parent)
+            .and_then(|()| name_of(name))
+            .and_then(|n| self.call(|c| c.unlink(vol, parent, n, rmdir)));
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
+        }
+    }
+
+    /// Freezes the volume on this host for a snapshot: new writes wait
+    /// (until `until` at most), the writes in progress finish, and every
+    /// open file's data and map changes reach the LUN and the coordinator.
+    /// On failure the volume is thawed again.
+    pub fn freeze(&self, until: Instant) -> Result<(), String> {
+        {
+            let mut g = self.gate.state.lock().map_err(|_| "gate poisoned")?;
+            if g.frozen_until.is_some() {
+                return Err(format!("Volume{} is already frozen", self.vol));
+            }
+            g.frozen_until = Some(until);
+            g.expired = false;
+            while g.inflight > 0 {
+                let now = Instant::now();
+                if now >= until {
+                    g.frozen_until = None;
+                    self.gate.cv.notify_all();
+                    return Err(format!(
+                        "{} write(s) on Volume{} did not finish within the time limit",
+                        g.inflight, self.vol
+                    ));
+                }
+                g = self
+                    .gate
+                    .cv
+                    .wait_timeout(g, until - now)
+                    .map_err(|_| "gate poisoned")?
+                    .0;
+            }
+        }
+        if let Err(e) = self.flush_all() {
+            self.thaw();
+            return Err(format!("flushing Volume{}: {e:?}", self.vol));
+        }
+        Ok(())
+    }
+
+    /// Lets writes go on after a freeze; first re-reads the maps of the
+    /// files open for writing (a snapshot now shares their extents).
+    /// Returns whether the freeze's time limit had passed (writes went
+    /// on before the thaw).
+    pub fn thaw(&self) -> bool {
+        self.refresh_writers();
+        let Ok(mut g) = self.gate.state.lock() else {
+            return true;
+        };
+        let expired = g.expired || g.frozen_until.is_some_and(|u| Instant::now() >= u);
+        g.frozen_until = None;
+        g.expired = false;
+        self.gate.cv.notify_all();
+        expired
+    }
+
+    /// Whether a freeze holds writes now.
+    pub fn frozen(&self) -> bool {
+        self.gate
+            .state
+            .lock()
+            .map(|g| g.frozen_until.is_some_and(|u| Instant::now() < u))
+            .unwrap_or(false)
+    }
+
+    fn open_files(&self) -> Vec<(u64, Arc<Mutex<OpenFile>>)> {
+        match self.files.lock() {
+            Ok(m) => m.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Flushes the LUN and reports every open file's writes.
+    pub fn flush_all(&self) -> Result<(), Errno> {
+        self.lun.flush().map_err(|e| io_errno(&e))?;
+        for (ino, f) in self.open_files() {
+            let mut g = f.lock().map_err(|_| Errno::EIO)?;
+            if g.writers > 0 && !g.closed {
+                self.report(ino, &mut g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads the maps of files open for writing whose changes are all
+    /// reported (after a freeze, all of them).
+    fn refresh_writers(&self) {
+        for (ino, f) in self.open_files() {
+            let Ok(mut g) = f.lock() else { continue };
+            if g.writers == 0 || g.closed || !g.dirty.is_empty() || !g.remaps.is_empty() {
+                continue;
+            }
+            match self.fetch_extents(ino) {
+                Ok(m) => g.extents = m,
+                Err(e) => {
+                    // Without the shared flags this host could write over
+                    // what the snapshot holds: stop writing this file.
+                    tracing::error!(ino, "cannot re-read the map after a snapshot ({e:?}); writes to this open file now fail");
+                    g.fenced = true;
+                }
+            }
         }
     }
 
@@ -824,6 +1107,15 @@ impl Filesystem for Mounted {
         reply: ReplyAttr,
     ) {
         let fs = &self.0;
+        if let Err(e) = writable(ino.0) {
+            return reply.error(e);
+        }
+        // A truncate changes data: it waits while a snapshot freezes the
+        // volume.
+        let _in_progress = match size.map(|_| fs.gate.enter()).transpose() {
+            Ok(g) => g,
+            Err(e) => return reply.error(e),
+        };
         let open = fs.file(ino.0);
         if let (Some(f), Some(_)) = (&open, size) {
             if let Ok(mut g) = f.lock() {
@@ -952,6 +1244,8 @@ impl Filesystem for Mounted {
             return reply.error(Errno::EINVAL);
         }
         let r = (|| {
+            writable(parent.0)?;
+            writable(newparent.0)?;
             let (n, nn) = (name_of(name)?, name_of(newname)?);
             let vol = fs.vol;
             if flags.contains(RenameFlags::RENAME_NOREPLACE)
@@ -976,14 +1270,16 @@ impl Filesystem for Mounted {
         reply: ReplyEntry,
     ) {
         let fs = &self.0;
-        let r = name_of(newname).and_then(|n| {
-            fs.op_attr(volume_op::Op::Link(proto::LinkOp {
-                ino: ino.0,
-                parent: newparent.0,
-                name: n.into(),
-                now: 0,
-            }))
-        });
+        let r = writable(newparent.0)
+            .and_then(|()| name_of(newname))
+            .and_then(|n| {
+                fs.op_attr(volume_op::Op::Link(proto::LinkOp {
+                    ino: ino.0,
+                    parent: newparent.0,
+                    name: n.into(),
+                    now: 0,
+                }))
+            });
         match r {
             Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
             Err(e) => reply.error(e),
@@ -993,6 +1289,9 @@ impl Filesystem for Mounted {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = &self.0;
         let write = (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY;
+        if write && is_snapshot_ino(ino.0) {
+            return reply.error(Errno::EROFS);
+        }
         match fs.open_file(ino.0, write) {
             Ok(fh) => {
                 let f = if flags.0 & libc::O_DIRECT != 0 {
@@ -1257,6 +1556,7 @@ impl Filesystem for Mounted {
             return reply.error(Errno::EBADF);
         };
         let r = (|| {
+            let _in_progress = fs.gate.enter()?;
             let mut f = file.lock().map_err(|_| Errno::EIO)?;
             if f.fenced || !f.lease.as_ref().is_some_and(|l| l.write) {
                 return Err(Errno::EBADF);

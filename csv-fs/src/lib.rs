@@ -12,12 +12,16 @@
 //!
 //! - [`san`]: this host's own iSCSI session to a volume's LUN;
 //! - [`redirect`]: block I/O through a peer when this host does not use its
-//!   own path, and the service that answers peers.
+//!   own path, and the service that answers peers;
+//! - [`freeze`]: this host's part of the snapshot protocol (hooks, VM
+//!   pauses, the write freeze);
+//! - [`vms`]: runs the VM roles placed on this host.
 //!
-//! Still to come (see the project's issues): I/O redirected through a peer
-//! when this host's SAN path fails, and fencing by persistent reservation.
+//! Still to come (see the project's issues): fencing by persistent
+//! reservation.
 
 pub mod extents;
+pub mod freeze;
 pub mod fs;
 pub mod mounts;
 pub mod redirect;

@@ -193,11 +193,15 @@ impl Mounts {
             },
         );
         self.served.set(v.number, Some(rl));
+        self.served
+            .agent
+            .set_volume(v.number, Some((self.active[&v.number].fs.clone(), mp)));
         Ok(())
     }
 
     fn unmount(&mut self, n: u64) {
         self.served.set(n, None);
+        self.served.agent.set_volume(n, None);
         if let Some(mut a) = self.active.remove(&n) {
             a.fs.shutdown();
             if let Some(s) = a.session.take() {

@@ -370,6 +370,8 @@ impl vhd::BlockIo for RedirectingLun {
 #[derive(Default)]
 pub struct Served {
     luns: RwLock<BTreeMap<u64, Arc<RedirectingLun>>>,
+    /// This host's part of volume snapshots.
+    pub agent: crate::freeze::SnapshotAgent,
 }
 
 impl std::fmt::Debug for Served {
@@ -444,5 +446,12 @@ impl BlockServer for Served {
     fn redirect(&self, volume: u64, on: bool) -> Result<(), String> {
         self.get(volume)?.set_redirected(on);
         Ok(())
+    }
+
+    fn snapshot_phase(
+        &self,
+        req: &coordinator::proto::SnapshotPhaseReq,
+    ) -> Result<coordinator::proto::SnapshotPhaseReply, String> {
+        self.agent.phase(req)
     }
 }

@@ -64,6 +64,8 @@ struct Running {
 pub struct VmSupervisor {
     cfg: VmHostConfig,
     reports: VmStates,
+    /// The running VMs' disks and control sockets (snapshots pause them).
+    pub controls: crate::freeze::VmControls,
 }
 
 impl std::fmt::Debug for Running {
@@ -131,7 +133,11 @@ fn log_tail(path: &Path) -> String {
 
 impl VmSupervisor {
     pub fn new(cfg: VmHostConfig, reports: VmStates) -> Self {
-        VmSupervisor { cfg, reports }
+        VmSupervisor {
+            cfg,
+            reports,
+            controls: Default::default(),
+        }
     }
 
     /// A client of the coordinator service through this host.
@@ -315,6 +321,13 @@ impl VmSupervisor {
             }
             if let Ok(mut r) = self.reports.write() {
                 *r = reports;
+            }
+            if let Ok(mut c) = self.controls.write() {
+                *c = running
+                    .iter()
+                    .filter(|(_, r)| !r.incoming && !r.migrated && r.stopping.is_none())
+                    .map(|(n, r)| (n.clone(), (r.disk.clone(), r.control.clone())))
+                    .collect();
             }
             for _ in 0..5 {
                 if stop.load(Ordering::Relaxed) {

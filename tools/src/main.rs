@@ -10,6 +10,7 @@ use std::process::ExitCode;
 mod cluster_cmd;
 mod san_cmd;
 mod size;
+mod snapshot_cmd;
 mod up_cmd;
 mod vhd_cmd;
 mod vm_cmd;
@@ -19,7 +20,7 @@ mod vm_cmd;
 #[command(
     name = "csvctl",
     version,
-    about = "The operator's command line of a csv cluster: VHD disks, the SAN, the cluster, its volumes, VM roles",
+    about = "The operator's command line of a csv cluster: VHD disks, the SAN, the cluster, its volumes, VM roles, snapshots",
     long_about = None,
     propagate_version = true
 )]
@@ -50,6 +51,10 @@ enum Command {
     /// one (Add-ClusterVirtualMachineRole and friends).
     #[command(subcommand)]
     Vm(vm_cmd::VmCommand),
+    /// Consistent volume snapshots while VMs run (VSS-like: prepare,
+    /// freeze, commit, thaw), the backup hook, changed-block tracking.
+    #[command(subcommand)]
+    Snapshot(snapshot_cmd::SnapshotCommand),
     /// Hosts in maintenance: drain (move every VM away) and resume.
     #[command(subcommand)]
     Node(vm_cmd::NodeCommand),
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
         Command::Volume(c) => cluster_cmd::run_volume(c),
         Command::Vm(c) => vm_cmd::run(c),
         Command::Node(c) => vm_cmd::run_node(c),
+        Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Up(a) => up_cmd::up(a),
         Command::Down(a) => up_cmd::down(a),
     };

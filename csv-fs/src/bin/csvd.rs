@@ -43,6 +43,7 @@ use std::time::Duration;
 ///   mount_root = "/ClusterStorage"
 ///   metrics = "127.0.0.1:9477"
 ///   vm_memory = "16G"
+///   snapshot_hooks = "/etc/csv/snapshot-hooks.d"
 ///   [peers]
 ///   1 = ["10.0.0.1:7100", "10.1.0.1:7100"]
 ///   2 = ["10.0.0.2:7100", "10.1.0.2:7100"]
@@ -123,6 +124,12 @@ struct Cli {
     /// the roles placed on it take. Default: all it has (MemAvailable).
     #[arg(long, value_name = "SIZE", value_parser = parse_mem)]
     vm_memory: Option<u64>,
+    /// Directory of snapshot hooks: executables run at each phase of a
+    /// volume snapshot as `HOOK PHASE VolumeN SNAPSHOT` (prepare, freeze,
+    /// thaw, complete, abort) so applications can quiesce. Default:
+    /// /etc/csv/snapshot-hooks.d (when it exists).
+    #[arg(long, value_name = "DIR")]
+    snapshot_hooks: Option<PathBuf>,
     /// Log one JSON object per line (for journald or a log shipper)
     /// instead of text. RUST_LOG sets the level (default: info).
     #[arg(long)]
@@ -153,6 +160,7 @@ struct FileConfig {
     chap_user: Option<String>,
     chap_secret_file: Option<PathBuf>,
     vm_memory: Option<String>,
+    snapshot_hooks: Option<PathBuf>,
 }
 
 /// A size such as `4096`, `512M` or `16G` (binary units).
@@ -226,6 +234,7 @@ fn parse_lun(s: &str) -> Result<(u64, PathBuf), String> {
 struct Settings {
     vmm: PathBuf,
     vm_memory: u64,
+    snapshot_hooks: Option<PathBuf>,
     san: csv_fs::san::SanIdentity,
     cfg: Config,
     mount_root: Option<PathBuf>,
@@ -317,9 +326,14 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         (None, Some(t)) => parse_mem(&t).map_err(|e| format!("vm_memory: {e}"))?,
         (None, None) => 0,
     };
+    let snapshot_hooks = cli
+        .snapshot_hooks
+        .or(file.snapshot_hooks)
+        .or_else(|| Some(PathBuf::from("/etc/csv/snapshot-hooks.d")).filter(|p| p.is_dir()));
     Ok(Settings {
         vmm,
         vm_memory,
+        snapshot_hooks,
         san,
         cfg: Config {
             identity: Identity {
@@ -424,6 +438,7 @@ fn main() -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     let vm_stop = Arc::new(AtomicBool::new(false));
     // The VM roles placed on this host run on its mounts.
+    let mut vm_controls = None;
     let vms = s.mount_root.clone().map(|root| {
         let cfg = csv_fs::vms::VmHostConfig {
             node: id,
@@ -437,6 +452,7 @@ fn main() -> ExitCode {
             endpoints: node.bound.clone(),
         };
         let sup = csv_fs::vms::VmSupervisor::new(cfg, node.vms.clone());
+        vm_controls = Some(sup.controls.clone());
         let stop = vm_stop.clone();
         std::thread::spawn(move || sup.run(stop))
     });
@@ -469,6 +485,9 @@ fn main() -> ExitCode {
             peers: peer_addrs,
         };
         let served = Arc::new(csv_fs::redirect::Served::default());
+        served
+            .agent
+            .configure(s.snapshot_hooks.clone(), vm_controls.clone());
         if let Ok(mut slot) = node.block.write() {
             *slot = Some(served.clone());
         }

@@ -9,6 +9,7 @@ mod fixtures;
 mod fs;
 mod iscsi;
 mod posix;
+mod snapshots;
 mod vhd_interop;
 mod vm_roles;
 mod vmm;
