@@ -471,6 +471,121 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
     assert!(found.written > 20, "{found:?}");
 }
 
+/// A backup of a running VM's disk through the snapshot hook: the VM is
+/// paused for the freeze (and goes on afterwards without a heartbeat
+/// gap), the copy taken from the snapshot on another host equals the
+/// snapshot's file, checks clean as a VHD, and holds the guest's
+/// self-checking disk blocks whole; the snapshot is gone afterwards.
+#[test]
+fn a_running_vms_disk_is_backed_up_through_a_snapshot() {
+    csv_test_support::skip_unless!(
+        csv_test_support::Need::Root,
+        csv_test_support::Need::Device("/dev/fuse"),
+        csv_test_support::Need::Device("/dev/kvm")
+    );
+    let (cl, v) = mounted_cluster();
+    let disk = new_vhd(&cl, v, "bk.vhd");
+    csvctl_ok(
+        &cl,
+        &[
+            "vm",
+            "add",
+            "bk",
+            "--memory",
+            "64M",
+            "--disk",
+            &disk,
+            "--dirty-rate",
+            "10",
+        ],
+    );
+    csvctl_ok(&cl, &["vm", "start", "bk", "--on", "2"]);
+    let runtime = |cl: &CsvCluster| -> Value {
+        let s = csvctl_json(cl, &["vm", "status", "bk", "--json"]);
+        s["runtime"]
+            .as_array()
+            .and_then(|r| r.iter().find(|x| x["state"] == "running").cloned())
+            .unwrap_or(Value::Null)
+    };
+    csv_test_support::wait_until(Duration::from_secs(30), || {
+        let r = runtime(&cl);
+        r["heartbeats"].as_u64().unwrap_or(0) >= 300 && r["disk_writes"].as_u64().unwrap_or(0) > 5
+    })
+    .unwrap();
+    let before = runtime(&cl);
+    let out_dir = csv_test_support::temp_dir("backup").unwrap();
+    let copy = out_dir.path().join("bk-backup.vhd");
+    let root1 = cl.mountpoint(1, v).parent().unwrap().to_path_buf();
+    let script = format!(
+        "cp \"$CSV_SNAPSHOT_PATH/bk.vhd\" {c} && cmp \"$CSV_SNAPSHOT_PATH/bk.vhd\" {c}",
+        c = copy.display()
+    );
+    let o = cl
+        .csvctl()
+        .args([
+            "snapshot",
+            "run",
+            "1",
+            "--name",
+            "nightly",
+            "--json",
+            "--mount-root",
+        ])
+        .arg(&root1)
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let snap: Value = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("{snap:#}");
+    assert_eq!(snap["vms_paused"], 1, "{snap}");
+    // The copy is a whole VHD with the guest's blocks intact.
+    let check = cl
+        .csvctl()
+        .args(["vhd", "check", copy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-f", "vpc", copy.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let found = guest_disk(&copy);
+    eprintln!("backup: {found:?}; guest before the backup: {before}");
+    assert_eq!(found.bad, 0, "{found:?}");
+    assert!(found.written > 0, "{found:?}");
+    assert!(
+        found.newest_seq >= before["disk_last_seq"].as_u64().unwrap(),
+        "the backup misses writes the guest completed before it: {found:?}"
+    );
+    // The snapshot is gone; the VM went on.
+    let list = csvctl_json(&cl, &["snapshot", "list", "1", "--json"]);
+    assert_eq!(list, serde_json::json!([]));
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        runtime(&cl)["heartbeats"].as_u64().unwrap_or(0)
+            > before["heartbeats"].as_u64().unwrap() + 100
+    })
+    .unwrap();
+    let after = runtime(&cl);
+    assert_eq!(after["heartbeat_gaps"], 0, "{after}");
+    assert_eq!(after["guest_errors"], 0, "{after}");
+    stop_and_wait(&cl, &["bk"]);
+}
+
 /// Kill -9 the host that runs two VMs: its VMMs die with it, the cluster
 /// marks it down, and both VMs restart on the other hosts, high priority
 /// first, each where memory allows (host 1 offers VMs room for one of
