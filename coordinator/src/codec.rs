@@ -84,6 +84,7 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             len: c.len,
             size: c.size,
             now: c.now,
+            more: c.more.iter().map(|r| (r.off, r.len)).collect(),
         },
         Some(P::GrantLease(c)) => Op::GrantLease {
             node: c.node,
@@ -119,8 +120,11 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
         },
         Some(P::Remap(c)) => Op::Remap {
             ino: c.ino,
-            off: c.off,
-            pieces: c.pieces.iter().map(|e| (e.lun_off, e.len)).collect(),
+            ranges: c
+                .ranges
+                .iter()
+                .map(|r| (r.off, r.pieces.iter().map(|e| (e.lun_off, e.len)).collect()))
+                .collect(),
         },
     })
 }
@@ -175,6 +179,27 @@ pub fn extents_to_proto(e: &[meta::Extent]) -> proto::ExtentList {
                 len: e.len,
                 unwritten: e.unwritten,
                 shared: false,
+            })
+            .collect(),
+    }
+}
+
+/// A remap command's message.
+pub fn remap_to_proto(ino: u64, ranges: &[(u64, Vec<(u64, u64)>)]) -> proto::RemapOp {
+    proto::RemapOp {
+        ino,
+        ranges: ranges
+            .iter()
+            .map(|(off, pieces)| proto::RemapRange {
+                off: *off,
+                pieces: pieces
+                    .iter()
+                    .map(|&(lun_off, len)| proto::Extent {
+                        lun_off,
+                        len,
+                        ..Default::default()
+                    })
+                    .collect(),
             })
             .collect(),
     }
@@ -360,12 +385,17 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             len,
             size,
             now,
+            more,
         } => P::MarkWritten(proto::MarkWrittenOp {
             ino,
             off,
             len,
             size,
             now,
+            more: more
+                .into_iter()
+                .map(|(off, len)| proto::WrittenRange { off, len })
+                .collect(),
         }),
         Op::GrantLease {
             node,
@@ -408,18 +438,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
         Op::CreateSnapshot { name, now } => P::CreateSnapshot(proto::SnapshotOp { name, now }),
         Op::DeleteSnapshot { name } => P::DeleteSnapshot(proto::SnapshotOp { name, now: 0 }),
         Op::Reserve { ino, len } => P::Reserve(proto::ReserveOp { ino, len }),
-        Op::Remap { ino, off, pieces } => P::Remap(proto::RemapOp {
-            ino,
-            off,
-            pieces: pieces
-                .into_iter()
-                .map(|(lun_off, len)| proto::Extent {
-                    lun_off,
-                    len,
-                    ..Default::default()
-                })
-                .collect(),
-        }),
+        Op::Remap { ino, ranges } => P::Remap(remap_to_proto(ino, &ranges)),
     };
     proto::VolumeOp { op: Some(p) }
 }

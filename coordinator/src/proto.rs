@@ -561,17 +561,25 @@ pub struct ReserveOp {
     pub len: u64,
 }
 
-/// Point `[off, ...)` of a file at reserved space.
+/// Point ranges of a file at reserved space.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RemapOp {
     /// The file.
     #[prost(uint64, tag = "1")]
     pub ino: u64,
+    /// The ranges, all applied or none.
+    #[prost(message, repeated, tag = "2")]
+    pub ranges: Vec<RemapRange>,
+}
+
+/// One range of a [`RemapOp`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RemapRange {
     /// File offset.
-    #[prost(uint64, tag = "2")]
+    #[prost(uint64, tag = "1")]
     pub off: u64,
     /// The reserved pieces, in file order (`lun_off` and `len` used).
-    #[prost(message, repeated, tag = "3")]
+    #[prost(message, repeated, tag = "2")]
     pub pieces: Vec<Extent>,
 }
 
@@ -741,6 +749,18 @@ pub struct MarkWrittenOp {
     /// Time (ms).
     #[prost(uint64, tag = "5")]
     pub now: u64,
+    /// More written ranges, reported in the same command.
+    #[prost(message, repeated, tag = "6")]
+    pub more: Vec<WrittenRange>,
+}
+
+/// A range of a file that was written.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WrittenRange {
+    #[prost(uint64, tag = "1")]
+    pub off: u64,
+    #[prost(uint64, tag = "2")]
+    pub len: u64,
 }
 
 /// Grant or renew a lease.
@@ -1089,6 +1109,15 @@ pub struct SnapshotPhaseReply {
     /// Hooks run, with their outcome ("NAME: ok", "NAME: exit 3", ...).
     #[prost(string, repeated, tag = "4")]
     pub hooks: Vec<String>,
+    /// For "freeze": waiting for the writes in progress (ms).
+    #[prost(uint64, tag = "5")]
+    pub drain_ms: u64,
+    /// For "freeze": flushing the LUN and reporting open files (ms).
+    #[prost(uint64, tag = "6")]
+    pub flush_ms: u64,
+    /// For "thaw": re-reading the maps of open files (ms).
+    #[prost(uint64, tag = "7")]
+    pub refresh_ms: u64,
 }
 
 /// Redirect a volume's I/O on the host asked.

@@ -116,15 +116,22 @@ fn any_op() -> impl Strategy<Value = Op> {
             off,
             len
         }),
-        (any_u64(), any_u64(), any_u64(), any_u64(), any_u64()).prop_map(
-            |(ino, off, len, size, now)| Op::MarkWritten {
+        (
+            any_u64(),
+            any_u64(),
+            any_u64(),
+            any_u64(),
+            any_u64(),
+            prop::collection::vec((any_u64(), any_u64()), 0..3)
+        )
+            .prop_map(|(ino, off, len, size, now, more)| Op::MarkWritten {
                 ino,
                 off,
                 len,
                 size,
-                now
-            }
-        ),
+                now,
+                more
+            }),
         (any_u64(), any_u64(), any::<bool>(), any_u64(), any_u64()).prop_map(
             |(node, ino, write, now, ttl)| Op::GrantLease {
                 node,
@@ -157,10 +164,15 @@ fn any_op() -> impl Strategy<Value = Op> {
         (any_u64(), any_u64()).prop_map(|(ino, len)| Op::Reserve { ino, len }),
         (
             any_u64(),
-            any_u64(),
-            prop::collection::vec((any_u64(), any_u64()), 0..4)
+            prop::collection::vec(
+                (
+                    any_u64(),
+                    prop::collection::vec((any_u64(), any_u64()), 0..4)
+                ),
+                0..3
+            )
         )
-            .prop_map(|(ino, off, pieces)| Op::Remap { ino, off, pieces }),
+            .prop_map(|(ino, ranges)| Op::Remap { ino, ranges }),
     ]
 }
 

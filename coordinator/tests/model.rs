@@ -441,6 +441,7 @@ fn written_ranges_split_unwritten_extents() {
         len: 1024,
         size: 2048,
         now: 1,
+        more: vec![],
     })
     .unwrap();
     let e = v.extents(f.ino).unwrap();

@@ -44,6 +44,7 @@ fn write(v: &mut Volume, ino: u64, off: u64, len: u64) -> Result<(), MetaError> 
         len,
         size,
         now: 2,
+        more: vec![],
     })?;
     Ok(())
 }
@@ -62,7 +63,10 @@ fn redirect(v: &mut Volume, ino: u64, off: u64, len: u64) -> Result<(), MetaErro
         panic!("reserve answers extents")
     };
     let pieces: Vec<(u64, u64)> = pieces.iter().map(|e| (e.lun_off, e.len)).collect();
-    v.apply(Op::Remap { ino, off, pieces })?;
+    v.apply(Op::Remap {
+        ino,
+        ranges: vec![(off, pieces)],
+    })?;
     Ok(())
 }
 
@@ -211,8 +215,7 @@ fn reserved_space_comes_back_if_the_writer_goes_away() {
     assert!(matches!(
         v.apply(Op::Remap {
             ino: f,
-            off: 0,
-            pieces: vec![(r[0].lun_off, 4096)]
+            ranges: vec![(0, vec![(r[0].lun_off, 4096)])]
         }),
         Err(MetaError::Invalid(_))
     ));
@@ -231,8 +234,10 @@ fn reserved_space_comes_back_if_the_writer_goes_away() {
     assert!(v
         .apply(Op::Remap {
             ino: f,
-            off: 1 << 20,
-            pieces: vec![(r[0].lun_off, 4096)]
+            ranges: vec![
+                (0, vec![(r[0].lun_off, 2048)]),
+                (1 << 20, vec![(r[0].lun_off + 2048, 2048)])
+            ]
         })
         .is_err());
     assert!(v.check().is_empty(), "{:?}", v.check());

@@ -55,6 +55,16 @@ impl ExtentMap {
         m
     }
 
+    /// Everything mapped is shared now (a snapshot was just taken of
+    /// what this map holds).
+    pub fn share_all(&mut self) {
+        self.shared.clear();
+        let end = self.allocated_end();
+        if end > 0 {
+            self.shared.insert(0, end);
+        }
+    }
+
     /// Whether any byte of `[off, off + len)` is shared with a snapshot.
     pub fn is_shared(&self, off: u64, len: u64) -> bool {
         let end = off.saturating_add(len);
@@ -102,9 +112,14 @@ impl ExtentMap {
             at += l;
         }
         // Cut the range out of the shared ranges.
+        let first = self
+            .shared
+            .range(..=off)
+            .next_back()
+            .map_or(off, |(&s, _)| s);
         let hit: Vec<(u64, u64)> = self
             .shared
-            .iter()
+            .range(first..end)
             .filter(|(&s, &e)| s < end && e > off)
             .map(|(&s, &e)| (s, e))
             .collect();

@@ -202,11 +202,17 @@ impl SnapshotAgent {
                     }
                 }
                 let held_since = Instant::now();
-                if let Err(e) = fs.freeze(until) {
-                    for p in &paused {
-                        let _ = vm_command(p, "resume");
+                match fs.freeze(until) {
+                    Ok((drain, flush)) => {
+                        reply.drain_ms = drain.as_millis() as u64;
+                        reply.flush_ms = flush.as_millis() as u64;
                     }
-                    return Err(e);
+                    Err(e) => {
+                        for p in &paused {
+                            let _ = vm_command(p, "resume");
+                        }
+                        return Err(e);
+                    }
                 }
                 reply.vms = paused.len() as u32;
                 self.sessions.lock().map_err(|_| "poisoned")?.insert(
@@ -230,7 +236,9 @@ impl SnapshotAgent {
                     .filter(|s| s.name == req.name);
                 if let Some(s) = session {
                     if !s.thawed {
-                        let late = fs.thaw();
+                        let t = Instant::now();
+                        let late = fs.thaw(req.phase == "thaw");
+                        reply.refresh_ms = t.elapsed().as_millis() as u64;
                         reply.expired = s.expired || late;
                         for p in &s.paused {
                             if let Err(e) = vm_command(p, "resume") {
@@ -277,7 +285,8 @@ impl SnapshotAgent {
                     snapshot = %name,
                     "freeze time limit reached before the thaw: writes and VMs resume, the snapshot will be refused"
                 );
-                fs.thaw();
+                // The commit may have happened: treat the maps as shared.
+                fs.thaw(true);
                 for p in &s.paused {
                     let _ = vm_command(p, "resume");
                 }

@@ -46,10 +46,13 @@ pub const LEASE_TTL: Duration = Duration::from_secs(30);
 const MIN_CHUNK: u64 = 64 << 10;
 const MAX_CHUNK: u64 = 64 << 20;
 const TTL: Duration = Duration::ZERO;
-/// Unit of a redirected write (redirect-on-write after a snapshot): the
-/// written range is widened to this alignment within its extent, copied
-/// to new space and written there.
-const REDIRECT_UNIT: u64 = 64 << 10;
+/// Block of a redirected write (redirect-on-write after a snapshot): the
+/// written range is widened to whole blocks within its extent, and what
+/// the write does not cover is copied to the new place.
+const REDIRECT_UNIT: u64 = 4096;
+/// Redirected or written ranges reported to the coordinator in one
+/// command.
+const REMAP_BATCH: usize = 1024;
 
 /// Snapshot files and `.snapshots` are read-only.
 fn writable(ino: u64) -> Result<(), Errno> {
@@ -207,6 +210,9 @@ struct OpenFile {
     /// Redirected writes (file offset, reserved LUN pieces) whose new
     /// place is not yet in the coordinator's map.
     remaps: Vec<(u64, Vec<(u64, u64)>)>,
+    /// Space reserved for redirected writes, not used yet (the coordinator
+    /// frees it when this host's lease on the file ends).
+    pool: Vec<(u64, u64)>,
     lease: Option<Lease>,
     /// The write lease was lost: writes fail until the file is reopened.
     fenced: bool,
@@ -527,6 +533,7 @@ impl VolumeFs {
                     size_reported: attr.size,
                     dirty: Vec::new(),
                     remaps: Vec::new(),
+                    pool: Vec::new(),
                     lease: Some(lease),
                     fenced: false,
                     attr,
@@ -551,33 +558,49 @@ impl VolumeFs {
             return Ok(());
         }
         self.lun.flush().map_err(|e| io_errno(&e))?;
-        // Redirected writes first: their new places go into the map.
-        while let Some((off, pieces)) = f.remaps.first().cloned() {
-            let r = self.op(volume_op::Op::Remap(proto::RemapOp {
-                ino,
-                off,
-                pieces: pieces
-                    .iter()
-                    .map(|&(lun_off, len)| proto::Extent {
-                        lun_off,
-                        len,
-                        ..Default::default()
-                    })
-                    .collect(),
-            }));
-            match r {
-                Ok(_) => {
-                    f.remaps.remove(0);
+        // Redirected writes first: their new places go into the map,
+        // neighbours merged, many to a command.
+        if !f.remaps.is_empty() {
+            let mut list = std::mem::take(&mut f.remaps);
+            list.sort_unstable_by_key(|r| r.0);
+            let mut merged: Vec<(u64, Vec<(u64, u64)>)> = Vec::new();
+            for (off, pieces) in list {
+                if let Some((moff, mp)) = merged.last_mut() {
+                    let mlen: u64 = mp.iter().map(|p| p.1).sum();
+                    if *moff + mlen == off {
+                        for p in pieces {
+                            match mp.last_mut() {
+                                Some(l) if l.0 + l.1 == p.0 => l.1 += p.1,
+                                _ => mp.push(p),
+                            }
+                        }
+                        continue;
+                    }
                 }
-                Err(Errno::EINVAL) => {
-                    // The reserved space is gone: the lease ran out, and
-                    // what was written there is not this file's any more.
-                    tracing::error!(ino, "redirected write lost its reserved space; writes to this open file now fail");
-                    f.fenced = true;
-                    f.remaps.clear();
-                    return Err(Errno::EIO);
+                merged.push((off, pieces));
+            }
+            while !merged.is_empty() {
+                let n = merged.len().min(REMAP_BATCH);
+                let batch: Vec<(u64, Vec<(u64, u64)>)> = merged[..n].to_vec();
+                let r = self.op(volume_op::Op::Remap(coordinator::codec::remap_to_proto(
+                    ino, &batch,
+                )));
+                match r {
+                    Ok(_) => {
+                        merged.drain(..n);
+                    }
+                    Err(Errno::EINVAL) => {
+                        // The reserved space is gone: the lease ran out, and
+                        // what was written there is not this file's any more.
+                        tracing::error!(ino, "redirected writes lost their reserved space; writes to this open file now fail");
+                        f.fenced = true;
+                        return Err(Errno::EIO);
+                    }
+                    Err(e) => {
+                        f.remaps = merged;
+                        return Err(e);
+                    }
                 }
-                Err(e) => return Err(e),
             }
         }
         let mut ranges = std::mem::take(&mut f.dirty);
@@ -592,18 +615,26 @@ impl VolumeFs {
         if merged.is_empty() {
             merged.push((0, 0));
         }
-        for (off, len) in merged {
+        // Many ranges to a command.
+        while !merged.is_empty() {
+            let n = merged.len().min(REMAP_BATCH);
+            let (off, len) = merged[0];
             let r = self.op(volume_op::Op::MarkWritten(proto::MarkWrittenOp {
                 ino,
                 off,
                 len,
                 size: f.size,
                 now: 0,
+                more: merged[1..n]
+                    .iter()
+                    .map(|&(off, len)| proto::WrittenRange { off, len })
+                    .collect(),
             }));
             if let Err(e) = r {
-                f.dirty.push((off, len));
+                f.dirty.extend(merged);
                 return Err(e);
             }
+            merged.drain(..n);
         }
         f.size_reported = f.size;
         Ok(())
@@ -768,11 +799,49 @@ impl VolumeFs {
         Ok(p)
     }
 
+    /// Takes `len` bytes of this file's reserved space (reserving more,
+    /// in growing chunks, when the pool runs dry): the pieces, in order.
+    fn take_reserved(
+        &self,
+        ino: u64,
+        f: &mut OpenFile,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>, Errno> {
+        let have: u64 = f.pool.iter().map(|p| p.1).sum();
+        if have < len {
+            let chunk = Self::chunk_for(f.size).max((len - have).next_multiple_of(4096));
+            let got = self.op(volume_op::Op::Reserve(proto::ReserveOp { ino, len: chunk }))?;
+            let Some(proto::reply::Value::Extents(r)) = got.value else {
+                return Err(Errno::EIO);
+            };
+            f.pool.extend(r.extents.iter().map(|x| (x.lun_off, x.len)));
+        }
+        let mut out = Vec::new();
+        let mut left = len;
+        while left > 0 {
+            let Some(&(s, l)) = f.pool.first() else {
+                return Err(Errno::EIO);
+            };
+            let n = l.min(left);
+            out.push((s, n));
+            if n == l {
+                f.pool.remove(0);
+            } else {
+                f.pool[0] = (s + n, l - n);
+            }
+            left -= n;
+        }
+        Ok(out)
+    }
+
     /// Moves the written pieces of `[off, off + len)` that a snapshot
-    /// shares to new space: for each, the unit around it (within its
-    /// extent) is reserved, copied there, and put in this host's map; the
-    /// coordinator's map follows at the next report.
+    /// shares to new space (redirect-on-write): each piece, widened to
+    /// whole 4 KiB blocks within its extent, gets space from the file's
+    /// reservation; the bytes of those blocks the write does not cover are
+    /// copied over; this host's map points there at once, the
+    /// coordinator's at the next report.
     fn redirect(&self, ino: u64, f: &mut OpenFile, off: u64, len: u64) -> Result<(), Errno> {
+        let end = off + len;
         let shared: Vec<Piece> = f
             .extents
             .pieces(off, len)
@@ -787,40 +856,34 @@ impl VolumeFs {
             let u0 = e.file_off.max(p.file_off / REDIRECT_UNIT * REDIRECT_UNIT);
             let u1 = (e.file_off + e.len)
                 .min((p.file_off + p.len).div_ceil(REDIRECT_UNIT) * REDIRECT_UNIT);
-            let ulen = u1 - u0;
-            let got = self.op(volume_op::Op::Reserve(proto::ReserveOp {
-                ino,
-                len: ulen.next_multiple_of(4096),
-            }))?;
-            let Some(proto::reply::Value::Extents(r)) = got.value else {
-                return Err(Errno::EIO);
-            };
-            // The reserved pieces, cut to the unit's length.
-            let mut pieces = Vec::new();
-            let mut left = ulen;
-            for x in &r.extents {
-                if left == 0 {
-                    break;
+            let pieces = self.take_reserved(ino, f, u1 - u0)?;
+            // Where file offset x lands in the new pieces.
+            let new_at = |x: u64| -> u64 {
+                let mut rel = x - u0;
+                for &(s, l) in &pieces {
+                    if rel < l {
+                        return s + rel;
+                    }
+                    rel -= l;
                 }
-                let l = x.len.min(left);
-                pieces.push((x.lun_off, l));
-                left -= l;
-            }
-            if left > 0 {
-                return Err(Errno::EIO);
-            }
-            let mut buf = vhd::io::AlignedBuf::new((ulen as usize).next_multiple_of(4096))
-                .map_err(|e| io_errno(&e))?;
-            let b = &mut buf.as_mut_slice()[..ulen as usize];
-            self.lun
-                .read_at(b, e.lun_off + (u0 - e.file_off))
-                .map_err(|e| io_errno(&e))?;
-            let mut at = 0usize;
-            for &(lun_off, l) in &pieces {
+                0
+            };
+            // The parts of the unit the write leaves alone keep their bytes.
+            for (a, b) in [(u0, off.clamp(u0, u1)), (end.clamp(u0, u1), u1)] {
+                if a >= b {
+                    continue;
+                }
+                let n = (b - a) as usize;
+                let mut buf =
+                    vhd::io::AlignedBuf::new(n.next_multiple_of(4096)).map_err(|e| io_errno(&e))?;
+                let data = &mut buf.as_mut_slice()[..n];
                 self.lun
-                    .write_at(&b[at..at + l as usize], lun_off)
+                    .read_at(data, e.lun_off + (a - e.file_off))
                     .map_err(|e| io_errno(&e))?;
-                at += l as usize;
+                // Within one 4 KiB block, so within one reserved piece.
+                self.lun
+                    .write_at(data, new_at(a))
+                    .map_err(|e| io_errno(&e))?;
             }
             f.extents.remap(u0, &pieces);
             f.remaps.push((u0, pieces));
@@ -930,7 +993,9 @@ impl VolumeFs {
     /// (until `until` at most), the writes in progress finish, and every
     /// open file's data and map changes reach the LUN and the coordinator.
     /// On failure the volume is thawed again.
-    pub fn freeze(&self, until: Instant) -> Result<(), String> {
+    /// Returns how long the drain and the flush took.
+    pub fn freeze(&self, until: Instant) -> Result<(Duration, Duration), String> {
+        let t0 = Instant::now();
         {
             let mut g = self.gate.state.lock().map_err(|_| "gate poisoned")?;
             if g.frozen_until.is_some() {
@@ -956,19 +1021,23 @@ impl VolumeFs {
                     .0;
             }
         }
+        let drained = t0.elapsed();
         if let Err(e) = self.flush_all() {
-            self.thaw();
+            self.thaw(false);
             return Err(format!("flushing Volume{}: {e:?}", self.vol));
         }
-        Ok(())
+        Ok((drained, t0.elapsed() - drained))
     }
 
-    /// Lets writes go on after a freeze; first re-reads the maps of the
-    /// files open for writing (a snapshot now shares their extents).
+    /// Lets writes go on after a freeze; first marks the extents of the
+    /// files open for writing shared (a snapshot now holds them).
     /// Returns whether the freeze's time limit had passed (writes went
     /// on before the thaw).
-    pub fn thaw(&self) -> bool {
-        self.refresh_writers();
+    /// `committed`: a snapshot was taken (or may have been).
+    pub fn thaw(&self, committed: bool) -> bool {
+        if committed {
+            self.refresh_writers();
+        }
         let Ok(mut g) = self.gate.state.lock() else {
             return true;
         };
@@ -1007,20 +1076,27 @@ impl VolumeFs {
         Ok(())
     }
 
-    /// Re-reads the maps of files open for writing whose changes are all
-    /// reported (after a freeze, all of them).
+    /// Marks every extent of the files open for writing as shared: the
+    /// snapshot just committed holds all of them (their changes were all
+    /// reported at the freeze), so their next writes are redirected. A
+    /// file whose changes were not all reported (the freeze's limit passed)
+    /// has its map re-read from the coordinator instead.
     fn refresh_writers(&self) {
         for (ino, f) in self.open_files() {
             let Ok(mut g) = f.lock() else { continue };
-            if g.writers == 0 || g.closed || !g.dirty.is_empty() || !g.remaps.is_empty() {
+            if g.writers == 0 || g.closed {
+                continue;
+            }
+            if g.dirty.is_empty() && g.remaps.is_empty() {
+                g.extents.share_all();
                 continue;
             }
             match self.fetch_extents(ino) {
-                Ok(m) => g.extents = m,
-                Err(e) => {
+                Ok(m) if g.dirty.is_empty() => g.extents = m,
+                _ => {
                     // Without the shared flags this host could write over
                     // what the snapshot holds: stop writing this file.
-                    tracing::error!(ino, "cannot re-read the map after a snapshot ({e:?}); writes to this open file now fail");
+                    tracing::error!(ino, "cannot tell what a snapshot shares of this open file; writes to it now fail");
                     g.fenced = true;
                 }
             }

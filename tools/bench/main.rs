@@ -12,6 +12,7 @@ mod fs_suite;
 mod iscsi_suite;
 mod meta_suite;
 mod redirect_suite;
+mod snap_suite;
 mod table;
 mod vhd_suite;
 mod vmm_suite;
@@ -19,7 +20,9 @@ mod vmm_suite;
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(suite) = args.first() else {
-        bail!("usage: csv-bench <suite> [options]; suites: vhd, iscsi, meta, fs, redirect, vmm");
+        bail!(
+            "usage: csv-bench <suite> [options]; suites: vhd, iscsi, meta, fs, redirect, vmm, snap"
+        );
     };
     match suite.as_str() {
         "vhd" => vhd_suite::run(&args[1..]),
@@ -28,6 +31,9 @@ fn main() -> Result<()> {
         "fs" => fs_suite::run(&args[1..]),
         "redirect" => redirect_suite::run(&args[1..]),
         "vmm" => vmm_suite::run(&args[1..]),
-        other => bail!("unknown suite `{other}`; suites: vhd, iscsi, meta, fs, redirect, vmm"),
+        "snap" => snap_suite::run(&args[1..]),
+        other => {
+            bail!("unknown suite `{other}`; suites: vhd, iscsi, meta, fs, redirect, vmm, snap")
+        }
     }
 }

@@ -207,6 +207,7 @@ fn phase_all(
 /// What a snapshot took.
 struct Taken {
     name: String,
+    /// Each host's thaw reply, with its freeze's drain and flush times.
     hosts: Vec<(u64, SnapshotPhaseReply)>,
     freeze_started_ms: u64,
     committed_ms: u64,
@@ -295,7 +296,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
     }
     let freeze_started_ms = now_ms();
     let t0 = Instant::now();
-    let r = phase_all(
+    let frozen = phase_all(
         &me,
         &parties,
         vol,
@@ -304,7 +305,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
         limit,
         limit + Duration::from_secs(2),
     );
-    if let Some(e) = failed(&r) {
+    if let Some(e) = failed(&frozen) {
         return Err(abort(format!("freeze failed ({e})")));
     }
     // Commit only with time to spare before the hosts' own limit.
@@ -358,6 +359,15 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
     let hosts = thaw
         .into_iter()
         .filter_map(|(n, r)| r.ok().map(|r| (n, r)))
+        .map(|(n, mut r)| {
+            if let Some((_, Ok(f))) = frozen.iter().find(|(m, _)| *m == n) {
+                r.drain_ms = f.drain_ms;
+                r.flush_ms = f.flush_ms;
+                r.vms = f.vms;
+                r.hooks.splice(0..0, f.hooks.iter().cloned());
+            }
+            (n, r)
+        })
         .collect();
     Ok(Taken {
         name,
@@ -379,7 +389,9 @@ fn report(vol: u64, t: &Taken, json: bool) -> Result<()> {
             .hosts
             .iter()
             .map(|(n, r)| {
-                serde_json::json!({"host": n, "held_ms": r.held_ms, "vms_paused": r.vms, "hooks": r.hooks})
+                serde_json::json!({"host": n, "held_ms": r.held_ms, "vms_paused": r.vms,
+                    "drain_ms": r.drain_ms, "flush_ms": r.flush_ms, "refresh_ms": r.refresh_ms,
+                    "hooks": r.hooks})
             })
             .collect();
         let out = serde_json::json!({

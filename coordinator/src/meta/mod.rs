@@ -303,13 +303,15 @@ pub enum Op {
     },
     /// Allocate unwritten extents for `[off, off + len)` of a file.
     Allocate { ino: Ino, off: u64, len: u64 },
-    /// The host wrote `[off, off + len)`: those extents are written now.
+    /// The host wrote `[off, off + len)` (and the `more` ranges): those
+    /// extents are written now.
     MarkWritten {
         ino: Ino,
         off: u64,
         len: u64,
         size: u64,
         now: u64,
+        more: Vec<(u64, u64)>,
     },
     /// Grant (or renew) a lease on a file's extent map.
     GrantLease {
@@ -346,11 +348,11 @@ pub enum Op {
     /// Reserve space for a redirected write of a live file (held in the
     /// file's quarantine until `Remap`).
     Reserve { ino: Ino, len: u64 },
-    /// Point `[off, ...)` of a live file at reserved space, in order.
+    /// Point ranges of a live file at reserved space: `(off, pieces)`
+    /// maps `[off, ...)` onto the pieces in order.
     Remap {
         ino: Ino,
-        off: u64,
-        pieces: Vec<(u64, u64)>,
+        ranges: Vec<(u64, Vec<(u64, u64)>)>,
     },
 }
 
@@ -705,7 +707,16 @@ impl Volume {
                 len,
                 size,
                 now,
-            } => self.mark_written(ino, off, len, size, now),
+                more,
+            } => {
+                // Every range or none: the checks (a file that exists) do
+                // not depend on the range.
+                let mut r = self.mark_written(ino, off, len, size, now)?;
+                for (o, l) in more {
+                    r = self.mark_written(ino, o, l, size, now)?;
+                }
+                Ok(r)
+            }
             Op::GrantLease {
                 node,
                 ino,
@@ -761,7 +772,7 @@ impl Volume {
             Op::CreateSnapshot { name, now } => self.create_snapshot(&name, now),
             Op::DeleteSnapshot { name } => self.delete_snapshot(&name),
             Op::Reserve { ino, len } => self.reserve(ino, len),
-            Op::Remap { ino, off, pieces } => self.remap(ino, off, &pieces),
+            Op::Remap { ino, ranges } => self.remap(ino, &ranges),
             Op::Tick { now } => {
                 let expired: Vec<(Ino, NodeId)> = self
                     .leases

@@ -402,62 +402,63 @@ impl Volume {
         Ok(Reply::Extents(out))
     }
 
-    /// Points `[off, off + len)` of live file `ino` at reserved space the
-    /// host has written (in order), dropping the file's reference to the
-    /// bytes it pointed at before.
+    /// Points ranges of live file `ino` at reserved space the host has
+    /// written: each `(off, pieces)` maps `[off, off + total)` onto the
+    /// pieces in order, dropping the file's reference to the bytes it
+    /// pointed at before. All ranges apply, or none.
     pub(super) fn remap(
         &mut self,
         ino: Ino,
-        off: u64,
-        pieces: &[(u64, u64)],
+        ranges: &[(u64, Vec<(u64, u64)>)],
     ) -> Result<Reply, MetaError> {
-        let overflow = || MetaError::Invalid("range overflows".into());
-        let len = pieces
-            .iter()
-            .try_fold(0u64, |a, p| a.checked_add(p.1))
-            .ok_or_else(overflow)?;
-        let end = off.checked_add(len).ok_or_else(overflow)?;
-        if len == 0 {
-            return Ok(Reply::Ok);
-        }
         let ext = match self.inodes.get(&ino).map(|i| &i.body) {
             Some(Body::File(e)) => e,
             Some(_) => return Err(MetaError::IsDir),
             None => return Err(MetaError::NotFound),
         };
-        // The range must be mapped all through.
-        let mut at = off;
-        for e in ext.values() {
-            if e.file_off + e.len <= at || e.file_off >= end {
-                continue;
-            }
-            if e.file_off > at {
-                break;
-            }
-            at = e.file_off + e.len;
-        }
-        if at < end {
-            return Err(MetaError::Invalid(format!(
-                "bytes {off}..{end} of inode {ino} are not all mapped"
-            )));
-        }
-        // Every piece must be space reserved for this file.
+        let overflow = || MetaError::Invalid("range overflows".into());
         let mut q = self.quarantine.get(&ino).cloned().unwrap_or_default();
-        for &(s, l) in pieces {
-            let i = q
+        for (off, pieces) in ranges {
+            let off = *off;
+            let len = pieces
                 .iter()
-                .position(|&(qs, ql)| qs <= s && s.saturating_add(l) <= qs + ql)
-                .ok_or_else(|| {
-                    MetaError::Invalid(
-                        "the reserved space is gone (the writer's lease ended)".into(),
-                    )
-                })?;
-            let (qs, ql) = q.remove(i);
-            if s > qs {
-                q.push((qs, s - qs));
+                .try_fold(0u64, |a, p| a.checked_add(p.1))
+                .ok_or_else(overflow)?;
+            let end = off.checked_add(len).ok_or_else(overflow)?;
+            // The range must be mapped all through.
+            let mut at = off;
+            let first = ext.range(..=off).next_back().map_or(off, |(&k, _)| k);
+            for e in ext.range(first..end).map(|(_, e)| e) {
+                if e.file_off + e.len <= at {
+                    continue;
+                }
+                if e.file_off > at {
+                    break;
+                }
+                at = e.file_off + e.len;
             }
-            if s + l < qs + ql {
-                q.push((s + l, qs + ql - (s + l)));
+            if at < end {
+                return Err(MetaError::Invalid(format!(
+                    "bytes {off}..{end} of inode {ino} are not all mapped"
+                )));
+            }
+            // Every piece must be space reserved for this file.
+            for &(s, l) in pieces {
+                let i = q
+                    .iter()
+                    .position(|&(qs, ql)| qs <= s && s.saturating_add(l) <= qs + ql)
+                    .ok_or_else(|| {
+                        MetaError::Invalid(
+                            "the reserved space is gone (the writer's lease ended)".into(),
+                        )
+                    })?;
+                let (qs, ql) = q.swap_remove(i);
+                if s > qs {
+                    q.push((qs, s - qs));
+                }
+                if s + l < qs + ql {
+                    q.push((s + l, qs + ql - (s + l)));
+                }
             }
         }
         if q.is_empty() {
@@ -465,35 +466,41 @@ impl Volume {
         } else {
             self.quarantine.insert(ino, q);
         }
-        let Some(Inode {
+        let mut old: Vec<(u64, u64)> = Vec::new();
+        if let Some(Inode {
             body: Body::File(ext),
             ..
         }) = self.inodes.get_mut(&ino)
-        else {
-            return Err(MetaError::NotFound);
-        };
-        super::split_extents(ext, off);
-        super::split_extents(ext, end);
-        let old: Vec<(u64, u64)> = ext
-            .range(off..end)
-            .map(|(_, e)| (e.lun_off, e.len))
-            .collect();
-        let keys: Vec<u64> = ext.range(off..end).map(|(&k, _)| k).collect();
-        for k in keys {
-            ext.remove(&k);
-        }
-        let mut foff = off;
-        for &(s, l) in pieces {
-            ext.insert(
-                foff,
-                Extent {
-                    file_off: foff,
-                    lun_off: s,
-                    len: l,
-                    unwritten: false,
-                },
-            );
-            foff += l;
+        {
+            for (off, pieces) in ranges {
+                let off = *off;
+                let len: u64 = pieces.iter().map(|p| p.1).sum();
+                if len == 0 {
+                    continue;
+                }
+                let end = off + len;
+                super::split_extents(ext, off);
+                super::split_extents(ext, end);
+                let keys: Vec<u64> = ext.range(off..end).map(|(&k, _)| k).collect();
+                for k in keys {
+                    if let Some(e) = ext.remove(&k) {
+                        old.push((e.lun_off, e.len));
+                    }
+                }
+                let mut foff = off;
+                for &(s, l) in pieces {
+                    ext.insert(
+                        foff,
+                        Extent {
+                            file_off: foff,
+                            lun_off: s,
+                            len: l,
+                            unwritten: false,
+                        },
+                    );
+                    foff += l;
+                }
+            }
         }
         self.free(ino, old);
         Ok(Reply::Ok)

@@ -1,0 +1,191 @@
+//! `snap` suite: what snapshots cost writers.
+//!
+//! - Write throughput through host 1's `/ClusterStorage` mount (fio, the
+//!   `fs` suite's jobs on a 1 GiB file laid out first) right after five
+//!   snapshots of the volume were taken, against the same job on the same
+//!   file with no snapshot; the two sides alternate for `--rounds` rounds
+//!   and the medians are compared. With snapshots, the first write to each
+//!   64 KiB unit is redirected (reserve, copy, write, remap), so this is
+//!   the worst case: every unit is shared when the job starts.
+//! - The write-hold time of a snapshot with the three hosts under load
+//!   (fio random writes on each host's mount): `csvctl snapshot create`
+//!   `--count` times, the longest hold over the hosts each time; p50 and
+//!   max over the snapshots. No peer.
+
+use crate::fs_suite::{fio, layout, median, Job, JOBS};
+use crate::table::{self, Row};
+use anyhow::{bail, Context, Result};
+use csv_test_support::csvd::CsvCluster;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn csvctl(cl: &CsvCluster, args: &[&str]) -> Result<String> {
+    let o = cl.csvctl().args(args).output()?;
+    if !o.status.success() {
+        bail!(
+            "csvctl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// A background fio random-write job (for the hold-time rows).
+fn load(file: &std::path::Path, secs: u64) -> Result<Child> {
+    Command::new("fio")
+        .args([
+            "--name=load",
+            "--size=256M",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--time_based",
+        ])
+        .arg(format!("--runtime={secs}"))
+        .arg(format!("--filename={}", file.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot run fio (is the fio package installed?)")
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let arg = |name: &str, default: u64| -> Result<u64> {
+        match args.iter().position(|a| a == name) {
+            Some(i) => Ok(args.get(i + 1).context("option needs a number")?.parse()?),
+            None => Ok(default),
+        }
+    };
+    let rounds = arg("--rounds", 3)?.max(1) as usize;
+    let secs = arg("--secs", 4)?;
+    let count = arg("--count", 10)?.max(1) as usize;
+    let mut cl = CsvCluster::loopback(3)?;
+    cl.mounts = true;
+    cl.start_all()?;
+    let v = cl.add_volume_file(8 << 30)?;
+    cl.wait_mounted(v, Duration::from_secs(30))?;
+    let vs = v.to_string();
+    let file = cl.mountpoint(1, v).join("fio.dat");
+    eprintln!("snap bench: fio on {} with 5 snapshots and with none; {rounds} rounds of {secs} s per side", file.display());
+    layout(&file)?;
+    // `--hold-only`: just the hold-time rows.
+    let hold_only = args.iter().any(|a| a == "--hold-only");
+    let writes: Vec<&Job> = JOBS
+        .iter()
+        .filter(|j| j.name.contains("write") && !hold_only)
+        .collect();
+    let mut rows = Vec::new();
+    for job in writes {
+        let (mut with, mut without) = (Vec::new(), Vec::new());
+        for r in 0..rounds {
+            let snapped = || -> Result<f64> {
+                for i in 0..5 {
+                    csvctl(
+                        &cl,
+                        &["snapshot", "create", &vs, "--name", &format!("b{i}")],
+                    )?;
+                }
+                let x = fio(&file, job, secs)?;
+                for i in 0..5 {
+                    csvctl(&cl, &["snapshot", "delete", &vs, &format!("b{i}")])?;
+                }
+                Ok(x)
+            };
+            if r % 2 == 0 {
+                with.push(snapped()?);
+                without.push(fio(&file, job, secs)?);
+            } else {
+                without.push(fio(&file, job, secs)?);
+                with.push(snapped()?);
+            }
+        }
+        eprintln!(
+            "{}: with 5 snapshots {with:?}, without {without:?}",
+            job.name
+        );
+        rows.push(Row {
+            name: format!("{} (5 snapshots vs none)", job.name),
+            ours: median(with),
+            peer: Some(median(without)),
+            unit: job.unit,
+            higher_is_better: true,
+        });
+    }
+    // Hold time under load on all three hosts.
+    let mut fios = Vec::new();
+    for h in 1..=3 {
+        fios.push(load(
+            &cl.mountpoint(h, v).join(format!("load{h}.dat")),
+            count as u64 + 8,
+        )?);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let mut held = Vec::new();
+    for i in 0..count {
+        let out = csvctl(
+            &cl,
+            &[
+                "snapshot",
+                "create",
+                &vs,
+                "--name",
+                &format!("h{i}"),
+                "--json",
+            ],
+        )?;
+        let j: serde_json::Value = serde_json::from_str(&out)?;
+        let hosts = j["hosts"].as_array().map_or(0, |a| a.len());
+        if hosts != 3 {
+            bail!("snapshot {i} froze {hosts} hosts, not 3: {j}");
+        }
+        held.push(j["held_max_ms"].as_f64().unwrap_or(0.0));
+        let parts: Vec<String> = j["hosts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| {
+                format!(
+                    "host {} held {} (drain {}, flush {}, refresh {})",
+                    h["host"], h["held_ms"], h["drain_ms"], h["flush_ms"], h["refresh_ms"]
+                )
+            })
+            .collect();
+        eprintln!(
+            "snapshot {i}: freeze to commit {} ms, commit to thaw {} ms; {}",
+            j["committed_ms"].as_u64().unwrap_or(0) - j["freeze_started_ms"].as_u64().unwrap_or(0),
+            j["thawed_ms"].as_u64().unwrap_or(0) - j["committed_ms"].as_u64().unwrap_or(0),
+            parts.join("; ")
+        );
+        csvctl(&cl, &["snapshot", "delete", &vs, &format!("h{i}")])?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for mut f in fios {
+        let _ = f.kill();
+        let _ = f.wait();
+    }
+    eprintln!("write-hold times (ms, longest host each time): {held:?}");
+    let mut sorted = held.clone();
+    sorted.sort_by(f64::total_cmp);
+    rows.push(Row {
+        name: format!("write hold of a snapshot, 3 hosts under load, p50 of {count}"),
+        ours: median(held),
+        peer: None,
+        unit: "ms",
+        higher_is_better: false,
+    });
+    rows.push(Row {
+        name: format!("write hold of a snapshot, 3 hosts under load, max of {count}"),
+        ours: sorted.last().copied().unwrap_or(0.0),
+        peer: None,
+        unit: "ms",
+        higher_is_better: false,
+    });
+    table::print(
+        "snap: writes with five snapshots vs none; write-hold time of a snapshot",
+        "no snapshot",
+        &rows,
+    );
+    Ok(())
+}
