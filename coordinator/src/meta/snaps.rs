@@ -271,13 +271,14 @@ impl Volume {
             total.add_all(&mut lun_ranges(&snap.inodes).collect::<Vec<_>>());
         }
         // Owners beyond the first.
-        let mut extra = RangeCount::default();
-        extra.map = total
-            .map
-            .iter()
-            .filter(|(_, &(_, c))| c > 1)
-            .map(|(&s, &(e, c))| (s, (e, c - 1)))
-            .collect();
+        let mut extra = RangeCount {
+            map: total
+                .map
+                .iter()
+                .filter(|(_, &(_, c))| c > 1)
+                .map(|(&s, &(e, c))| (s, (e, c - 1)))
+                .collect(),
+        };
         // Touching ranges whose counts became equal merge.
         let keys: Vec<u64> = extra.map.keys().copied().collect();
         if let (Some(&a), Some(&b)) = (keys.first(), keys.last()) {
