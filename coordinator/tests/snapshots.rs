@@ -240,6 +240,25 @@ fn reserved_space_comes_back_if_the_writer_goes_away() {
             ]
         })
         .is_err());
+    // Two reservations side by side on the LUN take one remap piece that
+    // spans both.
+    let Reply::Extents(a) = v.apply(Op::Reserve { ino: f, len: 4096 }).unwrap() else {
+        panic!()
+    };
+    let Reply::Extents(b) = v.apply(Op::Reserve { ino: f, len: 4096 }).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        a[0].lun_off + 4096,
+        b[0].lun_off,
+        "the allocator hands out neighbours"
+    );
+    v.apply(Op::Remap {
+        ino: f,
+        ranges: vec![(0, vec![(a[0].lun_off, 8192)])],
+    })
+    .unwrap();
+    assert!(v.check().is_empty(), "{:?}", v.check());
     assert!(v.check().is_empty(), "{:?}", v.check());
 }
 

@@ -461,7 +461,17 @@ impl Volume {
             None => return Err(MetaError::NotFound),
         };
         let overflow = || MetaError::Invalid("range overflows".into());
-        let mut q = self.quarantine.get(&ino).cloned().unwrap_or_default();
+        // The file's reserved space, touching pieces merged (a host may
+        // remap across two reservations that lie side by side).
+        let mut q: Vec<(u64, u64)> = Vec::new();
+        let mut held = self.quarantine.get(&ino).cloned().unwrap_or_default();
+        held.sort_unstable();
+        for (s, l) in held {
+            match q.last_mut() {
+                Some(last) if last.0 + last.1 == s => last.1 += l,
+                _ => q.push((s, l)),
+            }
+        }
         for (off, pieces) in ranges {
             let off = *off;
             let len = pieces

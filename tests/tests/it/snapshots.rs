@@ -87,7 +87,12 @@ fn read_slot(host: u64, b: &[u8]) -> Option<u64> {
 type Log = Arc<Mutex<Vec<(u64, u64, u64)>>>;
 
 /// Writes records round-robin over the slots of `path` until `stop`.
-fn writer(host: u64, path: std::path::PathBuf, stop: Arc<AtomicBool>, log: Log) {
+fn writer(
+    host: u64,
+    path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+    log: Log,
+) -> Result<(), String> {
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -99,15 +104,17 @@ fn writer(host: u64, path: std::path::PathBuf, stop: Arc<AtomicBool>, log: Log) 
     while !stop.load(Ordering::Relaxed) {
         let started = now_ms();
         f.write_all_at(&record(host, seq), (seq % SLOTS) * REC)
-            .unwrap();
+            .map_err(|e| format!("host {host}: write {seq}: {e}"))?;
         let acked = now_ms();
         log.lock().unwrap().push((seq, started, acked));
         seq += 1;
         if seq % 32 == 0 {
-            f.sync_data().unwrap();
+            f.sync_data()
+                .map_err(|e| format!("host {host}: fsync after {seq}: {e}"))?;
         }
     }
-    f.sync_all().unwrap();
+    f.sync_all()
+        .map_err(|e| format!("host {host}: last fsync: {e}"))
 }
 
 fn sha(path: &std::path::Path) -> String {
@@ -173,7 +180,14 @@ fn a_snapshot_under_load_holds_exactly_the_writes_before_the_freeze() {
     std::thread::sleep(Duration::from_millis(1000));
     stop.store(true, Ordering::Relaxed);
     for t in threads {
-        t.join().unwrap();
+        if let Err(e) = t.join().unwrap() {
+            panic!(
+                "{e}\nhost 1:\n{}\nhost 2:\n{}\nhost 3:\n{}",
+                cl.log_tail(1, 10),
+                cl.log_tail(2, 10),
+                cl.log_tail(3, 10)
+            );
+        }
     }
     for (i, h) in (1..=3u64).enumerate() {
         let log = logs[i].lock().unwrap();
