@@ -52,6 +52,10 @@ pub struct Mounts {
     active: BTreeMap<u64, Active>,
     states: VolumeStates,
     failed: BTreeMap<u64, String>,
+    /// (volume, host) pairs this host fenced off while the host is down.
+    fenced_done: std::collections::BTreeSet<(u64, u64)>,
+    /// When this host last checked its own registrations.
+    checked: std::time::Instant,
 }
 
 impl std::fmt::Debug for Mounts {
@@ -91,6 +95,110 @@ impl Mounts {
             active: BTreeMap::new(),
             states,
             failed: BTreeMap::new(),
+            fenced_done: Default::default(),
+            checked: std::time::Instant::now(),
+        }
+    }
+
+    /// Fencing by persistent reservation on the volumes this host reaches
+    /// over iSCSI: checks that it is still registered (a host fenced while
+    /// it was cut off registers again only once the registry, read with
+    /// quorum, has it up: it rejoined), and, on the host leading the
+    /// cluster group, preempts the keys of hosts the registry has down.
+    fn fence(&mut self, info: &coordinator::proto::ClusterInfo, read_started: std::time::Instant) {
+        let me = self.cfg.node;
+        let key = crate::san::pr_key(me);
+        let iscsi: Vec<(u64, Arc<crate::redirect::RedirectingLun>)> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.lun.san_lun().is_some())
+            .map(|(n, a)| (*n, a.lun.clone()))
+            .collect();
+        if iscsi.is_empty() || self.cfg.san.node == 0 {
+            return;
+        }
+        let up = |n: u64| {
+            info.health
+                .iter()
+                .find(|h| h.node == n)
+                .is_none_or(|h| h.up)
+        };
+        // A host registers again only on a registry read that started
+        // after it found its key gone (or the LUN refused it): a key the
+        // cluster leader preempted was preempted after the registry had
+        // the host down, so such a read says "down" unless the host is
+        // back in the cluster.
+        for (vol, rl) in &iscsi {
+            let Some(since) = rl.fenced_since() else {
+                continue;
+            };
+            if since >= read_started || !up(me) {
+                continue;
+            }
+            let Some(l) = rl.san_lun() else { continue };
+            match crate::san::pr_register(&l, key) {
+                Ok(()) => {
+                    rl.set_fenced(false);
+                    tracing::warn!("Volume{vol}: the LUN had lost this host's registration (fenced, or a new session); the registry has the host up, so it registered again");
+                }
+                Err(e) => tracing::error!("Volume{vol}: registering again: {e}"),
+            }
+        }
+        if self.checked.elapsed() >= Duration::from_secs(1) {
+            self.checked = std::time::Instant::now();
+            for (vol, rl) in &iscsi {
+                if rl.is_fenced() {
+                    continue;
+                }
+                let Some(l) = rl.san_lun() else { continue };
+                match crate::san::pr_registered(&l, key) {
+                    Ok(true) => {}
+                    Ok(false) => rl.set_fenced(true),
+                    Err(e) => tracing::debug!("Volume{vol}: reading the registrations: {e}"),
+                }
+            }
+        }
+        let down: Vec<u64> = info
+            .health
+            .iter()
+            .filter(|h| !h.up && h.node != me)
+            .map(|h| h.node)
+            .collect();
+        self.fenced_done.retain(|(_, n)| down.contains(n));
+        if down.iter().all(|d| {
+            iscsi
+                .iter()
+                .all(|(v, _)| self.fenced_done.contains(&(*v, *d)))
+        }) {
+            return;
+        }
+        let leads = self.cfg.endpoints.first().and_then(|a| {
+            coordinator::client::node_status(&self.cfg.identity, *a, Duration::from_secs(1)).ok()
+        });
+        let leads = leads.is_some_and(|s| {
+            s.groups
+                .iter()
+                .any(|g| g.group == coordinator::group::CLUSTER && g.role == "leader")
+        });
+        if !leads {
+            return;
+        }
+        for d in down {
+            for (vol, rl) in &iscsi {
+                if self.fenced_done.contains(&(*vol, d)) {
+                    continue;
+                }
+                let Some(l) = rl.san_lun() else { continue };
+                match crate::san::pr_preempt(&l, key, crate::san::pr_key(d)) {
+                    Ok(true) => tracing::warn!("Volume{vol}: host {d} is down: fenced off the LUN (its reservation key preempted)"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!("Volume{vol}: fencing host {d}: {e}");
+                        continue;
+                    }
+                }
+                self.fenced_done.insert((*vol, d));
+            }
         }
     }
 
@@ -99,21 +207,34 @@ impl Mounts {
     }
 
     fn mount(&mut self, v: &VolumeInfo) -> Result<(), String> {
-        let (lun, san, path): (Arc<dyn vhd::BlockIo>, _, String) =
-            match (self.cfg.luns.get(&v.number), v.lun.starts_with("iscsi://")) {
-                (None, true) => {
-                    let p = crate::san::open(&v.lun, &self.cfg.san)?;
-                    let lun: Arc<dyn vhd::BlockIo> = p.lun.clone();
-                    let d = p.describe.clone();
-                    (lun, Some(p), d)
+        let (lun, san, path): (Arc<dyn vhd::BlockIo>, _, String) = match (
+            self.cfg.luns.get(&v.number),
+            v.lun.starts_with("iscsi://"),
+        ) {
+            (None, true) => {
+                let p = crate::san::open(&v.lun, &self.cfg.san, v.number)?;
+                if self.cfg.san.node != 0 {
+                    // Joining the LUN's registrants: only they can write.
+                    let key = crate::san::pr_key(self.cfg.san.node);
+                    if let Err(e) = crate::san::pr_register(&p.lun, key) {
+                        tracing::warn!(
+                                "Volume{}: fencing by persistent reservation is not available on {}: {e}",
+                                v.number,
+                                p.describe
+                            );
+                    }
                 }
-                (over, _) => {
-                    let path = over.cloned().unwrap_or_else(|| PathBuf::from(&v.lun));
-                    let f = vhd::io::DirectFile::open(&path, true)
-                        .map_err(|e| format!("cannot open LUN {}: {e}", path.display()))?;
-                    (Arc::new(f), None, format!("LUN file {}", path.display()))
-                }
-            };
+                let lun: Arc<dyn vhd::BlockIo> = p.lun.clone();
+                let d = p.describe.clone();
+                (lun, Some(p), d)
+            }
+            (over, _) => {
+                let path = over.cloned().unwrap_or_else(|| PathBuf::from(&v.lun));
+                let f = vhd::io::DirectFile::open(&path, true)
+                    .map_err(|e| format!("cannot open LUN {}: {e}", path.display()))?;
+                (Arc::new(f), None, format!("LUN file {}", path.display()))
+            }
+        };
         let sb = Superblock::read(lun.as_ref()).map_err(|e| format!("{path}: {e}"))?;
         if sb.number != v.number {
             return Err(format!(
@@ -129,9 +250,10 @@ impl Mounts {
         // An iSCSI path is reopened (a new login) when it failed; a LUN
         // file is probed as it is.
         let reopen: Option<crate::redirect::Reopen> = san.as_ref().map(|_| {
-            let (url, who) = (v.lun.clone(), self.cfg.san.clone());
+            let (url, who, vol) = (v.lun.clone(), self.cfg.san.clone(), v.number);
             let f: crate::redirect::Reopen = Box::new(move || {
-                let p = crate::san::open(&url, &who)?;
+                // The same ISID: the same I_T nexus, still registered.
+                let p = crate::san::open(&url, &who, vol)?;
                 let lun: Arc<dyn vhd::BlockIo> = p.lun.clone();
                 let keep: Box<dyn std::any::Any + Send + Sync> = Box::new(p);
                 Ok((lun, keep))
@@ -246,6 +368,13 @@ impl Mounts {
         for n in wanted.keys() {
             let mp = self.mountpoint(*n).display().to_string();
             let (state, reason) = match (self.active.get(n), self.failed.get(n)) {
+                (Some(a), _) if a.lun.is_fenced() => (
+                    "Fenced",
+                    format!(
+                        "the LUN refuses this host's writes (its reservation key was preempted while the cluster had it down); it registers again once it has rejoined ({})",
+                        a.path
+                    ),
+                ),
                 (Some(a), _) if a.lun.is_redirected() => (
                     "BlockRedirected",
                     format!(
@@ -276,8 +405,12 @@ impl Mounts {
         let mut c = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
         c.timeout = Duration::from_secs(2);
         while !stop.load(Ordering::Relaxed) {
+            let read_started = std::time::Instant::now();
             match c.cluster_info() {
-                Ok(info) => self.sync(&info.volumes),
+                Ok(info) => {
+                    self.sync(&info.volumes);
+                    self.fence(&info, read_started);
+                }
                 Err(e) => tracing::debug!("cluster registry not readable yet: {e}"),
             }
             for _ in 0..10 {

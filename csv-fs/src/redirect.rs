@@ -40,6 +40,12 @@ pub struct RedirectingLun {
     redirected: AtomicBool,
     /// The own path failed (redirected until it works again).
     failed: AtomicBool,
+    /// The LUN refused this host's writes (RESERVATION CONFLICT): it was
+    /// fenced off. Writes fail, and are never redirected, until it rejoins.
+    fenced: AtomicBool,
+    /// When the LUN last refused this host (a registry read must start
+    /// after it before the host registers again).
+    fenced_at: Mutex<Option<std::time::Instant>>,
     reason: Mutex<String>,
     me: Identity,
     peers: Vec<SocketAddr>,
@@ -84,6 +90,8 @@ impl RedirectingLun {
             reopen,
             redirected: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            fenced_at: Mutex::new(None),
             reason: Mutex::new(String::new()),
             me,
             peers,
@@ -152,7 +160,7 @@ impl RedirectingLun {
     /// so the caller sends the request through a peer.
     fn try_direct<R>(
         &self,
-        f: impl FnOnce(&dyn vhd::BlockIo) -> io::Result<R>,
+        mut f: impl FnMut(&dyn vhd::BlockIo) -> io::Result<R>,
     ) -> Option<io::Result<R>> {
         if self.is_redirected() {
             return None;
@@ -160,6 +168,28 @@ impl RedirectingLun {
         let d = self.direct.read().ok()?.clone();
         match f(d.as_ref()) {
             Ok(r) => Some(Ok(r)),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                // Refused by the LUN. Going through a peer would get round
+                // a fence, so the request waits (a few seconds at most)
+                // for the host to register again, which it does only once
+                // the registry, read after the refusal, has it up: after a
+                // reconnection that lost the registration, or a rejoin.
+                self.set_fenced(true);
+                let t = std::time::Instant::now();
+                while self.is_fenced() && t.elapsed() < Duration::from_secs(5) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if self.is_fenced() {
+                    tracing::error!(
+                        volume = self.vol,
+                        "Volume{}: the LUN refuses this host ({e}): fenced off until it rejoins the cluster",
+                        self.vol
+                    );
+                    return Some(Err(e));
+                }
+                let d = self.direct.read().ok()?.clone();
+                Some(f(d.as_ref()))
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -194,6 +224,42 @@ impl RedirectingLun {
             return Some(self.reason.lock().map(|r| r.clone()).unwrap_or_default());
         }
         None
+    }
+
+    /// Whether the LUN refused this host (reservation conflict).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// Marks this host fenced (its key is gone from the LUN) or not (it
+    /// registered again).
+    pub fn set_fenced(&self, on: bool) {
+        if on {
+            if let Ok(mut t) = self.fenced_at.lock() {
+                *t = Some(std::time::Instant::now());
+            }
+        }
+        if self.fenced.swap(on, Ordering::Relaxed) != on {
+            self.tell();
+        }
+    }
+
+    /// When the LUN last refused this host, or its key was found missing.
+    pub fn fenced_since(&self) -> Option<std::time::Instant> {
+        if !self.is_fenced() {
+            return None;
+        }
+        self.fenced_at.lock().ok().and_then(|t| *t)
+    }
+
+    /// The own iSCSI path, for persistent-reservation commands (None: a
+    /// LUN file, or no path open).
+    pub fn san_lun(&self) -> Option<Arc<iscsi_initiator::BlockingLun>> {
+        let keep = self.keep.lock().ok()?;
+        let k = keep.as_ref()?;
+        let any: &(dyn std::any::Any + Send + Sync) = k.as_ref();
+        any.downcast_ref::<crate::san::IscsiPath>()
+            .map(|p| p.lun.clone())
     }
 
     /// Whether I/O goes through a peer.

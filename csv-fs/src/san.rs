@@ -2,6 +2,15 @@
 //! volume, logged in with this host's own initiator name (so the target,
 //! its ACLs and its persistent reservations see each host apart), through
 //! the project's userspace initiator.
+//!
+//! Fencing: every host registers its own reservation key on each volume's
+//! LUN when it mounts it, and one of them holds a *Write Exclusive –
+//! Registrants Only* reservation, so only registered hosts can write. The
+//! session's ISID is fixed per host and volume, so a reconnection is the
+//! same I_T nexus and keeps its registration. When the cluster marks a host
+//! down, the host leading the cluster group preempts that host's key: its
+//! writes then get RESERVATION CONFLICT until it rejoins (the registry,
+//! read with quorum, says it is up again) and registers once more.
 
 use iscsi_initiator::session::Timeouts;
 use iscsi_initiator::{new_isid, BlockingLun, Chap, IscsiUrl, LoginConfig, Lun, Session};
@@ -15,6 +24,61 @@ pub struct SanIdentity {
     pub initiator: String,
     /// CHAP credentials, when the targets ask for them.
     pub chap: Option<Chap>,
+    /// The host's node id (0: a tool, not a host: no reservation key, a
+    /// random ISID).
+    pub node: u64,
+}
+
+/// Host `node`'s persistent-reservation key ("CSV" and the node id).
+pub fn pr_key(node: u64) -> u64 {
+    0x4353_5600_0000_0000 | (node & 0xff_ffff_ffff)
+}
+
+/// The ISID of host `node`'s session to volume `vol`: the same on every
+/// login, so a reconnection is the same I_T nexus.
+pub fn stable_isid(node: u64, vol: u64) -> [u8; 6] {
+    let n = (node as u32).to_be_bytes();
+    let v = (vol as u16).to_be_bytes();
+    // Type 0b10 ("random") in the top bits, as new_isid makes them.
+    [0x80 | (n[0] & 0x3f), n[1], n[2], n[3], v[0], v[1]]
+}
+
+/// Registers `key` on the LUN (replacing whatever this nexus had) and
+/// makes sure a Write Exclusive – Registrants Only reservation is held.
+pub fn pr_register(lun: &BlockingLun, key: u64) -> Result<(), String> {
+    use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
+    let l = lun.lun();
+    lun.block_on(l.reserve_out(PrOut::RegisterAndIgnore, 0, 0, key))
+        .map_err(|e| format!("registering reservation key {key:#x}: {e}"))?;
+    match lun.block_on(l.reservation()) {
+        Ok(Some((_, kind))) if kind == PR_WE_RO => Ok(()),
+        Ok(Some((holder, kind))) => Err(format!(
+            "the LUN holds a reservation of type {kind} by key {holder:#x}, not Write Exclusive – Registrants Only"
+        )),
+        Ok(None) => lun
+            .block_on(l.reserve_out(PrOut::Reserve, PR_WE_RO, key, 0))
+            .map_err(|e| format!("reserving the LUN: {e}")),
+        Err(e) => Err(format!("reading the reservation: {e}")),
+    }
+}
+
+/// Whether `key` is registered on the LUN.
+pub fn pr_registered(lun: &BlockingLun, key: u64) -> Result<bool, String> {
+    lun.block_on(lun.lun().reservation_keys())
+        .map(|k| k.contains(&key))
+        .map_err(|e| e.to_string())
+}
+
+/// Removes `victim`'s registration (and takes its reservation if it held
+/// it), as registrant `key`. False when `victim` was not registered.
+pub fn pr_preempt(lun: &BlockingLun, key: u64, victim: u64) -> Result<bool, String> {
+    use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
+    if !pr_registered(lun, victim)? {
+        return Ok(false);
+    }
+    lun.block_on(lun.lun().reserve_out(PrOut::Preempt, PR_WE_RO, key, victim))
+        .map_err(|e| format!("preempting key {victim:#x}: {e}"))?;
+    Ok(true)
 }
 
 impl SanIdentity {
@@ -51,8 +115,8 @@ impl std::fmt::Debug for IscsiPath {
     }
 }
 
-/// Logs in to the LUN at `url` as `who`.
-pub fn open(url: &str, who: &SanIdentity) -> Result<IscsiPath, String> {
+/// Logs in to the LUN of volume `vol` at `url` as `who`.
+pub fn open(url: &str, who: &SanIdentity, vol: u64) -> Result<IscsiPath, String> {
     let u: IscsiUrl = url.parse().map_err(|e| format!("{url}: {e}"))?;
     if u.target.is_empty() {
         return Err(format!(
@@ -75,7 +139,11 @@ pub fn open(url: &str, who: &SanIdentity) -> Result<IscsiPath, String> {
     let cfg = LoginConfig {
         initiator: who.initiator.clone(),
         target: Some(u.target.clone()),
-        isid: new_isid(),
+        isid: if who.node == 0 {
+            new_isid()
+        } else {
+            stable_isid(who.node, vol)
+        },
         chap,
         mutual: None,
         offer: Default::default(),

@@ -28,6 +28,13 @@ impl BlockingLun {
         &self.lun
     }
 
+    /// Runs one of the LUN's async calls to completion (for commands that
+    /// are not I/O, such as persistent reservations), from a thread outside
+    /// the runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
     fn span(&self, offset: u64, len: usize) -> io::Result<(u64, usize)> {
         let bs = u64::from(self.lun.block_size());
         let end = offset

@@ -365,6 +365,12 @@ impl CsvCluster {
         self.index(id).is_ok_and(|i| self.hosts[i].child.is_some())
     }
 
+    /// Host `id`'s csvd process id, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        let i = self.index(id).ok()?;
+        self.hosts[i].child.as_ref().map(|c| c.id())
+    }
+
     /// Host `id`'s status (asked of it directly).
     pub fn status(&self, id: u64) -> Result<NodeStatus> {
         let i = self.index(id)?;

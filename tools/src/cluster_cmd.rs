@@ -411,8 +411,12 @@ fn format_iscsi(
         (Ok(user), Ok(secret)) => Some(iscsi_initiator::Chap { user, secret }),
         _ => None,
     };
-    let who = csv_fs::san::SanIdentity { initiator, chap };
-    let path = csv_fs::san::open(url, &who).map_err(anyhow::Error::msg)?;
+    let who = csv_fs::san::SanIdentity {
+        initiator,
+        chap,
+        node: 0,
+    };
+    let path = csv_fs::san::open(url, &who, number).map_err(anyhow::Error::msg)?;
     let len = path.lun.len()?;
     if len < 64 << 20 {
         bail!("{url} is {len} bytes; a volume needs at least 64 MiB");

@@ -313,6 +313,7 @@ fn settings(cli: Cli) -> Result<Settings, String> {
             .or(file.initiator)
             .unwrap_or_else(|| csv_fs::san::SanIdentity::default_initiator(id)),
         chap,
+        node: id,
     };
     let vmm = cli.vmm.unwrap_or_else(|| {
         std::env::current_exe()

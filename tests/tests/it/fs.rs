@@ -462,6 +462,111 @@ fn metrics_json_logs_and_volume_removal() {
     assert!(gone.is_ok(), "Volume{v} still mounted after removal");
 }
 
+/// Fencing by persistent reservation: every host registers its key on
+/// the volume's LUN under a Write Exclusive – Registrants Only reservation,
+/// so a stranger cannot write; a host the cluster has down (its csvd frozen
+/// with SIGSTOP) loses its key to the cluster leader, and a write in its
+/// name (its initiator name and ISID: the same I_T nexus) gets RESERVATION
+/// CONFLICT while the other hosts go on; resumed, it rejoins, registers
+/// again and writes.
+#[test]
+fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
+    skip_without_fuse!();
+    skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
+    use csv_fs::san::{open, pr_key, SanIdentity};
+    use vhd::BlockIo;
+    let (tgt, t, _backing, cl) = iscsi_cluster("fence");
+    let url = tgt.url(&t, 1);
+    let tool = SanIdentity {
+        initiator: "iqn.2026-11.io.csv.test:fence-observer".into(),
+        chap: None,
+        node: 0,
+    };
+    let observer = open(&url, &tool, 1).unwrap();
+    let keys = |p: &csv_fs::san::IscsiPath| -> Vec<u64> {
+        p.lun.block_on(p.lun.lun().reservation_keys()).unwrap()
+    };
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        (1..=3).all(|n| keys(&observer).contains(&pr_key(n)))
+    })
+    .unwrap();
+    let r = observer
+        .lun
+        .block_on(observer.lun.lun().reservation())
+        .unwrap();
+    assert_eq!(
+        r.map(|r| r.1),
+        Some(iscsi_initiator::scsi::PR_WE_RO),
+        "{r:?}"
+    );
+    // A stranger (registered nowhere) reads but cannot write.
+    let last = observer.lun.len().unwrap() - 4096;
+    let mut b = vec![0u8; 4096];
+    observer.lun.read_at(&mut b, last).unwrap();
+    let e = observer.lun.write_at(&b, last).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+
+    // Freeze host 2 until the cluster has it down and its key is gone.
+    let pid = cl.pid(2).unwrap().to_string();
+    let sig = |s: &str| {
+        assert!(Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .unwrap()
+            .success());
+    };
+    sig("-STOP");
+    let down = csv_test_support::wait_until(Duration::from_secs(20), || {
+        !keys(&observer).contains(&pr_key(2))
+    });
+    if down.is_err() {
+        sig("-CONT");
+        panic!(
+            "host 2 not fenced: keys {:x?}\nhost 1:\n{}\nhost 3:\n{}",
+            keys(&observer),
+            cl.log_tail(1, 10),
+            cl.log_tail(3, 10)
+        );
+    }
+    assert!(keys(&observer).contains(&pr_key(1)) && keys(&observer).contains(&pr_key(3)));
+    // A write in host 2's name, on its own I_T nexus, is refused.
+    let as2 = SanIdentity {
+        initiator: SanIdentity::default_initiator(2),
+        chap: None,
+        node: 2,
+    };
+    let impostor = open(&url, &as2, 1).unwrap();
+    impostor.lun.read_at(&mut b, last).unwrap();
+    let e = impostor.lun.write_at(&b, last).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    drop(impostor);
+    // The others go on.
+    let data = pattern(77, (2 * MIB) as usize);
+    write_synced(&cl.mountpoint(1, 1).join("while-fenced.bin"), &data);
+    assert_eq!(
+        fs::read(cl.mountpoint(3, 1).join("while-fenced.bin")).unwrap(),
+        data
+    );
+
+    // Resumed, host 2 rejoins, registers again, and writes.
+    sig("-CONT");
+    csv_test_support::wait_until(Duration::from_secs(20), || {
+        keys(&observer).contains(&pr_key(2))
+    })
+    .unwrap();
+    let data = pattern(78, MIB as usize);
+    write_synced(&cl.mountpoint(2, 1).join("after-rejoin.bin"), &data);
+    assert_eq!(
+        fs::read(cl.mountpoint(1, 1).join("after-rejoin.bin")).unwrap(),
+        data
+    );
+    assert!(
+        cl.log_tail(2, 200).contains("registered again"),
+        "{}",
+        cl.log_tail(2, 20)
+    );
+}
+
 #[test]
 fn a_volume_on_an_iscsi_lun_is_shared_by_three_hosts() {
     skip_without_fuse!();
