@@ -165,6 +165,9 @@ impl Mounts {
             .map(|h| h.node)
             .collect();
         self.fenced_done.retain(|(_, n)| down.contains(n));
+        if let Ok(mut f) = self.served.fenced.write() {
+            f.retain(|(_, n)| down.contains(n));
+        }
         if down.iter().all(|d| {
             iscsi
                 .iter()
@@ -183,8 +186,20 @@ impl Mounts {
         if !leads {
             return;
         }
-        for d in down {
-            for (vol, rl) in &iscsi {
+        self.fence_down_hosts(&down, &iscsi, key);
+        if let Ok(mut f) = self.served.fenced.write() {
+            *f = self.fenced_done.clone();
+        }
+    }
+
+    fn fence_down_hosts(
+        &mut self,
+        down: &[u64],
+        iscsi: &[(u64, Arc<crate::redirect::RedirectingLun>)],
+        key: u64,
+    ) {
+        for &d in down {
+            for (vol, rl) in iscsi {
                 if self.fenced_done.contains(&(*vol, d)) {
                     continue;
                 }

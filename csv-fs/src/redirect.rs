@@ -438,6 +438,9 @@ pub struct Served {
     luns: RwLock<BTreeMap<u64, Arc<RedirectingLun>>>,
     /// This host's part of volume snapshots.
     pub agent: crate::freeze::SnapshotAgent,
+    /// (volume, host) pairs whose host this host fenced off the volume's
+    /// LUN while the registry has it down (a failover waits for them).
+    pub fenced: Arc<RwLock<std::collections::BTreeSet<(u64, u64)>>>,
 }
 
 impl std::fmt::Debug for Served {

@@ -66,6 +66,10 @@ pub struct VmSupervisor {
     reports: VmStates,
     /// The running VMs' disks and control sockets (snapshots pause them).
     pub controls: crate::freeze::VmControls,
+    /// (volume, host) pairs fenced off by persistent reservation (from
+    /// the mounts): a failover from a dead host onto an iSCSI volume waits
+    /// for its fence, 10 s at most.
+    pub fenced: Arc<std::sync::RwLock<std::collections::BTreeSet<(u64, u64)>>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -137,6 +141,7 @@ impl VmSupervisor {
             cfg,
             reports,
             controls: Default::default(),
+            fenced: Default::default(),
         }
     }
 
@@ -607,6 +612,32 @@ impl VmSupervisor {
                     l.vcpus += vcpus;
                     l.mem_available = l.mem_available.saturating_sub(*mem);
                 }
+            }
+            // On an iSCSI volume the dead host is fenced off the LUN first
+            // (the mounts on this host, the cluster leader, preempt its
+            // key); past 10 s without it, the VM restarts anyway.
+            let iscsi = info
+                .volumes
+                .iter()
+                .any(|v| v.number == cfg.volume && v.lun.starts_with("iscsi://"));
+            let fenced = self
+                .fenced
+                .read()
+                .is_ok_and(|f| f.contains(&(cfg.volume, dead)));
+            if iscsi && !fenced {
+                let since = info
+                    .health
+                    .iter()
+                    .find(|h| h.node == dead)
+                    .map_or(0, |h| h.since);
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                if now.saturating_sub(since) < 10_000 {
+                    tracing::info!(vm = %role.name, dead, "failover: waiting for host {dead} to be fenced off Volume{}", cfg.volume);
+                    continue;
+                }
+                tracing::error!(vm = %role.name, dead, "failover: host {dead} could not be fenced off Volume{} in 10 s; restarting the VM anyway", cfg.volume);
             }
             let needs = cfg.needs();
             let policy = coordinator::placement::Policy::default();

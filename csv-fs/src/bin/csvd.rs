@@ -440,6 +440,7 @@ fn main() -> ExitCode {
     let vm_stop = Arc::new(AtomicBool::new(false));
     // The VM roles placed on this host run on its mounts.
     let mut vm_controls = None;
+    let served = Arc::new(csv_fs::redirect::Served::default());
     let vms = s.mount_root.clone().map(|root| {
         let cfg = csv_fs::vms::VmHostConfig {
             node: id,
@@ -454,6 +455,8 @@ fn main() -> ExitCode {
         };
         let sup = csv_fs::vms::VmSupervisor::new(cfg, node.vms.clone());
         vm_controls = Some(sup.controls.clone());
+        let mut sup = sup;
+        sup.fenced = served.fenced.clone();
         let stop = vm_stop.clone();
         std::thread::spawn(move || sup.run(stop))
     });
@@ -485,7 +488,6 @@ fn main() -> ExitCode {
             san: s.san,
             peers: peer_addrs,
         };
-        let served = Arc::new(csv_fs::redirect::Served::default());
         served
             .agent
             .configure(s.snapshot_hooks.clone(), vm_controls.clone());
