@@ -149,13 +149,26 @@ pub fn run(args: &[String]) -> Result<()> {
         "iscsi bench: tgtd at {}, {rounds} rounds of {secs} s per side and row",
         tgt.portal()
     );
+    // Worker threads of our side's runtime (csvd runs each iSCSI session
+    // on 2); `--threads 1` gives it one core like iscsi-perf's event loop.
+    let threads = args
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .map(|t| t.parse::<usize>())
+        .transpose()?
+        .unwrap_or(2)
+        .max(1);
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
     if args.iter().any(|a| a == "--ours-only") {
         // Profiling aid: our side alone, 4 KiB random reads at QD32 on the
         // null LUN.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let rt = runtime()?;
         let url: iscsi_initiator::IscsiUrl = tgt.url(&t, 1).parse()?;
         let w = Work {
             blocks: 8,
@@ -167,10 +180,7 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("ours: {:.0} IOPS", ours(&rt, &url, w)?);
         return Ok(());
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let mut rows = Vec::new();
     let reads = [
         (
