@@ -543,6 +543,16 @@ pub fn redirect(
     ask_host(me, addr, action, timeout).map(|_| ())
 }
 
+/// Whether the host at `addr` (this host's own address) leads the cluster
+/// group now: cluster-wide duties (failover, fencing) run there.
+pub fn leads_cluster(me: &Identity, addr: SocketAddr) -> bool {
+    node_status(me, addr, Duration::from_secs(1)).is_ok_and(|s| {
+        s.groups
+            .iter()
+            .any(|g| g.group == crate::group::CLUSTER && g.role == "leader")
+    })
+}
+
 /// Asks host `addr` to carry out one phase of a volume snapshot.
 pub fn snapshot_phase(
     me: &Identity,

@@ -587,14 +587,11 @@ impl VmSupervisor {
             return;
         }
         // Only the host that leads the cluster group acts.
-        let leads = self.cfg.endpoints.first().and_then(|a| {
-            coordinator::client::node_status(&self.cfg.identity, *a, Duration::from_secs(1)).ok()
-        });
-        let leads = leads.is_some_and(|s| {
-            s.groups
-                .iter()
-                .any(|g| g.group == coordinator::group::CLUSTER && g.role == "leader")
-        });
+        let leads = self
+            .cfg
+            .endpoints
+            .first()
+            .is_some_and(|a| coordinator::client::leads_cluster(&self.cfg.identity, *a));
         if !leads {
             return;
         }

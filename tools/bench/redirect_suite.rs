@@ -41,12 +41,7 @@ fn redirect(cl: &CsvCluster, on: bool) -> Result<()> {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
-    let arg = |name: &str, default: u64| -> Result<u64> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => Ok(args.get(i + 1).context("option needs a number")?.parse()?),
-            None => Ok(default),
-        }
-    };
+    let arg = |name: &str, default: u64| table::num_arg(args, name, default);
     let rounds = arg("--rounds", 3)?.max(1) as usize;
     let secs = arg("--secs", 3)?;
     let cuts = arg("--cuts", 20)?;

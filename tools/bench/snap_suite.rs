@@ -52,12 +52,7 @@ fn load(file: &std::path::Path, secs: u64) -> Result<Child> {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
-    let arg = |name: &str, default: u64| -> Result<u64> {
-        match args.iter().position(|a| a == name) {
-            Some(i) => Ok(args.get(i + 1).context("option needs a number")?.parse()?),
-            None => Ok(default),
-        }
-    };
+    let arg = |name: &str, default: u64| table::num_arg(args, name, default);
     let rounds = arg("--rounds", 3)?.max(1) as usize;
     let secs = arg("--secs", 4)?;
     let count = arg("--count", 10)?.max(1) as usize;

@@ -81,6 +81,15 @@ fn stop_and_wait(cl: &CsvCluster, names: &[&str]) {
 }
 
 /// What the test guest left on the VHD at `path`, read with our reader.
+/// The host's view of VM `name` where it runs (Null while it does not).
+fn running(cl: &CsvCluster, name: &str) -> Value {
+    let s = csvctl_json(cl, &["vm", "status", name, "--json"]);
+    s["runtime"]
+        .as_array()
+        .and_then(|r| r.iter().find(|x| x["state"] == "running").cloned())
+        .unwrap_or(Value::Null)
+}
+
 /// `csvctl volume leases` of a file, which must find a single writer at
 /// all times (it exits 1 otherwise).
 fn lease_history(cl: &CsvCluster, v: u64, file: &str) -> Value {
@@ -328,13 +337,7 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
         ],
     );
     csvctl_ok(&cl, &["vm", "start", "mig", "--on", "1"]);
-    let runtime = |cl: &CsvCluster| -> Value {
-        let s = csvctl_json(cl, &["vm", "status", "mig", "--json"]);
-        s["runtime"]
-            .as_array()
-            .and_then(|r| r.iter().find(|x| x["state"] == "running").cloned())
-            .unwrap_or(Value::Null)
-    };
+    let runtime = |cl: &CsvCluster| running(cl, "mig");
     csv_test_support::wait_until(Duration::from_secs(30), || {
         runtime(&cl)["heartbeats"].as_u64().unwrap_or(0) >= 300
     })
@@ -500,13 +503,7 @@ fn a_running_vms_disk_is_backed_up_through_a_snapshot() {
         ],
     );
     csvctl_ok(&cl, &["vm", "start", "bk", "--on", "2"]);
-    let runtime = |cl: &CsvCluster| -> Value {
-        let s = csvctl_json(cl, &["vm", "status", "bk", "--json"]);
-        s["runtime"]
-            .as_array()
-            .and_then(|r| r.iter().find(|x| x["state"] == "running").cloned())
-            .unwrap_or(Value::Null)
-    };
+    let runtime = |cl: &CsvCluster| running(cl, "bk");
     csv_test_support::wait_until(Duration::from_secs(30), || {
         let r = runtime(&cl);
         r["heartbeats"].as_u64().unwrap_or(0) >= 300 && r["disk_writes"].as_u64().unwrap_or(0) > 5
