@@ -331,6 +331,28 @@ fn snapshot_diff_lists_the_ranges_written_between_two_snapshots() {
     ))
     .unwrap();
     assert_eq!(d["changed_bytes"], 0, "{d}");
+    // `.snapshots` lists them, and each lists the volume as it was.
+    let names = |p: std::path::PathBuf| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(cl.mountpoint(2, v).join(".snapshots")), ["a", "b"]);
+    assert_eq!(
+        names(cl.mountpoint(2, v).join(".snapshots/a")),
+        ["disk.img"]
+    );
+    let md = std::fs::metadata(cl.mountpoint(2, v).join(".snapshots/a/disk.img")).unwrap();
+    assert_eq!(md.len(), 4 << 20);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        md.permissions().mode() & 0o222,
+        0,
+        "snapshot files are read-only"
+    );
     // And the snapshots read back what the file held then.
     let a = std::fs::read(cl.mountpoint(3, v).join(".snapshots/a/disk.img")).unwrap();
     assert!(a.iter().all(|&x| x == 7));
