@@ -166,9 +166,14 @@ impl CsvCluster {
         }
         let bin = workspace_bin("csvd");
         let mut cmd = match &h.netns {
+            // Only the network namespace: `ip netns exec` would also give
+            // csvd a mount namespace of its own, hiding its FUSE mounts
+            // from the test.
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&bin);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(&bin);
                 c
             }
             None => Command::new(&bin),

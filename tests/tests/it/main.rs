@@ -8,6 +8,7 @@ mod coordinator;
 mod fixtures;
 mod fs;
 mod iscsi;
+mod netfail;
 mod posix;
 mod snapshots;
 mod vhd_interop;
