@@ -152,10 +152,13 @@ pub fn open(url: &str, who: &SanIdentity, vol: u64) -> Result<IscsiPath, String>
         .block_on(async {
             // A short recovery window: when the path stays down for half
             // a second, I/O fails and the filesystem redirects it through
-            // a peer instead of waiting for the SAN.
+            // a peer instead of waiting for the SAN. A silent link (nothing
+            // reset) shows as a connection quiet for 2 s while commands
+            // are out; a quarter-second of quiet sends a NOP-Out, which a
+            // live target answers at once, however slow its disk.
             let t = Timeouts {
-                command: Duration::from_secs(5),
-                keepalive: Duration::from_secs(2),
+                command: Duration::from_secs(2),
+                keepalive: Duration::from_millis(250),
                 recovery: Duration::from_millis(500),
                 login: Duration::from_millis(300),
             };

@@ -731,6 +731,7 @@ async fn reader(rd: tokio::net::tcp::OwnedReadHalf, inner: std::sync::Weak<Inner
 /// a task waits too long.
 async fn watchdog(inner: std::sync::Weak<Inner>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last_ping = Instant::now();
     loop {
         tick.tick().await;
         let Some(i) = inner.upgrade() else { return };
@@ -745,19 +746,26 @@ async fn watchdog(inner: std::sync::Weak<Inner>) {
                 continue;
             }
             let now = Instant::now();
+            let quiet = now.duration_since(st.last_rx);
             if let Some(old) = st.tasks.values().filter_map(|t| t.sent).min() {
-                if now.duration_since(old) > i.timeouts.command
-                    && now.duration_since(st.last_rx) > i.timeouts.command
-                {
+                if now.duration_since(old) > i.timeouts.command && quiet > i.timeouts.command {
                     lost = Some((
                         st.generation,
                         format!(
-                            "no answer from the target in {} s",
-                            i.timeouts.command.as_secs()
+                            "no answer from the target in {:.1} s",
+                            i.timeouts.command.as_secs_f64()
                         ),
                     ));
+                } else if quiet > i.timeouts.keepalive
+                    && now.duration_since(last_ping) > i.timeouts.keepalive
+                {
+                    // Commands are out but the connection is quiet: a
+                    // target that is alive answers a NOP-Out at once even
+                    // while a slow command runs, so only a dead connection
+                    // stays quiet for the command timeout.
+                    ping = true;
                 }
-            } else if now.duration_since(st.last_rx) > i.timeouts.keepalive {
+            } else if quiet > i.timeouts.keepalive {
                 ping = true;
             }
         }
@@ -766,6 +774,7 @@ async fn watchdog(inner: std::sync::Weak<Inner>) {
         } else if ping {
             // Fire and forget: the answer (or its absence, which the check
             // above notices) is what matters.
+            last_ping = Instant::now();
             let _ = submit(&i, Kind::Nop, 0, [0; 16], Data::None, 0);
         }
     }
