@@ -315,56 +315,43 @@ fn acceptor(l: TcpListener, me: Identity, tx: Sender<Event>, block: BlockSlot) {
     }
 }
 
-/// Answers block I/O and redirect requests here, off the Raft thread.
+/// Answers block I/O, redirect and snapshot-phase requests here, off the
+/// Raft thread.
 fn serve_local(block: &BlockSlot, r: &Request) -> Option<Response> {
+    // The filesystem layer's server, or the error for a host without one.
+    let server = |none: &str| -> Result<Arc<dyn BlockServer>, proto::Error> {
+        block
+            .read()
+            .ok()
+            .and_then(|b| b.clone())
+            .ok_or_else(|| codec::error(ErrorCode::NoGroup, none))
+    };
+    let invalid = |e: String| codec::error(ErrorCode::Invalid, e);
     let result = match &r.body {
-        Some(request::Body::Block(op)) => {
-            let server = block.read().ok().and_then(|b| b.clone());
-            Some(match server {
-                None => Err(codec::error(
-                    ErrorCode::NoGroup,
-                    "this host serves no volume",
-                )),
-                Some(s) => match s.block(op) {
-                    Ok(data) if op.kind == 0 => Ok(proto::reply::Value::Data(proto::BlockData {
-                        crc: crc32fast::hash(&data),
-                        data,
-                    })),
-                    Ok(_) => Ok(proto::reply::Value::Done(proto::Empty {})),
-                    Err(e) => Err(codec::error(ErrorCode::Unavailable, e)),
-                },
-            })
-        }
+        Some(request::Body::Block(op)) => Some(server("this host serves no volume").and_then(
+            |s| match s.block(op) {
+                Ok(data) if op.kind == 0 => Ok(proto::reply::Value::Data(proto::BlockData {
+                    crc: crc32fast::hash(&data),
+                    data,
+                })),
+                Ok(_) => Ok(proto::reply::Value::Done(proto::Empty {})),
+                Err(e) => Err(codec::error(ErrorCode::Unavailable, e)),
+            },
+        )),
         Some(request::Body::Admin(proto::Admin {
             action: Some(admin::Action::Redirect(q)),
-        })) => {
-            let server = block.read().ok().and_then(|b| b.clone());
-            Some(match server {
-                None => Err(codec::error(
-                    ErrorCode::NoGroup,
-                    "this host mounts no volume",
-                )),
-                Some(s) => s
-                    .redirect(q.volume, q.on)
-                    .map(|()| proto::reply::Value::Done(proto::Empty {}))
-                    .map_err(|e| codec::error(ErrorCode::Invalid, e)),
-            })
-        }
+        })) => Some(server("this host mounts no volume").and_then(|s| {
+            s.redirect(q.volume, q.on)
+                .map(|()| proto::reply::Value::Done(proto::Empty {}))
+                .map_err(invalid)
+        })),
         Some(request::Body::Admin(proto::Admin {
             action: Some(admin::Action::SnapshotPhase(q)),
-        })) => {
-            let server = block.read().ok().and_then(|b| b.clone());
-            Some(match server {
-                None => Err(codec::error(
-                    ErrorCode::NoGroup,
-                    "this host mounts no volume",
-                )),
-                Some(s) => s
-                    .snapshot_phase(q)
-                    .map(proto::reply::Value::Phase)
-                    .map_err(|e| codec::error(ErrorCode::Invalid, e)),
-            })
-        }
+        })) => Some(server("this host mounts no volume").and_then(|s| {
+            s.snapshot_phase(q)
+                .map(proto::reply::Value::Phase)
+                .map_err(invalid)
+        })),
         _ => None,
     }?;
     Some(Response {

@@ -136,22 +136,7 @@ impl ExtentMap {
 
     /// Splits the extent straddling `cut` there.
     fn split(&mut self, cut: u64) {
-        let hit = self.map.range(..cut).next_back().map(|(&k, &e)| (k, e));
-        if let Some((k, e)) = hit {
-            if e.file_off < cut && cut < e.file_off + e.len {
-                let head = cut - e.file_off;
-                self.map.insert(k, Extent { len: head, ..e });
-                self.map.insert(
-                    cut,
-                    Extent {
-                        file_off: cut,
-                        lun_off: e.lun_off + head,
-                        len: e.len - head,
-                        unwritten: e.unwritten,
-                    },
-                );
-            }
-        }
+        coordinator::meta::split_extents(&mut self.map, cut);
     }
 
     /// Adds extents the coordinator just allocated.

@@ -433,8 +433,9 @@ fn check_name(name: &str) -> Result<(), MetaError> {
     Ok(())
 }
 
-/// Splits the extent that straddles file offset `cut` in two there.
-fn split_extents(ext: &mut BTreeMap<u64, Extent>, cut: u64) {
+/// Splits the extent that straddles file offset `cut` in two there (the
+/// coordinator's maps and the hosts' copies alike).
+pub fn split_extents(ext: &mut BTreeMap<u64, Extent>, cut: u64) {
     let hit = ext.range(..cut).next_back().map(|(&k, &e)| (k, e));
     if let Some((k, e)) = hit {
         if e.file_off < cut && cut < e.file_off + e.len {

@@ -123,21 +123,24 @@ impl RangeCount {
         }
     }
 
+    /// The counted ranges inside `[start, end)`, cut at its edges.
+    fn carve(&mut self, start: u64, end: u64) -> Vec<(u64, u64, u32)> {
+        self.split_at(start);
+        self.split_at(end);
+        self.map
+            .range(start..end)
+            .map(|(&s, &(e, c))| (s, e, c))
+            .collect()
+    }
+
     /// One more reference to every byte of `[start, start + len)`.
     pub fn add(&mut self, start: u64, len: u64) {
         let end = start.saturating_add(len);
         if len == 0 {
             return;
         }
-        self.split_at(start);
-        self.split_at(end);
         let mut at = start;
-        let inside: Vec<(u64, u64, u32)> = self
-            .map
-            .range(start..end)
-            .map(|(&s, &(e, c))| (s, e, c))
-            .collect();
-        for (s, e, c) in inside {
+        for (s, e, c) in self.carve(start, end) {
             if s > at {
                 self.map.insert(at, (s, 1));
             }
@@ -202,15 +205,8 @@ impl RangeCount {
         if len == 0 {
             return gone;
         }
-        self.split_at(start);
-        self.split_at(end);
         let mut at = start;
-        let inside: Vec<(u64, u64, u32)> = self
-            .map
-            .range(start..end)
-            .map(|(&s, &(e, c))| (s, e, c))
-            .collect();
-        for (s, e, c) in inside {
+        for (s, e, c) in self.carve(start, end) {
             if s > at {
                 gone.push((at, s - at));
             }

@@ -81,6 +81,24 @@ fn stop_and_wait(cl: &CsvCluster, names: &[&str]) {
 }
 
 /// What the test guest left on the VHD at `path`, read with our reader.
+/// VM role tests need root, FUSE and KVM.
+macro_rules! skip_without_kvm_and_fuse {
+    () => {
+        csv_test_support::skip_unless!(
+            csv_test_support::Need::Root,
+            csv_test_support::Need::Device("/dev/fuse"),
+            csv_test_support::Need::Device("/dev/kvm")
+        );
+    };
+}
+
+/// `csvctl vm add NAME --memory MEMORY --disk DISK EXTRA...`.
+fn add_vm(cl: &CsvCluster, name: &str, memory: &str, disk: &str, extra: &[&str]) {
+    let mut args = vec!["vm", "add", name, "--memory", memory, "--disk", disk];
+    args.extend_from_slice(extra);
+    csvctl_ok(cl, &args);
+}
+
 /// The host's view of VM `name` where it runs (Null while it does not).
 fn running(cl: &CsvCluster, name: &str) -> Value {
     let s = csvctl_json(cl, &["vm", "status", name, "--json"]);
@@ -232,27 +250,10 @@ fn vm_roles_are_added_rated_and_removed() {
 /// on Volume1, stops, and its disk reads back whole on another host.
 #[test]
 fn a_vm_role_runs_on_its_host_and_its_disk_is_whole_elsewhere() {
-    csv_test_support::skip_unless!(
-        csv_test_support::Need::Root,
-        csv_test_support::Need::Device("/dev/fuse"),
-        csv_test_support::Need::Device("/dev/kvm")
-    );
+    skip_without_kvm_and_fuse!();
     let (cl, v) = mounted_cluster();
     let disk = new_vhd(&cl, v, "vm1.vhd");
-    csvctl_ok(
-        &cl,
-        &[
-            "vm",
-            "add",
-            "vm1",
-            "--memory",
-            "64M",
-            "--disk",
-            &disk,
-            "--dirty-rate",
-            "10",
-        ],
-    );
+    add_vm(&cl, "vm1", "64M", &disk, &["--dirty-rate", "10"]);
     let out = csvctl_ok(&cl, &["vm", "start", "vm1"]);
     eprintln!("{out}");
     let err = csvctl_err(&cl, &["vm", "start", "vm1"]);
@@ -315,27 +316,10 @@ fn a_vm_role_runs_on_its_host_and_its_disk_is_whole_elsewhere() {
 /// no damage, and the disk reads back whole.
 #[test]
 fn a_vm_role_live_migrates_between_hosts_ten_times() {
-    csv_test_support::skip_unless!(
-        csv_test_support::Need::Root,
-        csv_test_support::Need::Device("/dev/fuse"),
-        csv_test_support::Need::Device("/dev/kvm")
-    );
+    skip_without_kvm_and_fuse!();
     let (cl, v) = mounted_cluster();
     let disk = new_vhd(&cl, v, "mig.vhd");
-    csvctl_ok(
-        &cl,
-        &[
-            "vm",
-            "add",
-            "mig",
-            "--memory",
-            "128M",
-            "--disk",
-            &disk,
-            "--dirty-rate",
-            "50",
-        ],
-    );
+    add_vm(&cl, "mig", "128M", &disk, &["--dirty-rate", "50"]);
     csvctl_ok(&cl, &["vm", "start", "mig", "--on", "1"]);
     let runtime = |cl: &CsvCluster| running(cl, "mig");
     csv_test_support::wait_until(Duration::from_secs(30), || {
@@ -405,20 +389,7 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
     // Drain the host it is on, with a second VM there: both leave, the
     // host rates 0 ("draining") until it resumes.
     let second = new_vhd(&cl, v, "second.vhd");
-    csvctl_ok(
-        &cl,
-        &[
-            "vm",
-            "add",
-            "second",
-            "--memory",
-            "64M",
-            "--disk",
-            &second,
-            "--priority",
-            "high",
-        ],
-    );
+    add_vm(&cl, "second", "64M", &second, &["--priority", "high"]);
     csvctl_ok(&cl, &["vm", "start", "second", "--on", &host.to_string()]);
     csv_test_support::wait_until(Duration::from_secs(30), || {
         let s = csvctl_json(&cl, &["vm", "status", "second", "--json"]);
@@ -481,27 +452,10 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
 /// self-checking disk blocks whole; the snapshot is gone afterwards.
 #[test]
 fn a_running_vms_disk_is_backed_up_through_a_snapshot() {
-    csv_test_support::skip_unless!(
-        csv_test_support::Need::Root,
-        csv_test_support::Need::Device("/dev/fuse"),
-        csv_test_support::Need::Device("/dev/kvm")
-    );
+    skip_without_kvm_and_fuse!();
     let (cl, v) = mounted_cluster();
     let disk = new_vhd(&cl, v, "bk.vhd");
-    csvctl_ok(
-        &cl,
-        &[
-            "vm",
-            "add",
-            "bk",
-            "--memory",
-            "64M",
-            "--disk",
-            &disk,
-            "--dirty-rate",
-            "10",
-        ],
-    );
+    add_vm(&cl, "bk", "64M", &disk, &["--dirty-rate", "10"]);
     csvctl_ok(&cl, &["vm", "start", "bk", "--on", "2"]);
     let runtime = |cl: &CsvCluster| running(cl, "bk");
     csv_test_support::wait_until(Duration::from_secs(30), || {
@@ -592,11 +546,7 @@ fn a_running_vms_disk_is_backed_up_through_a_snapshot() {
 /// anyone else wrote.
 #[test]
 fn vm_roles_restart_elsewhere_when_their_host_dies() {
-    csv_test_support::skip_unless!(
-        csv_test_support::Need::Root,
-        csv_test_support::Need::Device("/dev/fuse"),
-        csv_test_support::Need::Device("/dev/kvm")
-    );
+    skip_without_kvm_and_fuse!();
     let mut cl = CsvCluster::loopback(3).unwrap();
     cl.mounts = true;
     // Memory offered to VMs: host 1 fits one 600 MiB VM (with the 512 MiB
@@ -611,20 +561,7 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
     wait_registered(&cl);
     for (name, prio) in [("fa", "low"), ("fb", "high")] {
         let disk = new_vhd(&cl, v, &format!("{name}.vhd"));
-        csvctl_ok(
-            &cl,
-            &[
-                "vm",
-                "add",
-                name,
-                "--memory",
-                "600M",
-                "--disk",
-                &disk,
-                "--priority",
-                prio,
-            ],
-        );
+        add_vm(&cl, name, "600M", &disk, &["--priority", prio]);
         csvctl_ok(&cl, &["vm", "start", name, "--on", "3"]);
     }
     let running_on = |cl: &CsvCluster, name: &str| -> Option<u64> {
