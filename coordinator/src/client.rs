@@ -452,6 +452,17 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Evicts host `id`: it leaves every group; its id is never reused.
+    pub fn remove_node(&mut self, id: u64) -> Result<()> {
+        self.call(
+            crate::group::CLUSTER,
+            request::Body::Cluster(proto::ClusterOp {
+                op: Some(proto::cluster_op::Op::RemoveNode(id)),
+            }),
+        )
+        .map(|_| ())
+    }
+
     /// Moves the leadership of `group` to host `to`; returns once it moved.
     pub fn transfer_leader(&mut self, group: u64, to: u64) -> Result<()> {
         self.call(
@@ -564,6 +575,100 @@ pub fn snapshot_phase(
         Some(Value::Phase(p)) => Ok(p),
         v => Err(ClientError::BadReply(format!("{v:?}"))),
     }
+}
+
+/// What the host at `addr` finds about itself and its paths.
+pub fn probe(me: &Identity, addr: SocketAddr, timeout: Duration) -> Result<proto::HostFacts> {
+    match ask_host(me, addr, admin::Action::Probe(proto::Empty {}), timeout)?.value {
+        Some(Value::Facts(f)) => Ok(f),
+        v => Err(ClientError::BadReply(format!("{v:?}"))),
+    }
+}
+
+/// What a join gave: the new host's id, the cluster key, the hosts.
+#[derive(Debug)]
+pub struct Joined {
+    /// The id the cluster gave this host.
+    pub id: u64,
+    /// The cluster key.
+    pub key: wire::Key,
+    /// The cluster's hosts (this one included).
+    pub nodes: Vec<proto::NodeInfo>,
+}
+
+/// Asks the token's hosts, in turn, to admit a host with `addrs`.
+pub fn join(
+    ticket: &wire::JoinTicket,
+    addrs: Vec<String>,
+    hostname: &str,
+    timeout: Duration,
+) -> Result<Joined> {
+    let mut last = String::from("the token names no host");
+    for a in &ticket.addrs {
+        for sa in crate::node::resolve(std::slice::from_ref(a)) {
+            let mut c = match wire::connect_join(sa, ticket, timeout) {
+                Ok(c) => c,
+                Err(wire::WireError::Auth(e)) => {
+                    return Err(ClientError::Refused(crate::codec::error(
+                        ErrorCode::Invalid,
+                        format!("{sa} refused the token: {e}"),
+                    )))
+                }
+                Err(e) => {
+                    last = format!("{sa}: {e}");
+                    continue;
+                }
+            };
+            let _ = c.set_read_timeout(Some(timeout + Duration::from_secs(10)));
+            let f = Frame {
+                body: Some(proto::frame::Body::Request(Request {
+                    client: 0,
+                    seq: 1,
+                    group: 0,
+                    body: Some(request::Body::Admin(proto::Admin {
+                        action: Some(admin::Action::Join(proto::JoinReq {
+                            addrs: addrs.clone(),
+                            hostname: hostname.to_string(),
+                        })),
+                    })),
+                })),
+            };
+            if let Err(e) = c.send(&f) {
+                last = format!("{sa}: {e}");
+                continue;
+            }
+            match c.recv().map(|f| f.body) {
+                Ok(Some(proto::frame::Body::Response(proto::Response {
+                    result:
+                        Some(response::Result::Reply(proto::Reply {
+                            value: Some(Value::Joined(j)),
+                        })),
+                    ..
+                }))) => {
+                    let wrapped: [u8; 32] = j.wrapped_key.as_slice().try_into().map_err(|_| {
+                        ClientError::BadReply("the wrapped cluster key is not 32 bytes".into())
+                    })?;
+                    return Ok(Joined {
+                        id: j.id,
+                        key: wire::Key::from_bytes(
+                            wire::Key::from_bytes(wrapped).xor(&c.key_pad()),
+                        ),
+                        nodes: j.nodes,
+                    });
+                }
+                Ok(Some(proto::frame::Body::Response(proto::Response {
+                    result: Some(response::Result::Error(e)),
+                    ..
+                }))) => return Err(ClientError::Refused(e)),
+                Ok(other) => return Err(ClientError::BadReply(format!("{other:?}"))),
+                Err(e) => last = format!("{sa}: {e}"),
+            }
+        }
+    }
+    Err(ClientError::Unavailable {
+        secs: timeout.as_secs_f64(),
+        last,
+    })
 }
 
 /// A readable error for a failed metadata call.

@@ -18,6 +18,8 @@ pub enum Effect {
     Node(NodeInfo),
     /// A volume was removed: stop serving and hosting it.
     RemoveVolume(u64),
+    /// A host was evicted: take it out of every group.
+    RemoveNode(u64),
 }
 
 /// The registry.
@@ -29,6 +31,7 @@ pub struct ClusterState {
     health: BTreeMap<u64, NodeHealth>,
     snapshots: BTreeMap<String, SnapshotRecord>,
     draining: std::collections::BTreeSet<u64>,
+    removed: std::collections::BTreeSet<u64>,
 }
 
 /// Highest volume number (the group id space above it is free).
@@ -61,8 +64,69 @@ impl ClusterState {
                         vec![],
                     );
                 }
+                if self.removed.contains(&n.id) {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::Invalid,
+                            format!(
+                                "host {} was removed from the cluster; a host joins again under a new id",
+                                n.id
+                            ),
+                        )),
+                        vec![],
+                    );
+                }
                 self.nodes.insert(n.id, n.clone());
                 (done, vec![Effect::Node(n.clone())])
+            }
+            Some(cluster_op::Op::JoinNode(n)) => {
+                if n.addrs.is_empty() {
+                    return (
+                        Err(codec::error(
+                            ErrorCode::Invalid,
+                            "a joining host needs at least one address",
+                        )),
+                        vec![],
+                    );
+                }
+                // Ids are never reused: above every registered, removed or
+                // (as the proposer saw them) voting host.
+                let id = self
+                    .nodes
+                    .keys()
+                    .chain(self.removed.iter())
+                    .copied()
+                    .max()
+                    .unwrap_or(0)
+                    .max(n.id.saturating_sub(1))
+                    + 1;
+                let info = NodeInfo {
+                    id,
+                    addrs: n.addrs.clone(),
+                };
+                self.nodes.insert(id, info.clone());
+                (
+                    Ok(proto::Reply {
+                        value: Some(proto::reply::Value::Joined(proto::JoinReply {
+                            id,
+                            wrapped_key: vec![],
+                            nodes: self.nodes.values().cloned().collect(),
+                        })),
+                    }),
+                    vec![Effect::Node(info)],
+                )
+            }
+            Some(cluster_op::Op::RemoveNode(id)) => {
+                if self.nodes.remove(id).is_none() {
+                    return (
+                        Err(codec::error(ErrorCode::NotFound, format!("no host {id}"))),
+                        vec![],
+                    );
+                }
+                self.removed.insert(*id);
+                self.draining.remove(id);
+                self.health.remove(id);
+                (done, vec![Effect::RemoveNode(*id)])
             }
             Some(cluster_op::Op::AddVolume(v)) => {
                 if v.number == 0 || v.number > MAX_VOLUME {
@@ -184,6 +248,11 @@ impl ClusterState {
         self.nodes.contains_key(&id)
     }
 
+    /// Whether `id` was evicted.
+    pub fn was_removed(&self, id: u64) -> bool {
+        self.removed.contains(&id)
+    }
+
     /// The registry as a message.
     pub fn info(&self) -> ClusterInfo {
         ClusterInfo {
@@ -193,6 +262,7 @@ impl ClusterState {
             health: self.health.values().cloned().collect(),
             snapshots: self.snapshots.values().cloned().collect(),
             draining: self.draining.iter().copied().collect(),
+            removed: self.removed.iter().copied().collect(),
         }
     }
 
@@ -218,6 +288,10 @@ impl ClusterState {
             s.vms.insert(r.name.clone(), r);
         }
         s.draining = info.draining.into_iter().collect();
+        for id in info.removed {
+            fx.push(Effect::RemoveNode(id));
+            s.removed.insert(id);
+        }
         for h in info.health {
             s.health.insert(h.node, h);
         }

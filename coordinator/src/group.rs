@@ -332,7 +332,7 @@ impl Group {
     /// One tick of the Raft clock, plus the leader's housekeeping:
     /// expiring leases, adding registered hosts as learners, promoting
     /// learners that caught up.
-    pub fn tick(&mut self, members: &[u64]) {
+    pub fn tick(&mut self, members: &[u64], removed: &[u64]) {
         self.raw.tick();
         let now = Instant::now();
         if let Some((to, deadline, seq, w)) = self.transfer.take() {
@@ -406,10 +406,10 @@ impl Group {
                 Machine::Cluster(_) => {}
             }
         }
-        self.membership(members);
+        self.membership(members, removed);
     }
 
-    fn membership(&mut self, members: &[u64]) {
+    fn membership(&mut self, members: &[u64], removed: &[u64]) {
         let r = &self.raw.raft;
         if r.pending_conf_index > r.raft_log.applied {
             return;
@@ -418,7 +418,16 @@ impl Group {
         let learners = self.conf.get_learners();
         let commit = r.raft_log.committed;
         let mut change = None;
-        for &l in learners {
+        // An evicted host leaves first (never the leader itself: `csvctl
+        // node remove` moves leadership away before it evicts a host).
+        if let Some(&n) = voters
+            .iter()
+            .chain(learners.iter())
+            .find(|n| removed.contains(n) && **n != r.id)
+        {
+            change = Some((ConfChangeType::RemoveNode, n));
+        }
+        for &l in learners.iter().filter(|_| change.is_none()) {
             if let Some(pr) = r.prs().get(l) {
                 if pr.matched >= commit {
                     change = Some((ConfChangeType::AddNode, l));
@@ -429,7 +438,7 @@ impl Group {
         if change.is_none() {
             if let Some(&n) = members
                 .iter()
-                .find(|n| !voters.contains(n) && !learners.contains(n))
+                .find(|n| !voters.contains(n) && !learners.contains(n) && !removed.contains(n))
             {
                 change = Some((ConfChangeType::AddLearnerNode, n));
             }

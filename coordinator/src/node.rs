@@ -194,6 +194,11 @@ pub trait BlockServer: Send + Sync {
     /// Sends this host's I/O to `volume` through a peer (on) or over its
     /// own path (off).
     fn redirect(&self, volume: u64, on: bool) -> Result<(), String>;
+    /// This host's paths to its volumes and its running VMs' memory, for
+    /// `csvctl validate` and `csvctl inventory` (probes the LUNs).
+    fn facts(&self) -> (Vec<proto::PathFacts>, Vec<proto::VmFacts>) {
+        (vec![], vec![])
+    }
     /// Carries out one phase of a volume snapshot on this host.
     fn snapshot_phase(
         &self,
@@ -239,6 +244,7 @@ impl Node {
                 "at least one listen address is needed".into(),
             ));
         }
+        check_state_format(&cfg.data_dir).map_err(NodeError::Config)?;
         let (tx, rx) = mpsc::channel::<Event>();
         let mut listeners = Vec::new();
         let mut bound = Vec::new();
@@ -346,6 +352,17 @@ fn serve_local(block: &BlockSlot, r: &Request) -> Option<Response> {
                 .map_err(invalid)
         })),
         Some(request::Body::Admin(proto::Admin {
+            action: Some(admin::Action::Probe(_)),
+        })) => {
+            let (paths, vms) = block
+                .read()
+                .ok()
+                .and_then(|b| b.clone())
+                .map(|s| s.facts())
+                .unwrap_or_default();
+            Some(Ok(proto::reply::Value::Facts(host_facts(paths, vms))))
+        }
+        Some(request::Body::Admin(proto::Admin {
             action: Some(admin::Action::SnapshotPhase(q)),
         })) => Some(server("this host mounts no volume").and_then(|s| {
             s.snapshot_phase(q)
@@ -363,8 +380,139 @@ fn serve_local(block: &BlockSlot, r: &Request) -> Option<Response> {
     })
 }
 
+/// What this host knows of itself, for `csvctl validate`.
+fn host_facts(paths: Vec<proto::PathFacts>, vms: Vec<proto::VmFacts>) -> proto::HostFacts {
+    let opens = |p: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .is_ok()
+    };
+    let load = crate::placement::sample_load();
+    proto::HostFacts {
+        node: 0,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        now_ms: crate::group::now_ms(),
+        kvm: opens("/dev/kvm"),
+        fuse: opens("/dev/fuse"),
+        vm_memory: 0,
+        mem_available: load.mem_available,
+        listen: vec![],
+        paths,
+        vms,
+    }
+}
+
+/// Admits a host that came with a join token: the cluster gives it an id
+/// and registers its addresses; it gets the cluster key, wrapped.
+fn serve_join(mut c: wire::Conn, me: &Identity, local: SocketAddr, peer: Option<SocketAddr>) {
+    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+    let (seq, req) = match c.recv() {
+        Ok(Frame {
+            body:
+                Some(frame::Body::Request(Request {
+                    seq,
+                    body:
+                        Some(request::Body::Admin(proto::Admin {
+                            action: Some(admin::Action::Join(j)),
+                        })),
+                    ..
+                })),
+        }) => (seq, j),
+        other => {
+            tracing::warn!(
+                "a host with a join token from {peer:?} sent no join request: {other:?}"
+            );
+            return;
+        }
+    };
+    let result = join_cluster(me, local, &req).map(|mut j| {
+        j.wrapped_key = me.key.xor(&c.key_pad()).to_vec();
+        tracing::info!(
+            node = j.id,
+            hostname = req.hostname,
+            addrs = ?req.addrs,
+            "a host joined with a join token"
+        );
+        proto::reply::Value::Joined(j)
+    });
+    let resp = Response {
+        seq,
+        result: Some(match result {
+            Ok(v) => response::Result::Reply(proto::Reply { value: Some(v) }),
+            Err(e) => {
+                tracing::warn!("refused a join from {peer:?}: {}", e.message);
+                response::Result::Error(e)
+            }
+        }),
+    };
+    let _ = c.send(&Frame {
+        body: Some(frame::Body::Response(resp)),
+    });
+}
+
+fn join_cluster(
+    me: &Identity,
+    local: SocketAddr,
+    req: &proto::JoinReq,
+) -> Result<proto::JoinReply, proto::Error> {
+    if req.addrs.is_empty() || req.addrs.len() > 8 {
+        return Err(codec::error(
+            ErrorCode::Invalid,
+            "a joining host gives 1 to 8 cluster addresses",
+        ));
+    }
+    for a in &req.addrs {
+        if resolve(std::slice::from_ref(a)).is_empty() {
+            return Err(codec::error(
+                ErrorCode::Invalid,
+                format!("{a:?} is not a HOST:PORT address"),
+            ));
+        }
+    }
+    let client_id = Identity {
+        node: 0,
+        ..me.clone()
+    };
+    // Ids above every voter, even founders not registered yet.
+    let floor = crate::client::node_status(&client_id, local, Duration::from_secs(2))
+        .ok()
+        .and_then(|s| {
+            s.groups
+                .iter()
+                .find(|g| g.group == CLUSTER)
+                .and_then(|g| g.voters.iter().chain(&g.learners).max().copied())
+        })
+        .unwrap_or(0)
+        + 1;
+    let mut cl = crate::client::Client::new(client_id, vec![local]);
+    let r = cl
+        .call(
+            CLUSTER,
+            request::Body::Cluster(proto::ClusterOp {
+                op: Some(proto::cluster_op::Op::JoinNode(proto::NodeInfo {
+                    id: floor,
+                    addrs: req.addrs.clone(),
+                })),
+            }),
+        )
+        .map_err(|e| match e {
+            crate::client::ClientError::Refused(p) => p,
+            other => codec::error(ErrorCode::Unavailable, other.to_string()),
+        })?;
+    match r.value {
+        Some(proto::reply::Value::Joined(j)) => Ok(j),
+        v => Err(codec::error(
+            ErrorCode::Unavailable,
+            format!("unexpected answer to a join: {v:?}"),
+        )),
+    }
+}
+
 fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>, block: BlockSlot) {
     let peer = s.peer_addr().ok();
+    let local = s.local_addr().ok();
     let mut c = match wire::accept(s, &me, Duration::from_secs(5)) {
         Ok(c) => c,
         Err(e) => {
@@ -372,6 +520,12 @@ fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>, block: BlockSl
             return;
         }
     };
+    if c.joining {
+        if let Some(local) = local {
+            serve_join(c, &me, local, peer);
+        }
+        return;
+    }
     // Hosts talk all the time (heartbeats); a peer connection silent this
     // long is dead (its network failed) and only holds a thread.
     let idle = (c.peer != 0).then(|| Duration::from_secs(30));
@@ -445,6 +599,48 @@ fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>, block: BlockSl
     }
 }
 
+/// The file in the state directory that names its layout and version.
+pub const STATE_FORMAT_FILE: &str = "FORMAT";
+/// The layout this build writes: `csv-state MAJOR.MINOR`. A newer minor
+/// only adds files an older build ignores; a newer major is refused.
+pub const STATE_FORMAT: (u32, u32) = (1, 0);
+
+/// Checks (or, in a new or older directory, records) the state
+/// directory's format, so a downgrade cannot misread newer state.
+pub fn check_state_format(dir: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("state directory {}: {e}", dir.display()))?;
+    let f = dir.join(STATE_FORMAT_FILE);
+    let (major, minor) = STATE_FORMAT;
+    match std::fs::read_to_string(&f) {
+        Ok(text) => {
+            let v = text.trim().strip_prefix("csv-state ").and_then(|v| {
+                let (a, b) = v.split_once('.')?;
+                Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?))
+            });
+            match v {
+                Some((a, _)) if a == major => Ok(()),
+                Some((a, b)) if a > major => Err(format!(
+                    "{} holds state format {a}.{b}, newer than this csvd understands ({major}.{minor}): run the csvd that wrote it, or a newer one",
+                    dir.display()
+                )),
+                Some((a, b)) => Err(format!(
+                    "{} holds state format {a}.{b}, older than this csvd can read ({major}.{minor})",
+                    dir.display()
+                )),
+                None => Err(format!(
+                    "{} is not a csv state format file (expected `csv-state {major}.{minor}`)",
+                    f.display()
+                )),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            write_durably(&f, format!("csv-state {major}.{minor}\n").as_bytes())
+                .map_err(|e| format!("{}: {e}", f.display()))
+        }
+        Err(e) => Err(format!("{}: {e}", f.display())),
+    }
+}
+
 /// The file in a volume replica's directory that records the volume's
 /// parameters (the state before the group's first entry).
 const VOLUME_INFO: &str = "volume.info";
@@ -472,6 +668,8 @@ struct RaftLoop {
     /// Hosts registered in the cluster group (every one is a replica of
     /// every group).
     members: Vec<u64>,
+    /// Hosts evicted from the cluster: taken out of every group.
+    removed: Vec<u64>,
     last_register: Instant,
     volumes: VolumeStates,
     vms: VmStates,
@@ -493,6 +691,7 @@ impl RaftLoop {
             },
             book,
             members: Vec::new(),
+            removed: Vec::new(),
             last_register: Instant::now(),
             volumes: Arc::default(),
             vms: Arc::default(),
@@ -558,6 +757,16 @@ impl RaftLoop {
                     if !self.members.contains(&n.id) {
                         self.members.push(n.id);
                     }
+                }
+                Effect::RemoveNode(n) => {
+                    self.members.retain(|m| *m != n);
+                    if !self.removed.contains(&n) {
+                        self.removed.push(n);
+                    }
+                    if let Ok(mut b) = self.book.write() {
+                        b.remove(&n);
+                    }
+                    tracing::info!(node = n, "host removed from the cluster");
                 }
                 Effect::RemoveVolume(n) => {
                     if self.groups.remove(&n).is_some() {
@@ -635,7 +844,7 @@ impl RaftLoop {
                 }
                 let members = self.members.clone();
                 for g in self.groups.values_mut() {
-                    g.tick(&members);
+                    g.tick(&members, &self.removed);
                 }
                 self.register_founders();
             }
@@ -669,7 +878,10 @@ impl RaftLoop {
             return;
         };
         let voters = g.status().voters;
-        let missing: Vec<u64> = voters.into_iter().filter(|v| !c.has_node(*v)).collect();
+        let missing: Vec<u64> = voters
+            .into_iter()
+            .filter(|v| !c.has_node(*v) && !c.was_removed(*v))
+            .collect();
         for id in missing {
             let addrs = self.book.read().ok().and_then(|b| b.get(&id).cloned());
             if let Some(addrs) = addrs {
@@ -805,6 +1017,8 @@ impl RaftLoop {
                 }
                 Some(admin::Action::Status(_))
                 | Some(admin::Action::Redirect(_))
+                | Some(admin::Action::Join(_))
+                | Some(admin::Action::Probe(_))
                 | Some(admin::Action::SnapshotPhase(_))
                 | None => fail(
                     &w,
@@ -813,5 +1027,24 @@ impl RaftLoop {
                 ),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    #[test]
+    fn the_state_directory_records_its_format_and_refuses_a_newer_one() {
+        let d = tempfile::tempdir().unwrap();
+        super::check_state_format(d.path()).unwrap();
+        let f = d.path().join(super::STATE_FORMAT_FILE);
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "csv-state 1.0\n");
+        super::check_state_format(d.path()).unwrap();
+        std::fs::write(&f, "csv-state 1.7\n").unwrap();
+        super::check_state_format(d.path()).unwrap();
+        std::fs::write(&f, "csv-state 2.0\n").unwrap();
+        let e = super::check_state_format(d.path()).unwrap_err();
+        assert!(e.contains("newer"), "{e}");
+        std::fs::write(&f, "garbage").unwrap();
+        assert!(super::check_state_format(d.path()).is_err());
     }
 }

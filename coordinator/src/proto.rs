@@ -25,6 +25,14 @@ pub struct Hello {
     /// The cluster's name (a connection to another cluster is refused early).
     #[prost(string, tag = "4")]
     pub cluster: String,
+    /// A host joining with a join token: the token's nonce (empty on every
+    /// other connection). The connection is then keyed with the token's
+    /// secret instead of the cluster key, and serves one [`JoinReq`].
+    #[prost(bytes = "vec", tag = "5")]
+    pub join_nonce: Vec<u8>,
+    /// The join token's expiry (ms since the Unix epoch).
+    #[prost(uint64, tag = "6")]
+    pub join_expiry: u64,
 }
 
 /// Protocol version spoken by this build.
@@ -208,7 +216,7 @@ pub struct Reply {
     /// What came back.
     #[prost(
         oneof = "reply::Value",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
     )]
     pub value: Option<reply::Value>,
 }
@@ -260,7 +268,115 @@ pub mod reply {
         /// What a host did in a snapshot phase.
         #[prost(message, tag = "14")]
         Phase(super::SnapshotPhaseReply),
+        /// A host was admitted with a join token.
+        #[prost(message, tag = "15")]
+        Joined(super::JoinReply),
+        /// A host's facts, for `csvctl validate`.
+        #[prost(message, tag = "16")]
+        Facts(super::HostFacts),
     }
+}
+
+/// A new host asks to join (the one request of a join connection).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JoinReq {
+    /// Its cluster addresses (host:port), preferred network first.
+    #[prost(string, repeated, tag = "1")]
+    pub addrs: Vec<String>,
+    /// Its host name (for the log).
+    #[prost(string, tag = "2")]
+    pub hostname: String,
+}
+
+/// The answer to a [`JoinReq`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct JoinReply {
+    /// The node id the cluster gave the new host.
+    #[prost(uint64, tag = "1")]
+    pub id: u64,
+    /// The cluster key, XORed with a pad only the two ends of the join
+    /// connection can compute.
+    #[prost(bytes = "vec", tag = "2")]
+    pub wrapped_key: Vec<u8>,
+    /// The hosts of the cluster, the new one included.
+    #[prost(message, repeated, tag = "3")]
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// What one host finds about itself and its paths (`csvctl validate`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HostFacts {
+    /// Node id.
+    #[prost(uint64, tag = "1")]
+    pub node: u64,
+    /// csvd's version.
+    #[prost(string, tag = "2")]
+    pub version: String,
+    /// The host's clock (ms since the Unix epoch) when it answered.
+    #[prost(uint64, tag = "3")]
+    pub now_ms: u64,
+    /// `/dev/kvm` opens.
+    #[prost(bool, tag = "4")]
+    pub kvm: bool,
+    /// `/dev/fuse` opens.
+    #[prost(bool, tag = "5")]
+    pub fuse: bool,
+    /// Memory given to VM roles (bytes; 0: all it has).
+    #[prost(uint64, tag = "6")]
+    pub vm_memory: u64,
+    /// MemAvailable (bytes).
+    #[prost(uint64, tag = "7")]
+    pub mem_available: u64,
+    /// The addresses it serves on.
+    #[prost(string, repeated, tag = "8")]
+    pub listen: Vec<String>,
+    /// One entry per volume it mounts.
+    #[prost(message, repeated, tag = "9")]
+    pub paths: Vec<PathFacts>,
+    /// Its running VMs' observed memory.
+    #[prost(message, repeated, tag = "10")]
+    pub vms: Vec<VmFacts>,
+}
+
+/// A host's own path to one volume's LUN.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PathFacts {
+    /// N of VolumeN.
+    #[prost(uint64, tag = "1")]
+    pub volume: u64,
+    /// The LUN as the host reaches it (iscsi:// URL or path).
+    #[prost(string, tag = "2")]
+    pub lun: String,
+    /// Empty when the host read the LUN's first block itself; else why not.
+    #[prost(string, tag = "3")]
+    pub error: String,
+    /// How long that read took (microseconds).
+    #[prost(uint64, tag = "4")]
+    pub read_us: u64,
+    /// 1: the target answered PERSISTENT RESERVE IN; 0: it refused it
+    /// (see `pr_error`); 2: not an iSCSI LUN (fencing by lease only).
+    #[prost(uint32, tag = "5")]
+    pub pr: u32,
+    /// Why persistent reservations failed.
+    #[prost(string, tag = "6")]
+    pub pr_error: String,
+    /// The host's I/O mode for the volume (Direct, BlockRedirected...).
+    #[prost(string, tag = "7")]
+    pub mode: String,
+}
+
+/// A running VM's memory, as its host sees it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmFacts {
+    /// Role name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// Memory the role was given (bytes).
+    #[prost(uint64, tag = "2")]
+    pub memory: u64,
+    /// Peak resident memory of its VMM process (bytes).
+    #[prost(uint64, tag = "3")]
+    pub resident_peak: u64,
 }
 
 /// One change of a write lease.
@@ -889,7 +1005,7 @@ pub struct LookupQ {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ClusterOp {
     /// Which command.
-    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9")]
+    #[prost(oneof = "cluster_op::Op", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub op: Option<cluster_op::Op>,
 }
 
@@ -926,6 +1042,13 @@ pub mod cluster_op {
         /// Put a host in maintenance (no VM is placed there) or back.
         #[prost(message, tag = "9")]
         SetDraining(super::NodeDraining),
+        /// Evict a host: it leaves every group and its id is never reused.
+        #[prost(uint64, tag = "10")]
+        RemoveNode(u64),
+        /// Admit a host that came with a join token: the cluster picks its
+        /// id (above `id`, every registered and every removed one).
+        #[prost(message, tag = "11")]
+        JoinNode(super::NodeInfo),
     }
 }
 
@@ -1041,13 +1164,16 @@ pub struct ClusterInfo {
     /// Hosts in maintenance (drained: no VM is placed there).
     #[prost(uint64, repeated, tag = "6")]
     pub draining: Vec<u64>,
+    /// Hosts evicted from the cluster (their ids are never reused).
+    #[prost(uint64, repeated, tag = "7")]
+    pub removed: Vec<u64>,
 }
 
 /// An administrative action.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Admin {
     /// Which action.
-    #[prost(oneof = "admin::Action", tags = "1, 2, 3, 4, 5")]
+    #[prost(oneof = "admin::Action", tags = "1, 2, 3, 4, 5, 6, 7")]
     pub action: Option<admin::Action>,
 }
 
@@ -1074,6 +1200,12 @@ pub mod admin {
         /// host itself).
         #[prost(message, tag = "5")]
         SnapshotPhase(super::SnapshotPhaseReq),
+        /// A new host asks to join (only on a join-token connection).
+        #[prost(message, tag = "6")]
+        Join(super::JoinReq),
+        /// The host asked reports its facts (served by the host itself).
+        #[prost(message, tag = "7")]
+        Probe(super::Empty),
     }
 }
 

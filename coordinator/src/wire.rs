@@ -15,6 +15,14 @@
 //! and its bytes, so a frame cannot be forged, altered, replayed or
 //! reordered by someone on the network. (Frames are authenticated, not
 //! encrypted: metadata travels in clear on the cluster networks.)
+//!
+//! A host that is not yet a member joins with a join token
+//! ([`JoinTicket`]): its hello carries the token's nonce and expiry, and
+//! both sides key the handshake with the token's secret,
+//! `HMAC(cluster key, "csv-join-1" | cluster | nonce | expiry)`, which only
+//! the token's holder and the cluster's hosts can compute. Such a
+//! connection serves exactly one join request; the cluster key comes back
+//! XORed with a pad derived from that connection's keys.
 
 use crate::proto::{Frame, Hello, Proof, PROTOCOL};
 use hmac::{Mac, SimpleHmac};
@@ -101,6 +109,31 @@ impl Key {
         })
     }
 
+    /// The secret of the join token with this nonce and expiry.
+    pub fn join_secret(&self, cluster: &str, nonce: &[u8], expiry: u64) -> [u8; 32] {
+        let mut m = mac(&self.0);
+        m.update(b"csv-join-1");
+        m.update(&(cluster.len() as u64).to_be_bytes());
+        m.update(cluster.as_bytes());
+        m.update(nonce);
+        m.update(&expiry.to_be_bytes());
+        m.finalize().into_bytes().into()
+    }
+
+    /// The key XORed with `pad` (and back).
+    pub fn xor(&self, pad: &[u8; 32]) -> [u8; 32] {
+        let mut k = self.0;
+        for (a, b) in k.iter_mut().zip(pad) {
+            *a ^= b;
+        }
+        k
+    }
+
+    /// A key from its 32 bytes.
+    pub fn from_bytes(b: [u8; 32]) -> Key {
+        Key(b)
+    }
+
     fn derive(&self, label: &[u8], transcript: &[u8]) -> [u8; 32] {
         let mut m = mac(&self.0);
         m.update(label);
@@ -135,6 +168,133 @@ pub fn random_u64() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// A join token's contents: what a host that is not yet a member needs to
+/// reach the cluster and prove it was invited.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinTicket {
+    /// The cluster's name.
+    pub cluster: String,
+    /// Hosts to ask (host:port), any of which admits it.
+    pub addrs: Vec<String>,
+    /// 16 random bytes naming the token.
+    pub nonce: Vec<u8>,
+    /// Expiry, ms since the Unix epoch.
+    pub expiry: u64,
+    /// The token's secret (see the module's documentation).
+    pub secret: [u8; 32],
+}
+
+impl std::fmt::Debug for JoinTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinTicket")
+            .field("cluster", &self.cluster)
+            .field("addrs", &self.addrs)
+            .field("expiry", &self.expiry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A join token's text starts with this.
+pub const TOKEN_PREFIX: &str = "csvjoin1-";
+const MAX_TOKEN: usize = 4096;
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+impl JoinTicket {
+    /// A new token for `cluster`, valid until `expiry`.
+    pub fn issue(
+        key: &Key,
+        cluster: &str,
+        addrs: Vec<String>,
+        expiry: u64,
+    ) -> std::io::Result<JoinTicket> {
+        let mut nonce = vec![0u8; 16];
+        random(&mut nonce)?;
+        let secret = key.join_secret(cluster, &nonce, expiry);
+        Ok(JoinTicket {
+            cluster: cluster.to_string(),
+            addrs,
+            nonce,
+            expiry,
+            secret,
+        })
+    }
+
+    /// The token as text: `csvjoin1-` and hex of
+    /// `cluster NUL addr,addr NUL nonce expiry(8, BE) secret(32)`.
+    pub fn encode(&self) -> String {
+        let mut b = Vec::new();
+        b.extend_from_slice(self.cluster.as_bytes());
+        b.push(0);
+        b.extend_from_slice(self.addrs.join(",").as_bytes());
+        b.push(0);
+        b.extend_from_slice(&self.nonce);
+        b.extend_from_slice(&self.expiry.to_be_bytes());
+        b.extend_from_slice(&self.secret);
+        format!("{TOKEN_PREFIX}{}", hex(&b))
+    }
+
+    /// Reads a token's text; says what is wrong with a bad one.
+    pub fn decode(text: &str) -> Result<JoinTicket, String> {
+        let t = text.trim();
+        if t.len() > MAX_TOKEN {
+            return Err(format!("a join token is at most {MAX_TOKEN} characters"));
+        }
+        let body = t.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
+            format!("not a join token: it starts with {TOKEN_PREFIX:?} (`csvctl cluster token` prints one)")
+        })?;
+        let b = unhex(body).ok_or("the join token is damaged (not hex): copy it whole")?;
+        let bad =
+            || "the join token is damaged (too short or badly formed): copy it whole".to_string();
+        let z1 = b.iter().position(|&c| c == 0).ok_or_else(bad)?;
+        let rest = b.get(z1 + 1..).ok_or_else(bad)?;
+        let z2 = rest.iter().position(|&c| c == 0).ok_or_else(bad)?;
+        let tail = rest.get(z2 + 1..).ok_or_else(bad)?;
+        if tail.len() != 16 + 8 + 32 {
+            return Err(bad());
+        }
+        let cluster = String::from_utf8(b[..z1].to_vec()).map_err(|_| bad())?;
+        let addrs: Vec<String> = String::from_utf8(rest[..z2].to_vec())
+            .map_err(|_| bad())?
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        if cluster.is_empty() || addrs.is_empty() {
+            return Err(bad());
+        }
+        let mut e = [0u8; 8];
+        e.copy_from_slice(&tail[16..24]);
+        let mut secret = [0u8; 32];
+        secret.copy_from_slice(&tail[24..]);
+        Ok(JoinTicket {
+            cluster,
+            addrs,
+            nonce: tail[..16].to_vec(),
+            expiry: u64::from_be_bytes(e),
+            secret,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Who this side is.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -157,6 +317,11 @@ pub struct Conn {
     recv_ctr: u64,
     /// The peer's node id (0: a client).
     pub peer: u64,
+    /// The peer came with a join token (it may only ask to join).
+    pub joining: bool,
+    /// A pad only the two ends can compute (wraps the key sent to a
+    /// joining host).
+    pad: [u8; 32],
 }
 
 fn read_exact_or(r: &mut impl Read, buf: &mut [u8]) -> Result<(), WireError> {
@@ -195,6 +360,7 @@ fn handshake(
     stream: TcpStream,
     me: &Identity,
     initiator: bool,
+    join: Option<&JoinTicket>,
     timeout: Duration,
 ) -> Result<Conn, WireError> {
     stream.set_nodelay(true)?;
@@ -215,6 +381,8 @@ fn handshake(
         node: me.node,
         nonce,
         cluster: me.cluster.clone(),
+        join_nonce: join.map(|t| t.nonce.clone()).unwrap_or_default(),
+        join_expiry: join.map_or(0, |t| t.expiry),
     };
     send_plain(&mut writer, &hello)?;
     let theirs: Hello = recv_plain(&mut reader)?;
@@ -242,7 +410,29 @@ fn handshake(
     transcript.extend_from_slice(b"csv-wire-1");
     transcript.extend_from_slice(&ih.encode_to_vec());
     transcript.extend_from_slice(&ah.encode_to_vec());
-    let k = &me.key;
+    // A join connection is keyed with the token's secret: the joining side
+    // has it from the token, this cluster's hosts compute it.
+    let joining = !initiator && !theirs.join_nonce.is_empty();
+    let token_key;
+    let k = if let Some(t) = join {
+        token_key = Key(t.secret);
+        &token_key
+    } else if joining {
+        if theirs.join_nonce.len() != 16 {
+            return Err(WireError::Auth("bad join token nonce".into()));
+        }
+        if theirs.join_expiry <= now_ms() {
+            return Err(WireError::Auth(
+                "the join token has expired: ask for a new one (`csvctl cluster token`)".into(),
+            ));
+        }
+        token_key = Key(me
+            .key
+            .join_secret(&me.cluster, &theirs.join_nonce, theirs.join_expiry));
+        &token_key
+    } else {
+        &me.key
+    };
     let (my_proof, their_proof, send_key, recv_key) = if initiator {
         (
             k.derive(b"proof-i", &transcript),
@@ -266,11 +456,16 @@ fn handshake(
     )?;
     let proof: Proof = recv_plain(&mut reader)?;
     if !ct_eq(&proof.mac, &their_proof) {
-        return Err(WireError::Auth(
-            "peer does not hold this cluster's key".into(),
-        ));
+        return Err(WireError::Auth(if join.is_some() || joining {
+            "the join token is not this cluster's (or was altered)".into()
+        } else {
+            "peer does not hold this cluster's key".into()
+        }));
     }
+    let pad = k.derive(b"key-wrap", &transcript);
     Ok(Conn {
+        joining,
+        pad,
         reader,
         writer,
         send_key,
@@ -284,12 +479,27 @@ fn handshake(
 /// Connects to `addr` and authenticates.
 pub fn connect(addr: SocketAddr, me: &Identity, timeout: Duration) -> Result<Conn, WireError> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
-    handshake(stream, me, true, timeout)
+    handshake(stream, me, true, None, timeout)
+}
+
+/// Connects to `addr` as a host that holds a join token, not the key.
+pub fn connect_join(
+    addr: SocketAddr,
+    ticket: &JoinTicket,
+    timeout: Duration,
+) -> Result<Conn, WireError> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    let me = Identity {
+        node: 0,
+        cluster: ticket.cluster.clone(),
+        key: Key(ticket.secret),
+    };
+    handshake(stream, &me, true, Some(ticket), timeout)
 }
 
 /// Authenticates a connection a listener accepted.
 pub fn accept(stream: TcpStream, me: &Identity, timeout: Duration) -> Result<Conn, WireError> {
-    handshake(stream, me, false, timeout)
+    handshake(stream, me, false, None, timeout)
 }
 
 /// Equality that takes the same time wherever the first difference is.
@@ -363,6 +573,11 @@ impl Conn {
     /// Sets how long `send` may block.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.writer.set_write_timeout(t)
+    }
+
+    /// The pad that wraps the cluster key on a join connection.
+    pub fn key_pad(&self) -> [u8; 32] {
+        self.pad
     }
 
     /// Closes both directions.
@@ -447,6 +662,59 @@ mod tests {
         // Another key.
         assert!(open_frame(&[8u8; 32], 0, &f0[4..]).is_err());
         assert!(open_frame(&k, 0, &[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn a_join_token_admits_until_it_expires_and_only_to_its_cluster() {
+        let k = Key::generate().unwrap();
+        let later = now_ms() + 60_000;
+        let t = JoinTicket::issue(&k, "t", vec!["127.0.0.1:1".into()], later).unwrap();
+        assert_eq!(JoinTicket::decode(&t.encode()).unwrap(), t);
+        // The token's holder talks to a host, keyed by the token.
+        let join = |t: JoinTicket, host: Identity| {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let h = std::thread::spawn(move || {
+                let (s, _) = l.accept().unwrap();
+                accept(s, &host, Duration::from_secs(2))
+            });
+            let c = connect_join(addr, &t, Duration::from_secs(2));
+            (c, h.join().unwrap())
+        };
+        let (c, s) = join(t.clone(), ident(1, &k));
+        let (c, s) = (c.unwrap(), s.unwrap());
+        assert!(s.joining && !c.joining);
+        assert_eq!(Key(k.xor(&s.key_pad())).xor(&c.key_pad()), k.0);
+        // Expired, forged (secret changed), or another cluster's key.
+        let old = JoinTicket::issue(&k, "t", vec!["x:1".into()], now_ms() - 1).unwrap();
+        let (c, s) = join(old, ident(1, &k));
+        assert!(c.is_err() && format!("{:?}", s.unwrap_err()).contains("expired"));
+        let mut forged = t.clone();
+        forged.secret[0] ^= 1;
+        let (c, s) = join(forged, ident(1, &k));
+        assert!(c.is_err() && s.is_err());
+        let (c, s) = join(t.clone(), ident(1, &Key::generate().unwrap()));
+        assert!(c.is_err() && s.is_err());
+        let mut longer = t.clone();
+        longer.expiry += 1;
+        let (c, s) = join(longer, ident(1, &k));
+        assert!(c.is_err() && s.is_err(), "expiry is bound to the secret");
+        // Damaged text.
+        let text = t.encode();
+        assert!(JoinTicket::decode(&text[..text.len() - 2]).is_err());
+        assert!(JoinTicket::decode("csvjoin1-zz").is_err());
+        assert!(JoinTicket::decode("hello")
+            .unwrap_err()
+            .contains("not a join token"));
+        assert!(!format!("{t:?}").contains(&hex(&t.secret)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn join_token_text_never_panics(s in "csvjoin1-[0-9a-f]{0,300}", junk in ".{0,64}") {
+            let _ = JoinTicket::decode(&s);
+            let _ = JoinTicket::decode(&junk);
+        }
     }
 
     #[test]

@@ -49,6 +49,11 @@ impl Access {
         Ok(out)
     }
 
+    /// The endpoints as given.
+    pub(crate) fn endpoint_texts(&self) -> Vec<String> {
+        self.endpoints.clone()
+    }
+
     pub(crate) fn client(&self) -> Result<Client> {
         Ok(Client::new(self.identity()?, self.addrs()?))
     }
@@ -58,10 +63,33 @@ impl Access {
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Make a new cluster key (give the file to every host and operator).
+    ///
+    /// With --listen, this host founds the cluster: its csvd settings file
+    /// is written too (host 1), and a join token is printed for the others
+    /// (`csvctl node join TOKEN`).
     Init {
-        /// Where to write it (mode 0600; an existing file is kept).
+        /// Where to write the key (mode 0600; an existing file is kept).
         #[arg(long, default_value = "/etc/csv/cluster.key")]
         key_file: PathBuf,
+        /// The cluster's name (connections from another cluster are
+        /// refused; keep it short).
+        #[arg(long, default_value = "csv")]
+        name: String,
+        /// How long the printed join token admits hosts.
+        #[arg(long, default_value = "24h", value_parser = crate::size::parse_age)]
+        token_ttl: Duration,
+        #[command(flatten)]
+        host: Option<crate::setup_cmd::HostSettings>,
+    },
+    /// Print a join token: a further host redeems it with `csvctl node
+    /// join TOKEN` to get the cluster key and an id. Anyone holding it can
+    /// join a host until it expires: hand it over like a password.
+    Token {
+        #[command(flatten)]
+        access: Access,
+        /// How long it admits hosts.
+        #[arg(long, default_value = "24h", value_parser = crate::size::parse_age)]
+        ttl: Duration,
     },
     /// Show every host's Raft groups: role, term, leader, commit and
     /// applied index, and on leaders the lag of each follower.
@@ -186,22 +214,13 @@ pub enum VolumeCommand {
 /// Runs a `cluster` command.
 pub fn run_cluster(c: ClusterCommand) -> Result<ExitCode> {
     match c {
-        ClusterCommand::Init { key_file } => {
-            if key_file.exists() {
-                bail!(
-                    "{} exists; a cluster keeps its key (remove the file to make a new cluster)",
-                    key_file.display()
-                );
-            }
-            if let Some(dir) = key_file.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("create {}", dir.display()))?;
-            }
-            let key = Key::generate().context("read random bytes")?;
-            write_private(&key_file, &format!("{}\n", key.to_hex()))?;
-            println!("cluster key written to {}", key_file.display());
-            Ok(ExitCode::SUCCESS)
-        }
+        ClusterCommand::Init {
+            key_file,
+            name,
+            token_ttl,
+            host,
+        } => crate::setup_cmd::init(key_file, name, host, token_ttl),
+        ClusterCommand::Token { access, ttl } => crate::setup_cmd::token(&access, ttl),
         ClusterCommand::Status { access, prometheus } => status(&access, prometheus),
         ClusterCommand::Nodes { access } => {
             let info = access
@@ -241,7 +260,7 @@ pub fn run_cluster(c: ClusterCommand) -> Result<ExitCode> {
     }
 }
 
-fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 mod cluster_cmd;
 mod san_cmd;
+mod setup_cmd;
 mod size;
 mod snapshot_cmd;
 mod up_cmd;

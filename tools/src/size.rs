@@ -98,3 +98,45 @@ mod tests {
         }
     }
 }
+
+/// Parses a duration such as `90s`, `30m`, `24h`, `7d` or `2w` (a bare
+/// number is seconds).
+pub fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (examples: 90s, 30m, 24h, 7d)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        u => {
+            return Err(format!(
+                "unknown duration unit `{u}` in `{s}` (s, m, h, d or w)"
+            ))
+        }
+    };
+    n.checked_mul(secs)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is too long"))
+}
+
+#[cfg(test)]
+mod age_tests {
+    use super::parse_age;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_age("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_age("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_age(" 7d "), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_age("7y").unwrap_err().contains("unit"));
+        assert!(parse_age("h").is_err());
+        assert!(parse_age("99999999999999999w").is_err());
+    }
+}

@@ -476,10 +476,42 @@ pub enum NodeCommand {
         access: Access,
         host: u64,
     },
+    /// Join this host to a cluster with a join token (from `csvctl cluster
+    /// init` or `csvctl cluster token`): the cluster gives it an id and its
+    /// key; its csvd settings file is written (and csvd started with
+    /// --start). It becomes a voter of every group once caught up.
+    Join {
+        /// The join token.
+        token: String,
+        /// Where to write the cluster key.
+        #[arg(long, default_value = "/etc/csv/cluster.key")]
+        key_file: std::path::PathBuf,
+        #[command(flatten)]
+        host: crate::setup_cmd::HostSettings,
+        /// Start csvd with the new settings (detached; it logs to
+        /// DATA_DIR/csvd.log). Without it, start csvd yourself (systemd).
+        #[arg(long)]
+        start: bool,
+    },
+    /// Evict HOST (Remove-ClusterNode): refused while VM roles run there;
+    /// groups it leads move first; it leaves every group and its id is
+    /// never reused. Stop its csvd afterwards.
+    Remove {
+        #[command(flatten)]
+        access: Access,
+        host: u64,
+    },
 }
 
 pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
     match c {
+        NodeCommand::Join {
+            token,
+            key_file,
+            host,
+            start,
+        } => crate::setup_cmd::join(&token, &key_file, host, start),
+        NodeCommand::Remove { access, host } => crate::setup_cmd::remove(&access, host),
         NodeCommand::Resume { access, host } => {
             let mut c = access.client()?;
             c.set_draining(host, false).map_err(cerr)?;

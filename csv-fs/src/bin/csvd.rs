@@ -41,7 +41,7 @@ use std::time::Duration;
 ///   cluster = "prod"
 ///   key_file = "/etc/csv/cluster.key"
 ///   mount_root = "/ClusterStorage"
-///   metrics = "127.0.0.1:9477"
+///   console = "127.0.0.1:9477"
 ///   vm_memory = "16G"
 ///   snapshot_hooks = "/etc/csv/snapshot-hooks.d"
 ///   [peers]
@@ -91,9 +91,10 @@ struct Cli {
     /// This host's path to a volume's LUN: `N=PATH` (repeat).
     #[arg(long, value_name = "N=PATH", value_parser = parse_lun)]
     lun: Vec<(u64, PathBuf)>,
-    /// Serve Prometheus metrics over HTTP on this address.
-    #[arg(long, value_name = "IP:PORT")]
-    metrics: Option<SocketAddr>,
+    /// Serve the web console (`/`), its JSON (`/api/state`) and
+    /// Prometheus metrics (`/metrics`) over HTTP on this address.
+    #[arg(long, alias = "metrics", value_name = "IP:PORT")]
+    console: Option<SocketAddr>,
     /// Raft tick in milliseconds (elections take 10-20 ticks).
     #[arg(long, value_parser = clap::value_parser!(u64).range(5..=1000))]
     tick_ms: Option<u64>,
@@ -154,6 +155,7 @@ struct FileConfig {
     #[serde(default)]
     luns: BTreeMap<String, PathBuf>,
     metrics: Option<SocketAddr>,
+    console: Option<SocketAddr>,
     tick_ms: Option<u64>,
     snapshot_every: Option<u64>,
     initiator: Option<String>,
@@ -350,7 +352,7 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         },
         mount_root: cli.mount_root.or(file.mount_root),
         luns,
-        metrics: cli.metrics.or(file.metrics),
+        metrics: cli.console.or(file.console).or(file.metrics),
     })
 }
 
