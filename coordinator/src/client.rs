@@ -578,8 +578,20 @@ pub fn snapshot_phase(
 }
 
 /// What the host at `addr` finds about itself and its paths.
-pub fn probe(me: &Identity, addr: SocketAddr, timeout: Duration) -> Result<proto::HostFacts> {
-    match ask_host(me, addr, admin::Action::Probe(proto::Empty {}), timeout)?.value {
+pub fn probe(
+    me: &Identity,
+    addr: SocketAddr,
+    luns: Vec<String>,
+    timeout: Duration,
+) -> Result<proto::HostFacts> {
+    match ask_host(
+        me,
+        addr,
+        admin::Action::Probe(proto::ProbeReq { luns }),
+        timeout,
+    )?
+    .value
+    {
         Some(Value::Facts(f)) => Ok(f),
         v => Err(ClientError::BadReply(format!("{v:?}"))),
     }

@@ -196,8 +196,10 @@ pub trait BlockServer: Send + Sync {
     fn redirect(&self, volume: u64, on: bool) -> Result<(), String>;
     /// This host's paths to its volumes and its running VMs' memory, for
     /// `csvctl validate` and `csvctl inventory` (probes the LUNs).
-    fn facts(&self) -> (Vec<proto::PathFacts>, Vec<proto::VmFacts>) {
-        (vec![], vec![])
+    /// `candidates` are LUNs that are no volume yet (volume 0 in the answer).
+    fn facts(&self, candidates: &[String]) -> Vec<proto::PathFacts> {
+        let _ = candidates;
+        vec![]
     }
     /// Carries out one phase of a volume snapshot on this host.
     fn snapshot_phase(
@@ -323,7 +325,7 @@ fn acceptor(l: TcpListener, me: Identity, tx: Sender<Event>, block: BlockSlot) {
 
 /// Answers block I/O, redirect and snapshot-phase requests here, off the
 /// Raft thread.
-fn serve_local(block: &BlockSlot, r: &Request) -> Option<Response> {
+fn serve_local(block: &BlockSlot, r: &Request, node: u64) -> Option<Response> {
     // The filesystem layer's server, or the error for a host without one.
     let server = |none: &str| -> Result<Arc<dyn BlockServer>, proto::Error> {
         block
@@ -352,15 +354,18 @@ fn serve_local(block: &BlockSlot, r: &Request) -> Option<Response> {
                 .map_err(invalid)
         })),
         Some(request::Body::Admin(proto::Admin {
-            action: Some(admin::Action::Probe(_)),
+            action: Some(admin::Action::Probe(q)),
         })) => {
-            let (paths, vms) = block
+            let paths = block
                 .read()
                 .ok()
                 .and_then(|b| b.clone())
-                .map(|s| s.facts())
+                .map(|s| s.facts(&q.luns))
                 .unwrap_or_default();
-            Some(Ok(proto::reply::Value::Facts(host_facts(paths, vms))))
+            Some(Ok(proto::reply::Value::Facts(proto::HostFacts {
+                node,
+                ..host_facts(paths)
+            })))
         }
         Some(request::Body::Admin(proto::Admin {
             action: Some(admin::Action::SnapshotPhase(q)),
@@ -381,7 +386,7 @@ fn serve_local(block: &BlockSlot, r: &Request) -> Option<Response> {
 }
 
 /// What this host knows of itself, for `csvctl validate`.
-fn host_facts(paths: Vec<proto::PathFacts>, vms: Vec<proto::VmFacts>) -> proto::HostFacts {
+fn host_facts(paths: Vec<proto::PathFacts>) -> proto::HostFacts {
     let opens = |p: &str| {
         std::fs::OpenOptions::new()
             .read(true)
@@ -400,7 +405,6 @@ fn host_facts(paths: Vec<proto::PathFacts>, vms: Vec<proto::VmFacts>) -> proto::
         mem_available: load.mem_available,
         listen: vec![],
         paths,
-        vms,
     }
 }
 
@@ -561,7 +565,7 @@ fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>, block: BlockSl
                 }
             }
             Some(frame::Body::Request(r)) => {
-                if let Some(resp) = serve_local(&block, &r) {
+                if let Some(resp) = serve_local(&block, &r, me.node) {
                     let f = Frame {
                         body: Some(frame::Body::Response(resp)),
                     };

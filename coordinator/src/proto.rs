@@ -303,6 +303,14 @@ pub struct JoinReply {
     pub nodes: Vec<NodeInfo>,
 }
 
+/// Asks a host for its facts, and to try LUNs that are no volume yet.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProbeReq {
+    /// Candidate LUNs (iscsi:// URLs or paths) to try from this host.
+    #[prost(string, repeated, tag = "1")]
+    pub luns: Vec<String>,
+}
+
 /// What one host finds about itself and its paths (`csvctl validate`).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct HostFacts {
@@ -330,18 +338,15 @@ pub struct HostFacts {
     /// The addresses it serves on.
     #[prost(string, repeated, tag = "8")]
     pub listen: Vec<String>,
-    /// One entry per volume it mounts.
+    /// One entry per volume it mounts, and per candidate LUN asked about.
     #[prost(message, repeated, tag = "9")]
     pub paths: Vec<PathFacts>,
-    /// Its running VMs' observed memory.
-    #[prost(message, repeated, tag = "10")]
-    pub vms: Vec<VmFacts>,
 }
 
 /// A host's own path to one volume's LUN.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PathFacts {
-    /// N of VolumeN.
+    /// N of VolumeN (0: a candidate LUN, no volume yet).
     #[prost(uint64, tag = "1")]
     pub volume: u64,
     /// The LUN as the host reaches it (iscsi:// URL or path).
@@ -363,20 +368,10 @@ pub struct PathFacts {
     /// The host's I/O mode for the volume (Direct, BlockRedirected...).
     #[prost(string, tag = "7")]
     pub mode: String,
-}
-
-/// A running VM's memory, as its host sees it.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct VmFacts {
-    /// Role name.
-    #[prost(string, tag = "1")]
-    pub name: String,
-    /// Memory the role was given (bytes).
-    #[prost(uint64, tag = "2")]
-    pub memory: u64,
-    /// Peak resident memory of its VMM process (bytes).
-    #[prost(uint64, tag = "3")]
-    pub resident_peak: u64,
+    /// The target answered (logged in, or the file opened): an `error`
+    /// is then the LUN's, not the path's.
+    #[prost(bool, tag = "8")]
+    pub reached: bool,
 }
 
 /// One change of a write lease.
@@ -480,6 +475,21 @@ pub struct VolumeState {
     /// Where it is mounted on this host.
     #[prost(string, tag = "4")]
     pub mountpoint: String,
+    /// Bytes read over this host's own path.
+    #[prost(uint64, tag = "5")]
+    pub direct_read: u64,
+    /// Bytes written over this host's own path.
+    #[prost(uint64, tag = "6")]
+    pub direct_written: u64,
+    /// Bytes read through a peer.
+    #[prost(uint64, tag = "7")]
+    pub redirected_read: u64,
+    /// Bytes written through a peer.
+    #[prost(uint64, tag = "8")]
+    pub redirected_written: u64,
+    /// Times the own path failed and I/O switched to a peer.
+    #[prost(uint64, tag = "9")]
+    pub redirect_events: u64,
 }
 
 /// Attributes of an inode.
@@ -1205,7 +1215,7 @@ pub mod admin {
         Join(super::JoinReq),
         /// The host asked reports its facts (served by the host itself).
         #[prost(message, tag = "7")]
-        Probe(super::Empty),
+        Probe(super::ProbeReq),
     }
 }
 
@@ -1319,6 +1329,20 @@ pub struct VmRuntime {
     /// Heartbeat number of the guest's last completed disk write.
     #[prost(uint64, tag = "11")]
     pub disk_last_seq: u64,
+    /// Peak resident memory of the csv-vmm process (bytes, VmHWM): what
+    /// the guest touched, plus the VMM's own few MiB.
+    #[prost(uint64, tag = "12")]
+    pub resident_peak: u64,
+    /// A live migration this host is sending: its latest pre-copy round,
+    /// as text (empty: none).
+    #[prost(string, tag = "13")]
+    pub migration: String,
+    /// How far it is: pages sent against the guest's memory (0..=99).
+    #[prost(uint32, tag = "14")]
+    pub migration_pct: u32,
+    /// The host it goes to.
+    #[prost(uint64, tag = "15")]
+    pub migrating_to: u64,
 }
 
 /// A host's resources as it measures them.

@@ -219,6 +219,12 @@ impl Mounts {
     }
 
     fn mount(&mut self, v: &VolumeInfo) -> Result<(), String> {
+        let spec = match self.cfg.luns.get(&v.number) {
+            Some(p) => p.display().to_string(),
+            None => v.lun.clone(),
+        };
+        self.served
+            .set_path(v.number, Some((spec, self.cfg.san.clone())));
         let (lun, san, path): (Arc<dyn vhd::BlockIo>, _, String) = match (
             self.cfg.luns.get(&v.number),
             v.lun.starts_with("iscsi://"),
@@ -335,6 +341,7 @@ impl Mounts {
 
     fn unmount(&mut self, n: u64) {
         self.served.set(n, None);
+        self.served.set_path(n, None);
         self.served.agent.set_volume(n, None);
         if let Some(mut a) = self.active.remove(&n) {
             a.fs.shutdown();
@@ -400,11 +407,21 @@ impl Mounts {
                 (None, Some(e)) => ("Unmounted", e.clone()),
                 (None, None) => ("Unmounted", "not mounted yet".to_string()),
             };
+            let io = self
+                .active
+                .get(n)
+                .map(|a| a.lun.io_counters())
+                .unwrap_or_default();
             states.push(VolumeState {
                 number: *n,
                 state: state.into(),
                 reason,
                 mountpoint: mp,
+                direct_read: io.direct_read,
+                direct_written: io.direct_written,
+                redirected_read: io.redirected_read,
+                redirected_written: io.redirected_written,
+                redirect_events: io.switches,
             });
         }
         if let Ok(mut s) = self.states.write() {

@@ -53,6 +53,25 @@ pub struct RedirectingLun {
     seq: AtomicU64,
     /// Requests served through a peer so far.
     redirected_ops: AtomicU64,
+    /// Bytes read and written over its own path, then through a peer.
+    bytes: [AtomicU64; 4],
+    /// Times its own path failed and I/O switched to a peer.
+    switches: AtomicU64,
+}
+
+/// A volume's I/O on this host so far (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoCounters {
+    /// Bytes read over this host's own path.
+    pub direct_read: u64,
+    /// Bytes written over this host's own path.
+    pub direct_written: u64,
+    /// Bytes read through a peer.
+    pub redirected_read: u64,
+    /// Bytes written through a peer.
+    pub redirected_written: u64,
+    /// Times the own path failed and I/O switched to a peer.
+    pub switches: u64,
 }
 
 impl std::fmt::Debug for RedirectingLun {
@@ -98,6 +117,8 @@ impl RedirectingLun {
             pool: Mutex::new(Vec::new()),
             seq: AtomicU64::new(1),
             redirected_ops: AtomicU64::new(0),
+            bytes: Default::default(),
+            switches: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&lun);
         let _ = std::thread::Builder::new()
@@ -200,6 +221,7 @@ impl RedirectingLun {
             }
             Err(e) => {
                 if !self.failed.swap(true, Ordering::Relaxed) {
+                    self.switches.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(
                         volume = self.vol,
                         "Volume{}: own path failed ({e}): BlockRedirected, I/O goes through a peer",
@@ -290,7 +312,19 @@ impl RedirectingLun {
         }
     }
 
-    /// Requests that went through a peer so far.
+    /// Bytes over each path and path failures so far.
+    pub fn io_counters(&self) -> IoCounters {
+        let b = |i: usize| self.bytes[i].load(Ordering::Relaxed);
+        IoCounters {
+            direct_read: b(0),
+            direct_written: b(1),
+            redirected_read: b(2),
+            redirected_written: b(3),
+            switches: self.switches.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Requests served through a peer so far.
     pub fn redirected_ops(&self) -> u64 {
         self.redirected_ops.load(Ordering::Relaxed)
     }
@@ -384,8 +418,12 @@ impl RedirectingLun {
 impl vhd::BlockIo for RedirectingLun {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if let Some(r) = self.try_direct(|d| d.read_at(buf, offset)) {
+            if r.is_ok() {
+                self.bytes[0].fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
             return r;
         }
+        self.bytes[2].fetch_add(buf.len() as u64, Ordering::Relaxed);
         let d = self.call(BlockOp {
             offset,
             len: buf.len() as u64,
@@ -401,8 +439,12 @@ impl vhd::BlockIo for RedirectingLun {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         if let Some(r) = self.try_direct(|d| d.write_at(buf, offset)) {
+            if r.is_ok() {
+                self.bytes[1].fetch_add(buf.len() as u64, Ordering::Relaxed);
+            }
             return r;
         }
+        self.bytes[3].fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.call(BlockOp {
             offset,
             data: buf.to_vec(),
@@ -441,6 +483,11 @@ pub struct Served {
     /// (volume, host) pairs whose host this host fenced off the volume's
     /// LUN while the registry has it down (a failover waits for them).
     pub fenced: Arc<RwLock<std::collections::BTreeSet<(u64, u64)>>>,
+    /// Each volume's LUN as this host reaches it (URL or path), and who it
+    /// logs in as: what `csvctl validate` probes.
+    paths: RwLock<BTreeMap<u64, (String, crate::san::SanIdentity)>>,
+    /// This host's SAN identity (for candidate LUNs).
+    who: RwLock<Option<crate::san::SanIdentity>>,
 }
 
 impl std::fmt::Debug for Served {
@@ -455,6 +502,24 @@ impl Served {
         if let Ok(mut m) = self.luns.write() {
             match lun {
                 Some(l) => m.insert(vol, l),
+                None => m.remove(&vol),
+            };
+        }
+    }
+
+    /// Sets this host's SAN identity.
+    pub fn set_identity(&self, who: crate::san::SanIdentity) {
+        if let Ok(mut w) = self.who.write() {
+            *w = Some(who);
+        }
+    }
+
+    /// Records how this host reaches VolumeN's LUN (set before mounting,
+    /// so a volume that does not mount is probed too; None forgets it).
+    pub fn set_path(&self, vol: u64, path: Option<(String, crate::san::SanIdentity)>) {
+        if let Ok(mut m) = self.paths.write() {
+            match path {
+                Some(p) => m.insert(vol, p),
                 None => m.remove(&vol),
             };
         }
@@ -510,6 +575,48 @@ impl BlockServer for Served {
             FLUSH => d.flush().map(|()| Vec::new()).map_err(|e| e.to_string()),
             k => Err(format!("unknown block request kind {k}")),
         }
+    }
+
+    fn facts(&self, candidates: &[String]) -> Vec<coordinator::proto::PathFacts> {
+        let paths: Vec<(u64, String, crate::san::SanIdentity)> = self
+            .paths
+            .read()
+            .map(|m| {
+                m.iter()
+                    .map(|(v, (s, w))| (*v, s.clone(), w.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let who = self.who.read().ok().and_then(|w| w.clone());
+        let mut out = Vec::new();
+        let mut probe = |volume: u64, spec: &str, who: &crate::san::SanIdentity, mode: String| {
+            let p = crate::san::probe(spec, who);
+            out.push(coordinator::proto::PathFacts {
+                volume,
+                lun: spec.to_string(),
+                error: p.error,
+                reached: p.reached,
+                read_us: p.read_us,
+                pr: p.pr,
+                pr_error: p.pr_error,
+                mode,
+            });
+        };
+        for (vol, spec, who) in &paths {
+            let mode = match self.get(*vol) {
+                Ok(l) if l.is_fenced() => "Fenced".to_string(),
+                Ok(l) if l.is_redirected() => "BlockRedirected".to_string(),
+                Ok(_) => "Direct".to_string(),
+                Err(_) => "Unmounted".to_string(),
+            };
+            probe(*vol, spec, who, mode);
+        }
+        if let Some(who) = who {
+            for c in candidates.iter().take(16) {
+                probe(0, c, &who, String::new());
+            }
+        }
+        out
     }
 
     fn redirect(&self, volume: u64, on: bool) -> Result<(), String> {

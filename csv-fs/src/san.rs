@@ -180,3 +180,155 @@ pub fn open(url: &str, who: &SanIdentity, vol: u64) -> Result<IscsiPath, String>
         describe,
     })
 }
+
+/// What trying a LUN from this host found (for `csvctl validate`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Probe {
+    /// Empty when the first 4 KiB were read; else why not.
+    pub error: String,
+    /// The target was reached (logged in): an error is then the LUN's.
+    pub reached: bool,
+    /// Median time of five 4 KiB reads (microseconds).
+    pub read_us: u64,
+    /// 1: PERSISTENT RESERVE IN answered; 0: refused (`pr_error`); 2: not
+    /// an iSCSI LUN.
+    pub pr: u32,
+    /// Why persistent reservations are not available.
+    pub pr_error: String,
+}
+
+fn median_read_us(read: &mut dyn FnMut() -> Result<(), String>) -> Result<u64, String> {
+    let mut t = Vec::new();
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        read()?;
+        t.push(start.elapsed().as_micros() as u64);
+    }
+    t.sort_unstable();
+    Ok(t[2])
+}
+
+/// Tries the LUN `spec` (an iscsi:// URL, logged in afresh as `who`, or a
+/// path): reads its first 4 KiB five times, and asks for its persistent
+/// reservation keys. Never writes.
+pub fn probe(spec: &str, who: &SanIdentity) -> Probe {
+    if !spec.starts_with("iscsi://") {
+        let mut p = Probe {
+            pr: 2,
+            reached: true,
+            ..Probe::default()
+        };
+        match vhd::io::DirectFile::open(std::path::Path::new(spec), false) {
+            Ok(f) => {
+                use vhd::BlockIo;
+                let mut buf = vec![0u8; 4096];
+                match median_read_us(&mut || f.read_at(&mut buf, 0).map_err(|e| e.to_string())) {
+                    Ok(us) => p.read_us = us,
+                    Err(e) => p.error = format!("reading {spec}: {e}"),
+                }
+            }
+            Err(e) => {
+                p.reached = false;
+                p.error = format!("cannot open {spec}: {e}");
+            }
+        }
+        return p;
+    }
+    let u: IscsiUrl = match spec.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return Probe {
+                error: format!("{spec}: {e}"),
+                ..Probe::default()
+            }
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return Probe {
+                error: format!("cannot start an iSCSI runtime: {e}"),
+                ..Probe::default()
+            }
+        }
+    };
+    let cfg = LoginConfig {
+        initiator: who.initiator.clone(),
+        target: Some(u.target.clone()),
+        isid: new_isid(),
+        chap: who.chap.clone(),
+        mutual: None,
+        offer: Default::default(),
+    };
+    runtime.block_on(async {
+        let t = Timeouts {
+            command: Duration::from_secs(2),
+            keepalive: Duration::from_millis(500),
+            recovery: Duration::from_millis(500),
+            login: Duration::from_secs(2),
+        };
+        let s = match Session::connect_paths(std::slice::from_ref(&u.portal), &cfg, t).await {
+            Ok(s) => s,
+            Err(e) => {
+                return Probe {
+                    error: format!("cannot log in to {} at {}: {e}", u.target, u.portal),
+                    ..Probe::default()
+                }
+            }
+        };
+        let mut p = Probe {
+            reached: true,
+            ..Probe::default()
+        };
+        // Persistent reservations first: a LUN that is no disk may still
+        // say whether it has them. A new nexus first reports a UNIT
+        // ATTENTION (power on or reset), which says nothing of the command.
+        let mut answer = None;
+        for _ in 0..4 {
+            let r = s
+                .command(
+                    u.lun,
+                    iscsi_initiator::scsi::pr_in(0, 1024),
+                    iscsi_initiator::session::Data::In(1024),
+                )
+                .await;
+            let attention = matches!(&r, Ok(r) if r.sense.as_ref().is_some_and(|s| s.key == 0x6));
+            answer = Some(r);
+            if !attention {
+                break;
+            }
+        }
+        let Some(answer) = answer else { return p };
+        match answer {
+            Ok(r) if r.status == iscsi_initiator::scsi::GOOD => p.pr = 1,
+            Ok(r) => {
+                p.pr_error = match r.sense {
+                    Some(sense) => format!("PERSISTENT RESERVE IN refused: {sense}"),
+                    None => format!("PERSISTENT RESERVE IN refused: status {:#x}", r.status),
+                }
+            }
+            Err(e) => p.pr_error = format!("PERSISTENT RESERVE IN failed: {e}"),
+        }
+        match Lun::open(s.clone(), u.lun).await {
+            Ok(l) => {
+                let mut times = Vec::new();
+                for _ in 0..5 {
+                    let start = std::time::Instant::now();
+                    if let Err(e) = l.read(0, 4096).await {
+                        p.error = format!("reading LUN {}: {e}", u.lun);
+                        break;
+                    }
+                    times.push(start.elapsed().as_micros() as u64);
+                }
+                times.sort_unstable();
+                p.read_us = times.get(times.len() / 2).copied().unwrap_or(0);
+            }
+            Err(e) => p.error = format!("LUN {} of {} is not a usable disk: {e}", u.lun, u.target),
+        }
+        let _ = s.logout().await;
+        p
+    })
+}

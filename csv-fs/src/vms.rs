@@ -52,6 +52,8 @@ struct Running {
     migrated: bool,
     /// A live migration this host is sending.
     migration: Option<std::thread::JoinHandle<Result<String, String>>>,
+    /// Its latest progress event (the VMM's JSON) and target host.
+    progress: Arc<std::sync::Mutex<(serde_json::Value, u64)>>,
     /// The disk's path on this host.
     disk: PathBuf,
     /// Started from this saved state (a quick migration's file), until the
@@ -127,6 +129,18 @@ fn ask(control: &Path, req: &serde_json::Value) -> Result<serde_json::Value, Str
             return Ok(v);
         }
     }
+}
+
+/// A process's peak resident memory (VmHWM, bytes; 0 if unknown).
+fn resident_peak(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb << 10)
 }
 
 fn log_tail(path: &Path) -> String {
@@ -232,6 +246,7 @@ impl VmSupervisor {
             incoming,
             migrated: false,
             migration: None,
+            progress: Default::default(),
             disk,
             restored_from: restore,
         })
@@ -246,6 +261,7 @@ impl VmSupervisor {
             } else {
                 "starting".into()
             },
+            resident_peak: resident_peak(r.child.id()),
             ..Default::default()
         };
         if r.stopping.is_none() {
@@ -257,6 +273,22 @@ impl VmSupervisor {
                 out.guest_errors = hb["guest_errors"].as_u64().unwrap_or(0);
                 if r.migration.is_some() {
                     out.state = "migrating".into();
+                    if let Ok(p) = r.progress.lock() {
+                        let (p, to) = &*p;
+                        out.migrating_to = *to;
+                        if !p.is_null() {
+                            out.migration = format!(
+                                "round {}, {} pages dirty, {:.0} MiB/s, est. downtime {:.1} ms",
+                                p["round"],
+                                p["dirty_pages"],
+                                p["bandwidth_mib_s"].as_f64().unwrap_or(0.0),
+                                p["estimated_downtime_ms"].as_f64().unwrap_or(0.0)
+                            );
+                            let mem = s["mem_bytes"].as_u64().unwrap_or(0).max(1);
+                            let sent = p["pages_sent"].as_u64().unwrap_or(0) * 4096;
+                            out.migration_pct = (sent.saturating_mul(100) / mem).min(99) as u32;
+                        }
+                    }
                 }
                 out.heartbeat_seq = hb["seq"].as_u64().unwrap_or(0);
                 out.heartbeats = hb["local_count"].as_u64().unwrap_or(0);
@@ -553,11 +585,17 @@ impl VmSupervisor {
             let mut hc = self.client(Duration::from_secs(5));
             let vm = name.clone();
             tracing::info!(vm = %name, to, quick, %dest, "migration starts");
+            let progress = r.progress.clone();
+            if let Ok(mut p) = progress.lock() {
+                *p = (serde_json::Value::Null, to);
+            }
             r.migration = Some(std::thread::spawn(move || {
                 if quick {
                     send_quick(&control, Path::new(&dest), &disk, volume, me, to, &mut hc)
                 } else {
-                    send_migration(&control, &dest, &disk, volume, me, to, &mut hc, &vm)
+                    send_migration(
+                        &control, &dest, &disk, volume, me, to, &mut hc, &vm, &progress,
+                    )
                 }
             }));
         }
@@ -755,6 +793,7 @@ fn send_migration(
     to: u64,
     c: &mut Client,
     name: &str,
+    progress: &std::sync::Mutex<(serde_json::Value, u64)>,
 ) -> Result<String, String> {
     use std::os::unix::fs::MetadataExt;
     let ino = std::fs::metadata(disk)
@@ -785,6 +824,11 @@ fn send_migration(
                     }
                 };
                 vmm.reply(&answer)?;
+            }
+            Some("progress") => {
+                if let Ok(mut p) = progress.lock() {
+                    p.0 = v["progress"].clone();
+                }
             }
             Some(_) => {}
             None => {

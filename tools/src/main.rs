@@ -13,6 +13,7 @@ mod setup_cmd;
 mod size;
 mod snapshot_cmd;
 mod up_cmd;
+mod validate_cmd;
 mod vhd_cmd;
 mod vm_cmd;
 
@@ -65,6 +66,25 @@ enum Command {
     Up(up_cmd::UpArgs),
     /// Stop the hosts `csvctl up --detach` left running.
     Down(up_cmd::DownArgs),
+    /// Check that the cluster is sound before trusting it with VMs
+    /// (Test-Cluster): every volume's LUN from every host (reachable,
+    /// latency, persistent reservations for fencing), two cluster networks
+    /// per host, clocks, /dev/kvm and /dev/fuse, memory for the failover of
+    /// each host's VMs, quorum of every group, matching versions. Each
+    /// WARN and FAIL says what to do. Exit status 1 if anything FAILs.
+    Validate {
+        #[command(flatten)]
+        access: cluster_cmd::Access,
+        /// Also try this LUN (iscsi:// URL or path) from every host before
+        /// it becomes a volume (repeat).
+        #[arg(long = "lun")]
+        luns: Vec<String>,
+        #[command(flatten)]
+        thresholds: validate_cmd::Thresholds,
+        /// Print JSON (for automation).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,6 +99,12 @@ fn main() -> ExitCode {
         Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Up(a) => up_cmd::up(a),
         Command::Down(a) => up_cmd::down(a),
+        Command::Validate {
+            access,
+            luns,
+            thresholds,
+            json,
+        } => validate_cmd::run(&access, &luns, &thresholds, json),
     };
     match result {
         Ok(code) => code,

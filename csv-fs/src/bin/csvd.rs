@@ -487,12 +487,13 @@ fn main() -> ExitCode {
             },
             endpoints,
             threads: fuse_threads,
-            san: s.san,
+            san: s.san.clone(),
             peers: peer_addrs,
         };
         served
             .agent
             .configure(s.snapshot_hooks.clone(), vm_controls.clone());
+        served.set_identity(s.san.clone());
         if let Ok(mut slot) = node.block.write() {
             *slot = Some(served.clone());
         }
