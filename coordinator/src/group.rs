@@ -908,6 +908,10 @@ impl Group {
             StateRole::PreCandidate => "pre-candidate",
         };
         let last = r.raft_log.last_index();
+        let (write_leases, read_leases) = match &self.machine {
+            Machine::Volume(v) => v.lease_counts(),
+            Machine::Cluster(_) => (0, 0),
+        };
         let followers = if r.state == StateRole::Leader {
             r.prs()
                 .iter()
@@ -934,6 +938,8 @@ impl Group {
             voters: sorted(self.conf.get_voters()),
             learners: sorted(self.conf.get_learners()),
             followers,
+            write_leases,
+            read_leases,
         }
     }
 }

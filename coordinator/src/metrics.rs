@@ -49,6 +49,18 @@ pub fn prometheus_text(all: &[proto::NodeStatus]) -> String {
             }
         }
     }
+    out.push_str("# HELP csv_volume_leases Leases on a volume's files, as the host's replica applied them\n# TYPE csv_volume_leases gauge\n");
+    for s in all {
+        for g in s.groups.iter().filter(|g| g.group != 0) {
+            for (kind, n) in [("write", g.write_leases), ("read", g.read_leases)] {
+                out.push_str(&format!(
+                    "csv_volume_leases{{host=\"{}\",group=\"{}\",kind=\"{kind}\"}} {n}\n",
+                    s.node,
+                    group_name(g.group)
+                ));
+            }
+        }
+    }
     out.push_str("# HELP csv_raft_follower_lag Entries a follower is behind its leader\n# TYPE csv_raft_follower_lag gauge\n");
     for s in all {
         for g in &s.groups {

@@ -1403,6 +1403,12 @@ pub struct GroupStatus {
     /// On the leader: each follower's progress.
     #[prost(message, repeated, tag = "11")]
     pub followers: Vec<FollowerStatus>,
+    /// A volume group: write leases held (as this replica applied them).
+    #[prost(uint64, tag = "12")]
+    pub write_leases: u64,
+    /// A volume group: read leases held.
+    #[prost(uint64, tag = "13")]
+    pub read_leases: u64,
 }
 
 /// A follower's progress as the leader sees it.

@@ -81,6 +81,12 @@ pub enum ClusterCommand {
         #[command(flatten)]
         host: Option<crate::setup_cmd::HostSettings>,
     },
+    /// Print the operator token that authorizes actions in the web console
+    /// (csvd --console-actions): `Authorization: Bearer TOKEN`.
+    ConsoleToken {
+        #[command(flatten)]
+        access: Access,
+    },
     /// Print a join token: a further host redeems it with `csvctl node
     /// join TOKEN` to get the cluster key and an id. Anyone holding it can
     /// join a host until it expires: hand it over like a password.
@@ -221,6 +227,10 @@ pub fn run_cluster(c: ClusterCommand) -> Result<ExitCode> {
             host,
         } => crate::setup_cmd::init(key_file, name, host, token_ttl),
         ClusterCommand::Token { access, ttl } => crate::setup_cmd::token(&access, ttl),
+        ClusterCommand::ConsoleToken { access } => {
+            println!("{}", csv_fs::console::action_token(&access.identity()?));
+            Ok(ExitCode::SUCCESS)
+        }
         ClusterCommand::Status { access, prometheus } => status(&access, prometheus),
         ClusterCommand::Nodes { access } => {
             let info = access

@@ -31,6 +31,10 @@ pub struct UpArgs {
     /// Leave the hosts running and return (stop them with `csvctl down`).
     #[arg(long)]
     detach: bool,
+    /// Port of host 1's web console and metrics (host K: this + K - 1, on
+    /// 127.0.0.1); 0 for none.
+    #[arg(long, default_value_t = 9101)]
+    console_port: u16,
 }
 
 /// `csvctl down`
@@ -167,6 +171,10 @@ pub fn up(a: UpArgs) -> Result<ExitCode> {
             .arg("--init")
             .arg("--mount-root")
             .arg(nd.join("ClusterStorage"))
+            .args(
+                (a.console_port != 0)
+                    .then(|| format!("--console=127.0.0.1:{}", a.console_port + k as u16 - 1)),
+            )
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out)?)
             .stderr(log);
@@ -263,7 +271,13 @@ pub fn up(a: UpArgs) -> Result<ExitCode> {
         eps.join(","),
         key_file.display()
     );
-    println!("  csvctl cluster status; csvctl volume status; csvctl volume move 1 --to 2");
+    println!("  csvctl cluster status; csvctl volume status; csvctl validate; csvctl volume move 1 --to 2");
+    if a.console_port != 0 {
+        println!(
+            "  web console: http://127.0.0.1:{}/ (metrics: /metrics)",
+            a.console_port
+        );
+    }
     println!(
         "ready: {} hosts, Volume1 mounted at {}",
         a.nodes,

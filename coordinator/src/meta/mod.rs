@@ -658,6 +658,12 @@ impl Volume {
         !self.leases.is_empty()
     }
 
+    /// Leases held now: (write, read).
+    pub fn lease_counts(&self) -> (u64, u64) {
+        let w = self.leases.values().filter(|l| l.write).count() as u64;
+        (w, self.leases.len() as u64 - w)
+    }
+
     /// Applies one committed command.
     pub fn apply(&mut self, op: Op) -> Result<Reply, MetaError> {
         match op {

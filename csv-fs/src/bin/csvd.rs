@@ -13,7 +13,6 @@ use coordinator::wire::{Identity, Key};
 use csv_fs::mounts::{MountConfig, Mounts};
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +94,10 @@ struct Cli {
     /// Prometheus metrics (`/metrics`) over HTTP on this address.
     #[arg(long, alias = "metrics", value_name = "IP:PORT")]
     console: Option<SocketAddr>,
+    /// Let the console act (migrate VMs), for requests that carry the
+    /// operator token (`csvctl cluster console-token`); read-only without.
+    #[arg(long)]
+    console_actions: bool,
     /// Raft tick in milliseconds (elections take 10-20 ticks).
     #[arg(long, value_parser = clap::value_parser!(u64).range(5..=1000))]
     tick_ms: Option<u64>,
@@ -156,6 +159,8 @@ struct FileConfig {
     luns: BTreeMap<String, PathBuf>,
     metrics: Option<SocketAddr>,
     console: Option<SocketAddr>,
+    #[serde(default)]
+    console_actions: bool,
     tick_ms: Option<u64>,
     snapshot_every: Option<u64>,
     initiator: Option<String>,
@@ -242,6 +247,7 @@ struct Settings {
     mount_root: Option<PathBuf>,
     luns: BTreeMap<u64, PathBuf>,
     metrics: Option<SocketAddr>,
+    console_actions: bool,
 }
 
 fn settings(cli: Cli) -> Result<Settings, String> {
@@ -353,32 +359,8 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         mount_root: cli.mount_root.or(file.mount_root),
         luns,
         metrics: cli.console.or(file.console).or(file.metrics),
+        console_actions: cli.console_actions || file.console_actions,
     })
-}
-
-/// Answers every HTTP request with this host's metrics.
-fn serve_metrics(addr: SocketAddr, me: Identity, own: SocketAddr) -> std::io::Result<()> {
-    let l = std::net::TcpListener::bind(addr)?;
-    std::thread::Builder::new()
-        .name("csv-metrics".into())
-        .spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut buf = [0u8; 2048];
-                let _ = s.read(&mut buf);
-                let body = match coordinator::client::node_status(&me, own, Duration::from_secs(2)) {
-                    Ok(st) => coordinator::metrics::prometheus_text(&[st]),
-                    Err(e) => format!("# status unavailable: {e}\n"),
-                };
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        })?;
-    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -425,20 +407,27 @@ fn main() -> ExitCode {
     let own = node.bound[0];
     node.vm_memory
         .store(s.vm_memory, std::sync::atomic::Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
     if let Some(m) = s.metrics {
-        if let Err(e) = serve_metrics(
+        if let Err(e) = csv_fs::console::Console::start(
             m,
-            Identity {
-                node: 0,
-                ..identity.clone()
-            },
+            identity.clone(),
             own,
+            s.console_actions,
+            stop.clone(),
         ) {
-            eprintln!("csvd: metrics on {m}: {e}");
+            eprintln!("csvd: console on {m}: {e}");
             return ExitCode::from(1);
         }
+        tracing::info!(
+            "console and metrics on http://{m}/ ({})",
+            if s.console_actions {
+                "actions need the operator token"
+            } else {
+                "read-only"
+            }
+        );
     }
-    let stop = Arc::new(AtomicBool::new(false));
     let vm_stop = Arc::new(AtomicBool::new(false));
     // The VM roles placed on this host run on its mounts.
     let mut vm_controls = None;
