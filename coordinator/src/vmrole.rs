@@ -44,6 +44,16 @@ pub struct VmConfig {
     /// volume, like `disk`) instead of booting it; cleared once it runs.
     #[serde(default)]
     pub restore_from: Option<String>,
+    /// Who answers for it (free text: a person, a team, a ticket).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// When it is due to be retired (ms since the Unix epoch): `csvctl
+    /// inventory` warns before and flags it after.
+    #[serde(default)]
+    pub expires: Option<u64>,
+    /// When `state` last changed (ms since the Unix epoch).
+    #[serde(default)]
+    pub state_since: Option<u64>,
 }
 
 impl VmConfig {
@@ -131,6 +141,9 @@ mod tests {
             last_migration: None,
             migrate_quick: false,
             restore_from: None,
+            owner: None,
+            expires: None,
+            state_since: None,
         }
     }
 

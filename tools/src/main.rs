@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod cluster_cmd;
+mod inventory_cmd;
 mod san_cmd;
 mod setup_cmd;
 mod size;
@@ -66,6 +67,21 @@ enum Command {
     Up(up_cmd::UpArgs),
     /// Stop the hosts `csvctl up --detach` left running.
     Down(up_cmd::DownArgs),
+    /// Every VM and VHD of the cluster with its owner, host, memory (given
+    /// and used), size on disk, last run, last I/O, snapshots held, expiry
+    /// and monthly cost; then the signs of sprawl (VMs stopped for long,
+    /// VHDs no VM uses, old snapshots, memory given and not used, expired
+    /// VMs) and what acting on each would free. Exit status 2 when
+    /// anything is flagged.
+    Inventory {
+        #[command(flatten)]
+        access: cluster_cmd::Access,
+        #[command(flatten)]
+        policy: inventory_cmd::Policy,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that the cluster is sound before trusting it with VMs
     /// (Test-Cluster): every volume's LUN from every host (reachable,
     /// latency, persistent reservations for fencing), two cluster networks
@@ -99,6 +115,11 @@ fn main() -> ExitCode {
         Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Up(a) => up_cmd::up(a),
         Command::Down(a) => up_cmd::down(a),
+        Command::Inventory {
+            access,
+            policy,
+            json,
+        } => inventory_cmd::run(&access, &policy, json),
         Command::Validate {
             access,
             luns,

@@ -46,6 +46,25 @@ pub enum VmCommand {
         /// The test guest's dirtying rate, MiB/s.
         #[arg(long, default_value_t = 0.0)]
         dirty_rate: f64,
+        /// Who answers for it (shown by `inventory`).
+        #[arg(long)]
+        owner: Option<String>,
+        /// When it is due to be retired: YYYY-MM-DD or +90d; `inventory`
+        /// warns before and flags it after.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Change a VM role's owner or expiry date.
+    Set {
+        #[command(flatten)]
+        access: Access,
+        name: String,
+        /// Who answers for it.
+        #[arg(long)]
+        owner: Option<String>,
+        /// When it is due to be retired: YYYY-MM-DD, +90d, or `never`.
+        #[arg(long)]
+        expires: Option<String>,
     },
     /// The cluster's VM roles.
     List {
@@ -127,6 +146,12 @@ fn valid_name(n: &str) -> bool {
         && !n.starts_with('.')
 }
 
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// A client error as an operator reads it.
 fn cerr(e: client::ClientError) -> anyhow::Error {
     anyhow::anyhow!(client::describe(&e))
@@ -178,6 +203,8 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             preferred,
             priority,
             dirty_rate,
+            owner,
+            expires,
         } => {
             if !valid_name(&name) {
                 bail!("{name:?} is not a VM name: use letters, digits, '-', '_' and '.', up to 63");
@@ -217,6 +244,12 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 last_migration: None,
                 migrate_quick: false,
                 restore_from: None,
+                owner,
+                expires: expires
+                    .map(|e| crate::size::parse_when(&e, now_ms()))
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                state_since: Some(now_ms()),
             };
             put_role(&mut c, &name, 0, &cfg)?;
             println!(
@@ -305,6 +338,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 }
             };
             cfg.state = "running".into();
+            cfg.state_since = Some(now_ms());
             put_role(&mut c, &name, host, &cfg)?;
             println!(
                 "VM {name} placed on host {host}; its csvd starts it (csvctl vm status {name})"
@@ -318,6 +352,34 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             quick,
             timeout_s,
         } => migrate(&access, &name, to, quick, timeout_s),
+        VmCommand::Set {
+            access,
+            name,
+            owner,
+            expires,
+        } => {
+            let (mut c, info) = registry(&access)?;
+            let role = find(&info, &name)?;
+            let mut cfg = config_of(&role)?;
+            if let Some(o) = owner {
+                cfg.owner = Some(o).filter(|o| !o.is_empty());
+            }
+            if let Some(e) = expires {
+                cfg.expires = if e == "never" {
+                    None
+                } else {
+                    Some(crate::size::parse_when(&e, now_ms()).map_err(anyhow::Error::msg)?)
+                };
+            }
+            put_role(&mut c, &name, role.node, &cfg)?;
+            println!(
+                "VM {name}: owner {}, expires {}",
+                cfg.owner.as_deref().unwrap_or("-"),
+                cfg.expires
+                    .map_or("never".into(), |e| crate::vhd_cmd::iso8601(e / 1000))
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         VmCommand::Stop { access, name } => {
             let (mut c, info) = registry(&access)?;
             let role = find(&info, &name)?;
@@ -327,6 +389,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             cfg.state = "stopped".into();
+            cfg.state_since = Some(now_ms());
             put_role(&mut c, &name, 0, &cfg)?;
             println!("VM {name} stopping on host {}", role.node);
             Ok(ExitCode::SUCCESS)
