@@ -15,7 +15,8 @@ set -euo pipefail
 #   fio             the filesystem benchmark
 #   istgt           a second iSCSI target (it has COMPARE AND WRITE, tgtd not)
 #   etcd-server     the metadata benchmark's peer (a Raft-replicated store)
-PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt etcd-server)
+#   chromium-headless-shell  loads the web console in the suite (headless)
+PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt etcd-server chromium-headless-shell)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

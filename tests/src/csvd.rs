@@ -27,6 +27,9 @@ pub struct Host {
     pub netns: Option<String>,
     /// Found the cluster (`--init`) on first start.
     pub founder: bool,
+    /// Started as `csvd --config FILE` (set up by `csvctl cluster init` or
+    /// `node join`) instead of with the fixture's flags.
+    pub config: Option<PathBuf>,
     dir: PathBuf,
     child: Option<Child>,
     starts: u32,
@@ -80,6 +83,7 @@ impl CsvCluster {
                 listen,
                 netns,
                 founder: true,
+                config: None,
                 child: None,
                 starts: 0,
             })
@@ -103,9 +107,44 @@ impl CsvCluster {
             listen,
             netns,
             founder: false,
+            config: None,
             child: None,
             starts: 0,
         });
+    }
+
+    /// Adds a host set up by `csvctl cluster init` or `node join`: it runs
+    /// as `csvd --config FILE` (the file names its mount root; use
+    /// [`CsvCluster::host_dir`]`/mnt` for [`CsvCluster::mountpoint`]).
+    pub fn add_configured_host(
+        &mut self,
+        id: u64,
+        listen: Vec<SocketAddr>,
+        netns: Option<String>,
+        config: PathBuf,
+    ) {
+        self.hosts.push(Host {
+            id,
+            dir: self.dir.path().join(format!("host{id}")),
+            listen,
+            netns,
+            founder: false,
+            config: Some(config),
+            child: None,
+            starts: 0,
+        });
+    }
+
+    /// Host `id`'s directory (`<dir>/host<id>`).
+    pub fn host_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("host{id}"))
+    }
+
+    /// Uses the cluster key in `path` (made by `csvctl cluster init`).
+    pub fn use_key_file(&mut self, path: &Path) -> Result<()> {
+        self.key = Key::load(path).map_err(anyhow::Error::msg)?;
+        self.key_file = path.to_path_buf();
+        Ok(())
     }
 
     /// The fixture's directory.
@@ -178,25 +217,29 @@ impl CsvCluster {
             }
             None => Command::new(&bin),
         };
-        cmd.arg("--id")
-            .arg(h.id.to_string())
-            .arg("--data-dir")
-            .arg(&h.dir)
-            .args(["--cluster", CLUSTER])
-            .arg("--key-file")
-            .arg(&self.key_file);
-        for a in &h.listen {
-            cmd.arg("--listen").arg(a.to_string());
-        }
-        for p in &peers {
-            cmd.arg("--peer").arg(p);
-        }
-        if h.founder {
-            cmd.arg("--init");
-        }
-        if self.mounts {
-            cmd.arg("--mount-root")
-                .arg(self.dir.path().join(format!("host{id}/mnt")));
+        if let Some(config) = &h.config {
+            cmd.arg("--config").arg(config);
+        } else {
+            cmd.arg("--id")
+                .arg(h.id.to_string())
+                .arg("--data-dir")
+                .arg(&h.dir)
+                .args(["--cluster", CLUSTER])
+                .arg("--key-file")
+                .arg(&self.key_file);
+            for a in &h.listen {
+                cmd.arg("--listen").arg(a.to_string());
+            }
+            for p in &peers {
+                cmd.arg("--peer").arg(p);
+            }
+            if h.founder {
+                cmd.arg("--init");
+            }
+            if self.mounts {
+                cmd.arg("--mount-root")
+                    .arg(self.dir.path().join(format!("host{id}/mnt")));
+            }
         }
         cmd.args(&self.extra_args);
         cmd.args(self.host_args.get(&id).into_iter().flatten());

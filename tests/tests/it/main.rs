@@ -9,6 +9,7 @@ mod fixtures;
 mod fs;
 mod iscsi;
 mod netfail;
+mod operations;
 mod posix;
 mod snapshots;
 mod vhd_interop;
