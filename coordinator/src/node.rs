@@ -268,10 +268,15 @@ impl Node {
         state.vms = vms.clone();
         let vm_memory = state.vm_memory.clone();
         for l in listeners {
-            let (tx, me, block) = (tx.clone(), cfg.identity.clone(), block.clone());
+            let (tx, me, block, book) = (
+                tx.clone(),
+                cfg.identity.clone(),
+                block.clone(),
+                book.clone(),
+            );
             std::thread::Builder::new()
                 .name("csv-accept".into())
-                .spawn(move || acceptor(l, me, tx, block))
+                .spawn(move || acceptor(l, me, tx, block, book))
                 .map_err(|e| NodeError::Config(format!("cannot start a thread: {e}")))?;
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -313,13 +318,13 @@ impl Drop for Node {
     }
 }
 
-fn acceptor(l: TcpListener, me: Identity, tx: Sender<Event>, block: BlockSlot) {
+fn acceptor(l: TcpListener, me: Identity, tx: Sender<Event>, block: BlockSlot, book: Book) {
     for s in l.incoming() {
         let Ok(s) = s else { continue };
-        let (me, tx, block) = (me.clone(), tx.clone(), block.clone());
+        let (me, tx, block, book) = (me.clone(), tx.clone(), block.clone(), book.clone());
         let _ = std::thread::Builder::new()
             .name("csv-conn".into())
-            .spawn(move || serve(s, me, tx, block));
+            .spawn(move || serve(s, me, tx, block, book));
     }
 }
 
@@ -410,7 +415,13 @@ fn host_facts(paths: Vec<proto::PathFacts>) -> proto::HostFacts {
 
 /// Admits a host that came with a join token: the cluster gives it an id
 /// and registers its addresses; it gets the cluster key, wrapped.
-fn serve_join(mut c: wire::Conn, me: &Identity, local: SocketAddr, peer: Option<SocketAddr>) {
+fn serve_join(
+    mut c: wire::Conn,
+    me: &Identity,
+    local: SocketAddr,
+    peer: Option<SocketAddr>,
+    book: &Book,
+) {
     let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
     let (seq, req) = match c.recv() {
         Ok(Frame {
@@ -433,6 +444,20 @@ fn serve_join(mut c: wire::Conn, me: &Identity, local: SocketAddr, peer: Option<
     };
     let result = join_cluster(me, local, &req).map(|mut j| {
         j.wrapped_key = me.key.xor(&c.key_pad()).to_vec();
+        // The hosts this one knows too: founders enter the registry a
+        // moment after the first election, and the new host must reach
+        // them from the start.
+        if let Ok(b) = book.read() {
+            for (id, addrs) in b.iter() {
+                if !j.nodes.iter().any(|n| n.id == *id) {
+                    j.nodes.push(proto::NodeInfo {
+                        id: *id,
+                        addrs: addrs.clone(),
+                    });
+                }
+            }
+        }
+        j.nodes.sort_by_key(|n| n.id);
         tracing::info!(
             node = j.id,
             hostname = req.hostname,
@@ -514,7 +539,7 @@ fn join_cluster(
     }
 }
 
-fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>, block: BlockSlot) {
+fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>, block: BlockSlot, book: Book) {
     let peer = s.peer_addr().ok();
     let local = s.local_addr().ok();
     let mut c = match wire::accept(s, &me, Duration::from_secs(5)) {
@@ -526,7 +551,7 @@ fn serve(s: std::net::TcpStream, me: Identity, tx: Sender<Event>, block: BlockSl
     };
     if c.joining {
         if let Some(local) = local {
-            serve_join(c, &me, local, peer);
+            serve_join(c, &me, local, peer, &book);
         }
         return;
     }

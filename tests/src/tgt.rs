@@ -224,6 +224,32 @@ impl TgtTarget {
         Ok(())
     }
 
+    /// Adds LUN `lun` of type cd/dvd backed by a new sparse file `path`.
+    /// tgtd implements SPC-3 persistent reservations for disks only: this
+    /// LUN answers PERSISTENT RESERVE IN with ILLEGAL REQUEST (invalid
+    /// opcode), as an array without them would.
+    pub fn add_lun_cdrom(&mut self, t: &Target, lun: u32, path: &Path, size: u64) -> Result<()> {
+        let f = std::fs::File::create(path)
+            .with_context(|| format!("cannot create LUN file {}", path.display()))?;
+        f.set_len(size)?;
+        let p = path.to_str().context("LUN path is not UTF-8")?;
+        self.configure(&[
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            &t.tid.to_string(),
+            "--lun",
+            &lun.to_string(),
+            "--backing-store",
+            p,
+            "--device-type",
+            "cd",
+        ])?;
+        Ok(())
+    }
+
     /// Adds LUN `lun` with the `null` backing store (reads return zeros,
     /// writes are dropped; 1 TiB as tgtd sizes it), for speed tests.
     pub fn add_lun_null(&mut self, t: &Target, lun: u32) -> Result<()> {

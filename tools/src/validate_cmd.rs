@@ -262,6 +262,8 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
                 });
             }
             out.push(match p.pr {
+                _ if !p.reached => check("fencing", scope, "WARN", "cannot tell: this host does not reach the LUN".into(),
+                    "restore the host's SAN path, then validate again"),
                 1 => check("fencing", scope, "PASS", "persistent reservations work: a host cut off from the cluster is fenced off the LUN".into(), ""),
                 2 => check("fencing", scope, "WARN", "a LUN file or local device: no persistent reservations; a host cut off from the cluster stops writing only when its leases expire".into(),
                     "use an iSCSI LUN (iscsi://...) for production volumes"),

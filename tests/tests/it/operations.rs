@@ -215,3 +215,439 @@ fn the_console_shows_a_host_redirected_after_its_san_path_is_cut() {
     assert_eq!(http(console, "GET", "/api/state", None).0, 200);
     tgt.restore_initiator(&t, &host2).unwrap();
 }
+
+/// `csvctl` run on the observer's network (a thread in `ns`), with the
+/// fixture's key; its output, failing on a non-zero status unless
+/// `allow_fail`.
+fn ctl_in(
+    ns: &csv_test_support::netns::NetNs,
+    cl: &CsvCluster,
+    args: &[&str],
+    allow_fail: bool,
+) -> String {
+    let out = ns.run(|| cl.csvctl().args(args).output().unwrap()).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        allow_fail || out.status.success(),
+        "csvctl {args:?}: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+#[test]
+fn a_cluster_joined_with_tokens_on_its_own_networks_validates_runs_a_vm_and_takes_inventory() {
+    skip_unless!(
+        Need::Root,
+        Need::Device("/dev/fuse"),
+        Need::Device("/dev/kvm"),
+        Need::Command("fusermount3"),
+        Need::Command("ip"),
+        Need::Command("nsenter"),
+        Need::Command("tgtd"),
+        Need::Command("tgtadm")
+    );
+    use csv_test_support::netns::{Lan, NetNs};
+    // Networks: a SAN, cluster networks A and B. Hosts 1 and 2 are on
+    // both cluster networks, host 3 only on A (a planted fault).
+    let san = Lan::new("ssan", 71).unwrap();
+    let net_a = Lan::new("sna", 72).unwrap();
+    let net_b = Lan::new("snb", 73).unwrap();
+    let tns = NetNs::new("stgt").unwrap();
+    san.attach(&tns, 100).unwrap();
+    let hosts: Vec<NetNs> = (1..=3)
+        .map(|i| NetNs::new(&format!("s{i}")).unwrap())
+        .collect();
+    let mut san_links = Vec::new();
+    for (i, ns) in hosts.iter().enumerate() {
+        let n = i as u8 + 1;
+        san_links.push(san.attach(ns, n).unwrap());
+        net_a.attach(ns, n).unwrap();
+        if n != 3 {
+            net_b.attach(ns, n).unwrap();
+        }
+    }
+    let obs = NetNs::new("sobs").unwrap();
+    san.attach(&obs, 10).unwrap();
+    net_a.attach(&obs, 10).unwrap();
+    net_b.attach(&obs, 10).unwrap();
+    let portal: SocketAddr = format!("{}:3260", san.addr(100)).parse().unwrap();
+    let mut tgt = csv_test_support::tgt::TgtTarget::start_on(&[portal], Some(&tns)).unwrap();
+    let t = tgt.add_target("setup").unwrap();
+    tgt.add_lun_file(&t, 1, &tgt.dir().join("lun1.img"), 512 * MIB)
+        .unwrap();
+    let nopr = tgt.add_target("nopr").unwrap();
+    tgt.add_lun_cdrom(&nopr, 1, &tgt.dir().join("cd.img"), 64 * MIB)
+        .unwrap();
+    let (url, nopr_url) = (tgt.url(&t, 1), tgt.url(&nopr, 1));
+    let addr =
+        |lan: &Lan, i: u8| -> SocketAddr { format!("{}:7100", lan.addr(i)).parse().unwrap() };
+
+    // Host 1 founds the cluster with `cluster init`.
+    let mut cl = CsvCluster::new(vec![]).unwrap();
+    let base = cl.dir().to_path_buf();
+    let h = |i: u64| base.join(format!("host{i}"));
+    let csvctl = csv_test_support::cmd::workspace_bin("csvctl");
+    let console: SocketAddr = format!("{}:9480", net_a.addr(1)).parse().unwrap();
+    let init = Command::new(&csvctl)
+        .args(["cluster", "init", "--name", csv_test_support::csvd::CLUSTER])
+        .arg("--key-file")
+        .arg(h(1).join("cluster.key"))
+        .args(["--listen", &addr(&net_a, 1).to_string()])
+        .args(["--listen", &addr(&net_b, 1).to_string()])
+        .arg("--data-dir")
+        .arg(h(1).join("data"))
+        .arg("--mount-root")
+        .arg(h(1).join("mnt"))
+        .arg("--config")
+        .arg(h(1).join("csvd.toml"))
+        .args(["--console", &console.to_string()])
+        .output()
+        .unwrap();
+    let init_out = String::from_utf8_lossy(&init.stdout).into_owned();
+    assert!(
+        init.status.success(),
+        "{init_out}{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let token = init_out
+        .split_whitespace()
+        .find(|w| w.starts_with("csvjoin1-"))
+        .unwrap()
+        .to_string();
+    let key1 = h(1).join("cluster.key");
+    cl.use_key_file(&key1).unwrap();
+    let vm_mem = |m: &str| vec![format!("--vm-memory={m}")];
+    cl.add_configured_host(
+        1,
+        vec![addr(&net_a, 1), addr(&net_b, 1)],
+        Some(hosts[0].name().into()),
+        h(1).join("csvd.toml"),
+    );
+    cl.host_args.insert(1, vm_mem("2G"));
+    cl.start(1).unwrap();
+
+    // Hosts 2 and 3 join with the token, from their own networks.
+    for i in [2u8, 3] {
+        let mut listen = vec![addr(&net_a, i)];
+        if i != 3 {
+            listen.push(addr(&net_b, i));
+        }
+        let hd = h(u64::from(i));
+        let out = hosts[usize::from(i) - 1]
+            .run(|| {
+                let mut c = Command::new(&csvctl);
+                c.args(["node", "join", &token]);
+                for a in &listen {
+                    c.args(["--listen", &a.to_string()]);
+                }
+                c.arg("--key-file")
+                    .arg(hd.join("cluster.key"))
+                    .arg("--data-dir")
+                    .arg(hd.join("data"))
+                    .arg("--mount-root")
+                    .arg(hd.join("mnt"))
+                    .arg("--config")
+                    .arg(hd.join("csvd.toml"))
+                    .output()
+                    .unwrap()
+            })
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "join of host {i}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(&format!("as host {i}")), "{text}");
+        assert_eq!(
+            std::fs::read(hd.join("cluster.key")).unwrap(),
+            std::fs::read(&key1).unwrap(),
+            "host {i} got the cluster key"
+        );
+        cl.add_configured_host(
+            u64::from(i),
+            listen,
+            Some(hosts[usize::from(i) - 1].name().into()),
+            hd.join("csvd.toml"),
+        );
+        cl.host_args.insert(u64::from(i), vm_mem("512M"));
+        cl.start(u64::from(i)).unwrap();
+    }
+    // A forged token is refused.
+    let forged = format!(
+        "{}{}",
+        &token[..token.len() - 2],
+        if token.ends_with("00") { "11" } else { "00" }
+    );
+    let out = hosts[2]
+        .run(|| {
+            Command::new(&csvctl)
+                .args(["node", "join", &forged, "--listen", "10.0.0.1:1"])
+                .arg("--key-file")
+                .arg(cl.dir().join("forged.key"))
+                .arg("--config")
+                .arg(cl.dir().join("forged.toml"))
+                .output()
+                .unwrap()
+        })
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused the token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!cl.dir().join("forged.key").exists());
+
+    // Every host becomes a voter; the volume mounts everywhere.
+    obs.run(|| {
+        csv_test_support::wait_until(Duration::from_secs(30), || {
+            cl.status(1).is_ok_and(|s| {
+                s.groups
+                    .iter()
+                    .any(|g| g.group == 0 && g.voters == vec![1, 2, 3])
+            })
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e:?}: {:?}\nhost 1:\n{}\nhost 2:\n{}\nhost 3:\n{}",
+                cl.status(1),
+                cl.log_tail(1, 15),
+                cl.log_tail(2, 400)
+                    .lines()
+                    .filter(|l| !l.contains(" INFO raft"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                cl.log_tail(3, 15)
+            )
+        });
+        cl.add_volume_url(&url, 1).unwrap();
+        cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
+    })
+    .unwrap();
+
+    // A VM runs on host 1 (768 MiB: more than hosts 2 and 3 offer).
+    let mk_vhd = |name: &str| {
+        vhd::Vhd::create(
+            cl.mountpoint(1, 1).join(name),
+            &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 * MIB),
+        )
+        .unwrap();
+        format!("/ClusterStorage/Volume1/{name}")
+    };
+    let big = mk_vhd("big.vhd");
+    ctl_in(
+        &obs,
+        &cl,
+        &[
+            "vm", "add", "big", "--memory", "768M", "--disk", &big, "--owner", "web-team",
+        ],
+        false,
+    );
+    ctl_in(&obs, &cl, &["vm", "start", "big", "--on", "1"], false);
+    obs.run(|| {
+        csv_test_support::wait_until(Duration::from_secs(30), || {
+            let s: Value = serde_json::from_str(&String::from_utf8_lossy(
+                &cl.csvctl()
+                    .args(["vm", "status", "big", "--json"])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            ))
+            .unwrap_or(Value::Null);
+            s["runtime"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|x| x["state"] == "running" && x["heartbeats"].as_u64().unwrap_or(0) > 0)
+            })
+        })
+        .unwrap();
+    })
+    .unwrap();
+    eprintln!("VM big runs on host 1");
+
+    // Planted: host 3 loses its SAN link (and writes, so it notices).
+    san_links[2].down().unwrap();
+    let f = cl.mountpoint(3, 1).join("from3.bin");
+    std::fs::write(&f, vec![3u8; MIB as usize]).unwrap();
+    std::fs::File::open(&f).unwrap().sync_all().unwrap();
+
+    // Validate: each planted fault FAILs with its fix; sound parts PASS.
+    let text = ctl_in(&obs, &cl, &["validate", "--lun", &nopr_url], true);
+    eprintln!("{text}");
+    let v: Value = serde_json::from_str(&ctl_in(
+        &obs,
+        &cl,
+        &["validate", "--lun", &nopr_url, "--json"],
+        true,
+    ))
+    .unwrap();
+    let find = |check: &str, scope: &str| -> Value {
+        v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == check && c["scope"] == scope)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {check} check for {scope}: {v:#}"))
+    };
+    let fails = |check: &str, scope: &str, fix: &str| {
+        let c = find(check, scope);
+        assert_eq!(c["result"], "FAIL", "{c:#}");
+        assert!(c["fix"].as_str().unwrap().contains(fix), "{c:#}");
+    };
+    fails(
+        "san-path",
+        "Volume1 on host 3",
+        "restore the host's SAN path",
+    );
+    fails("networks", "host 3", "second address on another network");
+    fails(
+        "fencing",
+        &format!("LUN {nopr_url} on host 1"),
+        "enable SPC-3 persistent reservations",
+    );
+    fails("failover-memory", "host 1", "add memory or a host");
+    for (check, scope) in [
+        ("san-path", "Volume1 on host 1"),
+        ("fencing", "Volume1 on host 1"),
+        ("networks", "host 1"),
+        ("networks", "host 2"),
+        ("quorum", "group cluster"),
+        ("quorum", "group Volume1"),
+        ("clock", "host 2"),
+        ("version", "host 3"),
+        ("kvm", "host 1"),
+    ] {
+        assert_eq!(
+            find(check, scope)["result"],
+            "PASS",
+            "{check} {scope}: {v:#}"
+        );
+    }
+
+    // Inventory: planted sprawl, each flagged, with what it frees.
+    let idle = mk_vhd("idle.vhd");
+    ctl_in(
+        &obs,
+        &cl,
+        &["vm", "add", "idle", "--memory", "256M", "--disk", &idle],
+        false,
+    );
+    let temp = mk_vhd("temp.vhd");
+    ctl_in(
+        &obs,
+        &cl,
+        &[
+            "vm",
+            "add",
+            "temp",
+            "--memory",
+            "256M",
+            "--disk",
+            &temp,
+            "--expires",
+            "+1s",
+        ],
+        false,
+    );
+    let soon = mk_vhd("soon.vhd");
+    ctl_in(
+        &obs,
+        &cl,
+        &[
+            "vm",
+            "add",
+            "soon",
+            "--memory",
+            "256M",
+            "--disk",
+            &soon,
+            "--expires",
+            "+3d",
+            "--owner",
+            "bob",
+        ],
+        false,
+    );
+    let orphan = cl.mountpoint(1, 1).join("orphan.vhd");
+    mk_vhd("orphan.vhd");
+    {
+        let mut o = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&orphan)
+            .unwrap();
+        use std::io::{Seek, SeekFrom};
+        o.seek(SeekFrom::Start(MIB)).unwrap();
+        o.write_all(&vec![9u8; 4 * MIB as usize]).unwrap();
+        o.sync_all().unwrap();
+    }
+    ctl_in(
+        &obs,
+        &cl,
+        &["snapshot", "create", "1", "--name", "forgotten"],
+        false,
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let mount_root = h(1).join("mnt");
+    let inv_args = [
+        "inventory",
+        "--stopped-for",
+        "1s",
+        "--snapshot-age",
+        "1s",
+        "--mount-root",
+        mount_root.to_str().unwrap(),
+    ];
+    eprintln!("{}", ctl_in(&obs, &cl, &inv_args, true));
+    let mut json_args = inv_args.to_vec();
+    json_args.push("--json");
+    let inv: Value = serde_json::from_str(&ctl_in(&obs, &cl, &json_args, true)).unwrap();
+    let flagged = |kind: &str, subject: &str| -> Value {
+        inv["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["kind"] == kind && f["subject"] == subject)
+            .cloned()
+            .unwrap_or_else(|| panic!("{kind} {subject} not flagged: {inv:#}"))
+    };
+    flagged("stopped", "idle");
+    flagged("expired", "temp");
+    flagged("expires-soon", "soon");
+    let o = flagged("unattached-vhd", "Volume1/orphan.vhd");
+    assert!(o["frees_storage"].as_u64().unwrap() >= 4 * MIB, "{o:#}");
+    flagged("old-snapshot", "Volume1@forgotten");
+    let b = flagged("over-provisioned", "big");
+    assert!(b["frees_memory"].as_u64().unwrap() >= 256 * MIB, "{b:#}");
+    assert!(
+        inv["frees_storage"].as_u64().unwrap() >= o["frees_storage"].as_u64().unwrap(),
+        "{inv:#}"
+    );
+    assert!(inv["frees_memory"].as_u64().unwrap() >= b["frees_memory"].as_u64().unwrap());
+    // Used disks are not flagged; the VMs are listed with their owners.
+    for used in ["Volume1/big.vhd", "Volume1/idle.vhd"] {
+        assert!(
+            !inv["flags"].to_string().contains(&format!("\"{used}\"")),
+            "{used} flagged: {inv:#}"
+        );
+    }
+    let big_row = inv["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "big")
+        .unwrap();
+    assert_eq!(big_row["owner"], "web-team");
+    assert_eq!(big_row["host"], 1);
+    assert!(big_row["cost_month"].as_f64().unwrap() > 0.0);
+
+    // The console of host 1 (on cluster network A) lists the VM.
+    let (code, body) = obs
+        .run(|| http(console, "GET", "/api/state", None))
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("\"name\":\"big\""), "{body}");
+    san_links[2].up().unwrap();
+    ctl_in(&obs, &cl, &["vm", "stop", "big"], false);
+}
