@@ -651,3 +651,103 @@ fn a_cluster_joined_with_tokens_on_its_own_networks_validates_runs_a_vm_and_take
     san_links[2].up().unwrap();
     ctl_in(&obs, &cl, &["vm", "stop", "big"], false);
 }
+
+#[test]
+fn a_host_joins_with_a_token_from_cluster_token_and_node_remove_evicts_it() {
+    skip_unless!(Need::Root);
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.start_all().unwrap();
+    let ctl = |cl: &CsvCluster, args: &[&str]| -> (bool, String) {
+        let out = cl.csvctl().args(args).output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    cl.wait_leader(0, Duration::from_secs(10)).unwrap();
+    let (ok, token) = ctl(&cl, &["cluster", "token", "--ttl", "10m"]);
+    assert!(ok, "{token}");
+    let token = token.lines().next().unwrap().trim().to_string();
+    let h4 = cl.host_dir(4);
+    let listen: SocketAddr = format!("127.0.0.1:{}", csv_test_support::free_port().unwrap())
+        .parse()
+        .unwrap();
+    let (ok, out) = ctl(
+        &cl,
+        &[
+            "node",
+            "join",
+            &token,
+            "--listen",
+            &listen.to_string(),
+            "--key-file",
+            h4.join("cluster.key").to_str().unwrap(),
+            "--data-dir",
+            h4.join("data").to_str().unwrap(),
+            "--mount-root",
+            h4.join("mnt").to_str().unwrap(),
+            "--config",
+            h4.join("csvd.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(ok && out.contains("as host 4"), "{out}");
+    // A second join with the same files is refused before anything is sent.
+    let (ok, again) = ctl(
+        &cl,
+        &[
+            "node",
+            "join",
+            &token,
+            "--listen",
+            "127.0.0.1:1",
+            "--key-file",
+            h4.join("cluster.key").to_str().unwrap(),
+            "--config",
+            h4.join("other.toml").to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && again.contains("already belongs to a cluster"),
+        "{again}"
+    );
+    cl.add_configured_host(4, vec![listen], None, h4.join("csvd.toml"));
+    cl.start(4).unwrap();
+    let voters = |cl: &CsvCluster| -> Vec<u64> {
+        cl.status(1)
+            .ok()
+            .and_then(|s| s.groups.into_iter().find(|g| g.group == 0))
+            .map(|g| g.voters)
+            .unwrap_or_default()
+    };
+    csv_test_support::wait_until(Duration::from_secs(20), || voters(&cl) == vec![1, 2, 3, 4])
+        .unwrap_or_else(|e| panic!("{e:?}: {:?}", voters(&cl)));
+    assert_eq!(
+        std::fs::read_to_string(h4.join("data/FORMAT")).unwrap(),
+        "csv-state 1.0\n"
+    );
+    // The founders enter the registry a moment after the first election.
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client().cluster_info().is_ok_and(|i| i.nodes.len() == 4)
+    })
+    .unwrap();
+    // Host 4 leads the cluster group for a moment: removing it moves the
+    // leadership away first.
+    cl.client().transfer_leader(0, 4).unwrap();
+    let (ok, out) = ctl(&cl, &["node", "remove", "4"]);
+    assert!(ok, "{out}");
+    csv_test_support::wait_until(Duration::from_secs(10), || voters(&cl) == vec![1, 2, 3])
+        .unwrap_or_else(|e| panic!("{e:?}: {:?}", voters(&cl)));
+    let (ok, out) = ctl(&cl, &["cluster", "nodes"]);
+    assert!(ok && !out.contains(&listen.to_string()), "{out}");
+    // Its id is not given again, and removing it twice says so.
+    let (ok, out) = ctl(&cl, &["node", "remove", "4"]);
+    assert!(!ok && out.contains("removed already"), "{out}");
+    let mut c = cl.client();
+    let e = c.add_node(4, vec![listen.to_string()]).unwrap_err();
+    assert!(format!("{e:?}").contains("removed"), "{e:?}");
+    cl.stop(4).unwrap();
+}
