@@ -339,7 +339,7 @@ pub struct HttpRequest {
 
 /// Reads one request head (and skips a small body); refuses what is too
 /// big or malformed.
-fn read_request(s: &mut impl Read) -> Result<HttpRequest, String> {
+pub fn read_request(s: &mut impl Read) -> Result<HttpRequest, String> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];
     let end = loop {
