@@ -150,17 +150,20 @@ pub fn open(url: &str, who: &SanIdentity, vol: u64) -> Result<IscsiPath, String>
     };
     let lun = runtime
         .block_on(async {
-            // A short recovery window: when the path stays down for half
-            // a second, I/O fails and the filesystem redirects it through
-            // a peer instead of waiting for the SAN. A silent link (nothing
-            // reset) shows as a connection quiet for 2 s while commands
-            // are out; a quarter-second of quiet sends a NOP-Out, which a
-            // live target answers at once, however slow its disk.
+            // A short recovery window: when the path stays down for 0.3 s,
+            // I/O fails and the filesystem redirects it through a peer
+            // instead of waiting for the SAN. A silent link (nothing reset)
+            // is caught by a NOP-Out after 0.1 s of quiet that gets no
+            // answer in 0.3 s: a live target answers at once, however slow
+            // its disk (and a false alarm only costs a reconnection, which
+            // a live target accepts at once). The cut is redirected within
+            // about 0.8 s.
             let t = Timeouts {
                 command: Duration::from_secs(2),
-                keepalive: Duration::from_millis(250),
-                recovery: Duration::from_millis(500),
-                login: Duration::from_millis(300),
+                keepalive: Duration::from_millis(100),
+                ping: Duration::from_millis(300),
+                recovery: Duration::from_millis(300),
+                login: Duration::from_millis(250),
             };
             let s = Session::connect_paths(std::slice::from_ref(&u.portal), &cfg, t).await?;
             Lun::open(s, u.lun).await
@@ -267,6 +270,7 @@ pub fn probe(spec: &str, who: &SanIdentity) -> Probe {
         let t = Timeouts {
             command: Duration::from_secs(2),
             keepalive: Duration::from_millis(500),
+            ping: Duration::from_secs(1),
             recovery: Duration::from_millis(500),
             login: Duration::from_secs(2),
         };

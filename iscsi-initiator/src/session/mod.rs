@@ -71,6 +71,11 @@ pub struct Timeouts {
     pub command: Duration,
     /// Idle time after which a NOP-Out checks the connection.
     pub keepalive: Duration,
+    /// A NOP-Out the target has not answered (nothing at all received)
+    /// this long after it was sent means the connection is dead. A live
+    /// target answers at once, however slow its disk: this catches a
+    /// silent link (no reset) long before the command timeout.
+    pub ping: Duration,
     /// How long to keep trying to reconnect before failing the commands.
     pub recovery: Duration,
     /// Time allowed for one connect + login attempt.
@@ -82,6 +87,7 @@ impl Default for Timeouts {
         Timeouts {
             command: Duration::from_secs(15),
             keepalive: Duration::from_secs(5),
+            ping: Duration::from_secs(15),
             recovery: Duration::from_secs(120),
             login: Duration::from_secs(5),
         }
@@ -730,8 +736,15 @@ async fn reader(rd: tokio::net::tcp::OwnedReadHalf, inner: std::sync::Weak<Inner
 /// Checks the connection: a NOP-Out when idle, and a dead connection when
 /// a task waits too long.
 async fn watchdog(inner: std::sync::Weak<Inner>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let period = match inner.upgrade() {
+        Some(i) => (i.timeouts.keepalive.min(i.timeouts.ping) / 2)
+            .clamp(Duration::from_millis(20), Duration::from_millis(250)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
     let mut last_ping = Instant::now();
+    // A NOP-Out sent and not answered yet (nothing received since).
+    let mut unanswered: Option<Instant> = None;
     loop {
         tick.tick().await;
         let Some(i) = inner.upgrade() else { return };
@@ -743,11 +756,25 @@ async fn watchdog(inner: std::sync::Weak<Inner>) {
                 return;
             }
             if st.recovering {
+                unanswered = None;
                 continue;
             }
             let now = Instant::now();
             let quiet = now.duration_since(st.last_rx);
-            if let Some(old) = st.tasks.values().filter_map(|t| t.sent).min() {
+            if unanswered.is_some_and(|p| st.last_rx >= p) {
+                unanswered = None;
+            }
+            if let Some(p) = unanswered.filter(|p| now.duration_since(*p) > i.timeouts.ping) {
+                unanswered = None;
+                lost = Some((
+                    st.generation,
+                    format!(
+                        "no answer to a NOP-Out in {:.1} s (nothing received for {:.1} s)",
+                        now.duration_since(p).as_secs_f64(),
+                        quiet.as_secs_f64()
+                    ),
+                ));
+            } else if let Some(old) = st.tasks.values().filter_map(|t| t.sent).min() {
                 if now.duration_since(old) > i.timeouts.command && quiet > i.timeouts.command {
                     lost = Some((
                         st.generation,
@@ -775,6 +802,9 @@ async fn watchdog(inner: std::sync::Weak<Inner>) {
             // Fire and forget: the answer (or its absence, which the check
             // above notices) is what matters.
             last_ping = Instant::now();
+            if unanswered.is_none() {
+                unanswered = Some(last_ping);
+            }
             let _ = submit(&i, Kind::Nop, 0, [0; 16], Data::None, 0);
         }
     }

@@ -173,6 +173,17 @@ fn a_host_loses_its_san_link_a_cluster_network_then_the_cluster() {
 
     // 3. Host 2 cut off the cluster: the others have it down and fence it
     // off the LUN; a write in its name is refused; they carry on.
+    // Every host is a registrant before the cut (else "fenced" below
+    // would prove nothing).
+    let before = csv_test_support::wait_until(Duration::from_secs(10), || {
+        let k = keys();
+        (1..=3).all(|h| k.contains(&pr_key(h)))
+    });
+    assert!(
+        before.is_ok(),
+        "registrations before the cut: {:x?}",
+        keys()
+    );
     a_links[1].down().unwrap();
     b_links[1].down().unwrap();
     let cutoff = Instant::now();
