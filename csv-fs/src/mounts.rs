@@ -397,9 +397,13 @@ impl Mounts {
                 (Some(a), _) if a.lun.is_redirected() => (
                     "BlockRedirected",
                     format!(
-                        "I/O through a peer: {} ({} requests so far; own path: {})",
+                        "I/O through a peer: {} ({} requests so far{}; own path: {})",
                         a.lun.redirect_reason().unwrap_or_default(),
                         a.lun.redirected_ops(),
+                        a.lun
+                            .last_peer()
+                            .map(|p| format!(", last served by {p}"))
+                            .unwrap_or_default(),
                         a.path
                     ),
                 ),
@@ -429,6 +433,36 @@ impl Mounts {
         }
     }
 
+    /// Points each volume's redirected I/O at its coordinator first (the
+    /// leader of its Raft group, as this host's replica knows it).
+    fn prefer_coordinators(&self, info: &coordinator::proto::ClusterInfo) {
+        let Some(own) = self.cfg.endpoints.first() else {
+            return;
+        };
+        let Ok(st) =
+            coordinator::client::node_status(&self.cfg.identity, *own, Duration::from_millis(500))
+        else {
+            return;
+        };
+        for (n, a) in &self.active {
+            let leader = st
+                .groups
+                .iter()
+                .find(|g| g.group == *n)
+                .map_or(0, |g| g.leader);
+            let addrs = if leader == 0 || leader == self.cfg.node {
+                vec![]
+            } else {
+                info.nodes
+                    .iter()
+                    .find(|x| x.id == leader)
+                    .map(|x| coordinator::node::resolve(&x.addrs))
+                    .unwrap_or_default()
+            };
+            a.lun.set_preferred(addrs);
+        }
+    }
+
     /// Follows the registry until `stop` is set, then unmounts everything.
     pub fn run(mut self, stop: Arc<AtomicBool>) {
         let mut c = Client::new(self.cfg.identity.clone(), self.cfg.endpoints.clone());
@@ -439,6 +473,7 @@ impl Mounts {
                 Ok(info) => {
                     self.sync(&info.volumes);
                     self.fence(&info, read_started);
+                    self.prefer_coordinators(&info);
                 }
                 Err(e) => tracing::debug!("cluster registry not readable yet: {e}"),
             }

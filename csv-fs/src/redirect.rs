@@ -49,6 +49,12 @@ pub struct RedirectingLun {
     reason: Mutex<String>,
     me: Identity,
     peers: Vec<SocketAddr>,
+    /// The volume's coordinator's addresses: redirected I/O goes there
+    /// first (it has the volume's metadata at hand and is up), then to
+    /// the other peers.
+    preferred: RwLock<Vec<SocketAddr>>,
+    /// The peer that served the last redirected request.
+    last_peer: Mutex<Option<SocketAddr>>,
     pool: Mutex<Vec<(SocketAddr, Conn)>>,
     seq: AtomicU64,
     /// Requests served through a peer so far.
@@ -117,6 +123,8 @@ impl RedirectingLun {
             pool: Mutex::new(Vec::new()),
             seq: AtomicU64::new(1),
             redirected_ops: AtomicU64::new(0),
+            preferred: RwLock::new(Vec::new()),
+            last_peer: Mutex::new(None),
             bytes: Default::default(),
             switches: AtomicU64::new(0),
         });
@@ -312,6 +320,11 @@ impl RedirectingLun {
         }
     }
 
+    /// The peer that served the last redirected request, if any did.
+    pub fn last_peer(&self) -> Option<SocketAddr> {
+        self.last_peer.lock().ok().and_then(|l| *l)
+    }
+
     /// Bytes over each path and path failures so far.
     pub fn io_counters(&self) -> IoCounters {
         let b = |i: usize| self.bytes[i].load(Ordering::Relaxed);
@@ -350,12 +363,41 @@ impl RedirectingLun {
         Ok(c)
     }
 
+    /// Sends redirected I/O to these addresses (the volume's coordinator)
+    /// before the other peers.
+    pub fn set_preferred(&self, addrs: Vec<SocketAddr>) {
+        if let Ok(mut p) = self.preferred.write() {
+            if *p != addrs {
+                tracing::debug!(
+                    volume = self.vol,
+                    ?addrs,
+                    "redirected I/O goes to the coordinator first"
+                );
+                *p = addrs;
+            }
+        }
+    }
+
+    /// The peers in the order redirected I/O tries them: the coordinator
+    /// first.
+    pub fn peer_order(&self) -> Vec<SocketAddr> {
+        let mut order: Vec<SocketAddr> =
+            self.preferred.read().map(|p| p.clone()).unwrap_or_default();
+        order.retain(|a| self.peers.contains(a));
+        for a in &self.peers {
+            if !order.contains(a) {
+                order.push(*a);
+            }
+        }
+        order
+    }
+
     /// One redirected request, tried on each peer until one serves it.
     fn call(&self, mut op: BlockOp) -> io::Result<Vec<u8>> {
         op.volume = self.vol;
         op.crc = crc32fast::hash(&op.data);
         let mut last = String::from("no peer to redirect to");
-        for &a in &self.peers {
+        for a in self.peer_order() {
             let mut c = match self.conn(a) {
                 Ok(c) => c,
                 Err(e) => {
@@ -388,6 +430,9 @@ impl RedirectingLun {
             };
             if let Ok(mut p) = self.pool.lock() {
                 p.push((a, c));
+            }
+            if let Ok(mut l) = self.last_peer.lock() {
+                *l = Some(a);
             }
             match resp.result {
                 Some(response::Result::Reply(proto::Reply {

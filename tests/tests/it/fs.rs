@@ -684,6 +684,25 @@ fn a_host_redirected_by_the_operator_carries_on_through_a_peer() {
     }
     f.sync_all().unwrap();
     drop(f);
+    // Redirected I/O goes to the volume's coordinator first: move it to
+    // host 3, then to host 1, and see who serves host 2.
+    for to in [3u64, 1] {
+        cl.client().transfer_leader(v, to).unwrap();
+        let addr = cl.hosts.iter().find(|h| h.id == to).unwrap().listen[0];
+        let served = csv_test_support::wait_until(Duration::from_secs(10), || {
+            let mut g = File::options().append(true).open(&path).unwrap();
+            g.write_all(b"x").unwrap();
+            g.sync_all().unwrap();
+            state(2).1.contains(&format!("last served by {addr}"))
+        });
+        assert!(served.is_ok(), "coordinator {to} at {addr}: {:?}", state(2));
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(16 * CHUNK as u64)
+        .unwrap();
     let back = fs::read(&path).unwrap();
     for h in [1, 3] {
         assert_eq!(
