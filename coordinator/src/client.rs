@@ -328,6 +328,15 @@ impl Client {
         }
     }
 
+    /// The volume's consistency check, run by its coordinator on its
+    /// current state: the problems found (none: consistent).
+    pub fn check_volume(&mut self, vol: u64) -> Result<Vec<String>> {
+        match self.read(vol, read::Query::Check(proto::Empty {}))?.value {
+            Some(Value::Text(t)) => Ok(t.lines().map(str::to_string).collect()),
+            v => Err(ClientError::BadReply(format!("{v:?}"))),
+        }
+    }
+
     /// The snapshots of a volume, oldest first (linearizable).
     pub fn snapshots(&mut self, vol: u64) -> Result<Vec<proto::SnapshotInfo>> {
         match self

@@ -856,6 +856,7 @@ impl Group {
                             .map(codec::lease_event_to_proto)
                             .collect(),
                     }),
+                    read::Query::Check(_) => Value::Text(v.check().join("\n")),
                     read::Query::Usage(_) => Value::Usage(proto::VolumeUsage {
                         free: v.free_bytes(),
                         quarantined: v.quarantined_bytes(),

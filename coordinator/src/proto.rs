@@ -958,7 +958,7 @@ pub struct HandOverOp {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Read {
     /// Which read.
-    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10")]
+    #[prost(oneof = "read::Query", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")]
     pub query: Option<read::Query>,
 }
 
@@ -997,6 +997,10 @@ pub mod read {
         /// The volume's snapshots.
         #[prost(message, tag = "10")]
         Snapshots(super::Empty),
+        /// The volume's consistency check (every LUN byte owned once,
+        /// directories and links agree): the problems found, one per line.
+        #[prost(message, tag = "11")]
+        Check(super::Empty),
     }
 }
 

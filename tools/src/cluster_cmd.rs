@@ -200,6 +200,16 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Check VolumeN's metadata for consistency (like fsck, on the live
+    /// volume, by its coordinator): every LUN byte belongs to exactly one
+    /// file, the free space or quarantine; directories and link counts
+    /// agree. Exit status 1 if a problem is found.
+    Check {
+        #[command(flatten)]
+        access: Access,
+        /// N in /ClusterStorage/VolumeN.
+        number: u64,
+    },
     /// List the volumes.
     List {
         #[command(flatten)]
@@ -726,6 +736,21 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
                 }
             }
             bail!("host {node}: {last}")
+        }
+        VolumeCommand::Check { access, number } => {
+            let problems = access
+                .client()?
+                .check_volume(number)
+                .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+            if problems.is_empty() {
+                println!("Volume{number}: consistent");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for p in &problems {
+                println!("Volume{number}: {p}");
+            }
+            println!("Volume{number}: {} problem(s)", problems.len());
+            Ok(ExitCode::from(1))
         }
         VolumeCommand::List { access } => {
             let info = access
