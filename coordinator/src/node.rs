@@ -345,7 +345,7 @@ fn serve_local(block: &BlockSlot, r: &Request, node: u64) -> Option<Response> {
             |s| match s.block(op) {
                 Ok(data) if op.kind == 0 => Ok(proto::reply::Value::Data(proto::BlockData {
                     crc: crc32fast::hash(&data),
-                    data,
+                    data: data.into(),
                 })),
                 Ok(_) => Ok(proto::reply::Value::Done(proto::Empty {})),
                 Err(e) => Err(codec::error(ErrorCode::Unavailable, e)),

@@ -36,7 +36,7 @@ pub struct Hello {
 }
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 /// Second frame each side sends: proof that it holds the cluster key.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -438,9 +438,10 @@ pub struct BlockOp {
     /// Bytes to read (reads).
     #[prost(uint64, tag = "3")]
     pub len: u64,
-    /// Bytes to write (writes).
-    #[prost(bytes = "vec", tag = "4")]
-    pub data: Vec<u8>,
+    /// Bytes to write (writes). `Bytes`: a frame decoded from a `Bytes`
+    /// buffer shares it instead of copying the payload.
+    #[prost(bytes = "bytes", tag = "4")]
+    pub data: bytes::Bytes,
     /// 0 read, 1 write, 2 flush.
     #[prost(uint32, tag = "5")]
     pub kind: u32,
@@ -452,9 +453,9 @@ pub struct BlockOp {
 /// Bytes read for a redirected request.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct BlockData {
-    /// The bytes.
-    #[prost(bytes = "vec", tag = "1")]
-    pub data: Vec<u8>,
+    /// The bytes (shared with the received frame, not copied).
+    #[prost(bytes = "bytes", tag = "1")]
+    pub data: bytes::Bytes,
     /// CRC32 of `data`.
     #[prost(uint32, tag = "2")]
     pub crc: u32,

@@ -393,7 +393,7 @@ impl RedirectingLun {
     }
 
     /// One redirected request, tried on each peer until one serves it.
-    fn call(&self, mut op: BlockOp) -> io::Result<Vec<u8>> {
+    fn call(&self, mut op: BlockOp) -> io::Result<bytes::Bytes> {
         op.volume = self.vol;
         op.crc = crc32fast::hash(&op.data);
         let mut last = String::from("no peer to redirect to");
@@ -447,7 +447,7 @@ impl RedirectingLun {
                 }
                 Some(response::Result::Reply(_)) => {
                     self.redirected_ops.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Vec::new());
+                    return Ok(bytes::Bytes::new());
                 }
                 Some(response::Result::Error(e)) => last = format!("{a}: {}", e.message),
                 _ => last = format!("{a}: empty answer"),
@@ -492,7 +492,7 @@ impl vhd::BlockIo for RedirectingLun {
         self.bytes[3].fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.call(BlockOp {
             offset,
-            data: buf.to_vec(),
+            data: bytes::Bytes::copy_from_slice(buf),
             kind: WRITE,
             ..Default::default()
         })
