@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Where and how this host mounts volumes.
@@ -56,6 +56,10 @@ pub struct Mounts {
     fenced_done: std::collections::BTreeSet<(u64, u64)>,
     /// When this host last checked its own registrations.
     checked: std::time::Instant,
+    /// When the latest registry read that had this host up started: a
+    /// reopened SAN path registers again only after such a read (see
+    /// `mount`'s reopen).
+    up_read: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for Mounts {
@@ -97,6 +101,7 @@ impl Mounts {
             failed: BTreeMap::new(),
             fenced_done: Default::default(),
             checked: std::time::Instant::now(),
+            up_read: Arc::default(),
         }
     }
 
@@ -269,9 +274,39 @@ impl Mounts {
         // file is probed as it is.
         let reopen: Option<crate::redirect::Reopen> = san.as_ref().map(|_| {
             let (url, who, vol) = (v.lun.clone(), self.cfg.san.clone(), v.number);
+            let (up_read, lost_at) = (self.up_read.clone(), Mutex::new(None));
             let f: crate::redirect::Reopen = Box::new(move || {
-                // The same ISID: the same I_T nexus, still registered.
+                // A new session is a new I_T nexus to the target, which
+                // may not carry the old one's registration (tgtd keeps the
+                // key listed, but refuses the new nexus's writes). So it
+                // registers again before I/O goes back to it, and only
+                // after a registry read that started once the path was
+                // found down had this host up: a key the cluster leader
+                // preempted was preempted while the registry had this host
+                // down, so a fenced host does not let itself back in.
                 let p = crate::san::open(&url, &who, vol)?;
+                if who.node != 0 {
+                    let key = crate::san::pr_key(who.node);
+                    let now = std::time::Instant::now();
+                    let since = *lost_at
+                        .lock()
+                        .map_err(|_| "lock poisoned".to_string())?
+                        .get_or_insert(now);
+                    let up_after = up_read
+                        .lock()
+                        .ok()
+                        .and_then(|u| *u)
+                        .is_some_and(|u| u > since);
+                    if !up_after {
+                        return Err(format!(
+                            "the path answers again; registering key {key:#x} on the new session once the registry has this host up"
+                        ));
+                    }
+                    crate::san::pr_register(&p.lun, key)?;
+                    if let Ok(mut l) = lost_at.lock() {
+                        *l = None;
+                    }
+                }
                 let lun: Arc<dyn vhd::BlockIo> = p.lun.clone();
                 let keep: Box<dyn std::any::Any + Send + Sync> = Box::new(p);
                 Ok((lun, keep))
@@ -471,6 +506,17 @@ impl Mounts {
             let read_started = std::time::Instant::now();
             match c.cluster_info() {
                 Ok(info) => {
+                    let me = self.cfg.node;
+                    if info
+                        .health
+                        .iter()
+                        .find(|h| h.node == me)
+                        .is_none_or(|h| h.up)
+                    {
+                        if let Ok(mut u) = self.up_read.lock() {
+                            *u = Some(read_started);
+                        }
+                    }
                     self.sync(&info.volumes);
                     self.fence(&info, read_started);
                     self.prefer_coordinators(&info);

@@ -145,7 +145,19 @@ pub fn run(args: &[String]) -> Result<()> {
             })
             .unwrap_or_default();
         if times.is_empty() {
-            bail!("cut {k}: no write completed after the cut");
+            let why = if w.is_finished() {
+                match w.join() {
+                    Ok(Err(e)) => format!("the writer failed: {e:#}"),
+                    Ok(Ok(())) => "the writer stopped".to_string(),
+                    Err(_) => "the writer panicked".to_string(),
+                }
+            } else {
+                format!("the writer is stuck; host 2 is {:?}", cl.volume_state(2, 1))
+            };
+            bail!(
+                "cut {k}: no write completed after the cut: {why}\nhost 2's log ends:\n{}",
+                cl.log_tail(2, 30)
+            );
         }
         let mut gap = times[0].duration_since(cut);
         for w in times.windows(2) {
