@@ -344,7 +344,6 @@ fn serve_local(block: &BlockSlot, r: &Request, node: u64) -> Option<Response> {
         Some(request::Body::Block(op)) => Some(server("this host serves no volume").and_then(
             |s| match s.block(op) {
                 Ok(data) if op.kind == 0 => Ok(proto::reply::Value::Data(proto::BlockData {
-                    crc: crc32fast::hash(&data),
                     data: data.into(),
                 })),
                 Ok(_) => Ok(proto::reply::Value::Done(proto::Empty {})),

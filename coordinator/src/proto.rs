@@ -445,9 +445,8 @@ pub struct BlockOp {
     /// 0 read, 1 write, 2 flush.
     #[prost(uint32, tag = "5")]
     pub kind: u32,
-    /// CRC32 of `data`.
-    #[prost(uint32, tag = "6")]
-    pub crc: u32,
+    // Tag 6 (a CRC32 of `data`, protocol 1) is retired: the frame's MAC,
+    // a keyed BLAKE3 over every byte of it, is the payload's checksum.
 }
 
 /// Bytes read for a redirected request.
@@ -456,9 +455,7 @@ pub struct BlockData {
     /// The bytes (shared with the received frame, not copied).
     #[prost(bytes = "bytes", tag = "1")]
     pub data: bytes::Bytes,
-    /// CRC32 of `data`.
-    #[prost(uint32, tag = "2")]
-    pub crc: u32,
+    // Tag 2 (a CRC32, protocol 1) is retired, as in [`BlockOp`].
 }
 
 /// How a host reaches one volume.
