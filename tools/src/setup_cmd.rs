@@ -158,10 +158,13 @@ pub fn init(
     );
     println!();
     println!(
-        "On each further host (this token admits hosts for {}):",
+        "On each further host (this token admits hosts for {}; hand it over like a password):",
         human(ttl)
     );
-    println!("  csvctl node join {} --listen IP:PORT", t.encode());
+    println!(
+        "  CSV_JOIN_TOKEN={} csvctl node join --listen IP:PORT",
+        t.encode()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -213,6 +216,18 @@ pub fn token(access: &Access, ttl: Duration) -> Result<ExitCode> {
 /// `csvctl node join`: redeems a token, writes the key and csvd's
 /// settings, and (with `--start`) starts csvd.
 pub fn join(token: &str, key_file: &Path, h: HostSettings, start: bool) -> Result<ExitCode> {
+    let read;
+    let token = if token == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .take(8192)
+            .read_to_string(&mut s)
+            .context("read the join token from standard input")?;
+        read = s;
+        read.trim()
+    } else {
+        token
+    };
     let t = JoinTicket::decode(token).map_err(anyhow::Error::msg)?;
     if h.listen.is_empty() {
         bail!("give this host's cluster address: --listen IP:PORT (one per cluster network)");
@@ -296,6 +311,7 @@ pub fn join(token: &str, key_file: &Path, h: HostSettings, start: bool) -> Resul
     Ok(ExitCode::SUCCESS)
 }
 
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 
 /// `csvctl node remove`: evicts a host. It must run no VM role; every

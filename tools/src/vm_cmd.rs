@@ -544,7 +544,10 @@ pub enum NodeCommand {
     /// key; its csvd settings file is written (and csvd started with
     /// --start). It becomes a voter of every group once caught up.
     Join {
-        /// The join token.
+        /// The join token; `-` reads it from standard input, and without it
+        /// it comes from CSV_JOIN_TOKEN (either keeps it out of process
+        /// lists and shell history).
+        #[arg(env = "CSV_JOIN_TOKEN", hide_env_values = true)]
         token: String,
         /// Where to write the cluster key.
         #[arg(long, default_value = "/etc/csv/cluster.key")]
