@@ -557,9 +557,10 @@ pub fn redirect(
     addr: SocketAddr,
     volume: u64,
     on: bool,
+    mode: u32,
     timeout: Duration,
 ) -> Result<()> {
-    let action = admin::Action::Redirect(proto::RedirectReq { volume, on });
+    let action = admin::Action::Redirect(proto::RedirectReq { volume, on, mode });
     ask_host(me, addr, action, timeout).map(|_| ())
 }
 

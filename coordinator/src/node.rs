@@ -192,8 +192,17 @@ pub trait BlockServer: Send + Sync {
     /// Serves one redirected block request; reads return the bytes.
     fn block(&self, op: &proto::BlockOp) -> Result<Vec<u8>, String>;
     /// Sends this host's I/O to `volume` through a peer (on) or over its
-    /// own path (off).
-    fn redirect(&self, volume: u64, on: bool) -> Result<(), String>;
+    /// own path (off); `mode` 1 sends its file I/O to the coordinator
+    /// instead (FileSystemRedirected).
+    fn redirect(&self, volume: u64, on: bool, mode: u32) -> Result<(), String>;
+    /// Does a FileSystemRedirected host's file operation here, through
+    /// this host's own mount of the volume.
+    fn file(&self, op: &proto::FileOp) -> Result<proto::FileReply, String> {
+        Err(format!(
+            "this host does not serve files of Volume{}",
+            op.volume
+        ))
+    }
     /// This host's paths to its volumes and its running VMs' memory, for
     /// `csvctl validate` and `csvctl inventory` (probes the LUNs).
     /// `candidates` are LUNs that are no volume yet (volume 0 in the answer).
@@ -353,10 +362,18 @@ fn serve_local(block: &BlockSlot, r: &Request, node: u64) -> Option<Response> {
         Some(request::Body::Admin(proto::Admin {
             action: Some(admin::Action::Redirect(q)),
         })) => Some(server("this host mounts no volume").and_then(|s| {
-            s.redirect(q.volume, q.on)
+            s.redirect(q.volume, q.on, q.mode)
                 .map(|()| proto::reply::Value::Done(proto::Empty {}))
                 .map_err(invalid)
         })),
+        Some(request::Body::File(op)) => Some(
+            server("this host mounts no volume")
+                .and_then(|s| {
+                    s.file(op)
+                        .map_err(|e| codec::error(ErrorCode::Unavailable, e))
+                })
+                .map(proto::reply::Value::File),
+        ),
         Some(request::Body::Admin(proto::Admin {
             action: Some(admin::Action::Probe(q)),
         })) => {
@@ -1030,10 +1047,10 @@ impl RaftLoop {
                 g.propose(r.client, seq, proto::command::Body::Cluster(op), w)
             }
             request::Body::Read(q) => g.read(seq, q, w),
-            request::Body::Block(_) => fail(
+            request::Body::Block(_) | request::Body::File(_) => fail(
                 &w,
                 ErrorCode::BadRequest,
-                "block requests are served by the connection, not the groups".into(),
+                "block and file requests are served by the connection, not the groups".into(),
             ),
             request::Body::Admin(a) => match a.action {
                 Some(admin::Action::TransferLeader(to)) => g.transfer(to, seq, w),

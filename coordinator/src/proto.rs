@@ -96,7 +96,7 @@ pub struct Request {
     #[prost(uint64, tag = "3")]
     pub group: u64,
     /// What is asked.
-    #[prost(oneof = "request::Body", tags = "4, 5, 6, 7, 8")]
+    #[prost(oneof = "request::Body", tags = "4, 5, 6, 7, 8, 9")]
     pub body: Option<request::Body>,
 }
 
@@ -121,7 +121,60 @@ pub mod request {
         /// not use its own path (served by the host asked, not by Raft).
         #[prost(message, tag = "8")]
         Block(super::BlockOp),
+        /// File I/O of a host in FileSystemRedirected mode, done by the
+        /// host asked (the volume's coordinator) through its own mount.
+        #[prost(message, tag = "9")]
+        File(super::FileOp),
     }
+}
+
+/// A file operation a FileSystemRedirected host sends to the coordinator.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileOp {
+    /// N of VolumeN.
+    #[prost(uint64, tag = "1")]
+    pub volume: u64,
+    /// The file.
+    #[prost(uint64, tag = "2")]
+    pub ino: u64,
+    /// 0 open, 1 read, 2 write, 3 sync (flush and report), 4 release.
+    #[prost(uint32, tag = "3")]
+    pub kind: u32,
+    /// Byte offset (read, write).
+    #[prost(uint64, tag = "4")]
+    pub offset: u64,
+    /// Bytes to read.
+    #[prost(uint64, tag = "5")]
+    pub len: u64,
+    /// Bytes to write.
+    #[prost(bytes = "bytes", tag = "6")]
+    pub data: bytes::Bytes,
+    /// The coordinator's handle, from the open.
+    #[prost(uint64, tag = "7")]
+    pub handle: u64,
+    /// Open for writing.
+    #[prost(bool, tag = "8")]
+    pub write: bool,
+    /// The host asking.
+    #[prost(uint64, tag = "9")]
+    pub from: u64,
+}
+
+/// What a [`FileOp`] did.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FileReply {
+    /// 0, or the errno the application gets.
+    #[prost(int32, tag = "1")]
+    pub errno: i32,
+    /// The handle an open made.
+    #[prost(uint64, tag = "2")]
+    pub handle: u64,
+    /// Bytes read; for a write, empty (`written` says how many).
+    #[prost(bytes = "bytes", tag = "3")]
+    pub data: bytes::Bytes,
+    /// Bytes written.
+    #[prost(uint32, tag = "4")]
+    pub written: u32,
 }
 
 /// The answer to a request.
@@ -216,7 +269,7 @@ pub struct Reply {
     /// What came back.
     #[prost(
         oneof = "reply::Value",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
     )]
     pub value: Option<reply::Value>,
 }
@@ -274,6 +327,9 @@ pub mod reply {
         /// A host's facts, for `csvctl validate`.
         #[prost(message, tag = "16")]
         Facts(super::HostFacts),
+        /// What a redirected file operation did.
+        #[prost(message, tag = "17")]
+        File(super::FileReply),
     }
 }
 
@@ -1273,6 +1329,10 @@ pub struct RedirectReq {
     /// On or off.
     #[prost(bool, tag = "2")]
     pub on: bool,
+    /// 0: BlockRedirected (block I/O through any peer with a path); 1:
+    /// FileSystemRedirected (file I/O done by the coordinator).
+    #[prost(uint32, tag = "3")]
+    pub mode: u32,
 }
 
 /// A host's view of its Raft groups.

@@ -688,7 +688,13 @@ pub fn metrics_text(
                     b,
                 ));
             }
-            for m in ["Direct", "BlockRedirected", "Fenced", "Unmounted"] {
+            for m in [
+                "Direct",
+                "BlockRedirected",
+                "FileSystemRedirected",
+                "Fenced",
+                "Unmounted",
+            ] {
                 mode.push((
                     format!("host=\"{h}\",volume=\"{vol}\",mode=\"{m}\""),
                     u64::from(v.state == m),

@@ -84,6 +84,14 @@ impl SnapshotAgent {
     }
 
     /// Registers (or, with None, forgets) a mounted volume.
+    /// VolumeN's filesystem on this host, if mounted.
+    pub fn volume_fs(&self, vol: u64) -> Option<Arc<VolumeFs>> {
+        self.volumes
+            .read()
+            .ok()
+            .and_then(|m| m.get(&vol).map(|(f, _)| f.clone()))
+    }
+
     pub fn set_volume(&self, vol: u64, fs: Option<(Arc<VolumeFs>, PathBuf)>) {
         if let Ok(mut m) = self.volumes.write() {
             match fs {

@@ -278,6 +278,8 @@ pub struct VolumeFs {
     next_fh: AtomicU64,
     stop: Arc<AtomicBool>,
     gate: Gate,
+    /// FileSystemRedirected: file I/O goes to the coordinator.
+    fs_redirect: std::sync::RwLock<Option<Arc<crate::fsredirect::Redirector>>>,
 }
 
 impl std::fmt::Debug for VolumeFs {
@@ -318,6 +320,7 @@ impl VolumeFs {
             next_fh: AtomicU64::new(1),
             stop: Arc::new(AtomicBool::new(false)),
             gate: Gate::default(),
+            fs_redirect: std::sync::RwLock::new(None),
         });
         let weak = Arc::downgrade(&fs);
         let stop = fs.stop.clone();
@@ -1107,6 +1110,102 @@ impl VolumeFs {
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+
+    /// Sends this host's file I/O to the coordinator (Some) or does it
+    /// here again (None; files open through the coordinator stay so until
+    /// closed).
+    pub fn set_fs_redirect(&self, r: Option<Arc<crate::fsredirect::Redirector>>) {
+        if let Ok(mut x) = self.fs_redirect.write() {
+            *x = r;
+        }
+    }
+
+    /// The redirector, while FileSystemRedirected.
+    pub fn fs_redirector(&self) -> Option<Arc<crate::fsredirect::Redirector>> {
+        self.fs_redirect.read().ok().and_then(|r| r.clone())
+    }
+
+    /// Opens `ino` through the coordinator when FileSystemRedirected (and
+    /// this host is not the coordinator); None otherwise.
+    fn remote_open(&self, ino: u64, write: bool) -> Option<Result<u64, Errno>> {
+        let r = self.fs_redirector()?;
+        // Until the coordinator is known (a second at most), and on the
+        // coordinator itself, files open here.
+        if r.target().is_none_or(|t| t.is_empty()) {
+            return None;
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        Some(r.open(fh, ino, write).map(|()| fh))
+    }
+
+    /// The coordinator's handle behind `fh`, if the file was opened there.
+    fn remote(
+        &self,
+        fh: u64,
+    ) -> Option<(
+        Arc<crate::fsredirect::Redirector>,
+        crate::fsredirect::RemoteHandle,
+    )> {
+        let r = self.fs_redirect.read().ok()?.clone()?;
+        let h = r.handle(fh)?;
+        Some((r, h))
+    }
+
+    /// Does a FileSystemRedirected host's file operation here, as if one of
+    /// this host's applications had (its leases, its maps, its path).
+    pub fn serve_file(&self, op: &proto::FileOp) -> proto::FileReply {
+        use crate::fsredirect::{OPEN, READ, RELEASE, SYNC, WRITE};
+        let owned = |h: u64| {
+            self.handles
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&h).map(|x| x.ino))
+                == Some(op.ino)
+        };
+        let r: Result<proto::FileReply, Errno> = match op.kind {
+            OPEN if is_snapshot_ino(op.ino) && op.write => Err(Errno::EROFS),
+            OPEN => self.open_file(op.ino, op.write).map(|h| proto::FileReply {
+                handle: h,
+                ..Default::default()
+            }),
+            _ if !owned(op.handle) => Err(Errno::EBADF),
+            READ => {
+                let len = op.len.min(8 << 20) as u32;
+                self.read_data(op.ino, op.offset, len, |b| {
+                    Ok(proto::FileReply {
+                        data: bytes::Bytes::copy_from_slice(b),
+                        ..Default::default()
+                    })
+                })
+            }
+            WRITE => self
+                .write_data(op.ino, op.offset, &op.data)
+                .map(|n| proto::FileReply {
+                    written: n,
+                    ..Default::default()
+                }),
+            SYNC => match self.file(op.ino) {
+                Some(f) => match f.lock() {
+                    Ok(mut g) => self
+                        .lun
+                        .flush()
+                        .map_err(|e| io_errno(&e))
+                        .and_then(|()| self.report(op.ino, &mut g))
+                        .map(|()| proto::FileReply::default()),
+                    Err(_) => Err(Errno::EIO),
+                },
+                None => Err(Errno::EBADF),
+            },
+            RELEASE => self
+                .release_handle(op.handle)
+                .map(|()| proto::FileReply::default()),
+            _ => Err(Errno::EINVAL),
+        };
+        r.unwrap_or_else(|e| proto::FileReply {
+            errno: e.code(),
+            ..Default::default()
+        })
+    }
 }
 
 /// The FUSE adapter (fuser wants the filesystem by value).
@@ -1368,7 +1467,10 @@ impl Filesystem for Mounted {
         if write && is_snapshot_ino(ino.0) {
             return reply.error(Errno::EROFS);
         }
-        match fs.open_file(ino.0, write) {
+        let opened = fs
+            .remote_open(ino.0, write)
+            .unwrap_or_else(|| fs.open_file(ino.0, write));
+        match opened {
             Ok(fh) => {
                 let f = if flags.0 & libc::O_DIRECT != 0 {
                     FopenFlags::FOPEN_DIRECT_IO
@@ -1397,7 +1499,10 @@ impl Filesystem for Mounted {
             Err(e) => return reply.error(e),
         };
         let write = (flags & libc::O_ACCMODE) != libc::O_RDONLY;
-        match fs.open_file_as(a.ino, write, Some(&a)) {
+        let opened = fs
+            .remote_open(a.ino, write)
+            .unwrap_or_else(|| fs.open_file_as(a.ino, write, Some(&a)));
+        match opened {
             Ok(fh) => {
                 let f = if flags & libc::O_DIRECT != 0 {
                     FopenFlags::FOPEN_DIRECT_IO
@@ -1414,13 +1519,19 @@ impl Filesystem for Mounted {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some((r, h)) = self.0.remote(fh.0) {
+            return match r.read(h, offset, size) {
+                Ok(b) => reply.data(&b),
+                Err(e) => reply.error(e),
+            };
+        }
         let mut reply = Some(reply);
         let r = self.0.read_data(ino.0, offset, size, |b| {
             if let Some(r) = reply.take() {
@@ -1437,7 +1548,7 @@ impl Filesystem for Mounted {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -1445,6 +1556,12 @@ impl Filesystem for Mounted {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Some((r, h)) = self.0.remote(fh.0) {
+            return match r.write(h, offset, data) {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(e),
+            };
+        }
         match self.0.write_data(ino.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
@@ -1455,11 +1572,17 @@ impl Filesystem for Mounted {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
         let fs = &self.0;
+        if let Some((r, h)) = fs.remote(fh.0) {
+            return match r.sync(h) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
         let r = match fs.file(ino.0) {
             Some(f) => match f.lock() {
                 Ok(mut g) if g.writers > 0 => fs.report(ino.0, &mut g),
@@ -1483,6 +1606,12 @@ impl Filesystem for Mounted {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some((r, _)) = self.0.remote(fh.0) {
+            return match r.release(fh.0) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
         match self.0.release_handle(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -1493,11 +1622,17 @@ impl Filesystem for Mounted {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         let fs = &self.0;
+        if let Some((r, h)) = fs.remote(fh.0) {
+            return match r.sync(h) {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            };
+        }
         let r = match fs.file(ino.0) {
             Some(f) => match f.lock() {
                 Ok(mut g) => fs
@@ -1618,13 +1753,17 @@ impl Filesystem for Mounted {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
         let fs = &self.0;
+        if fs.remote(fh.0).is_some() {
+            // Not forwarded (yet): preallocation needs the file open here.
+            return reply.error(Errno::EOPNOTSUPP);
+        }
         if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
             return reply.error(Errno::EOPNOTSUPP);
         }

@@ -24,6 +24,7 @@ pub mod console;
 pub mod extents;
 pub mod freeze;
 pub mod fs;
+pub mod fsredirect;
 pub mod mounts;
 pub mod redirect;
 pub mod san;

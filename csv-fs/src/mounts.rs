@@ -70,6 +70,24 @@ impl std::fmt::Debug for Mounts {
     }
 }
 
+/// Why a FileSystemRedirected host is so, and where its file I/O goes.
+fn fs_redirect_reason(fs: &crate::fs::VolumeFs, path: &str) -> String {
+    let Some(r) = fs.fs_redirector() else {
+        return String::new();
+    };
+    let ops = r.ops.load(Ordering::Relaxed);
+    match r.target() {
+        None => "forced by the operator; finding the coordinator".to_string(),
+        Some(t) if t.is_empty() => format!(
+            "forced by the operator; this host coordinates the volume, so its file I/O stays here ({path})"
+        ),
+        Some(t) => format!(
+            "forced by the operator: file I/O done by the coordinator at {} ({ops} operations so far; files open before stay on their path until closed)",
+            t.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
 /// Lazily unmounts whatever is mounted at `p` (left by a host that was
 /// killed); quiet when nothing is.
 pub fn clear_stale_mount(p: &Path) {
@@ -429,6 +447,10 @@ impl Mounts {
                         a.path
                     ),
                 ),
+                (Some(a), _) if a.fs.fs_redirector().is_some() => (
+                    "FileSystemRedirected",
+                    fs_redirect_reason(&a.fs, &a.path),
+                ),
                 (Some(a), _) if a.lun.is_redirected() => (
                     "BlockRedirected",
                     format!(
@@ -494,6 +516,9 @@ impl Mounts {
                     .map(|x| coordinator::node::resolve(&x.addrs))
                     .unwrap_or_default()
             };
+            if let Some(r) = a.fs.fs_redirector() {
+                r.set_target(addrs.clone());
+            }
             a.lun.set_preferred(addrs);
         }
     }

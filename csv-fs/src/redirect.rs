@@ -530,6 +530,9 @@ pub struct Served {
     paths: RwLock<BTreeMap<u64, (String, crate::san::SanIdentity)>>,
     /// This host's SAN identity (for candidate LUNs).
     who: RwLock<Option<crate::san::SanIdentity>>,
+    /// This host's cluster identity and node id (FileSystemRedirected
+    /// hosts connect to the coordinator with it).
+    host: RwLock<Option<(Identity, u64)>>,
 }
 
 impl std::fmt::Debug for Served {
@@ -546,6 +549,13 @@ impl Served {
                 Some(l) => m.insert(vol, l),
                 None => m.remove(&vol),
             };
+        }
+    }
+
+    /// Sets this host's cluster identity and node id.
+    pub fn set_host(&self, me: Identity, node: u64) {
+        if let Ok(mut h) = self.host.write() {
+            *h = Some((me, node));
         }
     }
 
@@ -658,9 +668,46 @@ impl BlockServer for Served {
         out
     }
 
-    fn redirect(&self, volume: u64, on: bool) -> Result<(), String> {
+    fn redirect(&self, volume: u64, on: bool, mode: u32) -> Result<(), String> {
+        if mode == 1 {
+            let fs = self
+                .agent
+                .volume_fs(volume)
+                .ok_or_else(|| format!("Volume{volume} is not mounted on this host"))?;
+            if !on {
+                fs.set_fs_redirect(None);
+                return Ok(());
+            }
+            if fs.fs_redirector().is_none() {
+                let (me, node) = self
+                    .host
+                    .read()
+                    .ok()
+                    .and_then(|h| h.clone())
+                    .ok_or("this host's identity is not known yet")?;
+                // The coordinator's address is filled in by the mounts'
+                // loop within a second; until then files open here.
+                fs.set_fs_redirect(Some(Arc::new(crate::fsredirect::Redirector::new(
+                    volume,
+                    node,
+                    Identity { node: 0, ..me },
+                ))));
+            }
+            return Ok(());
+        }
         self.get(volume)?.set_redirected(on);
         Ok(())
+    }
+
+    fn file(
+        &self,
+        op: &coordinator::proto::FileOp,
+    ) -> Result<coordinator::proto::FileReply, String> {
+        let fs = self
+            .agent
+            .volume_fs(op.volume)
+            .ok_or_else(|| format!("Volume{} is not mounted on this host", op.volume))?;
+        Ok(fs.serve_file(op))
     }
 
     fn snapshot_phase(

@@ -160,7 +160,10 @@ pub enum VolumeCommand {
     },
     /// Send a host's I/O to VolumeN through a peer that reaches the LUN
     /// directly (`on`), or back over its own path (`off`): for maintenance
-    /// of a host's SAN path. `volume status` shows it as BlockRedirected.
+    /// of a host's SAN path. `volume status` shows it as BlockRedirected;
+    /// with `--mode filesystem`, FileSystemRedirected: the coordinator does
+    /// the host's file I/O itself (its leases, maps and path), within a
+    /// second; files open before keep their path until closed.
     Redirect {
         #[command(flatten)]
         access: Access,
@@ -172,6 +175,11 @@ pub enum VolumeCommand {
         /// `on` or `off`.
         #[arg(value_parser = ["on", "off"])]
         state: String,
+        /// `block` (BlockRedirected: block I/O through any peer with a
+        /// path) or `filesystem` (FileSystemRedirected: file I/O done by
+        /// the coordinator).
+        #[arg(long, default_value = "block", value_parser = ["block", "filesystem"])]
+        mode: String,
     },
     /// How each host reaches each volume: Direct, BlockRedirected,
     /// FileSystemRedirected or Unmounted, and why (like
@@ -706,7 +714,9 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
             number,
             node,
             state,
+            mode,
         } => {
+            let fs_mode = mode == "filesystem";
             let info = access
                 .client()?
                 .cluster_info()
@@ -720,14 +730,22 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
             let me = access.identity()?;
             let mut last = String::from("no address");
             for a in coordinator::node::resolve(&host.addrs) {
-                match client::redirect(&me, a, number, on, Duration::from_secs(5)) {
+                match client::redirect(
+                    &me,
+                    a,
+                    number,
+                    on,
+                    u32::from(fs_mode),
+                    Duration::from_secs(5),
+                ) {
                     Ok(()) => {
                         println!(
                             "host {node}: Volume{number} {}",
-                            if on {
-                                "I/O now goes through a peer (BlockRedirected)"
-                            } else {
-                                "back on its own path (Direct)"
+                            match (on, fs_mode) {
+                                (true, false) => "I/O now goes through a peer (BlockRedirected)",
+                                (true, true) => "file I/O now done by the coordinator (FileSystemRedirected)",
+                                (false, false) => "back on its own path (Direct)",
+                                (false, true) => "file I/O back on this host (files open through the coordinator stay so until closed)",
                             }
                         );
                         return Ok(ExitCode::SUCCESS);

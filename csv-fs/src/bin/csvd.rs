@@ -483,6 +483,7 @@ fn main() -> ExitCode {
             .agent
             .configure(s.snapshot_hooks.clone(), vm_controls.clone());
         served.set_identity(s.san.clone());
+        served.set_host(identity.clone(), id);
         if let Ok(mut slot) = node.block.write() {
             *slot = Some(served.clone());
         }

@@ -811,3 +811,95 @@ fn a_host_that_loses_its_san_path_is_redirected_and_comes_back_by_itself() {
         }
     }
 }
+
+#[test]
+fn a_host_forced_to_filesystem_redirected_has_the_coordinator_do_its_file_io() {
+    skip_without_fuse!();
+    let (cl, v) = cluster();
+    let state = |h: u64| cl.volume_state(h, v).unwrap();
+    let ctl = |args: &[&str]| -> String {
+        let o = cl.csvctl().args(args).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    cl.client().transfer_leader(v, 3).unwrap();
+    let coord = cl.hosts.iter().find(|h| h.id == 3).unwrap().listen[0];
+    let vs = v.to_string();
+    ctl(&[
+        "volume",
+        "redirect",
+        &vs,
+        "--node",
+        "2",
+        "on",
+        "--mode",
+        "filesystem",
+    ]);
+    let ready = csv_test_support::wait_until(Duration::from_secs(10), || {
+        let (s, why) = state(2);
+        s == "FileSystemRedirected" && why.contains(&format!("coordinator at {coord}"))
+    });
+    assert!(ready.is_ok(), "{:?}", state(2));
+    assert_eq!(state(1).0, "Direct");
+
+    // Host 2 writes, fsyncs, closes and reads back: the coordinator did it.
+    let data = pattern(77, (3 << 20) + 123);
+    write_synced(&cl.mountpoint(2, v).join("fsredir.bin"), &data);
+    assert_eq!(
+        fs::read(cl.mountpoint(2, v).join("fsredir.bin")).unwrap(),
+        data
+    );
+    assert_eq!(
+        fs::read(cl.mountpoint(1, v).join("fsredir.bin")).unwrap(),
+        data
+    );
+    // An append through an open handle, read on another host after close.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(cl.mountpoint(2, v).join("fsredir.bin"))
+        .unwrap();
+    f.write_all(b"tail").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let got = fs::read(cl.mountpoint(3, v).join("fsredir.bin")).unwrap();
+    assert_eq!(got.len(), data.len() + 4);
+    assert_eq!(&got[data.len()..], b"tail");
+    let (_, why) = state(2);
+    assert!(!why.contains(" 0 operations"), "{why}");
+    // Only the coordinator ever held the write lease.
+    let leases = |file: &str| -> serde_json::Value {
+        serde_json::from_str(&ctl(&["volume", "leases", &vs, file, "--json"])).unwrap()
+    };
+    let writers = |h: &serde_json::Value| -> Vec<u64> {
+        h["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["change"] == "granted")
+            .map(|e| e["host"].as_u64().unwrap())
+            .collect()
+    };
+    let h = leases("fsredir.bin");
+    let w = writers(&h);
+    assert!(!w.is_empty() && w.iter().all(|&x| x == 3), "{h:#}");
+
+    // Back to Direct: host 2 writes itself again.
+    ctl(&[
+        "volume",
+        "redirect",
+        &vs,
+        "--node",
+        "2",
+        "off",
+        "--mode",
+        "filesystem",
+    ]);
+    let back = csv_test_support::wait_until(Duration::from_secs(5), || state(2).0 == "Direct");
+    assert!(back.is_ok(), "{:?}", state(2));
+    write_synced(&cl.mountpoint(2, v).join("fsredir.bin"), b"own");
+    assert!(writers(&leases("fsredir.bin")).contains(&2));
+    assert_eq!(
+        fs::read(cl.mountpoint(1, v).join("fsredir.bin")).unwrap(),
+        b"own"
+    );
+}
