@@ -280,6 +280,9 @@ pub struct VolumeFs {
     gate: Gate,
     /// FileSystemRedirected: file I/O goes to the coordinator.
     fs_redirect: std::sync::RwLock<Option<Arc<crate::fsredirect::Redirector>>>,
+    /// Handles this host opened for FileSystemRedirected hosts: handle →
+    /// the host (closed if the cluster has that host down).
+    served_for: Mutex<HashMap<u64, u64>>,
 }
 
 impl std::fmt::Debug for VolumeFs {
@@ -321,6 +324,7 @@ impl VolumeFs {
             stop: Arc::new(AtomicBool::new(false)),
             gate: Gate::default(),
             fs_redirect: std::sync::RwLock::new(None),
+            served_for: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&fs);
         let stop = fs.stop.clone();
@@ -1120,6 +1124,29 @@ impl VolumeFs {
         }
     }
 
+    /// Closes the files this host opened for `host` (a FileSystemRedirected
+    /// host the cluster now has down), so their leases do not outlive it.
+    pub fn release_served_for(&self, host: u64) -> usize {
+        let handles: Vec<u64> = match self.served_for.lock() {
+            Ok(mut m) => {
+                let h: Vec<u64> = m
+                    .iter()
+                    .filter(|(_, from)| **from == host)
+                    .map(|(h, _)| *h)
+                    .collect();
+                for x in &h {
+                    m.remove(x);
+                }
+                h
+            }
+            Err(_) => return 0,
+        };
+        for h in &handles {
+            let _ = self.release_handle(*h);
+        }
+        handles.len()
+    }
+
     /// The redirector, while FileSystemRedirected.
     pub fn fs_redirector(&self) -> Option<Arc<crate::fsredirect::Redirector>> {
         self.fs_redirect.read().ok().and_then(|r| r.clone())
@@ -1164,9 +1191,14 @@ impl VolumeFs {
         };
         let r: Result<proto::FileReply, Errno> = match op.kind {
             OPEN if is_snapshot_ino(op.ino) && op.write => Err(Errno::EROFS),
-            OPEN => self.open_file(op.ino, op.write).map(|h| proto::FileReply {
-                handle: h,
-                ..Default::default()
+            OPEN => self.open_file(op.ino, op.write).map(|h| {
+                if let Ok(mut m) = self.served_for.lock() {
+                    m.insert(h, op.from);
+                }
+                proto::FileReply {
+                    handle: h,
+                    ..Default::default()
+                }
             }),
             _ if !owned(op.handle) => Err(Errno::EBADF),
             READ => {
@@ -1196,9 +1228,13 @@ impl VolumeFs {
                 },
                 None => Err(Errno::EBADF),
             },
-            RELEASE => self
-                .release_handle(op.handle)
-                .map(|()| proto::FileReply::default()),
+            RELEASE => {
+                if let Ok(mut m) = self.served_for.lock() {
+                    m.remove(&op.handle);
+                }
+                self.release_handle(op.handle)
+                    .map(|()| proto::FileReply::default())
+            }
             _ => Err(Errno::EINVAL),
         };
         r.unwrap_or_else(|e| proto::FileReply {

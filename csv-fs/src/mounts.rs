@@ -545,6 +545,16 @@ impl Mounts {
                     self.sync(&info.volumes);
                     self.fence(&info, read_started);
                     self.prefer_coordinators(&info);
+                    // Files opened here for a FileSystemRedirected host
+                    // that the cluster has down are closed.
+                    for h in info.health.iter().filter(|h| !h.up) {
+                        for (n, a) in &self.active {
+                            let k = a.fs.release_served_for(h.node);
+                            if k > 0 {
+                                tracing::warn!("Volume{n}: closed {k} file(s) opened for host {}, which is down", h.node);
+                            }
+                        }
+                    }
                 }
                 Err(e) => tracing::debug!("cluster registry not readable yet: {e}"),
             }

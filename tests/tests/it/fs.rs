@@ -815,7 +815,13 @@ fn a_host_that_loses_its_san_path_is_redirected_and_comes_back_by_itself() {
 #[test]
 fn a_host_forced_to_filesystem_redirected_has_the_coordinator_do_its_file_io() {
     skip_without_fuse!();
-    let (cl, v) = cluster();
+    let (mut cl, v) = cluster();
+    // `volume redirect` finds the host in the registry, which the founders
+    // enter a moment after the first election.
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client().cluster_info().is_ok_and(|i| i.nodes.len() == 3)
+    })
+    .unwrap();
     let state = |h: u64| cl.volume_state(h, v).unwrap();
     let ctl = |args: &[&str]| -> String {
         let o = cl.csvctl().args(args).output().unwrap();
@@ -901,5 +907,72 @@ fn a_host_forced_to_filesystem_redirected_has_the_coordinator_do_its_file_io() {
     assert_eq!(
         fs::read(cl.mountpoint(1, v).join("fsredir.bin")).unwrap(),
         b"own"
+    );
+
+    // A redirected host that dies with a file open: the coordinator closes
+    // what it opened for it, and another host can write the file.
+    ctl(&[
+        "volume",
+        "redirect",
+        &vs,
+        "--node",
+        "2",
+        "on",
+        "--mode",
+        "filesystem",
+    ]);
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        state(2).1.contains("done by the coordinator")
+    })
+    .unwrap();
+    let held = OpenOptions::new()
+        .write(true)
+        .open(cl.mountpoint(2, v).join("fsredir.bin"))
+        .unwrap();
+    let busy = OpenOptions::new()
+        .write(true)
+        .open(cl.mountpoint(1, v).join("fsredir.bin"));
+    assert!(
+        busy.is_err(),
+        "host 1 wrote a file the coordinator holds for host 2"
+    );
+    cl.kill(2).unwrap();
+    std::mem::forget(held);
+    let t = Instant::now();
+    let free = csv_test_support::wait_until(Duration::from_secs(20), || {
+        OpenOptions::new()
+            .write(true)
+            .open(cl.mountpoint(1, v).join("fsredir.bin"))
+            .is_ok()
+    });
+    assert!(
+        free.is_ok(),
+        "the coordinator kept host 2's file open: {:?}\n{}\nhost 3's log:\n{}",
+        OpenOptions::new()
+            .write(true)
+            .open(cl.mountpoint(1, v).join("fsredir.bin")),
+        String::from_utf8_lossy(
+            &cl.csvctl()
+                .args(["volume", "leases", &vs, "fsredir.bin"])
+                .output()
+                .unwrap()
+                .stdout
+        ),
+        cl.log_tail(3, 300)
+            .lines()
+            .filter(|l| !l.contains("raft"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            + &String::from_utf8_lossy(
+                &cl.csvctl()
+                    .args(["cluster", "nodes"])
+                    .output()
+                    .unwrap()
+                    .stdout
+            )
+    );
+    eprintln!(
+        "host 2 killed: its file writable on host 1 after {:?}",
+        t.elapsed()
     );
 }
