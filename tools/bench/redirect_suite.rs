@@ -54,6 +54,12 @@ pub fn run(args: &[String]) -> Result<()> {
     cl.start_all()?;
     cl.add_volume_url(&tgt.url(&t, 1), 1)?;
     cl.wait_mounted(1, Duration::from_secs(30))?;
+    // `volume redirect` looks the host up in the registry, which the
+    // founders enter a moment after the first election.
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client().cluster_info().is_ok_and(|i| i.nodes.len() == 3)
+    })
+    .map_err(|e| anyhow::anyhow!("the hosts did not register: {e:?}"))?;
     let file = cl.mountpoint(1, 1).join("fio.dat");
     eprintln!(
         "redirect bench: fio on {}, Direct vs BlockRedirected, {rounds} rounds of {secs} s",

@@ -24,7 +24,17 @@ fn cluster() -> (CsvCluster, u64) {
     cl.start_all().unwrap();
     let v = cl.add_volume_file(1 << 30).unwrap();
     cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    registered(&cl);
     (cl, v)
+}
+
+/// Waits until the founders are in the registry (a moment after the first
+/// election): `volume redirect` and the like look hosts up there.
+fn registered(cl: &CsvCluster) {
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client().cluster_info().is_ok_and(|i| i.nodes.len() == 3)
+    })
+    .unwrap();
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -74,6 +84,7 @@ fn iscsi_cluster(
     cl.start_all().unwrap();
     cl.add_volume_url(&tgt.url(&t, 1), 1).unwrap();
     cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
+    registered(&cl);
     (tgt, t, backing, cl)
 }
 
@@ -816,12 +827,6 @@ fn a_host_that_loses_its_san_path_is_redirected_and_comes_back_by_itself() {
 fn a_host_forced_to_filesystem_redirected_has_the_coordinator_do_its_file_io() {
     skip_without_fuse!();
     let (mut cl, v) = cluster();
-    // `volume redirect` finds the host in the registry, which the founders
-    // enter a moment after the first election.
-    csv_test_support::wait_until(Duration::from_secs(10), || {
-        cl.client().cluster_info().is_ok_and(|i| i.nodes.len() == 3)
-    })
-    .unwrap();
     let state = |h: u64| cl.volume_state(h, v).unwrap();
     let ctl = |args: &[&str]| -> String {
         let o = cl.csvctl().args(args).output().unwrap();
