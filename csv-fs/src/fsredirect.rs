@@ -11,8 +11,8 @@
 //! always do. Files already open when the mode changes keep the path they
 //! were opened with until they are closed.
 
-use coordinator::proto::{self, frame, request, response, Frame, Request};
-use coordinator::wire::{self, Conn, Identity};
+use coordinator::proto::{self, request, response};
+use coordinator::wire::Identity;
 use fuser::Errno;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -47,14 +47,12 @@ pub struct RemoteHandle {
 pub struct Redirector {
     vol: u64,
     node: u64,
-    me: Identity,
     /// The coordinator's addresses (None: not known yet; empty: this host
     /// is the coordinator).
     target: Mutex<Option<Vec<SocketAddr>>>,
     /// Local file handle → the coordinator's.
     pub handles: Mutex<HashMap<u64, RemoteHandle>>,
-    pool: Mutex<Vec<(SocketAddr, Conn)>>,
-    seq: AtomicU64,
+    conns: crate::peers::PeerConns,
     /// File operations sent so far.
     pub ops: AtomicU64,
 }
@@ -73,11 +71,9 @@ impl Redirector {
         Redirector {
             vol,
             node,
-            me,
             target: Mutex::new(None),
             handles: Mutex::new(HashMap::new()),
-            pool: Mutex::new(Vec::new()),
-            seq: AtomicU64::new(1),
+            conns: crate::peers::PeerConns::new(me, Duration::from_secs(30)),
             ops: AtomicU64::new(0),
         }
     }
@@ -95,53 +91,17 @@ impl Redirector {
         self.target.lock().ok().and_then(|t| t.clone())
     }
 
-    fn conn(&self, a: SocketAddr) -> std::io::Result<Conn> {
-        let pooled = self.pool.lock().ok().and_then(|mut p| {
-            let i = p.iter().position(|(x, _)| *x == a)?;
-            Some(p.swap_remove(i).1)
-        });
-        if let Some(c) = pooled {
-            return Ok(c);
-        }
-        let c = wire::connect(a, &self.me, Duration::from_millis(500))
-            .map_err(std::io::Error::other)?;
-        c.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(c)
-    }
-
     /// Sends `op` to `a`; the coordinator's answer.
     fn send(&self, a: SocketAddr, mut op: proto::FileOp) -> Result<proto::FileReply, Errno> {
         op.volume = self.vol;
         op.from = self.node;
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let req = Frame {
-            body: Some(frame::Body::Request(Request {
-                client: 0,
-                seq,
-                group: 0,
-                body: Some(request::Body::File(op)),
-            })),
-        };
-        let mut c = self.conn(a).map_err(|e| {
-            tracing::warn!(
-                volume = self.vol,
-                "coordinator {a} unreachable for file I/O: {e}"
-            );
-            Errno::EIO
-        })?;
-        let got = c.send(&req).and_then(|()| c.recv());
-        let resp = match got {
-            Ok(Frame {
-                body: Some(frame::Body::Response(r)),
-            }) if r.seq == seq => r,
-            other => {
-                tracing::warn!(volume = self.vol, "file I/O through {a} failed: {other:?}");
-                return Err(Errno::EIO);
-            }
-        };
-        if let Ok(mut p) = self.pool.lock() {
-            p.push((a, c));
-        }
+        let resp = self
+            .conns
+            .exchange(a, request::Body::File(op))
+            .map_err(|e| {
+                tracing::warn!(volume = self.vol, "file I/O through {a} failed: {e}");
+                Errno::EIO
+            })?;
         self.ops.fetch_add(1, Ordering::Relaxed);
         match resp.result {
             Some(response::Result::Reply(proto::Reply {

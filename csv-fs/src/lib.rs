@@ -26,6 +26,7 @@ pub mod freeze;
 pub mod fs;
 pub mod fsredirect;
 pub mod mounts;
+pub mod peers;
 pub mod redirect;
 pub mod san;
 pub mod superblock;

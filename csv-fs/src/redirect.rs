@@ -8,8 +8,8 @@
 //! the peers' redirected requests from this host's direct paths.
 
 use coordinator::node::BlockServer;
-use coordinator::proto::{self, frame, reply, request, response, BlockOp, Frame, Request};
-use coordinator::wire::{self, Conn, Identity};
+use coordinator::proto::{self, reply, request, response, BlockOp};
+use coordinator::wire::Identity;
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
@@ -47,7 +47,6 @@ pub struct RedirectingLun {
     /// after it before the host registers again).
     fenced_at: Mutex<Option<std::time::Instant>>,
     reason: Mutex<String>,
-    me: Identity,
     peers: Vec<SocketAddr>,
     /// The volume's coordinator's addresses: redirected I/O goes there
     /// first (it has the volume's metadata at hand and is up), then to
@@ -55,8 +54,7 @@ pub struct RedirectingLun {
     preferred: RwLock<Vec<SocketAddr>>,
     /// The peer that served the last redirected request.
     last_peer: Mutex<Option<SocketAddr>>,
-    pool: Mutex<Vec<(SocketAddr, Conn)>>,
-    seq: AtomicU64,
+    conns: crate::peers::PeerConns,
     /// Requests served through a peer so far.
     redirected_ops: AtomicU64,
     /// Bytes read and written over its own path, then through a peer.
@@ -118,10 +116,8 @@ impl RedirectingLun {
             fenced: AtomicBool::new(false),
             fenced_at: Mutex::new(None),
             reason: Mutex::new(String::new()),
-            me,
             peers,
-            pool: Mutex::new(Vec::new()),
-            seq: AtomicU64::new(1),
+            conns: crate::peers::PeerConns::new(me, Duration::from_secs(10)),
             redirected_ops: AtomicU64::new(0),
             preferred: RwLock::new(Vec::new()),
             last_peer: Mutex::new(None),
@@ -350,19 +346,6 @@ impl RedirectingLun {
         }
     }
 
-    fn conn(&self, a: SocketAddr) -> io::Result<Conn> {
-        let pooled = self.pool.lock().ok().and_then(|mut p| {
-            let i = p.iter().position(|(x, _)| *x == a)?;
-            Some(p.swap_remove(i).1)
-        });
-        if let Some(c) = pooled {
-            return Ok(c);
-        }
-        let c = wire::connect(a, &self.me, Duration::from_millis(500)).map_err(io::Error::other)?;
-        c.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(c)
-    }
-
     /// Sends redirected I/O to these addresses (the volume's coordinator)
     /// before the other peers.
     pub fn set_preferred(&self, addrs: Vec<SocketAddr>) {
@@ -397,39 +380,13 @@ impl RedirectingLun {
         op.volume = self.vol;
         let mut last = String::from("no peer to redirect to");
         for a in self.peer_order() {
-            let mut c = match self.conn(a) {
-                Ok(c) => c,
+            let resp = match self.conns.exchange(a, request::Body::Block(op.clone())) {
+                Ok(r) => r,
                 Err(e) => {
                     last = format!("{a}: {e}");
                     continue;
                 }
             };
-            let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-            let req = Frame {
-                body: Some(frame::Body::Request(Request {
-                    client: 0,
-                    seq,
-                    group: 0,
-                    body: Some(request::Body::Block(op.clone())),
-                })),
-            };
-            let got = c.send(&req).and_then(|()| c.recv());
-            let resp = match got {
-                Ok(Frame {
-                    body: Some(frame::Body::Response(r)),
-                }) if r.seq == seq => r,
-                Ok(_) => {
-                    last = format!("{a}: unexpected answer");
-                    continue;
-                }
-                Err(e) => {
-                    last = format!("{a}: {e}");
-                    continue;
-                }
-            };
-            if let Ok(mut p) = self.pool.lock() {
-                p.push((a, c));
-            }
             if let Ok(mut l) = self.last_peer.lock() {
                 *l = Some(a);
             }

@@ -101,16 +101,7 @@ impl CsvCluster {
 
     /// Adds a host that is not a founder (it waits to be added).
     pub fn add_host(&mut self, id: u64, listen: Vec<SocketAddr>, netns: Option<String>) {
-        self.hosts.push(Host {
-            id,
-            dir: self.dir.path().join(format!("host{id}")),
-            listen,
-            netns,
-            founder: false,
-            config: None,
-            child: None,
-            starts: 0,
-        });
+        self.push_host(id, listen, netns, None);
     }
 
     /// Adds a host set up by `csvctl cluster init` or `node join`: it runs
@@ -123,13 +114,23 @@ impl CsvCluster {
         netns: Option<String>,
         config: PathBuf,
     ) {
+        self.push_host(id, listen, netns, Some(config));
+    }
+
+    fn push_host(
+        &mut self,
+        id: u64,
+        listen: Vec<SocketAddr>,
+        netns: Option<String>,
+        config: Option<PathBuf>,
+    ) {
         self.hosts.push(Host {
             id,
             dir: self.dir.path().join(format!("host{id}")),
             listen,
             netns,
             founder: false,
-            config: Some(config),
+            config,
             child: None,
             starts: 0,
         });

@@ -109,6 +109,18 @@ fn the_console_shows_a_host_redirected_after_its_san_path_is_cut() {
     cl.add_volume_url(&tgt.url(&t, 1), 1).unwrap();
     cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
 
+    // The console has seen every host Direct (it gathers once a second).
+    let direct_everywhere = csv_test_support::wait_until(Duration::from_secs(10), || {
+        let (code, body) = http(console, "GET", "/api/state", None);
+        code == 200
+            && serde_json::from_str::<Value>(&body).is_ok_and(|s| {
+                s["volumes"][0]["hosts"]
+                    .as_array()
+                    .is_some_and(|h| h.len() == 3 && h.iter().all(|x| x["state"] == "Direct"))
+            })
+    });
+    assert!(direct_everywhere.is_ok());
+
     // Host 2 loses its SAN path; its next writes go through a peer.
     let host2 = tgt
         .connections(&t)

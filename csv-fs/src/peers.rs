@@ -1,0 +1,78 @@
+//! Connections to other hosts for the requests the host asked serves
+//! itself (redirected block I/O, FileSystemRedirected file I/O): a pool of
+//! authenticated connections per address, one request in flight on each.
+
+use coordinator::proto::{frame, request, Frame, Request, Response};
+use coordinator::wire::{self, Conn, Identity};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Pooled connections to peers.
+pub struct PeerConns {
+    me: Identity,
+    read_timeout: Duration,
+    pool: Mutex<Vec<(SocketAddr, Conn)>>,
+    seq: AtomicU64,
+}
+
+impl std::fmt::Debug for PeerConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConns").finish_non_exhaustive()
+    }
+}
+
+impl PeerConns {
+    /// Connections as `me`; an answer may take up to `read_timeout`.
+    pub fn new(me: Identity, read_timeout: Duration) -> PeerConns {
+        PeerConns {
+            me,
+            read_timeout,
+            pool: Mutex::new(Vec::new()),
+            seq: AtomicU64::new(1),
+        }
+    }
+
+    fn conn(&self, a: SocketAddr) -> std::io::Result<Conn> {
+        let pooled = self.pool.lock().ok().and_then(|mut p| {
+            let i = p.iter().position(|(x, _)| *x == a)?;
+            Some(p.swap_remove(i).1)
+        });
+        if let Some(c) = pooled {
+            return Ok(c);
+        }
+        let c = wire::connect(a, &self.me, Duration::from_millis(500))
+            .map_err(std::io::Error::other)?;
+        c.set_read_timeout(Some(self.read_timeout))?;
+        Ok(c)
+    }
+
+    /// Sends one request to `a` and waits for its answer; the connection
+    /// goes back to the pool when the exchange worked (a failed one is
+    /// dropped).
+    pub fn exchange(&self, a: SocketAddr, body: request::Body) -> Result<Response, String> {
+        let mut c = self.conn(a).map_err(|e| e.to_string())?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let req = Frame {
+            body: Some(frame::Body::Request(Request {
+                client: 0,
+                seq,
+                group: 0,
+                body: Some(body),
+            })),
+        };
+        match c.send(&req).and_then(|()| c.recv()) {
+            Ok(Frame {
+                body: Some(frame::Body::Response(r)),
+            }) if r.seq == seq => {
+                if let Ok(mut p) = self.pool.lock() {
+                    p.push((a, c));
+                }
+                Ok(r)
+            }
+            Ok(_) => Err("unexpected answer".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
