@@ -382,13 +382,7 @@ impl Client {
 
     /// Removes VolumeN from the cluster.
     pub fn remove_volume(&mut self, number: u64) -> Result<()> {
-        self.call(
-            crate::group::CLUSTER,
-            request::Body::Cluster(proto::ClusterOp {
-                op: Some(proto::cluster_op::Op::RemoveVolume(number)),
-            }),
-        )
-        .map(|_| ())
+        self.cluster_op(proto::cluster_op::Op::RemoveVolume(number))
     }
 
     /// The cluster registry (linearizable).
@@ -405,49 +399,25 @@ impl Client {
     /// Creates VolumeN on a LUN; its group starts on the cluster's voters
     /// when `voters` is empty.
     pub fn add_volume(&mut self, info: proto::VolumeInfo) -> Result<()> {
-        self.call(
-            crate::group::CLUSTER,
-            request::Body::Cluster(proto::ClusterOp {
-                op: Some(proto::cluster_op::Op::AddVolume(info)),
-            }),
-        )
-        .map(|_| ())
+        self.cluster_op(proto::cluster_op::Op::AddVolume(info))
     }
 
     /// Records (or replaces) a VM role.
     pub fn set_vm_role(&mut self, role: proto::VmRole) -> Result<()> {
-        self.call(
-            crate::group::CLUSTER,
-            request::Body::Cluster(proto::ClusterOp {
-                op: Some(proto::cluster_op::Op::SetVmRole(role)),
-            }),
-        )
-        .map(|_| ())
+        self.cluster_op(proto::cluster_op::Op::SetVmRole(role))
     }
 
     /// Puts a host in maintenance (no VM is placed there) or takes it out.
     pub fn set_draining(&mut self, node: u64, draining: bool) -> Result<()> {
-        self.call(
-            crate::group::CLUSTER,
-            request::Body::Cluster(proto::ClusterOp {
-                op: Some(proto::cluster_op::Op::SetDraining(proto::NodeDraining {
-                    node,
-                    draining,
-                })),
-            }),
-        )
-        .map(|_| ())
+        self.cluster_op(proto::cluster_op::Op::SetDraining(proto::NodeDraining {
+            node,
+            draining,
+        }))
     }
 
     /// Forgets a VM role.
     pub fn remove_vm_role(&mut self, name: &str) -> Result<()> {
-        self.call(
-            crate::group::CLUSTER,
-            request::Body::Cluster(proto::ClusterOp {
-                op: Some(proto::cluster_op::Op::RemoveVmRole(name.to_string())),
-            }),
-        )
-        .map(|_| ())
+        self.cluster_op(proto::cluster_op::Op::RemoveVmRole(name.to_string()))
     }
 
     /// Adds a host: it becomes a learner of every group, then a voter.
@@ -461,15 +431,18 @@ impl Client {
         .map(|_| ())
     }
 
-    /// Evicts host `id`: it leaves every group; its id is never reused.
-    pub fn remove_node(&mut self, id: u64) -> Result<()> {
+    /// Commits one cluster command (the registry's group).
+    fn cluster_op(&mut self, op: proto::cluster_op::Op) -> Result<()> {
         self.call(
             crate::group::CLUSTER,
-            request::Body::Cluster(proto::ClusterOp {
-                op: Some(proto::cluster_op::Op::RemoveNode(id)),
-            }),
+            request::Body::Cluster(proto::ClusterOp { op: Some(op) }),
         )
         .map(|_| ())
+    }
+
+    /// Evicts host `id`: it leaves every group; its id is never reused.
+    pub fn remove_node(&mut self, id: u64) -> Result<()> {
+        self.cluster_op(proto::cluster_op::Op::RemoveNode(id))
     }
 
     /// Moves the leadership of `group` to host `to`; returns once it moved.

@@ -81,20 +81,12 @@ impl Key {
 
     /// The key as 64 hex digits (the key file's content).
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0)
     }
 
     /// A key from 64 hex digits (surrounding white space ignored).
     pub fn from_hex(s: &str) -> Option<Key> {
-        let s = s.trim();
-        if s.len() != 64 || !s.is_ascii() {
-            return None;
-        }
-        let mut k = [0u8; 32];
-        for (i, b) in k.iter_mut().enumerate() {
-            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-        }
-        Some(Key(k))
+        unhex(s.trim())?.try_into().ok().map(Key)
     }
 
     /// Reads a key file.
@@ -198,7 +190,8 @@ impl std::fmt::Debug for JoinTicket {
 pub const TOKEN_PREFIX: &str = "csvjoin1-";
 const MAX_TOKEN: usize = 4096;
 
-fn hex(b: &[u8]) -> String {
+/// Bytes as lowercase hex.
+pub fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -288,12 +281,7 @@ impl JoinTicket {
     }
 }
 
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::group::now_ms;
 
 /// Who this side is.
 #[derive(Debug, Clone)]
@@ -503,7 +491,7 @@ pub fn accept(stream: TcpStream, me: &Identity, timeout: Duration) -> Result<Con
 }
 
 /// Equality that takes the same time wherever the first difference is.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -30,7 +30,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Events kept for the page.
 const EVENTS: usize = 200;
@@ -38,20 +38,13 @@ const EVENTS: usize = 200;
 const MAX_HEAD: usize = 16 << 10;
 const MAX_BODY: usize = 4 << 10;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use coordinator::group::now_ms;
+use coordinator::wire::ct_eq;
 
 /// The operator token for console actions: HMAC of a fixed label under
 /// the cluster key, as hex.
 pub fn action_token(me: &Identity) -> String {
-    me.key
-        .join_secret(&me.cluster, b"csv-console-actions", 0)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    coordinator::wire::hex(&me.key.join_secret(&me.cluster, b"csv-console-actions", 0))
 }
 
 #[derive(Default)]
@@ -320,10 +313,6 @@ fn push_event(events: &mut VecDeque<Value>, what: &str, text: String) {
     while events.len() > EVENTS {
         events.pop_front();
     }
-}
-
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A parsed request.

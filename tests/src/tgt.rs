@@ -203,24 +203,40 @@ impl TgtTarget {
     /// Adds LUN `lun` backed by the file `path`, created sparse with `size`
     /// bytes when it does not exist.
     pub fn add_lun_file(&mut self, t: &Target, lun: u32, path: &Path, size: u64) -> Result<()> {
+        self.add_lun_typed(t, lun, path, size, &[])
+    }
+
+    /// A LUN backed by `path` (made sparse with `size` bytes when missing),
+    /// with extra `tgtadm` arguments.
+    fn add_lun_typed(
+        &mut self,
+        t: &Target,
+        lun: u32,
+        path: &Path,
+        size: u64,
+        extra: &[&str],
+    ) -> Result<()> {
         if !path.exists() {
             let f = std::fs::File::create(path)
                 .with_context(|| format!("cannot create LUN file {}", path.display()))?;
             f.set_len(size)?;
         }
         let p = path.to_str().context("LUN path is not UTF-8")?;
-        self.configure(&[
+        let (tid, lun) = (t.tid.to_string(), lun.to_string());
+        let mut args = vec![
             "--op",
             "new",
             "--mode",
             "logicalunit",
             "--tid",
-            &t.tid.to_string(),
+            &tid,
             "--lun",
-            &lun.to_string(),
+            &lun,
             "--backing-store",
             p,
-        ])?;
+        ];
+        args.extend_from_slice(extra);
+        self.configure(&args)?;
         Ok(())
     }
 
@@ -229,25 +245,7 @@ impl TgtTarget {
     /// LUN answers PERSISTENT RESERVE IN with ILLEGAL REQUEST (invalid
     /// opcode), as an array without them would.
     pub fn add_lun_cdrom(&mut self, t: &Target, lun: u32, path: &Path, size: u64) -> Result<()> {
-        let f = std::fs::File::create(path)
-            .with_context(|| format!("cannot create LUN file {}", path.display()))?;
-        f.set_len(size)?;
-        let p = path.to_str().context("LUN path is not UTF-8")?;
-        self.configure(&[
-            "--op",
-            "new",
-            "--mode",
-            "logicalunit",
-            "--tid",
-            &t.tid.to_string(),
-            "--lun",
-            &lun.to_string(),
-            "--backing-store",
-            p,
-            "--device-type",
-            "cd",
-        ])?;
-        Ok(())
+        self.add_lun_typed(t, lun, path, size, &["--device-type", "cd"])
     }
 
     /// Adds LUN `lun` with the `null` backing store (reads return zeros,

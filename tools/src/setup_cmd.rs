@@ -16,13 +16,9 @@ use coordinator::wire::{JoinTicket, Key};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use coordinator::group::now_ms;
 
 /// Settings for the csvd of the host being set up.
 #[derive(Debug, clap::Args)]

@@ -20,7 +20,7 @@ use coordinator::proto::{self, SnapshotPhaseReply, SnapshotPhaseReq};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// `csvctl snapshot ...`
 #[derive(Debug, Subcommand)]
@@ -146,11 +146,7 @@ fn parse_volume(s: &str) -> Result<u64> {
         .with_context(|| format!("{s:?} is not a volume (N or VolumeN)"))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use coordinator::group::now_ms;
 
 fn describe(e: client::ClientError) -> anyhow::Error {
     anyhow::anyhow!(client::describe(&e))

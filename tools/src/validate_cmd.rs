@@ -12,7 +12,7 @@ use coordinator::proto;
 use coordinator::vmrole::VmConfig;
 use serde::Serialize;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// One result.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -58,11 +58,7 @@ pub struct Thresholds {
     pub skew_warn_ms: u64,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use coordinator::group::now_ms;
 
 /// The network an address is on (its /24 for IPv4, /64 for IPv6).
 fn network_of(addr: &str) -> String {

@@ -146,11 +146,7 @@ fn valid_name(n: &str) -> bool {
         && !n.starts_with('.')
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use coordinator::group::now_ms;
 
 /// A client error as an operator reads it.
 fn cerr(e: client::ClientError) -> anyhow::Error {

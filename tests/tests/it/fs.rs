@@ -836,16 +836,20 @@ fn a_host_forced_to_filesystem_redirected_has_the_coordinator_do_its_file_io() {
     cl.client().transfer_leader(v, 3).unwrap();
     let coord = cl.hosts.iter().find(|h| h.id == 3).unwrap().listen[0];
     let vs = v.to_string();
-    ctl(&[
-        "volume",
-        "redirect",
-        &vs,
-        "--node",
-        "2",
-        "on",
-        "--mode",
-        "filesystem",
-    ]);
+    // Host 2 in or out of FileSystemRedirected.
+    let fs_redirect = |state: &str| {
+        ctl(&[
+            "volume",
+            "redirect",
+            &vs,
+            "--node",
+            "2",
+            state,
+            "--mode",
+            "filesystem",
+        ])
+    };
+    fs_redirect("on");
     let ready = csv_test_support::wait_until(Duration::from_secs(10), || {
         let (s, why) = state(2);
         s == "FileSystemRedirected" && why.contains(&format!("coordinator at {coord}"))
@@ -895,16 +899,7 @@ fn a_host_forced_to_filesystem_redirected_has_the_coordinator_do_its_file_io() {
     assert!(!w.is_empty() && w.iter().all(|&x| x == 3), "{h:#}");
 
     // Back to Direct: host 2 writes itself again.
-    ctl(&[
-        "volume",
-        "redirect",
-        &vs,
-        "--node",
-        "2",
-        "off",
-        "--mode",
-        "filesystem",
-    ]);
+    fs_redirect("off");
     let back = csv_test_support::wait_until(Duration::from_secs(5), || state(2).0 == "Direct");
     assert!(back.is_ok(), "{:?}", state(2));
     write_synced(&cl.mountpoint(2, v).join("fsredir.bin"), b"own");
@@ -916,16 +911,7 @@ fn a_host_forced_to_filesystem_redirected_has_the_coordinator_do_its_file_io() {
 
     // A redirected host that dies with a file open: the coordinator closes
     // what it opened for it, and another host can write the file.
-    ctl(&[
-        "volume",
-        "redirect",
-        &vs,
-        "--node",
-        "2",
-        "on",
-        "--mode",
-        "filesystem",
-    ]);
+    fs_redirect("on");
     csv_test_support::wait_until(Duration::from_secs(10), || {
         state(2).1.contains("done by the coordinator")
     })

@@ -69,13 +69,7 @@ fn browse(url: &str, shot: &Path, netns: Option<&str>) -> String {
         ])
         .args(extra)
         .arg(url);
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "chromium failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        csv_test_support::cmd::run(&mut c).unwrap()
     };
     let dom = run(&["--dump-dom".to_string()]);
     run(&[format!("--screenshot={}", shot.display())]);
