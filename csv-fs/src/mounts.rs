@@ -224,9 +224,9 @@ impl Mounts {
                     continue;
                 }
                 let Some(l) = rl.san_lun() else { continue };
-                match crate::san::pr_preempt(&l, key, crate::san::pr_key(d)) {
-                    Ok(true) => tracing::warn!("Volume{vol}: host {d} is down: fenced off the LUN (its reservation key preempted)"),
-                    Ok(false) => {}
+                match crate::san::pr_preempt_node(&l, key, d) {
+                    Ok(gone) if !gone.is_empty() => tracing::warn!("Volume{vol}: host {d} is down: fenced off the LUN (its reservation keys {gone:x?} preempted)"),
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::error!("Volume{vol}: fencing host {d}: {e}");
                         continue;

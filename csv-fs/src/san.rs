@@ -29,9 +29,34 @@ pub struct SanIdentity {
     pub node: u64,
 }
 
-/// Host `node`'s persistent-reservation key ("CSV" and the node id).
+/// This incarnation's registration epoch: when the process started, in
+/// seconds (24 bits), so a host that restarts registers a key of its own
+/// and a key left on the LUN by an earlier incarnation is told apart from
+/// the live one.
+pub fn epoch() -> u64 {
+    static EPOCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() & 0xff_ffff)
+            .unwrap_or(1)
+    })
+}
+
+/// Host `node`'s persistent-reservation key in this incarnation.
 pub fn pr_key(node: u64) -> u64 {
-    0x4353_5600_0000_0000 | (node & 0xff_ffff_ffff)
+    pr_key_at(node, epoch())
+}
+
+/// The reservation key of host `node` in registration epoch `epoch`:
+/// "CS", the node id (24 bits) and the epoch (24 bits).
+pub fn pr_key_at(node: u64, epoch: u64) -> u64 {
+    0x4353 << 48 | (node & 0xff_ffff) << 24 | (epoch & 0xff_ffff)
+}
+
+/// The host a csv reservation key belongs to (None: not a csv key).
+pub fn pr_key_node(key: u64) -> Option<u64> {
+    (key >> 48 == 0x4353).then_some((key >> 24) & 0xff_ffff)
 }
 
 /// The ISID of host `node`'s session to volume `vol`: the same on every
@@ -69,16 +94,29 @@ pub fn pr_registered(lun: &BlockingLun, key: u64) -> Result<bool, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Removes `victim`'s registration (and takes its reservation if it held
-/// it), as registrant `key`. False when `victim` was not registered.
-pub fn pr_preempt(lun: &BlockingLun, key: u64, victim: u64) -> Result<bool, String> {
+/// Whether `keys` (a LUN's registrations) hold a key of host `node`.
+pub fn pr_holds(keys: &[u64], node: u64) -> bool {
+    keys.iter().any(|k| pr_key_node(*k) == Some(node))
+}
+
+/// Removes every registration of host `node` (whatever its epoch), and
+/// takes the reservation if one of them held it, as registrant `key`. The
+/// keys removed (none: the host was not registered).
+pub fn pr_preempt_node(lun: &BlockingLun, key: u64, node: u64) -> Result<Vec<u64>, String> {
     use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
-    if !pr_registered(lun, victim)? {
-        return Ok(false);
+    let keys = lun
+        .block_on(lun.lun().reservation_keys())
+        .map_err(|e| e.to_string())?;
+    let mut gone = Vec::new();
+    for victim in keys {
+        if victim == key || pr_key_node(victim) != Some(node) || gone.contains(&victim) {
+            continue;
+        }
+        lun.block_on(lun.lun().reserve_out(PrOut::Preempt, PR_WE_RO, key, victim))
+            .map_err(|e| format!("preempting key {victim:#x}: {e}"))?;
+        gone.push(victim);
     }
-    lun.block_on(lun.lun().reserve_out(PrOut::Preempt, PR_WE_RO, key, victim))
-        .map_err(|e| format!("preempting key {victim:#x}: {e}"))?;
-    Ok(true)
+    Ok(gone)
 }
 
 impl SanIdentity {
@@ -335,4 +373,21 @@ pub fn probe(spec: &str, who: &SanIdentity) -> Probe {
         let _ = s.logout().await;
         p
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservation_keys_carry_node_and_epoch() {
+        let k = pr_key_at(7, 0x12_3456);
+        assert_eq!(k, 0x4353_0000_0712_3456);
+        assert_eq!(pr_key_node(k), Some(7));
+        assert_ne!(pr_key_at(7, 1), pr_key_at(7, 2));
+        assert_eq!(pr_key_node(pr_key(3)), Some(3));
+        assert_eq!(pr_key_node(0xA), None);
+        assert!(pr_holds(&[0xA, pr_key_at(2, 9)], 2));
+        assert!(!pr_holds(&[0xA, pr_key_at(2, 9)], 3));
+    }
 }

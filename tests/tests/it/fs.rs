@@ -484,7 +484,7 @@ fn metrics_json_logs_and_volume_removal() {
 fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
     skip_without_fuse!();
     skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
-    use csv_fs::san::{open, pr_key, SanIdentity};
+    use csv_fs::san::{open, pr_holds, SanIdentity};
     use vhd::BlockIo;
     let (tgt, t, _backing, cl) = iscsi_cluster("fence");
     let url = tgt.url(&t, 1);
@@ -498,7 +498,7 @@ fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
         p.lun.block_on(p.lun.lun().reservation_keys()).unwrap()
     };
     csv_test_support::wait_until(Duration::from_secs(10), || {
-        (1..=3).all(|n| keys(&observer).contains(&pr_key(n)))
+        (1..=3).all(|n| pr_holds(&keys(&observer), n))
     })
     .unwrap();
     let r = observer
@@ -528,7 +528,7 @@ fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
     };
     sig("-STOP");
     let down = csv_test_support::wait_until(Duration::from_secs(20), || {
-        !keys(&observer).contains(&pr_key(2))
+        !pr_holds(&keys(&observer), 2)
     });
     if down.is_err() {
         sig("-CONT");
@@ -539,7 +539,7 @@ fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
             cl.log_tail(3, 10)
         );
     }
-    assert!(keys(&observer).contains(&pr_key(1)) && keys(&observer).contains(&pr_key(3)));
+    assert!(pr_holds(&keys(&observer), 1) && pr_holds(&keys(&observer), 3));
     // A write in host 2's name, on its own I_T nexus, is refused.
     let as2 = SanIdentity {
         initiator: SanIdentity::default_initiator(2),
@@ -562,7 +562,7 @@ fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
     // Resumed, host 2 rejoins, registers again, and writes.
     sig("-CONT");
     csv_test_support::wait_until(Duration::from_secs(20), || {
-        keys(&observer).contains(&pr_key(2))
+        pr_holds(&keys(&observer), 2)
     })
     .unwrap();
     let data = pattern(78, MIB as usize);

@@ -42,7 +42,7 @@ fn a_host_loses_its_san_link_a_cluster_network_then_the_cluster() {
         Need::Command("fusermount3"),
         Need::Device("/dev/fuse")
     );
-    use csv_fs::san::{open, pr_key, SanIdentity};
+    use csv_fs::san::{open, pr_holds, SanIdentity};
     use vhd::BlockIo;
     let san = Lan::new("san", 61).unwrap();
     let net_a = Lan::new("cla", 62).unwrap();
@@ -214,7 +214,7 @@ fn a_host_loses_its_san_link_a_cluster_network_then_the_cluster() {
     // would prove nothing).
     let before = csv_test_support::wait_until(Duration::from_secs(10), || {
         let k = keys();
-        (1..=3).all(|h| k.contains(&pr_key(h)))
+        (1..=3).all(|h| pr_holds(&k, h))
     });
     assert!(
         before.is_ok(),
@@ -225,7 +225,7 @@ fn a_host_loses_its_san_link_a_cluster_network_then_the_cluster() {
     b_links[1].down().unwrap();
     let cutoff = Instant::now();
     let fenced =
-        csv_test_support::wait_until(Duration::from_secs(30), || !keys().contains(&pr_key(2)));
+        csv_test_support::wait_until(Duration::from_secs(30), || !pr_holds(&keys(), 2));
     assert!(
         fenced.is_ok(),
         "host 2 not fenced: keys {:x?}\nhost 1:\n{}\nhost 3:\n{}",
@@ -299,7 +299,7 @@ fn a_host_loses_its_san_link_a_cluster_network_then_the_cluster() {
     }
     // Back in the cluster, host 2 registers again.
     let back =
-        csv_test_support::wait_until(Duration::from_secs(30), || keys().contains(&pr_key(2)));
+        csv_test_support::wait_until(Duration::from_secs(30), || pr_holds(&keys(), 2));
     assert!(
         back.is_ok(),
         "host 2 did not register again: {:?}",
