@@ -22,7 +22,7 @@
 //!   elections and failed networks;
 //! - [`wire`] and [`proto`]: prost messages in length-delimited frames over
 //!   TCP, with a handshake that refuses any peer without the cluster key and
-//!   a MAC on every frame; [`codec`] maps them to the state machine's types.
+//!   every frame encrypted and authenticated; [`codec`] maps them to the state machine's types.
 //!
 //! Time in the replicated state comes from the leader's clock, stamped into
 //! each command before it is proposed, so lease expiry is the same on every

@@ -36,7 +36,7 @@ pub struct Hello {
 }
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// Second frame each side sends: proof that it holds the cluster key.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -501,8 +501,8 @@ pub struct BlockOp {
     /// 0 read, 1 write, 2 flush.
     #[prost(uint32, tag = "5")]
     pub kind: u32,
-    // Tag 6 (a CRC32 of `data`, protocol 1) is retired: the frame's MAC,
-    // a keyed BLAKE3 over every byte of it, is the payload's checksum.
+    // Tag 6 (a CRC32 of `data`, protocol 1) is retired: the frame's
+    // AES-GCM tag, over every byte of it, is the payload's checksum.
 }
 
 /// Bytes read for a redirected request.

@@ -220,7 +220,7 @@ proptest! {
         }
         let _ = proto::Hello::decode(bytes.as_slice());
         let _ = proto::GroupSnapshot::decode(bytes.as_slice());
-        // Unauthenticated bytes never get past the MAC.
+        // Unauthenticated bytes never get past the frame's tag.
         prop_assert!(wire::open_frame(&[1u8; 32], 0, &bytes).is_err());
     }
 

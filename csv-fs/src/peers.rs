@@ -2,7 +2,7 @@
 //! itself (redirected block I/O, FileSystemRedirected file I/O): a pool of
 //! authenticated connections per address, one request in flight on each.
 
-use coordinator::proto::{frame, request, Frame, Request, Response};
+use coordinator::proto::{frame, request, BlockOp, Frame, Request, Response};
 use coordinator::wire::{self, Conn, Identity};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,17 +52,45 @@ impl PeerConns {
     /// goes back to the pool when the exchange worked (a failed one is
     /// dropped).
     pub fn exchange(&self, a: SocketAddr, body: request::Body) -> Result<Response, String> {
-        let mut c = self.conn(a).map_err(|e| e.to_string())?;
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let req = Frame {
-            body: Some(frame::Body::Request(Request {
+        self.exchange_with(a, |c, seq| {
+            c.send(&Frame {
+                body: Some(frame::Body::Request(Request {
+                    client: 0,
+                    seq,
+                    group: 0,
+                    body: Some(body),
+                })),
+            })
+        })
+    }
+
+    /// [`exchange`](Self::exchange) of a block write: `data` goes straight
+    /// into the frame (one copy, not two).
+    pub fn exchange_block_write(
+        &self,
+        a: SocketAddr,
+        op: &BlockOp,
+        data: &[u8],
+    ) -> Result<Response, String> {
+        self.exchange_with(a, |c, seq| {
+            let req = Request {
                 client: 0,
                 seq,
                 group: 0,
-                body: Some(body),
-            })),
-        };
-        match c.send(&req).and_then(|()| c.recv()) {
+                body: None,
+            };
+            c.send_block_write(&req, op, data)
+        })
+    }
+
+    fn exchange_with(
+        &self,
+        a: SocketAddr,
+        send: impl FnOnce(&mut Conn, u64) -> Result<(), wire::WireError>,
+    ) -> Result<Response, String> {
+        let mut c = self.conn(a).map_err(|e| e.to_string())?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        match send(&mut c, seq).and_then(|()| c.recv()) {
             Ok(Frame {
                 body: Some(frame::Body::Response(r)),
             }) if r.seq == seq => {

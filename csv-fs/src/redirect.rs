@@ -1,7 +1,8 @@
 //! Redirected block I/O: a host that does not use its own SAN path to a
-//! volume (forced by the operator now; on path failure with the path
-//! manager to come) sends its block requests over the cluster network to a
-//! host that reaches the LUN directly, with a CRC32 on every payload.
+//! volume (when its own path failed, or when the operator asks) sends its
+//! block requests over the cluster network to a host that reaches the LUN
+//! directly; every frame is encrypted and authenticated (the tag is the
+//! payload's checksum).
 //!
 //! [`RedirectingLun`] is the LUN the filesystem uses: direct I/O while the
 //! host's own path is in use, redirected I/O otherwise. [`Served`] answers
@@ -376,11 +377,21 @@ impl RedirectingLun {
     }
 
     /// One redirected request, tried on each peer until one serves it.
-    fn call(&self, mut op: BlockOp) -> io::Result<bytes::Bytes> {
+    fn call(&self, op: BlockOp) -> io::Result<bytes::Bytes> {
+        self.call_with(op, &[])
+    }
+
+    /// [`call`](Self::call) of a write of `data`.
+    fn call_with(&self, mut op: BlockOp, data: &[u8]) -> io::Result<bytes::Bytes> {
         op.volume = self.vol;
         let mut last = String::from("no peer to redirect to");
         for a in self.peer_order() {
-            let resp = match self.conns.exchange(a, request::Body::Block(op.clone())) {
+            let sent = if op.kind == WRITE {
+                self.conns.exchange_block_write(a, &op, data)
+            } else {
+                self.conns.exchange(a, request::Body::Block(op.clone()))
+            };
+            let resp = match sent {
                 Ok(r) => r,
                 Err(e) => {
                     last = format!("{a}: {e}");
@@ -394,7 +405,7 @@ impl RedirectingLun {
                 Some(response::Result::Reply(proto::Reply {
                     value: Some(reply::Value::Data(d)),
                 })) => {
-                    // The frame's MAC (checked on receipt) covers every
+                    // The frame's tag (checked on receipt) covers every
                     // byte of the payload: it is the payload's checksum.
                     self.redirected_ops.fetch_add(1, Ordering::Relaxed);
                     return Ok(d.data);
@@ -444,12 +455,14 @@ impl vhd::BlockIo for RedirectingLun {
             return r;
         }
         self.bytes[3].fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.call(BlockOp {
-            offset,
-            data: bytes::Bytes::copy_from_slice(buf),
-            kind: WRITE,
-            ..Default::default()
-        })
+        self.call_with(
+            BlockOp {
+                offset,
+                kind: WRITE,
+                ..Default::default()
+            },
+            buf,
+        )
         .map(|_| ())
     }
 
@@ -563,9 +576,9 @@ impl BlockServer for Served {
                         op.len, op.offset
                     ));
                 }
-                let mut buf = vec![0u8; op.len as usize];
-                d.read_at(&mut buf, op.offset).map_err(|e| e.to_string())?;
-                Ok(buf)
+                // The iSCSI path's own receive buffer, not a copy.
+                d.read_vec(op.offset, op.len as usize)
+                    .map_err(|e| e.to_string())
             }
             WRITE => {
                 if op

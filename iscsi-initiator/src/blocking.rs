@@ -72,6 +72,17 @@ impl vhd::BlockIo for BlockingLun {
         Ok(())
     }
 
+    fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let (start, whole) = self.span(offset, len)?;
+        let mut data = self.rt.block_on(self.lun.read(start, whole)).map_err(to_io)?;
+        if start != offset || whole != len {
+            let at = (offset - start) as usize;
+            data.copy_within(at..at + len, 0);
+            data.truncate(len);
+        }
+        Ok(data)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let (start, len) = self.span(offset, buf.len())?;
         if start == offset && len == buf.len() {

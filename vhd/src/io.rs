@@ -24,6 +24,14 @@ pub trait BlockIo: Send + Sync {
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends (with zeros) to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reads `len` bytes at `offset` into a buffer of their own (a device
+    /// that receives data into buffers, such as an iSCSI LUN, hands its
+    /// own over instead of copying).
+    fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut b = vec![0u8; len];
+        self.read_at(&mut b, offset)?;
+        Ok(b)
+    }
 }
 
 impl BlockIo for File {

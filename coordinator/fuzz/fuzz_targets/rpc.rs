@@ -1,4 +1,4 @@
-//! Bytes from a peer or client, after the MAC (a host with the cluster key
+//! Bytes from a peer or client, after decryption (a host with the cluster key
 //! can send anything): decoded as a frame and handled as the service would
 //! (Raft messages parsed, commands decoded and applied to a volume), and
 //! decoded as a committed command, a handshake message and a group
