@@ -537,6 +537,16 @@ pub fn redirect(
     ask_host(me, addr, action, timeout).map(|_| ())
 }
 
+/// Injects a failure drill's fault on the host at `addr`.
+pub fn fault(
+    me: &Identity,
+    addr: SocketAddr,
+    req: proto::FaultReq,
+    timeout: Duration,
+) -> Result<()> {
+    ask_host(me, addr, admin::Action::Fault(req), timeout).map(|_| ())
+}
+
 /// Whether the host at `addr` (this host's own address) leads the cluster
 /// group now: cluster-wide duties (failover, fencing) run there.
 pub fn leads_cluster(me: &Identity, addr: SocketAddr) -> bool {

@@ -168,9 +168,38 @@ fn respond(w: &Waiter, seq: u64, r: Result<proto::Reply, proto::Error>) {
 
 /// Milliseconds of the wall clock (the time stamped into commands).
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
+    let real = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as u64);
+    clock_drill::apply(real)
+}
+
+/// A failure drill's clock jump (`csvctl drill clock-jump`): this
+/// process's wall clock reads `offset` off until a deadline, as after an
+/// operator's or a broken NTP's step.
+pub mod clock_drill {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+    static OFFSET: AtomicI64 = AtomicI64::new(0);
+    /// Real time (ms) when the jump ends.
+    static UNTIL: AtomicU64 = AtomicU64::new(0);
+
+    /// Jumps the clock by `offset_ms` for `for_ms` (0: jump back now).
+    pub fn jump(offset_ms: i64, for_ms: u64) {
+        let real = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        UNTIL.store(real.saturating_add(for_ms), Ordering::Relaxed);
+        OFFSET.store(if for_ms == 0 { 0 } else { offset_ms }, Ordering::Relaxed);
+    }
+
+    pub(super) fn apply(real: u64) -> u64 {
+        let off = OFFSET.load(Ordering::Relaxed);
+        if off == 0 || real >= UNTIL.load(Ordering::Relaxed) {
+            return real;
+        }
+        real.saturating_add_signed(off)
+    }
 }
 
 /// A slog drain that hands raft-rs's log lines to `tracing`.

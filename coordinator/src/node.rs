@@ -210,6 +210,11 @@ pub trait BlockServer: Send + Sync {
         let _ = candidates;
         vec![]
     }
+    /// Injects a failure drill's SAN fault or crash on this host (network
+    /// and clock faults are the coordinator's own).
+    fn fault(&self, req: &proto::FaultReq) -> Result<(), String> {
+        Err(format!("this host cannot inject a {:?} fault", req.kind))
+    }
     /// Carries out one phase of a volume snapshot on this host.
     fn snapshot_phase(
         &self,
@@ -389,6 +394,13 @@ fn serve_local(block: &BlockSlot, r: &Request, node: u64) -> Option<Response> {
             })))
         }
         Some(request::Body::Admin(proto::Admin {
+            action: Some(admin::Action::Fault(q)),
+        })) => Some(
+            fault(block, q)
+                .map_err(invalid)
+                .map(|()| proto::reply::Value::Done(proto::Empty {})),
+        ),
+        Some(request::Body::Admin(proto::Admin {
             action: Some(admin::Action::SnapshotPhase(q)),
         })) => Some(server("this host mounts no volume").and_then(|s| {
             s.snapshot_phase(q)
@@ -404,6 +416,65 @@ fn serve_local(block: &BlockSlot, r: &Request, node: u64) -> Option<Response> {
             Err(e) => response::Result::Error(e),
         }),
     })
+}
+
+/// The longest a drill's fault may last.
+const MAX_FAULT: Duration = Duration::from_secs(600);
+
+/// Injects a failure drill's fault on this host.
+fn fault(block: &BlockSlot, q: &proto::FaultReq) -> Result<(), String> {
+    let dur = Duration::from_millis(q.duration_ms);
+    if dur > MAX_FAULT {
+        return Err(format!(
+            "a fault lasts at most {} s, not {} ms",
+            MAX_FAULT.as_secs(),
+            q.duration_ms
+        ));
+    }
+    let server = || {
+        block
+            .read()
+            .ok()
+            .and_then(|b| b.clone())
+            .ok_or_else(|| "this host serves no volume".to_string())
+    };
+    match q.kind.as_str() {
+        "net-cut" => {
+            let mut addrs = Vec::new();
+            for a in &q.addrs {
+                addrs.push(
+                    a.parse::<SocketAddr>()
+                        .map_err(|e| format!("address {a:?}: {e}"))?,
+                );
+            }
+            if addrs.is_empty() {
+                return Err("net-cut needs the addresses to cut".into());
+            }
+            tracing::warn!(?addrs, "failure drill: network cut for {dur:?}");
+            // Once the answer has left (it may travel on a network cut).
+            let until = Instant::now() + dur;
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                wire::drill::cut(&addrs, until);
+            });
+            Ok(())
+        }
+        "clock" => {
+            tracing::warn!("failure drill: clock {:+} ms off for {dur:?}", q.offset_ms);
+            crate::group::clock_drill::jump(q.offset_ms, q.duration_ms);
+            Ok(())
+        }
+        "heal" => {
+            tracing::warn!("failure drill: every fault healed");
+            wire::drill::heal();
+            crate::group::clock_drill::jump(0, 0);
+            match server() {
+                Ok(s) => s.fault(q),
+                Err(_) => Ok(()),
+            }
+        }
+        _ => server()?.fault(q),
+    }
 }
 
 /// What this host knows of itself, for `csvctl validate`.
@@ -1065,6 +1136,7 @@ impl RaftLoop {
                 | Some(admin::Action::Join(_))
                 | Some(admin::Action::Probe(_))
                 | Some(admin::Action::SnapshotPhase(_))
+                | Some(admin::Action::Fault(_))
                 | None => fail(
                     &w,
                     ErrorCode::BadRequest,

@@ -544,6 +544,10 @@ pub struct VolumeState {
     /// Times the own path failed and I/O switched to a peer.
     #[prost(uint64, tag = "9")]
     pub redirect_events: u64,
+    /// Times the LUN refused this host or its reservation key was found
+    /// gone (it was fenced off).
+    #[prost(uint64, tag = "10")]
+    pub fenced_events: u64,
 }
 
 /// Attributes of an inode.
@@ -1241,7 +1245,7 @@ pub struct ClusterInfo {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Admin {
     /// Which action.
-    #[prost(oneof = "admin::Action", tags = "1, 2, 3, 4, 5, 6, 7")]
+    #[prost(oneof = "admin::Action", tags = "1, 2, 3, 4, 5, 6, 7, 8")]
     pub action: Option<admin::Action>,
 }
 
@@ -1274,7 +1278,41 @@ pub mod admin {
         /// The host asked reports its facts (served by the host itself).
         #[prost(message, tag = "7")]
         Probe(super::ProbeReq),
+        /// A failure drill's fault, injected on the host asked (served by
+        /// the host itself; `csvctl drill`).
+        #[prost(message, tag = "8")]
+        Fault(super::FaultReq),
     }
+}
+
+/// A fault a failure drill injects on one host. Every fault heals by
+/// itself after `duration_ms` (a host cut off from every network cannot
+/// be told to heal), or on a `heal`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FaultReq {
+    /// "san-cut" (the host's own path to the volume's LUN fails),
+    /// "san-slow" (`delay_ms` added to each of its own I/Os), "net-cut"
+    /// (no traffic to or from `addrs` on this host), "clock" (its clock
+    /// `offset_ms` off), "crash" (the host dies at once: its VMs are
+    /// killed, csvd restarts after `duration_ms`), or "heal" (every fault
+    /// ends now).
+    #[prost(string, tag = "1")]
+    pub kind: String,
+    /// N of VolumeN (0: every volume), for the SAN faults.
+    #[prost(uint64, tag = "2")]
+    pub volume: u64,
+    /// For "net-cut": the addresses (HOST:PORT) whose traffic is cut.
+    #[prost(string, repeated, tag = "3")]
+    pub addrs: Vec<String>,
+    /// For "san-slow": delay added to each I/O (ms).
+    #[prost(uint64, tag = "4")]
+    pub delay_ms: u64,
+    /// For "clock": how far the clock jumps (ms, either way).
+    #[prost(sint64, tag = "5")]
+    pub offset_ms: i64,
+    /// How long the fault lasts (ms; at most 10 minutes).
+    #[prost(uint64, tag = "6")]
+    pub duration_ms: u64,
 }
 
 /// One phase of the snapshot protocol on one host.

@@ -306,6 +306,8 @@ pub struct Conn {
     recv_key: FrameKey,
     send_ctr: u64,
     recv_ctr: u64,
+    /// Both ends' addresses (a drill's network cut is checked on them).
+    ends: [Option<SocketAddr>; 2],
     /// The peer's node id (0: a client).
     pub peer: u64,
     /// The peer came with a join token (it may only ask to join).
@@ -454,6 +456,7 @@ fn handshake(
         }));
     }
     let pad = k.derive(b"key-wrap", &transcript);
+    let ends = [writer.local_addr().ok(), writer.peer_addr().ok()];
     Ok(Conn {
         joining,
         pad,
@@ -463,12 +466,16 @@ fn handshake(
         recv_key: FrameKey::new(&recv_key),
         send_ctr: 0,
         recv_ctr: 0,
+        ends,
         peer: theirs.node,
     })
 }
 
 /// Connects to `addr` and authenticates.
 pub fn connect(addr: SocketAddr, me: &Identity, timeout: Duration) -> Result<Conn, WireError> {
+    if drill::is_cut(&addr) {
+        return Err(drill::unreachable());
+    }
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
     handshake(stream, me, true, None, timeout)
 }
@@ -490,6 +497,10 @@ pub fn connect_join(
 
 /// Authenticates a connection a listener accepted.
 pub fn accept(stream: TcpStream, me: &Identity, timeout: Duration) -> Result<Conn, WireError> {
+    if stream.local_addr().is_ok_and(|a| drill::is_cut(&a)) {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return Err(drill::unreachable());
+    }
     handshake(stream, me, false, None, timeout)
 }
 
@@ -621,6 +632,7 @@ fn seal_buf(key: &FrameKey, ctr: u64, mut buf: Vec<u8>) -> Result<Vec<u8>, WireE
 impl Conn {
     /// Sends one frame.
     pub fn send(&mut self, f: &Frame) -> Result<(), WireError> {
+        self.check_cut()?;
         let buf = seal_frame_with(&self.send_key, self.send_ctr, f)?;
         self.send_ctr += 1;
         self.writer.write_all(&buf)?;
@@ -635,6 +647,7 @@ impl Conn {
         op: &crate::proto::BlockOp,
         data: &[u8],
     ) -> Result<(), WireError> {
+        self.check_cut()?;
         let mut buf = frame_buf(0)?;
         let len = encode_block_write(req, op, data, &mut buf);
         if len > MAX_FRAME {
@@ -661,9 +674,20 @@ impl Conn {
         if buf.len() != len + TAG {
             return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
+        self.check_cut()?;
         let f = open_frame_vec(&self.recv_key, self.recv_ctr, buf)?;
         self.recv_ctr += 1;
         Ok(f)
+    }
+
+    /// Fails (and closes the connection) while a drill has cut either
+    /// end's address off: to both ends it is as if the network died.
+    fn check_cut(&self) -> Result<(), WireError> {
+        if self.ends.iter().flatten().any(drill::is_cut) {
+            self.shutdown();
+            return Err(drill::unreachable());
+        }
+        Ok(())
     }
 
     /// Sets how long `recv` waits (None: forever).
@@ -684,6 +708,57 @@ impl Conn {
     /// Closes both directions.
     pub fn shutdown(&self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Network faults of a failure drill (`csvctl drill`): addresses this
+/// process neither connects to, accepts on, nor keeps a connection with,
+/// each until a deadline. With nothing cut, a check is one atomic load.
+pub mod drill {
+    use super::WireError;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    static ANY: AtomicBool = AtomicBool::new(false);
+    static CUT: Mutex<Vec<(SocketAddr, Instant)>> = Mutex::new(Vec::new());
+
+    /// Cuts `addrs` off until `until`.
+    pub fn cut(addrs: &[SocketAddr], until: Instant) {
+        if let Ok(mut c) = CUT.lock() {
+            c.retain(|(a, _)| !addrs.contains(a));
+            c.extend(addrs.iter().map(|a| (*a, until)));
+            ANY.store(!c.is_empty(), Ordering::Relaxed);
+        }
+    }
+
+    /// Ends every cut.
+    pub fn heal() {
+        if let Ok(mut c) = CUT.lock() {
+            c.clear();
+        }
+        ANY.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether traffic to or from `a` is cut now.
+    pub fn is_cut(a: &SocketAddr) -> bool {
+        if !ANY.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Ok(mut c) = CUT.lock() else { return false };
+        let now = Instant::now();
+        c.retain(|(_, until)| *until > now);
+        ANY.store(!c.is_empty(), Ordering::Relaxed);
+        c.iter().any(|(x, _)| x == a)
+    }
+
+    /// The error of a connection on a cut network.
+    pub fn unreachable() -> WireError {
+        WireError::Io(std::io::Error::new(
+            std::io::ErrorKind::NetworkUnreachable,
+            "network unreachable (cut by a failure drill)",
+        ))
     }
 }
 
@@ -710,6 +785,25 @@ mod tests {
         });
         let c = connect(addr, &a, Duration::from_secs(2));
         (c, t.join().unwrap())
+    }
+
+    #[test]
+    fn a_drill_cut_fails_connections_until_it_heals() {
+        let k = Key([6u8; 32]);
+        let (c, a) = pair(ident(1, &k), ident(2, &k));
+        let (mut c, mut a) = (c.unwrap(), a.unwrap());
+        let to = c.ends[1].unwrap();
+        drill::cut(&[to], std::time::Instant::now() + Duration::from_secs(30));
+        assert!(c.send(&raft_frame(1)).is_err());
+        assert!(connect(to, &ident(1, &k), Duration::from_secs(1)).is_err());
+        assert!(a.recv().is_err(), "the other end sees the connection die");
+        drill::heal();
+        let (c, a) = pair(ident(1, &k), ident(2, &k));
+        c.unwrap().send(&raft_frame(2)).unwrap();
+        assert_eq!(a.unwrap().recv().unwrap(), raft_frame(2));
+        // A cut ends by itself at its deadline.
+        drill::cut(&[to], std::time::Instant::now());
+        assert!(!drill::is_cut(&to));
     }
 
     #[test]

@@ -483,6 +483,7 @@ impl Mounts {
                 redirected_read: io.redirected_read,
                 redirected_written: io.redirected_written,
                 redirect_events: io.switches,
+                fenced_events: io.fences,
             });
         }
         if let Ok(mut s) = self.states.write() {

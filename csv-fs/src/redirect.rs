@@ -62,6 +62,14 @@ pub struct RedirectingLun {
     bytes: [AtomicU64; 4],
     /// Times its own path failed and I/O switched to a peer.
     switches: AtomicU64,
+    /// Times it was fenced off the LUN.
+    fences: AtomicU64,
+    /// A failure drill's faults on the own path: cut until, and a delay
+    /// added to each I/O until.
+    drill: Mutex<(
+        Option<std::time::Instant>,
+        Option<(Duration, std::time::Instant)>,
+    )>,
 }
 
 /// A volume's I/O on this host so far (for metrics).
@@ -77,6 +85,8 @@ pub struct IoCounters {
     pub redirected_written: u64,
     /// Times the own path failed and I/O switched to a peer.
     pub switches: u64,
+    /// Times it was fenced off the LUN.
+    pub fences: u64,
 }
 
 impl std::fmt::Debug for RedirectingLun {
@@ -124,6 +134,8 @@ impl RedirectingLun {
             last_peer: Mutex::new(None),
             bytes: Default::default(),
             switches: AtomicU64::new(0),
+            fences: AtomicU64::new(0),
+            drill: Mutex::new((None, None)),
         });
         let weak = Arc::downgrade(&lun);
         let _ = std::thread::Builder::new()
@@ -141,7 +153,7 @@ impl RedirectingLun {
     /// While the own path is failed, tries it again; switches back to
     /// direct I/O when it works.
     fn probe(&self) {
-        if !self.failed.load(Ordering::Relaxed) {
+        if !self.failed.load(Ordering::Relaxed) || self.drill_cut() {
             return;
         }
         let candidate = match &self.reopen {
@@ -192,7 +204,15 @@ impl RedirectingLun {
             return None;
         }
         let d = self.direct.read().ok()?.clone();
-        match f(d.as_ref()) {
+        let r = if self.drill_cut() {
+            Err(io::Error::other("SAN path cut by a failure drill"))
+        } else {
+            if let Some(delay) = self.drill_delay() {
+                std::thread::sleep(delay);
+            }
+            f(d.as_ref())
+        };
+        match r {
             Ok(r) => Some(Ok(r)),
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 // Refused by the LUN. Going through a peer would get round
@@ -242,6 +262,31 @@ impl RedirectingLun {
         }
     }
 
+    /// A failure drill: the own path fails (as if its SAN link were cut)
+    /// until `cut`; each own I/O waits `delay` until its deadline. None
+    /// for both: the faults end.
+    pub fn set_drill(
+        &self,
+        cut: Option<std::time::Instant>,
+        delay: Option<(Duration, std::time::Instant)>,
+    ) {
+        if let Ok(mut d) = self.drill.lock() {
+            *d = (cut, delay);
+        }
+    }
+
+    fn drill_cut(&self) -> bool {
+        self.drill
+            .lock()
+            .is_ok_and(|d| d.0.is_some_and(|t| t > std::time::Instant::now()))
+    }
+
+    fn drill_delay(&self) -> Option<Duration> {
+        let d = self.drill.lock().ok()?;
+        d.1.filter(|(_, until)| *until > std::time::Instant::now())
+            .map(|(delay, _)| delay)
+    }
+
     /// Why I/O is redirected (None: it is not).
     pub fn redirect_reason(&self) -> Option<String> {
         if self.redirected.load(Ordering::Relaxed) {
@@ -267,6 +312,9 @@ impl RedirectingLun {
             }
         }
         if self.fenced.swap(on, Ordering::Relaxed) != on {
+            if on {
+                self.fences.fetch_add(1, Ordering::Relaxed);
+            }
             self.tell();
         }
     }
@@ -331,6 +379,7 @@ impl RedirectingLun {
             redirected_read: b(2),
             redirected_written: b(3),
             switches: self.switches.load(Ordering::Relaxed),
+            fences: self.fences.load(Ordering::Relaxed),
         }
     }
 
@@ -425,56 +474,120 @@ impl RedirectingLun {
     }
 }
 
+/// How long I/O waits, when neither the own path nor any peer can do it
+/// (a storage outage: the target restarting, every path down at once),
+/// before it fails: meanwhile the own path is probed and the peers tried
+/// again, so the outage is a pause to the application, not an error, like
+/// multipath's queueing when no path is left.
+const OUTAGE_WAIT: Duration = Duration::from_secs(60);
+
+impl RedirectingLun {
+    /// One I/O: over the own path, else through a peer, else again until
+    /// a path comes back or [`OUTAGE_WAIT`] passes.
+    fn io<R>(
+        &self,
+        mut direct: impl FnMut(&dyn vhd::BlockIo) -> io::Result<R>,
+        mut redirected: impl FnMut() -> io::Result<R>,
+    ) -> io::Result<R> {
+        let start = std::time::Instant::now();
+        let mut told = false;
+        loop {
+            if let Some(r) = self.try_direct(&mut direct) {
+                return r;
+            }
+            match redirected() {
+                Ok(r) => {
+                    if told {
+                        tracing::warn!(
+                            volume = self.vol,
+                            "Volume{}: I/O goes on after {:.1} s without any path",
+                            self.vol,
+                            start.elapsed().as_secs_f64()
+                        );
+                    }
+                    return Ok(r);
+                }
+                Err(e) if start.elapsed() < OUTAGE_WAIT => {
+                    if !told {
+                        told = true;
+                        tracing::error!(
+                            volume = self.vol,
+                            "Volume{}: no path to the LUN, own or through a peer ({e}): I/O waits for one (at most {} s)",
+                            self.vol,
+                            OUTAGE_WAIT.as_secs()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
 impl vhd::BlockIo for RedirectingLun {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if let Some(r) = self.try_direct(|d| d.read_at(buf, offset)) {
-            if r.is_ok() {
-                self.bytes[0].fetch_add(buf.len() as u64, Ordering::Relaxed);
-            }
-            return r;
+        let len = buf.len();
+        let d = self.io(
+            |d| d.read_at(buf, offset).map(|()| bytes::Bytes::new()),
+            || {
+                self.call(BlockOp {
+                    offset,
+                    len: len as u64,
+                    kind: READ,
+                    ..Default::default()
+                })
+            },
+        )?;
+        if d.is_empty() {
+            // Read over the own path, into `buf`.
+            self.bytes[0].fetch_add(len as u64, Ordering::Relaxed);
+            return Ok(());
         }
-        self.bytes[2].fetch_add(buf.len() as u64, Ordering::Relaxed);
-        let d = self.call(BlockOp {
-            offset,
-            len: buf.len() as u64,
-            kind: READ,
-            ..Default::default()
-        })?;
-        if d.len() != buf.len() {
+        if d.len() != len {
             return Err(io::Error::other("redirected read came back short"));
         }
+        self.bytes[2].fetch_add(len as u64, Ordering::Relaxed);
         buf.copy_from_slice(&d);
         Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if let Some(r) = self.try_direct(|d| d.write_at(buf, offset)) {
-            if r.is_ok() {
-                self.bytes[1].fetch_add(buf.len() as u64, Ordering::Relaxed);
-            }
-            return r;
-        }
-        self.bytes[3].fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.call_with(
-            BlockOp {
-                offset,
-                kind: WRITE,
-                ..Default::default()
+        let direct = std::cell::Cell::new(false);
+        self.io(
+            |d| {
+                direct.set(true);
+                d.write_at(buf, offset)
             },
-            buf,
-        )
-        .map(|_| ())
+            || {
+                direct.set(false);
+                self.call_with(
+                    BlockOp {
+                        offset,
+                        kind: WRITE,
+                        ..Default::default()
+                    },
+                    buf,
+                )
+                .map(|_| ())
+            },
+        )?;
+        let i = if direct.get() { 1 } else { 3 };
+        self.bytes[i].fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        if let Some(r) = self.try_direct(|d| d.flush()) {
-            return r;
-        }
-        self.call(BlockOp {
-            kind: FLUSH,
-            ..Default::default()
-        })
-        .map(|_| ())
+        self.io(
+            |d| d.flush(),
+            || {
+                self.call(BlockOp {
+                    kind: FLUSH,
+                    ..Default::default()
+                })
+                .map(|_| ())
+            },
+        )
     }
 
     fn len(&self) -> io::Result<u64> {
@@ -503,7 +616,13 @@ pub struct Served {
     /// This host's cluster identity and node id (FileSystemRedirected
     /// hosts connect to the coordinator with it).
     host: RwLock<Option<(Identity, u64)>>,
+    /// What a drill's "crash" does (csvd kills its VMs and starts again
+    /// after the given time down).
+    crash: RwLock<Option<CrashHook>>,
 }
+
+/// Kills this host's VMs and restarts csvd after the given time down.
+pub type CrashHook = Arc<dyn Fn(Duration) + Send + Sync>;
 
 impl std::fmt::Debug for Served {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -526,6 +645,13 @@ impl Served {
     pub fn set_host(&self, me: Identity, node: u64) {
         if let Ok(mut h) = self.host.write() {
             *h = Some((me, node));
+        }
+    }
+
+    /// Sets what a drill's "crash" does on this host.
+    pub fn set_crash(&self, hook: CrashHook) {
+        if let Ok(mut c) = self.crash.write() {
+            *c = Some(hook);
         }
     }
 
@@ -593,6 +719,81 @@ impl BlockServer for Served {
             }
             FLUSH => d.flush().map(|()| Vec::new()).map_err(|e| e.to_string()),
             k => Err(format!("unknown block request kind {k}")),
+        }
+    }
+
+    fn fault(&self, req: &coordinator::proto::FaultReq) -> Result<(), String> {
+        let until = std::time::Instant::now() + Duration::from_millis(req.duration_ms);
+        let luns: Vec<Arc<RedirectingLun>> = self
+            .luns
+            .read()
+            .map(|m| {
+                m.iter()
+                    .filter(|(v, _)| req.volume == 0 || **v == req.volume)
+                    .map(|(_, l)| l.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let need_luns = || {
+            if luns.is_empty() {
+                Err(format!("Volume{} is not mounted on this host", req.volume))
+            } else {
+                Ok(())
+            }
+        };
+        match req.kind.as_str() {
+            "san-cut" => {
+                need_luns()?;
+                tracing::warn!(
+                    volume = req.volume,
+                    "failure drill: own SAN path cut for {} ms",
+                    req.duration_ms
+                );
+                luns.iter().for_each(|l| l.set_drill(Some(until), None));
+                Ok(())
+            }
+            "san-slow" => {
+                need_luns()?;
+                if req.delay_ms == 0 || req.delay_ms > 10_000 {
+                    return Err(format!(
+                        "a SAN delay of {} ms (1-10000 allowed)",
+                        req.delay_ms
+                    ));
+                }
+                tracing::warn!(
+                    volume = req.volume,
+                    "failure drill: own SAN path {} ms slower for {} ms",
+                    req.delay_ms,
+                    req.duration_ms
+                );
+                let delay = Duration::from_millis(req.delay_ms);
+                luns.iter()
+                    .for_each(|l| l.set_drill(None, Some((delay, until))));
+                Ok(())
+            }
+            "heal" => {
+                luns.iter().for_each(|l| l.set_drill(None, None));
+                Ok(())
+            }
+            "crash" => {
+                let hook = self
+                    .crash
+                    .read()
+                    .ok()
+                    .and_then(|h| h.clone())
+                    .ok_or("this host cannot crash on request")?;
+                let down = Duration::from_millis(req.duration_ms);
+                tracing::error!("failure drill: this host crashes now and stays down {down:?}");
+                // Once the answer has left.
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(100));
+                    hook(down)
+                });
+                Ok(())
+            }
+            k => Err(format!(
+                "unknown fault {k:?} (san-cut, san-slow, net-cut, clock, crash, heal)"
+            )),
         }
     }
 

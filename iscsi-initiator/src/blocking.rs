@@ -74,7 +74,10 @@ impl vhd::BlockIo for BlockingLun {
 
     fn read_vec(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let (start, whole) = self.span(offset, len)?;
-        let mut data = self.rt.block_on(self.lun.read(start, whole)).map_err(to_io)?;
+        let mut data = self
+            .rt
+            .block_on(self.lun.read(start, whole))
+            .map_err(to_io)?;
         if start != offset || whole != len {
             let at = (offset - start) as usize;
             data.copy_within(at..at + len, 0);

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod cluster_cmd;
+mod drill_cmd;
 mod inventory_cmd;
 mod san_cmd;
 mod setup_cmd;
@@ -67,6 +68,15 @@ enum Command {
     Up(up_cmd::UpArgs),
     /// Stop the hosts `csvctl up --detach` left running.
     Down(up_cmd::DownArgs),
+    /// Rehearse a failure on the live cluster, under a load of the drill's
+    /// own (writers with checksum logs on this host's mount): a SAN path
+    /// lost, a slow SAN, one or all cluster networks lost, the
+    /// coordinator or a host crashing, the iSCSI target restarting, the
+    /// volume full, a clock jump. Reports each measure (time to redirect,
+    /// longest stall, failover time, writes lost, consistency check)
+    /// against its objective; exit status 1 if any misses it. Faults heal
+    /// by themselves after --duration. Try --dry-run first.
+    Drill(drill_cmd::DrillArgs),
     /// Every VM and VHD of the cluster with its owner, host, memory (given
     /// and used), size on disk, last run, last I/O, snapshots held, expiry
     /// and monthly cost; then the signs of sprawl (VMs stopped for long,
@@ -115,6 +125,7 @@ fn main() -> ExitCode {
         Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Up(a) => up_cmd::up(a),
         Command::Down(a) => up_cmd::down(a),
+        Command::Drill(a) => drill_cmd::run(a),
         Command::Inventory {
             access,
             policy,

@@ -363,6 +363,50 @@ fn settings(cli: Cli) -> Result<Settings, String> {
     })
 }
 
+/// Set (to milliseconds) in the environment of a csvd started again by a
+/// drill's crash: how long the host stays down first.
+const DRILL_DOWN: &str = "CSV_DRILL_DOWN_MS";
+
+/// A failure drill's crash of this host (`csvctl drill host-kill`,
+/// `coordinator-kill`): its VMs are killed and csvd starts over at once,
+/// as the same process (so whoever supervises it keeps its handle), with
+/// nothing of its memory: its connections and FUSE sessions close as on a
+/// SIGKILL, and the new csvd stays down for `down` before it starts.
+fn crash(vms: &coordinator::node::VmStates, down: Duration) {
+    use std::os::unix::process::CommandExt;
+    if let Ok(v) = vms.read() {
+        for vm in v.iter().filter(|vm| vm.pid > 1) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(vm.pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    let err = std::process::Command::new("/proc/self/exe")
+        .args(std::env::args_os().skip(1))
+        .env(DRILL_DOWN, down.as_millis().to_string())
+        .exec();
+    eprintln!("csvd: starting again after a drill's crash: {err}");
+    std::process::abort();
+}
+
+/// After a drill's crash: stays down for the time it asked (SIGTERM and
+/// SIGINT end the process meanwhile).
+fn down_after_drill_crash() {
+    let Some(ms) = std::env::var(DRILL_DOWN)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    sigs.add(nix::sys::signal::Signal::SIGTERM);
+    sigs.add(nix::sys::signal::Signal::SIGINT);
+    let _ = sigs.thread_unblock();
+    tracing::warn!("a failure drill crashed this host: down for {ms} ms");
+    std::thread::sleep(Duration::from_millis(ms.min(600_000)));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -377,6 +421,7 @@ fn main() -> ExitCode {
             .init();
     }
     let fuse_threads = cli.fuse_threads as usize;
+    down_after_drill_crash();
     let s = match settings(cli) {
         Ok(s) => s,
         Err(e) => {
@@ -432,6 +477,8 @@ fn main() -> ExitCode {
     // The VM roles placed on this host run on its mounts.
     let mut vm_controls = None;
     let served = Arc::new(csv_fs::redirect::Served::default());
+    let vm_states = node.vms.clone();
+    served.set_crash(Arc::new(move |down| crash(&vm_states, down)));
     let vms = s.mount_root.clone().map(|root| {
         let cfg = csv_fs::vms::VmHostConfig {
             node: id,

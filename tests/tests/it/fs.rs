@@ -527,9 +527,8 @@ fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
             .success());
     };
     sig("-STOP");
-    let down = csv_test_support::wait_until(Duration::from_secs(20), || {
-        !pr_holds(&keys(&observer), 2)
-    });
+    let down =
+        csv_test_support::wait_until(Duration::from_secs(20), || !pr_holds(&keys(&observer), 2));
     if down.is_err() {
         sig("-CONT");
         panic!(
@@ -561,10 +560,8 @@ fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
 
     // Resumed, host 2 rejoins, registers again, and writes.
     sig("-CONT");
-    csv_test_support::wait_until(Duration::from_secs(20), || {
-        pr_holds(&keys(&observer), 2)
-    })
-    .unwrap();
+    csv_test_support::wait_until(Duration::from_secs(20), || pr_holds(&keys(&observer), 2))
+        .unwrap();
     let data = pattern(78, MIB as usize);
     write_synced(&cl.mountpoint(2, 1).join("after-rejoin.bin"), &data);
     assert_eq!(

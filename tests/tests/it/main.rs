@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod coordinator;
+mod drills;
 mod fixtures;
 mod fs;
 mod iscsi;

@@ -224,8 +224,7 @@ fn a_host_loses_its_san_link_a_cluster_network_then_the_cluster() {
     a_links[1].down().unwrap();
     b_links[1].down().unwrap();
     let cutoff = Instant::now();
-    let fenced =
-        csv_test_support::wait_until(Duration::from_secs(30), || !pr_holds(&keys(), 2));
+    let fenced = csv_test_support::wait_until(Duration::from_secs(30), || !pr_holds(&keys(), 2));
     assert!(
         fenced.is_ok(),
         "host 2 not fenced: keys {:x?}\nhost 1:\n{}\nhost 3:\n{}",
@@ -298,8 +297,7 @@ fn a_host_loses_its_san_link_a_cluster_network_then_the_cluster() {
         );
     }
     // Back in the cluster, host 2 registers again.
-    let back =
-        csv_test_support::wait_until(Duration::from_secs(30), || pr_holds(&keys(), 2));
+    let back = csv_test_support::wait_until(Duration::from_secs(30), || pr_holds(&keys(), 2));
     assert!(
         back.is_ok(),
         "host 2 did not register again: {:?}",
