@@ -174,6 +174,18 @@ pub fn now_ms() -> u64 {
     clock_drill::apply(real)
 }
 
+/// The time a leader stamps on commands (lease grants and expiry, file
+/// times): the wall clock when this process started, advanced by the
+/// monotonic clock since. A step of the wall clock while it runs (an
+/// operator's `date`, NTP stepping) neither expires nor extends leases;
+/// leaders on different hosts differ by their clocks' skew at start,
+/// which `csvctl validate` checks.
+pub fn lease_now_ms() -> u64 {
+    static BASE: std::sync::OnceLock<(u64, Instant)> = std::sync::OnceLock::new();
+    let (wall, at) = BASE.get_or_init(|| (now_ms(), Instant::now()));
+    wall + at.elapsed().as_millis() as u64
+}
+
 /// A failure drill's clock jump (`csvctl drill clock-jump`): this
 /// process's wall clock reads `offset` off until a deadline, as after an
 /// operator's or a broken NTP's step.
@@ -392,7 +404,9 @@ impl Group {
             match &self.machine {
                 Machine::Volume(v) if v.has_leases() => {
                     let op = proto::VolumeOp {
-                        op: Some(proto::volume_op::Op::Tick(proto::TickOp { now: now_ms() })),
+                        op: Some(proto::volume_op::Op::Tick(proto::TickOp {
+                            now: lease_now_ms(),
+                        })),
                     };
                     self.propose_internal(command::Body::Volume(op));
                 }
@@ -518,7 +532,7 @@ impl Group {
             }
         }
         if let command::Body::Volume(op) = &mut body {
-            codec::stamp(op, now_ms());
+            codec::stamp(op, lease_now_ms());
         }
         let c = proto::Command {
             client,

@@ -251,6 +251,9 @@ pub struct Node {
 impl Node {
     /// Opens this host's replicas and starts serving.
     pub fn start(cfg: Config) -> Result<Node, NodeError> {
+        // The lease clock is anchored now, before anything can step the
+        // wall clock.
+        let _ = crate::group::lease_now_ms();
         let me = cfg.identity.node;
         if me == 0 {
             return Err(NodeError::Config("node id must not be 0".into()));
@@ -1113,7 +1116,7 @@ impl RaftLoop {
                     if v.voters.is_empty() {
                         v.voters = g.status().voters;
                     }
-                    v.now = crate::group::now_ms();
+                    v.now = crate::group::lease_now_ms();
                 }
                 g.propose(r.client, seq, proto::command::Body::Cluster(op), w)
             }

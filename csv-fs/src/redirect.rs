@@ -30,6 +30,13 @@ pub type Reopen = Box<
 /// redirected now (None: back on the own path).
 pub type Notify = Box<dyn Fn(u64, Option<String>) + Send + Sync>;
 
+/// A failure drill's faults on the own path: cut until, and a delay added
+/// to each I/O until.
+type DrillFaults = (
+    Option<std::time::Instant>,
+    Option<(Duration, std::time::Instant)>,
+);
+
 /// A volume's LUN as this host uses it.
 pub struct RedirectingLun {
     notify: Option<Notify>,
@@ -66,10 +73,7 @@ pub struct RedirectingLun {
     fences: AtomicU64,
     /// A failure drill's faults on the own path: cut until, and a delay
     /// added to each I/O until.
-    drill: Mutex<(
-        Option<std::time::Instant>,
-        Option<(Duration, std::time::Instant)>,
-    )>,
+    drill: Mutex<DrillFaults>,
 }
 
 /// A volume's I/O on this host so far (for metrics).

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 /// How to reach the cluster.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct Access {
     /// A host's address (HOST:PORT); repeat, or comma-separate, for several.
     #[arg(long = "endpoint", env = "CSV_ENDPOINTS", value_delimiter = ',')]
@@ -56,6 +56,16 @@ impl Access {
 
     pub(crate) fn client(&self) -> Result<Client> {
         Ok(Client::new(self.identity()?, self.addrs()?))
+    }
+
+    /// This csvctl, run again with the same cluster access.
+    pub(crate) fn csvctl(&self) -> Result<std::process::Command> {
+        let mut c =
+            std::process::Command::new(std::env::current_exe().context("where is this csvctl?")?);
+        c.env("CSV_ENDPOINTS", self.endpoints.join(","))
+            .env("CSV_KEY_FILE", &self.key_file)
+            .env("CSV_CLUSTER", &self.cluster);
+        Ok(c)
     }
 }
 

@@ -128,6 +128,10 @@ pub struct DrillArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Leave out the drill's VM (a small test-guest VM role that
+    /// live-migrates during the fault, or runs on the host that crashes).
+    #[arg(long)]
+    no_vm: bool,
 }
 
 /// One measure of a drill against its objective.
@@ -319,7 +323,12 @@ fn write_loop(path: PathBuf, id: u64, stop: &AtomicBool) -> WriterLog {
     while !stop.load(Ordering::Relaxed) {
         let f = match &file {
             Some(f) => f,
-            None => match OpenOptions::new().create(true).write(true).open(&path) {
+            None => match OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(&path)
+            {
                 Ok(f) => file.insert(f),
                 Err(e) => {
                     log.errors.push(format!("open: {e}"));
@@ -360,6 +369,121 @@ fn write_loop(path: PathBuf, id: u64, stop: &AtomicBool) -> WriterLog {
 
 fn libc_enospc() -> i32 {
     nix::errno::Errno::ENOSPC as i32
+}
+
+/// The drill's VM: a VM role of the test guest on a small VHD in the
+/// drill's directory, driven through csvctl's own `vm` commands.
+#[derive(Clone)]
+struct DrillVm {
+    name: String,
+    access: Access,
+}
+
+impl DrillVm {
+    fn csvctl(&self, args: &[&str]) -> Result<String> {
+        let out = self
+            .access
+            .csvctl()?
+            .args(args)
+            .output()
+            .context("running csvctl")?;
+        if !out.status.success() {
+            bail!(
+                "csvctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Adds and starts it on `host`; waits until its guest runs.
+    fn start(access: &Access, ctx: &Ctx, host: u64) -> Result<DrillVm> {
+        let name = format!("csv-drill-{}", std::process::id());
+        let file = ctx.dir.join("vm.vhd");
+        vhd::Vhd::create(
+            &file,
+            &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
+        )
+        .with_context(|| format!("create {}", file.display()))?;
+        let disk = format!(
+            "/ClusterStorage/Volume{}/{}/vm.vhd",
+            ctx.vol,
+            ctx.dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let vm = DrillVm {
+            name,
+            access: access.clone(),
+        };
+        vm.csvctl(&[
+            "vm",
+            "add",
+            &vm.name,
+            "--memory",
+            "32M",
+            "--disk",
+            &disk,
+            "--volume",
+            &ctx.vol.to_string(),
+            "--owner",
+            "csv-drill",
+        ])?;
+        vm.csvctl(&["vm", "start", &vm.name, "--on", &host.to_string()])?;
+        if ctx
+            .wait(Duration::from_secs(30), || vm.host() == Some(host))
+            .is_none()
+        {
+            let _ = vm.remove();
+            bail!("the drill's VM did not start on host {host}");
+        }
+        Ok(vm)
+    }
+
+    /// Where its guest runs (and has sent heartbeats).
+    fn host(&self) -> Option<u64> {
+        let s: serde_json::Value =
+            serde_json::from_str(&self.csvctl(&["vm", "status", &self.name, "--json"]).ok()?)
+                .ok()?;
+        s["runtime"]
+            .as_array()?
+            .iter()
+            .find(|x| x["state"] == "running" && x["heartbeats"].as_u64().unwrap_or(0) > 10)
+            .and_then(|x| x["host"].as_u64())
+    }
+
+    /// Live-migrates it to `to`: the downtime its hosts measured.
+    fn migrate(&self, to: u64) -> Result<f64> {
+        let out = self.csvctl(&["vm", "migrate", &self.name, "--to", &to.to_string()])?;
+        out.split("downtime ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no downtime in {out:?}"))
+    }
+
+    fn remove(&self) -> Result<()> {
+        let _ = self.csvctl(&["vm", "stop", &self.name]);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            let s = self.csvctl(&["vm", "status", &self.name, "--json"])?;
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap_or_default();
+            if v["runtime"].as_array().is_none_or(|r| r.is_empty()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.csvctl(&["vm", "remove", &self.name]).map(|_| ())
+    }
+}
+
+/// How often host `node` has been fenced off the volume's LUN.
+fn fence_count(ctx: &Ctx, node: u64) -> u64 {
+    ctx.status(node)
+        .and_then(|s| s.volumes.into_iter().find(|v| v.number == ctx.vol))
+        .map_or(0, |v| v.fenced_events)
 }
 
 /// Reads every acknowledged chunk back: the chunks lost or changed.
@@ -595,7 +719,7 @@ fn measure(name: &str, value: String, objective: &str, pass: bool) -> Measure {
 fn drill(
     ctx: &Ctx,
     s: Scenario,
-    target: Option<u64>,
+    mut target: Option<u64>,
     a: &DrillArgs,
     c: &mut Client,
 ) -> Result<Report> {
@@ -618,283 +742,422 @@ fn drill(
             );
         }
     }
+    let kill = matches!(s, Scenario::CoordinatorKill | Scenario::HostKill);
+    if kill && target == Some(ctx.host) {
+        if s == Scenario::HostKill {
+            bail!("host-kill of the host the load runs on: pick another --target");
+        }
+        // The load runs here: move the coordinator away first.
+        let to = *ctx.others().first().context("no other host")?;
+        c.transfer_leader(ctx.vol, to)
+            .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+        ctx.wait(Duration::from_secs(10), || ctx.coordinator() == Some(to))
+            .context("the coordinator did not move off this host")?;
+        notes.push(format!(
+            "moved the coordinator from host {} (the load's host) to host {to} first",
+            ctx.host
+        ));
+        target = Some(to);
+    }
     let need_target = || target.context("no host to fault (a cluster of one host?)");
+    match s {
+        Scenario::TargetRestart | Scenario::DiskFull => {}
+        _ => {
+            need_target()?;
+        }
+    }
+    if s == Scenario::TargetRestart && a.target_cmd.is_none() {
+        bail!("target-restart needs --target-cmd (the command that restarts the iSCSI target)");
+    }
+    if s == Scenario::NetLossOne && ctx.info.nodes.iter().any(|n| n.addrs.len() < 2) {
+        bail!("every host needs two cluster networks for this drill (some list one address)");
+    }
     let load = Load::start(&ctx.dir, a.writers, std::process::id() as u64 * 1000)?;
+    // The VM: on the host that crashes, else on a host the fault spares,
+    // migrating during the fault to another one it spares.
+    let vm_on = if kill {
+        target
+    } else {
+        ctx.hosts().into_iter().find(|h| Some(*h) != target)
+    };
+    let vm = match vm_on {
+        Some(h) if !a.no_vm => match DrillVm::start(&a.access, ctx, h) {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                measures.push(measure(
+                    "drill VM running",
+                    format!("no: {e:#}"),
+                    "yes (or --no-vm)",
+                    false,
+                ));
+                None
+            }
+        },
+        _ => None,
+    };
+    let migrate_to = ctx
+        .hosts()
+        .into_iter()
+        .find(|h| Some(*h) != target && Some(*h) != vm_on);
     std::thread::sleep(Duration::from_secs(1));
     let t0 = Instant::now();
     let mut load_may_fail = false;
-    match s {
-        Scenario::SanLoss => {
-            let t = need_target()?;
-            ctx.fault(
-                t,
-                FaultReq {
-                    kind: "san-cut".into(),
-                    volume: ctx.vol,
-                    duration_ms: ms_u(dur),
-                    ..Default::default()
-                },
-            )?;
-            let red = ctx.wait(Duration::from_secs(5), || {
-                ctx.mode(t).as_deref() == Some("BlockRedirected")
-            });
-            measures.push(measure(
-                "time to BlockRedirected",
-                red.map_or("never".into(), ms),
-                "<= 1000 ms",
-                red.is_some_and(|d| d <= Duration::from_secs(1)),
-            ));
-            std::thread::sleep(dur.saturating_sub(t0.elapsed()));
-            let back = ctx.wait(Duration::from_secs(30), || {
-                ctx.mode(t).as_deref() == Some("Direct")
-            });
-            measures.push(measure(
-                "back to Direct after the path returns",
-                back.map_or("never".into(), ms),
-                "<= 5000 ms",
-                back.is_some_and(|d| d <= Duration::from_secs(5)),
-            ));
-        }
-        Scenario::SlowSan => {
-            let t = need_target()?;
-            ctx.fault(
-                t,
-                FaultReq {
-                    kind: "san-slow".into(),
-                    volume: ctx.vol,
-                    delay_ms: 200,
-                    duration_ms: ms_u(dur),
-                    ..Default::default()
-                },
-            )?;
-            std::thread::sleep(dur);
-        }
-        Scenario::NetLossOne | Scenario::NetLossAll => {
-            let t = need_target()?;
-            let all = s == Scenario::NetLossAll;
-            let per_host: Vec<Vec<String>> =
-                ctx.info.nodes.iter().map(|n| n.addrs.clone()).collect();
-            if !all && ctx.info.nodes.iter().any(|n| n.addrs.len() < 2) {
-                bail!(
-                    "every host needs two cluster networks for this drill (some list one address)"
-                );
-            }
-            let addrs: Vec<String> = per_host
-                .iter()
-                .flat_map(|a| {
-                    if all {
-                        a.clone()
-                    } else {
-                        a.first().cloned().into_iter().collect()
+    let vm_thread = vm.clone().map(|vm| {
+        std::thread::spawn(move || -> Result<Measure> {
+            if kill {
+                // The host crashes at t0: the VM runs again (elsewhere, or
+                // there once it is back).
+                std::thread::sleep(Duration::from_millis(300));
+                while t0.elapsed() < Duration::from_secs(60) {
+                    if vm.host().is_some() {
+                        let d = t0.elapsed();
+                        return Ok(measure(
+                            "VM running again after",
+                            ms(d),
+                            "<= 30000 ms",
+                            d <= Duration::from_secs(30),
+                        ));
                     }
-                })
-                .collect();
-            ctx.fault(
-                t,
-                FaultReq {
-                    kind: "net-cut".into(),
-                    addrs,
-                    duration_ms: ms_u(dur),
-                    ..Default::default()
-                },
-            )?;
-            // Metadata through the cluster network while it is cut: a
-            // file created and removed every 200 ms on this host's mount.
-            let (mut ok, mut failed, mut slowest) = (0u32, 0u32, Duration::ZERO);
-            while t0.elapsed() < dur {
-                let p = ctx.dir.join("meta-probe");
-                let t1 = Instant::now();
-                match File::create(&p).and_then(|_| std::fs::remove_file(&p)) {
-                    Ok(()) => ok += 1,
-                    Err(e) => {
-                        failed += 1;
-                        if failed == 1 {
-                            notes.push(format!("metadata on host {}: {e}", ctx.host));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                return Ok(measure(
+                    "VM running again after",
+                    "never".into(),
+                    "<= 30000 ms",
+                    false,
+                ));
+            }
+            let Some(to) = migrate_to else {
+                return Ok(measure(
+                    "VM live migration",
+                    "no host to migrate to".into(),
+                    "-",
+                    true,
+                ));
+            };
+            std::thread::sleep(Duration::from_millis(1500));
+            let d = vm.migrate(to)?;
+            Ok(measure(
+                "VM downtime (live migration)",
+                format!("{d:.1} ms"),
+                "<= 500 ms",
+                d <= 500.0,
+            ))
+        })
+    });
+    let mut fenced_before = 0;
+    let mut injected = || -> Result<()> {
+        match s {
+            Scenario::SanLoss => {
+                let t = need_target()?;
+                ctx.fault(
+                    t,
+                    FaultReq {
+                        kind: "san-cut".into(),
+                        volume: ctx.vol,
+                        duration_ms: ms_u(dur),
+                        ..Default::default()
+                    },
+                )?;
+                let red = ctx.wait(Duration::from_secs(5), || {
+                    ctx.mode(t).as_deref() == Some("BlockRedirected")
+                });
+                measures.push(measure(
+                    "time to BlockRedirected",
+                    red.map_or("never".into(), ms),
+                    "<= 1000 ms",
+                    red.is_some_and(|d| d <= Duration::from_secs(1)),
+                ));
+                std::thread::sleep(dur.saturating_sub(t0.elapsed()));
+                let back = ctx.wait(Duration::from_secs(30), || {
+                    ctx.mode(t).as_deref() == Some("Direct")
+                });
+                measures.push(measure(
+                    "back to Direct after the path returns",
+                    back.map_or("never".into(), ms),
+                    "<= 5000 ms",
+                    back.is_some_and(|d| d <= Duration::from_secs(5)),
+                ));
+            }
+            Scenario::SlowSan => {
+                let t = need_target()?;
+                ctx.fault(
+                    t,
+                    FaultReq {
+                        kind: "san-slow".into(),
+                        volume: ctx.vol,
+                        delay_ms: 200,
+                        duration_ms: ms_u(dur),
+                        ..Default::default()
+                    },
+                )?;
+                std::thread::sleep(dur);
+            }
+            Scenario::NetLossOne | Scenario::NetLossAll => {
+                let t = need_target()?;
+                let all = s == Scenario::NetLossAll;
+                let per_host: Vec<Vec<String>> =
+                    ctx.info.nodes.iter().map(|n| n.addrs.clone()).collect();
+                let addrs: Vec<String> = per_host
+                    .iter()
+                    .flat_map(|a| {
+                        if all {
+                            a.clone()
+                        } else {
+                            a.first().cloned().into_iter().collect()
+                        }
+                    })
+                    .collect();
+                fenced_before = fence_count(ctx, t);
+                ctx.fault(
+                    t,
+                    FaultReq {
+                        kind: "net-cut".into(),
+                        addrs,
+                        duration_ms: ms_u(dur),
+                        ..Default::default()
+                    },
+                )?;
+                // Metadata through the cluster network while it is cut: a
+                // file created and removed every 200 ms on this host's mount.
+                let (mut ok, mut failed, mut slowest) = (0u32, 0u32, Duration::ZERO);
+                let mut marked_down = None;
+                while t0.elapsed() < dur {
+                    if all && marked_down.is_none() {
+                        let down = c
+                            .cluster_info()
+                            .is_ok_and(|i| i.health.iter().any(|h| h.node == t && !h.up));
+                        if down {
+                            marked_down = Some(t0.elapsed());
                         }
                     }
+                    let p = ctx.dir.join("meta-probe");
+                    let t1 = Instant::now();
+                    match File::create(&p).and_then(|_| std::fs::remove_file(&p)) {
+                        Ok(()) => ok += 1,
+                        Err(e) => {
+                            failed += 1;
+                            if failed == 1 {
+                                notes.push(format!("metadata on host {}: {e}", ctx.host));
+                            }
+                        }
+                    }
+                    slowest = slowest.max(t1.elapsed());
+                    std::thread::sleep(Duration::from_millis(200));
                 }
-                slowest = slowest.max(t1.elapsed());
-                std::thread::sleep(Duration::from_millis(200));
+                let local_cut = t == ctx.host && all;
+                load_may_fail = local_cut;
+                measures.push(measure(
+                    "metadata operations failed",
+                    format!("{failed} of {}", ok + failed),
+                    "0",
+                    failed == 0 || local_cut,
+                ));
+                measures.push(measure(
+                    "slowest metadata operation",
+                    ms(slowest),
+                    "<= 5000 ms",
+                    slowest <= Duration::from_secs(5) || local_cut,
+                ));
+                if all {
+                    measures.push(measure(
+                        "cut-off host marked down after",
+                        marked_down.map_or("never".into(), ms),
+                        "<= 3000 ms",
+                        marked_down.is_some_and(|d| d <= Duration::from_secs(3)),
+                    ));
+                    let back = ctx.wait(Duration::from_secs(60), || {
+                        ctx.mode(t).as_deref() == Some("Direct")
+                    });
+                    measures.push(measure(
+                        "cut-off host back to Direct after",
+                        back.map_or("never".into(), ms),
+                        "<= 30000 ms",
+                        back.is_some(),
+                    ));
+                    // Its key was preempted while it was cut off: it finds
+                    // out (and registers again) once it is back.
+                    let iscsi = ctx
+                        .info
+                        .volumes
+                        .iter()
+                        .any(|v| v.number == ctx.vol && v.lun.starts_with("iscsi://"));
+                    let fenced = iscsi
+                        && ctx
+                            .wait(Duration::from_secs(10), || {
+                                fence_count(ctx, t) > fenced_before
+                            })
+                            .is_some();
+                    measures.push(measure(
+                        "cut-off host fenced off the LUN",
+                        match (iscsi, fenced) {
+                            (false, _) => "n/a (LUN file)".into(),
+                            (true, f) => {
+                                if f {
+                                    "yes".into()
+                                } else {
+                                    "no".into()
+                                }
+                            }
+                        },
+                        "yes",
+                        fenced || !iscsi,
+                    ));
+                }
             }
-            let local_cut = t == ctx.host && all;
-            load_may_fail = local_cut;
-            measures.push(measure(
-                "metadata operations failed",
-                format!("{failed} of {}", ok + failed),
-                "0",
-                failed == 0 || local_cut,
-            ));
-            measures.push(measure(
-                "slowest metadata operation",
-                ms(slowest),
-                "<= 5000 ms",
-                slowest <= Duration::from_secs(5) || local_cut,
-            ));
-            if all {
+            Scenario::CoordinatorKill | Scenario::HostKill => {
+                let t = need_target()?;
+                let was_coordinator = ctx.coordinator() == Some(t);
+                let down = if s == Scenario::CoordinatorKill {
+                    Duration::from_secs(3)
+                } else {
+                    dur
+                };
+                let k0 = Instant::now();
+                ctx.fault(
+                    t,
+                    FaultReq {
+                        kind: "crash".into(),
+                        duration_ms: ms_u(down),
+                        ..Default::default()
+                    },
+                )?;
+                if was_coordinator {
+                    std::thread::sleep(Duration::from_millis(150));
+                    let f = ctx.wait(Duration::from_secs(30), || {
+                        ctx.coordinator().is_some_and(|h| h != t)
+                    });
+                    measures.push(measure(
+                        "failover: a new coordinator after",
+                        f.map(|d| d + Duration::from_millis(150))
+                            .map_or("never".into(), ms),
+                        "<= 5000 ms",
+                        f.is_some_and(|d| d <= Duration::from_millis(4850)),
+                    ));
+                }
+                std::thread::sleep(down.max(dur).saturating_sub(k0.elapsed()));
                 let back = ctx.wait(Duration::from_secs(60), || {
                     ctx.mode(t).as_deref() == Some("Direct")
                 });
                 measures.push(measure(
-                    "cut-off host back to Direct after",
-                    back.map_or("never".into(), ms),
+                    "crashed host back to Direct after",
+                    back.map_or("never".into(), |d| {
+                        ms(d + down.max(dur).saturating_sub(down))
+                    }),
                     "<= 30000 ms",
                     back.is_some(),
                 ));
             }
-        }
-        Scenario::CoordinatorKill | Scenario::HostKill => {
-            let mut t = need_target()?;
-            if t == ctx.host {
-                if s == Scenario::CoordinatorKill {
-                    // The load runs here: move the coordinator away first.
-                    let to = *ctx.others().first().context("no other host")?;
-                    c.transfer_leader(ctx.vol, to)
-                        .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
-                    ctx.wait(Duration::from_secs(10), || ctx.coordinator() == Some(to))
-                        .context("the coordinator did not move off this host")?;
-                    notes.push(format!(
-                        "moved the coordinator from host {t} (the load's host) to host {to} first"
-                    ));
-                    t = to;
-                } else {
-                    bail!("host-kill of the host the load runs on: pick another --target");
-                }
-            }
-            let was_coordinator = ctx.coordinator() == Some(t);
-            let down = if s == Scenario::CoordinatorKill {
-                Duration::from_secs(3)
-            } else {
-                dur
-            };
-            let k0 = Instant::now();
-            ctx.fault(
-                t,
-                FaultReq {
-                    kind: "crash".into(),
-                    duration_ms: ms_u(down),
-                    ..Default::default()
-                },
-            )?;
-            if was_coordinator {
-                std::thread::sleep(Duration::from_millis(150));
-                let f = ctx.wait(Duration::from_secs(30), || {
-                    ctx.coordinator().is_some_and(|h| h != t)
-                });
-                measures.push(measure(
-                    "failover: a new coordinator after",
-                    f.map(|d| d + Duration::from_millis(150))
-                        .map_or("never".into(), ms),
-                    "<= 5000 ms",
-                    f.is_some_and(|d| d <= Duration::from_millis(4850)),
-                ));
-            }
-            std::thread::sleep(down.max(dur).saturating_sub(k0.elapsed()));
-            let back = ctx.wait(Duration::from_secs(60), || {
-                ctx.mode(t).as_deref() == Some("Direct")
-            });
-            measures.push(measure(
-                "crashed host back to Direct after",
-                back.map_or("never".into(), |d| {
-                    ms(d + down.max(dur).saturating_sub(down))
-                }),
-                "<= 30000 ms",
-                back.is_some(),
-            ));
-        }
-        Scenario::TargetRestart => {
-            let cmd = a.target_cmd.as_deref().context(
+            Scenario::TargetRestart => {
+                let cmd = a.target_cmd.as_deref().context(
                 "target-restart needs --target-cmd (the command that restarts the iSCSI target)",
             )?;
-            let st = std::process::Command::new("sh")
-                .args(["-c", cmd])
-                .status()
-                .with_context(|| format!("running {cmd:?}"))?;
-            measures.push(measure(
-                "target restart command",
-                format!(
-                    "{} in {}",
-                    if st.success() { "ok" } else { "failed" },
-                    ms(t0.elapsed())
-                ),
-                "ok",
-                st.success(),
-            ));
-            let all = ctx.wait(Duration::from_secs(60), || {
-                ctx.hosts()
-                    .iter()
-                    .all(|h| ctx.mode(*h).as_deref() == Some("Direct"))
-            });
-            measures.push(measure(
-                "every host Direct again after",
-                all.map_or("never".into(), ms),
-                "<= 30000 ms",
-                all.is_some(),
-            ));
-            std::thread::sleep(dur.saturating_sub(t0.elapsed()));
-        }
-        Scenario::DiskFull => {
-            let fill = ctx.dir.join("filler");
-            let f = File::create(&fill)?;
-            let block = vec![0xA5u8; 4 << 20];
-            let mut at = 0u64;
-            let full = loop {
-                match f.write_all_at(&block, at).and_then(|()| f.sync_data()) {
-                    Ok(()) => at += block.len() as u64,
-                    Err(e) if e.raw_os_error() == Some(libc_enospc()) => break true,
-                    Err(e) => {
-                        notes.push(format!("filling: {e}"));
+                let st = std::process::Command::new("sh")
+                    .args(["-c", cmd])
+                    .status()
+                    .with_context(|| format!("running {cmd:?}"))?;
+                measures.push(measure(
+                    "target restart command",
+                    format!(
+                        "{} in {}",
+                        if st.success() { "ok" } else { "failed" },
+                        ms(t0.elapsed())
+                    ),
+                    "ok",
+                    st.success(),
+                ));
+                let all = ctx.wait(Duration::from_secs(60), || {
+                    ctx.hosts()
+                        .iter()
+                        .all(|h| ctx.mode(*h).as_deref() == Some("Direct"))
+                });
+                measures.push(measure(
+                    "every host Direct again after",
+                    all.map_or("never".into(), ms),
+                    "<= 30000 ms",
+                    all.is_some(),
+                ));
+                std::thread::sleep(dur.saturating_sub(t0.elapsed()));
+            }
+            Scenario::DiskFull => {
+                let fill = ctx.dir.join("filler");
+                let f = File::create(&fill)?;
+                let block = vec![0xA5u8; 4 << 20];
+                let mut at = 0u64;
+                let full = loop {
+                    match f.write_all_at(&block, at).and_then(|()| f.sync_data()) {
+                        Ok(()) => at += block.len() as u64,
+                        Err(e) if e.raw_os_error() == Some(libc_enospc()) => break true,
+                        Err(e) => {
+                            notes.push(format!("filling: {e}"));
+                            break false;
+                        }
+                    }
+                    if t0.elapsed() > Duration::from_secs(120) {
                         break false;
                     }
-                }
-                if t0.elapsed() > Duration::from_secs(120) {
-                    break false;
-                }
-            };
-            measures.push(measure(
-                "volume full (ENOSPC) after",
-                format!("{} in {}", crate::size::human(at), ms(t0.elapsed())),
-                "ENOSPC",
-                full,
-            ));
-            std::thread::sleep(dur);
-            drop(f);
-            std::fs::remove_file(&fill)?;
-            let freed = Instant::now();
-            // Writing resumes: every writer acknowledges new chunks.
-            let probe = ctx.dir.join("after-full");
-            let resumed = ctx.wait(Duration::from_secs(30), || {
-                File::create(&probe)
-                    .and_then(|f| {
-                        f.write_all_at(&block[..CHUNK], 0)
-                            .and_then(|()| f.sync_data())
-                    })
-                    .is_ok()
-            });
-            measures.push(measure(
-                "writing again after space is freed",
-                resumed.map_or("never".into(), |_| ms(freed.elapsed())),
-                "<= 5000 ms",
-                resumed.is_some_and(|d| d <= Duration::from_secs(5)),
-            ));
+                };
+                measures.push(measure(
+                    "volume full (ENOSPC) after",
+                    format!("{} in {}", crate::size::human(at), ms(t0.elapsed())),
+                    "ENOSPC",
+                    full,
+                ));
+                std::thread::sleep(dur);
+                drop(f);
+                std::fs::remove_file(&fill)?;
+                let freed = Instant::now();
+                // Writing resumes: every writer acknowledges new chunks.
+                let probe = ctx.dir.join("after-full");
+                let resumed = ctx.wait(Duration::from_secs(30), || {
+                    File::create(&probe)
+                        .and_then(|f| {
+                            f.write_all_at(&block[..CHUNK], 0)
+                                .and_then(|()| f.sync_data())
+                        })
+                        .is_ok()
+                });
+                measures.push(measure(
+                    "writing again after space is freed",
+                    resumed.map_or("never".into(), |_| ms(freed.elapsed())),
+                    "<= 5000 ms",
+                    resumed.is_some_and(|d| d <= Duration::from_secs(5)),
+                ));
+            }
+            Scenario::ClockJump => {
+                let t = need_target()?;
+                ctx.fault(
+                    t,
+                    FaultReq {
+                        kind: "clock".into(),
+                        offset_ms: 3_600_000,
+                        duration_ms: ms_u(dur),
+                        ..Default::default()
+                    },
+                )?;
+                std::thread::sleep(dur);
+            }
+            Scenario::All => unreachable!("expanded before"),
         }
-        Scenario::ClockJump => {
-            let t = need_target()?;
-            ctx.fault(
-                t,
-                FaultReq {
-                    kind: "clock".into(),
-                    offset_ms: 3_600_000,
-                    duration_ms: ms_u(dur),
-                    ..Default::default()
-                },
-            )?;
-            std::thread::sleep(dur);
-        }
-        Scenario::All => unreachable!("expanded before"),
-    }
+        Ok(())
+    };
+    let injected = injected();
     std::thread::sleep(Duration::from_millis(500));
     ctx.heal_all();
+    if let Some(h) = vm_thread {
+        match h.join() {
+            Ok(Ok(m)) => measures.push(m),
+            Ok(Err(e)) => measures.push(measure("drill VM", format!("failed: {e:#}"), "-", false)),
+            Err(_) => measures.push(measure("drill VM", "panicked".into(), "-", false)),
+        }
+    }
+    if let Some(vm) = &vm {
+        if let Err(e) = vm.remove() {
+            notes.push(format!("removing the drill's VM: {e:#}"));
+        }
+    }
     let logs = load.finish();
+    injected?;
     let writes: u64 = logs.iter().map(|l| l.writes).sum();
     let errors: Vec<String> = logs.iter().flat_map(|l| l.errors.iter().cloned()).collect();
     let enospc: u64 = logs.iter().map(|l| l.enospc).sum();
