@@ -1292,7 +1292,10 @@ impl Filesystem for Mounted {
                 });
                 match local {
                     Some(a) => reply.attr(&TTL, &fs.fattr(&a)),
-                    None => reply.error(Errno::ENOENT),
+                    // Gone, and not open here: the kernel's inode is
+                    // stale (another host removed or renamed over its
+                    // name); ESTALE has the kernel look the path up again.
+                    None => reply.error(Errno::ESTALE),
                 }
             }
             Err(e) => reply.error(e),
@@ -1515,6 +1518,11 @@ impl Filesystem for Mounted {
                 };
                 reply.opened(FileHandle(fh), f)
             }
+            // The inode the kernel looked up is gone: another host renamed
+            // over or removed its name since. ESTALE has the kernel look
+            // the path up again, so an open races a rename-over as on a
+            // local filesystem (the old file or the new, never ENOENT).
+            Err(Errno::ENOENT) => reply.error(Errno::ESTALE),
             Err(e) => reply.error(e),
         }
     }

@@ -14,7 +14,7 @@ const MIB: u64 = 1 << 20;
 
 /// Three founders, each listening on two loopback ports (two cluster
 /// networks), with Volume1 on a 384 MiB tgtd LUN.
-fn drill_cluster() -> (csv_test_support::tgt::TgtTarget, CsvCluster) {
+pub(crate) fn drill_cluster() -> (csv_test_support::tgt::TgtTarget, CsvCluster) {
     let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
     let t = tgt.add_target("drills").unwrap();
     let backing = tgt.dir().join("lun1.img");

@@ -9,6 +9,7 @@ mod drills;
 mod fixtures;
 mod fs;
 mod iscsi;
+mod nemesis;
 mod netfail;
 mod operations;
 mod posix;

@@ -1,0 +1,680 @@
+//! Randomized faults (a nemesis) under a history of client operations on
+//! every host, and crashes of the whole cluster at random points; each run
+//! ends with the history checked.
+//!
+//! Replay a run with the seed it prints: `CSV_NEMESIS_SEED=S`. Length:
+//! `CSV_NEMESIS_SECS` (the suite runs 40 s; docs/RELIABILITY.md has the
+//! 5-minute command) and `CSV_CRASH_ROUNDS`.
+
+use csv_test_support::csvd::CsvCluster;
+use csv_test_support::{skip_unless, Need};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// xorshift64*: the runs are replayable from their seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn seed() -> u64 {
+    std::env::var("CSV_NEMESIS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+const CHUNK: usize = 16 << 10;
+const CHUNKS: u64 = 64;
+const KEYS: u64 = 4;
+
+fn chunk(host: u64, n: u64) -> Vec<u8> {
+    let mut r = Rng::new(host << 40 | n);
+    (0..CHUNK / 8)
+        .flat_map(|_| r.next().to_le_bytes())
+        .collect()
+}
+
+/// One operation of the history, with its real-time interval.
+#[derive(Debug, Clone)]
+enum Op {
+    /// A chunk write + fsync to the host's own data file: `ok` None when
+    /// its outcome is unknown (it failed).
+    Write {
+        host: u64,
+        idx: u64,
+        n: u64,
+        ok: bool,
+    },
+    /// Register write: `key` := `value` (temp file, fsync, rename).
+    Put { key: u64, value: String, ok: bool },
+    /// Register read (None: no such key yet).
+    Get {
+        key: u64,
+        value: Option<String>,
+        ok: bool,
+    },
+    /// A record appended (O_APPEND + fsync) to the host's log.
+    Append { host: u64, seq: u64, ok: bool },
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    op: Op,
+    start: Instant,
+    end: Instant,
+}
+
+struct History(Mutex<Vec<Event>>);
+
+impl History {
+    fn push(&self, op: Op, start: Instant) {
+        if let Ok(mut h) = self.0.lock() {
+            h.push(Event {
+                op,
+                start,
+                end: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A client on host `host`'s mount `m`: random writes, register puts and
+/// gets, and appends, until `stop`.
+fn client(host: u64, m: &Path, seed: u64, stop: &AtomicBool, h: &History) {
+    let mut r = Rng::new(seed ^ host);
+    let data = m.join(format!("data-{host}"));
+    let log = m.join(format!("log-{host}"));
+    let (mut n, mut seq) = (0u64, 0u64);
+    while !stop.load(Ordering::Relaxed) {
+        let start = Instant::now();
+        match r.below(10) {
+            0..=3 => {
+                n += 1;
+                let idx = r.below(CHUNKS);
+                let ok = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&data)
+                    .and_then(|f| {
+                        f.write_all_at(&chunk(host, n), idx * CHUNK as u64)?;
+                        f.sync_data()
+                    })
+                    .is_ok();
+                h.push(Op::Write { host, idx, n, ok }, start);
+            }
+            4..=5 => {
+                n += 1;
+                let key = r.below(KEYS);
+                let value = format!("{host}:{n}");
+                let tmp = m.join(format!("tmp-{host}-{n}"));
+                let ok = File::create(&tmp)
+                    .and_then(|mut f| {
+                        f.write_all(value.as_bytes())?;
+                        f.sync_all()
+                    })
+                    .and_then(|()| fs::rename(&tmp, m.join(format!("key-{key}"))))
+                    .is_ok();
+                let _ = fs::remove_file(&tmp);
+                h.push(Op::Put { key, value, ok }, start);
+            }
+            6..=7 => {
+                let key = r.below(KEYS);
+                let (value, ok) = match fs::read_to_string(m.join(format!("key-{key}"))) {
+                    Ok(v) => (Some(v), true),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, true),
+                    Err(_) => (None, false),
+                };
+                h.push(Op::Get { key, value, ok }, start);
+            }
+            _ => {
+                seq += 1;
+                let ok = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .and_then(|mut f| {
+                        f.write_all(format!("{host}:{seq}\n").as_bytes())?;
+                        f.sync_data()
+                    })
+                    .is_ok();
+                h.push(Op::Append { host, seq, ok }, start);
+            }
+        }
+        if !matches!(h.0.lock().ok().and_then(|v| v.last().cloned()), Some(e) if op_ok(&e.op)) {
+            // The mount may be gone for a moment (its host crashed).
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn op_ok(op: &Op) -> bool {
+    match op {
+        Op::Write { ok, .. } | Op::Put { ok, .. } | Op::Get { ok, .. } | Op::Append { ok, .. } => {
+            *ok
+        }
+    }
+}
+
+/// Checks the history against what the volume holds now (read on host
+/// `reader`'s mount). Returns the violations.
+fn check(history: &[Event], m: &Path) -> Vec<String> {
+    let mut bad = Vec::new();
+    // 1. Every acknowledged chunk write is readable: a chunk holds its last
+    //    acknowledged write, or a later write whose outcome is unknown.
+    let mut chunks: BTreeMap<(u64, u64), Vec<(u64, bool)>> = BTreeMap::new();
+    for e in history {
+        if let Op::Write { host, idx, n, ok } = e.op {
+            chunks.entry((host, idx)).or_default().push((n, ok));
+        }
+    }
+    for ((host, idx), writes) in &chunks {
+        let last_ok = writes.iter().rposition(|w| w.1);
+        let Some(i) = last_ok else { continue };
+        // writes[i] is the last acknowledged one; all after it failed.
+        let allowed: Vec<u64> = writes[i..].iter().map(|w| w.0).collect();
+        let f = match File::open(m.join(format!("data-{host}"))) {
+            Ok(f) => f,
+            Err(e) => {
+                bad.push(format!("data-{host}: {e}"));
+                continue;
+            }
+        };
+        let mut buf = vec![0u8; CHUNK];
+        let read = f.read_exact_at(&mut buf, idx * CHUNK as u64);
+        if read.is_err() || !allowed.iter().any(|n| chunk(*host, *n) == buf) {
+            bad.push(format!(
+                "data-{host} chunk {idx}: not its acknowledged write {} (nor a later unknown one)",
+                writes[i].0
+            ));
+        }
+    }
+    // 2. No append applied twice, none acknowledged missing.
+    let mut by_host: BTreeMap<u64, (BTreeSet<u64>, BTreeSet<u64>)> = BTreeMap::new();
+    for e in history {
+        if let Op::Append { host, seq, ok } = e.op {
+            let s = by_host.entry(host).or_default();
+            s.0.insert(seq);
+            if ok {
+                s.1.insert(seq);
+            }
+        }
+    }
+    for (host, (tried, acked)) in &by_host {
+        let text = fs::read_to_string(m.join(format!("log-{host}"))).unwrap_or_default();
+        let mut seen = BTreeMap::new();
+        for line in text.lines() {
+            // A torn record of a failed append may be there; count only
+            // whole ones.
+            if let Some((h, s)) = line.split_once(':') {
+                if let (Ok(h), Ok(s)) = (h.parse::<u64>(), s.parse::<u64>()) {
+                    if h == *host {
+                        *seen.entry(s).or_insert(0u32) += 1;
+                    }
+                }
+            }
+        }
+        for (s, c) in &seen {
+            if *c > 1 {
+                bad.push(format!("log-{host}: record {s} applied {c} times"));
+            }
+            if !tried.contains(s) {
+                bad.push(format!("log-{host}: record {s} was never written"));
+            }
+        }
+        for s in acked {
+            if !seen.contains_key(s) {
+                bad.push(format!("log-{host}: acknowledged record {s} is missing"));
+            }
+        }
+    }
+    // 3. Single-key registers are linearizable: every value is written
+    //    once, so a read of v is wrong if (a) no put of v had started
+    //    before the read ended, or (b) another acknowledged put of the key
+    //    started after v's put ended and ended before the read started
+    //    (v was overwritten for sure), or (c) a read that ended before
+    //    another began saw a newer value than the later one.
+    let puts: BTreeMap<(u64, String), &Event> = history
+        .iter()
+        .filter_map(|e| match &e.op {
+            Op::Put { key, value, .. } => Some(((*key, value.clone()), e)),
+            _ => None,
+        })
+        .collect();
+    let reads: Vec<(&Event, u64, &Option<String>)> = history
+        .iter()
+        .filter_map(|e| match &e.op {
+            Op::Get {
+                key,
+                value,
+                ok: true,
+            } => Some((e, *key, value)),
+            _ => None,
+        })
+        .collect();
+    for (r, key, value) in &reads {
+        let Some(v) = value else {
+            // "no such key": wrong once an acknowledged put ended before.
+            if let Some(p) = puts.iter().find(|((k, _), p)| {
+                k == key && matches!(p.op, Op::Put { ok: true, .. }) && p.end < r.start
+            }) {
+                bad.push(format!(
+                    "key-{key}: read nothing after put {} had been acknowledged",
+                    p.0 .1
+                ));
+            }
+            continue;
+        };
+        let Some(w) = puts.get(&(*key, v.clone())) else {
+            bad.push(format!("key-{key}: read {v:?}, which nobody wrote"));
+            continue;
+        };
+        if w.start > r.end {
+            bad.push(format!("key-{key}: read {v:?} before it was written"));
+        }
+        // A failed put may still take effect later: it ends at infinity.
+        let w_acked = matches!(w.op, Op::Put { ok: true, .. });
+        if let Some(((_, newer), _)) = puts.iter().find(|((k, _), p)| {
+            w_acked
+                && k == key
+                && matches!(p.op, Op::Put { ok: true, .. })
+                && p.start > w.end
+                && p.end < r.start
+        }) {
+            bad.push(format!(
+                "key-{key}: read {v:?} after {newer:?} had overwritten it"
+            ));
+        }
+    }
+    for (r1, k1, v1) in &reads {
+        for (r2, k2, v2) in &reads {
+            if k1 != k2 || r1.end >= r2.start {
+                continue;
+            }
+            let (Some(v1), Some(v2)) = (v1, v2) else {
+                continue;
+            };
+            let (Some(w1), Some(w2)) = (puts.get(&(*k1, v1.clone())), puts.get(&(*k2, v2.clone())))
+            else {
+                continue;
+            };
+            if matches!(w2.op, Op::Put { ok: true, .. }) && w2.end < w1.start {
+                bad.push(format!(
+                    "key-{k1}: read {v1:?}, then later {v2:?}, which was overwritten by it"
+                ));
+            }
+        }
+    }
+    bad
+}
+
+/// The nemesis's faults: through the hosts' drill interface.
+fn fault(cl: &CsvCluster, host: u64, req: coordinator::proto::FaultReq) -> String {
+    let kind = req.kind.clone();
+    let addrs = cl
+        .hosts
+        .iter()
+        .find(|h| h.id == host)
+        .map(|h| h.listen.clone())
+        .unwrap_or_default();
+    for a in addrs {
+        if coordinator::client::fault(&cl.identity(), a, req.clone(), Duration::from_secs(2))
+            .is_ok()
+        {
+            return format!("{kind} on host {host}");
+        }
+    }
+    format!("{kind} on host {host} (not taken: host unreachable)")
+}
+
+fn nemesis_step(
+    cl: &CsvCluster,
+    tgt: &mut csv_test_support::tgt::TgtTarget,
+    r: &mut Rng,
+) -> String {
+    use coordinator::proto::FaultReq;
+    let host = 1 + r.below(3);
+    let ms = 1000 + r.below(2000);
+    let all_addrs: Vec<String> = cl
+        .hosts
+        .iter()
+        .flat_map(|h| h.listen.iter().map(|a| a.to_string()))
+        .collect();
+    let first_addrs: Vec<String> = cl
+        .hosts
+        .iter()
+        .filter_map(|h| h.listen.first().map(|a| a.to_string()))
+        .collect();
+    let req = |kind: &str| FaultReq {
+        kind: kind.into(),
+        volume: 1,
+        duration_ms: ms,
+        ..Default::default()
+    };
+    match r.below(7) {
+        0 => fault(cl, host, req("san-cut")),
+        1 => fault(
+            cl,
+            host,
+            FaultReq {
+                delay_ms: 50 + r.below(150),
+                ..req("san-slow")
+            },
+        ),
+        2 => fault(
+            cl,
+            host,
+            FaultReq {
+                addrs: first_addrs,
+                ..req("net-cut")
+            },
+        ),
+        3 => fault(
+            cl,
+            host,
+            FaultReq {
+                addrs: all_addrs,
+                ..req("net-cut")
+            },
+        ),
+        4 => fault(cl, host, req("crash")),
+        5 => fault(
+            cl,
+            host,
+            FaultReq {
+                offset_ms: if r.below(2) == 0 {
+                    3_600_000
+                } else {
+                    -3_600_000
+                },
+                ..req("clock")
+            },
+        ),
+        _ => match tgt.restart(Duration::from_millis(ms / 2)) {
+            Ok(()) => "tgtd restart".into(),
+            Err(e) => format!("tgtd restart failed: {e:#}"),
+        },
+    }
+}
+
+fn wait_healthy(cl: &CsvCluster) {
+    csv_test_support::wait_until(Duration::from_secs(60), || {
+        (1..=3).all(|h| cl.volume_state(h, 1).is_some_and(|(s, _)| s == "Direct"))
+    })
+    .unwrap_or_else(|e| panic!("the cluster did not come back after the faults: {e:?}"));
+}
+
+#[test]
+fn a_nemesis_of_random_faults_leaves_a_clean_history() {
+    skip_unless!(
+        Need::Root,
+        Need::Command("fusermount3"),
+        Need::Device("/dev/fuse"),
+        Need::Command("tgtd"),
+        Need::Command("tgtadm")
+    );
+    let seed = seed();
+    let secs = env_u64("CSV_NEMESIS_SECS", 40);
+    println!(
+        "nemesis: seed {seed}, {secs} s (replay: CSV_NEMESIS_SEED={seed} CSV_NEMESIS_SECS={secs})"
+    );
+    let (mut tgt, cl) = super::drills::drill_cluster();
+    let stop = AtomicBool::new(false);
+    let history = History(Mutex::new(Vec::new()));
+    let mut faults = Vec::new();
+    std::thread::scope(|s| {
+        for host in 1..=3u64 {
+            let m = cl.mountpoint(host, 1);
+            let (stop, history) = (&stop, &history);
+            s.spawn(move || client(host, &m, seed, stop, history));
+        }
+        let mut r = Rng::new(seed);
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            std::thread::sleep(Duration::from_millis(1500 + r.below(2500)));
+            let f = nemesis_step(&cl, &mut tgt, &mut r);
+            println!("nemesis {:>6.1} s: {f}", t.elapsed().as_secs_f64());
+            faults.push(f);
+        }
+        // Heal, let the cluster settle, then stop the clients.
+        for h in 1..=3 {
+            fault(
+                &cl,
+                h,
+                coordinator::proto::FaultReq {
+                    kind: "heal".into(),
+                    ..Default::default()
+                },
+            );
+        }
+        wait_healthy(&cl);
+        std::thread::sleep(Duration::from_secs(2));
+        stop.store(true, Ordering::Relaxed);
+    });
+    wait_healthy(&cl);
+    let history = history.0.into_inner().unwrap();
+    let count = |f: fn(&Op) -> bool| history.iter().filter(|e| f(&e.op)).count();
+    println!(
+        "nemesis: {} operations ({} acknowledged; {} writes, {} puts, {} gets, {} appends) under {} faults",
+        history.len(),
+        count(op_ok),
+        count(|o| matches!(o, Op::Write { .. })),
+        count(|o| matches!(o, Op::Put { .. })),
+        count(|o| matches!(o, Op::Get { .. })),
+        count(|o| matches!(o, Op::Append { .. })),
+        faults.len()
+    );
+    assert!(count(op_ok) > 100, "the clients hardly got anything done");
+    // The history read back on every host.
+    for reader in 1..=3 {
+        let bad = check(&history, &cl.mountpoint(reader, 1));
+        assert!(
+            bad.is_empty(),
+            "seed {seed}: the history read on host {reader} breaks {} rules:\n{}",
+            bad.len(),
+            bad.iter().take(20).cloned().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let problems = cl.client().check_volume(1).unwrap();
+    assert!(problems.is_empty(), "seed {seed}: fsck: {problems:?}");
+    println!("nemesis: history clean on every host, fsck clean");
+}
+
+/// Every host killed at once (SIGKILL) at a random point of a metadata and
+/// data load, the cluster started again, and the volume checked: every
+/// fsync'd write and every acknowledged namespace change is there.
+#[test]
+fn killing_every_host_at_once_loses_nothing_acknowledged() {
+    skip_unless!(
+        Need::Root,
+        Need::Command("fusermount3"),
+        Need::Device("/dev/fuse")
+    );
+    let seed = seed();
+    let rounds = env_u64("CSV_CRASH_ROUNDS", 4);
+    println!("crash: seed {seed}, {rounds} rounds (replay: CSV_NEMESIS_SEED={seed} CSV_CRASH_ROUNDS={rounds})");
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(30)).unwrap();
+    let mut r = Rng::new(seed);
+    // What each round acknowledged, checked after every later crash too.
+    let acked_files: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+    let acked_dirs: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let removed: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    for round in 0..rounds {
+        let stop = AtomicBool::new(false);
+        let history = History(Mutex::new(Vec::new()));
+        let run_for = Duration::from_millis(1000 + r.below(3000));
+        std::thread::scope(|s| {
+            for host in 1..=3u64 {
+                let m = cl.mountpoint(host, v);
+                let (stop, history) = (&stop, &history);
+                let (acked_files, acked_dirs, removed) = (&acked_files, &acked_dirs, &removed);
+                let sub = seed ^ round << 8;
+                s.spawn(move || {
+                    let mut r = Rng::new(sub ^ host);
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        match r.below(4) {
+                            // Metadata: a directory made, a file made and
+                            // renamed, one removed.
+                            0 => {
+                                let d = format!("d-{round}-{host}-{n}");
+                                if fs::create_dir(m.join(&d)).is_ok() {
+                                    acked_dirs.lock().unwrap().insert(d);
+                                }
+                            }
+                            1 => {
+                                let a = m.join(format!("t-{round}-{host}-{n}"));
+                                let b = format!("f-{round}-{host}-{n}");
+                                let ok = File::create(&a)
+                                    .and_then(|mut f| {
+                                        f.write_all(&chunk(host, n)[..512])?;
+                                        f.sync_all()
+                                    })
+                                    .and_then(|()| fs::rename(&a, m.join(&b)))
+                                    .is_ok();
+                                if ok {
+                                    acked_files
+                                        .lock()
+                                        .unwrap()
+                                        .insert(m.join(&b), n << 8 | host);
+                                }
+                            }
+                            2 => {
+                                let victim = acked_files
+                                    .lock()
+                                    .unwrap()
+                                    .keys()
+                                    .find(|p| p.starts_with(&m))
+                                    .cloned();
+                                if let Some(p) = victim {
+                                    let name =
+                                        p.file_name().unwrap().to_string_lossy().into_owned();
+                                    if fs::remove_file(&p).is_ok() {
+                                        acked_files.lock().unwrap().remove(&p);
+                                        removed.lock().unwrap().insert(name);
+                                    }
+                                }
+                            }
+                            // Data: a chunk written and fsync'd.
+                            _ => {
+                                let idx = r.below(CHUNKS);
+                                let start = Instant::now();
+                                let ok = OpenOptions::new()
+                                    .create(true)
+                                    .truncate(false)
+                                    .write(true)
+                                    .open(m.join(format!("data-{host}")))
+                                    .and_then(|f| {
+                                        f.write_all_at(&chunk(host, n), idx * CHUNK as u64)?;
+                                        f.sync_data()
+                                    })
+                                    .is_ok();
+                                history.push(Op::Write { host, idx, n, ok }, start);
+                            }
+                        }
+                        if n % 16 == 0 && stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(run_for);
+            // Every host at once.
+            let pids: Vec<i32> = (1..=3)
+                .filter_map(|h| cl.pid(h))
+                .map(|p| p as i32)
+                .collect();
+            for p in &pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        for h in 1..=3 {
+            cl.kill(h).unwrap();
+        }
+        for h in 1..=3 {
+            cl.start(h).unwrap();
+        }
+        cl.wait_mounted(v, Duration::from_secs(60)).unwrap();
+        let history = history.0.into_inner().unwrap();
+        // Data: this round's acknowledged chunks (a chunk written again in
+        // a later round is checked in that round).
+        let bad = check(&history, &cl.mountpoint(2, v));
+        assert!(
+            bad.is_empty(),
+            "seed {seed} round {round} (killed after {run_for:?}): {}",
+            bad.join("\n")
+        );
+        // Namespace: every acknowledged directory and file is there, with
+        // its content; removed ones are gone.
+        let m = cl.mountpoint(3, v);
+        for d in acked_dirs.lock().unwrap().iter() {
+            assert!(
+                m.join(d).is_dir(),
+                "seed {seed} round {round}: directory {d} is gone"
+            );
+        }
+        for (p, tag) in acked_files.lock().unwrap().iter() {
+            let name = p.file_name().unwrap();
+            let got = fs::read(m.join(name)).unwrap_or_default();
+            let (n, host) = (tag >> 8, tag & 0xff);
+            assert!(
+                got == chunk(host, n)[..512],
+                "seed {seed} round {round}: file {name:?} lost or changed"
+            );
+        }
+        for name in removed.lock().unwrap().iter() {
+            assert!(
+                !m.join(name).exists(),
+                "seed {seed} round {round}: {name} came back"
+            );
+        }
+        let problems = cl.client().check_volume(v).unwrap();
+        assert!(
+            problems.is_empty(),
+            "seed {seed} round {round}: fsck: {problems:?}"
+        );
+        println!(
+            "crash round {round}: killed every host after {run_for:?}; {} chunk writes, all acknowledged ones there; fsck clean",
+            history.len()
+        );
+    }
+}
