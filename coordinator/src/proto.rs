@@ -1443,6 +1443,10 @@ pub struct VmRuntime {
     /// The host it goes to.
     #[prost(uint64, tag = "15")]
     pub migrating_to: u64,
+    /// The token a source must open the migration with (state
+    /// "incoming"; it travels only on the cluster's encrypted RPC).
+    #[prost(string, tag = "16")]
+    pub listen_token: String,
 }
 
 /// A host's resources as it measures them.

@@ -27,6 +27,7 @@ pub mod fs;
 pub mod fsredirect;
 pub mod mounts;
 pub mod peers;
+pub mod privileges;
 pub mod redirect;
 pub mod san;
 pub mod superblock;

@@ -59,6 +59,18 @@ struct Running {
     /// Started from this saved state (a quick migration's file), until the
     /// VM runs and the registry no longer asks for it.
     restored_from: Option<PathBuf>,
+    /// An incoming VMM's migration token (hex): the source opens with it.
+    token: Option<String>,
+}
+
+/// A new migration token: 32 random bytes, as hex.
+fn new_token() -> Result<String, String> {
+    use std::io::Read;
+    let mut t = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut t))
+        .map_err(|e| format!("a migration token: {e}"))?;
+    Ok(t.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Runs this host's VM roles until `stop`, then stops them all.
@@ -188,7 +200,13 @@ impl VmSupervisor {
         let serial = self.cfg.run_dir.join(format!("{name}.serial"));
         let _ = std::fs::remove_file(&control);
         let mut cmd = Command::new(&self.cfg.vmm);
+        let mut token = None;
         if incoming {
+            // The token reaches the VMM in its environment, never on its
+            // command line (which every local user can read).
+            let t = new_token()?;
+            cmd.env("CSV_MIGRATION_TOKEN", &t);
+            token = Some(t);
             // On this host's cluster address, a port of the kernel's choice
             // (the status reports it).
             let ip = self
@@ -249,6 +267,7 @@ impl VmSupervisor {
             progress: Default::default(),
             disk,
             restored_from: restore,
+            token,
         })
     }
 
@@ -269,6 +288,9 @@ impl VmSupervisor {
                 let hb = &s["heartbeat"];
                 out.state = s["state"].as_str().unwrap_or("unknown").to_string();
                 out.listen = s["listen"].as_str().unwrap_or_default().to_string();
+                if r.incoming {
+                    out.listen_token = r.token.clone().unwrap_or_default();
+                }
                 out.heartbeat_gaps = hb["gaps"].as_u64().unwrap_or(0);
                 out.guest_errors = hb["guest_errors"].as_u64().unwrap_or(0);
                 if r.migration.is_some() {
@@ -581,6 +603,10 @@ impl VmSupervisor {
                 self.target_listen(info, to, name)
             };
             let Some(dest) = dest else { continue };
+            let (dest, token) = match dest.split_once(' ') {
+                Some((d, t)) => (d.to_string(), t.to_string()),
+                None => (dest, String::new()),
+            };
             let (control, disk, volume) = (r.control.clone(), r.disk.clone(), w.cfg.volume);
             let mut hc = self.client(Duration::from_secs(5));
             let vm = name.clone();
@@ -594,7 +620,7 @@ impl VmSupervisor {
                     send_quick(&control, Path::new(&dest), &disk, volume, me, to, &mut hc)
                 } else {
                     send_migration(
-                        &control, &dest, &disk, volume, me, to, &mut hc, &vm, &progress,
+                        &control, &dest, &token, &disk, volume, me, to, &mut hc, &vm, &progress,
                     )
                 }
             }));
@@ -722,7 +748,7 @@ impl VmSupervisor {
         }
     }
 
-    /// Where host `to` waits for VM `name`, from its status.
+    /// Where host `to` waits for VM `name`, from its status: "ADDR TOKEN".
     fn target_listen(
         &self,
         info: &coordinator::proto::ClusterInfo,
@@ -734,7 +760,7 @@ impl VmSupervisor {
         st.vms
             .into_iter()
             .find(|v| v.name == name && v.state == "incoming" && !v.listen.is_empty())
-            .map(|v| v.listen)
+            .map(|v| format!("{} {}", v.listen, v.listen_token))
     }
 }
 
@@ -787,6 +813,7 @@ fn send_quick(
 fn send_migration(
     control: &Path,
     listen: &str,
+    token: &str,
     disk: &Path,
     volume: u64,
     from: u64,
@@ -799,7 +826,7 @@ fn send_migration(
     let ino = std::fs::metadata(disk)
         .map_err(|e| format!("{}: {e}", disk.display()))?
         .ino();
-    let req = serde_json::json!({"cmd": "migrate", "to": listen, "confirm": true});
+    let req = serde_json::json!({"cmd": "migrate", "to": listen, "token": token, "confirm": true});
     let mut vmm = Control::send(control, &req, None)?;
     loop {
         let v = vmm

@@ -9,7 +9,7 @@
 //! | `status` | | state, memory, vCPUs, heartbeat, the guest's own counters |
 //! | `pause`, `resume`, `stop` | | |
 //! | `save` | `path`, `stop` (default true) | summary |
-//! | `migrate` | `to`, `downtime_ms`, `timeout_s`, `verify_memory`, `confirm` | progress lines (and `acked`, then a `go` from the caller, with `confirm`), summary |
+//! | `migrate` | `to`, `token` (the target's), `downtime_ms`, `timeout_s`, `verify_memory`, `confirm` | progress lines (and `acked`, then a `go` from the caller, with `confirm`), summary |
 //! | `set-rate` | `mib_per_s`, `tick_us` (default 1000) | |
 //! | `check` | | the host-side scan of the test guest's pages |
 //! | `memory-crc` | | CRC32 of all guest memory (pauses for the read) |
@@ -225,6 +225,11 @@ fn handle(req: &Value, slot: &Slot, w: &mut UnixStream, r: &mut BufReader<UnixSt
             }
             if let Some(v) = req.get("verify_memory").and_then(Value::as_bool) {
                 opts.verify_memory = v;
+            }
+            match req.get("token").and_then(Value::as_str).map(migrate::parse_token) {
+                Some(Ok(t)) => opts.token = Some(t),
+                Some(Err(e)) => return err(e),
+                None => return err("migrate needs \"token\" (the target's migration token)"),
             }
             // With "confirm", the hand-over waits for the caller: after the
             // target's Ack this sends {"event": "acked"} and reads one line,

@@ -14,6 +14,7 @@ pub mod control;
 pub mod guest;
 pub mod linux;
 pub mod migrate;
+pub mod privileges;
 pub mod stream;
 pub mod virtio_blk;
 pub mod vm;

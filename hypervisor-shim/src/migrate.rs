@@ -70,6 +70,42 @@ pub struct MigrateOptions {
     /// Ask both sides for a CRC of all guest memory at the switch-over
     /// (costs downtime: the target hashes before it resumes).
     pub verify_memory: bool,
+    /// The target's migration token (it refuses a connection without it).
+    pub token: Option<Token>,
+}
+
+/// A target's migration token: 32 random bytes its starter gives it and
+/// the source (over the authenticated cluster RPC); a connection that does
+/// not open with it is closed before any of its bytes is parsed.
+pub type Token = [u8; 32];
+
+/// What a migration connection opens with: this, then the token.
+const AUTH_MAGIC: &[u8; 8] = b"CSVMIGT1";
+
+/// A token from its 64 hex digits.
+pub fn parse_token(hex: &str) -> std::result::Result<Token, String> {
+    let hex = hex.trim();
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("a migration token is 64 hex digits".into());
+    }
+    let mut t = [0u8; 32];
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+    }
+    Ok(t)
+}
+
+/// A new random token (from the kernel's random source).
+pub fn new_token() -> std::io::Result<Token> {
+    use std::io::Read;
+    let mut t = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut t)?;
+    Ok(t)
+}
+
+/// A token's 64 hex digits.
+pub fn token_hex(t: &Token) -> String {
+    t.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Default for MigrateOptions {
@@ -79,6 +115,7 @@ impl Default for MigrateOptions {
             timeout: Duration::from_secs(120),
             throttle_after: 5,
             verify_memory: false,
+            token: None,
         }
     }
 }
@@ -424,6 +461,14 @@ pub fn migrate(
     let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(io("connect to the target"))?;
     let _ = conn.set_nodelay(true);
+    let token = opts
+        .token
+        .ok_or_else(|| MigrateError::Io("the target's migration token is missing".into()))?;
+    let mut auth = AUTH_MAGIC.to_vec();
+    auth.extend_from_slice(&token);
+    (&conn)
+        .write_all(&auth)
+        .map_err(io("send the migration token"))?;
     let mut back = conn.try_clone().map_err(io("clone the connection"))?;
     let mut s = Sender::new(vm, conn);
     let pages_total = (vm.mem_bytes() / PAGE) as usize;
@@ -709,8 +754,27 @@ pub fn restore(path: &Path, config: &VmConfig) -> Result<Arc<Vm>> {
 
 /// Waits for one incoming migration on `listener`, restores it, answers the
 /// hand-shake and starts the guest.
-pub fn incoming(listener: &TcpListener, config: &VmConfig) -> Result<Arc<Vm>> {
-    let (conn, peer) = listener.accept().map_err(io("accept the migration"))?;
+pub fn incoming(listener: &TcpListener, config: &VmConfig, token: &Token) -> Result<Arc<Vm>> {
+    let (conn, peer) = loop {
+        let (conn, peer) = listener.accept().map_err(io("accept the migration"))?;
+        // The token first, within 5 s; anyone else is turned away and the
+        // target goes on waiting for its source.
+        let mut got = [0u8; 40];
+        let ok = conn.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
+            && std::io::Read::read_exact(&mut &conn, &mut got).is_ok()
+            && got[..8] == AUTH_MAGIC[..]
+            && got[8..]
+                .iter()
+                .zip(token)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if ok {
+            let _ = conn.set_read_timeout(None);
+            break (conn, peer);
+        }
+        tracing::warn!(%peer, "refused an incoming migration: it did not open with this target's token");
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+    };
     let _boost = boost_this_thread();
     tracing::info!(%peer, "incoming migration");
     let _ = conn.set_nodelay(true);

@@ -383,7 +383,17 @@ fn ours_migrate(dir: &Path, obs: &Observer, mem_mib: u64, rate: f64) -> Result<M
     )?;
     let port = csv_test_support::free_port()?;
     let to = format!("127.0.0.1:{port}");
-    let (dp, _dc) = ours_spawn(dir, "dst", &["incoming", "--listen", &to], obs)?;
+    // Any 64 hex digits: the target and source are ours.
+    let token = "b0".repeat(32);
+    let tok = dir.join("migration.token");
+    std::fs::write(&tok, &token)?;
+    let tok = tok.display().to_string();
+    let (dp, _dc) = ours_spawn(
+        dir,
+        "dst",
+        &["incoming", "--listen", &to, "--token-file", &tok],
+        obs,
+    )?;
     let (src, dst) = (sp.0.id(), dp.0.id());
     obs.clear();
     obs.wait_beats(|b| b.source == src, 250, Duration::from_secs(20))?;
@@ -397,7 +407,10 @@ fn ours_migrate(dir: &Path, obs: &Observer, mem_mib: u64, rate: f64) -> Result<M
         Duration::from_millis(500),
     )?;
     let t = Instant::now();
-    let r = ctl(&sc, json!({"cmd": "migrate", "to": to, "downtime_ms": 100}))?;
+    let r = ctl(
+        &sc,
+        json!({"cmd": "migrate", "to": to, "downtime_ms": 100, "token": token}),
+    )?;
     obs.wait_beats(|b| b.source == dst, 100, Duration::from_secs(20))?;
     let (gap, missing) = obs.gap_since(t);
     Ok(Migration {

@@ -407,7 +407,19 @@ fn down_after_drill_crash() {
     std::thread::sleep(Duration::from_millis(ms.min(600_000)));
 }
 
+/// What csvd keeps of root's capabilities (numbers of
+/// `linux/capability.h`): file access on its state and mounts (chown,
+/// dac_override, dac_read_search, fowner, fsetid), stopping its VMs
+/// (kill), a console on a low port (net_bind_service), FUSE mounts
+/// (sys_admin), and priorities, memory locks and limits for its VMMs
+/// (sys_nice, ipc_lock, sys_resource). Everything else (modules, raw I/O,
+/// ptrace, setuid, network administration, ...) is gone for good, for it
+/// and for every VMM it starts.
+const CAPS: [u32; 11] = [0, 1, 2, 3, 4, 5, 10, 14, 21, 23, 24];
+
 fn main() -> ExitCode {
+    // Before any thread starts (capabilities are per thread).
+    let privileges = csv_fs::privileges::drop_all_but(&CAPS);
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -419,6 +431,10 @@ fn main() -> ExitCode {
     } else {
         logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
+    }
+    match privileges {
+        Ok(what) => tracing::info!("privileges: {what}"),
+        Err(e) => tracing::warn!("could not drop privileges: {e}"),
     }
     let fuse_threads = cli.fuse_threads as usize;
     down_after_drill_crash();

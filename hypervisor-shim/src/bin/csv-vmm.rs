@@ -18,8 +18,8 @@ use serde_json::{json, Value};
 ///
 /// Examples:
 ///   csv-vmm run --memory 256M --dirty-rate 50 --control /run/vm1.sock
-///   csv-vmm incoming --listen 0.0.0.0:7400 --control /run/vm1-in.sock
-///   csv-vmm ctl --control /run/vm1.sock migrate 10.0.0.2:7400
+///   csv-vmm incoming --listen 0.0.0.0:7400 --token-file vm1.token --control /run/vm1-in.sock
+///   CSV_MIGRATION_TOKEN=... csv-vmm ctl --control /run/vm1.sock migrate 10.0.0.2:7400
 ///   csv-vmm ctl --control /run/vm1.sock save /ClusterStorage/Volume1/vm1.state
 ///   csv-vmm restore --from /ClusterStorage/Volume1/vm1.state
 #[derive(Parser, Debug)]
@@ -64,6 +64,10 @@ enum Cmd {
         /// Address to listen on for the migration stream.
         #[arg(long)]
         listen: SocketAddr,
+        /// File holding this target's migration token (64 hex digits; the
+        /// source must open with it). Default: $CSV_MIGRATION_TOKEN.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
         #[command(flatten)]
         host: HostArgs,
     },
@@ -161,6 +165,10 @@ enum CtlOp {
     /// Live-migrate to a `csv-vmm incoming` at HOST:PORT.
     Migrate {
         to: String,
+        /// The target's migration token (64 hex digits). Default:
+        /// $CSV_MIGRATION_TOKEN.
+        #[arg(long, env = "CSV_MIGRATION_TOKEN", hide_env_values = true)]
+        token: String,
         /// Longest acceptable pause of the guest, ms.
         #[arg(long, default_value_t = 100)]
         downtime_ms: u64,
@@ -255,7 +263,15 @@ fn supervise(vm: Arc<Vm>, slot: &Slot) -> i32 {
     }
 }
 
+/// What a VMM keeps of root's capabilities: reading and writing its disk
+/// and state files (dac_override, dac_read_search), locking guest memory
+/// and raising its limits (ipc_lock, sys_resource), and a migration
+/// thread's priority (sys_nice). /dev/kvm needs none.
+const CAPS: [u32; 5] = [1, 2, 14, 23, 24];
+
 fn main() -> anyhow::Result<()> {
+    // Before any thread starts (capabilities are per thread).
+    let privileges = hypervisor_shim::privileges::drop_all_but(&CAPS);
     let cli = Cli::parse();
     let host = match &cli.cmd {
         Cmd::Run(a) => Some(&a.host),
@@ -266,6 +282,10 @@ fn main() -> anyhow::Result<()> {
     };
     if let Some(h) = host {
         init_logs(h.log_json);
+        match &privileges {
+            Ok(what) => tracing::info!("privileges: {what}"),
+            Err(e) => tracing::warn!("could not drop privileges: {e}"),
+        }
     }
     let slot = Arc::new(Slot::default());
     if let Some(path) = host.and_then(|h| h.control.as_ref()) {
@@ -308,12 +328,24 @@ fn main() -> anyhow::Result<()> {
             vm.start()?;
             supervise(vm, &slot)
         }
-        Cmd::Incoming { listen, host } => {
+        Cmd::Incoming {
+            listen,
+            token_file,
+            host,
+        } => {
+            let hex = match &token_file {
+                Some(f) => std::fs::read_to_string(f)
+                    .with_context(|| format!("read the token file {}", f.display()))?,
+                None => std::env::var("CSV_MIGRATION_TOKEN").context(
+                    "an incoming migration needs its token: --token-file FILE or CSV_MIGRATION_TOKEN",
+                )?,
+            };
+            let token = migrate::parse_token(&hex).map_err(anyhow::Error::msg)?;
             let l = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
             let bound = l.local_addr()?;
             slot.set_incoming(bound);
             tracing::info!(listen = %bound, "waiting for an incoming migration");
-            let vm = migrate::incoming(&l, &host_config(&host, 0, 1))?;
+            let vm = migrate::incoming(&l, &host_config(&host, 0, 1), &token)?;
             supervise(vm, &slot)
         }
         Cmd::Restore { from, host } => {
@@ -350,11 +382,12 @@ fn ctl(path: &std::path::Path, op: CtlOp) -> anyhow::Result<()> {
         }
         CtlOp::Migrate {
             to,
+            token,
             downtime_ms,
             timeout_s,
             verify_memory,
         } => json!({
-            "cmd": "migrate", "to": to, "downtime_ms": downtime_ms,
+            "cmd": "migrate", "to": to, "token": token, "downtime_ms": downtime_ms,
             "timeout_s": timeout_s, "verify_memory": verify_memory,
         }),
         CtlOp::SetRate { mib_per_s } => json!({"cmd": "set-rate", "mib_per_s": mib_per_s}),

@@ -13,6 +13,7 @@ mod nemesis;
 mod netfail;
 mod operations;
 mod posix;
+mod security;
 mod snapshots;
 mod vhd_interop;
 mod vm_roles;

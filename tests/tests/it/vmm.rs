@@ -89,6 +89,16 @@ fn dirty_rate_mib_s(vm: &Vmm, over: Duration) -> f64 {
     (b - a) as f64 / 256.0 / t.elapsed().as_secs_f64()
 }
 
+/// The migration token the tests' targets are started with.
+const TOKEN: &str = "5ec0e7c5ec0e7c5ec0e7c5ec0e7c5ec0e7c5ec0e7c5ec0e7c5ec0e7c5ec0e7c5";
+
+/// A file holding [`TOKEN`] (what `--token-file` reads).
+fn token_file(dir: &std::path::Path) -> String {
+    let p = dir.join("migration.token");
+    std::fs::write(&p, TOKEN).unwrap();
+    p.display().to_string()
+}
+
 #[test]
 fn test_guest_boots_and_heartbeats() {
     skip_unless!(Need::Device("/dev/kvm"));
@@ -293,21 +303,51 @@ fn live_migration_under_a_dirtying_load_loses_nothing() {
     .unwrap();
     let port = csv_test_support::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
+    let tok = token_file(dir.path());
     let mut dst = Vmm::spawn(
         dir.path(),
         "dst",
-        &["incoming", "--listen", &listen, "--disk", disk_arg],
+        &[
+            "incoming",
+            "--listen",
+            &listen,
+            "--disk",
+            disk_arg,
+            "--token-file",
+            &tok,
+        ],
         Some(&obs),
     )
     .unwrap();
     src.wait_heartbeats(200, Duration::from_secs(20)).unwrap();
     let rate = dirty_rate_mib_s(&src, Duration::from_secs(1));
     assert!(rate >= 50.0, "the guest dirties only {rate:.1} MiB/s");
+    // Strangers are turned away before any of their bytes is parsed: one
+    // with no token, one with a stale one; the target waits on.
+    for stranger in [
+        &b"CSVSTATE not a token"[..],
+        &[&b"CSVMIGT1"[..], &[7u8; 32][..]].concat(),
+    ] {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&listen).unwrap();
+        c.write_all(stranger).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 16];
+        assert!(
+            matches!(c.read(&mut b), Ok(0) | Err(_)),
+            "the target answered a stranger"
+        );
+    }
+    // A source without the token is refused too.
+    let r = src
+        .request(json!({"cmd": "migrate", "to": listen}), |_| {})
+        .unwrap();
+    assert_eq!(r["ok"], false, "{r}");
 
     let mut rounds = 0;
     let r = src
         .request(
-            json!({"cmd": "migrate", "to": listen, "verify_memory": true}),
+            json!({"cmd": "migrate", "to": listen, "verify_memory": true, "token": TOKEN}),
             |_| rounds += 1,
         )
         .unwrap();
@@ -391,7 +431,14 @@ fn a_migration_killed_half_way_leaves_the_source_running() {
     .unwrap();
     let port = csv_test_support::free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
-    let mut dst = Vmm::spawn(dir.path(), "dst", &["incoming", "--listen", &listen], None).unwrap();
+    let tok = token_file(dir.path());
+    let mut dst = Vmm::spawn(
+        dir.path(),
+        "dst",
+        &["incoming", "--listen", &listen, "--token-file", &tok],
+        None,
+    )
+    .unwrap();
     src.wait_heartbeats(200, Duration::from_secs(20)).unwrap();
 
     // The target is killed as soon as the first round of memory is across.
@@ -399,7 +446,7 @@ fn a_migration_killed_half_way_leaves_the_source_running() {
     let mut killed = false;
     let answer = src
         .request(
-            json!({"cmd": "migrate", "to": listen, "downtime_ms": 0}),
+            json!({"cmd": "migrate", "to": listen, "downtime_ms": 0, "token": TOKEN}),
             |_| {
                 if !killed {
                     // SAFETY: plain kill(2) of the target process this test started.
