@@ -35,6 +35,10 @@ const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
+/// Longest data descriptor served: a guest's descriptor length is its own
+/// word, and a buffer of that size is allocated for it (Linux sends at
+/// most its request size, 512 KiB by default, in one).
+const MAX_SEG: usize = 4 << 20;
 
 /// The disk behind the device.
 pub type Backend = vhd::Vhd<std::fs::File>;
@@ -357,6 +361,9 @@ impl VirtioBlk {
                 let mut written = 0u32;
                 for d in data {
                     let len = d.len() as usize;
+                    if len > MAX_SEG {
+                        return (S_IOERR, written);
+                    }
                     if off
                         .checked_add(len as u64)
                         .is_none_or(|e| e > self.capacity)
@@ -416,4 +423,107 @@ impl VirtioBlk {
 fn fresh_queue() -> Queue {
     // QUEUE_MAX is a power of two: Queue::new cannot fail.
     Queue::new(QUEUE_MAX).unwrap_or_else(|_| unreachable!("queue size {QUEUE_MAX} is valid"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::split::Descriptor;
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const MEM: u64 = 64 << 10;
+
+    fn device() -> (VirtioBlk, GuestMemoryMmap, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let v = vhd::Vhd::create(
+            dir.path().join("d.vhd"),
+            &vhd::CreateOptions::new(vhd::footer::DiskType::Fixed, 1 << 20),
+        )
+        .unwrap();
+        let mut d = VirtioBlk::new(1 << 20);
+        d.attach(Arc::new(v)).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        (d, mem, dir)
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(0)).unwrap();
+        mem.write_obj(sector, GuestAddress(8)).unwrap();
+    }
+
+    /// A hostile guest's descriptor chains: outside its memory, wrapping
+    /// the address space, longer than the disk or than any request, a
+    /// header where data should be, no status byte. Each gets an error
+    /// status; none touches memory outside the guest's or panics; the
+    /// device serves a good request afterwards.
+    #[test]
+    fn hostile_descriptor_chains_get_an_error() {
+        let (mut d, mem, _dir) = device();
+        let hdr = Descriptor::new(0, 16, NEXT, 1);
+        let status = Descriptor::new(0x100, 1, WRITE, 0);
+        let data = |addr: u64, len: u32, flags: u16| Descriptor::new(addr, len, flags | NEXT, 2);
+        header(&mem, T_IN, 0);
+        let reads: Vec<Vec<Descriptor>> = vec![
+            // Data running past the end of guest memory.
+            vec![hdr, data(MEM - 512, 4096, WRITE), status],
+            // Data far outside it, and wrapping the address space.
+            vec![hdr, data(1 << 40, 512, WRITE), status],
+            vec![hdr, data(u64::MAX - 100, 512, WRITE), status],
+            // Longer than the disk, and than any request.
+            vec![hdr, data(0x1000, u32::MAX, WRITE), status],
+            vec![hdr, data(0x1000, (MAX_SEG + 512) as u32, WRITE), status],
+            // A read into a buffer the device may not write.
+            vec![hdr, data(0x1000, 512, 0), status],
+            // The header outside guest memory, or too short.
+            vec![
+                Descriptor::new(MEM + 4096, 16, NEXT, 1),
+                data(0x1000, 512, WRITE),
+                status,
+            ],
+            vec![
+                Descriptor::new(0, 4, NEXT, 1),
+                data(0x1000, 512, WRITE),
+                status,
+            ],
+            // No status descriptor at all, and nothing.
+            vec![hdr],
+            vec![],
+        ];
+        for (i, c) in reads.iter().enumerate() {
+            assert_eq!(d.request(&mem, c).0, S_IOERR, "read case {i}");
+        }
+        // Writes from outside guest memory, and past the disk's end.
+        header(&mem, T_OUT, 0);
+        assert_eq!(
+            d.request(&mem, &[hdr, data(MEM - 16, 512, 0), status]).0,
+            S_IOERR
+        );
+        header(&mem, T_OUT, (1 << 20) / 512);
+        assert_eq!(
+            d.request(&mem, &[hdr, data(0x1000, 512, 0), status]).0,
+            S_IOERR
+        );
+        // A sector number whose byte offset overflows.
+        header(&mem, T_IN, u64::MAX / 256);
+        assert_eq!(
+            d.request(&mem, &[hdr, data(0x1000, 512, WRITE), status]).0,
+            S_IOERR
+        );
+        // The device still serves a good request.
+        mem.write_slice(&[0xAB; 512], GuestAddress(0x2000)).unwrap();
+        header(&mem, T_OUT, 3);
+        assert_eq!(
+            d.request(&mem, &[hdr, data(0x2000, 512, 0), status]),
+            (S_OK, 0)
+        );
+        header(&mem, T_IN, 3);
+        assert_eq!(
+            d.request(&mem, &[hdr, data(0x3000, 512, WRITE), status]),
+            (S_OK, 512)
+        );
+        let mut back = [0u8; 512];
+        mem.read_slice(&mut back, GuestAddress(0x3000)).unwrap();
+        assert_eq!(back, [0xAB; 512]);
+    }
 }
