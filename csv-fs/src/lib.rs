@@ -20,6 +20,7 @@
 //! Still to come (see the project's issues): fencing by persistent
 //! reservation.
 
+pub mod config;
 pub mod console;
 pub mod extents;
 pub mod freeze;

@@ -10,8 +10,8 @@ use clap::Parser;
 use coordinator::group::Timing;
 use coordinator::node::{Config, Node};
 use coordinator::wire::{Identity, Key};
+use csv_fs::config::{parse_id, parse_lun, parse_mem, parse_peer, FileConfig};
 use csv_fs::mounts::{MountConfig, Mounts};
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -140,104 +140,6 @@ struct Cli {
     log_json: bool,
 }
 
-/// The settings file.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    id: Option<u64>,
-    data_dir: Option<PathBuf>,
-    #[serde(default)]
-    listen: Vec<SocketAddr>,
-    #[serde(default)]
-    peers: BTreeMap<String, Vec<String>>,
-    cluster: Option<String>,
-    key_file: Option<PathBuf>,
-    #[serde(default)]
-    init: bool,
-    mount_root: Option<PathBuf>,
-    #[serde(default)]
-    luns: BTreeMap<String, PathBuf>,
-    metrics: Option<SocketAddr>,
-    console: Option<SocketAddr>,
-    #[serde(default)]
-    console_actions: bool,
-    tick_ms: Option<u64>,
-    snapshot_every: Option<u64>,
-    initiator: Option<String>,
-    chap_user: Option<String>,
-    chap_secret_file: Option<PathBuf>,
-    vm_memory: Option<String>,
-    snapshot_hooks: Option<PathBuf>,
-}
-
-/// A size such as `4096`, `512M` or `16G` (binary units).
-fn parse_mem(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("{s:?}: unknown unit {c:?} (use K, M, G or T)")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 512M, 16G)"))?;
-    n.checked_shl(shift)
-        .filter(|v| v >> shift == n && *v > 0)
-        .ok_or_else(|| format!("{s:?}: size out of range"))
-}
-
-fn parse_peer(s: &str) -> Result<(u64, Vec<String>), String> {
-    let (id, addrs) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected ID=HOST:PORT[,HOST:PORT...]"))?;
-    let id = parse_id(id)?;
-    let addrs: Vec<String> = addrs
-        .split(',')
-        .map(|a| a.trim().to_string())
-        .filter(|a| !a.is_empty())
-        .collect();
-    for a in &addrs {
-        if !a.contains(':') {
-            return Err(format!("{a:?} has no port (HOST:PORT)"));
-        }
-    }
-    if addrs.is_empty() {
-        return Err(format!("host {id} has no address"));
-    }
-    Ok((id, addrs))
-}
-
-fn parse_id(id: &str) -> Result<u64, String> {
-    let id: u64 = id
-        .trim()
-        .parse()
-        .map_err(|_| format!("{id:?} is not a node id (a positive number)"))?;
-    if id == 0 {
-        return Err("node id 0 is reserved".into());
-    }
-    Ok(id)
-}
-
-fn parse_lun(s: &str) -> Result<(u64, PathBuf), String> {
-    let (n, p) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected N=PATH (volume number and LUN path)"))?;
-    let n: u64 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("{n:?} is not a volume number"))?;
-    Ok((n, PathBuf::from(p)))
-}
-
 struct Settings {
     vmm: PathBuf,
     vm_memory: u64,
@@ -254,7 +156,7 @@ fn settings(cli: Cli) -> Result<Settings, String> {
     let file = match &cli.config {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-            toml::from_str::<FileConfig>(&text).map_err(|e| format!("{}: {e}", p.display()))?
+            csv_fs::config::parse(&text).map_err(|e| format!("{}: {e}", p.display()))?
         }
         None => FileConfig::default(),
     };
@@ -295,8 +197,10 @@ fn settings(cli: Cli) -> Result<Settings, String> {
         luns.insert(parse_lun(&format!("{k}=x"))?.0, v);
     }
     luns.extend(cli.lun);
+    let tick_ms = cli.tick_ms.or(file.tick_ms).unwrap_or(50);
+    csv_fs::config::check_tick(tick_ms)?;
     let timing = Timing {
-        tick: Duration::from_millis(cli.tick_ms.or(file.tick_ms).unwrap_or(50)),
+        tick: Duration::from_millis(tick_ms),
         snapshot_every: cli.snapshot_every.or(file.snapshot_every).unwrap_or(4096),
         ..Timing::default()
     };
