@@ -3,45 +3,8 @@
 //! (Raft messages parsed, commands decoded and applied to a volume), and
 //! decoded as a committed command, a handshake message and a group
 //! snapshot. Also fed, unauthenticated, to the frame opener.
-
 #![no_main]
 
-use coordinator::codec::op_from_proto;
-use coordinator::meta::Volume;
-use coordinator::proto::{self, frame, request, Command, Frame};
-use libfuzzer_sys::fuzz_target;
-use prost::Message;
+include!("../harness/rpc.rs");
 
-fuzz_target!(|data: &[u8]| {
-    let mut v = Volume::new(1 << 20, 1 << 30, 0);
-    if let Ok(f) = Frame::decode(data) {
-        match f.body {
-            Some(frame::Body::Raft(b)) => {
-                for m in &b.msgs {
-                    let _ = <raft::eraftpb::Message as protobuf::Message>::parse_from_bytes(m);
-                }
-            }
-            Some(frame::Body::Request(r)) => {
-                if let Some(request::Body::Op(op)) = r.body {
-                    if let Ok(op) = op_from_proto(&op) {
-                        let _ = v.apply(op);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    if let Ok(c) = Command::decode(data) {
-        if let Some(proto::command::Body::Volume(op)) = c.body {
-            if let Ok(op) = op_from_proto(&op) {
-                let _ = v.apply(op);
-                assert!(v.check().is_empty());
-            }
-        }
-    }
-    let _ = proto::Hello::decode(data);
-    if let Ok(s) = proto::GroupSnapshot::decode(data) {
-        let _ = Volume::decode(&s.machine);
-    }
-    assert!(coordinator::wire::open_frame(&[3u8; 32], 0, data).is_err());
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rpc::run(data));

@@ -3,9 +3,6 @@
 //! allocation the size of a claimed Content-Length).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
+include!("../harness/console_http.rs");
 
-fuzz_target!(|data: &[u8]| {
-    let _ = csv_fs::console::parse_head(data);
-    let _ = csv_fs::console::read_request(&mut std::io::Cursor::new(data));
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| console_http::run(data));

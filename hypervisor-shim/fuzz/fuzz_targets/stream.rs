@@ -2,16 +2,6 @@
 //! source sends): every frame and payload is checked, nothing panics.
 #![no_main]
 
-use hypervisor_shim::stream;
-use libfuzzer_sys::fuzz_target;
+include!("../harness/stream.rs");
 
-fuzz_target!(|data: &[u8]| {
-    let _ = stream::inspect(&mut &data[..]);
-    // The payload decoders on their own, as a receiver meets them.
-    let _ = stream::Hello::decode(data);
-    let _ = stream::PagesHead::decode(data, 1 << 30);
-    let _ = stream::VmState::decode(data);
-    let _ = stream::VcpuState::decode(data);
-    let _ = stream::DeviceState::decode(data);
-    let _ = stream::Status::decode(data);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| stream::run(data));

@@ -2,22 +2,6 @@
 //! setting, then the SCSI data parsers on the data segments.
 #![no_main]
 
-use iscsi_initiator::pdu::{Digests, Pdu};
-use iscsi_initiator::scsi;
-use libfuzzer_sys::fuzz_target;
+include!("../harness/pdu.rs");
 
-fuzz_target!(|data: &[u8]| {
-    for (h, d) in [(false, false), (true, false), (true, true)] {
-        let mut rest = data;
-        while let Ok((p, n)) = Pdu::decode(rest, Digests { header: h, data: d }, 65536) {
-            let _ = scsi::Sense::parse(&p.data);
-            let _ = scsi::parse_inquiry(&p.data);
-            let _ = scsi::parse_capacity16(&p.data);
-            let _ = scsi::parse_report_luns(&p.data);
-            let _ = scsi::parse_device_ids(&p.data);
-            let _ = scsi::parse_pr_keys(&p.data);
-            let _ = scsi::parse_pr_reservation(&p.data);
-            rest = &rest[n..];
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| pdu::run(data));

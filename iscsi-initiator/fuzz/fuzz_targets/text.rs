@@ -2,14 +2,6 @@
 //! through parsing and negotiation.
 #![no_main]
 
-use iscsi_initiator::{chap, text};
-use libfuzzer_sys::fuzz_target;
+include!("../harness/text.rs");
 
-fuzz_target!(|data: &[u8]| {
-    if let Ok(pairs) = text::parse(data) {
-        let _ = text::Offer::default().resolve(&pairs);
-        for (_, v) in &pairs {
-            let _ = chap::from_value(v);
-        }
-    }
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| text::run(data));

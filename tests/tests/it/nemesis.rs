@@ -420,10 +420,16 @@ fn nemesis_step(
                 ..req("clock")
             },
         ),
-        _ => match tgt.restart(Duration::from_millis(ms / 2)) {
-            Ok(()) => "tgtd restart".into(),
-            Err(e) => format!("tgtd restart failed: {e:#}"),
-        },
+        _ => {
+            let t = Instant::now();
+            match tgt.restart(Duration::from_millis(ms / 2)) {
+                Ok(()) => format!(
+                    "tgtd restart (back after {:.1} s)",
+                    t.elapsed().as_secs_f64()
+                ),
+                Err(e) => format!("tgtd restart failed: {e:#}"),
+            }
+        }
     }
 }
 
