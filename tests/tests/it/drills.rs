@@ -4,7 +4,6 @@
 //! consistency check and every objective met.
 
 use csv_test_support::csvd::CsvCluster;
-use csv_test_support::{skip_unless, Need};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Output;
@@ -84,13 +83,7 @@ fn rows(report: &serde_json::Value) -> Vec<String> {
 
 #[test]
 fn each_drill_on_a_three_host_cluster_loses_nothing() {
-    skip_unless!(
-        Need::Root,
-        Need::Command("fusermount3"),
-        Need::Device("/dev/fuse"),
-        Need::Command("tgtd"),
-        Need::Command("tgtadm")
-    );
+    skip_without_fuse_and_tgtd!();
     if !Path::new("/dev/kvm").exists() {
         println!("SKIP drills VM part: no /dev/kvm (the drills run without their VM)");
     }

@@ -4,6 +4,20 @@
 // Test helpers outside `#[test]` functions fail loudly on purpose.
 #![allow(clippy::unwrap_used)]
 
+/// Skips a test that needs root, FUSE and a tgtd target (the cluster
+/// tests with iSCSI volumes).
+macro_rules! skip_without_fuse_and_tgtd {
+    () => {
+        csv_test_support::skip_unless!(
+            csv_test_support::Need::Root,
+            csv_test_support::Need::Command("fusermount3"),
+            csv_test_support::Need::Device("/dev/fuse"),
+            csv_test_support::Need::Command("tgtd"),
+            csv_test_support::Need::Command("tgtadm")
+        );
+    };
+}
+
 mod coordinator;
 mod drills;
 mod fixtures;

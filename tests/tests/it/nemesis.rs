@@ -442,13 +442,7 @@ fn wait_healthy(cl: &CsvCluster) {
 
 #[test]
 fn a_nemesis_of_random_faults_leaves_a_clean_history() {
-    skip_unless!(
-        Need::Root,
-        Need::Command("fusermount3"),
-        Need::Device("/dev/fuse"),
-        Need::Command("tgtd"),
-        Need::Command("tgtadm")
-    );
+    skip_without_fuse_and_tgtd!();
     let seed = seed();
     let secs = env_u64("CSV_NEMESIS_SECS", 40);
     println!(

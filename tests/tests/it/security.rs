@@ -35,13 +35,7 @@ fn assert_nowhere(secrets: &[(&str, &str)], files: &[std::path::PathBuf]) {
 
 #[test]
 fn secrets_never_show_in_process_lists_or_logs() {
-    skip_unless!(
-        Need::Root,
-        Need::Command("fusermount3"),
-        Need::Device("/dev/fuse"),
-        Need::Command("tgtd"),
-        Need::Command("tgtadm")
-    );
+    skip_without_fuse_and_tgtd!();
     const SECRET: &str = "chap-secret-5f3a9c1e";
     let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
     let t = tgt.add_target("secrets").unwrap();
