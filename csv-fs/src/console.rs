@@ -7,12 +7,14 @@
 //! | `GET /metrics` | Prometheus text format (see docs/OPERATIONS.md) |
 //! | `POST /api/vms/NAME/migrate?to=N[&quick=1]` | an action (below) |
 //!
-//! Reading is open to whoever reaches the address (bind it to a management
-//! network, or to 127.0.0.1 behind a reverse proxy). Actions are off unless
-//! csvd runs with `--console-actions`, and then need the header
-//! `Authorization: Bearer TOKEN`, TOKEN being `csvctl cluster
-//! console-token` (derived from the cluster key; a wrong or missing one
-//! gets 401).
+//! On a loopback address (`csvctl up`, or behind a reverse proxy) reading
+//! is open. On any other address every request needs the operator token,
+//! `csvctl cluster console-token` (derived from the cluster key): the
+//! header `Authorization: Bearer TOKEN` (a Prometheus scraper's
+//! `authorization.credentials`), or `?token=TOKEN` on the page's address
+//! (the page passes it on to what it polls); a wrong or missing one gets
+//! 401. Actions are off unless csvd runs with `--console-actions`, and
+//! then always need the header.
 //!
 //! A thread gathers the cluster's state once a second (the registry, and
 //! each host's own status); the differences between two rounds are the
@@ -61,6 +63,8 @@ pub struct Console {
     own: SocketAddr,
     actions: bool,
     token: String,
+    /// Bound to a loopback address: reading needs no token.
+    open_reads: bool,
     shared: Mutex<Shared>,
 }
 
@@ -85,6 +89,7 @@ impl Console {
         let l = TcpListener::bind(addr)?;
         let c = Arc::new(Console {
             token: action_token(&me),
+            open_reads: addr.ip().is_loopback(),
             me: Identity { node: 0, ..me },
             own,
             actions,
@@ -211,6 +216,14 @@ impl Console {
 
     fn route(&self, r: &HttpRequest) -> (u16, &'static str, String) {
         let (path, query) = r.target.split_once('?').unwrap_or((&r.target, ""));
+        if r.method == "GET" && !self.open_reads && !self.token_given(r, query) {
+            return (
+                401,
+                "text/plain",
+                "this console needs the operator token: `Authorization: Bearer TOKEN` or ?token=TOKEN (csvctl cluster console-token)\n"
+                    .into(),
+            );
+        }
         match (r.method.as_str(), path) {
             ("GET", "/") | ("GET", "/index.html") => {
                 (200, "text/html; charset=utf-8", PAGE.to_string())
@@ -223,6 +236,25 @@ impl Console {
             }
             _ => (404, "text/plain", "not found\n".into()),
         }
+    }
+
+    /// The request carries the operator token (header, or `token=` in the
+    /// query).
+    fn token_given(&self, r: &HttpRequest, query: &str) -> bool {
+        let header = r
+            .headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+            .and_then(|(_, v)| v.strip_prefix("Bearer "));
+        let param = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "token")
+            .map(|(_, v)| v);
+        [header, param]
+            .into_iter()
+            .flatten()
+            .any(|t| ct_eq(t.trim().as_bytes(), self.token.as_bytes()))
     }
 
     fn action(&self, r: &HttpRequest, path: &str, query: &str) -> (u16, &'static str, String) {

@@ -161,4 +161,31 @@ fn each_drill_on_a_three_host_cluster_loses_nothing() {
         );
     }
     println!("{}", table.join("\n"));
+
+    // A cluster running VMs that are not the drill's: refused without
+    // --yes, and nothing is done.
+    vhd::Vhd::create(
+        cl.mountpoint(1, 1).join("prod.vhd"),
+        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
+    )
+    .unwrap();
+    let out = cl
+        .csvctl()
+        .args(["vm", "add", "prod-db", "--memory", "32M", "--disk"])
+        .arg("/ClusterStorage/Volume1/prod.vhd")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = drill(&cl, "san-loss", &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a drill ran beside a VM not its own");
+    assert!(err.contains("prod-db") && err.contains("--yes"), "{err}");
+    assert!(
+        cl.volume_state(1, 1).is_some_and(|(s, _)| s == "Direct"),
+        "the refused drill touched host 1"
+    );
 }

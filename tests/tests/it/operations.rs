@@ -654,9 +654,20 @@ fn a_cluster_joined_with_tokens_on_its_own_networks_validates_runs_a_vm_and_take
     assert_eq!(big_row["host"], 1);
     assert!(big_row["cost_month"].as_f64().unwrap() > 0.0);
 
-    // The console of host 1 (on cluster network A) lists the VM.
-    let (code, body) = obs
+    // The console of host 1 (on cluster network A, not loopback) needs the
+    // operator token to be read at all; with it, it lists the VM.
+    let (code, _) = obs
         .run(|| http(console, "GET", "/api/state", None))
+        .unwrap();
+    assert_eq!(code, 401, "an off-loopback console read without the token");
+    let token = ctl_in(&obs, &cl, &["cluster", "console-token"], false);
+    let token = token.trim();
+    let (code, _) = obs
+        .run(|| http(console, "GET", "/api/state?token=0000", None))
+        .unwrap();
+    assert_eq!(code, 401, "a wrong token");
+    let (code, body) = obs
+        .run(|| http(console, "GET", "/api/state", Some(token)))
         .unwrap();
     assert_eq!(code, 200);
     assert!(body.contains("\"name\":\"big\""), "{body}");
