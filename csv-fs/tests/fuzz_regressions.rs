@@ -3,37 +3,13 @@
 //! harness as the fuzz target: a regression of any of them fails here,
 //! in the ordinary test run.
 
+include!("../../tests/kept_inputs.rs");
 include!("../fuzz/harness/config.rs");
 include!("../fuzz/harness/console_http.rs");
 
-fn inputs(target: &str) -> Vec<std::path::PathBuf> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut out = Vec::new();
-    for dir in ["seeds", "regressions"] {
-        if let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) {
-            out.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_file()));
-        }
-    }
-    out.sort();
-    out
-}
-
-#[test]
-fn config_kept_inputs_pass() {
-    let files = inputs("config");
-    assert!(!files.is_empty(), "no kept inputs for config");
-    for f in files {
-        let data = std::fs::read(&f).unwrap();
-        config::run(&data);
-    }
-}
-
-#[test]
-fn console_http_kept_inputs_pass() {
-    let files = inputs("console_http");
-    assert!(!files.is_empty(), "no kept inputs for console_http");
-    for f in files {
-        let data = std::fs::read(&f).unwrap();
-        console_http::run(&data);
-    }
-}
+kept_inputs_test!(config_kept_inputs_pass, "config", config::run);
+kept_inputs_test!(
+    console_http_kept_inputs_pass,
+    "console_http",
+    console_http::run
+);

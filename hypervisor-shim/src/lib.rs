@@ -14,6 +14,8 @@ pub mod control;
 pub mod guest;
 pub mod linux;
 pub mod migrate;
+// One copy for csvd and csv-vmm, which share no crate it would belong in.
+#[path = "../../csv-fs/src/privileges.rs"]
 pub mod privileges;
 pub mod stream;
 pub mod virtio_blk;

@@ -3,26 +3,7 @@
 //! harness as the fuzz target: a regression of any of them fails here,
 //! in the ordinary test run.
 
+include!("../../tests/kept_inputs.rs");
 include!("../fuzz/harness/stream.rs");
 
-fn inputs(target: &str) -> Vec<std::path::PathBuf> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut out = Vec::new();
-    for dir in ["seeds", "regressions"] {
-        if let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) {
-            out.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_file()));
-        }
-    }
-    out.sort();
-    out
-}
-
-#[test]
-fn stream_kept_inputs_pass() {
-    let files = inputs("stream");
-    assert!(!files.is_empty(), "no kept inputs for stream");
-    for f in files {
-        let data = std::fs::read(&f).unwrap();
-        stream::run(&data);
-    }
-}
+kept_inputs_test!(stream_kept_inputs_pass, "stream", stream::run);

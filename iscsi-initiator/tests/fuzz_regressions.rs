@@ -3,37 +3,9 @@
 //! harness as the fuzz target: a regression of any of them fails here,
 //! in the ordinary test run.
 
+include!("../../tests/kept_inputs.rs");
 include!("../fuzz/harness/pdu.rs");
 include!("../fuzz/harness/text.rs");
 
-fn inputs(target: &str) -> Vec<std::path::PathBuf> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut out = Vec::new();
-    for dir in ["seeds", "regressions"] {
-        if let Ok(rd) = std::fs::read_dir(root.join(dir).join(target)) {
-            out.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_file()));
-        }
-    }
-    out.sort();
-    out
-}
-
-#[test]
-fn pdu_kept_inputs_pass() {
-    let files = inputs("pdu");
-    assert!(!files.is_empty(), "no kept inputs for pdu");
-    for f in files {
-        let data = std::fs::read(&f).unwrap();
-        pdu::run(&data);
-    }
-}
-
-#[test]
-fn text_kept_inputs_pass() {
-    let files = inputs("text");
-    assert!(!files.is_empty(), "no kept inputs for text");
-    for f in files {
-        let data = std::fs::read(&f).unwrap();
-        text::run(&data);
-    }
-}
+kept_inputs_test!(pdu_kept_inputs_pass, "pdu", pdu::run);
+kept_inputs_test!(text_kept_inputs_pass, "text", text::run);
