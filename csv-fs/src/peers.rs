@@ -9,6 +9,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Why an exchange with a peer failed.
+#[derive(Debug)]
+pub struct ExchangeError {
+    /// What went wrong.
+    pub why: String,
+    /// The request may have reached the peer (it went out, and no answer
+    /// came back): the peer may still carry it out.
+    pub maybe_delivered: bool,
+}
+
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 /// Pooled connections to peers.
 pub struct PeerConns {
     me: Identity,
@@ -51,7 +67,7 @@ impl PeerConns {
     /// Sends one request to `a` and waits for its answer; the connection
     /// goes back to the pool when the exchange worked (a failed one is
     /// dropped).
-    pub fn exchange(&self, a: SocketAddr, body: request::Body) -> Result<Response, String> {
+    pub fn exchange(&self, a: SocketAddr, body: request::Body) -> Result<Response, ExchangeError> {
         self.exchange_with(a, |c, seq| {
             c.send(&Frame {
                 body: Some(frame::Body::Request(Request {
@@ -71,7 +87,7 @@ impl PeerConns {
         a: SocketAddr,
         op: &BlockOp,
         data: &[u8],
-    ) -> Result<Response, String> {
+    ) -> Result<Response, ExchangeError> {
         self.exchange_with(a, |c, seq| {
             let req = Request {
                 client: 0,
@@ -87,10 +103,23 @@ impl PeerConns {
         &self,
         a: SocketAddr,
         send: impl FnOnce(&mut Conn, u64) -> Result<(), wire::WireError>,
-    ) -> Result<Response, String> {
-        let mut c = self.conn(a).map_err(|e| e.to_string())?;
+    ) -> Result<Response, ExchangeError> {
+        let mut c = self.conn(a).map_err(|e| ExchangeError {
+            why: e.to_string(),
+            maybe_delivered: false,
+        })?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        match send(&mut c, seq).and_then(|()| c.recv()) {
+        // A send that failed on the socket may have put part or all of
+        // the frame on the wire; a frame refused before it was written (too
+        // long, a drill's cut) did not leave.
+        send(&mut c, seq).map_err(|e| ExchangeError {
+            maybe_delivered: match &e {
+                wire::WireError::Io(io) => io.kind() != std::io::ErrorKind::NetworkUnreachable,
+                _ => false,
+            },
+            why: e.to_string(),
+        })?;
+        match c.recv() {
             Ok(Frame {
                 body: Some(frame::Body::Response(r)),
             }) if r.seq == seq => {
@@ -99,8 +128,14 @@ impl PeerConns {
                 }
                 Ok(r)
             }
-            Ok(_) => Err("unexpected answer".into()),
-            Err(e) => Err(e.to_string()),
+            Ok(_) => Err(ExchangeError {
+                why: "unexpected answer".into(),
+                maybe_delivered: true,
+            }),
+            Err(e) => Err(ExchangeError {
+                why: e.to_string(),
+                maybe_delivered: true,
+            }),
         }
     }
 }

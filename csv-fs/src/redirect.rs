@@ -160,22 +160,33 @@ impl RedirectingLun {
         if !self.failed.load(Ordering::Relaxed) || self.drill_cut() {
             return;
         }
-        let candidate = match &self.reopen {
-            Some(f) => match f() {
-                Ok((lun, keep)) => Some((lun, Some(keep))),
-                Err(e) => {
-                    tracing::debug!(volume = self.vol, "own path still down: {e}");
-                    None
-                }
-            },
-            None => self.direct.read().ok().map(|d| (d.clone(), None)),
-        };
-        let Some((lun, keep)) = candidate else { return };
+        // The session in use first: it may work again (the failure was a
+        // drill's cut, or the session came back by itself). A new login
+        // with this host's ISID while it lives would make the target drop
+        // it, and its own recovery would drop the new one in turn.
+        let current = self.direct();
         let mut b = vec![0u8; 4096];
-        if let Err(e) = lun.read_at(&mut b, 0) {
-            tracing::debug!(volume = self.vol, "own path still down: {e}");
-            return;
-        }
+        let (lun, keep) = match current.read_at(&mut b, 0) {
+            Ok(()) => (current, None),
+            Err(e) => {
+                drop(current);
+                let Some(reopen) = &self.reopen else {
+                    tracing::debug!(volume = self.vol, "own path still down: {e}");
+                    return;
+                };
+                match reopen().and_then(|(lun, keep)| {
+                    lun.read_at(&mut b, 0)
+                        .map(|()| (lun, keep))
+                        .map_err(|e| e.to_string())
+                }) {
+                    Ok((lun, keep)) => (lun, Some(keep)),
+                    Err(e) => {
+                        tracing::debug!(volume = self.vol, "own path still down: {e}");
+                        return;
+                    }
+                }
+            }
+        };
         if let Ok(mut d) = self.direct.write() {
             *d = lun;
         }
@@ -448,6 +459,14 @@ impl RedirectingLun {
                 Ok(r) => r,
                 Err(e) => {
                     last = format!("{a}: {e}");
+                    if op.kind == WRITE && e.maybe_delivered {
+                        // The peer may have the write and still carry it
+                        // out (or its target may): sent again elsewhere
+                        // and answered at once, it would let newer writes
+                        // to the same blocks go out before the old copy
+                        // lands. Give that copy time to land first.
+                        std::thread::sleep(REDIRECT_SETTLE);
+                    }
                     continue;
                 }
             };
@@ -477,6 +496,11 @@ impl RedirectingLun {
         )))
     }
 }
+
+/// How long a redirected write whose peer went silent after it was sent
+/// waits before it is sent anywhere else (see the iSCSI session's
+/// `settle`, which does the same for its own reconnections).
+const REDIRECT_SETTLE: Duration = Duration::from_millis(500);
 
 /// How long I/O waits, when neither the own path nor any peer can do it
 /// (a storage outage: the target restarting, every path down at once),

@@ -202,6 +202,9 @@ pub fn open(url: &str, who: &SanIdentity, vol: u64) -> Result<IscsiPath, String>
                 ping: Duration::from_millis(300),
                 recovery: Duration::from_millis(300),
                 login: Duration::from_millis(250),
+                // Writes caught in a lost connection wait this long before
+                // they go out again: tgtd may still carry out the old copy.
+                settle: Duration::from_millis(500),
             };
             let s = Session::connect_paths(std::slice::from_ref(&u.portal), &cfg, t).await?;
             Lun::open(s, u.lun).await
@@ -311,6 +314,7 @@ pub fn probe(spec: &str, who: &SanIdentity) -> Probe {
             ping: Duration::from_secs(1),
             recovery: Duration::from_millis(500),
             login: Duration::from_secs(2),
+            settle: Duration::from_millis(500),
         };
         let s = match Session::connect_paths(std::slice::from_ref(&u.portal), &cfg, t).await {
             Ok(s) => s,

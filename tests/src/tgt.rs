@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Base of the IQNs of test targets.
 pub const IQN_BASE: &str = "iqn.2026-11.io.csv.test";
@@ -445,11 +445,15 @@ impl TgtTarget {
     /// targets, LUNs, accounts and ACLs. Persistent reservations are lost,
     /// as tgtd keeps them in memory only.
     pub fn restart(&mut self, down: Duration) -> Result<()> {
+        let t = Instant::now();
         self.kill();
+        let killed = t.elapsed();
         std::thread::sleep(down);
         let mut last = None;
+        let mut tries = 0;
         // The old listening socket can linger for a moment.
         for _ in 0..20 {
+            tries += 1;
             match self.spawn() {
                 Ok(()) => {
                     last = None;
@@ -464,10 +468,20 @@ impl TgtTarget {
         if let Some(e) = last {
             return Err(e.context("tgtd did not come back after restart"));
         }
+        let spawned = t.elapsed();
         for args in self.journal.clone() {
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             self.tgtadm(&a)
                 .with_context(|| format!("replaying `tgtadm {}` after restart", args.join(" ")))?;
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            eprintln!(
+                "tgtd restart took {:.1} s: killed after {:.1} s, up after {:.1} s ({tries} tries), configured after {:.1} s",
+                t.elapsed().as_secs_f64(),
+                killed.as_secs_f64(),
+                spawned.as_secs_f64(),
+                t.elapsed().as_secs_f64()
+            );
         }
         Ok(())
     }

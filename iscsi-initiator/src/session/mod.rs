@@ -80,6 +80,14 @@ pub struct Timeouts {
     pub recovery: Duration,
     /// Time allowed for one connect + login attempt.
     pub login: Duration,
+    /// After a reconnection, how long writes that were in flight wait
+    /// before they are sent again. A target may still carry out a command
+    /// of the lost connection that it had already handed to its backing
+    /// store (tgtd does: it frees such a task only when its I/O is done),
+    /// and the copy sent again, once answered, lets newer writes to the
+    /// same blocks go out: without the pause the old copy could land
+    /// after them.
+    pub settle: Duration,
 }
 
 impl Default for Timeouts {
@@ -90,6 +98,7 @@ impl Default for Timeouts {
             ping: Duration::from_secs(15),
             recovery: Duration::from_secs(120),
             login: Duration::from_secs(5),
+            settle: Duration::from_secs(1),
         }
     }
 }
@@ -153,6 +162,8 @@ struct State {
     digests: Digests,
     io: Vec<JoinHandle<()>>,
     reconnects: u64,
+    /// Reconnections after which writes waited [`Timeouts::settle`].
+    settles: u64,
 }
 
 struct Inner {
@@ -268,6 +279,7 @@ impl Session {
                             digests,
                             io: Vec::new(),
                             reconnects: 0,
+                            settles: 0,
                         }),
                     });
                     {
@@ -311,6 +323,12 @@ impl Session {
     /// How many times the session was reinstated after a failure.
     pub fn reconnects(&self) -> u64 {
         self.inner.state.lock().map(|s| s.reconnects).unwrap_or(0)
+    }
+
+    /// Reconnections after which in-flight writes waited for the target
+    /// to settle before they were sent again.
+    pub fn settles(&self) -> u64 {
+        self.inner.state.lock().map(|s| s.settles).unwrap_or(0)
     }
 
     /// The target's name.
@@ -889,49 +907,17 @@ async fn recover(inner: Arc<Inner>) {
         attempt += 1;
         match connect_login(&inner.portals[idx], &inner.cfg, inner.timeouts.login).await {
             Ok((stream, _, l)) => {
+                let Some((gen, settle)) = reinstate(&inner, idx, stream, l) else {
+                    return;
+                };
+                tokio::time::sleep(settle).await;
                 let Ok(mut st) = inner.state.lock() else {
                     return;
                 };
-                if st.closed.is_some() {
-                    return;
+                if st.generation == gen && st.closed.is_none() {
+                    st.recovering = false;
+                    pump(&mut st);
                 }
-                st.portal = idx;
-                for (i, p) in st.paths.iter_mut().enumerate() {
-                    if i == idx {
-                        *p = PathState::Active;
-                    } else if *p == PathState::Active {
-                        *p = PathState::Standby;
-                    }
-                }
-                st.cmd_sn = l.cmd_sn;
-                st.exp_cmd_sn = l.cmd_sn;
-                st.max_cmd_sn = l.max_cmd_sn;
-                st.exp_stat_sn = l.exp_stat_sn;
-                st.digests = Digests {
-                    header: l.params.header_digest,
-                    data: l.params.data_digest,
-                };
-                st.params = l.params;
-                st.reconnects += 1;
-                attach(&inner, &mut st, stream);
-                // Every unanswered command again, oldest first, ahead of
-                // those still waiting to be sent.
-                let mut sent: Vec<(u64, u32)> = st
-                    .tasks
-                    .iter()
-                    .filter(|(k, t)| t.sent.is_some() && !st.backlog.contains(k))
-                    .map(|(&k, t)| (t.order, k))
-                    .collect();
-                sent.sort_unstable();
-                for (_, itt) in sent.into_iter().rev() {
-                    if let Some(t) = st.tasks.get_mut(&itt) {
-                        t.sent = None;
-                    }
-                    st.backlog.push_front(itt);
-                }
-                st.recovering = false;
-                tracing::info!(portal = %inner.portals[idx], reissued = st.backlog.len(), "iSCSI session reinstated");
-                pump(&mut st);
                 return;
             }
             Err(e) => {
@@ -951,4 +937,82 @@ async fn recover(inner: Arc<Inner>) {
             }
         }
     }
+}
+
+/// Puts the session on the new connection `stream` (logged in on portal
+/// `idx`) and queues every unanswered command again, oldest first. Gives
+/// the generation and how long to wait before sending when writes were
+/// among them (None: sent already, or the session is gone).
+fn reinstate(
+    inner: &Arc<Inner>,
+    idx: usize,
+    stream: TcpStream,
+    l: login::Logged,
+) -> Option<(u64, Duration)> {
+    let Ok(mut st) = inner.state.lock() else {
+        return None;
+    };
+    if st.closed.is_some() {
+        return None;
+    }
+    st.portal = idx;
+    for (i, p) in st.paths.iter_mut().enumerate() {
+        if i == idx {
+            *p = PathState::Active;
+        } else if *p == PathState::Active {
+            *p = PathState::Standby;
+        }
+    }
+    st.cmd_sn = l.cmd_sn;
+    st.exp_cmd_sn = l.cmd_sn;
+    st.max_cmd_sn = l.max_cmd_sn;
+    st.exp_stat_sn = l.exp_stat_sn;
+    st.digests = Digests {
+        header: l.params.header_digest,
+        data: l.params.data_digest,
+    };
+    st.params = l.params;
+    st.reconnects += 1;
+    attach(inner, &mut st, stream);
+    // Every unanswered command again, oldest first, ahead of
+    // those still waiting to be sent.
+    let mut sent: Vec<(u64, u32)> = st
+        .tasks
+        .iter()
+        .filter(|(k, t)| t.sent.is_some() && !st.backlog.contains(k))
+        .map(|(&k, t)| (t.order, k))
+        .collect();
+    sent.sort_unstable();
+    let writes = sent
+        .iter()
+        .filter(|(_, k)| {
+            st.tasks
+                .get(k)
+                .is_some_and(|t| matches!(t.data, Data::Out(_)))
+        })
+        .count();
+    for (_, itt) in sent.into_iter().rev() {
+        if let Some(t) = st.tasks.get_mut(&itt) {
+            t.sent = None;
+        }
+        st.backlog.push_front(itt);
+    }
+    tracing::info!(portal = %inner.portals[idx], reissued = st.backlog.len(), "iSCSI session reinstated");
+    let settle = inner.timeouts.settle;
+    if writes == 0 || settle.is_zero() {
+        st.recovering = false;
+        pump(&mut st);
+        return None;
+    }
+    // Still "recovering": new commands queue behind the
+    // reissued ones and the watchdog leaves the idle
+    // connection alone.
+    st.settles += 1;
+    tracing::info!(
+        writes,
+        "iSCSI: the lost connection's writes go out again in {} ms \
+         (the target may still be finishing the old copies)",
+        settle.as_millis()
+    );
+    Some((st.generation, settle))
 }

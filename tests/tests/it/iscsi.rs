@@ -344,6 +344,58 @@ fn cut_connection_during_writes_loses_nothing() {
 }
 
 #[test]
+fn writes_of_a_dropped_connection_wait_for_the_target_to_settle() {
+    skip_unless!(Need::Root, Need::Command("tgtd"));
+    // The connection drops while tgtd is alive and may still be writing
+    // what it received on it: the session reconnects at once but holds
+    // the writes it sends again back for `settle`, and nothing is lost.
+    let (tgt, t, file) = target("settle", 64 * MIB);
+    let rt = runtime();
+    let lun = rt.block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
+            .await
+            .unwrap();
+        Arc::new(Lun::open(s, 1).await.unwrap())
+    });
+    let mut round = 0u8;
+    while lun.session().settles() == 0 && round < 10 {
+        round += 1;
+        // 32 writes of 1 MiB at once, and a drop while they are out.
+        let writes: Vec<_> = (0..32u64)
+            .map(|i| {
+                let l = Arc::clone(&lun);
+                rt.spawn(
+                    async move { l.write(i * MIB, &pattern(MIB as usize, round), false).await },
+                )
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        while lun.session().in_flight() < 16 && t0.elapsed().as_secs() < 2 {
+            std::thread::yield_now();
+        }
+        {
+            let _in = rt.enter();
+            lun.session().drop_connection();
+        }
+        for w in writes {
+            rt.block_on(w).unwrap().unwrap();
+        }
+    }
+    assert!(
+        lun.session().settles() >= 1,
+        "writes in flight at a drop went out again without waiting"
+    );
+    rt.block_on(lun.flush()).unwrap();
+    let on_disk = std::fs::read(&file).unwrap();
+    for i in 0..32usize {
+        assert!(
+            on_disk[i * MIB as usize..(i + 1) * MIB as usize] == pattern(MIB as usize, round)[..],
+            "acknowledged write {i} of round {round} is not on the backing file"
+        );
+    }
+}
+
+#[test]
 fn target_restart_during_writes_loses_nothing() {
     skip_unless!(Need::Root, Need::Command("tgtd"));
     // The array goes down hard and comes back.

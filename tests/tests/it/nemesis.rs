@@ -483,6 +483,62 @@ fn nemesis_step(
     }
 }
 
+/// Keeps what a failed run leaves for a post-mortem, under
+/// `$TMPDIR/csv-nemesis-<seed>`: each host's log, the clients' files as
+/// host 1 reads them, the LUN image, the history and the faults.
+fn keep_evidence(
+    seed: u64,
+    cl: &CsvCluster,
+    tgt: &csv_test_support::tgt::TgtTarget,
+    history: &[Event],
+    faults: &[String],
+) {
+    let dir = std::env::temp_dir().join(format!("csv-nemesis-{seed}"));
+    for h in 1..=3 {
+        let _ = fs::copy(
+            cl.dir().join(format!("host{h}.log")),
+            dir.join(format!("host{h}.log")),
+        );
+        // The files as each host reads them (a difference points at a
+        // host's view, not at the volume).
+        let files = dir.join(format!("files-read-on-{h}"));
+        let _ = fs::create_dir_all(&files);
+        if let Ok(rd) = fs::read_dir(cl.mountpoint(h, 1)) {
+            for e in rd.flatten() {
+                let _ = fs::copy(e.path(), files.join(e.file_name()));
+            }
+        }
+    }
+    let _ = fs::copy(tgt.dir().join("lun1.img"), dir.join("lun1.img"));
+    // The coordinator's attributes and extent map of each log.
+    let mut maps = String::new();
+    let mut c = cl.client();
+    for h in 1..=3 {
+        let name = format!("log-{h}");
+        match c.lookup(1, coordinator::meta::ROOT, &name) {
+            Ok(a) => {
+                maps += &format!("{name}: ino {} size {}\n", a.ino, a.size);
+                for e in c.extents(1, a.ino).unwrap_or_default() {
+                    maps += &format!("  {e:?}\n");
+                }
+            }
+            Err(e) => maps += &format!("{name}: {e}\n"),
+        }
+    }
+    let _ = fs::write(dir.join("extents.txt"), maps);
+    let t0 = history.iter().map(|e| e.start).min();
+    let text: String = history
+        .iter()
+        .map(|e| {
+            let at = |t: Instant| t0.map_or(0.0, |t0| t.duration_since(t0).as_secs_f64());
+            format!("{:9.3} {:9.3} {:?}\n", at(e.start), at(e.end), e.op)
+        })
+        .collect();
+    let _ = fs::write(dir.join("history.txt"), text);
+    let _ = fs::write(dir.join("faults.txt"), faults.join("\n"));
+    println!("nemesis: evidence kept in {}", dir.display());
+}
+
 fn wait_healthy(cl: &CsvCluster) {
     csv_test_support::wait_until(Duration::from_secs(60), || {
         (1..=3).all(|h| cl.volume_state(h, 1).is_some_and(|(s, _)| s == "Direct"))
@@ -513,7 +569,8 @@ fn a_nemesis_of_random_faults_leaves_a_clean_history() {
         while t.elapsed() < Duration::from_secs(secs) {
             std::thread::sleep(Duration::from_millis(1500 + r.below(2500)));
             let f = nemesis_step(&cl, &mut tgt, &mut r);
-            println!("nemesis {:>6.1} s: {f}", t.elapsed().as_secs_f64());
+            let f = format!("{:>6.1} s: {f}", t.elapsed().as_secs_f64());
+            println!("nemesis {f}");
             faults.push(f);
         }
         // Heal, let the cluster settle, then stop the clients.
@@ -548,6 +605,9 @@ fn a_nemesis_of_random_faults_leaves_a_clean_history() {
     // The history read back on every host.
     for reader in 1..=3 {
         let bad = check(&history, &cl.mountpoint(reader, 1));
+        if !bad.is_empty() {
+            keep_evidence(seed, &cl, &tgt, &history, &faults);
+        }
         assert!(
             bad.is_empty(),
             "seed {seed}: the history read on host {reader} breaks {} rules:\n{}",
