@@ -88,18 +88,82 @@ fn fs_redirect_reason(fs: &crate::fs::VolumeFs, path: &str) -> String {
     }
 }
 
-/// Lazily unmounts whatever is mounted at `p` (left by a host that was
-/// killed); quiet when nothing is.
-pub fn clear_stale_mount(p: &Path) {
-    let mounted = std::fs::read_to_string("/proc/self/mounts")
+/// The source and type of each file system mounted at `p`, bottom first
+/// (from `/proc/self/mounts`, whose paths escape blanks as `\040`).
+fn mounts_at(p: &Path) -> Vec<(String, String)> {
+    let want = p.display().to_string();
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
-        .any(|l| l.split(' ').nth(1) == Some(&p.display().to_string()));
-    if mounted {
-        let _ = std::process::Command::new("fusermount3")
-            .arg("-uz")
-            .arg(p)
-            .status();
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let (src, at, kind) = (f.next()?, f.next()?, f.next()?);
+            (unescape(at) == want).then(|| (src.to_string(), kind.to_string()))
+        })
+        .collect()
+}
+
+/// The source name of the guard under each mounted volume.
+const GUARD: &str = "csv-guard";
+
+/// Lazily unmounts the FUSE file systems on top of `p` (left by a csvd
+/// that was killed); quiet when there are none. A guard under them stays.
+pub fn clear_stale_mount(p: &Path) {
+    for _ in 0..8 {
+        match mounts_at(p).last() {
+            Some((_, kind)) if kind.starts_with("fuse") => {}
+            _ => return,
+        }
+        if nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).is_err() {
+            let _ = std::process::Command::new("fusermount3")
+                .arg("-uz")
+                .arg(p)
+                .status();
+        }
+    }
+}
+
+/// Makes `p` ready for a volume's FUSE mount: what a killed csvd left
+/// there detached, the directory made, and a guard mounted on it first —
+/// an empty read-only tmpfs. When csvd dies, the kernel keeps its FUSE
+/// mount (every call fails with ENOTCONN) until the next csvd detaches it
+/// to mount again; without the guard, the bare directory would be there
+/// in between, and an application writing to `VolumeN/...` would write to
+/// the host's root file system, acknowledged, and hidden by the next
+/// mount. With it, such writes fail (EROFS) until the volume is back. The
+/// guard goes when the volume is unmounted in order.
+fn prepare_mountpoint(p: &Path) -> Result<(), String> {
+    clear_stale_mount(p);
+    std::fs::create_dir_all(p).map_err(|e| format!("create {}: {e}", p.display()))?;
+    if mounts_at(p).last().is_some_and(|(src, _)| src == GUARD) {
+        return Ok(());
+    }
+    use nix::mount::MsFlags;
+    if let Err(e) = nix::mount::mount(
+        Some(GUARD),
+        p,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,mode=0555"),
+    ) {
+        tracing::warn!(
+            "{}: no read-only guard under the volume's mount ({e}): while csvd is down, writes there would go to the local disk",
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+/// Unmounts the guard at `p` (after the volume's own clean unmount).
+fn release_guard(p: &Path) {
+    if mounts_at(p).last().is_some_and(|(src, _)| src == GUARD) {
+        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -284,8 +348,7 @@ impl Mounts {
             ));
         }
         let mp = self.mountpoint(v.number);
-        clear_stale_mount(&mp);
-        std::fs::create_dir_all(&mp).map_err(|e| format!("create {}: {e}", mp.display()))?;
+        prepare_mountpoint(&mp)?;
         let (me, endpoints) = (self.cfg.identity.clone(), self.cfg.endpoints.clone());
         let pool = ClientPool::new(move || Client::new(me.clone(), endpoints.clone()));
         // An iSCSI path is reopened (a new login) when it failed; a LUN
@@ -404,6 +467,7 @@ impl Mounts {
                     clear_stale_mount(&self.mountpoint(n));
                 }
             }
+            release_guard(&self.mountpoint(n));
             tracing::info!("Volume{n} unmounted");
         }
     }

@@ -303,9 +303,19 @@ impl CsvCluster {
         };
         let root = root.display().to_string();
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+        // Top first: a killed host's FUSE mount, then the read-only guard
+        // csvd keeps under it (a tmpfs, which fusermount3 leaves alone).
+        for m in mounts.lines().rev().filter_map(|l| l.split(' ').nth(1)) {
             if m.starts_with(&root) {
-                let _ = Command::new("fusermount3").arg("-uz").arg(m).status();
+                let fuse = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(m)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !fuse {
+                    let _ = Command::new("umount").arg("-l").arg(m).status();
+                }
             }
         }
     }

@@ -620,6 +620,78 @@ fn a_nemesis_of_random_faults_leaves_a_clean_history() {
     println!("nemesis: history clean on every host, fsck clean");
 }
 
+/// A host's csvd crashes and starts again while an application keeps
+/// creating files under its `VolumeN`: no creation may succeed anywhere
+/// but on the volume (between the crash and the new mount the path must
+/// refuse writes, not take them into the bare directory on the host's own
+/// disk, where the new mount would hide them).
+#[test]
+fn a_crashed_hosts_mount_point_takes_no_writes_until_the_volume_is_back() {
+    skip_unless!(
+        Need::Root,
+        Need::Command("fusermount3"),
+        Need::Device("/dev/fuse")
+    );
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(128 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(30)).unwrap();
+    let m2 = cl.mountpoint(2, v);
+    let stop = AtomicBool::new(false);
+    let made = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut made = Vec::new();
+            let mut i = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let name = format!("probe-{i}");
+                // As fast as it goes: the gap to catch may be a
+                // millisecond long.
+                if fs::write(m2.join(&name), name.as_bytes()).is_ok() {
+                    made.push(name);
+                }
+            }
+            made
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let said = fault(
+            &cl,
+            2,
+            coordinator::proto::FaultReq {
+                kind: "crash".into(),
+                volume: v,
+                duration_ms: 1500,
+                ..Default::default()
+            },
+        );
+        assert!(!said.contains("not taken"), "{said}");
+        // Down, then up and mounted again.
+        std::thread::sleep(Duration::from_secs(2));
+        csv_test_support::wait_until(Duration::from_secs(60), || {
+            cl.volume_state(2, v).is_some_and(|(s, _)| s == "Direct")
+                && fs::metadata(m2.join("probe-1")).is_ok()
+        })
+        .expect("host 2 did not mount the volume again");
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap()
+    });
+    let m1 = cl.mountpoint(1, v);
+    let missing: Vec<&String> = made
+        .iter()
+        .filter(|n| fs::read(m1.join(n)).ok().as_deref() != Some(n.as_bytes()))
+        .collect();
+    assert!(made.len() > 20, "the writer hardly wrote ({})", made.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {} files host 2 made are not on the volume (written beside it while csvd was down?): {:?}",
+        missing.len(),
+        made.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
 /// Every host killed at once (SIGKILL) at a random point of a metadata and
 /// data load, the cluster started again, and the volume checked: every
 /// fsync'd write and every acknowledged namespace change is there.
