@@ -20,6 +20,45 @@ pub fn run(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// [`run`], but kills the command and fails when it has not exited within
+/// `limit` (a daemon's control tool that hangs on a busy daemon).
+pub fn run_within(cmd: &mut Command, limit: std::time::Duration) -> Result<String> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", describe(cmd)))?;
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "`{}` did not finish in {:.0} s (killed)",
+                describe(cmd),
+                limit.as_secs_f64()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    if !status.success() {
+        bail!("`{}` failed ({status}): {}", describe(cmd), err.trim());
+    }
+    Ok(out)
+}
+
 /// Runs `cmd` to completion and returns its output whatever the exit status.
 pub fn output(cmd: &mut Command) -> Result<Output> {
     cmd.output()

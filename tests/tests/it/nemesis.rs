@@ -421,16 +421,7 @@ fn nemesis_step(
         duration_ms: ms,
         ..Default::default()
     };
-    // Disk-full is left out of the mix (CSV_NEMESIS_DISK_FULL=1 adds it):
-    // with it, two 60 s runs each broke the history (an acknowledged
-    // append missing; once also a register read older than an
-    // acknowledged put), still to be found.
-    let kinds = if std::env::var_os("CSV_NEMESIS_DISK_FULL").is_some() {
-        8
-    } else {
-        7
-    };
-    match r.below(kinds) {
+    match r.below(8) {
         0 => fault(cl, host, req("san-cut")),
         7 => disk_full(&cl.mountpoint(host, 1), Duration::from_millis(ms)),
         1 => fault(
