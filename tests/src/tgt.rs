@@ -457,17 +457,22 @@ impl TgtTarget {
     pub fn restart(&mut self, down: Duration) -> Result<()> {
         let t = Instant::now();
         self.kill();
+        let killed = t.elapsed();
         std::thread::sleep(down);
         // A start whose configuration replay fails (a `tgtadm` call that
         // hangs on the new daemon and is killed) is started over.
         let mut last = None;
         for attempt in 1..=3 {
+            let s = Instant::now();
             match self.start_and_replay() {
-                Ok(()) => {
+                Ok(up) => {
                     if t.elapsed() > Duration::from_secs(10) {
                         eprintln!(
-                            "tgtd restart took {:.1} s ({attempt} starts)",
-                            t.elapsed().as_secs_f64()
+                            "tgtd restart took {:.1} s: the old daemon gone after {:.1} s, start {attempt} up after {:.1} s, configured after {:.1} s more",
+                            t.elapsed().as_secs_f64(),
+                            killed.as_secs_f64(),
+                            up.as_secs_f64(),
+                            (s.elapsed() - up).as_secs_f64()
                         );
                     }
                     return Ok(());
@@ -484,8 +489,10 @@ impl TgtTarget {
             .context("tgtd did not come back after restart"))
     }
 
-    /// Starts tgtd (again) and replays its configuration.
-    fn start_and_replay(&mut self) -> Result<()> {
+    /// Starts tgtd (again) and replays its configuration; gives how long
+    /// the start took.
+    fn start_and_replay(&mut self) -> Result<Duration> {
+        let t = Instant::now();
         let mut last = None;
         // The old listening socket can linger for a moment.
         for _ in 0..20 {
@@ -503,12 +510,13 @@ impl TgtTarget {
         if let Some(e) = last {
             return Err(e);
         }
+        let up = t.elapsed();
         for args in self.journal.clone() {
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             self.tgtadm(&a)
                 .with_context(|| format!("replaying `tgtadm {}` after restart", args.join(" ")))?;
         }
-        Ok(())
+        Ok(up)
     }
 
     /// Kills tgtd at once (SIGKILL), as a controller that loses power;
