@@ -283,6 +283,9 @@ pub struct VolumeFs {
     /// Handles this host opened for FileSystemRedirected hosts: handle →
     /// the host (closed if the cluster has that host down).
     served_for: Mutex<HashMap<u64, u64>>,
+    /// Whether the LUN is out of reach from here (no path, own or
+    /// through a peer): I/O waits for one.
+    outage: std::sync::RwLock<Option<Box<dyn Fn() -> bool + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for VolumeFs {
@@ -325,6 +328,7 @@ impl VolumeFs {
             gate: Gate::default(),
             fs_redirect: std::sync::RwLock::new(None),
             served_for: Mutex::new(HashMap::new()),
+            outage: std::sync::RwLock::new(None),
         });
         let weak = Arc::downgrade(&fs);
         let stop = fs.stop.clone();
@@ -1115,6 +1119,22 @@ impl VolumeFs {
         self.stop.store(true, Ordering::Relaxed);
     }
 
+    /// Sets the LUN's "out of reach" probe (see [`VolumeFs::in_outage`]).
+    pub fn set_outage_probe(&self, f: Box<dyn Fn() -> bool + Send + Sync>) {
+        if let Ok(mut o) = self.outage.write() {
+            *o = Some(f);
+        }
+    }
+
+    /// Whether the LUN is out of reach from this host now.
+    fn in_outage(&self) -> bool {
+        self.outage
+            .read()
+            .ok()
+            .and_then(|o| o.as_ref().map(|f| f()))
+            .unwrap_or(false)
+    }
+
     /// Sends this host's file I/O to the coordinator (Some) or does it
     /// here again (None; files open through the coordinator stay so until
     /// closed).
@@ -1626,6 +1646,15 @@ impl Filesystem for Mounted {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
             };
+        }
+        // A flush comes with every close of a descriptor, also of a copy
+        // that a child closes when it execs. Reporting here (for other
+        // hosts to see this one's writes after its close) is a courtesy
+        // that fsync and the last close do in any case; while the LUN is
+        // out of reach it would wait for it, and hang every fork and exec
+        // of a process with the file open. So not then.
+        if fs.in_outage() {
+            return reply.ok();
         }
         let r = match fs.file(ino.0) {
             Some(f) => match f.lock() {

@@ -117,7 +117,7 @@ const GUARD: &str = "csv-guard";
 pub fn clear_stale_mount(p: &Path) {
     for _ in 0..8 {
         match mounts_at(p).last() {
-            Some((_, kind)) if kind.starts_with("fuse") => {}
+            Some((src, kind)) if kind.starts_with("fuse") && src != GUARD => {}
             _ => return,
         }
         if nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).is_err() {
@@ -130,33 +130,82 @@ pub fn clear_stale_mount(p: &Path) {
 }
 
 /// Makes `p` ready for a volume's FUSE mount: what a killed csvd left
-/// there detached, the directory made, and a guard mounted on it first —
-/// an empty read-only tmpfs. When csvd dies, the kernel keeps its FUSE
-/// mount (every call fails with ENOTCONN) until the next csvd detaches it
-/// to mount again; without the guard, the bare directory would be there
-/// in between, and an application writing to `VolumeN/...` would write to
-/// the host's root file system, acknowledged, and hidden by the next
-/// mount. With it, such writes fail (EROFS) until the volume is back. The
-/// guard goes when the volume is unmounted in order.
+/// there detached, the directory made, and a guard mounted on it first.
+/// When csvd dies, the kernel keeps its FUSE mount (every call fails with
+/// ENOTCONN) until the next csvd detaches it to mount again; without the
+/// guard, the bare directory would be there in between: an application
+/// writing to `VolumeN/...` would write to the host's root file system,
+/// be told it succeeded, and the next mount would hide it; one reading
+/// would be told the file does not exist. The guard is a FUSE mount whose
+/// connection is closed at once, so under it every call fails with
+/// ENOTCONN, just as under the dead mount. It goes when the volume is
+/// unmounted in order.
 fn prepare_mountpoint(p: &Path) -> Result<(), String> {
     clear_stale_mount(p);
-    std::fs::create_dir_all(p).map_err(|e| format!("create {}: {e}", p.display()))?;
+    // (Under the guard, the directory answers nothing, not even stat.)
     if mounts_at(p).last().is_some_and(|(src, _)| src == GUARD) {
         return Ok(());
     }
-    use nix::mount::MsFlags;
-    if let Err(e) = nix::mount::mount(
-        Some(GUARD),
-        p,
-        Some("tmpfs"),
-        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("size=4k,mode=0555"),
-    ) {
+    std::fs::create_dir_all(p).map_err(|e| format!("create {}: {e}", p.display()))?;
+    if let Err(e) = mount_guard(p) {
         tracing::warn!(
-            "{}: no read-only guard under the volume's mount ({e}): while csvd is down, writes there would go to the local disk",
+            "{}: no guard under the volume's mount ({e}): while csvd is down, writes there would go to the local disk",
             p.display()
         );
     }
+    Ok(())
+}
+
+/// Mounts VolumeN's FUSE file system at `p` (over the guard); the
+/// connection's device for the session.
+fn mount_fuse(p: &Path, vol: u64) -> Result<std::os::fd::OwnedFd, String> {
+    use nix::mount::MsFlags;
+    use std::os::fd::AsRawFd;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| format!("/dev/fuse: {e}"))?;
+    let opts = format!(
+        "fd={},rootmode=40755,user_id={},group_id={},default_permissions,allow_other",
+        dev.as_raw_fd(),
+        nix::unistd::geteuid(),
+        nix::unistd::getegid()
+    );
+    nix::mount::mount(
+        Some(format!("csv-Volume{vol}").as_str()),
+        p,
+        Some("fuse.csv"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(dev.into())
+}
+
+/// Mounts the guard at `p`: FUSE, and the device closed at once.
+fn mount_guard(p: &Path) -> Result<(), String> {
+    use nix::mount::MsFlags;
+    use std::os::fd::AsRawFd;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| format!("/dev/fuse: {e}"))?;
+    let opts = format!(
+        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other",
+        dev.as_raw_fd()
+    );
+    nix::mount::mount(
+        Some(GUARD),
+        p,
+        Some("fuse.csv-guard"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(opts.as_str()),
+    )
+    .map_err(|e| e.to_string())?;
+    // Nobody answers: the connection is gone, every call fails.
+    drop(dev);
     Ok(())
 }
 
@@ -424,20 +473,23 @@ impl Mounts {
         );
         let lun: Arc<dyn vhd::BlockIo> = rl.clone();
         let fs = VolumeFs::new(v.number, self.cfg.node, lun, v.capacity, pool);
+        let probe = rl.clone();
+        fs.set_outage_probe(Box::new(move || probe.stalled()));
         let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            fuser::MountOption::FSName(format!("csv-Volume{}", v.number)),
-            fuser::MountOption::Subtype("csv".into()),
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::NoAtime,
-        ];
         // VMs may run as other users than csvd.
         config.acl = fuser::SessionACL::All;
         config.n_threads = Some(self.cfg.threads.max(1));
         config.clone_fd = true;
-        let session = fuser::Session::new(Mounted(fs.clone()), &mp, &config)
-            .and_then(fuser::Session::spawn)
-            .map_err(|e| format!("mount {}: {e}", mp.display()))?;
+        // Mounted here rather than by fuser, which opens the mount point
+        // first: on the guard that fails (ENOTCONN), as it should.
+        let dev = mount_fuse(&mp, v.number).map_err(|e| format!("mount {}: {e}", mp.display()))?;
+        let session =
+            fuser::Session::from_fd(Mounted(fs.clone()), dev, fuser::SessionACL::All, config)
+                .and_then(fuser::Session::spawn)
+                .map_err(|e| {
+                    clear_stale_mount(&mp);
+                    format!("mount {}: {e}", mp.display())
+                })?;
         tracing::info!("Volume{} mounted at {} ({path})", v.number, mp.display());
         self.active.insert(
             v.number,
@@ -461,13 +513,28 @@ impl Mounts {
         self.served.agent.set_volume(n, None);
         if let Some(mut a) = self.active.remove(&n) {
             a.fs.shutdown();
+            let mp = self.mountpoint(n);
             if let Some(s) = a.session.take() {
-                if let Err(e) = s.umount_and_join() {
-                    tracing::warn!("unmount Volume{n}: {e}");
-                    clear_stale_mount(&self.mountpoint(n));
+                // The volume's own mount is the top one at mp (the guard
+                // under it); the session ends when it is gone.
+                let own = mounts_at(&mp)
+                    .last()
+                    .is_some_and(|(src, kind)| kind.starts_with("fuse") && src != GUARD);
+                match own.then(|| nix::mount::umount(&mp)) {
+                    Some(Ok(())) => {
+                        if let Err(e) = s.join() {
+                            tracing::warn!("unmount Volume{n}: {e}");
+                        }
+                    }
+                    r => {
+                        if let Some(Err(e)) = r {
+                            tracing::warn!("unmount Volume{n}: {e}; detaching it");
+                        }
+                        clear_stale_mount(&mp);
+                    }
                 }
             }
-            release_guard(&self.mountpoint(n));
+            release_guard(&mp);
             tracing::info!("Volume{n} unmounted");
         }
     }

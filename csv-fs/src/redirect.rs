@@ -56,6 +56,8 @@ pub struct RedirectingLun {
     fenced_at: Mutex<Option<std::time::Instant>>,
     reason: Mutex<String>,
     peers: Vec<SocketAddr>,
+    /// I/O is waiting for any path (own or through a peer) to come back.
+    stalled: AtomicBool,
     /// The volume's coordinator's addresses: redirected I/O goes there
     /// first (it has the volume's metadata at hand and is up), then to
     /// the other peers.
@@ -128,6 +130,7 @@ impl RedirectingLun {
             reopen,
             redirected: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
             fenced_at: Mutex::new(None),
             reason: Mutex::new(String::new()),
@@ -521,11 +524,15 @@ impl RedirectingLun {
         let mut told = false;
         loop {
             if let Some(r) = self.try_direct(&mut direct) {
+                if told {
+                    self.stalled.store(false, Ordering::Relaxed);
+                }
                 return r;
             }
             match redirected() {
                 Ok(r) => {
                     if told {
+                        self.stalled.store(false, Ordering::Relaxed);
                         tracing::warn!(
                             volume = self.vol,
                             "Volume{}: I/O goes on after {:.1} s without any path",
@@ -536,6 +543,9 @@ impl RedirectingLun {
                     return Ok(r);
                 }
                 Err(e) if start.elapsed() < OUTAGE_WAIT => {
+                    // Each time round: another I/O that got through may
+                    // have cleared it meanwhile.
+                    self.stalled.store(true, Ordering::Relaxed);
                     if !told {
                         told = true;
                         tracing::error!(
@@ -547,9 +557,18 @@ impl RedirectingLun {
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.stalled.store(false, Ordering::Relaxed);
+                    return Err(e);
+                }
             }
         }
+    }
+
+    /// Whether I/O is waiting for any path to the LUN to come back (a
+    /// storage outage as seen from this host).
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 }
 

@@ -45,6 +45,26 @@ pub struct Connection {
     pub ip: String,
 }
 
+/// The tgtd process: started by this process, or by the launcher.
+#[derive(Debug)]
+enum Daemon {
+    Child(Child),
+    Launched(i32),
+}
+
+/// A shell started with the fixture that starts tgtd again on request
+/// (one line on its input; it answers the new pid). A restart done here
+/// instead would exec tgtd from the test process, whose open files on a
+/// csv mount the exec closes: each close is a FUSE flush, which waits for
+/// the SAN that is down until tgtd is back (60 s per file: seen as
+/// restarts of 60-240 s).
+#[derive(Debug)]
+struct Launcher {
+    sh: Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
 /// A running `tgtd` with its targets. Stopped on drop.
 #[derive(Debug)]
 pub struct TgtTarget {
@@ -52,7 +72,8 @@ pub struct TgtTarget {
     ipc: PathBuf,
     portals: Vec<SocketAddr>,
     netns: Option<String>,
-    child: Option<Child>,
+    child: Option<Daemon>,
+    launcher: Option<Launcher>,
     targets: Vec<Target>,
     /// Every configuring `tgtadm` argument list, in order, for `restart`.
     journal: Vec<Vec<String>>,
@@ -88,41 +109,86 @@ impl TgtTarget {
             portals: portals.to_vec(),
             netns: netns.map(|n| n.name().to_string()),
             child: None,
+            launcher: None,
             targets: Vec::new(),
             journal: Vec::new(),
             cut: Vec::new(),
             dir,
         };
         t.spawn()?;
+        t.launcher = t.launcher().ok();
         Ok(t)
     }
 
-    fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())?;
-        let mut c = match &self.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "tgtd"]);
-                c
-            }
-            None => Command::new("tgtd"),
+    /// tgtd's command line.
+    fn command_line(&self) -> Vec<String> {
+        let mut c: Vec<String> = match &self.netns {
+            Some(ns) => ["ip", "netns", "exec", ns, "tgtd"]
+                .map(String::from)
+                .to_vec(),
+            None => vec!["tgtd".into()],
         };
-        c.arg("-f");
+        c.push("-f".into());
         // The pid file is unused in the foreground; its path in the command
         // line lets tools/test.sh find daemons a killed test left behind.
-        c.arg("--pid-file").arg(self.dir.path().join("tgtd.pid"));
+        c.push("--pid-file".into());
+        c.push(self.dir.path().join("tgtd.pid").display().to_string());
         for p in &self.portals {
-            c.arg("--iscsi").arg(format!("portal={p}"));
+            c.push("--iscsi".into());
+            c.push(format!("portal={p}"));
         }
-        c.env("TGT_IPC_SOCKET", &self.ipc)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        let child = c.spawn().context("cannot start tgtd (package `tgt`)")?;
-        self.child = Some(child);
+        c
+    }
+
+    fn launcher(&self) -> Result<Launcher> {
+        let mut sh = Command::new("sh")
+            .arg("-c")
+            .arg(r#"while read -r _; do "$@" >>"$TGT_LOG" 2>&1 </dev/null & echo $!; done"#)
+            .arg("tgtd-launcher")
+            .args(self.command_line())
+            .env("TGT_IPC_SOCKET", &self.ipc)
+            .env("TGT_LOG", self.log_path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start the tgtd launcher (sh)")?;
+        let (Some(input), Some(output)) = (sh.stdin.take(), sh.stdout.take()) else {
+            bail!("the tgtd launcher has no pipes");
+        };
+        Ok(Launcher {
+            sh,
+            input,
+            output: std::io::BufReader::new(output),
+        })
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        if let Some(l) = self.launcher.as_mut() {
+            use std::io::{BufRead, Write};
+            writeln!(l.input).context("the tgtd launcher is gone")?;
+            let mut line = String::new();
+            l.output.read_line(&mut line)?;
+            let pid: i32 = line
+                .trim()
+                .parse()
+                .with_context(|| format!("the tgtd launcher answered {line:?}"))?;
+            self.child = Some(Daemon::Launched(pid));
+        } else {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path())?;
+            let argv = self.command_line();
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..])
+                .env("TGT_IPC_SOCKET", &self.ipc)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            let child = c.spawn().context("cannot start tgtd (package `tgt`)")?;
+            self.child = Some(Daemon::Child(child));
+        }
         let ready = wait_until(Duration::from_secs(10), || {
             self.exited()
                 || self
@@ -139,7 +205,14 @@ impl TgtTarget {
 
     fn exited(&mut self) -> bool {
         match self.child.as_mut() {
-            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            Some(Daemon::Child(c)) => !matches!(c.try_wait(), Ok(None)),
+            // Gone, or a zombie its launcher has not reaped yet.
+            Some(Daemon::Launched(pid)) => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X']))
+                }),
             None => true,
         }
     }
@@ -166,7 +239,10 @@ impl TgtTarget {
 
     /// PID of the running tgtd (of `ip netns exec`, which execs tgtd).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match self.child.as_ref()? {
+            Daemon::Child(c) => Some(c.id()),
+            Daemon::Launched(pid) => u32::try_from(*pid).ok(),
+        }
     }
 
     /// Runs `tgtadm --lld iscsi ARGS` against this daemon.
@@ -502,6 +578,10 @@ impl TgtTarget {
                     break;
                 }
                 Err(e) => {
+                    eprintln!(
+                        "tgtd start failed after {:.1} s: {e:#}",
+                        t.elapsed().as_secs_f64()
+                    );
                     last = Some(e);
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -522,9 +602,21 @@ impl TgtTarget {
     /// Kills tgtd at once (SIGKILL), as a controller that loses power;
     /// its sessions die with it.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        match self.child.take() {
+            Some(Daemon::Child(mut c)) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            Some(Daemon::Launched(pid)) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                self.child = Some(Daemon::Launched(pid));
+                let _ = wait_until(Duration::from_secs(30), || self.exited());
+                self.child = None;
+            }
+            None => {}
         }
     }
 
@@ -551,7 +643,7 @@ impl TgtTarget {
             self.kill();
             bail!("tgtd ignored `--op delete --mode system`; killed it");
         }
-        if let Some(mut c) = self.child.take() {
+        if let Some(Daemon::Child(mut c)) = self.child.take() {
             let _ = c.wait();
         }
         Ok(())
@@ -562,6 +654,10 @@ impl Drop for TgtTarget {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
             eprintln!("TgtTarget: {e:#}");
+        }
+        if let Some(mut l) = self.launcher.take() {
+            let _ = l.sh.kill();
+            let _ = l.sh.wait();
         }
     }
 }

@@ -683,6 +683,44 @@ fn a_crashed_hosts_mount_point_takes_no_writes_until_the_volume_is_back() {
     );
 }
 
+/// While the SAN is down (tgtd killed) and a process has a file with
+/// unreported writes open on the volume, that process can still start
+/// others: the close of the file's descriptor in a child that execs is a
+/// FUSE flush, which must not wait for the LUN (it did, 60 s per open
+/// file, until the storage came back or the wait gave up).
+#[test]
+fn a_process_with_a_file_open_starts_others_at_once_while_the_san_is_down() {
+    skip_without_fuse_and_tgtd!();
+    let (mut tgt, cl) = super::drills::drill_cluster();
+    let m = cl.mountpoint(1, 1);
+    let mut f = File::create(m.join("held")).unwrap();
+    f.write_all(b"written before the outage").unwrap();
+    tgt.kill();
+    std::thread::scope(|s| {
+        // An fsync that waits for the storage, as applications do.
+        let syncer = s.spawn(|| f.sync_data());
+        // The host has noticed there is no path left.
+        std::thread::sleep(Duration::from_secs(2));
+        let t = Instant::now();
+        let st = std::process::Command::new("true").status().unwrap();
+        let took = t.elapsed();
+        tgt.restart(Duration::ZERO).unwrap();
+        assert!(st.success());
+        assert!(
+            took < Duration::from_secs(5),
+            "starting a process took {took:?} while the SAN was down"
+        );
+        syncer
+            .join()
+            .unwrap()
+            .expect("the fsync did not finish once the SAN was back");
+    });
+    assert_eq!(
+        fs::read(cl.mountpoint(2, 1).join("held")).unwrap(),
+        b"written before the outage"
+    );
+}
+
 /// Every host killed at once (SIGKILL) at a random point of a metadata and
 /// data load, the cluster started again, and the volume checked: every
 /// fsync'd write and every acknowledged namespace change is there.
