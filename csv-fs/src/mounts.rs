@@ -156,10 +156,15 @@ fn prepare_mountpoint(p: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Mounts VolumeN's FUSE file system at `p` (over the guard); the
-/// connection's device for the session.
-fn mount_fuse(p: &Path, vol: u64) -> Result<std::os::fd::OwnedFd, String> {
-    use nix::mount::MsFlags;
+/// Mounts a FUSE file system named `source` of type `fuse.<subtype>` at
+/// `p` and gives the connection's device.
+fn fuse_mount(
+    p: &Path,
+    source: &str,
+    subtype: &str,
+    opts: &str,
+    flags: nix::mount::MsFlags,
+) -> Result<std::os::fd::OwnedFd, String> {
     use std::os::fd::AsRawFd;
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -167,44 +172,45 @@ fn mount_fuse(p: &Path, vol: u64) -> Result<std::os::fd::OwnedFd, String> {
         .open("/dev/fuse")
         .map_err(|e| format!("/dev/fuse: {e}"))?;
     let opts = format!(
-        "fd={},rootmode=40755,user_id={},group_id={},default_permissions,allow_other",
+        "fd={},user_id={},group_id={},allow_other,{opts}",
         dev.as_raw_fd(),
         nix::unistd::geteuid(),
         nix::unistd::getegid()
     );
+    let flags = flags | nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
     nix::mount::mount(
-        Some(format!("csv-Volume{vol}").as_str()),
+        Some(source),
         p,
-        Some("fuse.csv"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME,
+        Some(format!("fuse.{subtype}").as_str()),
+        flags,
         Some(opts.as_str()),
     )
     .map_err(|e| e.to_string())?;
     Ok(dev.into())
 }
 
-/// Mounts the guard at `p`: FUSE, and the device closed at once.
-fn mount_guard(p: &Path) -> Result<(), String> {
-    use nix::mount::MsFlags;
-    use std::os::fd::AsRawFd;
-    let dev = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .map_err(|e| format!("/dev/fuse: {e}"))?;
-    let opts = format!(
-        "fd={},rootmode=40000,user_id=0,group_id=0,allow_other",
-        dev.as_raw_fd()
-    );
-    nix::mount::mount(
-        Some(GUARD),
+/// Mounts VolumeN's file system at `p` (over the guard); the device for
+/// its session.
+fn mount_fuse(p: &Path, vol: u64) -> Result<std::os::fd::OwnedFd, String> {
+    fuse_mount(
         p,
-        Some("fuse.csv-guard"),
-        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(opts.as_str()),
+        &format!("csv-Volume{vol}"),
+        "csv",
+        "rootmode=40755,default_permissions",
+        nix::mount::MsFlags::MS_NOATIME,
     )
-    .map_err(|e| e.to_string())?;
-    // Nobody answers: the connection is gone, every call fails.
+}
+
+/// Mounts the guard at `p`: FUSE, its device closed at once, so that
+/// every call under it fails (ENOTCONN).
+fn mount_guard(p: &Path) -> Result<(), String> {
+    let dev = fuse_mount(
+        p,
+        GUARD,
+        "csv-guard",
+        "rootmode=40000",
+        nix::mount::MsFlags::MS_RDONLY | nix::mount::MsFlags::MS_NOEXEC,
+    )?;
     drop(dev);
     Ok(())
 }

@@ -311,18 +311,23 @@ fn check_stream(file: &std::path::Path, count: u64) {
     }
 }
 
+/// LUN 1 of `t` through a session with default settings.
+fn open_lun(rt: &tokio::runtime::Runtime, tgt: &TgtTarget, t: &Target) -> Arc<Lun> {
+    rt.block_on(async {
+        let s = Session::connect(&tgt.portal().to_string(), &config(t))
+            .await
+            .unwrap();
+        Arc::new(Lun::open(s, 1).await.unwrap())
+    })
+}
+
 /// Streams 600 writes at a fresh target, applies `fault` to it 300 ms in,
 /// and checks that the stream finished, the session was reinstated, and
 /// every acknowledged write is on the backing file.
 fn writes_survive(name: &str, fault: impl FnOnce(&mut TgtTarget, &Target)) {
     let (mut tgt, t, file) = target(name, 64 * MIB);
     let rt = runtime();
-    let lun = rt.block_on(async {
-        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
-            .await
-            .unwrap();
-        Arc::new(Lun::open(s, 1).await.unwrap())
-    });
+    let lun = open_lun(&rt, &tgt, &t);
     let stream = rt.spawn(write_stream(Arc::clone(&lun), 600));
     std::thread::sleep(std::time::Duration::from_millis(300));
     fault(&mut tgt, &t);
@@ -351,12 +356,7 @@ fn writes_of_a_dropped_connection_wait_for_the_target_to_settle() {
     // the writes it sends again back for `settle`, and nothing is lost.
     let (tgt, t, file) = target("settle", 64 * MIB);
     let rt = runtime();
-    let lun = rt.block_on(async {
-        let s = Session::connect(&tgt.portal().to_string(), &config(&t))
-            .await
-            .unwrap();
-        Arc::new(Lun::open(s, 1).await.unwrap())
-    });
+    let lun = open_lun(&rt, &tgt, &t);
     let mut round = 0u8;
     while lun.session().settles() == 0 && round < 10 {
         round += 1;
