@@ -53,7 +53,8 @@ struct InFlight {
     result: Result<()>,
 }
 
-/// An io_uring submission queue bound to one open VHD.
+/// An io_uring submission queue bound to one open VHD, driven by the
+/// thread that made it.
 pub struct Queue<'a> {
     vhd: &'a Vhd<DirectFile>,
     // Dropped before `fixed`: the ring unregisters the buffers first.
@@ -64,6 +65,9 @@ pub struct Queue<'a> {
     free: Vec<usize>,
     ready: Vec<Completion>,
     max_transfer: usize,
+    /// The ring takes submissions from the thread that made it only: the
+    /// queue stays on that thread.
+    _thread_bound: std::marker::PhantomData<*const ()>,
 }
 
 impl std::fmt::Debug for Queue<'_> {
@@ -77,10 +81,17 @@ impl std::fmt::Debug for Queue<'_> {
 impl<'a> Queue<'a> {
     /// A queue with room for `depth` requests in flight.
     pub fn new(vhd: &'a Vhd<DirectFile>, depth: u32) -> Result<Self> {
+        // Completions are run when the queue waits for them, not whenever
+        // the kernel interrupts the thread (DEFER_TASKRUN, which wants a
+        // single submitting thread): fewer interruptions of the thread
+        // that issues. Older kernels get the cooperative mode, or none.
+        let entries = depth.next_power_of_two();
         let ring = IoUring::builder()
-            .setup_coop_taskrun()
-            .build(depth.next_power_of_two())
-            .or_else(|_| IoUring::new(depth.next_power_of_two()))
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
+            .or_else(|_| IoUring::new(entries))
             .ctx(vhd.name(), || "set up io_uring".into(), 0)?;
         Ok(Queue {
             vhd,
@@ -91,6 +102,7 @@ impl<'a> Queue<'a> {
             free: (0..depth as usize).rev().collect(),
             ready: Vec::new(),
             max_transfer: 0,
+            _thread_bound: std::marker::PhantomData,
         })
     }
 
