@@ -59,7 +59,10 @@ pub struct Queue<'a> {
     vhd: &'a Vhd<DirectFile>,
     // Dropped before `fixed`: the ring unregisters the buffers first.
     ring: IoUring,
-    fixed: Vec<AlignedBuf>,
+    /// The registered buffers, one after another in one allocation.
+    fixed: Option<AlignedBuf>,
+    /// The size of each registered buffer, and the distance between them.
+    fixed_size: (usize, usize),
     fixed_busy: Vec<bool>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
@@ -96,7 +99,8 @@ impl<'a> Queue<'a> {
         Ok(Queue {
             vhd,
             ring,
-            fixed: Vec::new(),
+            fixed: None,
+            fixed_size: (0, 0),
             fixed_busy: Vec::new(),
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth as usize).rev().collect(),
@@ -122,15 +126,21 @@ impl<'a> Queue<'a> {
         size: usize,
     ) -> Result<Self> {
         let mut q = Queue::new(vhd, depth)?;
-        let mut bufs = Vec::with_capacity(count);
-        for _ in 0..count {
-            bufs.push(AlignedBuf::new(size).ctx(vhd.name(), || "allocate I/O buffer".into(), 0)?);
-        }
-        let iovecs: Vec<libc::iovec> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_slice().as_mut_ptr().cast(),
-                iov_len: b.len(),
+        // One allocation for all: from 1 MiB in total it sits on huge
+        // pages, so each buffer is one segment for the device and
+        // requests on neighbouring blocks can merge into large ones.
+        let stride = size.max(1).next_multiple_of(4096);
+        let total = stride.checked_mul(count).ok_or_else(|| {
+            Error::Invalid(format!("{}: {count} buffers of {size} bytes", vhd.name()))
+        })?;
+        let mut pool =
+            AlignedBuf::new(total).ctx(vhd.name(), || "allocate I/O buffers".into(), 0)?;
+        let base = pool.as_mut_slice().as_mut_ptr();
+        let iovecs: Vec<libc::iovec> = (0..count)
+            .map(|i| libc::iovec {
+                // SAFETY: buffer i lies inside the pool of count * stride bytes.
+                iov_base: unsafe { base.add(i * stride) }.cast(),
+                iov_len: size,
             })
             .collect();
         // SAFETY: the iovecs describe memory owned by `q.fixed`, which is
@@ -140,9 +150,22 @@ impl<'a> Queue<'a> {
             || "register io_uring buffers".into(),
             0,
         )?;
-        q.fixed_busy = vec![false; bufs.len()];
-        q.fixed = bufs;
+        q.fixed_busy = vec![false; count];
+        q.fixed = Some(pool);
+        q.fixed_size = (size, stride);
         Ok(q)
+    }
+
+    /// Registered buffer `index`, whatever its state.
+    fn fixed_slice(&mut self, index: usize) -> Option<&mut [u8]> {
+        let (size, stride) = self.fixed_size;
+        if index >= self.fixed_busy.len() {
+            return None;
+        }
+        let at = index * stride;
+        self.fixed
+            .as_mut()
+            .and_then(|p| p.as_mut_slice().get_mut(at..at + size))
     }
 
     /// The bytes of registered buffer `index`, unless a request using it is
@@ -151,7 +174,7 @@ impl<'a> Queue<'a> {
         if *self.fixed_busy.get(index)? {
             return None;
         }
-        self.fixed.get_mut(index).map(AlignedBuf::as_mut_slice)
+        self.fixed_slice(index)
     }
 
     /// Submits a read or write of the first `len` bytes of registered
@@ -165,8 +188,8 @@ impl<'a> Queue<'a> {
         write: bool,
     ) -> Result<()> {
         let name = self.vhd.name();
-        match (self.fixed_busy.get(index), self.fixed.get(index)) {
-            (Some(false), Some(b)) if len <= b.len() => {}
+        match self.fixed_busy.get(index) {
+            Some(false) if len <= self.fixed_size.0 => {}
             _ => {
                 return Err(Error::Invalid(format!(
                 "{name}: registered buffer {index} is busy, missing or shorter than {len} bytes"
@@ -178,11 +201,15 @@ impl<'a> Queue<'a> {
         };
         let Some(file_off) = self.vhd.direct_range(offset, len as u64) else {
             self.free.push(slot);
-            let b = &mut self.fixed[index].as_mut_slice()[..len];
+            let vhd = self.vhd;
+            let Some(b) = self.fixed_slice(index) else {
+                return Err(Error::Invalid(format!("{name}: no registered buffer {index}")));
+            };
+            let b = &mut b[..len];
             let result = if write {
-                self.vhd.write_at(b, offset)
+                vhd.write_at(b, offset)
             } else {
-                self.vhd.read_at(b, offset)
+                vhd.read_at(b, offset)
             };
             self.ready.push(Completion {
                 tag,
@@ -191,7 +218,9 @@ impl<'a> Queue<'a> {
             });
             return Ok(());
         };
-        let ptr = self.fixed[index].as_mut_slice().as_mut_ptr();
+        let Some(ptr) = self.fixed_slice(index).map(|b| b.as_mut_ptr()) else {
+            return Err(Error::Invalid(format!("{name}: no registered buffer {index}")));
+        };
         self.fixed_busy[index] = true;
         self.start(
             slot,
@@ -372,14 +401,19 @@ impl<'a> Queue<'a> {
                 // Short transfer: finish the part synchronously.
                 let done = res as usize;
                 let io = self.vhd.io();
-                let bytes = match &mut f.buf {
-                    Buffer::Owned(b) => &mut b.as_mut_slice()[at..at + len],
-                    Buffer::Fixed(i) => &mut self.fixed[*i].as_mut_slice()[at..at + len],
+                let (_, stride) = self.fixed_size;
+                let bytes = match (&mut f.buf, self.fixed.as_mut()) {
+                    (Buffer::Owned(b), _) => &mut b.as_mut_slice()[at..at + len],
+                    (Buffer::Fixed(i), Some(p)) => {
+                        let start = *i * stride + at;
+                        &mut p.as_mut_slice()[start..start + len]
+                    }
+                    (Buffer::Fixed(_), None) => &mut [][..],
                 };
-                let r = if f.write {
-                    crate::io::BlockIo::write_at(io, &bytes[done..], off + done as u64)
-                } else {
-                    crate::io::BlockIo::read_at(io, &mut bytes[done..], off + done as u64)
+                let r = match bytes.get_mut(done..) {
+                    Some(rest) if f.write => crate::io::BlockIo::write_at(io, rest, off + done as u64),
+                    Some(rest) => crate::io::BlockIo::read_at(io, rest, off + done as u64),
+                    None => Err(std::io::Error::other("request without its buffer")),
                 };
                 f.result = r.ctx(name, || "finish short transfer".into(), off + done as u64);
             }
@@ -424,7 +458,7 @@ impl Drop for Queue<'_> {
                         std::mem::forget(f.buf);
                     }
                 }
-                std::mem::forget(std::mem::take(&mut self.fixed));
+                std::mem::forget(self.fixed.take());
                 return;
             }
             self.reap();
