@@ -730,16 +730,18 @@ async fn reader(rd: tokio::net::tcp::OwnedReadHalf, inner: std::sync::Weak<Inner
     // small on purpose: the rest of a large data segment bypasses it and
     // lands in its own buffer without a copy.
     let mut rd = tokio::io::BufReader::with_capacity(16 * 1024, rd);
+    // What this connection negotiated at login: fixed for its life (a new
+    // login is a new generation, with a reader of its own).
+    let (digests, max, portal) = {
+        let Some(i) = inner.upgrade() else { return };
+        let Ok(st) = i.state.lock() else { return };
+        (
+            st.digests,
+            st.params.max_recv_data as usize,
+            i.portals.get(st.portal).cloned().unwrap_or_default(),
+        )
+    };
     loop {
-        let (digests, max, portal) = {
-            let Some(i) = inner.upgrade() else { return };
-            let Ok(st) = i.state.lock() else { return };
-            (
-                st.digests,
-                st.params.max_recv_data as usize,
-                i.portals.get(st.portal).cloned().unwrap_or_default(),
-            )
-        };
         let got = read_pdu(&mut rd, digests, max, &portal).await;
         let Some(i) = inner.upgrade() else { return };
         let result = got.and_then(|p| handle(&i, gen, p));

@@ -27,9 +27,9 @@ pub(super) fn handle(inner: &Inner, gen: u64, p: Pdu) -> Result<()> {
     if st.generation != gen {
         return Ok(());
     }
-    let portal = inner.portals.get(st.portal).cloned().unwrap_or_default();
+    let portal = inner.portals.get(st.portal).map_or("", String::as_str);
     let proto = |what: String| Error::Protocol {
-        portal: portal.clone(),
+        portal: portal.to_string(),
         what,
     };
     st.last_rx = Instant::now();
