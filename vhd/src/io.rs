@@ -252,9 +252,7 @@ impl AlignedBuf {
     /// `size` bytes (a multiple of `align`) of fresh anonymous memory at an
     /// `align`-aligned address, advised onto huge pages.
     fn mapped(size: usize, align: usize, len: usize) -> io::Result<Self> {
-        let span = size
-            .checked_add(align)
-            .ok_or(io::ErrorKind::InvalidInput)?;
+        let span = size.checked_add(align).ok_or(io::ErrorKind::InvalidInput)?;
         // SAFETY: a new private anonymous mapping; no existing memory is
         // touched.
         let base = unsafe {

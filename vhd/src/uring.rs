@@ -203,7 +203,9 @@ impl<'a> Queue<'a> {
             self.free.push(slot);
             let vhd = self.vhd;
             let Some(b) = self.fixed_slice(index) else {
-                return Err(Error::Invalid(format!("{name}: no registered buffer {index}")));
+                return Err(Error::Invalid(format!(
+                    "{name}: no registered buffer {index}"
+                )));
             };
             let b = &mut b[..len];
             let result = if write {
@@ -219,7 +221,9 @@ impl<'a> Queue<'a> {
             return Ok(());
         };
         let Some(ptr) = self.fixed_slice(index).map(|b| b.as_mut_ptr()) else {
-            return Err(Error::Invalid(format!("{name}: no registered buffer {index}")));
+            return Err(Error::Invalid(format!(
+                "{name}: no registered buffer {index}"
+            )));
         };
         self.fixed_busy[index] = true;
         self.start(
@@ -411,7 +415,9 @@ impl<'a> Queue<'a> {
                     (Buffer::Fixed(_), None) => &mut [][..],
                 };
                 let r = match bytes.get_mut(done..) {
-                    Some(rest) if f.write => crate::io::BlockIo::write_at(io, rest, off + done as u64),
+                    Some(rest) if f.write => {
+                        crate::io::BlockIo::write_at(io, rest, off + done as u64)
+                    }
                     Some(rest) => crate::io::BlockIo::read_at(io, rest, off + done as u64),
                     None => Err(std::io::Error::other("request without its buffer")),
                 };
