@@ -113,6 +113,29 @@ fn peer(url: &str, w: Work) -> Result<f64> {
     }
 }
 
+/// CPU seconds (user + system) used so far by this process, or by its
+/// waited-for children (`/proc/self/stat`, in clock ticks of 10 ms).
+fn cpu_seconds(children: bool) -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name in parentheses: state is the first,
+    // utime the 12th, stime, cutime and cstime the next three.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let at = if children { 13 } else { 11 };
+    (f.get(at).unwrap_or(&0.0) + f.get(at + 1).unwrap_or(&0.0)) / 100.0
+}
+
+/// Runs one side and reports (rate, µs of CPU per request).
+fn timed(children: bool, w: Work, f: impl FnOnce() -> Result<f64>) -> Result<(f64, f64)> {
+    let c0 = cpu_seconds(children);
+    let rate = f()?;
+    let used = cpu_seconds(children) - c0;
+    Ok((rate, used * 1e6 / (rate * w.secs as f64).max(1.0)))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -220,13 +243,22 @@ pub fn run(args: &[String]) -> Result<()> {
         for (name, w) in reads {
             let (mut o, mut p) = (Vec::new(), Vec::new());
             for r in 0..rounds {
-                if r % 2 == 0 {
-                    o.push(ours(&rt, &parsed, w)?);
-                    p.push(peer(&url, w)?);
+                let (a, b) = if r % 2 == 0 {
+                    let a = timed(false, w, || ours(&rt, &parsed, w))?;
+                    (a, timed(true, w, || peer(&url, w))?)
                 } else {
-                    p.push(peer(&url, w)?);
-                    o.push(ours(&rt, &parsed, w)?);
-                }
+                    let b = timed(true, w, || peer(&url, w))?;
+                    (timed(false, w, || ours(&rt, &parsed, w))?, b)
+                };
+                // The figure that decides these rows: initiator and tgtd
+                // share the cores, so CPU an initiator spends is CPU tgtd
+                // does not get.
+                eprintln!(
+                    "{backing} {name}: CPU per request: ours {:.1} us, iscsi-perf {:.1} us",
+                    a.1, b.1
+                );
+                o.push(a.0);
+                p.push(b.0);
             }
             rows.push(row(backing, name, w, median(o), Some(median(p))));
         }
