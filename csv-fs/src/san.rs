@@ -87,6 +87,33 @@ pub fn pr_register(lun: &BlockingLun, key: u64) -> Result<(), String> {
     }
 }
 
+/// A LUN's persistent reservation (holder key and type, if held) and its
+/// registered keys.
+pub type PrState = (Option<(u64, u8)>, Vec<u64>);
+
+/// The LUN's persistent reservation and registered keys.
+pub fn pr_state(lun: &BlockingLun) -> Result<PrState, String> {
+    let held = lun
+        .block_on(lun.lun().reservation())
+        .map_err(|e| format!("reading the reservation: {e}"))?;
+    let keys = lun
+        .block_on(lun.lun().reservation_keys())
+        .map_err(|e| format!("reading the registered keys: {e}"))?;
+    Ok((held, keys))
+}
+
+/// Removes every registration and the reservation from the LUN (PERSISTENT
+/// RESERVE OUT CLEAR, which only a registrant may send: `key` is
+/// registered for it first).
+pub fn pr_clear(lun: &BlockingLun, key: u64) -> Result<(), String> {
+    use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
+    let l = lun.lun();
+    lun.block_on(l.reserve_out(PrOut::RegisterAndIgnore, 0, 0, key))
+        .map_err(|e| format!("registering reservation key {key:#x}: {e}"))?;
+    lun.block_on(l.reserve_out(PrOut::Clear, PR_WE_RO, key, 0))
+        .map_err(|e| format!("clearing the reservations: {e}"))
+}
+
 /// Whether `key` is registered on the LUN.
 pub fn pr_registered(lun: &BlockingLun, key: u64) -> Result<bool, String> {
     lun.block_on(lun.lun().reservation_keys())

@@ -156,7 +156,9 @@ pub enum VolumeCommand {
         /// with this size. Default: the LUN's current size.
         #[arg(long, value_parser = crate::size::parse_size)]
         size: Option<u64>,
-        /// Format a LUN that already holds a csv volume (its data is lost).
+        /// Format a LUN that already holds a csv volume (its data is lost),
+        /// and on an iSCSI LUN clear the persistent reservations other
+        /// hosts left on it (their writes are refused from then on).
         #[arg(long)]
         force: bool,
     },
@@ -485,6 +487,35 @@ fn format_iscsi(
                 old.number,
                 old.id_hex()
             );
+        }
+    }
+    // Reservations left by another cluster (or hosts still using the LUN)
+    // would refuse this tool's writes and, worse, let those registrants
+    // keep writing to the new volume. A target that cannot report them
+    // has none to clear.
+    if let Ok((held, keys)) = csv_fs::san::pr_state(&path.lun) {
+        if held.is_some() || !keys.is_empty() {
+            let holder = match held {
+                Some((k, t)) => format!("reserved (type {t}) by key {k:#x}, "),
+                None => String::new(),
+            };
+            let what = format!(
+                "{holder}{} registered key(s): {}",
+                keys.len(),
+                keys.iter()
+                    .map(|k| format!("{k:#x}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if !force {
+                bail!(
+                    "{url} has persistent reservations ({what}): another cluster or host may be using it; \
+                     pass --force to clear them and format it (its data is lost)"
+                );
+            }
+            csv_fs::san::pr_clear(&path.lun, csv_fs::san::pr_key(0))
+                .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+            eprintln!("{url}: cleared its persistent reservations ({what})");
         }
     }
     let mut id = [0u8; 16];

@@ -480,6 +480,76 @@ fn metrics_json_logs_and_volume_removal() {
 /// name (its initiator name and ISID: the same I_T nexus) gets RESERVATION
 /// CONFLICT while the other hosts go on; resumed, it rejoins, registers
 /// again and writes.
+/// A LUN another cluster left reserved: `volume add` refuses it and says
+/// why; with --force it clears the reservations (the old registrant can
+/// no longer write) and the volume mounts on every host, fenced by this
+/// cluster's own keys.
+#[test]
+fn a_lun_another_cluster_reserved_is_refused_then_cleared_with_force() {
+    skip_without_fuse!();
+    skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
+    use csv_fs::san::{open, pr_holds, SanIdentity};
+    use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
+    use vhd::BlockIo;
+    let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
+    let t = tgt.add_target("foreign").unwrap();
+    let backing = tgt.dir().join("lun1.img");
+    tgt.add_lun_file(&t, 1, &backing, 256 * MIB).unwrap();
+    let url = tgt.url(&t, 1);
+    // The other cluster's host: registered and holding the reservation.
+    let other = SanIdentity {
+        initiator: "iqn.2026-11.io.other:host1".into(),
+        chap: None,
+        node: 0,
+    };
+    let old = open(&url, &other, 1).unwrap();
+    let l = old.lun.lun();
+    old.lun
+        .block_on(l.reserve_out(PrOut::RegisterAndIgnore, 0, 0, 0x0DD0_0001))
+        .unwrap();
+    old.lun
+        .block_on(l.reserve_out(PrOut::Reserve, PR_WE_RO, 0x0DD0_0001, 0))
+        .unwrap();
+    old.lun.write_at(&[0x11u8; 4096], 1 << 20).unwrap();
+
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    registered(&cl);
+    let out = cl
+        .csvctl()
+        .args(["volume", "add", &url, "--number", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "added a reserved LUN: {err}");
+    assert!(
+        err.contains("persistent reservations")
+            && err.contains("0xdd00001")
+            && err.contains("--force"),
+        "{err}"
+    );
+    // Nothing was written: the LUN still has no volume on it.
+    assert_ne!(&fs::read(&backing).unwrap()[..8], b"CSVVOL\0\0");
+
+    cl.add_volume_url(&url, 1).unwrap();
+    cl.wait_mounted(1, Duration::from_secs(30)).unwrap();
+    let keys = || old.lun.block_on(l.reservation_keys()).unwrap();
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        (1..=3).all(|n| pr_holds(&keys(), n))
+    })
+    .unwrap();
+    assert!(!keys().contains(&0x0DD0_0001), "{:x?}", keys());
+    let e = old.lun.write_at(&[0x22u8; 4096], 1 << 20).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    let data = pattern(5, (3 * MIB) as usize);
+    write_synced(&cl.mountpoint(1, 1).join("after-clear.bin"), &data);
+    assert_eq!(
+        fs::read(cl.mountpoint(2, 1).join("after-clear.bin")).unwrap(),
+        data
+    );
+}
+
 #[test]
 fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
     skip_without_fuse!();
