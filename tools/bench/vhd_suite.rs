@@ -113,11 +113,12 @@ fn qemu(img: &Path, w: Work) -> Result<f64> {
     Ok(w.count as f64 / secs)
 }
 
+/// A new image as both tools make one by default: a fixed disk is a
+/// sparse file (no `--preallocate`, QEMU's `preallocation=off`), so its
+/// first writes make the host filesystem allocate blocks.
 fn create(path: &Path, dt: DiskType, size: u64) -> Result<()> {
     let _ = std::fs::remove_file(path);
-    let mut o = CreateOptions::new(dt, size);
-    o.preallocate = true;
-    Vhd::create(path, &o)?;
+    Vhd::create(path, &CreateOptions::new(dt, size))?;
     Ok(())
 }
 
