@@ -53,16 +53,32 @@ struct InFlight {
     result: Result<()>,
 }
 
+/// A queue's registered buffers: one allocation, each buffer `size`
+/// bytes and `stride` (a multiple of 4 KiB) after the one before.
+struct Pool {
+    mem: AlignedBuf,
+    size: usize,
+    stride: usize,
+}
+
+impl Pool {
+    /// Buffer `index`, if there is one.
+    fn slot(&mut self, index: usize) -> Option<&mut [u8]> {
+        let at = index.checked_mul(self.stride)?;
+        self.mem
+            .as_mut_slice()
+            .get_mut(at..at.checked_add(self.size)?)
+    }
+}
+
 /// An io_uring submission queue bound to one open VHD, driven by the
 /// thread that made it.
 pub struct Queue<'a> {
     vhd: &'a Vhd<DirectFile>,
     // Dropped before `fixed`: the ring unregisters the buffers first.
     ring: IoUring,
-    /// The registered buffers, one after another in one allocation.
-    fixed: Option<AlignedBuf>,
-    /// The size of each registered buffer, and the distance between them.
-    fixed_size: (usize, usize),
+    /// The registered buffers.
+    fixed: Option<Pool>,
     fixed_busy: Vec<bool>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
@@ -100,7 +116,6 @@ impl<'a> Queue<'a> {
             vhd,
             ring,
             fixed: None,
-            fixed_size: (0, 0),
             fixed_busy: Vec::new(),
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth as usize).rev().collect(),
@@ -133,9 +148,9 @@ impl<'a> Queue<'a> {
         let total = stride.checked_mul(count).ok_or_else(|| {
             Error::Invalid(format!("{}: {count} buffers of {size} bytes", vhd.name()))
         })?;
-        let mut pool =
+        let mut mem =
             AlignedBuf::new(total).ctx(vhd.name(), || "allocate I/O buffers".into(), 0)?;
-        let base = pool.as_mut_slice().as_mut_ptr();
+        let base = mem.as_mut_slice().as_mut_ptr();
         let iovecs: Vec<libc::iovec> = (0..count)
             .map(|i| libc::iovec {
                 // SAFETY: buffer i lies inside the pool of count * stride bytes.
@@ -151,21 +166,13 @@ impl<'a> Queue<'a> {
             0,
         )?;
         q.fixed_busy = vec![false; count];
-        q.fixed = Some(pool);
-        q.fixed_size = (size, stride);
+        q.fixed = Some(Pool { mem, size, stride });
         Ok(q)
     }
 
     /// Registered buffer `index`, whatever its state.
     fn fixed_slice(&mut self, index: usize) -> Option<&mut [u8]> {
-        let (size, stride) = self.fixed_size;
-        if index >= self.fixed_busy.len() {
-            return None;
-        }
-        let at = index * stride;
-        self.fixed
-            .as_mut()
-            .and_then(|p| p.as_mut_slice().get_mut(at..at + size))
+        self.fixed.as_mut()?.slot(index)
     }
 
     /// The bytes of registered buffer `index`, unless a request using it is
@@ -187,31 +194,25 @@ impl<'a> Queue<'a> {
         offset: u64,
         write: bool,
     ) -> Result<()> {
-        let name = self.vhd.name();
-        match self.fixed_busy.get(index) {
-            Some(false) if len <= self.fixed_size.0 => {}
-            _ => {
-                return Err(Error::Invalid(format!(
+        let vhd = self.vhd;
+        let name = vhd.name();
+        let buf = match (self.fixed_busy.get(index), self.fixed.as_mut()) {
+            (Some(false), Some(p)) => p.slot(index).and_then(|b| b.get_mut(..len)),
+            _ => None,
+        };
+        let Some(buf) = buf else {
+            return Err(Error::Invalid(format!(
                 "{name}: registered buffer {index} is busy, missing or shorter than {len} bytes"
-            )))
-            }
-        }
-        let Some(slot) = self.free.pop() else {
+            )));
+        };
+        let Some(slot) = self.free.last().copied() else {
             return Err(Error::Invalid(format!("{name}: io_uring queue is full")));
         };
-        let Some(file_off) = self.vhd.direct_range(offset, len as u64) else {
-            self.free.push(slot);
-            let vhd = self.vhd;
-            let Some(b) = self.fixed_slice(index) else {
-                return Err(Error::Invalid(format!(
-                    "{name}: no registered buffer {index}"
-                )));
-            };
-            let b = &mut b[..len];
+        let Some(file_off) = vhd.direct_range(offset, len as u64) else {
             let result = if write {
-                vhd.write_at(b, offset)
+                vhd.write_at(buf, offset)
             } else {
-                vhd.read_at(b, offset)
+                vhd.read_at(buf, offset)
             };
             self.ready.push(Completion {
                 tag,
@@ -220,11 +221,8 @@ impl<'a> Queue<'a> {
             });
             return Ok(());
         };
-        let Some(ptr) = self.fixed_slice(index).map(|b| b.as_mut_ptr()) else {
-            return Err(Error::Invalid(format!(
-                "{name}: no registered buffer {index}"
-            )));
-        };
+        let ptr = buf.as_mut_ptr();
+        self.free.pop();
         self.fixed_busy[index] = true;
         self.start(
             slot,
@@ -405,16 +403,11 @@ impl<'a> Queue<'a> {
                 // Short transfer: finish the part synchronously.
                 let done = res as usize;
                 let io = self.vhd.io();
-                let (_, stride) = self.fixed_size;
-                let bytes = match (&mut f.buf, self.fixed.as_mut()) {
-                    (Buffer::Owned(b), _) => &mut b.as_mut_slice()[at..at + len],
-                    (Buffer::Fixed(i), Some(p)) => {
-                        let start = *i * stride + at;
-                        &mut p.as_mut_slice()[start..start + len]
-                    }
-                    (Buffer::Fixed(_), None) => &mut [][..],
+                let bytes = match &mut f.buf {
+                    Buffer::Owned(b) => Some(b.as_mut_slice()),
+                    Buffer::Fixed(i) => self.fixed.as_mut().and_then(|p| p.slot(*i)),
                 };
-                let r = match bytes.get_mut(done..) {
+                let r = match bytes.and_then(|b| b.get_mut(at + done..at + len)) {
                     Some(rest) if f.write => {
                         crate::io::BlockIo::write_at(io, rest, off + done as u64)
                     }

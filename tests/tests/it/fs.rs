@@ -473,13 +473,6 @@ fn metrics_json_logs_and_volume_removal() {
     assert!(gone.is_ok(), "Volume{v} still mounted after removal");
 }
 
-/// Fencing by persistent reservation: every host registers its key on
-/// the volume's LUN under a Write Exclusive – Registrants Only reservation,
-/// so a stranger cannot write; a host the cluster has down (its csvd frozen
-/// with SIGSTOP) loses its key to the cluster leader, and a write in its
-/// name (its initiator name and ISID: the same I_T nexus) gets RESERVATION
-/// CONFLICT while the other hosts go on; resumed, it rejoins, registers
-/// again and writes.
 /// A LUN another cluster left reserved: `volume add` refuses it and says
 /// why; with --force it clears the reservations (the old registrant can
 /// no longer write) and the volume mounts on every host, fenced by this
@@ -489,7 +482,6 @@ fn a_lun_another_cluster_reserved_is_refused_then_cleared_with_force() {
     skip_without_fuse!();
     skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
     use csv_fs::san::{open, pr_holds, SanIdentity};
-    use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
     use vhd::BlockIo;
     let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
     let t = tgt.add_target("foreign").unwrap();
@@ -503,13 +495,12 @@ fn a_lun_another_cluster_reserved_is_refused_then_cleared_with_force() {
         node: 0,
     };
     let old = open(&url, &other, 1).unwrap();
+    csv_fs::san::pr_register(&old.lun, 0x0DD0_0001).unwrap();
     let l = old.lun.lun();
-    old.lun
-        .block_on(l.reserve_out(PrOut::RegisterAndIgnore, 0, 0, 0x0DD0_0001))
-        .unwrap();
-    old.lun
-        .block_on(l.reserve_out(PrOut::Reserve, PR_WE_RO, 0x0DD0_0001, 0))
-        .unwrap();
+    assert_eq!(
+        old.lun.block_on(l.reservation()).unwrap(),
+        Some((0x0DD0_0001, iscsi_initiator::scsi::PR_WE_RO))
+    );
     old.lun.write_at(&[0x11u8; 4096], 1 << 20).unwrap();
 
     let mut cl = CsvCluster::loopback(3).unwrap();
@@ -550,6 +541,13 @@ fn a_lun_another_cluster_reserved_is_refused_then_cleared_with_force() {
     );
 }
 
+/// Fencing by persistent reservation: every host registers its key on
+/// the volume's LUN under a Write Exclusive – Registrants Only reservation,
+/// so a stranger cannot write; a host the cluster has down (its csvd frozen
+/// with SIGSTOP) loses its key to the cluster leader, and a write in its
+/// name (its initiator name and ISID: the same I_T nexus) gets RESERVATION
+/// CONFLICT while the other hosts go on; resumed, it rejoins, registers
+/// again and writes.
 #[test]
 fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
     skip_without_fuse!();
