@@ -645,6 +645,15 @@ fn a_crashed_hosts_mount_point_takes_no_writes_until_the_volume_is_back() {
             }
             made
         });
+        // The writer stops whatever happens below (a failed wait must not
+        // leave the scope waiting for it).
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let stopper = Stop(&stop);
         std::thread::sleep(Duration::from_millis(300));
         let said = fault(
             &cl,
@@ -657,15 +666,23 @@ fn a_crashed_hosts_mount_point_takes_no_writes_until_the_volume_is_back() {
             },
         );
         assert!(!said.contains("not taken"), "{said}");
-        // Down, then up and mounted again.
+        // Down, then up and mounted again: a file written there now is
+        // on the volume. (Not a probe the writer made: under load its
+        // first ones may have fallen into the crash and failed.)
         std::thread::sleep(Duration::from_secs(2));
-        csv_test_support::wait_until(Duration::from_secs(60), || {
+        if let Err(e) = csv_test_support::wait_until(Duration::from_secs(60), || {
             cl.volume_state(2, v).is_some_and(|(s, _)| s == "Direct")
-                && fs::metadata(m2.join("probe-1")).is_ok()
-        })
-        .expect("host 2 did not mount the volume again");
+                && fs::write(m2.join("back"), b"back").is_ok()
+                && fs::read(cl.mountpoint(1, v).join("back")).is_ok_and(|b| b == b"back")
+        }) {
+            panic!(
+                "host 2 did not mount the volume again ({e:?}; state {:?}); its log ends:\n{}",
+                cl.volume_state(2, v),
+                cl.log_tail(2, 80)
+            );
+        }
         std::thread::sleep(Duration::from_millis(300));
-        stop.store(true, Ordering::Relaxed);
+        drop(stopper);
         writer.join().unwrap()
     });
     let m1 = cl.mountpoint(1, v);
