@@ -555,6 +555,7 @@ fn a_nemesis_of_random_faults_leaves_a_clean_history() {
             let (stop, history) = (&stop, &history);
             s.spawn(move || client(host, &m, seed, stop, history));
         }
+        let _stopper = StopOnDrop(&stop);
         let mut r = Rng::new(seed);
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(secs) {
@@ -611,6 +612,17 @@ fn a_nemesis_of_random_faults_leaves_a_clean_history() {
     println!("nemesis: history clean on every host, fsck clean");
 }
 
+/// Sets the flag that stops a test's client threads when dropped, so that
+/// a failure in the thread driving them (a panic) does not leave the
+/// scope waiting for them until nextest's timeout.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 /// A host's csvd crashes and starts again while an application keeps
 /// creating files under its `VolumeN`: no creation may succeed anywhere
 /// but on the volume (between the crash and the new mount the path must
@@ -645,15 +657,7 @@ fn a_crashed_hosts_mount_point_takes_no_writes_until_the_volume_is_back() {
             }
             made
         });
-        // The writer stops whatever happens below (a failed wait must not
-        // leave the scope waiting for it).
-        struct Stop<'a>(&'a AtomicBool);
-        impl Drop for Stop<'_> {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let stopper = Stop(&stop);
+        let stopper = StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(300));
         let said = fault(
             &cl,
