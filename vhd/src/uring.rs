@@ -358,8 +358,19 @@ impl<'a> Queue<'a> {
     /// Sends submitted requests to the kernel and waits for at least one
     /// completion (when any is outstanding); returns every completion.
     pub fn complete(&mut self) -> Result<Vec<Completion>> {
+        self.complete_at_least(1)
+    }
+
+    /// As [`Queue::complete`], waiting for `n` completions (or every
+    /// request in flight, when fewer are): a caller that keeps the queue
+    /// full refills it in batches, one system call for several requests.
+    pub fn complete_at_least(&mut self, n: usize) -> Result<Vec<Completion>> {
         let in_flight = self.slots.len() - self.free.len();
-        let want = usize::from(self.ready.is_empty() && in_flight > 0);
+        let want = if self.ready.is_empty() {
+            n.min(in_flight)
+        } else {
+            0
+        };
         self.ring
             .submit_and_wait(want)
             .ctx(self.vhd.name(), || "wait for io_uring".into(), 0)?;
@@ -496,7 +507,7 @@ mod tests {
             for round in 0..2u8 {
                 for i in 0..16u64 {
                     while !q.has_room() {
-                        for c in q.complete().unwrap() {
+                        for c in q.complete_at_least(3).unwrap() {
                             c.result.unwrap();
                         }
                     }
