@@ -6,7 +6,8 @@
 //! `(i * step) mod image_size`. "Random" rows use a step of a prime number
 //! of 4 KiB units (a full-period scatter over the image); sequential rows
 //! use the request size as the step. Our side is the crate's io_uring
-//! queue (`vhd::uring::Queue`) with 32 requests in flight, as QEMU's.
+//! queue (`vhd::uring::Queue`) with 32 requests in flight, as QEMU's
+//! (refilled four at a time: 28 to 32).
 
 use crate::table::{self, Row};
 use anyhow::{bail, Context, Result};
