@@ -116,7 +116,13 @@ fn peer(url: &str, w: Work) -> Result<f64> {
 /// CPU seconds (user + system) used so far by this process, or by its
 /// waited-for children (`/proc/self/stat`, in clock ticks of 10 ms).
 fn cpu_seconds(children: bool) -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    proc_cpu_seconds("/proc/self/stat", children)
+}
+
+/// CPU seconds (user + system) of the process whose `stat` file is at
+/// `path` (or of its waited-for children).
+fn proc_cpu_seconds(path: &str, children: bool) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
     // Fields after the command name in parentheses: state is the first,
     // utime the 12th, stime, cutime and cstime the next three.
     let rest = stat.rsplit(')').next().unwrap_or("");
@@ -189,18 +195,41 @@ pub fn run(args: &[String]) -> Result<()> {
             .build()
     };
     if args.iter().any(|a| a == "--ours-only") {
-        // Profiling aid: our side alone, 4 KiB random reads at QD32 on the
-        // null LUN.
+        // Profiling aid: our side (or, with `--peer-only`, iscsi-perf)
+        // alone, reads at QD32 on the null LUN (`--file`: the file LUN),
+        // 4 KiB random ones or (`--blocks N`) sequential ones of N blocks.
         let rt = runtime()?;
-        let url: iscsi_initiator::IscsiUrl = tgt.url(&t, 1).parse()?;
+        let lun = if args.iter().any(|a| a == "--file") {
+            2
+        } else {
+            1
+        };
+        let url: iscsi_initiator::IscsiUrl = tgt.url(&t, lun).parse()?;
+        let blocks = match args.iter().position(|a| a == "--blocks") {
+            Some(i) => args
+                .get(i + 1)
+                .context("--blocks needs a number")?
+                .parse()?,
+            None => 8,
+        };
         let w = Work {
-            blocks: 8,
+            blocks,
             depth: 32,
-            random: true,
+            random: blocks == 8,
             write: false,
             secs,
         };
-        println!("ours: {:.0} IOPS", ours(&rt, &url, w)?);
+        let tgtd = format!("/proc/{}/stat", tgt.pid().unwrap_or(0));
+        let t0 = proc_cpu_seconds(&tgtd, false);
+        let (who, (rate, cpu)) = if args.iter().any(|a| a == "--peer-only") {
+            ("iscsi-perf", timed(true, w, || peer(&tgt.url(&t, lun), w))?)
+        } else {
+            ("ours", timed(false, w, || ours(&rt, &url, w))?)
+        };
+        let target = (proc_cpu_seconds(&tgtd, false) - t0) * 1e6 / (rate * secs as f64).max(1.0);
+        // tgtd's figure is its whole CPU time over the requests: when it
+        // is near 1 s / IOPS, tgtd is saturated and sets the pace.
+        println!("{who}: {rate:.0} IOPS, {cpu:.1} us of CPU per request, tgtd {target:.1} us");
         return Ok(());
     }
     let rt = runtime()?;
