@@ -83,6 +83,27 @@ impl Client {
         }
     }
 
+    /// Runs `f` with this client's patience cut to `within`, for each
+    /// request as a whole and for each attempt (the live connection's
+    /// read timeout included), then gives it back. For callers to whom
+    /// an answer later than that is worth nothing, so that a coordinator
+    /// out of reach costs them `within`, not the full timeout.
+    pub fn with_patience<R>(&mut self, within: Duration, f: impl FnOnce(&mut Client) -> R) -> R {
+        let (timeout, attempt) = (self.timeout, self.attempt_timeout);
+        self.timeout = timeout.min(within);
+        self.attempt_timeout = attempt.min(within);
+        if let Some(c) = &self.conn {
+            let _ = c.set_read_timeout(Some(self.attempt_timeout));
+        }
+        let r = f(self);
+        self.timeout = timeout;
+        self.attempt_timeout = attempt;
+        if let Some(c) = &self.conn {
+            let _ = c.set_read_timeout(Some(attempt));
+        }
+        r
+    }
+
     /// The host this client is connected to (0: none).
     pub fn connected_to(&self) -> u64 {
         self.conn.as_ref().map_or(0, |c| c.peer)

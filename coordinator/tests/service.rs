@@ -107,3 +107,31 @@ fn a_retried_create_is_applied_once_and_answered_the_same() {
     );
     assert_eq!(cl.readdir(1, ROOT).unwrap().len(), 1);
 }
+
+#[test]
+fn a_client_with_patience_gives_up_after_it_and_keeps_its_own_timeouts() {
+    let me = Identity {
+        node: 0,
+        cluster: "t".into(),
+        key: Key::generate().unwrap(),
+    };
+    // A port nobody listens on: every connection attempt is refused.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut cl = coordinator::client::Client::new(me, vec![addr]);
+    let (timeout, attempt) = (cl.timeout, cl.attempt_timeout);
+    let t = std::time::Instant::now();
+    let r = cl.with_patience(Duration::from_millis(300), |c| c.readdir(1, ROOT));
+    let took = t.elapsed();
+    assert!(
+        matches!(r, Err(coordinator::client::ClientError::Unavailable { .. })),
+        "{r:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "gave up after {took:?}"
+    );
+    assert_eq!((cl.timeout, cl.attempt_timeout), (timeout, attempt));
+}

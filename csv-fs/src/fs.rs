@@ -53,6 +53,10 @@ const REDIRECT_UNIT: u64 = 4096;
 /// Redirected or written ranges reported to the coordinator in one
 /// command.
 const REMAP_BATCH: usize = 1024;
+/// How long a flush (every close of a descriptor) waits for the
+/// coordinator to take this host's writes before it leaves them to the
+/// file's fsync or last close.
+const FLUSH_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Snapshot files and `.snapshots` are read-only.
 fn writable(ino: u64) -> Result<(), Errno> {
@@ -378,8 +382,26 @@ impl VolumeFs {
     }
 
     fn op(&self, op: volume_op::Op) -> Result<proto::Reply, Errno> {
+        self.op_within(op, None)
+    }
+
+    /// As [`FsInner::op`], giving up after `within` when given: the
+    /// coordinator's silence is then ETIMEDOUT.
+    fn op_within(
+        &self,
+        op: volume_op::Op,
+        within: Option<Duration>,
+    ) -> Result<proto::Reply, Errno> {
         let vol = self.vol;
-        self.call(|c| c.volume_op(vol, op))
+        let Some(t) = within else {
+            return self.call(|c| c.volume_op(vol, op));
+        };
+        self.clients
+            .with(|c| c.with_patience(t, |c| c.volume_op(vol, op)))
+            .map_err(|e| match e {
+                ClientError::Unavailable { .. } => Errno::ETIMEDOUT,
+                e => errno(&e),
+            })
     }
 
     fn op_attr(&self, op: volume_op::Op) -> Result<proto::Attr, Errno> {
@@ -565,6 +587,18 @@ impl VolumeFs {
     /// Reports writes into unwritten space and a grown size, after making
     /// the data durable on the LUN.
     fn report(&self, ino: u64, f: &mut OpenFile) -> Result<(), Errno> {
+        self.report_within(ino, f, None)
+    }
+
+    /// As [`FsInner::report`], each call to the coordinator giving up
+    /// after `within` when given (ETIMEDOUT); what was not reported stays
+    /// to be reported.
+    fn report_within(
+        &self,
+        ino: u64,
+        f: &mut OpenFile,
+        within: Option<Duration>,
+    ) -> Result<(), Errno> {
         if f.dirty.is_empty() && f.remaps.is_empty() && f.size <= f.size_reported {
             return Ok(());
         }
@@ -593,9 +627,10 @@ impl VolumeFs {
             while !merged.is_empty() {
                 let n = merged.len().min(REMAP_BATCH);
                 let batch: Vec<(u64, Vec<(u64, u64)>)> = merged[..n].to_vec();
-                let r = self.op(volume_op::Op::Remap(coordinator::codec::remap_to_proto(
-                    ino, &batch,
-                )));
+                let r = self.op_within(
+                    volume_op::Op::Remap(coordinator::codec::remap_to_proto(ino, &batch)),
+                    within,
+                );
                 match r {
                     Ok(_) => {
                         merged.drain(..n);
@@ -630,17 +665,20 @@ impl VolumeFs {
         while !merged.is_empty() {
             let n = merged.len().min(REMAP_BATCH);
             let (off, len) = merged[0];
-            let r = self.op(volume_op::Op::MarkWritten(proto::MarkWrittenOp {
-                ino,
-                off,
-                len,
-                size: f.size,
-                now: 0,
-                more: merged[1..n]
-                    .iter()
-                    .map(|&(off, len)| proto::WrittenRange { off, len })
-                    .collect(),
-            }));
+            let r = self.op_within(
+                volume_op::Op::MarkWritten(proto::MarkWrittenOp {
+                    ino,
+                    off,
+                    len,
+                    size: f.size,
+                    now: 0,
+                    more: merged[1..n]
+                        .iter()
+                        .map(|&(off, len)| proto::WrittenRange { off, len })
+                        .collect(),
+                }),
+                within,
+            );
             if let Err(e) = r {
                 f.dirty.extend(merged);
                 return Err(e);
@@ -1650,21 +1688,30 @@ impl Filesystem for Mounted {
         // A flush comes with every close of a descriptor, also of a copy
         // that a child closes when it execs. Reporting here (for other
         // hosts to see this one's writes after its close) is a courtesy
-        // that fsync and the last close do in any case; while the LUN is
-        // out of reach it would wait for it, and hang every fork and exec
-        // of a process with the file open. So not then.
+        // that fsync and the last close do in any case; while the LUN or
+        // the coordinator is out of reach it would wait for them, and hang
+        // every fork and exec of a process with the file open. So not
+        // while the LUN is, and not for long when the coordinator does not
+        // answer: what is not reported stays for fsync and the last close.
         if fs.in_outage() {
             return reply.ok();
         }
         let r = match fs.file(ino.0) {
             Some(f) => match f.lock() {
-                Ok(mut g) if g.writers > 0 => fs.report(ino.0, &mut g),
+                Ok(mut g) if g.writers > 0 => fs.report_within(ino.0, &mut g, Some(FLUSH_PATIENCE)),
                 _ => Ok(()),
             },
             None => Ok(()),
         };
         match r {
             Ok(()) => reply.ok(),
+            Err(Errno::ETIMEDOUT) => {
+                tracing::warn!(
+                    ino = ino.0,
+                    "flush: the coordinator did not answer within {FLUSH_PATIENCE:?}; this file's latest writes are reported at its fsync or last close"
+                );
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         }
     }

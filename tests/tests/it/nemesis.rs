@@ -918,3 +918,66 @@ fn killing_every_host_at_once_loses_nothing_acknowledged() {
         );
     }
 }
+
+/// While a host is cut off from the cluster network and a process there
+/// has a file with unreported writes open on the volume, that process can
+/// still start others: the child's close of its copy of the descriptor
+/// (a FUSE flush) must not wait for the coordinator it cannot reach.
+#[test]
+fn a_process_with_a_file_open_starts_others_at_once_while_the_cluster_network_is_cut() {
+    skip_unless!(
+        Need::Root,
+        Need::Command("fusermount3"),
+        Need::Device("/dev/fuse")
+    );
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(64 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(30)).unwrap();
+    let leader = cl.leader_of(v).expect("Volume1 has a coordinator");
+    let host = (1..=3).find(|h| *h != leader).unwrap_or(1);
+    let m = cl.mountpoint(host, v);
+    let mut f = File::create(m.join("held")).unwrap();
+    f.write_all(b"written before the cut").unwrap();
+    let addrs: Vec<String> = cl
+        .hosts
+        .iter()
+        .flat_map(|h| h.listen.iter().map(|a| a.to_string()))
+        .collect();
+    let said = fault(
+        &cl,
+        host,
+        coordinator::proto::FaultReq {
+            kind: "net-cut".into(),
+            volume: v,
+            duration_ms: 8_000,
+            addrs,
+            ..Default::default()
+        },
+    );
+    assert!(!said.contains("not taken"), "{said}");
+    // More written after the cut: unreported when the child starts.
+    f.write_all(b" and after it").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let st = std::process::Command::new("true").status().unwrap();
+    let took = t.elapsed();
+    assert!(st.success());
+    assert!(
+        took < Duration::from_secs(5),
+        "starting a process took {took:?} while host {host} was cut off from the cluster"
+    );
+    println!("a process started in {took:?} while host {host} was cut off");
+    // The writes the flush could not report reach the others once the
+    // network is back (the last close reports them).
+    drop(f);
+    let other = if host == 1 { 2 } else { 1 };
+    let want = b"written before the cut and after it";
+    csv_test_support::wait_until(Duration::from_secs(60), || {
+        fs::read(cl.mountpoint(other, v).join("held")).is_ok_and(|b| b == want)
+    })
+    .unwrap_or_else(|e| {
+        panic!("host {other} never read what host {host} wrote during the cut: {e:?}")
+    });
+}
