@@ -55,6 +55,17 @@ pub struct CsvCluster {
 pub const CLUSTER: &str = "csvt";
 
 impl CsvCluster {
+    /// `n` hosts on loopback, started, with a volume on a LUN file of
+    /// `size` bytes mounted on every one of them; the volume's number.
+    pub fn mounted_loopback(n: usize, size: u64) -> Result<(CsvCluster, u64)> {
+        let mut cl = CsvCluster::loopback(n)?;
+        cl.mounts = true;
+        cl.start_all()?;
+        let v = cl.add_volume_file(size)?;
+        cl.wait_mounted(v, Duration::from_secs(30))?;
+        Ok((cl, v))
+    }
+
     /// `n` founding hosts on loopback (not started).
     pub fn loopback(n: usize) -> Result<CsvCluster> {
         let mut specs = Vec::new();

@@ -19,11 +19,7 @@ const MIB: u64 = 1 << 20;
 
 /// Three hosts with Volume1 (1 GiB LUN file) mounted on each.
 fn cluster() -> (CsvCluster, u64) {
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(1 << 30).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    let (cl, v) = CsvCluster::mounted_loopback(3, 1 << 30).unwrap();
     registered(&cl);
     (cl, v)
 }
@@ -53,16 +49,6 @@ fn write_synced(p: &Path, data: &[u8]) {
     let mut f = File::create(p).unwrap();
     f.write_all(data).unwrap();
     f.sync_all().unwrap();
-}
-
-macro_rules! skip_without_fuse {
-    () => {
-        skip_unless!(
-            Need::Root,
-            Need::Command("fusermount3"),
-            Need::Device("/dev/fuse")
-        );
-    };
 }
 
 /// A tgtd target `name` with a 512 MiB LUN, and three hosts with it

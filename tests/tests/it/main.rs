@@ -18,6 +18,17 @@ macro_rules! skip_without_fuse_and_tgtd {
     };
 }
 
+/// Skips a test that needs root and FUSE (the cluster tests with mounts).
+macro_rules! skip_without_fuse {
+    () => {
+        csv_test_support::skip_unless!(
+            csv_test_support::Need::Root,
+            csv_test_support::Need::Command("fusermount3"),
+            csv_test_support::Need::Device("/dev/fuse")
+        );
+    };
+}
+
 mod coordinator;
 mod drills;
 mod fixtures;

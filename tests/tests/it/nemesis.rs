@@ -7,7 +7,6 @@
 //! 5-minute command) and `CSV_CRASH_ROUNDS`.
 
 use csv_test_support::csvd::CsvCluster;
-use csv_test_support::{skip_unless, Need};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -630,16 +629,8 @@ impl Drop for StopOnDrop<'_> {
 /// disk, where the new mount would hide them).
 #[test]
 fn a_crashed_hosts_mount_point_takes_no_writes_until_the_volume_is_back() {
-    skip_unless!(
-        Need::Root,
-        Need::Command("fusermount3"),
-        Need::Device("/dev/fuse")
-    );
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(128 << 20).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(30)).unwrap();
+    skip_without_fuse!();
+    let (cl, v) = CsvCluster::mounted_loopback(3, 128 << 20).unwrap();
     let m2 = cl.mountpoint(2, v);
     let stop = AtomicBool::new(false);
     let made = std::thread::scope(|s| {
@@ -747,19 +738,11 @@ fn a_process_with_a_file_open_starts_others_at_once_while_the_san_is_down() {
 /// fsync'd write and every acknowledged namespace change is there.
 #[test]
 fn killing_every_host_at_once_loses_nothing_acknowledged() {
-    skip_unless!(
-        Need::Root,
-        Need::Command("fusermount3"),
-        Need::Device("/dev/fuse")
-    );
+    skip_without_fuse!();
     let seed = seed();
     let rounds = env_u64("CSV_CRASH_ROUNDS", 4);
     println!("crash: seed {seed}, {rounds} rounds (replay: CSV_NEMESIS_SEED={seed} CSV_CRASH_ROUNDS={rounds})");
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(256 << 20).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(30)).unwrap();
+    let (mut cl, v) = CsvCluster::mounted_loopback(3, 256 << 20).unwrap();
     let mut r = Rng::new(seed);
     // What each round acknowledged, checked after every later crash too.
     let acked_files: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
@@ -925,16 +908,8 @@ fn killing_every_host_at_once_loses_nothing_acknowledged() {
 /// (a FUSE flush) must not wait for the coordinator it cannot reach.
 #[test]
 fn a_process_with_a_file_open_starts_others_at_once_while_the_cluster_network_is_cut() {
-    skip_unless!(
-        Need::Root,
-        Need::Command("fusermount3"),
-        Need::Device("/dev/fuse")
-    );
-    let mut cl = CsvCluster::loopback(3).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(64 << 20).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(30)).unwrap();
+    skip_without_fuse!();
+    let (cl, v) = CsvCluster::mounted_loopback(3, 64 << 20).unwrap();
     let leader = cl.leader_of(v).expect("Volume1 has a coordinator");
     let host = (1..=3).find(|h| *h != leader).unwrap_or(1);
     let m = cl.mountpoint(host, v);
