@@ -256,7 +256,7 @@ impl Client {
                 uid: 0,
                 gid: 0,
                 target: target.into(),
-                now: 0,
+                ..Default::default()
             }),
         )?;
         attr(r)

@@ -44,6 +44,7 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             gid: c.gid,
             target: c.target.clone(),
             now: c.now,
+            lease: (c.lease_ttl > 0).then_some((c.lease_node, c.lease_ttl)),
         },
         Some(P::Link(c)) => Op::Link {
             ino: c.ino,
@@ -264,14 +265,23 @@ pub fn reply_to_proto(r: &meta::Reply) -> proto::Reply {
         meta::Reply::Ok => Value::Done(proto::Empty {}),
         meta::Reply::Attr(a) => Value::Attr(attr_to_proto(a)),
         meta::Reply::Extents(e) => Value::Extents(extents_to_proto(e)),
-        meta::Reply::Lease(l) => Value::Lease(proto::Lease {
-            node: 0,
-            epoch: l.epoch,
-            expires: l.expires,
-            write: l.write,
+        meta::Reply::Lease(l) => Value::Lease(lease_to_proto(l)),
+        meta::Reply::Created(a, l) => Value::Created(proto::CreatedFile {
+            attr: Some(attr_to_proto(a)),
+            lease: Some(lease_to_proto(l)),
         }),
     };
     proto::Reply { value: Some(v) }
+}
+
+/// A lease as a message (its holder left out).
+fn lease_to_proto(l: &meta::Lease) -> proto::Lease {
+    proto::Lease {
+        node: 0,
+        epoch: l.epoch,
+        expires: l.expires,
+        write: l.write,
+    }
 }
 
 /// A state machine error as a message.
@@ -316,6 +326,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             gid,
             target,
             now,
+            lease,
         } => P::Create(proto::CreateOp {
             parent,
             name,
@@ -325,6 +336,8 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             gid,
             target,
             now,
+            lease_node: lease.map_or(0, |l| l.0),
+            lease_ttl: lease.map_or(0, |l| l.1),
         }),
         Op::Link {
             ino,

@@ -269,7 +269,7 @@ pub struct Reply {
     /// What came back.
     #[prost(
         oneof = "reply::Value",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
+        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18"
     )]
     pub value: Option<reply::Value>,
 }
@@ -330,7 +330,22 @@ pub mod reply {
         /// What a redirected file operation did.
         #[prost(message, tag = "17")]
         File(super::FileReply),
+        /// A file made with its creator's write lease.
+        #[prost(message, tag = "18")]
+        Created(super::CreatedFile),
     }
+}
+
+/// A file made with its creator's write lease (a [`CreateOp`] with
+/// `lease_ttl`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CreatedFile {
+    /// The file's attributes.
+    #[prost(message, optional, tag = "1")]
+    pub attr: Option<Attr>,
+    /// The lease.
+    #[prost(message, optional, tag = "2")]
+    pub lease: Option<Lease>,
 }
 
 /// A new host asks to join (the one request of a join connection).
@@ -819,6 +834,13 @@ pub struct CreateOp {
     /// Time (ms).
     #[prost(uint64, tag = "8")]
     pub now: u64,
+    /// For a file: the host that gets its write lease in the same command
+    /// (with `lease_ttl`), sparing the opener a second commit.
+    #[prost(uint64, tag = "9")]
+    pub lease_node: u64,
+    /// Length (ms) of that lease; 0: no lease.
+    #[prost(uint64, tag = "10")]
+    pub lease_ttl: u64,
 }
 
 /// A new name for a file.

@@ -59,18 +59,23 @@ fn any_op() -> impl Strategy<Value = Op> {
             any_kind(),
             any::<u32>(),
             any_name(),
-            any_u64()
+            any_u64(),
+            proptest::option::of((any_u64(), any_u64()))
         )
-            .prop_map(|(parent, name, kind, mode, target, now)| Op::Create {
-                parent,
-                name,
-                kind,
-                mode,
-                uid: 0,
-                gid: 0,
-                target,
-                now
-            }),
+            .prop_map(
+                |(parent, name, kind, mode, target, now, lease)| Op::Create {
+                    parent,
+                    name,
+                    kind,
+                    mode,
+                    uid: 0,
+                    gid: 0,
+                    target,
+                    now,
+                    // What the message can carry: a lease with a length.
+                    lease: lease.filter(|l| l.1 > 0),
+                }
+            ),
         (any_u64(), any_u64(), any_name(), any_u64()).prop_map(|(ino, parent, name, now)| {
             Op::Link {
                 ino,

@@ -100,13 +100,23 @@ proptest! {
                     let mut p = dir.clone();
                     p.push(NAMES[n].to_string());
                     let parent = ino_of(&v, dir).unwrap();
-                    let r = v.apply(Op::Create { parent, name: NAMES[n].into(), kind, mode: 0o644, uid: 0, gid: 0, target: String::new(), now });
+                    // Every other file is made with its creator's write lease.
+                    let lease = (kind == Kind::File && n % 2 == 1).then_some((1, 20));
+                    let r = v.apply(Op::Create { parent, name: NAMES[n].into(), kind, mode: 0o644, uid: 0, gid: 0, target: String::new(), now, lease });
                     match m.entry(p) {
                         std::collections::btree_map::Entry::Occupied(_) => {
                             prop_assert_eq!(r, Err(MetaError::Exists));
                         }
                         std::collections::btree_map::Entry::Vacant(slot) => {
-                            let Ok(Reply::Attr(a)) = r else { panic!("create failed: {r:?}") };
+                            let a = match r {
+                                Ok(Reply::Attr(a)) if lease.is_none() => a,
+                                Ok(Reply::Created(a, l)) if lease.is_some() => {
+                                    prop_assert!(l.write);
+                                    prop_assert_eq!(v.leases(a.ino).len(), 1);
+                                    a
+                                }
+                                r => panic!("create failed: {r:?}"),
+                            };
                             prop_assert!(a.ino > max_ino, "inode number reused or not growing");
                             max_ino = a.ino;
                             slot.insert((kind, next_model_ino));
@@ -243,6 +253,51 @@ proptest! {
         v.apply(Op::Tick { now: now + 1000 }).unwrap();
         prop_assert_eq!(v.quarantined_bytes(), 0);
     }
+}
+
+#[test]
+fn a_file_made_with_its_creators_lease_is_that_hosts_to_write() {
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let create = |v: &mut Volume, name: &str, kind, lease| {
+        v.apply(Op::Create {
+            parent: ROOT,
+            name: name.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            target: String::new(),
+            now: 5,
+            lease,
+        })
+    };
+    let Ok(Reply::Created(f, l)) = create(&mut v, "new.vhd", Kind::File, Some((1, 100))) else {
+        panic!("no lease with the file")
+    };
+    assert!(l.write);
+    assert_eq!(l.expires, 105);
+    // As if granted on its own: others cannot write, the history has it.
+    assert_eq!(
+        v.apply(Op::GrantLease {
+            node: 2,
+            ino: f.ino,
+            write: true,
+            now: 10,
+            ttl: 100
+        }),
+        Err(MetaError::Busy(1))
+    );
+    assert_eq!(v.lease_history(Some(f.ino)).len(), 1);
+    // A directory takes no lease; a name that exists gets none either.
+    assert!(matches!(
+        create(&mut v, "d", Kind::Dir, Some((1, 100))),
+        Ok(Reply::Attr(_))
+    ));
+    assert_eq!(
+        create(&mut v, "new.vhd", Kind::File, Some((2, 100))),
+        Err(MetaError::Exists)
+    );
+    assert!(v.check().is_empty());
 }
 
 #[test]
@@ -468,6 +523,7 @@ fn names_are_checked() {
             gid: 0,
             target: String::new(),
             now: 0,
+            lease: None,
         });
         assert!(matches!(r, Err(MetaError::Invalid(_))), "{bad:?}: {r:?}");
     }
@@ -491,6 +547,7 @@ fn mk(
         gid: 0,
         target: target.into(),
         now,
+        lease: None,
     }) {
         Ok(Reply::Attr(a)) => a,
         r => panic!("create {name}: {r:?}"),

@@ -135,3 +135,43 @@ fn a_client_with_patience_gives_up_after_it_and_keeps_its_own_timeouts() {
     );
     assert_eq!((cl.timeout, cl.attempt_timeout), (timeout, attempt));
 }
+
+#[test]
+fn a_file_created_with_a_lease_comes_back_with_it() {
+    let d = tempfile::tempdir().unwrap();
+    let (node, me) = one_host(d.path());
+    let client = Identity { node: 0, ..me };
+    let mut cl = coordinator::client::Client::new(client, vec![node.bound[0]]);
+    cl.add_volume(proto::VolumeInfo {
+        number: 1,
+        lun: "x".into(),
+        data_start: 4096,
+        capacity: 1 << 30,
+        voters: vec![],
+        now: 0,
+    })
+    .unwrap();
+    while cl.readdir(1, ROOT).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = cl.volume_op(
+        1,
+        proto::volume_op::Op::Create(proto::CreateOp {
+            parent: ROOT,
+            name: "f".into(),
+            kind: 1,
+            mode: 0o644,
+            lease_node: 1,
+            lease_ttl: 30_000,
+            ..Default::default()
+        }),
+    );
+    let Ok(proto::Reply {
+        value: Some(proto::reply::Value::Created(c)),
+    }) = r
+    else {
+        panic!("{r:?}")
+    };
+    assert!(c.lease.is_some_and(|l| l.write));
+    assert_eq!(c.attr.map(|a| a.kind), Some(1));
+}

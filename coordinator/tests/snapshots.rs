@@ -25,6 +25,7 @@ fn create(v: &mut Volume, name: &str) -> u64 {
             gid: 0,
             target: String::new(),
             now: 1,
+            lease: None,
         })
         .unwrap()
     {
@@ -109,7 +110,8 @@ fn a_snapshot_keeps_the_old_bytes_and_gives_them_back_when_deleted() {
             uid: 0,
             gid: 0,
             target: String::new(),
-            now: 1
+            now: 1,
+            lease: None,
         }),
         Err(MetaError::Invalid(_))
     ));

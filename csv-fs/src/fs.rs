@@ -171,6 +171,15 @@ fn errno(e: &ClientError) -> Errno {
     }
 }
 
+/// A lease the coordinator just granted.
+fn lease_from(l: &proto::Lease) -> Lease {
+    Lease {
+        epoch: l.epoch,
+        write: l.write,
+        deadline: Instant::now() + LEASE_TTL * 3 / 4,
+    }
+}
+
 fn io_errno(e: &std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
@@ -420,9 +429,27 @@ impl VolumeFs {
         mode: u32,
         target: &str,
     ) -> Result<proto::Attr, Errno> {
+        self.create_op(req, parent, name, kind, mode, target, false)
+            .map(|(a, _)| a)
+    }
+
+    /// Makes a file, a directory or a symlink; for a file with `lease`,
+    /// this host's write lease comes in the same command (one commit
+    /// where create and open took two), when the coordinator gave it.
+    #[allow(clippy::too_many_arguments)]
+    fn create_op(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &OsStr,
+        kind: u32,
+        mode: u32,
+        target: &str,
+        lease: bool,
+    ) -> Result<(proto::Attr, Option<Lease>), Errno> {
         writable(parent)?;
         let name = name_of(name)?;
-        self.op_attr(volume_op::Op::Create(proto::CreateOp {
+        let r = self.op(volume_op::Op::Create(proto::CreateOp {
             parent,
             name: name.into(),
             kind,
@@ -431,7 +458,21 @@ impl VolumeFs {
             gid: req.gid(),
             target: target.into(),
             now: 0,
-        }))
+            lease_node: if lease { self.node } else { 0 },
+            lease_ttl: if lease {
+                LEASE_TTL.as_millis() as u64
+            } else {
+                0
+            },
+        }))?;
+        match r.value {
+            Some(proto::reply::Value::Attr(a)) => Ok((a, None)),
+            Some(proto::reply::Value::Created(proto::CreatedFile {
+                attr: Some(a),
+                lease: Some(l),
+            })) => Ok((a, Some(lease_from(&l)))),
+            _ => Err(Errno::EIO),
+        }
     }
 
     /// A file's map as the coordinator has it, shared flags included.
@@ -464,30 +505,27 @@ impl VolumeFs {
             ttl: LEASE_TTL.as_millis() as u64,
         }))?;
         match r.value {
-            Some(proto::reply::Value::Lease(l)) => Ok(Lease {
-                epoch: l.epoch,
-                write: l.write,
-                deadline: Instant::now() + LEASE_TTL * 3 / 4,
-            }),
+            Some(proto::reply::Value::Lease(l)) => Ok(lease_from(&l)),
             _ => Err(Errno::EIO),
         }
     }
 
     /// Opens `ino` on this host: lease, attributes, extent map.
     fn open_file(&self, ino: u64, write: bool) -> Result<u64, Errno> {
-        self.open_file_as(ino, write, None)
+        self.open_file_as(ino, write, None, None)
     }
 
     /// Opens `ino`; `created` is its attributes when this host just made
-    /// it (empty: nothing to fetch).
+    /// it (empty: nothing to fetch), `granted` the lease it came with.
     fn open_file_as(
         &self,
         ino: u64,
         write: bool,
         created: Option<&proto::Attr>,
+        mut granted: Option<Lease>,
     ) -> Result<u64, Errno> {
         loop {
-            let file = self.open_entry(ino, write, created)?;
+            let file = self.open_entry(ino, write, created, granted.take())?;
             let mut f = file.lock().map_err(|_| Errno::EIO)?;
             if f.closed {
                 // Released and revoked meanwhile: drop it and start again.
@@ -534,6 +572,7 @@ impl VolumeFs {
         ino: u64,
         write: bool,
         created: Option<&proto::Attr>,
+        granted: Option<Lease>,
     ) -> Result<Arc<Mutex<OpenFile>>, Errno> {
         let existing = self
             .files
@@ -552,7 +591,10 @@ impl VolumeFs {
                 if attr.kind != 1 {
                     return Err(Errno::EISDIR);
                 }
-                let lease = self.grant(ino, write)?;
+                let lease = match granted {
+                    Some(l) => l,
+                    None => self.grant(ino, write)?,
+                };
                 let extents = match created {
                     // A file this host just created has no extents yet.
                     Some(_) => ExtentMap::default(),
@@ -1596,14 +1638,29 @@ impl Filesystem for Mounted {
         reply: ReplyCreate,
     ) {
         let fs = &self.0;
-        let a = match fs.create_node(req, parent.0, name, 1, mode & !umask, "") {
-            Ok(a) => a,
+        let write = (flags & libc::O_ACCMODE) != libc::O_RDONLY;
+        // The write lease with the file, unless the file is opened through
+        // the coordinator (FileSystemRedirected), which takes its own.
+        let lease = write && fs.fs_redirector().is_none();
+        let (a, granted) = match fs.create_op(req, parent.0, name, 1, mode & !umask, "", lease) {
+            Ok(r) => r,
             Err(e) => return reply.error(e),
         };
-        let write = (flags & libc::O_ACCMODE) != libc::O_RDONLY;
-        let opened = fs
-            .remote_open(a.ino, write)
-            .unwrap_or_else(|| fs.open_file_as(a.ino, write, Some(&a)));
+        let opened = match fs.remote_open(a.ino, write) {
+            Some(r) => {
+                if granted.is_some() {
+                    // Redirected meanwhile: the lease taken here is not
+                    // the one the file is open under.
+                    let _ = fs.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
+                        node: fs.node,
+                        ino: a.ino,
+                        ..Default::default()
+                    }));
+                }
+                r
+            }
+            None => fs.open_file_as(a.ino, write, Some(&a), granted),
+        };
         match opened {
             Ok(fh) => {
                 let f = if flags & libc::O_DIRECT != 0 {

@@ -267,6 +267,8 @@ pub enum Op {
         gid: u32,
         target: String,
         now: u64,
+        /// For a file: (host, ttl ms) of a write lease granted with it.
+        lease: Option<(NodeId, u64)>,
     },
     /// A new name for an existing file.
     Link {
@@ -399,6 +401,8 @@ pub enum Reply {
     Extents(Vec<Extent>),
     /// A lease.
     Lease(Lease),
+    /// A file made with its creator's write lease.
+    Created(Attr, Lease),
 }
 
 /// The state of one volume.
@@ -676,7 +680,22 @@ impl Volume {
                 gid,
                 target,
                 now,
-            } => self.create(parent, &name, kind, mode, uid, gid, target, now),
+                lease,
+            } => {
+                let r = self.create(parent, &name, kind, mode, uid, gid, target, now)?;
+                match (lease, r) {
+                    (Some((node, ttl)), Reply::Attr(a)) if a.kind == Kind::File && ttl > 0 => {
+                        // A new file has no other holder: the grant cannot
+                        // be refused; if it were, the file stays made and
+                        // its opener asks for the lease on its own.
+                        match self.grant(node, a.ino, true, now, ttl) {
+                            Ok(Reply::Lease(l)) => Ok(Reply::Created(a, l)),
+                            _ => Ok(Reply::Attr(a)),
+                        }
+                    }
+                    (_, r) => Ok(r),
+                }
+            }
             Op::Link {
                 ino,
                 parent,
