@@ -394,7 +394,7 @@ impl VolumeFs {
         self.op_within(op, None)
     }
 
-    /// As [`FsInner::op`], giving up after `within` when given: the
+    /// As [`VolumeFs::op`], giving up after `within` when given: the
     /// coordinator's silence is then ETIMEDOUT.
     fn op_within(
         &self,
@@ -632,7 +632,7 @@ impl VolumeFs {
         self.report_within(ino, f, None)
     }
 
-    /// As [`FsInner::report`], each call to the coordinator giving up
+    /// As [`VolumeFs::report`], each call to the coordinator giving up
     /// after `within` when given (ETIMEDOUT); what was not reported stays
     /// to be reported.
     fn report_within(
