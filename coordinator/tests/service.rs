@@ -38,6 +38,25 @@ fn one_host(dir: &std::path::Path) -> (Node, Identity) {
     (node, me)
 }
 
+/// A client of the host at `addr`, once that host has added Volume1 and
+/// the volume's group has elected its (only) leader.
+fn volume_one(client: &Identity, addr: std::net::SocketAddr) -> coordinator::client::Client {
+    let mut cl = coordinator::client::Client::new(client.clone(), vec![addr]);
+    cl.add_volume(proto::VolumeInfo {
+        number: 1,
+        lun: "x".into(),
+        data_start: 4096,
+        capacity: 1 << 30,
+        voters: vec![],
+        now: 0,
+    })
+    .unwrap();
+    while cl.readdir(1, ROOT).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cl
+}
+
 fn call(c: &mut wire::Conn, r: &Request) -> response::Result {
     c.send(&Frame {
         body: Some(frame::Body::Request(r.clone())),
@@ -55,20 +74,7 @@ fn a_retried_create_is_applied_once_and_answered_the_same() {
     let (node, me) = one_host(d.path());
     let addr = node.bound[0];
     let client = Identity { node: 0, ..me };
-    let mut cl = coordinator::client::Client::new(client.clone(), vec![addr]);
-    cl.add_volume(proto::VolumeInfo {
-        number: 1,
-        lun: "x".into(),
-        data_start: 4096,
-        capacity: 1 << 30,
-        voters: vec![],
-        now: 0,
-    })
-    .unwrap();
-    // The volume's group elects its (only) leader.
-    while cl.readdir(1, ROOT).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut cl = volume_one(&client, addr);
     let mut c = wire::connect(addr, &client, Duration::from_secs(2)).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let create = |seq, name: &str| Request {
@@ -141,19 +147,7 @@ fn a_file_created_with_a_lease_comes_back_with_it() {
     let d = tempfile::tempdir().unwrap();
     let (node, me) = one_host(d.path());
     let client = Identity { node: 0, ..me };
-    let mut cl = coordinator::client::Client::new(client, vec![node.bound[0]]);
-    cl.add_volume(proto::VolumeInfo {
-        number: 1,
-        lun: "x".into(),
-        data_start: 4096,
-        capacity: 1 << 30,
-        voters: vec![],
-        now: 0,
-    })
-    .unwrap();
-    while cl.readdir(1, ROOT).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut cl = volume_one(&client, node.bound[0]);
     let r = cl.volume_op(
         1,
         proto::volume_op::Op::Create(proto::CreateOp {

@@ -420,24 +420,11 @@ impl VolumeFs {
         }
     }
 
-    fn create_node(
-        &self,
-        req: &Request,
-        parent: u64,
-        name: &OsStr,
-        kind: u32,
-        mode: u32,
-        target: &str,
-    ) -> Result<proto::Attr, Errno> {
-        self.create_op(req, parent, name, kind, mode, target, false)
-            .map(|(a, _)| a)
-    }
-
     /// Makes a file, a directory or a symlink; for a file with `lease`,
     /// this host's write lease comes in the same command (one commit
     /// where create and open took two), when the coordinator gave it.
     #[allow(clippy::too_many_arguments)]
-    fn create_op(
+    fn create_node(
         &self,
         req: &Request,
         parent: u64,
@@ -508,6 +495,16 @@ impl VolumeFs {
             Some(proto::reply::Value::Lease(l)) => Ok(lease_from(&l)),
             _ => Err(Errno::EIO),
         }
+    }
+
+    /// Gives back this host's lease on `ino` (best effort: an unanswered
+    /// one runs out by itself).
+    fn revoke(&self, ino: u64) {
+        let _ = self.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
+            node: self.node,
+            ino,
+            ..Default::default()
+        }));
     }
 
     /// Opens `ino` on this host: lease, attributes, extent map.
@@ -756,11 +753,7 @@ impl VolumeFs {
                         if g.closed {
                             // Closed while this renewal was on its way:
                             // give back what it just took.
-                            let _ = self.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
-                                node: self.node,
-                                ino,
-                                ..Default::default()
-                            }));
+                            self.revoke(ino);
                             continue;
                         }
                         let lost = g.lease.as_ref().is_some_and(|old| old.epoch != l.epoch);
@@ -1055,11 +1048,7 @@ impl VolumeFs {
                     ..Default::default()
                 }));
             }
-            let _ = self.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
-                node: self.node,
-                ino: h.ino,
-                ..Default::default()
-            }));
+            self.revoke(h.ino);
             f.closed = true;
             f.lease = None;
             drop(f);
@@ -1495,8 +1484,8 @@ impl Filesystem for Mounted {
             return reply.error(Errno::EPERM);
         }
         let fs = &self.0;
-        match fs.create_node(req, parent.0, name, 1, mode & !umask, "") {
-            Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
+        match fs.create_node(req, parent.0, name, 1, mode & !umask, "", false) {
+            Ok((a, _)) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -1511,8 +1500,8 @@ impl Filesystem for Mounted {
         reply: ReplyEntry,
     ) {
         let fs = &self.0;
-        match fs.create_node(req, parent.0, name, 0, mode & !umask, "") {
-            Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
+        match fs.create_node(req, parent.0, name, 0, mode & !umask, "", false) {
+            Ok((a, _)) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -1537,8 +1526,8 @@ impl Filesystem for Mounted {
         let Some(t) = target.to_str() else {
             return reply.error(Errno::EINVAL);
         };
-        match fs.create_node(req, parent.0, link_name, 2, 0o777, t) {
-            Ok(a) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
+        match fs.create_node(req, parent.0, link_name, 2, 0o777, t, false) {
+            Ok((a, _)) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -1642,7 +1631,7 @@ impl Filesystem for Mounted {
         // The write lease with the file, unless the file is opened through
         // the coordinator (FileSystemRedirected), which takes its own.
         let lease = write && fs.fs_redirector().is_none();
-        let (a, granted) = match fs.create_op(req, parent.0, name, 1, mode & !umask, "", lease) {
+        let (a, granted) = match fs.create_node(req, parent.0, name, 1, mode & !umask, "", lease) {
             Ok(r) => r,
             Err(e) => return reply.error(e),
         };
@@ -1651,11 +1640,7 @@ impl Filesystem for Mounted {
                 if granted.is_some() {
                     // Redirected meanwhile: the lease taken here is not
                     // the one the file is open under.
-                    let _ = fs.op(volume_op::Op::RevokeLease(proto::RevokeLeaseOp {
-                        node: fs.node,
-                        ino: a.ino,
-                        ..Default::default()
-                    }));
+                    fs.revoke(a.ino);
                 }
                 r
             }
