@@ -84,10 +84,11 @@ struct Gate {
     cv: Condvar,
 }
 
-/// A write in progress (lets a freeze wait for it).
-struct GateGuard<'a>(&'a Gate);
+/// A write in progress (lets a freeze wait for it); it may end on another
+/// thread than it began (an asynchronous write).
+struct GateGuard(Arc<Gate>);
 
-impl Drop for GateGuard<'_> {
+impl Drop for GateGuard {
     fn drop(&mut self) {
         if let Ok(mut g) = self.0.state.lock() {
             g.inflight = g.inflight.saturating_sub(1);
@@ -99,8 +100,11 @@ impl Drop for GateGuard<'_> {
 impl Gate {
     /// Waits while the volume is frozen (at most until the freeze's time
     /// limit), then counts a write in progress.
-    fn enter(&self) -> Result<GateGuard<'_>, Errno> {
+    fn enter(self: &Arc<Self>, turn: Option<&Turn>) -> Result<GateGuard, Errno> {
         let mut g = self.state.lock().map_err(|_| Errno::EIO)?;
+        if g.frozen_until.is_some() {
+            may_block(turn);
+        }
         while let Some(until) = g.frozen_until {
             let now = Instant::now();
             if now >= until {
@@ -117,7 +121,111 @@ impl Gate {
                 .0;
         }
         g.inflight += 1;
-        Ok(GateGuard(self))
+        Ok(GateGuard(self.clone()))
+    }
+}
+
+/// Reader turns per mount (see [`Readers`]).
+const DEFAULT_READERS: usize = 2;
+
+/// How long a FUSE thread that finished a request waits for a reader's
+/// turn before it reads again without one.
+const READER_PARK: Duration = Duration::from_millis(500);
+
+thread_local! {
+    /// This FUSE thread holds one of its mount's reader turns.
+    static READER_TURN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Few of a mount's FUSE threads wait for the kernel's requests at a time.
+///
+/// The kernel hands each request to the thread that has waited longest
+/// for one. With dozens of threads waiting, nearly every request woke a
+/// sleeping thread (a context switch, costly in a VM) while the thread
+/// that had just answered one went back to sleep. Reads and writes no
+/// longer block a thread (they are submitted asynchronously), so a couple
+/// of threads keep up with them and pick queued requests up without
+/// sleeping; the others are there for requests that block (anything that
+/// asks the coordinator, synchronous LUN I/O). So a thread reads from the
+/// kernel only with a turn: it takes one when it finishes a request (waiting
+/// at most [`READER_PARK`], then reading anyway, so threads come back when
+/// the session ends), and gives it up when it starts a request that may
+/// block, for a parked thread to take.
+struct Readers {
+    free: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Readers {
+    fn new(turns: usize) -> Readers {
+        Readers {
+            free: Mutex::new(turns.max(1)),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// The calling request's turn, given back at once if it may block.
+    fn turn(&self, may_block: bool) -> Turn<'_> {
+        let t = Turn(self);
+        if may_block {
+            t.blocking();
+        }
+        t
+    }
+
+    fn take(&self) {
+        let Ok(mut free) = self.free.lock() else {
+            return;
+        };
+        let deadline = Instant::now() + READER_PARK;
+        while *free == 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            free = match self.cv.wait_timeout(free, deadline - now) {
+                Ok(g) => g.0,
+                Err(_) => return,
+            };
+        }
+        *free -= 1;
+        READER_TURN.set(true);
+    }
+
+    fn give_up(&self) {
+        if READER_TURN.replace(false) {
+            if let Ok(mut f) = self.free.lock() {
+                *f += 1;
+            }
+            self.cv.notify_one();
+        }
+    }
+}
+
+/// A request in progress on a FUSE thread; when it ends, the thread takes
+/// a reader's turn if it has none.
+struct Turn<'a>(&'a Readers);
+
+impl Turn<'_> {
+    /// The request is about to block: the turn goes to another thread.
+    fn blocking(&self) {
+        self.0.give_up();
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if !READER_TURN.get() {
+            self.0.take();
+        }
+    }
+}
+
+/// A request on a FUSE thread is about to wait (for the coordinator, a
+/// synchronous LUN I/O, a freeze): its reader's turn goes to another thread.
+fn may_block(turn: Option<&Turn>) {
+    if let Some(t) = turn {
+        t.blocking();
     }
 }
 
@@ -268,6 +376,24 @@ fn with_buf<R>(
     })
 }
 
+/// An asynchronous I/O's way to the own path of the LUN.
+struct OwnIo<'a> {
+    aio: &'a crate::aio::Aio,
+    fd: std::os::fd::RawFd,
+    /// Keeps `fd` open.
+    keep: Arc<dyn vhd::BlockIo>,
+    /// Counts the bytes.
+    own: Arc<crate::redirect::RedirectingLun>,
+}
+
+/// A write ready to go (see [`VolumeFs::write_plan`]).
+struct WritePlan {
+    file: Arc<Mutex<OpenFile>>,
+    pieces: Vec<Piece>,
+    /// Holds a snapshot's freeze off until the write is over.
+    in_progress: GateGuard,
+}
+
 /// A directory entry as listed at `opendir`: inode, kind, name.
 type DirEntry = (u64, FileType, String);
 
@@ -290,7 +416,15 @@ pub struct VolumeFs {
     dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
     next_fh: AtomicU64,
     stop: Arc<AtomicBool>,
-    gate: Gate,
+    gate: Arc<Gate>,
+    /// Asynchronous I/O to the own path (None: every read and write is
+    /// synchronous).
+    aio: Option<crate::aio::Aio>,
+    /// The redirecting LUN behind `lun`, whose own path asynchronous I/O
+    /// goes to while it is in use.
+    own_path: std::sync::RwLock<Option<Arc<crate::redirect::RedirectingLun>>>,
+    /// Which FUSE threads read requests from the kernel.
+    readers: Readers,
     /// FileSystemRedirected: file I/O goes to the coordinator.
     fs_redirect: std::sync::RwLock<Option<Arc<crate::fsredirect::Redirector>>>,
     /// Handles this host opened for FileSystemRedirected hosts: handle →
@@ -338,7 +472,18 @@ impl VolumeFs {
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             stop: Arc::new(AtomicBool::new(false)),
-            gate: Gate::default(),
+            gate: Arc::default(),
+            aio: match crate::aio::Aio::new(format!("csv-aio-v{vol}")) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    tracing::warn!(
+                        "Volume{vol}: no asynchronous I/O ({e}): reads and writes are synchronous"
+                    );
+                    None
+                }
+            },
+            own_path: std::sync::RwLock::new(None),
+            readers: Readers::new(DEFAULT_READERS),
             fs_redirect: std::sync::RwLock::new(None),
             served_for: Mutex::new(HashMap::new()),
             outage: std::sync::RwLock::new(None),
@@ -783,36 +928,60 @@ impl VolumeFs {
         size: u32,
         deliver: impl FnOnce(&[u8]) -> Result<R, Errno>,
     ) -> Result<R, Errno> {
+        let plan = self.read_plan(ino, off, size, None)?;
+        self.read_pieces(off, &plan, deliver)
+    }
+
+    /// Where the bytes of `[off, off + size)` are, clamped to the file's
+    /// size (nothing at or past the end).
+    fn read_plan(
+        &self,
+        ino: u64,
+        off: u64,
+        size: u32,
+        turn: Option<&Turn>,
+    ) -> Result<Vec<Piece>, Errno> {
         let file = self.file(ino).ok_or(Errno::EBADF)?;
-        let (pieces, end) = {
-            let mut f = file.lock().map_err(|_| Errno::EIO)?;
-            let want = off.saturating_add(size as u64);
-            let mut pieces = f.extents.pieces(off, want - off);
-            // A reader may follow another host's writes: past the size it
-            // knows, or on a hole or never-written range, it asks the
-            // coordinator again (at most once a second; a sparse file's
-            // holes stay holes).
-            let unknown =
-                off >= f.size || pieces.iter().any(|p| p.lun_off.is_none() || p.unwritten);
-            if f.writers == 0 && unknown && f.refreshed.elapsed() >= Duration::from_secs(1) {
-                self.refresh(ino, &mut f);
-                pieces = f.extents.pieces(off, want - off);
-            }
-            if off >= f.size {
-                return deliver(&[]);
-            }
-            let end = want.min(f.size);
-            pieces.retain(|p| p.file_off < end);
-            if let Some(last) = pieces.last_mut() {
-                last.len = last.len.min(end - last.file_off);
-            }
-            (pieces, end)
+        let mut f = file.lock().map_err(|_| Errno::EIO)?;
+        let want = off.saturating_add(size as u64);
+        let mut pieces = f.extents.pieces(off, want - off);
+        // A reader may follow another host's writes: past the size it
+        // knows, or on a hole or never-written range, it asks the
+        // coordinator again (at most once a second; a sparse file's
+        // holes stay holes).
+        let unknown = off >= f.size || pieces.iter().any(|p| p.lun_off.is_none() || p.unwritten);
+        if f.writers == 0 && unknown && f.refreshed.elapsed() >= Duration::from_secs(1) {
+            may_block(turn);
+            self.refresh(ino, &mut f);
+            pieces = f.extents.pieces(off, want - off);
+        }
+        if off >= f.size {
+            return Ok(Vec::new());
+        }
+        let end = want.min(f.size);
+        pieces.retain(|p| p.file_off < end);
+        if let Some(last) = pieces.last_mut() {
+            last.len = last.len.min(end - last.file_off);
+        }
+        Ok(pieces)
+    }
+
+    /// Reads `pieces` (from [`VolumeFs::read_plan`]) synchronously and
+    /// hands the bytes to `deliver`.
+    fn read_pieces<R>(
+        &self,
+        off: u64,
+        pieces: &[Piece],
+        deliver: impl FnOnce(&[u8]) -> Result<R, Errno>,
+    ) -> Result<R, Errno> {
+        let Some(last) = pieces.last() else {
+            return deliver(&[]);
         };
         // This thread's aligned buffer: O_DIRECT reads of aligned ranges
         // land in it without a bounce copy, and it is not reallocated.
-        let len = (end - off) as usize;
+        let len = (last.file_off + last.len - off) as usize;
         with_buf(&READ_BUF, len, |b| {
-            for p in &pieces {
+            for p in pieces {
                 let at = (p.file_off - off) as usize;
                 let dst = &mut b[at..at + p.len as usize];
                 match (p.lun_off, p.unwritten) {
@@ -822,6 +991,120 @@ impl VolumeFs {
             }
             deliver(b)
         })
+    }
+
+    /// The own path's descriptor for asynchronous I/O of `len` bytes at
+    /// LUN offset `at`, when such I/O may go there now: aligned for
+    /// O_DIRECT, the volume not redirected, no fault drill on the path.
+    fn own_fd(&self, at: u64, len: u64) -> Option<OwnIo<'_>> {
+        let align = vhd::io::DIRECT_ALIGN as u64;
+        if at % align != 0 || len % align != 0 || len == 0 {
+            return None;
+        }
+        let aio = self.aio.as_ref()?;
+        let own = self.own_path.read().ok()?.clone()?;
+        let d = own.direct_now()?;
+        let fd = d.direct_fd()?;
+        Some(OwnIo {
+            aio,
+            fd,
+            keep: d,
+            own,
+        })
+    }
+
+    /// Lets `n` FUSE threads read requests at a time (before the session
+    /// starts; see [`Readers`]).
+    pub fn set_readers(&self, n: usize) {
+        if let Ok(mut f) = self.readers.free.lock() {
+            *f = n.max(1);
+        }
+    }
+
+    /// Uses `rl`'s own path for asynchronous reads and writes while it is
+    /// in use (`rl` must be this volume's LUN).
+    pub fn set_own_path(&self, rl: Arc<crate::redirect::RedirectingLun>) {
+        if let Ok(mut o) = self.own_path.write() {
+            *o = Some(rl);
+        }
+    }
+
+    /// Runs `f` on a thread of its own: the synchronous retry of an
+    /// asynchronous request that failed, which may wait for a path
+    /// through a peer and must not hold up the completion thread.
+    fn retry_in_background(self: &Arc<Self>, f: impl FnOnce(&VolumeFs) + Send + 'static) {
+        let fs = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("csv-retry-v{}", self.vol))
+            .spawn(move || f(&fs));
+        if let Err(e) = spawned {
+            tracing::error!(
+                "Volume{}: cannot start a thread to retry an I/O ({e}); the request fails",
+                self.vol
+            );
+        }
+    }
+
+    /// Reads one piece of a file asynchronously when it can (answering
+    /// `reply` from the completion thread); gives `reply` back when not.
+    fn read_async(
+        self: &Arc<Self>,
+        ino: u64,
+        off: u64,
+        size: u32,
+        pieces: &[Piece],
+        reply: ReplyData,
+    ) -> Option<ReplyData> {
+        let [Piece {
+            lun_off: Some(at),
+            unwritten: false,
+            len,
+            ..
+        }] = *pieces
+        else {
+            return Some(reply);
+        };
+        let Some(OwnIo { aio, fd, keep, own }) = self.own_fd(at, len) else {
+            return Some(reply);
+        };
+        let Ok(buf) = aio.buffer(len as usize) else {
+            return Some(reply);
+        };
+        let fs = self.clone();
+        let done: crate::aio::Done = Box::new(move |r, buf| {
+            match r {
+                Ok(()) => {
+                    own.count_direct(false, len);
+                    reply.data(&buf.as_slice()[..len as usize]);
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        ino,
+                        off,
+                        "asynchronous read failed ({e}); retried synchronously"
+                    );
+                    fs.retry_in_background(move |fs| {
+                        let mut reply = Some(reply);
+                        let r = fs.read_data(ino, off, size, |b| {
+                            if let Some(r) = reply.take() {
+                                r.data(b);
+                            }
+                            Ok(())
+                        });
+                        if let (Err(e), Some(r)) = (r, reply.take()) {
+                            r.error(e);
+                        }
+                    });
+                }
+            }
+            if let Some(a) = &fs.aio {
+                a.give_back(buf);
+            }
+        });
+        if let Err((buf, done)) = aio.read(fd, keep, buf, len as usize, at, done) {
+            done(Err(std::io::Error::other("not queued")), buf);
+        }
+        None
     }
 
     /// Fetches the size and extent map of a file this host only reads.
@@ -976,47 +1259,198 @@ impl VolumeFs {
     }
 
     fn write_data(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32, Errno> {
-        let file = self.file(ino).ok_or(Errno::EBADF)?;
-        let len = data.len() as u64;
-        let _in_progress = self.gate.enter()?;
-        let pieces = {
-            let mut f = file.lock().map_err(|_| Errno::EIO)?;
-            if f.fenced
-                || f.lease
-                    .as_ref()
-                    .is_none_or(|l| !l.write || Instant::now() > l.deadline)
-            {
-                return Err(Errno::EIO);
-            }
-            let p = self.ensure_space(ino, &mut f, off, len)?;
-            if p.iter().any(|p| !p.unwritten) && f.extents.is_shared(off, len) {
-                self.redirect(ino, &mut f, off, len)?;
-                f.extents.pieces(off, len)
-            } else {
-                p
-            }
-        };
+        let WritePlan {
+            file,
+            pieces,
+            in_progress: _in_progress,
+        } = self.write_plan(ino, off, data.len() as u64, None)?;
         // FUSE hands the data at an unaligned address; copy it into this
         // thread's aligned buffer once, so O_DIRECT writes of aligned
         // ranges go out without a fresh bounce buffer each time.
         with_buf(&WRITE_BUF, data.len(), |b| {
             b.copy_from_slice(data);
-            for p in &pieces {
-                let at = (p.file_off - off) as usize;
-                if let Some(l) = p.lun_off {
-                    self.lun
-                        .write_at(&b[at..at + p.len as usize], l)
-                        .map_err(|e| io_errno(&e))?;
-                }
-            }
-            Ok(())
+            self.write_pieces(b, off, &pieces)
         })?;
+        self.write_finish(&file, &pieces, off, data.len() as u64)
+    }
+
+    /// Readies a write of `len` bytes at `off`: checks the lease, gets LUN
+    /// space, moves blocks a snapshot shares. Returns the file, where the
+    /// bytes go, and the write's place in the snapshot gate (held until
+    /// the write is over).
+    fn write_plan(
+        &self,
+        ino: u64,
+        off: u64,
+        len: u64,
+        turn: Option<&Turn>,
+    ) -> Result<WritePlan, Errno> {
+        let file = self.file(ino).ok_or(Errno::EBADF)?;
+        let in_progress = self.gate.enter(turn)?;
+        let mut f = file.lock().map_err(|_| Errno::EIO)?;
+        if f.fenced
+            || f.lease
+                .as_ref()
+                .is_none_or(|l| !l.write || Instant::now() > l.deadline)
+        {
+            return Err(Errno::EIO);
+        }
+        if f.extents.has_hole(off, len) {
+            may_block(turn);
+        }
+        let p = self.ensure_space(ino, &mut f, off, len)?;
+        let pieces = if p.iter().any(|p| !p.unwritten) && f.extents.is_shared(off, len) {
+            may_block(turn);
+            self.redirect(ino, &mut f, off, len)?;
+            f.extents.pieces(off, len)
+        } else {
+            p
+        };
+        drop(f);
+        Ok(WritePlan {
+            file,
+            pieces,
+            in_progress,
+        })
+    }
+
+    /// Writes `data` (aligned, at file offset `off`) to `pieces`.
+    fn write_pieces(&self, data: &[u8], off: u64, pieces: &[Piece]) -> Result<(), Errno> {
+        for p in pieces {
+            let at = (p.file_off - off) as usize;
+            if let Some(l) = p.lun_off {
+                self.lun
+                    .write_at(&data[at..at + p.len as usize], l)
+                    .map_err(|e| io_errno(&e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a finished write: ranges it wrote for the first time (for
+    /// the coordinator) and the size.
+    fn write_finish(
+        &self,
+        file: &Mutex<OpenFile>,
+        pieces: &[Piece],
+        off: u64,
+        len: u64,
+    ) -> Result<u32, Errno> {
         let mut f = file.lock().map_err(|_| Errno::EIO)?;
         if pieces.iter().any(|p| p.unwritten) && f.extents.mark_written(off, len) {
             f.dirty.push((off, len));
         }
         f.size = f.size.max(off + len);
-        Ok(data.len() as u32)
+        Ok(len as u32)
+    }
+
+    /// Writes `data` at `off` asynchronously when it lands in one piece of
+    /// the LUN (answering `reply` from the completion thread); gives
+    /// `reply` back, with nothing done, when not.
+    fn write_async(
+        self: &Arc<Self>,
+        ino: u64,
+        off: u64,
+        data: &[u8],
+        reply: ReplyWrite,
+        turn: &Turn,
+    ) -> Option<ReplyWrite> {
+        let len = data.len() as u64;
+        let (aio, fd, keep, own, buf) = {
+            // A cheap look first: a write this cannot take does not pay
+            // for a plan twice.
+            let Some(file) = self.file(ino) else {
+                return Some(reply);
+            };
+            let Ok(f) = file.lock() else {
+                return Some(reply);
+            };
+            let [Piece {
+                lun_off: Some(at), ..
+            }] = *f.extents.pieces(off, len)
+            else {
+                return Some(reply);
+            };
+            drop(f);
+            let Some(OwnIo { aio, fd, keep, own }) = self.own_fd(at, len) else {
+                return Some(reply);
+            };
+            let Ok(mut buf) = aio.buffer(data.len()) else {
+                return Some(reply);
+            };
+            buf.as_mut_slice()[..data.len()].copy_from_slice(data);
+            (aio, fd, keep, own, buf)
+        };
+        let WritePlan {
+            file,
+            pieces,
+            in_progress,
+        } = match self.write_plan(ino, off, len, Some(turn)) {
+            Ok(p) => p,
+            Err(e) => {
+                aio.give_back(buf);
+                reply.error(e);
+                return None;
+            }
+        };
+        // The plan may have moved the range (a snapshot shared it).
+        let at = match *pieces.as_slice() {
+            [Piece {
+                lun_off: Some(at), ..
+            }] if at % vhd::io::DIRECT_ALIGN as u64 == 0 => at,
+            _ => {
+                turn.blocking();
+                let r = self
+                    .write_pieces(&buf.as_slice()[..data.len()], off, &pieces)
+                    .and_then(|()| self.write_finish(&file, &pieces, off, len));
+                aio.give_back(buf);
+                drop(in_progress);
+                match r {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(e),
+                }
+                return None;
+            }
+        };
+        let fs = self.clone();
+        let done: crate::aio::Done = Box::new(move |r, buf| match r {
+            Ok(()) => {
+                own.count_direct(true, len);
+                let r = fs.write_finish(&file, &pieces, off, len);
+                drop(in_progress);
+                if let Some(a) = &fs.aio {
+                    a.give_back(buf);
+                }
+                match r {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(e),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(
+                    ino,
+                    off,
+                    "asynchronous write failed ({e}); retried synchronously"
+                );
+                fs.retry_in_background(move |fs| {
+                    let r = fs
+                        .write_pieces(&buf.as_slice()[..len as usize], off, &pieces)
+                        .and_then(|()| fs.write_finish(&file, &pieces, off, len));
+                    drop(in_progress);
+                    if let Some(a) = &fs.aio {
+                        a.give_back(buf);
+                    }
+                    match r {
+                        Ok(n) => reply.written(n),
+                        Err(e) => reply.error(e),
+                    }
+                });
+            }
+        });
+        if let Err((buf, done)) = aio.write(fd, keep, buf, data.len(), at, done) {
+            done(Err(std::io::Error::other("not queued")), buf);
+        }
+        None
     }
 
     fn release_handle(&self, fh: u64) -> Result<(), Errno> {
@@ -1355,6 +1789,7 @@ impl Filesystem for Mounted {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let r = name_of(name).and_then(|n| {
             let vol = fs.vol;
@@ -1367,6 +1802,7 @@ impl Filesystem for Mounted {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let vol = fs.vol;
         match fs.call(|c| c.getattr(vol, ino.0)) {
@@ -1409,13 +1845,14 @@ impl Filesystem for Mounted {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         if let Err(e) = writable(ino.0) {
             return reply.error(e);
         }
         // A truncate changes data: it waits while a snapshot freezes the
         // volume.
-        let _in_progress = match size.map(|_| fs.gate.enter()).transpose() {
+        let _in_progress = match size.map(|_| fs.gate.enter(None)).transpose() {
             Ok(g) => g,
             Err(e) => return reply.error(e),
         };
@@ -1457,6 +1894,7 @@ impl Filesystem for Mounted {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let vol = fs.vol;
         match fs.call(|c| c.read(vol, proto::read::Query::ReadLink(ino.0))) {
@@ -1478,6 +1916,7 @@ impl Filesystem for Mounted {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _turn = self.0.readers.turn(true);
         if mode & libc::S_IFMT != libc::S_IFREG {
             // Device nodes, FIFOs and sockets do not belong on a shared
             // volume of VM disks.
@@ -1499,6 +1938,7 @@ impl Filesystem for Mounted {
         umask: u32,
         reply: ReplyEntry,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         match fs.create_node(req, parent.0, name, 0, mode & !umask, "", false) {
             Ok((a, _)) => reply.entry(&TTL, &fs.fattr(&a), Generation(0)),
@@ -1507,10 +1947,12 @@ impl Filesystem for Mounted {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _turn = self.0.readers.turn(true);
         self.0.remove(parent.0, name, false, reply)
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _turn = self.0.readers.turn(true);
         self.0.remove(parent.0, name, true, reply)
     }
 
@@ -1522,6 +1964,7 @@ impl Filesystem for Mounted {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let Some(t) = target.to_str() else {
             return reply.error(Errno::EINVAL);
@@ -1542,6 +1985,7 @@ impl Filesystem for Mounted {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             return reply.error(Errno::EINVAL);
@@ -1572,6 +2016,7 @@ impl Filesystem for Mounted {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let r = writable(newparent.0)
             .and_then(|()| name_of(newname))
@@ -1590,6 +2035,7 @@ impl Filesystem for Mounted {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let write = (flags.0 & libc::O_ACCMODE) != libc::O_RDONLY;
         if write && is_snapshot_ino(ino.0) {
@@ -1626,6 +2072,7 @@ impl Filesystem for Mounted {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let write = (flags & libc::O_ACCMODE) != libc::O_RDONLY;
         // The write lease with the file, unless the file is opened through
@@ -1670,14 +2117,25 @@ impl Filesystem for Mounted {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        let turn = self.0.readers.turn(false);
         if let Some((r, h)) = self.0.remote(fh.0) {
+            turn.blocking();
             return match r.read(h, offset, size) {
                 Ok(b) => reply.data(&b),
                 Err(e) => reply.error(e),
             };
         }
+        let fs = &self.0;
+        let pieces = match fs.read_plan(ino.0, offset, size, Some(&turn)) {
+            Ok(p) => p,
+            Err(e) => return reply.error(e),
+        };
+        let Some(reply) = fs.read_async(ino.0, offset, size, &pieces, reply) else {
+            return;
+        };
+        turn.blocking();
         let mut reply = Some(reply);
-        let r = self.0.read_data(ino.0, offset, size, |b| {
+        let r = fs.read_pieces(offset, &pieces, |b| {
             if let Some(r) = reply.take() {
                 r.data(b);
             }
@@ -1700,12 +2158,18 @@ impl Filesystem for Mounted {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
+        let turn = self.0.readers.turn(false);
         if let Some((r, h)) = self.0.remote(fh.0) {
+            turn.blocking();
             return match r.write(h, offset, data) {
                 Ok(n) => reply.written(n),
                 Err(e) => reply.error(e),
             };
         }
+        let Some(reply) = self.0.write_async(ino.0, offset, data, reply, &turn) else {
+            return;
+        };
+        turn.blocking();
         match self.0.write_data(ino.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
@@ -1720,6 +2184,7 @@ impl Filesystem for Mounted {
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         if let Some((r, h)) = fs.remote(fh.0) {
             return match r.sync(h) {
@@ -1768,6 +2233,7 @@ impl Filesystem for Mounted {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.0.readers.turn(true);
         if let Some((r, _)) = self.0.remote(fh.0) {
             return match r.release(fh.0) {
                 Ok(()) => reply.ok(),
@@ -1788,6 +2254,7 @@ impl Filesystem for Mounted {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         if let Some((r, h)) = fs.remote(fh.0) {
             return match r.sync(h) {
@@ -1813,6 +2280,7 @@ impl Filesystem for Mounted {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let vol = fs.vol;
         let entries = match fs.call(|c| c.readdir(vol, ino.0)) {
@@ -1841,6 +2309,7 @@ impl Filesystem for Mounted {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let Ok(d) = fs.dirs.lock() else {
             return reply.error(Errno::EIO);
@@ -1864,6 +2333,7 @@ impl Filesystem for Mounted {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.0.readers.turn(true);
         if let Ok(mut d) = self.0.dirs.lock() {
             d.remove(&fh.0);
         }
@@ -1878,11 +2348,13 @@ impl Filesystem for Mounted {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.0.readers.turn(true);
         // Namespace changes are committed to a quorum before they return.
         reply.ok()
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         let vol = fs.vol;
         match fs.call(|c| c.usage(vol)) {
@@ -1907,6 +2379,7 @@ impl Filesystem for Mounted {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let _turn = self.0.readers.turn(false);
         // The kernel checks permissions (default_permissions).
         reply.ok()
     }
@@ -1921,6 +2394,7 @@ impl Filesystem for Mounted {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let _turn = self.0.readers.turn(true);
         let fs = &self.0;
         if fs.remote(fh.0).is_some() {
             // Not forwarded (yet): preallocation needs the file open here.
@@ -1933,7 +2407,7 @@ impl Filesystem for Mounted {
             return reply.error(Errno::EBADF);
         };
         let r = (|| {
-            let _in_progress = fs.gate.enter()?;
+            let _in_progress = fs.gate.enter(None)?;
             let mut f = file.lock().map_err(|_| Errno::EIO)?;
             if f.fenced || !f.lease.as_ref().is_some_and(|l| l.write) {
                 return Err(Errno::EBADF);
@@ -1950,5 +2424,87 @@ impl Filesystem for Mounted {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs one request on a thread of its own (reader turns are per
+    /// thread), blocking or not; returns how long the request's end (the
+    /// wait for a turn) took and whether the thread then held one.
+    fn request(r: &Arc<Readers>, may_block: bool, hold: Duration) -> (Duration, bool) {
+        let r = r.clone();
+        std::thread::spawn(move || {
+            let t = r.turn(may_block);
+            std::thread::sleep(hold);
+            let end = Instant::now();
+            drop(t);
+            (end.elapsed(), READER_TURN.get())
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn a_thread_takes_a_free_turn_at_once() {
+        let r = Arc::new(Readers::new(2));
+        let (took, held) = request(&r, false, Duration::ZERO);
+        assert!(held && took < Duration::from_millis(100), "{took:?}");
+        assert_eq!(*r.free.lock().unwrap(), 1);
+    }
+
+    #[test]
+    fn without_a_free_turn_a_thread_reads_anyway_after_a_while() {
+        let r = Arc::new(Readers::new(1));
+        *r.free.lock().unwrap() = 0;
+        let (took, held) = request(&r, false, Duration::ZERO);
+        assert!(!held);
+        assert!(took >= READER_PARK - Duration::from_millis(50), "{took:?}");
+    }
+
+    #[test]
+    fn a_blocking_request_hands_its_turn_to_a_parked_thread() {
+        let r = Arc::new(Readers::new(1));
+        // Thread A holds the only turn, then starts a request that blocks.
+        let (a_to_blocking, a_go) = (
+            Arc::new(std::sync::Barrier::new(2)),
+            Arc::new(std::sync::Barrier::new(2)),
+        );
+        let a = {
+            let (r, b1, b2) = (r.clone(), a_to_blocking.clone(), a_go.clone());
+            std::thread::spawn(move || {
+                drop(r.turn(false));
+                assert!(READER_TURN.get());
+                b1.wait();
+                let t = r.turn(false);
+                b2.wait();
+                t.blocking();
+                std::thread::sleep(Duration::from_millis(300));
+                drop(t);
+                READER_TURN.get()
+            })
+        };
+        a_to_blocking.wait();
+        // Thread B finishes a request while A holds the turn: it parks
+        // until A blocks, then takes it (well before READER_PARK).
+        let b = {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                let t = r.turn(false);
+                let start = Instant::now();
+                drop(t);
+                (start.elapsed(), READER_TURN.get())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        a_go.wait();
+        let (took, b_held) = b.join().unwrap();
+        assert!(b_held, "B took the turn A gave up");
+        assert!(took < READER_PARK, "{took:?}");
+        // A, back from its blocking request, finds no turn free and reads
+        // without one once it has waited READER_PARK.
+        assert!(!a.join().unwrap());
     }
 }

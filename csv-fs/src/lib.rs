@@ -20,6 +20,7 @@
 //! Still to come (see the project's issues): fencing by persistent
 //! reservation.
 
+pub mod aio;
 pub mod config;
 pub mod console;
 pub mod extents;

@@ -31,6 +31,8 @@ pub struct MountConfig {
     pub endpoints: Vec<SocketAddr>,
     /// FUSE worker threads per volume.
     pub threads: usize,
+    /// Of those, how many read the kernel's requests at a time.
+    pub readers: usize,
     /// This host on the SAN (for volumes on iSCSI LUNs).
     pub san: crate::san::SanIdentity,
     /// The other hosts' addresses (redirected I/O goes there).
@@ -479,6 +481,8 @@ impl Mounts {
         );
         let lun: Arc<dyn vhd::BlockIo> = rl.clone();
         let fs = VolumeFs::new(v.number, self.cfg.node, lun, v.capacity, pool);
+        fs.set_own_path(rl.clone());
+        fs.set_readers(self.cfg.readers.min(self.cfg.threads).max(1));
         let probe = rl.clone();
         fs.set_outage_probe(Box::new(move || probe.stalled()));
         let mut config = fuser::Config::default();

@@ -406,6 +406,27 @@ impl RedirectingLun {
         self.redirected_ops.load(Ordering::Relaxed)
     }
 
+    /// The own path when I/O may be submitted to it without this layer
+    /// now: not redirected, not fenced, no drill fault on it.
+    pub fn direct_now(&self) -> Option<Arc<dyn vhd::BlockIo>> {
+        let drill = self.drill.lock().ok()?;
+        let now = std::time::Instant::now();
+        if self.is_redirected()
+            || self.is_fenced()
+            || drill.0.is_some_and(|t| t > now)
+            || drill.1.is_some_and(|(_, until)| until > now)
+        {
+            return None;
+        }
+        drop(drill);
+        self.direct.read().ok().map(|d| d.clone())
+    }
+
+    /// Counts bytes that went over the own path outside this layer.
+    pub fn count_direct(&self, write: bool, bytes: u64) {
+        self.bytes[usize::from(write)].fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// The LUN this host reaches directly.
     pub fn direct(&self) -> Arc<dyn vhd::BlockIo> {
         match self.direct.read() {

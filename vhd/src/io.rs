@@ -32,6 +32,12 @@ pub trait BlockIo: Send + Sync {
         self.read_at(&mut b, offset)?;
         Ok(b)
     }
+    /// The descriptor that aligned direct I/O may be submitted to by an
+    /// engine of its own (Linux AIO, io_uring), bypassing this trait; None
+    /// where every request must come through here.
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 impl BlockIo for File {
@@ -70,6 +76,9 @@ macro_rules! forward_block_io {
             }
             fn set_len(&self, len: u64) -> io::Result<()> {
                 (**self).set_len(len)
+            }
+            fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+                (**self).direct_fd()
             }
         }
     };
@@ -400,6 +409,11 @@ impl BlockIo for DirectFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.direct.then(|| self.file.as_raw_fd())
     }
 }
 

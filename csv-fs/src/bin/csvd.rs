@@ -115,10 +115,17 @@ struct Cli {
     /// File holding the CHAP secret (one line).
     #[arg(long, value_name = "FILE")]
     chap_secret_file: Option<PathBuf>,
-    /// FUSE worker threads per mounted volume (each has one LUN request
-    /// in flight at a time; more lets large writes overlap).
+    /// FUSE worker threads per mounted volume. Reads and writes of the
+    /// LUN are asynchronous and need few; the rest are for requests that
+    /// wait for the coordinator (lookups, creates, opens, fsyncs).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=256))]
     fuse_threads: u64,
+    /// Of those, how many wait for the kernel's requests at a time (the
+    /// others take over while one waits for the coordinator). Few keep
+    /// the threads that serve I/O busy instead of waking a sleeping one
+    /// per request [default: the number of CPUs, 2 to 8]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
+    fuse_readers: Option<u64>,
     /// The VMM program that runs the VM roles placed on this host
     /// (default: `csv-vmm` next to csvd, else on PATH).
     #[arg(long, value_name = "FILE")]
@@ -341,6 +348,14 @@ fn main() -> ExitCode {
         Err(e) => tracing::warn!("could not drop privileges: {e}"),
     }
     let fuse_threads = cli.fuse_threads as usize;
+    let fuse_readers = cli.fuse_readers.map_or_else(
+        || {
+            std::thread::available_parallelism()
+                .map_or(2, usize::from)
+                .clamp(2, 8)
+        },
+        |n| n as usize,
+    );
     down_after_drill_crash();
     let s = match settings(cli) {
         Ok(s) => s,
@@ -443,6 +458,7 @@ fn main() -> ExitCode {
             },
             endpoints,
             threads: fuse_threads,
+            readers: fuse_readers,
             san: s.san.clone(),
             peers: peer_addrs,
         };

@@ -4,7 +4,8 @@
 //! acknowledged after the thaw, never changes while the live files do, is
 //! readable on every host, gives its space back when deleted; changed-block
 //! tracking lists what changed between two snapshots; a hook that hangs
-//! aborts the snapshot within the freeze's time limit.
+//! aborts the snapshot within the freeze's time limit; while a freeze
+//! holds a host's writes, its reads, lookups and listings go on.
 
 use csv_test_support::csvd::CsvCluster;
 use csv_test_support::{skip_unless, Need};
@@ -426,4 +427,134 @@ fn a_hanging_hook_aborts_the_snapshot_within_the_freeze_limit() {
         .collect();
     assert_eq!(said, ["prepare", "freeze", "abort"], "{phases}");
     assert!(phases.contains("Volume1 stuck"), "{phases}");
+}
+
+/// Writes held by a freeze must not hold anything else up: with more
+/// writers waiting at host 1's gate than it has FUSE threads reading
+/// requests (`--fuse-readers 2`), reads, lookups and listings on host 1
+/// still answer at once, and the writes go on after the thaw. (Host 2's
+/// hook hangs in `freeze`, so host 1 stays frozen until the limit.)
+#[test]
+fn reads_and_lookups_go_on_while_a_freeze_holds_the_writes() {
+    skip_unless!(
+        Need::Root,
+        Need::Command("fusermount3"),
+        Need::Device("/dev/fuse")
+    );
+    let hooks = csv_test_support::temp_dir("hooks").unwrap();
+    let script = hooks.path().join("10-hang");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = freeze ] && exec sleep 60\nexit 0\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (cl, v) = cluster(&[
+        (1, vec!["--fuse-readers".into(), "2".into()]),
+        (
+            2,
+            vec![
+                "--snapshot-hooks".into(),
+                hooks.path().display().to_string(),
+            ],
+        ),
+    ]);
+    let m = cl.mountpoint(1, v);
+    std::fs::write(m.join("other.dat"), vec![7u8; 1 << 20]).unwrap();
+    const WRITERS: usize = 8;
+    let files: Vec<std::fs::File> = (0..WRITERS)
+        .map(|i| {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(m.join(format!("w{i}.dat")))
+                .unwrap();
+            f.write_all_at(&[0u8; 4096], 0).unwrap();
+            f
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let (writes, reads) = std::thread::scope(|s| {
+        let writers: Vec<_> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let stop = &stop;
+                s.spawn(move || {
+                    let (mut n, mut slowest) = (0u32, Duration::ZERO);
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        f.write_all_at(&[i as u8 + 1; 4096], 0).unwrap();
+                        slowest = slowest.max(t.elapsed());
+                        n += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    (n, slowest)
+                })
+            })
+            .collect();
+        let snap = s.spawn(|| {
+            csvctl(
+                &cl,
+                &[
+                    "snapshot",
+                    "create",
+                    "1",
+                    "--name",
+                    "held",
+                    "--freeze-limit",
+                    "4s",
+                ],
+            )
+        });
+        // Read, look up and list on host 1 until the snapshot is over.
+        use std::os::unix::fs::OpenOptionsExt;
+        let r = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(m.join("other.dat"))
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let (mut n, mut slowest, mut total) = (0u32, Duration::ZERO, Duration::ZERO);
+        while !snap.is_finished() {
+            let t = Instant::now();
+            r.read_exact_at(&mut buf, (n as u64 % 256) * 4096).unwrap();
+            assert!(buf.iter().all(|&b| b == 7));
+            std::fs::metadata(m.join("w0.dat")).unwrap();
+            assert!(std::fs::read_dir(&m).unwrap().count() > WRITERS);
+            slowest = slowest.max(t.elapsed());
+            total += t.elapsed();
+            n += 1;
+        }
+        let o = snap.join().unwrap();
+        assert!(!o.status.success(), "the hanging hook aborts the snapshot");
+        // Writes go on after the thaw.
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        let w: Vec<(u32, Duration)> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+        (w, (n, slowest, total / n.max(1)))
+    });
+    eprintln!("writers (writes, slowest): {writes:?}; reader: {reads:?}");
+    let held = writes.iter().map(|w| w.1).max().unwrap();
+    assert!(
+        held >= Duration::from_secs(2),
+        "the freeze held the writes ({held:?})"
+    );
+    // Had the held writes kept every reader's turn, each request would
+    // wait for a parked thread to give up waiting for one (half a second)
+    // and the three would take 80-100 ms on average.
+    assert!(
+        reads.1 < Duration::from_secs(1) && reads.2 < Duration::from_millis(40),
+        "a read, lookup and listing took {:?} at worst, {:?} on average, while the writes were held",
+        reads.1,
+        reads.2
+    );
+    for (i, f) in files.iter().enumerate() {
+        let mut b = [0u8; 4096];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == i as u8 + 1), "w{i}.dat");
+    }
 }
