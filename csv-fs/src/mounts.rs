@@ -482,7 +482,15 @@ impl Mounts {
         let lun: Arc<dyn vhd::BlockIo> = rl.clone();
         let fs = VolumeFs::new(v.number, self.cfg.node, lun, v.capacity, pool);
         fs.set_own_path(rl.clone());
-        fs.set_readers(self.cfg.readers.min(self.cfg.threads).max(1));
+        // Few readers pay where reads and writes do not block a thread (a
+        // LUN file or block device, asynchronous I/O); on an iSCSI path
+        // every read and write waits, so every thread reads.
+        let readers = if rl.direct().direct_fd().is_some() {
+            self.cfg.readers
+        } else {
+            self.cfg.threads
+        };
+        fs.set_readers(readers.min(self.cfg.threads).max(1));
         let probe = rl.clone();
         fs.set_outage_probe(Box::new(move || probe.stalled()));
         let mut config = fuser::Config::default();
