@@ -1173,9 +1173,11 @@ impl VolumeFs {
         ino: u64,
         f: &mut OpenFile,
         len: u64,
+        turn: Option<&Turn>,
     ) -> Result<Vec<(u64, u64)>, Errno> {
         let have: u64 = f.pool.iter().map(|p| p.1).sum();
         if have < len {
+            may_block(turn);
             let chunk = Self::chunk_for(f.size).max((len - have).next_multiple_of(4096));
             let got = self.op(volume_op::Op::Reserve(proto::ReserveOp { ino, len: chunk }))?;
             let Some(proto::reply::Value::Extents(r)) = got.value else {
@@ -1207,7 +1209,14 @@ impl VolumeFs {
     /// reservation; the bytes of those blocks the write does not cover are
     /// copied over; this host's map points there at once, the
     /// coordinator's at the next report.
-    fn redirect(&self, ino: u64, f: &mut OpenFile, off: u64, len: u64) -> Result<(), Errno> {
+    fn redirect(
+        &self,
+        ino: u64,
+        f: &mut OpenFile,
+        off: u64,
+        len: u64,
+        turn: Option<&Turn>,
+    ) -> Result<(), Errno> {
         let end = off + len;
         let shared: Vec<Piece> = f
             .extents
@@ -1223,7 +1232,7 @@ impl VolumeFs {
             let u0 = e.file_off.max(p.file_off / REDIRECT_UNIT * REDIRECT_UNIT);
             let u1 = (e.file_off + e.len)
                 .min((p.file_off + p.len).div_ceil(REDIRECT_UNIT) * REDIRECT_UNIT);
-            let pieces = self.take_reserved(ino, f, u1 - u0)?;
+            let pieces = self.take_reserved(ino, f, u1 - u0, turn)?;
             // Where file offset x lands in the new pieces.
             let new_at = |x: u64| -> u64 {
                 let mut rel = x - u0;
@@ -1240,6 +1249,7 @@ impl VolumeFs {
                 if a >= b {
                     continue;
                 }
+                may_block(turn);
                 let n = (b - a) as usize;
                 let mut buf =
                     vhd::io::AlignedBuf::new(n.next_multiple_of(4096)).map_err(|e| io_errno(&e))?;
@@ -1300,8 +1310,7 @@ impl VolumeFs {
         }
         let p = self.ensure_space(ino, &mut f, off, len)?;
         let pieces = if p.iter().any(|p| !p.unwritten) && f.extents.is_shared(off, len) {
-            may_block(turn);
-            self.redirect(ino, &mut f, off, len)?;
+            self.redirect(ino, &mut f, off, len, turn)?;
             f.extents.pieces(off, len)
         } else {
             p

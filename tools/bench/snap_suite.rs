@@ -133,6 +133,9 @@ pub fn run(args: &[String]) -> Result<()> {
         let j: serde_json::Value = serde_json::from_str(&out)?;
         let hosts = j["hosts"].as_array().map_or(0, |a| a.len());
         if hosts != 3 {
+            for h in 1..=3 {
+                eprintln!("--- host {h}'s log:\n{}", cl.log_tail(h, 30));
+            }
             bail!("snapshot {i} froze {hosts} hosts, not 3: {j}");
         }
         held.push(j["held_max_ms"].as_f64().unwrap_or(0.0));

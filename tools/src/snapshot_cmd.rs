@@ -229,16 +229,20 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
     if !info.volumes.iter().any(|v| v.number == vol) {
         bail!("there is no Volume{vol} in the cluster");
     }
-    // Every host that is up and mounts the volume takes part; one that is
-    // up but does not answer could be writing, so the snapshot waits for
-    // nobody and is refused.
+    // Every host that answers and mounts the volume takes part, also one
+    // the registry has down for the moment (a host whose Raft messages
+    // were late under load is still writing, and one left out would go
+    // on writing in place over blocks the snapshot shares). One that is up
+    // but does not answer could be writing too, so the snapshot waits for
+    // nobody and is refused; one that is down and does not answer is
+    // skipped.
     let mut parties = Vec::new();
     for n in &info.nodes {
         let down = info.health.iter().any(|h| h.node == n.id && !h.up);
-        if down {
-            continue;
-        }
         let Some(st) = client::host_status(&me, n) else {
+            if down {
+                continue;
+            }
             bail!(
                 "host {} is up in the registry but does not answer; cannot freeze it (retry, or wait until the cluster marks it down)",
                 n.id
