@@ -27,6 +27,11 @@ use coordinator::proto::VmRuntime;
 use coordinator::vmrole::VmConfig;
 use coordinator::wire::Identity;
 
+/// How long a host must have been down before its VMs restart elsewhere
+/// (Hyper-V waits for 10-20 missed heartbeats a second apart, VMware HA
+/// about 15 s).
+const FAILOVER_GRACE: Duration = Duration::from_secs(5);
+
 /// What the supervisor needs.
 #[derive(Debug, Clone)]
 pub struct VmHostConfig {
@@ -634,10 +639,18 @@ impl VmSupervisor {
     /// each VM counts the ones placed before it in the same pass.
     fn failover(&self, info: &coordinator::proto::ClusterInfo, c: &mut Client) {
         let me = self.cfg.node;
+        // Down for a while, not for a moment: a host whose Raft messages
+        // were late for a second (its disk busy behind a flush, its CPUs
+        // saturated) still runs its VMs, and restarting them elsewhere
+        // would have two copies write one disk until its lease ran out.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let grace = FAILOVER_GRACE.as_millis() as u64;
         let down: Vec<u64> = info
             .health
             .iter()
-            .filter(|h| !h.up)
+            .filter(|h| !h.up && now_ms.saturating_sub(h.since) >= grace)
             .map(|h| h.node)
             .collect();
         let mut orphans: Vec<(coordinator::proto::VmRole, VmConfig)> = info
