@@ -910,7 +910,8 @@ fn killing_every_host_at_once_loses_nothing_acknowledged() {
 fn a_process_with_a_file_open_starts_others_at_once_while_the_cluster_network_is_cut() {
     skip_without_fuse!();
     let (cl, v) = CsvCluster::mounted_loopback(3, 64 << 20).unwrap();
-    let leader = cl.leader_of(v).expect("Volume1 has a coordinator");
+    // The volume's group may still be electing when its mounts are up.
+    let leader = cl.wait_leader(v, Duration::from_secs(10)).unwrap();
     let host = (1..=3).find(|h| *h != leader).unwrap_or(1);
     let m = cl.mountpoint(host, v);
     let mut f = File::create(m.join("held")).unwrap();
