@@ -563,6 +563,10 @@ pub struct VolumeState {
     /// gone (it was fenced off).
     #[prost(uint64, tag = "10")]
     pub fenced_events: u64,
+    /// Of the bytes over the own path, those read or written
+    /// asynchronously (a FUSE thread submitted them and went on).
+    #[prost(uint64, tag = "11")]
+    pub async_bytes: u64,
 }
 
 /// Attributes of an inode.

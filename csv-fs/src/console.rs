@@ -696,6 +696,7 @@ pub fn metrics_text(
         let mut io = Vec::new();
         let mut mode = Vec::new();
         let mut switches = Vec::new();
+        let mut asynch = Vec::new();
         for v in &s.volumes {
             let vol = format!("Volume{}", v.number);
             for (path, dir, b) in [
@@ -722,8 +723,15 @@ pub fn metrics_text(
                 ));
             }
             switches.push((format!("host=\"{h}\",volume=\"{vol}\""), v.redirect_events));
+            asynch.push((format!("host=\"{h}\",volume=\"{vol}\""), v.async_bytes));
         }
         family("csv_volume_io_bytes_total", "counter", "Bytes this host moved to and from a volume's LUN, by path (direct: its own SAN path; redirected: through a peer)", io);
+        family(
+            "csv_volume_async_io_bytes_total",
+            "counter",
+            "Of the bytes over a volume's own path, those read or written asynchronously (Linux AIO on a LUN file or block device)",
+            asynch,
+        );
         family(
             "csv_volume_mode",
             "gauge",

@@ -27,6 +27,30 @@ pub struct Piece {
     pub unwritten: bool,
 }
 
+/// Joins neighbouring pieces that continue each other on the LUN (or
+/// are both holes) with the same written state: the I/O they stand for
+/// is then one request. (Extents stay apart in the map, so a file grown
+/// chunk by chunk into contiguous LUN space reads as one range here.)
+pub fn coalesce(pieces: Vec<Piece>) -> Vec<Piece> {
+    let mut out: Vec<Piece> = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        if let Some(last) = out.last_mut() {
+            let continues = match (last.lun_off, p.lun_off) {
+                (Some(a), Some(b)) => a + last.len == b,
+                (None, None) => true,
+                _ => false,
+            };
+            if continues && last.unwritten == p.unwritten && last.file_off + last.len == p.file_off
+            {
+                last.len += p.len;
+                continue;
+            }
+        }
+        out.push(p);
+    }
+    out
+}
+
 /// A file's extents by file offset.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExtentMap {
@@ -262,6 +286,32 @@ mod tests {
             len,
             unwritten,
         }
+    }
+
+    #[test]
+    fn coalesce_joins_only_what_continues_on_the_lun() {
+        let m = ExtentMap::new(&[
+            ext(0, 1 << 20, 65536, false),
+            ext(65536, (1 << 20) + 65536, 65536, false),
+            // Continues on the LUN, but never written.
+            ext(131072, (1 << 20) + 131072, 65536, true),
+            // Written, elsewhere on the LUN.
+            ext(196608, 8 << 20, 65536, false),
+        ]);
+        let p = coalesce(m.pieces(0, 5 * 65536));
+        let got: Vec<(u64, u64, Option<u64>, bool)> = p
+            .iter()
+            .map(|p| (p.file_off, p.len, p.lun_off, p.unwritten))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (0, 131072, Some(1 << 20), false),
+                (131072, 65536, Some((1 << 20) + 131072), true),
+                (196608, 65536, Some(8 << 20), false),
+                (262144, 65536, None, false),
+            ]
+        );
     }
 
     #[test]

@@ -1060,7 +1060,7 @@ impl VolumeFs {
             unwritten: false,
             len,
             ..
-        }] = *pieces
+        }] = *crate::extents::coalesce(pieces.to_vec())
         else {
             return Some(reply);
         };
@@ -1376,7 +1376,7 @@ impl VolumeFs {
             };
             let [Piece {
                 lun_off: Some(at), ..
-            }] = *f.extents.pieces(off, len)
+            }] = *crate::extents::coalesce(f.extents.pieces(off, len))
             else {
                 return Some(reply);
             };
@@ -1403,6 +1403,7 @@ impl VolumeFs {
             }
         };
         // The plan may have moved the range (a snapshot shared it).
+        let pieces = crate::extents::coalesce(pieces);
         let at = match *pieces.as_slice() {
             [Piece {
                 lun_off: Some(at), ..
@@ -1412,12 +1413,7 @@ impl VolumeFs {
                 let r = self
                     .write_pieces(&buf.as_slice()[..data.len()], off, &pieces)
                     .and_then(|()| self.write_finish(&file, &pieces, off, len));
-                aio.give_back(buf);
-                drop(in_progress);
-                match r {
-                    Ok(n) => reply.written(n),
-                    Err(e) => reply.error(e),
-                }
+                self.answer_write(r, in_progress, buf, reply);
                 return None;
             }
         };
@@ -1426,14 +1422,7 @@ impl VolumeFs {
             Ok(()) => {
                 own.count_direct(true, len);
                 let r = fs.write_finish(&file, &pieces, off, len);
-                drop(in_progress);
-                if let Some(a) = &fs.aio {
-                    a.give_back(buf);
-                }
-                match r {
-                    Ok(n) => reply.written(n),
-                    Err(e) => reply.error(e),
-                }
+                fs.answer_write(r, in_progress, buf, reply);
             }
             Err(e) => {
                 tracing::debug!(
@@ -1445,14 +1434,7 @@ impl VolumeFs {
                     let r = fs
                         .write_pieces(&buf.as_slice()[..len as usize], off, &pieces)
                         .and_then(|()| fs.write_finish(&file, &pieces, off, len));
-                    drop(in_progress);
-                    if let Some(a) = &fs.aio {
-                        a.give_back(buf);
-                    }
-                    match r {
-                        Ok(n) => reply.written(n),
-                        Err(e) => reply.error(e),
-                    }
+                    fs.answer_write(r, in_progress, buf, reply);
                 });
             }
         });
@@ -1460,6 +1442,25 @@ impl VolumeFs {
             done(Err(std::io::Error::other("not queued")), buf);
         }
         None
+    }
+
+    /// Ends a write that took the asynchronous path's buffer: lets a
+    /// freeze go on, keeps the buffer for another request, answers.
+    fn answer_write(
+        &self,
+        r: Result<u32, Errno>,
+        in_progress: GateGuard,
+        buf: vhd::io::AlignedBuf,
+        reply: ReplyWrite,
+    ) {
+        drop(in_progress);
+        if let Some(a) = &self.aio {
+            a.give_back(buf);
+        }
+        match r {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn release_handle(&self, fh: u64) -> Result<(), Errno> {

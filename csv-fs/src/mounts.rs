@@ -633,6 +633,7 @@ impl Mounts {
                 redirected_written: io.redirected_written,
                 redirect_events: io.switches,
                 fenced_events: io.fences,
+                async_bytes: io.async_bytes,
             });
         }
         if let Ok(mut s) = self.states.write() {

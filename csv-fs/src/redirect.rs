@@ -67,8 +67,10 @@ pub struct RedirectingLun {
     conns: crate::peers::PeerConns,
     /// Requests served through a peer so far.
     redirected_ops: AtomicU64,
-    /// Bytes read and written over its own path, then through a peer.
-    bytes: [AtomicU64; 4],
+    /// Bytes read and written over its own path, then through a peer,
+    /// then over its own path asynchronously (also counted in the first
+    /// two).
+    bytes: [AtomicU64; 5],
     /// Times its own path failed and I/O switched to a peer.
     switches: AtomicU64,
     /// Times it was fenced off the LUN.
@@ -93,6 +95,8 @@ pub struct IoCounters {
     pub switches: u64,
     /// Times it was fenced off the LUN.
     pub fences: u64,
+    /// Of the own path's bytes, those moved by asynchronous I/O.
+    pub async_bytes: u64,
 }
 
 impl std::fmt::Debug for RedirectingLun {
@@ -398,6 +402,7 @@ impl RedirectingLun {
             redirected_written: b(3),
             switches: self.switches.load(Ordering::Relaxed),
             fences: self.fences.load(Ordering::Relaxed),
+            async_bytes: b(4),
         }
     }
 
@@ -425,6 +430,7 @@ impl RedirectingLun {
     /// Counts bytes that went over the own path outside this layer.
     pub fn count_direct(&self, write: bool, bytes: u64) {
         self.bytes[usize::from(write)].fetch_add(bytes, Ordering::Relaxed);
+        self.bytes[4].fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// The LUN this host reaches directly.

@@ -394,13 +394,58 @@ fn metrics_json_logs_and_volume_removal() {
     cl.start_all().unwrap();
     let v = cl.add_volume_file(256 << 20).unwrap();
     cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
-    // Prometheus text over HTTP.
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
+    // Direct I/O through the mount: a first write into a hole gets the
+    // space (and goes synchronously); the rewrite of that space goes to
+    // the LUN file asynchronously.
+    {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(cl.mountpoint(1, v).join("direct.dat"))
+            .unwrap();
+        let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+        for _ in 0..2 {
+            for at in (0..1u64 << 20).step_by(64 << 10) {
+                let a = at as usize;
+                f.write_all_at(&data[a..a + (64 << 10)], at).unwrap();
+            }
+        }
+        let mut back = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut back, 0).unwrap();
+        assert!(back == data, "what was written comes back");
+    }
+    let metrics = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let async_bytes = |body: &str| -> u64 {
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix("csv_volume_async_io_bytes_total{host=\"1\",volume=\"Volume1\"} ")
+            })
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // Prometheus text over HTTP (the volume counters follow within a
+    // second or two).
+    let mut body = metrics();
+    let _ = csv_test_support::wait_until(Duration::from_secs(10), || {
+        body = metrics();
+        async_bytes(&body) >= 1 << 20
+    });
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        async_bytes(&body) >= 1 << 20,
+        "the rewrite went asynchronously:\n{body}"
+    );
     assert!(
         body.contains("csv_raft_term{host=\"1\",group=\"Volume1\"}"),
         "{body}"
