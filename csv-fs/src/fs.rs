@@ -394,6 +394,19 @@ struct WritePlan {
     in_progress: GateGuard,
 }
 
+/// Answers a FUSE read with the bytes `read` delivers, or its error.
+fn answer_read(reply: ReplyData, read: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<(), Errno>) {
+    let mut reply = Some(reply);
+    let r = read(&mut |b| {
+        if let Some(r) = reply.take() {
+            r.data(b);
+        }
+    });
+    if let (Err(e), Some(r)) = (r, reply.take()) {
+        r.error(e);
+    }
+}
+
 /// A directory entry as listed at `opendir`: inode, kind, name.
 type DirEntry = (u64, FileType, String);
 
@@ -1084,16 +1097,12 @@ impl VolumeFs {
                         "asynchronous read failed ({e}); retried synchronously"
                     );
                     fs.retry_in_background(move |fs| {
-                        let mut reply = Some(reply);
-                        let r = fs.read_data(ino, off, size, |b| {
-                            if let Some(r) = reply.take() {
-                                r.data(b);
-                            }
-                            Ok(())
+                        answer_read(reply, |deliver| {
+                            fs.read_data(ino, off, size, |b| {
+                                deliver(b);
+                                Ok(())
+                            })
                         });
-                        if let (Err(e), Some(r)) = (r, reply.take()) {
-                            r.error(e);
-                        }
                     });
                 }
             }
@@ -2144,16 +2153,12 @@ impl Filesystem for Mounted {
             return;
         };
         turn.blocking();
-        let mut reply = Some(reply);
-        let r = fs.read_pieces(offset, &pieces, |b| {
-            if let Some(r) = reply.take() {
-                r.data(b);
-            }
-            Ok(())
+        answer_read(reply, |deliver| {
+            fs.read_pieces(offset, &pieces, |b| {
+                deliver(b);
+                Ok(())
+            })
         });
-        if let (Err(e), Some(r)) = (r, reply.take()) {
-            r.error(e);
-        }
     }
 
     fn write(
