@@ -31,9 +31,9 @@ pub struct Piece {
 /// are both holes) with the same written state: the I/O they stand for
 /// is then one request. (Extents stay apart in the map, so a file grown
 /// chunk by chunk into contiguous LUN space reads as one range here.)
-pub fn coalesce(pieces: Vec<Piece>) -> Vec<Piece> {
+pub fn coalesce(pieces: &[Piece]) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::with_capacity(pieces.len());
-    for p in pieces {
+    for &p in pieces {
         if let Some(last) = out.last_mut() {
             let continues = match (last.lun_off, p.lun_off) {
                 (Some(a), Some(b)) => a + last.len == b,
@@ -298,7 +298,7 @@ mod tests {
             // Written, elsewhere on the LUN.
             ext(196608, 8 << 20, 65536, false),
         ]);
-        let p = coalesce(m.pieces(0, 5 * 65536));
+        let p = coalesce(&m.pieces(0, 5 * 65536));
         let got: Vec<(u64, u64, Option<u64>, bool)> = p
             .iter()
             .map(|p| (p.file_off, p.len, p.lun_off, p.unwritten))

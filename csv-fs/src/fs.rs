@@ -23,6 +23,7 @@
 //!   writing (`EIO`): by then the coordinator may have given the file to
 //!   another host.
 
+use crate::aio::Op;
 use crate::extents::{ExtentMap, Piece};
 use coordinator::client::{Client, ClientError};
 use coordinator::codec::extents_from_proto;
@@ -379,9 +380,8 @@ fn with_buf<R>(
 /// An asynchronous I/O's way to the own path of the LUN.
 struct OwnIo<'a> {
     aio: &'a crate::aio::Aio,
-    fd: std::os::fd::RawFd,
-    /// Keeps `fd` open.
-    keep: Arc<dyn vhd::BlockIo>,
+    /// The own path, with a descriptor for direct I/O.
+    lun: Arc<dyn vhd::BlockIo>,
     /// Counts the bytes.
     own: Arc<crate::redirect::RedirectingLun>,
 }
@@ -1006,24 +1006,20 @@ impl VolumeFs {
         })
     }
 
-    /// The own path's descriptor for asynchronous I/O of `len` bytes at
-    /// LUN offset `at`, when such I/O may go there now: aligned for
-    /// O_DIRECT, the volume not redirected, no fault drill on the path.
-    fn own_fd(&self, at: u64, len: u64) -> Option<OwnIo<'_>> {
+    /// The own path for asynchronous I/O of `len` bytes at LUN offset
+    /// `at`, when such I/O may go there now: aligned for O_DIRECT, the
+    /// path a file or device open for direct I/O, the volume not
+    /// redirected, no fault drill on the path.
+    fn own_io(&self, at: u64, len: u64) -> Option<OwnIo<'_>> {
         let align = vhd::io::DIRECT_ALIGN as u64;
         if at % align != 0 || len % align != 0 || len == 0 {
             return None;
         }
         let aio = self.aio.as_ref()?;
         let own = self.own_path.read().ok()?.clone()?;
-        let d = own.direct_now()?;
-        let fd = d.direct_fd()?;
-        Some(OwnIo {
-            aio,
-            fd,
-            keep: d,
-            own,
-        })
+        let lun = own.direct_now()?;
+        lun.direct_fd()?;
+        Some(OwnIo { aio, lun, own })
     }
 
     /// Lets `n` FUSE threads read requests at a time (before the session
@@ -1073,11 +1069,11 @@ impl VolumeFs {
             unwritten: false,
             len,
             ..
-        }] = *crate::extents::coalesce(pieces.to_vec())
+        }] = *crate::extents::coalesce(pieces)
         else {
             return Some(reply);
         };
-        let Some(OwnIo { aio, fd, keep, own }) = self.own_fd(at, len) else {
+        let Some(OwnIo { aio, lun, own }) = self.own_io(at, len) else {
             return Some(reply);
         };
         let Ok(buf) = aio.buffer(len as usize) else {
@@ -1110,7 +1106,7 @@ impl VolumeFs {
                 a.give_back(buf);
             }
         });
-        if let Err((buf, done)) = aio.read(fd, keep, buf, len as usize, at, done) {
+        if let Err((buf, done)) = aio.submit(Op::Read, lun, buf, len as usize, at, done) {
             done(Err(std::io::Error::other("not queued")), buf);
         }
         None
@@ -1374,7 +1370,7 @@ impl VolumeFs {
         turn: &Turn,
     ) -> Option<ReplyWrite> {
         let len = data.len() as u64;
-        let (aio, fd, keep, own, buf) = {
+        let (aio, lun, own, buf) = {
             // A cheap look first: a write this cannot take does not pay
             // for a plan twice.
             let Some(file) = self.file(ino) else {
@@ -1385,19 +1381,19 @@ impl VolumeFs {
             };
             let [Piece {
                 lun_off: Some(at), ..
-            }] = *crate::extents::coalesce(f.extents.pieces(off, len))
+            }] = *crate::extents::coalesce(&f.extents.pieces(off, len))
             else {
                 return Some(reply);
             };
             drop(f);
-            let Some(OwnIo { aio, fd, keep, own }) = self.own_fd(at, len) else {
+            let Some(OwnIo { aio, lun, own }) = self.own_io(at, len) else {
                 return Some(reply);
             };
             let Ok(mut buf) = aio.buffer(data.len()) else {
                 return Some(reply);
             };
             buf.as_mut_slice()[..data.len()].copy_from_slice(data);
-            (aio, fd, keep, own, buf)
+            (aio, lun, own, buf)
         };
         let WritePlan {
             file,
@@ -1412,7 +1408,7 @@ impl VolumeFs {
             }
         };
         // The plan may have moved the range (a snapshot shared it).
-        let pieces = crate::extents::coalesce(pieces);
+        let pieces = crate::extents::coalesce(&pieces);
         let at = match *pieces.as_slice() {
             [Piece {
                 lun_off: Some(at), ..
@@ -1447,7 +1443,7 @@ impl VolumeFs {
                 });
             }
         });
-        if let Err((buf, done)) = aio.write(fd, keep, buf, data.len(), at, done) {
+        if let Err((buf, done)) = aio.submit(Op::Write, lun, buf, data.len(), at, done) {
             done(Err(std::io::Error::other("not queued")), buf);
         }
         None
