@@ -374,17 +374,27 @@ fn a_vm_role_live_migrates_between_hosts_ten_times() {
 
     // The coordinator's lease history of the VHD: one writer at a time,
     // following the VM from host to host, handed over through the
-    // coordinator at each switch-over (live and quick alike).
+    // coordinator at each live switch-over. At a quick one the source's
+    // VMM closes the disk as it stops, and that host's release may reach
+    // the coordinator before the hand-over: the target is then granted
+    // the free lease (released, then granted, nobody in between).
     let h = lease_history(&cl, v, "mig.vhd");
     let holders = writers_in_turn(&h);
     assert_eq!(holders, vec![1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2], "{h:#}");
-    let handed_in = h["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["change"] == "handed-in")
+    let events = h["events"].as_array().unwrap();
+    let handed_in = events.iter().filter(|e| e["change"] == "handed-in").count();
+    let released_then_granted = events
+        .windows(2)
+        .filter(|w| {
+            w[0]["change"] == "released"
+                && w[1]["change"] == "granted"
+                && w[0]["host"] != w[1]["host"]
+        })
         .count();
-    assert_eq!(handed_in, 10, "{h:#}");
+    assert!(
+        handed_in >= 8 && handed_in + released_then_granted == 10,
+        "{handed_in} hand-overs, {released_then_granted} release+grant switch-overs: {h:#}"
+    );
 
     // Drain the host it is on, with a second VM there: both leave, the
     // host rates 0 ("draining") until it resumes.
