@@ -109,25 +109,29 @@ impl Client {
         self.conn.as_ref().map_or(0, |c| c.peer)
     }
 
-    fn connect(&mut self) -> std::result::Result<(), String> {
+    /// Connects to the first endpoint that answers; when none does, says
+    /// why in `last` and returns false.
+    fn connect(&mut self, last: &mut String) -> bool {
         let mut order: Vec<SocketAddr> = std::mem::take(&mut self.prefer);
         let n = self.endpoints.len();
         for i in 0..n {
             order.push(self.endpoints[(self.cursor + i) % n]);
         }
-        let mut last = String::from("no endpoints");
+        if order.is_empty() {
+            *last = "no endpoints".into();
+        }
         for a in order {
             match wire::connect(a, &self.me, self.connect_timeout) {
                 Ok(c) => {
                     let _ = c.set_read_timeout(Some(self.attempt_timeout));
                     self.conn = Some(c);
-                    return Ok(());
+                    return true;
                 }
-                Err(e) => last = format!("{a}: {e}"),
+                Err(e) => *last = format!("{a}: {}", crate::service::error_chain(&e)),
             }
         }
         self.cursor = (self.cursor + 1) % n.max(1);
-        Err(last)
+        false
     }
 
     fn drop_conn(&mut self) {
@@ -163,12 +167,9 @@ impl Client {
                     last,
                 });
             }
-            if self.conn.is_none() {
-                if let Err(e) = self.connect() {
-                    last = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                }
+            if self.conn.is_none() && !self.connect(&mut last) {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
             let Some(c) = self.conn.as_mut() else {
                 continue;
@@ -192,7 +193,7 @@ impl Client {
             let resp = match got {
                 Ok(r) => r,
                 Err(e) => {
-                    last = format!("host {}: {e}", c.peer);
+                    last = format!("host {}: {}", c.peer, crate::service::error_chain(&e));
                     self.drop_conn();
                     continue;
                 }
@@ -236,13 +237,13 @@ impl Client {
         self.call(group, request::Body::Read(proto::Read { query: Some(q) }))
     }
 
-    /// Creates a file (kind 1), directory (0) or symlink (2) in `vol`.
+    /// Creates a file, directory or symlink (`target`) in `vol`.
     pub fn create(
         &mut self,
         vol: u64,
         parent: u64,
         name: &str,
-        kind: u32,
+        kind: proto::NodeKind,
         mode: u32,
         target: &str,
     ) -> Result<proto::Attr> {
@@ -251,7 +252,7 @@ impl Client {
             volume_op::Op::Create(proto::CreateOp {
                 parent,
                 name: name.into(),
-                kind,
+                kind: kind as i32,
                 mode,
                 uid: 0,
                 gid: 0,
@@ -494,7 +495,7 @@ fn ask_host(
 ) -> Result<proto::Reply> {
     let unavailable = |e: wire::WireError| ClientError::Unavailable {
         secs: timeout.as_secs_f64(),
-        last: format!("{addr}: {e}"),
+        last: format!("{addr}: {}", crate::service::error_chain(&e)),
     };
     let mut c = wire::connect(addr, me, timeout).map_err(unavailable)?;
     c.set_read_timeout(Some(timeout))
@@ -551,10 +552,14 @@ pub fn redirect(
     addr: SocketAddr,
     volume: u64,
     on: bool,
-    mode: u32,
+    mode: proto::RedirectMode,
     timeout: Duration,
 ) -> Result<()> {
-    let action = admin::Action::Redirect(proto::RedirectReq { volume, on, mode });
+    let action = admin::Action::Redirect(proto::RedirectReq {
+        volume,
+        on,
+        mode: mode as i32,
+    });
     ask_host(me, addr, action, timeout).map(|_| ())
 }
 
@@ -574,7 +579,7 @@ pub fn leads_cluster(me: &Identity, addr: SocketAddr) -> bool {
     node_status(me, addr, Duration::from_secs(1)).is_ok_and(|s| {
         s.groups
             .iter()
-            .any(|g| g.group == crate::group::CLUSTER && g.role == "leader")
+            .any(|g| g.group == crate::group::CLUSTER && g.role() == proto::RaftRole::Leader)
     })
 }
 
@@ -635,13 +640,13 @@ pub fn join(
             let mut c = match wire::connect_join(sa, ticket, timeout) {
                 Ok(c) => c,
                 Err(wire::WireError::Auth(e)) => {
-                    return Err(ClientError::Refused(crate::codec::error(
+                    return Err(ClientError::Refused(proto::error(
                         ErrorCode::Invalid,
                         format!("{sa} refused the token: {e}"),
                     )))
                 }
                 Err(e) => {
-                    last = format!("{sa}: {e}");
+                    last = format!("{sa}: {}", crate::service::error_chain(&e));
                     continue;
                 }
             };
@@ -655,12 +660,13 @@ pub fn join(
                         action: Some(admin::Action::Join(proto::JoinReq {
                             addrs: addrs.clone(),
                             hostname: hostname.to_string(),
+                            feature_level: crate::features::SUPPORTED,
                         })),
                     })),
                 })),
             };
             if let Err(e) = c.send(&f) {
-                last = format!("{sa}: {e}");
+                last = format!("{sa}: {}", crate::service::error_chain(&e));
                 continue;
             }
             match c.recv().map(|f| f.body) {
@@ -687,7 +693,7 @@ pub fn join(
                     ..
                 }))) => return Err(ClientError::Refused(e)),
                 Ok(other) => return Err(ClientError::BadReply(format!("{other:?}"))),
-                Err(e) => last = format!("{sa}: {e}"),
+                Err(e) => last = format!("{sa}: {}", crate::service::error_chain(&e)),
             }
         }
     }

@@ -5,28 +5,30 @@
 //! must be known. Bad input becomes a [`DecodeError`], never a panic.
 
 use crate::meta::{self, Kind, MetaError, Op};
-use crate::proto::{self, volume_op, ErrorCode};
+use crate::proto::{self, volume_op, ErrorCode, NodeKind};
+
+pub use crate::proto::error;
 
 /// A message that is well-formed protobuf but not a valid command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid message: {0}")]
 pub struct DecodeError(pub String);
 
-fn kind_from(k: u32) -> Result<Kind, DecodeError> {
-    match k {
-        0 => Ok(Kind::Dir),
-        1 => Ok(Kind::File),
-        2 => Ok(Kind::Symlink),
-        _ => Err(DecodeError(format!("unknown inode kind {k}"))),
+fn kind_from(k: i32) -> Result<Kind, DecodeError> {
+    match NodeKind::try_from(k) {
+        Ok(NodeKind::Directory) => Ok(Kind::Dir),
+        Ok(NodeKind::File) => Ok(Kind::File),
+        Ok(NodeKind::Symlink) => Ok(Kind::Symlink),
+        Err(_) => Err(DecodeError(format!("unknown inode kind {k}"))),
     }
 }
 
-/// The wire code of an inode kind.
-pub fn kind_code(k: Kind) -> u32 {
+/// The schema's name of an inode kind.
+pub fn kind_code(k: Kind) -> NodeKind {
     match k {
-        Kind::Dir => 0,
-        Kind::File => 1,
-        Kind::Symlink => 2,
+        Kind::Dir => NodeKind::Directory,
+        Kind::File => NodeKind::File,
+        Kind::Symlink => NodeKind::Symlink,
     }
 }
 
@@ -158,7 +160,7 @@ pub fn stamp(op: &mut proto::VolumeOp, now_ms: u64) {
 pub fn attr_to_proto(a: &meta::Attr) -> proto::Attr {
     proto::Attr {
         ino: a.ino,
-        kind: kind_code(a.kind),
+        kind: kind_code(a.kind) as i32,
         mode: a.mode,
         uid: a.uid,
         gid: a.gid,
@@ -229,7 +231,14 @@ pub fn lease_event_to_proto(e: &meta::LeaseEvent) -> proto::LeaseEvent {
         ino: e.ino,
         node: e.node,
         epoch: e.epoch,
-        change: e.change.name().to_string(),
+        change: match e.change {
+            meta::LeaseChange::Granted => proto::LeaseChange::Granted,
+            meta::LeaseChange::HandedIn { .. } => proto::LeaseChange::HandedIn,
+            meta::LeaseChange::Released => proto::LeaseChange::Released,
+            meta::LeaseChange::Revoked => proto::LeaseChange::Revoked,
+            meta::LeaseChange::HandedOff { .. } => proto::LeaseChange::HandedOff,
+            meta::LeaseChange::Expired => proto::LeaseChange::Expired,
+        } as i32,
         peer: e.change.peer(),
     }
 }
@@ -241,7 +250,15 @@ pub fn lease_event_from_proto(e: &proto::LeaseEvent) -> Option<meta::LeaseEvent>
         ino: e.ino,
         node: e.node,
         epoch: e.epoch,
-        change: meta::LeaseChange::parse(&e.change, e.peer)?,
+        change: match e.change() {
+            proto::LeaseChange::Unspecified => return None,
+            proto::LeaseChange::Granted => meta::LeaseChange::Granted,
+            proto::LeaseChange::HandedIn => meta::LeaseChange::HandedIn { from: e.peer },
+            proto::LeaseChange::Released => meta::LeaseChange::Released,
+            proto::LeaseChange::Revoked => meta::LeaseChange::Revoked,
+            proto::LeaseChange::HandedOff => meta::LeaseChange::HandedOff { to: e.peer },
+            proto::LeaseChange::Expired => meta::LeaseChange::Expired,
+        },
     })
 }
 
@@ -271,7 +288,7 @@ pub fn reply_to_proto(r: &meta::Reply) -> proto::Reply {
             lease: Some(lease_to_proto(l)),
         }),
     };
-    proto::Reply { value: Some(v) }
+    proto::Reply::of(v)
 }
 
 /// A lease as a message (its holder left out).
@@ -304,15 +321,6 @@ pub fn meta_error_to_proto(e: &MetaError) -> proto::Error {
     }
 }
 
-/// A message for a failure that is not the state machine's.
-pub fn error(code: ErrorCode, message: impl Into<String>) -> proto::Error {
-    proto::Error {
-        code: code as i32,
-        message: message.into(),
-        node: 0,
-    }
-}
-
 /// A volume command as a message (the inverse of [`op_from_proto`]).
 pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
     use volume_op::Op as P;
@@ -330,7 +338,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
         } => P::Create(proto::CreateOp {
             parent,
             name,
-            kind: kind_code(kind),
+            kind: kind_code(kind) as i32,
             mode,
             uid,
             gid,

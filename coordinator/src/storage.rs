@@ -16,12 +16,13 @@
 //!   raised to at least the snapshot's index (everything in a snapshot was
 //!   committed).
 
+use crate::env::Env;
 use crate::wal::{self, Wal, WalError};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const SNAP_MAGIC: &[u8; 8] = b"CSVSNAP\0";
 const SNAP_MAJOR: u16 = 1;
@@ -55,6 +56,7 @@ pub enum StoreError {
 /// A replica's durable state.
 #[derive(Debug)]
 pub struct RaftStore {
+    env: Arc<dyn Env>,
     dir: PathBuf,
     wal: Wal,
     /// Decoded copies of the log's entries (raft-rs reads them often).
@@ -68,12 +70,12 @@ fn snap_path(dir: &Path) -> PathBuf {
     dir.join("snapshot")
 }
 
-fn read_snapshot(path: &Path) -> Result<Option<Snapshot>, StoreError> {
+fn read_snapshot(env: &dyn Env, path: &Path) -> Result<Option<Snapshot>, StoreError> {
     let bad = |why: String| StoreError::Snapshot {
         path: path.to_path_buf(),
         why,
     };
-    let b = match std::fs::read(path) {
+    let b = match env.read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(bad(e.to_string())),
@@ -107,7 +109,7 @@ fn read_snapshot(path: &Path) -> Result<Option<Snapshot>, StoreError> {
         .map_err(|e| bad(e.to_string()))
 }
 
-fn write_snapshot(dir: &Path, s: &Snapshot) -> Result<(), StoreError> {
+fn write_snapshot(env: &dyn Env, dir: &Path, s: &Snapshot) -> Result<(), StoreError> {
     let path = snap_path(dir);
     let bad = |why: String| StoreError::Snapshot {
         path: path.clone(),
@@ -122,11 +124,9 @@ fn write_snapshot(dir: &Path, s: &Snapshot) -> Result<(), StoreError> {
     b.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     b.extend_from_slice(&body);
     let tmp = dir.join("snapshot.new");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| bad(e.to_string()))?;
-    f.write_all(&b).map_err(|e| bad(e.to_string()))?;
-    f.sync_all().map_err(|e| bad(e.to_string()))?;
-    std::fs::rename(&tmp, &path).map_err(|e| bad(e.to_string()))?;
-    wal::sync_dir(dir)?;
+    env.write_new(&tmp, &b).map_err(|e| bad(e.to_string()))?;
+    env.rename(&tmp, &path).map_err(|e| bad(e.to_string()))?;
+    wal::sync_dir(env, dir)?;
     Ok(())
 }
 
@@ -146,30 +146,31 @@ fn decode(e: &wal::Entry) -> Result<Entry, StoreError> {
 
 impl RaftStore {
     /// Whether `dir` holds a replica.
-    pub fn exists(dir: &Path) -> bool {
-        snap_path(dir).exists()
+    pub fn exists(env: &dyn Env, dir: &Path) -> bool {
+        env.exists(&snap_path(dir))
     }
 
     /// Creates a replica whose group starts with the configuration `cs`
     /// (empty for a host that joins later and waits to be added).
-    pub fn create(dir: &Path, cs: ConfState) -> Result<RaftStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::Snapshot {
+    pub fn create(env: Arc<dyn Env>, dir: &Path, cs: ConfState) -> Result<RaftStore, StoreError> {
+        env.create_dir_all(dir).map_err(|e| StoreError::Snapshot {
             path: dir.to_path_buf(),
             why: e.to_string(),
         })?;
         let mut s = Snapshot::default();
         s.mut_metadata().set_conf_state(cs);
-        write_snapshot(dir, &s)?;
-        RaftStore::open(dir)
+        write_snapshot(env.as_ref(), dir, &s)?;
+        RaftStore::open(env, dir)
     }
 
     /// Opens a replica.
-    pub fn open(dir: &Path) -> Result<RaftStore, StoreError> {
-        let snap = read_snapshot(&snap_path(dir))?.ok_or_else(|| StoreError::Snapshot {
-            path: snap_path(dir),
-            why: "missing: this directory holds no replica".into(),
-        })?;
-        let mut wal = Wal::open(dir)?;
+    pub fn open(env: Arc<dyn Env>, dir: &Path) -> Result<RaftStore, StoreError> {
+        let snap =
+            read_snapshot(env.as_ref(), &snap_path(dir))?.ok_or_else(|| StoreError::Snapshot {
+                path: snap_path(dir),
+                why: "missing: this directory holds no replica".into(),
+            })?;
+        let mut wal = Wal::open(env.clone(), dir)?;
         let si = snap.get_metadata().index;
         if wal.first_index() <= si {
             // Crash between writing a snapshot and compacting the log.
@@ -193,6 +194,7 @@ impl RaftStore {
             ..Default::default()
         };
         Ok(RaftStore {
+            env,
             dir: dir.to_path_buf(),
             wal,
             entries,
@@ -275,7 +277,7 @@ impl RaftStore {
     pub fn apply_snapshot(&mut self, s: Snapshot) -> Result<(), StoreError> {
         let m = s.get_metadata();
         let (index, term) = (m.index, m.term);
-        write_snapshot(&self.dir, &s)?;
+        write_snapshot(self.env.as_ref(), &self.dir, &s)?;
         self.wal.reset(index + 1)?;
         self.entries.clear();
         self.snap = s;
@@ -297,7 +299,7 @@ impl RaftStore {
         m.index = index;
         m.term = term;
         m.set_conf_state(cs);
-        write_snapshot(&self.dir, &s)?;
+        write_snapshot(self.env.as_ref(), &self.dir, &s)?;
         self.snap = s;
         self.persist_hard()?;
         let drop = (index + 1).saturating_sub(self.wal.first_index()) as usize;
@@ -383,7 +385,16 @@ impl raft::Storage for RaftStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::DiskEnv;
     use raft::Storage;
+
+    fn create(d: &tempfile::TempDir, cs: ConfState) -> RaftStore {
+        RaftStore::create(Arc::new(DiskEnv), d.path(), cs).unwrap()
+    }
+
+    fn open(d: &tempfile::TempDir) -> Result<RaftStore, StoreError> {
+        RaftStore::open(Arc::new(DiskEnv), d.path())
+    }
 
     fn ent(index: u64, term: u64, data: &[u8]) -> Entry {
         Entry {
@@ -403,7 +414,7 @@ mod tests {
     #[test]
     fn entries_survive_reopen_and_conflicts_are_replaced() {
         let d = tempfile::tempdir().unwrap();
-        let mut s = RaftStore::create(d.path(), voters(&[1, 2, 3])).unwrap();
+        let mut s = create(&d, voters(&[1, 2, 3]));
         s.append(&[ent(1, 1, b"a"), ent(2, 1, b"b"), ent(3, 1, b"c")])
             .unwrap();
         s.append(&[ent(2, 2, b"x")]).unwrap();
@@ -416,7 +427,7 @@ mod tests {
         };
         s.set_hard_state(&hs).unwrap();
         drop(s);
-        let s = RaftStore::open(d.path()).unwrap();
+        let s = open(&d).unwrap();
         assert_eq!(s.last_index().unwrap(), 2);
         assert_eq!(s.term(2).unwrap(), 2);
         let e = s
@@ -431,7 +442,7 @@ mod tests {
     #[test]
     fn compaction_keeps_the_snapshot_and_the_tail() {
         let d = tempfile::tempdir().unwrap();
-        let mut s = RaftStore::create(d.path(), voters(&[1])).unwrap();
+        let mut s = create(&d, voters(&[1]));
         let ents: Vec<Entry> = (1..=10).map(|i| ent(i, 1, &[i as u8])).collect();
         s.append(&ents).unwrap();
         s.set_commit(10);
@@ -442,7 +453,7 @@ mod tests {
         ));
         assert_eq!(s.term(6).unwrap(), 1);
         drop(s);
-        let s = RaftStore::open(d.path()).unwrap();
+        let s = open(&d).unwrap();
         assert_eq!(s.first_index().unwrap(), 7);
         assert_eq!(s.last_index().unwrap(), 10);
         assert_eq!(s.snapshot_ref().get_data(), b"state");
@@ -454,20 +465,20 @@ mod tests {
     #[test]
     fn a_damaged_snapshot_file_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        RaftStore::create(d.path(), voters(&[1])).unwrap();
+        create(&d, voters(&[1]));
         let p = d.path().join("snapshot");
         let mut b = std::fs::read(&p).unwrap();
         let n = b.len() - 1;
         b[n] ^= 0x40;
         std::fs::write(&p, b).unwrap();
-        let e = RaftStore::open(d.path()).unwrap_err().to_string();
+        let e = open(&d).unwrap_err().to_string();
         assert!(e.contains("checksum"), "{e}");
     }
 
     #[test]
     fn installing_a_snapshot_replaces_the_log() {
         let d = tempfile::tempdir().unwrap();
-        let mut s = RaftStore::create(d.path(), ConfState::default()).unwrap();
+        let mut s = create(&d, ConfState::default());
         s.append(&[ent(1, 1, b"a")]).unwrap();
         let mut snap = Snapshot::default();
         snap.set_data(b"x".to_vec().into());
@@ -480,7 +491,7 @@ mod tests {
         s.append(&[ent(41, 3, b"b")]).unwrap();
         s.sync().unwrap();
         drop(s);
-        let s = RaftStore::open(d.path()).unwrap();
+        let s = open(&d).unwrap();
         assert_eq!(s.last_index().unwrap(), 41);
         assert_eq!(s.term(40).unwrap(), 3);
     }

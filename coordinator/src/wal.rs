@@ -16,11 +16,13 @@
 //! entries) and compacting a prefix (after a snapshot) rewrite what stays
 //! into a new file that replaces the old one by rename, so a crash during
 //! either leaves the old or the new log, never a mix.
+//!
+//! Its files are reached through an [`Env`]: the local disk, or memory
+//! with injected faults in tests.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use crate::env::{Env, LogFile};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const LOG_MAGIC: &[u8; 8] = b"CSVWAL\0\0";
 const STATE_MAGIC: &[u8; 8] = b"CSVHARD\0";
@@ -98,8 +100,9 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// from here; the file is for recovery).
 #[derive(Debug)]
 pub struct Wal {
+    env: Arc<dyn Env>,
     dir: PathBuf,
-    file: File,
+    file: Box<dyn LogFile>,
     len: u64,
     first: u64,
     entries: Vec<Entry>,
@@ -165,23 +168,17 @@ fn parse(b: &[u8], first: u64) -> (Vec<Entry>, usize) {
 
 impl Wal {
     /// Opens (or creates) the log in `dir`, cutting a torn tail.
-    pub fn open(dir: &Path) -> Result<Wal> {
-        std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    pub fn open(env: Arc<dyn Env>, dir: &Path) -> Result<Wal> {
+        env.create_dir_all(dir)
+            .map_err(io("create directory", dir))?;
         let path = dir.join("log");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        let mut all = Vec::new();
-        file.read_to_end(&mut all).map_err(io("read", &path))?;
+        let file = env.open_log(&path).map_err(io("open", &path))?;
+        let mut all = file.read_all().map_err(io("read", &path))?;
         let first = if all.is_empty() {
             let h = log_header(1);
-            file.write_all_at(&h, 0)
-                .map_err(io("write header", &path))?;
-            file.sync_all().map_err(io("sync", &path))?;
+            file.write_at(&h, 0).map_err(io("write header", &path))?;
+            file.sync_data().map_err(io("sync", &path))?;
+            sync_dir(env.as_ref(), dir)?;
             all = h;
             1
         } else {
@@ -206,10 +203,11 @@ impl Wal {
         let torn_bytes = all.len() as u64 - len;
         if torn_bytes > 0 {
             file.set_len(len).map_err(io("cut torn tail", &path))?;
-            file.sync_all().map_err(io("sync", &path))?;
+            file.sync_data().map_err(io("sync", &path))?;
         }
-        let hard = read_state(&dir.join("state"))?;
+        let hard = read_state(env.as_ref(), &dir.join("state"))?;
         Ok(Wal {
+            env,
             dir: dir.to_path_buf(),
             file,
             len,
@@ -253,7 +251,7 @@ impl Wal {
             last = e.index;
         }
         self.file
-            .write_all_at(&buf, self.len)
+            .write_at(&buf, self.len)
             .map_err(io("append", &path))?;
         self.len += buf.len() as u64;
         self.entries.extend_from_slice(entries);
@@ -303,18 +301,14 @@ impl Wal {
         for e in &keep {
             bytes.extend_from_slice(&record(e));
         }
-        {
-            let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-            f.write_all(&bytes).map_err(io("write", &tmp))?;
-            f.sync_all().map_err(io("sync", &tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io("replace log", &path))?;
-        sync_dir(&self.dir)?;
-        self.file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io("reopen", &path))?;
+        self.env
+            .write_new(&tmp, &bytes)
+            .map_err(io("write", &tmp))?;
+        self.env
+            .rename(&tmp, &path)
+            .map_err(io("replace log", &path))?;
+        sync_dir(self.env.as_ref(), &self.dir)?;
+        self.file = self.env.open_log(&path).map_err(io("reopen", &path))?;
         self.len = bytes.len() as u64;
         self.first = first;
         self.entries = keep;
@@ -334,27 +328,23 @@ impl Wal {
         b.extend_from_slice(&h.commit.to_le_bytes());
         let crc = crc32fast::hash(&b);
         b.extend_from_slice(&crc.to_le_bytes());
-        {
-            let mut f = File::create(&tmp).map_err(io("create", &tmp))?;
-            f.write_all(&b).map_err(io("write", &tmp))?;
-            f.sync_all().map_err(io("sync", &tmp))?;
-        }
-        std::fs::rename(&tmp, &path).map_err(io("replace hard state", &path))?;
-        sync_dir(&self.dir)?;
+        self.env.write_new(&tmp, &b).map_err(io("write", &tmp))?;
+        self.env
+            .rename(&tmp, &path)
+            .map_err(io("replace hard state", &path))?;
+        sync_dir(self.env.as_ref(), &self.dir)?;
         self.hard = h;
         Ok(())
     }
 }
 
 /// Makes a rename in `dir` durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync directory", dir))
+pub fn sync_dir(env: &dyn Env, dir: &Path) -> Result<()> {
+    env.sync_dir(dir).map_err(io("sync directory", dir))
 }
 
-fn read_state(path: &Path) -> Result<HardState> {
-    let b = match std::fs::read(path) {
+fn read_state(env: &dyn Env, path: &Path) -> Result<HardState> {
+    let b = match env.read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HardState::default()),
         Err(e) => {
@@ -401,6 +391,7 @@ fn read_state(path: &Path) -> Result<HardState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::env::{DiskEnv, MemEnv, Op};
     use proptest::prelude::*;
 
     fn e(index: u64, term: u64, n: usize) -> Entry {
@@ -411,10 +402,18 @@ mod tests {
         }
     }
 
+    fn disk(d: &tempfile::TempDir) -> Result<Wal> {
+        Wal::open(Arc::new(DiskEnv), d.path())
+    }
+
+    fn mem(env: &MemEnv) -> Result<Wal> {
+        Wal::open(Arc::new(env.clone()), Path::new("/g"))
+    }
+
     #[test]
     fn append_reopen_truncate_compact() {
         let d = tempfile::tempdir().unwrap();
-        let mut w = Wal::open(d.path()).unwrap();
+        let mut w = disk(&d).unwrap();
         w.append(&[e(1, 1, 10), e(2, 1, 0), e(3, 2, 100)]).unwrap();
         w.sync().unwrap();
         w.set_hard_state(HardState {
@@ -428,7 +427,7 @@ mod tests {
             Err(WalError::Gap { last: 3, got: 5 })
         ));
         drop(w);
-        let mut w = Wal::open(d.path()).unwrap();
+        let mut w = disk(&d).unwrap();
         assert_eq!(w.entries().len(), 3);
         assert_eq!(
             w.hard_state(),
@@ -442,7 +441,7 @@ mod tests {
         w.append(&[e(3, 3, 5)]).unwrap();
         w.compact_to(1).unwrap();
         drop(w);
-        let w = Wal::open(d.path()).unwrap();
+        let w = disk(&d).unwrap();
         assert_eq!(w.first_index(), 2);
         assert_eq!(w.entries(), &[e(2, 1, 0), e(3, 3, 5)]);
     }
@@ -451,7 +450,83 @@ mod tests {
     fn refuses_foreign_files() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("log"), b"something else entirely").unwrap();
-        assert!(matches!(Wal::open(d.path()), Err(WalError::Format { .. })));
+        assert!(matches!(disk(&d), Err(WalError::Format { .. })));
+    }
+
+    #[test]
+    fn a_failed_sync_is_an_error_that_names_the_file() {
+        let env = MemEnv::new();
+        let mut w = mem(&env).unwrap();
+        w.append(&[e(1, 1, 3)]).unwrap();
+        env.fail(Op::Sync, 1);
+        let err = w.sync().unwrap_err();
+        assert!(err.to_string().contains("sync of /g/log"), "{err}");
+        w.sync().unwrap();
+    }
+
+    #[test]
+    fn a_crash_loses_only_what_was_not_synced() {
+        let env = MemEnv::new();
+        let mut w = mem(&env).unwrap();
+        w.append(&[e(1, 1, 3), e(2, 1, 4)]).unwrap();
+        w.sync().unwrap();
+        w.append(&[e(3, 2, 5)]).unwrap();
+        drop(w);
+        env.crash(0);
+        let w = mem(&env).unwrap();
+        assert_eq!(w.entries(), &[e(1, 1, 3), e(2, 1, 4)]);
+        assert_eq!(w.torn_bytes, 0);
+    }
+
+    #[test]
+    fn a_torn_record_is_cut_at_open() {
+        let env = MemEnv::new();
+        let mut w = mem(&env).unwrap();
+        w.append(&[e(1, 1, 3)]).unwrap();
+        w.sync().unwrap();
+        w.append(&[e(2, 1, 40)]).unwrap();
+        drop(w);
+        // Half of the second record reached the disk.
+        env.crash(30);
+        let w = mem(&env).unwrap();
+        assert_eq!(w.entries(), &[e(1, 1, 3)]);
+        assert_eq!(w.torn_bytes, 30);
+    }
+
+    #[test]
+    fn a_failed_rewrite_leaves_the_old_log() {
+        let env = MemEnv::new();
+        let mut w = mem(&env).unwrap();
+        w.append(&[e(1, 1, 3), e(2, 1, 3), e(3, 1, 3)]).unwrap();
+        w.sync().unwrap();
+        env.fail(Op::Rename, 1);
+        assert!(w.truncate_from(2).is_err());
+        drop(w);
+        env.crash(0);
+        let w = mem(&env).unwrap();
+        assert_eq!(w.entries().len(), 3, "the log before the rewrite");
+    }
+
+    #[test]
+    fn a_hard_state_not_yet_renamed_into_place_is_the_old_one() {
+        let env = MemEnv::new();
+        let mut w = mem(&env).unwrap();
+        let old = HardState {
+            term: 1,
+            vote: 1,
+            commit: 0,
+        };
+        w.set_hard_state(old).unwrap();
+        env.fail(Op::Rename, 1);
+        let new = HardState {
+            term: 2,
+            vote: 3,
+            commit: 0,
+        };
+        assert!(w.set_hard_state(new).is_err());
+        drop(w);
+        env.crash(0);
+        assert_eq!(mem(&env).unwrap().hard_state(), old);
     }
 
     proptest! {
@@ -462,8 +537,9 @@ mod tests {
         fn torn_tails_lose_only_unsynced_entries(
             synced in 0usize..8, extra in 1usize..8, cut in any::<u64>(), garbage in prop::collection::vec(any::<u8>(), 0..40)
         ) {
+            use std::os::unix::fs::FileExt;
             let d = tempfile::tempdir().unwrap();
-            let mut w = Wal::open(d.path()).unwrap();
+            let mut w = disk(&d).unwrap();
             let all: Vec<Entry> = (1..=(synced + extra) as u64).map(|i| e(i, 1 + i / 3, (i * 7 % 50) as usize)).collect();
             w.append(&all[..synced]).unwrap();
             w.sync().unwrap();
@@ -472,11 +548,11 @@ mod tests {
             drop(w);
             let full = std::fs::metadata(d.path().join("log")).unwrap().len();
             let at = durable + cut % (full - durable + 1);
-            let f = OpenOptions::new().write(true).open(d.path().join("log")).unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(d.path().join("log")).unwrap();
             f.set_len(at).unwrap();
             f.write_all_at(&garbage, at).unwrap();
             drop(f);
-            let w = Wal::open(d.path()).unwrap();
+            let w = disk(&d).unwrap();
             let got = w.entries();
             prop_assert!(got.len() >= synced, "synced entries lost");
             prop_assert_eq!(got, &all[..got.len()]);

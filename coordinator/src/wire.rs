@@ -26,7 +26,7 @@
 //! connection serves exactly one join request; the cluster key comes back
 //! XORed with a pad derived from that connection's keys.
 
-use crate::proto::{Frame, Hello, Proof, PROTOCOL};
+use crate::proto::{Frame, Hello, Proof, MIN_PROTOCOL, PROTOCOL};
 use hmac::{Mac, SimpleHmac};
 use prost::Message;
 use ring::aead::{self, LessSafeKey, UnboundKey, AES_256_GCM};
@@ -53,7 +53,7 @@ const NONCE: usize = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The socket failed or closed.
-    #[error("connection: {0}")]
+    #[error("connection failed")]
     Io(#[from] std::io::Error),
     /// The peer did not prove it holds the cluster key, or spoke another
     /// protocol or cluster.
@@ -62,6 +62,47 @@ pub enum WireError {
     /// A frame that is too long, fails its tag, or does not decode.
     #[error("bad frame: {0}")]
     Frame(String),
+}
+
+/// What is wrong with a join token's text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Longer than any token.
+    #[error("a join token is at most {MAX_TOKEN} characters")]
+    TooLong,
+    /// Not a token at all.
+    #[error(
+        "not a join token: it starts with {TOKEN_PREFIX:?} (`csvctl cluster token` prints one)"
+    )]
+    NotAToken,
+    /// Not hex after the prefix.
+    #[error("the join token is damaged (not hex): copy it whole")]
+    NotHex,
+    /// Hex, but not a token's fields.
+    #[error("the join token is damaged (too short or badly formed): copy it whole")]
+    Damaged,
+}
+
+/// Why a cluster key file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Reading it.
+    #[error("cannot read the cluster key {path}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something else than a key.
+    #[error(
+        "{path} does not hold a cluster key (64 hex digits, as written by `csvctl cluster init`)"
+    )]
+    NotAKey {
+        /// The file.
+        path: std::path::PathBuf,
+    },
 }
 
 /// The cluster key.
@@ -93,14 +134,13 @@ impl Key {
     }
 
     /// Reads a key file.
-    pub fn load(path: &Path) -> Result<Key, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read cluster key {}: {e}", path.display()))?;
-        Key::from_hex(&text).ok_or_else(|| {
-            format!(
-                "{} does not hold a cluster key (64 hex digits, as written by `csvctl cluster init`)",
-                path.display()
-            )
+    pub fn load(path: &Path) -> Result<Key, KeyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Key::from_hex(&text).ok_or_else(|| KeyError::NotAKey {
+            path: path.to_path_buf(),
         })
     }
 
@@ -242,17 +282,14 @@ impl JoinTicket {
     }
 
     /// Reads a token's text; says what is wrong with a bad one.
-    pub fn decode(text: &str) -> Result<JoinTicket, String> {
+    pub fn decode(text: &str) -> Result<JoinTicket, TokenError> {
         let t = text.trim();
         if t.len() > MAX_TOKEN {
-            return Err(format!("a join token is at most {MAX_TOKEN} characters"));
+            return Err(TokenError::TooLong);
         }
-        let body = t.strip_prefix(TOKEN_PREFIX).ok_or_else(|| {
-            format!("not a join token: it starts with {TOKEN_PREFIX:?} (`csvctl cluster token` prints one)")
-        })?;
-        let b = unhex(body).ok_or("the join token is damaged (not hex): copy it whole")?;
-        let bad =
-            || "the join token is damaged (too short or badly formed): copy it whole".to_string();
+        let body = t.strip_prefix(TOKEN_PREFIX).ok_or(TokenError::NotAToken)?;
+        let b = unhex(body).ok_or(TokenError::NotHex)?;
+        let bad = || TokenError::Damaged;
         let z1 = b.iter().position(|&c| c == 0).ok_or_else(bad)?;
         let rest = b.get(z1 + 1..).ok_or_else(bad)?;
         let z2 = rest.iter().position(|&c| c == 0).ok_or_else(bad)?;
@@ -379,9 +416,9 @@ fn handshake(
     };
     send_plain(&mut writer, &hello)?;
     let theirs: Hello = recv_plain(&mut reader)?;
-    if theirs.protocol != PROTOCOL {
+    if theirs.protocol < MIN_PROTOCOL {
         return Err(WireError::Auth(format!(
-            "peer speaks protocol {}, this build speaks {PROTOCOL}",
+            "peer speaks protocol {}, older than this build accepts ({MIN_PROTOCOL} to {PROTOCOL}): upgrade it",
             theirs.protocol
         )));
     }
@@ -473,8 +510,8 @@ fn handshake(
 
 /// Connects to `addr` and authenticates.
 pub fn connect(addr: SocketAddr, me: &Identity, timeout: Duration) -> Result<Conn, WireError> {
-    if drill::is_cut(&addr) {
-        return Err(drill::unreachable());
+    if crate::faults::network_cut(&addr) {
+        return Err(WireError::Io(crate::faults::unreachable()));
     }
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
     handshake(stream, me, true, None, timeout)
@@ -497,9 +534,12 @@ pub fn connect_join(
 
 /// Authenticates a connection a listener accepted.
 pub fn accept(stream: TcpStream, me: &Identity, timeout: Duration) -> Result<Conn, WireError> {
-    if stream.local_addr().is_ok_and(|a| drill::is_cut(&a)) {
+    if stream
+        .local_addr()
+        .is_ok_and(|a| crate::faults::network_cut(&a))
+    {
         let _ = stream.shutdown(std::net::Shutdown::Both);
-        return Err(drill::unreachable());
+        return Err(WireError::Io(crate::faults::unreachable()));
     }
     handshake(stream, me, false, None, timeout)
 }
@@ -683,9 +723,9 @@ impl Conn {
     /// Fails (and closes the connection) while a drill has cut either
     /// end's address off: to both ends it is as if the network died.
     fn check_cut(&self) -> Result<(), WireError> {
-        if self.ends.iter().flatten().any(drill::is_cut) {
+        if self.ends.iter().flatten().any(crate::faults::network_cut) {
             self.shutdown();
-            return Err(drill::unreachable());
+            return Err(WireError::Io(crate::faults::unreachable()));
         }
         Ok(())
     }
@@ -708,57 +748,6 @@ impl Conn {
     /// Closes both directions.
     pub fn shutdown(&self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-/// Network faults of a failure drill (`csvctl drill`): addresses this
-/// process neither connects to, accepts on, nor keeps a connection with,
-/// each until a deadline. With nothing cut, a check is one atomic load.
-pub mod drill {
-    use super::WireError;
-    use std::net::SocketAddr;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
-    use std::time::Instant;
-
-    static ANY: AtomicBool = AtomicBool::new(false);
-    static CUT: Mutex<Vec<(SocketAddr, Instant)>> = Mutex::new(Vec::new());
-
-    /// Cuts `addrs` off until `until`.
-    pub fn cut(addrs: &[SocketAddr], until: Instant) {
-        if let Ok(mut c) = CUT.lock() {
-            c.retain(|(a, _)| !addrs.contains(a));
-            c.extend(addrs.iter().map(|a| (*a, until)));
-            ANY.store(!c.is_empty(), Ordering::Relaxed);
-        }
-    }
-
-    /// Ends every cut.
-    pub fn heal() {
-        if let Ok(mut c) = CUT.lock() {
-            c.clear();
-        }
-        ANY.store(false, Ordering::Relaxed);
-    }
-
-    /// Whether traffic to or from `a` is cut now.
-    pub fn is_cut(a: &SocketAddr) -> bool {
-        if !ANY.load(Ordering::Relaxed) {
-            return false;
-        }
-        let Ok(mut c) = CUT.lock() else { return false };
-        let now = Instant::now();
-        c.retain(|(_, until)| *until > now);
-        ANY.store(!c.is_empty(), Ordering::Relaxed);
-        c.iter().any(|(x, _)| x == a)
-    }
-
-    /// The error of a connection on a cut network.
-    pub fn unreachable() -> WireError {
-        WireError::Io(std::io::Error::new(
-            std::io::ErrorKind::NetworkUnreachable,
-            "network unreachable (cut by a failure drill)",
-        ))
     }
 }
 
@@ -793,17 +782,17 @@ mod tests {
         let (c, a) = pair(ident(1, &k), ident(2, &k));
         let (mut c, mut a) = (c.unwrap(), a.unwrap());
         let to = c.ends[1].unwrap();
-        drill::cut(&[to], std::time::Instant::now() + Duration::from_secs(30));
+        crate::faults::cut_network(&[to], std::time::Instant::now() + Duration::from_secs(30));
         assert!(c.send(&raft_frame(1)).is_err());
         assert!(connect(to, &ident(1, &k), Duration::from_secs(1)).is_err());
         assert!(a.recv().is_err(), "the other end sees the connection die");
-        drill::heal();
+        crate::faults::heal();
         let (c, a) = pair(ident(1, &k), ident(2, &k));
         c.unwrap().send(&raft_frame(2)).unwrap();
         assert_eq!(a.unwrap().recv().unwrap(), raft_frame(2));
         // A cut ends by itself at its deadline.
-        drill::cut(&[to], std::time::Instant::now());
-        assert!(!drill::is_cut(&to));
+        crate::faults::cut_network(&[to], std::time::Instant::now());
+        assert!(!crate::faults::network_cut(&to));
     }
 
     #[test]
@@ -819,7 +808,7 @@ mod tests {
         let op = BlockOp {
             volume: 3,
             offset: 1 << 40,
-            kind: 1,
+            kind: crate::proto::BlockOpKind::Write as i32,
             ..Default::default()
         };
         let mut body = Vec::new();
@@ -936,9 +925,7 @@ mod tests {
         let text = t.encode();
         assert!(JoinTicket::decode(&text[..text.len() - 2]).is_err());
         assert!(JoinTicket::decode("csvjoin1-zz").is_err());
-        assert!(JoinTicket::decode("hello")
-            .unwrap_err()
-            .contains("not a join token"));
+        assert_eq!(JoinTicket::decode("hello"), Err(TokenError::NotAToken));
         assert!(!format!("{t:?}").contains(&hex(&t.secret)));
     }
 

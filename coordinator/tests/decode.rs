@@ -190,6 +190,7 @@ proptest! {
         let c = Command {
             client: 3,
             seq: 9,
+            version: 1,
             body: Some(proto::command::Body::Volume(op_to_proto(&op))),
         };
         let back = Command::decode(c.encode_to_vec().as_slice()).unwrap();

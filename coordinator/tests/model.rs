@@ -477,6 +477,7 @@ fn hand_over_moves_the_write_lease_atomically() {
     );
     assert!(check_lease_history(&bad)
         .unwrap_err()
+        .to_string()
         .contains("while host"));
 }
 

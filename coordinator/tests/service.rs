@@ -3,12 +3,15 @@
 
 #![allow(clippy::unwrap_used)]
 
+use coordinator::env::DiskEnv;
 use coordinator::group::Timing;
 use coordinator::meta::ROOT;
-use coordinator::node::{Config, Node};
+use coordinator::node::{Config, Listeners, Node};
 use coordinator::proto::{self, frame, request, response, Frame, Request};
+use coordinator::service::Services;
 use coordinator::wire::{self, Identity, Key};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn one_host(dir: &std::path::Path) -> (Node, Identity) {
@@ -18,22 +21,24 @@ fn one_host(dir: &std::path::Path) -> (Node, Identity) {
         cluster: "t".into(),
         key,
     };
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let node = Node::start(Config {
-        identity: me.clone(),
-        data_dir: dir.to_path_buf(),
-        listen: vec![addr],
-        peers: BTreeMap::from([(1, vec![addr.to_string()])]),
-        init: true,
-        timing: Timing {
-            tick: Duration::from_millis(10),
-            ..Timing::default()
+    let listeners = Listeners::bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let addr = listeners.addrs()[0];
+    let node = Node::start(
+        Config {
+            identity: me.clone(),
+            data_dir: dir.to_path_buf(),
+            peers: BTreeMap::from([(1, vec![addr.to_string()])]),
+            init: true,
+            timing: Timing {
+                tick: Duration::from_millis(10),
+                ..Timing::default()
+            },
+            level: coordinator::features::SUPPORTED,
         },
-    })
+        Arc::new(DiskEnv),
+        listeners,
+        Services::default(),
+    )
     .unwrap();
     (node, me)
 }
@@ -85,7 +90,7 @@ fn a_retried_create_is_applied_once_and_answered_the_same() {
             op: Some(proto::volume_op::Op::Create(proto::CreateOp {
                 parent: ROOT,
                 name: name.into(),
-                kind: 1,
+                kind: proto::NodeKind::File as i32,
                 mode: 0o644,
                 ..Default::default()
             })),
@@ -148,12 +153,22 @@ fn a_file_created_with_a_lease_comes_back_with_it() {
     let (node, me) = one_host(d.path());
     let client = Identity { node: 0, ..me };
     let mut cl = volume_one(&client, node.bound[0]);
+    // A new cluster runs at the base level until its hosts have said
+    // what they support (a second or two).
+    let t = std::time::Instant::now();
+    while cl.cluster_info().unwrap().feature_level < coordinator::features::CREATE_WITH_LEASE {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the feature level never rose"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let r = cl.volume_op(
         1,
         proto::volume_op::Op::Create(proto::CreateOp {
             parent: ROOT,
             name: "f".into(),
-            kind: 1,
+            kind: proto::NodeKind::File as i32,
             mode: 0o644,
             lease_node: 1,
             lease_ttl: 30_000,
@@ -167,5 +182,36 @@ fn a_file_created_with_a_lease_comes_back_with_it() {
         panic!("{r:?}")
     };
     assert!(c.lease.is_some_and(|l| l.write));
-    assert_eq!(c.attr.map(|a| a.kind), Some(1));
+    assert_eq!(c.attr.map(|a| a.kind()), Some(proto::NodeKind::File));
+}
+
+#[test]
+fn a_host_without_services_says_so_and_still_reports_its_groups() {
+    let d = tempfile::tempdir().unwrap();
+    let (node, me) = one_host(d.path());
+    let client = Identity { node: 0, ..me };
+    let addr = node.bound[0];
+    let _ = volume_one(&client, addr);
+    let st = coordinator::client::node_status(&client, addr, Duration::from_secs(2)).unwrap();
+    assert_eq!(st.node, 1);
+    assert!(st.groups.iter().any(|g| g.group == 1), "{st:?}");
+    assert!(st.volumes.is_empty() && st.vms.is_empty());
+    let e = coordinator::client::redirect(
+        &client,
+        addr,
+        1,
+        true,
+        proto::RedirectMode::Block,
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), Some(proto::ErrorCode::NoGroup), "{e}");
+    let bad = coordinator::client::fault(
+        &client,
+        addr,
+        proto::FaultReq::default(),
+        Duration::from_secs(2),
+    )
+    .unwrap_err();
+    assert_eq!(bad.code(), Some(proto::ErrorCode::Invalid), "{bad}");
 }

@@ -12,21 +12,31 @@
 //! client's last applied `seq` and answer is part of the replicated state
 //! (and of snapshots), so a command retried after a leader change is
 //! applied once and the retry gets the first answer.
+//!
+//! Every command also carries the feature level it needs
+//! ([`crate::features`]); a replica that supports less refuses to apply
+//! it ([`GroupError::Level`]) rather than misapply it.
+//!
+//! - [`apply`]: applying committed entries, answering reads;
+//! - [`drain`]: raft-rs's log lines into `tracing`.
+
+mod apply;
+mod drain;
 
 use crate::cluster::{ClusterState, Effect};
 use crate::codec;
+use crate::env::Env;
 use crate::meta::Volume;
-use crate::proto::{self, command, read, response, ErrorCode, Response};
+use crate::proto::{self, command, response, ErrorCode, Response};
 use crate::storage::{RaftStore, StoreError};
+use drain::TracingDrain;
 use prost::Message as _;
-use protobuf::Message as _;
-use raft::eraftpb::{
-    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, EntryType, Message,
-};
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Message};
 use raft::{RawNode, StateRole};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The cluster group's id.
@@ -113,6 +123,8 @@ pub struct Group {
     heard: HashMap<u64, Instant>,
     /// When this host last became the group's leader.
     leader_since: Option<Instant>,
+    /// The highest feature level this replica applies.
+    supported: u32,
 }
 
 impl std::fmt::Debug for Group {
@@ -131,16 +143,44 @@ pub enum GroupError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// raft-rs refused.
-    #[error("raft: {0}")]
+    #[error("raft-rs refused")]
     Raft(#[from] raft::Error),
     /// A snapshot's state does not decode.
-    #[error("group {group} snapshot: {why}")]
+    #[error("group {group}: its snapshot does not decode")]
     Snapshot {
         /// The group.
         group: u64,
         /// Why.
-        why: String,
+        #[source]
+        source: SnapshotDecodeError,
     },
+    /// A committed command needs a feature level this build does not
+    /// support: this replica stops rather than misapply it.
+    #[error("group {group}: the command at index {index} needs feature level {needs}, this build supports {supports}: upgrade this host")]
+    Level {
+        /// The group.
+        group: u64,
+        /// The entry.
+        index: u64,
+        /// What it needs.
+        needs: u32,
+        /// What this build supports.
+        supports: u32,
+    },
+}
+
+/// Which part of a group's snapshot does not decode.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotDecodeError {
+    /// The snapshot's frame.
+    #[error("the snapshot frame")]
+    Frame(#[source] prost::DecodeError),
+    /// The cluster group's state.
+    #[error("the cluster state")]
+    Cluster(#[source] prost::DecodeError),
+    /// A volume group's state.
+    #[error("the volume state")]
+    Volume(#[source] crate::meta::SnapshotError),
 }
 
 fn sorted(ids: &[u64]) -> Vec<u64> {
@@ -166,12 +206,10 @@ fn respond(w: &Waiter, seq: u64, r: Result<proto::Reply, proto::Error>) {
     });
 }
 
-/// Milliseconds of the wall clock (the time stamped into commands).
+/// Milliseconds of the wall clock (the time stamped into commands), as a
+/// failure drill's clock jump has it.
 pub fn now_ms() -> u64 {
-    let real = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    clock_drill::apply(real)
+    crate::faults::wall_ms()
 }
 
 /// The time a leader stamps on commands (lease grants and expiry, file
@@ -186,80 +224,17 @@ pub fn lease_now_ms() -> u64 {
     wall + at.elapsed().as_millis() as u64
 }
 
-/// A failure drill's clock jump (`csvctl drill clock-jump`): this
-/// process's wall clock reads `offset` off until a deadline, as after an
-/// operator's or a broken NTP's step.
-pub mod clock_drill {
-    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-
-    static OFFSET: AtomicI64 = AtomicI64::new(0);
-    /// Real time (ms) when the jump ends.
-    static UNTIL: AtomicU64 = AtomicU64::new(0);
-
-    /// Jumps the clock by `offset_ms` for `for_ms` (0: jump back now).
-    pub fn jump(offset_ms: i64, for_ms: u64) {
-        let real = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        UNTIL.store(real.saturating_add(for_ms), Ordering::Relaxed);
-        OFFSET.store(if for_ms == 0 { 0 } else { offset_ms }, Ordering::Relaxed);
-    }
-
-    pub(super) fn apply(real: u64) -> u64 {
-        let off = OFFSET.load(Ordering::Relaxed);
-        if off == 0 || real >= UNTIL.load(Ordering::Relaxed) {
-            return real;
-        }
-        real.saturating_add_signed(off)
-    }
-}
-
-/// A slog drain that hands raft-rs's log lines to `tracing`.
-struct TracingDrain {
-    group: u64,
-}
-
-struct KvLine(String);
-
-impl slog::Serializer for KvLine {
-    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments) -> slog::Result {
-        use std::fmt::Write;
-        let _ = write!(self.0, " {key}={val}");
-        Ok(())
-    }
-}
-
-impl slog::Drain for TracingDrain {
-    type Ok = ();
-    type Err = slog::Never;
-    fn log(&self, r: &slog::Record, kv: &slog::OwnedKVList) -> Result<(), slog::Never> {
-        use slog::KV;
-        let mut line = KvLine(String::new());
-        let _ = r.kv().serialize(r, &mut line);
-        let _ = kv.serialize(r, &mut line);
-        let g = self.group;
-        match r.level() {
-            slog::Level::Critical | slog::Level::Error => {
-                tracing::error!(target: "raft", group = g, "{}{}", r.msg(), line.0)
-            }
-            slog::Level::Warning => {
-                tracing::warn!(target: "raft", group = g, "{}{}", r.msg(), line.0)
-            }
-            slog::Level::Info => tracing::info!(target: "raft", group = g, "{}{}", r.msg(), line.0),
-            _ => tracing::trace!(target: "raft", group = g, "{}{}", r.msg(), line.0),
-        }
-        Ok(())
-    }
-}
-
-fn decode_machine(base: &Machine, data: &[u8]) -> Result<(Machine, Vec<Effect>), String> {
+fn decode_machine(
+    base: &Machine,
+    data: &[u8],
+) -> Result<(Machine, Vec<Effect>), SnapshotDecodeError> {
     match base {
         Machine::Cluster(_) => ClusterState::decode(data)
             .map(|(s, fx)| (Machine::Cluster(s), fx))
-            .map_err(|e| e.to_string()),
+            .map_err(SnapshotDecodeError::Cluster),
         Machine::Volume(_) => Volume::decode(data)
             .map(|v| (Machine::Volume(Box::new(v)), vec![]))
-            .map_err(|e| e.to_string()),
+            .map_err(SnapshotDecodeError::Volume),
     }
 }
 
@@ -270,17 +245,18 @@ impl Group {
     pub fn open(
         id: u64,
         node: u64,
+        env: Arc<dyn Env>,
         dir: &Path,
         init: &[u64],
         base: Machine,
         timing: Timing,
     ) -> Result<(Group, Vec<Effect>), GroupError> {
-        let store = if RaftStore::exists(dir) {
-            RaftStore::open(dir)?
+        let store = if RaftStore::exists(env.as_ref(), dir) {
+            RaftStore::open(env, dir)?
         } else {
             let mut cs = ConfState::default();
             cs.set_voters(init.to_vec());
-            RaftStore::create(dir, cs)?
+            RaftStore::create(env, dir, cs)?
         };
         let snap = store.snapshot_ref().clone();
         let applied = snap.get_metadata().index;
@@ -322,14 +298,16 @@ impl Group {
                 last_lease_tick: Instant::now(),
                 heard: HashMap::new(),
                 leader_since: None,
+                supported: crate::features::SUPPORTED,
             },
             fx,
         ))
     }
 
     fn decode_snapshot(id: u64, base: &Machine, data: &[u8]) -> Result<Restored, GroupError> {
-        let bad = |why: String| GroupError::Snapshot { group: id, why };
-        let gs = proto::GroupSnapshot::decode(data).map_err(|e| bad(e.to_string()))?;
+        let bad = |source| GroupError::Snapshot { group: id, source };
+        let gs =
+            proto::GroupSnapshot::decode(data).map_err(|e| bad(SnapshotDecodeError::Frame(e)))?;
         let (m, fx) = decode_machine(base, &gs.machine).map_err(bad)?;
         let dedup = gs.dedup.into_iter().map(|d| (d.client, d)).collect();
         Ok((dedup, m, fx))
@@ -345,6 +323,12 @@ impl Group {
             machine,
         }
         .encode_to_vec()
+    }
+
+    /// Applies commands up to feature level `level` only (a host of an
+    /// older build, in tests of rolling upgrades).
+    pub fn set_supported_level(&mut self, level: u32) {
+        self.supported = level;
     }
 
     /// Whether this host leads the group.
@@ -434,6 +418,9 @@ impl Group {
                         })
                         .filter(|&(id, up)| c.is_up(id) != up)
                         .collect();
+                    // Every registered host supports a higher level now:
+                    // the cluster moves to it.
+                    let (level, can) = (c.feature_level(), c.lowest_supported_level());
                     for (node, up) in changed {
                         tracing::info!(node, up, "host reachability changed");
                         let op = proto::ClusterOp {
@@ -442,6 +429,17 @@ impl Group {
                                 up,
                                 since: now_ms(),
                             })),
+                        };
+                        self.propose_internal(command::Body::Cluster(op));
+                    }
+                    if can > level {
+                        tracing::info!(
+                            from = level,
+                            to = can,
+                            "raising the cluster's feature level"
+                        );
+                        let op = proto::ClusterOp {
+                            op: Some(proto::cluster_op::Op::SetFeatureLevel(can)),
                         };
                         self.propose_internal(command::Body::Cluster(op));
                     }
@@ -499,10 +497,14 @@ impl Group {
         }
     }
 
-    fn propose_internal(&mut self, body: command::Body) {
+    /// Proposes a command of the group's own (client 0, not
+    /// deduplicated); on a follower raft-rs forwards it to the leader. A
+    /// dropped one is proposed again by whoever needs it.
+    pub fn propose_internal(&mut self, body: command::Body) {
         let c = proto::Command {
             client: 0,
             seq: 0,
+            version: crate::features::required(&body),
             body: Some(body),
         };
         let _ = self.raw.propose(vec![], c.encode_to_vec());
@@ -537,6 +539,7 @@ impl Group {
         let c = proto::Command {
             client,
             seq,
+            version: crate::features::required(&body),
             body: Some(body),
         };
         match self.raw.propose(vec![], c.encode_to_vec()) {
@@ -714,216 +717,6 @@ impl Group {
         Ok(fx)
     }
 
-    fn apply(
-        &mut self,
-        entries: Vec<raft::eraftpb::Entry>,
-        fx: &mut Vec<Effect>,
-    ) -> Result<(), GroupError> {
-        for e in entries {
-            let index = e.index;
-            match e.get_entry_type() {
-                EntryType::EntryNormal if !e.get_data().is_empty() => {
-                    self.apply_command(index, e.get_data(), fx)
-                }
-                EntryType::EntryNormal => {}
-                EntryType::EntryConfChangeV2 => {
-                    match ConfChangeV2::parse_from_bytes(e.get_data()) {
-                        Ok(cc) => {
-                            self.conf = self.raw.apply_conf_change(&cc)?;
-                            self.force_snapshot |= cc
-                                .get_changes()
-                                .iter()
-                                .any(|c| c.get_change_type() == ConfChangeType::AddLearnerNode);
-                        }
-                        Err(x) => tracing::error!(group = self.id, index, "bad conf change: {x}"),
-                    }
-                }
-                EntryType::EntryConfChange => match ConfChange::parse_from_bytes(e.get_data()) {
-                    Ok(cc) => self.conf = self.raw.apply_conf_change(&cc)?,
-                    Err(x) => tracing::error!(group = self.id, index, "bad conf change: {x}"),
-                },
-            }
-            self.applied = index;
-            // Forget clients idle for a long stretch of the log (the same
-            // on every replica: it depends on the index only).
-            if index % 1024 == 0 {
-                let horizon = index.saturating_sub(1 << 20);
-                self.dedup.retain(|_, d| d.index > horizon);
-            }
-        }
-        Ok(())
-    }
-
-    fn apply_command(&mut self, index: u64, data: &[u8], fx: &mut Vec<Effect>) {
-        let cmd = match proto::Command::decode(data) {
-            Ok(c) => c,
-            Err(e) => {
-                // Only this build's proposals reach the log; skip it the
-                // same way on every replica rather than stop the group.
-                tracing::error!(group = self.id, index, "undecodable command skipped: {e}");
-                return;
-            }
-        };
-        let (client, seq) = (cmd.client, cmd.seq);
-        if client != 0 {
-            if let Some(d) = self.dedup.get(&client) {
-                if d.seq >= seq {
-                    // A retry that was proposed twice: applied once.
-                    if let Some(w) = self.waiters.remove(&(client, seq)) {
-                        let mut r = d.response.clone().unwrap_or_default();
-                        r.seq = seq;
-                        let _ = w.send(r);
-                    }
-                    return;
-                }
-            }
-        }
-        let result = match (&mut self.machine, cmd.body) {
-            (Machine::Volume(v), Some(command::Body::Volume(op))) => {
-                match codec::op_from_proto(&op) {
-                    Ok(op) => v
-                        .apply(op)
-                        .map(|r| codec::reply_to_proto(&r))
-                        .map_err(|e| codec::meta_error_to_proto(&e)),
-                    Err(e) => Err(codec::error(ErrorCode::BadRequest, e.to_string())),
-                }
-            }
-            (Machine::Cluster(c), Some(command::Body::Cluster(op))) => {
-                let (r, f) = c.apply(&op);
-                fx.extend(f);
-                r
-            }
-            _ => Err(codec::error(
-                ErrorCode::BadRequest,
-                "command does not belong to this group",
-            )),
-        };
-        let resp = Response {
-            seq,
-            result: Some(match result {
-                Ok(v) => response::Result::Reply(v),
-                Err(e) => response::Result::Error(e),
-            }),
-        };
-        if client != 0 {
-            self.dedup.insert(
-                client,
-                proto::DedupEntry {
-                    client,
-                    seq,
-                    index,
-                    response: Some(resp.clone()),
-                },
-            );
-        }
-        if let Some(w) = self.waiters.remove(&(client, seq)) {
-            let _ = w.send(resp);
-        }
-    }
-
-    fn serve_reads(&mut self) {
-        let applied = self.applied;
-        let (now, later): (Vec<_>, Vec<_>) =
-            self.ready_reads.drain(..).partition(|(i, _)| *i <= applied);
-        self.ready_reads = later;
-        for (_, r) in now {
-            let res = self.query(&r.query);
-            respond(&r.waiter, r.seq, res);
-        }
-    }
-
-    /// Answers a read from the applied state.
-    fn query(&self, q: &proto::Read) -> Result<proto::Reply, proto::Error> {
-        use proto::reply::Value;
-        let value = match (&self.machine, q.query.as_ref()) {
-            (Machine::Cluster(c), Some(read::Query::Cluster(_))) => Value::Cluster(c.info()),
-            (Machine::Volume(v), Some(q)) => {
-                let me = |e: crate::meta::MetaError| codec::meta_error_to_proto(&e);
-                let attr = |ino| {
-                    v.getattr(ino)
-                        .map(|a| codec::attr_to_proto(&a))
-                        .ok_or_else(|| me(crate::meta::MetaError::NotFound))
-                };
-                match q {
-                    read::Query::Lookup(l) => {
-                        Value::Attr(attr(v.lookup(l.parent, &l.name).map_err(me)?)?)
-                    }
-                    read::Query::GetAttr(i) => Value::Attr(attr(*i)?),
-                    read::Query::ReadDir(i) => Value::Entries(proto::DirEntries {
-                        entries: v
-                            .readdir(*i)
-                            .map_err(me)?
-                            .into_iter()
-                            .map(|(name, ino)| proto::DirEntry {
-                                name,
-                                ino,
-                                kind: v.getattr(ino).map_or(1, |a| codec::kind_code(a.kind)),
-                            })
-                            .collect(),
-                    }),
-                    read::Query::ReadLink(i) => {
-                        Value::Text(v.readlink(*i).map_err(me)?.to_string())
-                    }
-                    read::Query::Extents(i) => Value::Extents(codec::shared_extents_to_proto(
-                        &v.extents_shared(*i).map_err(me)?,
-                    )),
-                    read::Query::Snapshots(_) => Value::Snapshots(proto::SnapshotList {
-                        snapshots: v
-                            .snapshots()
-                            .into_iter()
-                            .map(|s| proto::SnapshotInfo {
-                                id: s.id,
-                                name: s.name,
-                                created: s.created,
-                                files: s.files,
-                                exclusive: s.exclusive,
-                            })
-                            .collect(),
-                    }),
-                    read::Query::Leases(i) => Value::Leases(proto::LeaseList {
-                        leases: v
-                            .leases(*i)
-                            .into_iter()
-                            .map(|(node, l)| proto::Lease {
-                                node,
-                                epoch: l.epoch,
-                                expires: l.expires,
-                                write: l.write,
-                            })
-                            .collect(),
-                    }),
-                    read::Query::LeaseHistory(i) => Value::LeaseHistory(proto::LeaseHistory {
-                        events: v
-                            .lease_history((*i != 0).then_some(*i))
-                            .iter()
-                            .map(codec::lease_event_to_proto)
-                            .collect(),
-                    }),
-                    read::Query::Check(_) => Value::Text(v.check().join("\n")),
-                    read::Query::Usage(_) => Value::Usage(proto::VolumeUsage {
-                        free: v.free_bytes(),
-                        quarantined: v.quarantined_bytes(),
-                        inodes: v.inode_count(),
-                        leases: v.lease_count(),
-                    }),
-                    read::Query::Cluster(_) => {
-                        return Err(codec::error(
-                            ErrorCode::BadRequest,
-                            "the cluster registry is read from the cluster group",
-                        ))
-                    }
-                }
-            }
-            _ => {
-                return Err(codec::error(
-                    ErrorCode::BadRequest,
-                    "read does not belong to this group",
-                ))
-            }
-        };
-        Ok(proto::Reply { value: Some(value) })
-    }
-
     fn maybe_compact(&mut self) -> Result<(), GroupError> {
         let snap_index = self.raw.store().snapshot_ref().get_metadata().index;
         if self.applied > snap_index
@@ -946,10 +739,10 @@ impl Group {
     pub fn status(&self) -> proto::GroupStatus {
         let r = &self.raw.raft;
         let role = match r.state {
-            StateRole::Leader => "leader",
-            StateRole::Follower => "follower",
-            StateRole::Candidate => "candidate",
-            StateRole::PreCandidate => "pre-candidate",
+            StateRole::Leader => proto::RaftRole::Leader,
+            StateRole::Follower => proto::RaftRole::Follower,
+            StateRole::Candidate => proto::RaftRole::Candidate,
+            StateRole::PreCandidate => proto::RaftRole::PreCandidate,
         };
         let last = r.raft_log.last_index();
         let (write_leases, read_leases) = match &self.machine {
@@ -964,7 +757,11 @@ impl Group {
                     node: *id,
                     matched: pr.matched,
                     lag: last.saturating_sub(pr.matched),
-                    state: format!("{:?}", pr.state).to_lowercase(),
+                    state: match pr.state {
+                        raft::ProgressState::Probe => proto::ProgressState::Probe,
+                        raft::ProgressState::Replicate => proto::ProgressState::Replicate,
+                        raft::ProgressState::Snapshot => proto::ProgressState::Snapshot,
+                    } as i32,
                 })
                 .collect()
         } else {
@@ -972,7 +769,7 @@ impl Group {
         };
         proto::GroupStatus {
             group: self.id,
-            role: role.into(),
+            role: role as i32,
             term: r.term,
             leader: r.leader_id,
             commit: r.raft_log.committed,

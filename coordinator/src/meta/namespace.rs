@@ -1,0 +1,318 @@
+//! The namespace: creating, linking, unlinking and renaming inodes, and
+//! changing their attributes.
+
+use super::*;
+
+pub(super) fn check_name(name: &str) -> Result<(), MetaError> {
+    if name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.len() > MAX_NAME
+        || name.contains('/')
+        || name.contains('\0')
+    {
+        return Err(MetaError::Invalid(format!("bad name {name:?}")));
+    }
+    Ok(())
+}
+
+impl Volume {
+    pub(super) fn dir_mut(&mut self, ino: Ino) -> Result<&mut BTreeMap<String, Ino>, MetaError> {
+        match self.inodes.get_mut(&ino).map(|i| &mut i.body) {
+            Some(Body::Dir(d)) => Ok(d),
+            Some(_) => Err(MetaError::NotDir),
+            None => Err(MetaError::NotFound),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        kind: Kind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        target: String,
+        now: u64,
+    ) -> Result<Reply, MetaError> {
+        check_name(name)?;
+        if parent == ROOT && name == SNAPSHOTS_NAME {
+            return Err(MetaError::Invalid(format!(
+                "{SNAPSHOTS_NAME} in the root is reserved for snapshots"
+            )));
+        }
+        let ino = self.next_ino;
+        if ino >= LIVE_INO_LIMIT {
+            return Err(MetaError::NoSpace);
+        }
+        let dir = self.dir_mut(parent)?;
+        if dir.contains_key(name) {
+            return Err(MetaError::Exists);
+        }
+        dir.insert(name.to_string(), ino);
+        self.next_ino += 1;
+        let (body, size, nlink) = match kind {
+            Kind::Dir => (Body::Dir(BTreeMap::new()), 0, 2),
+            Kind::File => (Body::File(BTreeMap::new()), 0, 1),
+            Kind::Symlink => {
+                let n = target.len() as u64;
+                (Body::Symlink(target), n, 1)
+            }
+        };
+        let attr = Attr {
+            ino,
+            kind,
+            mode,
+            uid,
+            gid,
+            size,
+            nlink,
+            mtime: now,
+            ctime: now,
+        };
+        self.inodes.insert(
+            ino,
+            Inode {
+                attr: attr.clone(),
+                body,
+            },
+        );
+        if let Some(p) = self.inodes.get_mut(&parent) {
+            p.attr.mtime = now;
+            p.attr.ctime = now;
+            if kind == Kind::Dir {
+                p.attr.nlink += 1;
+            }
+        }
+        Ok(Reply::Attr(attr))
+    }
+
+    pub(super) fn link(
+        &mut self,
+        ino: Ino,
+        parent: Ino,
+        name: &str,
+        now: u64,
+    ) -> Result<Reply, MetaError> {
+        check_name(name)?;
+        match self.inodes.get(&ino).map(|i| i.attr.kind) {
+            None => return Err(MetaError::NotFound),
+            Some(Kind::Dir) => return Err(MetaError::IsDir),
+            Some(_) => {}
+        }
+        let dir = self.dir_mut(parent)?;
+        if dir.contains_key(name) {
+            return Err(MetaError::Exists);
+        }
+        dir.insert(name.to_string(), ino);
+        let i = self.inodes.get_mut(&ino).ok_or(MetaError::NotFound)?;
+        i.attr.nlink += 1;
+        i.attr.ctime = now;
+        Ok(Reply::Attr(i.attr.clone()))
+    }
+
+    /// Drops one link of `ino`; at zero links the inode goes and its
+    /// extents are freed (or quarantined while leased).
+    pub(super) fn drop_link(&mut self, ino: Ino, now: u64) {
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return;
+        };
+        i.attr.nlink = i
+            .attr
+            .nlink
+            .saturating_sub(if i.attr.kind == Kind::Dir { 2 } else { 1 });
+        i.attr.ctime = now;
+        if i.attr.nlink > 0 {
+            return;
+        }
+        if let Some(Inode {
+            body: Body::File(ext),
+            ..
+        }) = self.inodes.remove(&ino)
+        {
+            let pieces: Vec<(u64, u64)> = ext.values().map(|e| (e.lun_off, e.len)).collect();
+            self.free(ino, pieces);
+        }
+    }
+
+    pub(super) fn unlink(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        rmdir: bool,
+        now: u64,
+    ) -> Result<(), MetaError> {
+        let ino = self.lookup(parent, name)?;
+        let kind = self
+            .inodes
+            .get(&ino)
+            .map(|i| i.attr.kind)
+            .ok_or(MetaError::NotFound)?;
+        match (rmdir, kind) {
+            (true, Kind::Dir) => {
+                if !self.readdir(ino)?.is_empty() {
+                    return Err(MetaError::NotEmpty);
+                }
+            }
+            (true, _) => return Err(MetaError::NotDir),
+            (false, Kind::Dir) => return Err(MetaError::IsDir),
+            (false, _) => {}
+        }
+        self.dir_mut(parent)?.remove(name);
+        if let Some(p) = self.inodes.get_mut(&parent) {
+            p.attr.mtime = now;
+            p.attr.ctime = now;
+            if kind == Kind::Dir {
+                p.attr.nlink -= 1;
+            }
+        }
+        self.drop_link(ino, now);
+        Ok(())
+    }
+
+    /// Whether `ino` is `dir` or below it.
+    pub(super) fn is_under(&self, mut ino: Ino, dir: Ino) -> bool {
+        // Walk up through parents: find each directory's parent by search
+        // (directories have exactly one name).
+        let mut guard = 0;
+        loop {
+            if ino == dir {
+                return true;
+            }
+            if ino == ROOT || guard > self.inodes.len() {
+                return false;
+            }
+            guard += 1;
+            let parent = self.inodes.iter().find_map(|(&p, i)| match &i.body {
+                Body::Dir(d) if d.values().any(|&c| c == ino) => Some(p),
+                _ => None,
+            });
+            match parent {
+                Some(p) => ino = p,
+                None => return false,
+            }
+        }
+    }
+
+    pub(super) fn rename(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        now: u64,
+    ) -> Result<(), MetaError> {
+        check_name(new_name)?;
+        if new_parent == ROOT && new_name == SNAPSHOTS_NAME {
+            return Err(MetaError::Invalid(format!(
+                "{SNAPSHOTS_NAME} in the root is reserved for snapshots"
+            )));
+        }
+        let ino = self.lookup(parent, name)?;
+        self.dir_mut(new_parent)?;
+        let kind = self
+            .inodes
+            .get(&ino)
+            .map(|i| i.attr.kind)
+            .ok_or(MetaError::NotFound)?;
+        if kind == Kind::Dir && self.is_under(new_parent, ino) {
+            return Err(MetaError::Loop);
+        }
+        if let Ok(old) = self.lookup(new_parent, new_name) {
+            if old == ino {
+                return Ok(());
+            }
+            let old_kind = self
+                .inodes
+                .get(&old)
+                .map(|i| i.attr.kind)
+                .ok_or(MetaError::NotFound)?;
+            match (kind, old_kind) {
+                (Kind::Dir, Kind::Dir) if !self.readdir(old)?.is_empty() => {
+                    return Err(MetaError::NotEmpty);
+                }
+                (Kind::Dir, Kind::Dir) => {}
+                (Kind::Dir, _) => return Err(MetaError::NotDir),
+                (_, Kind::Dir) => return Err(MetaError::IsDir),
+                _ => {}
+            }
+            self.unlink(new_parent, new_name, old_kind == Kind::Dir, now)?;
+        }
+        self.dir_mut(parent)?.remove(name);
+        self.dir_mut(new_parent)?.insert(new_name.to_string(), ino);
+        if kind == Kind::Dir && parent != new_parent {
+            if let Some(p) = self.inodes.get_mut(&parent) {
+                p.attr.nlink -= 1;
+            }
+            if let Some(p) = self.inodes.get_mut(&new_parent) {
+                p.attr.nlink += 1;
+            }
+        }
+        for d in [parent, new_parent] {
+            if let Some(p) = self.inodes.get_mut(&d) {
+                p.attr.mtime = now;
+                p.attr.ctime = now;
+            }
+        }
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.attr.ctime = now;
+        }
+        Ok(())
+    }
+
+    pub(super) fn setattr(
+        &mut self,
+        ino: Ino,
+        [mode, uid, gid]: [Option<u32>; 3],
+        size: Option<u64>,
+        mtime: Option<u64>,
+        now: u64,
+    ) -> Result<Reply, MetaError> {
+        let i = self.inodes.get_mut(&ino).ok_or(MetaError::NotFound)?;
+        // Refuse before changing anything: a command applies whole or not.
+        if size.is_some() && !matches!(i.body, Body::File(_)) {
+            return Err(MetaError::IsDir);
+        }
+        if let Some(m) = mode {
+            i.attr.mode = m;
+        }
+        if let Some(u) = uid {
+            i.attr.uid = u;
+        }
+        if let Some(g) = gid {
+            i.attr.gid = g;
+        }
+        i.attr.ctime = now;
+        let mut freed = Vec::new();
+        if let Some(new) = size {
+            let Body::File(ext) = &mut i.body else {
+                return Err(MetaError::IsDir);
+            };
+            // Cut extents at the new size; free what lies beyond.
+            let keys: Vec<u64> = ext.keys().copied().collect();
+            for k in keys {
+                let Some(e) = ext.get(&k).copied() else {
+                    continue;
+                };
+                if e.file_off >= new {
+                    ext.remove(&k);
+                    freed.push((e.lun_off, e.len));
+                } else if e.file_off + e.len > new {
+                    let keep = new - e.file_off;
+                    ext.insert(k, Extent { len: keep, ..e });
+                    freed.push((e.lun_off + keep, e.len - keep));
+                }
+            }
+            i.attr.size = new;
+            i.attr.mtime = now;
+        }
+        if let Some(t) = mtime {
+            i.attr.mtime = t;
+        }
+        let attr = i.attr.clone();
+        self.free(ino, freed);
+        Ok(Reply::Attr(attr))
+    }
+}
