@@ -29,6 +29,12 @@
 //!
 //! One module per on-disk structure: [`footer`], [`header`] (with the
 //! parent locators); the BAT and bitmaps are handled in [`disk`].
+//!
+//! Beside the format: [`io`] (positioned I/O, `O_DIRECT` files and
+//! aligned buffers), [`check`] and [`ops`] (check, convert, resize,
+//! merge, compact), [`size`] (sizes as people write them), and, with the
+//! `uring` feature, `uring` (an io_uring queue of requests to an image,
+//! which the benchmark uses to keep as many requests in flight as QEMU).
 
 pub mod check;
 pub mod disk;
@@ -38,6 +44,8 @@ pub mod header;
 pub mod io;
 pub mod ops;
 mod parent;
+pub mod size;
+#[cfg(feature = "uring")]
 pub mod uring;
 
 pub use check::{check, Finding, Severity};
