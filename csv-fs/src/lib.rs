@@ -1,36 +1,28 @@
-//! The csv node daemon (`csvd`) and the `/ClusterStorage` FUSE filesystem.
+//! The `/ClusterStorage` filesystem and a volume's I/O path on one host.
 //!
-//! A node joins the cluster, hosts its Raft replicas (the coordinator
-//! service), and mounts every volume at `<mount root>/VolumeN`: metadata
-//! goes to the volume's coordinator, file data straight to the LUN.
+//! A host mounts every volume at `<mount root>/VolumeN`: metadata goes to
+//! the volume's coordinator, file data straight to the LUN over the
+//! host's own path, or through a peer when that path is not in use. The
+//! node daemon (`csvd`, in `csv-fs/csvd`) decides what to mount and runs
+//! the rest of the host; this crate owns the filesystem.
 //!
-//! - [`superblock`]: the first 4 KiB of a volume's LUN (identity, layout);
+//! - [`volume`]: a volume's filesystem logic ([`volume::VolumeFs`]):
+//!   namespace operations, open files and their leases, reads and writes,
+//!   the snapshot write gate, FileSystemRedirected file I/O both ways;
+//! - [`fuse`]: the FUSE adapter over it, reader turns, and the kernel
+//!   mount with its guard;
+//! - [`lun`]: the LUN as this host reaches it: its own SAN path (iSCSI
+//!   with persistent reservations, or a LUN file), redirection through a
+//!   peer, the connections to peers;
+//! - [`mount`]: one volume mounted (path, LUN, filesystem, FUSE session);
+//! - [`aio`]: asynchronous I/O to a LUN file or device (Linux AIO);
 //! - [`extents`]: a host's copy of a file's extent map;
-//! - [`fs`]: the FUSE filesystem of one volume;
-//! - [`mounts`]: mounts and unmounts volumes as the cluster registry says,
-//!   and reports how this host reaches each one.
-//!
-//! - [`san`]: this host's own iSCSI session to a volume's LUN;
-//! - [`redirect`]: block I/O through a peer when this host does not use its
-//!   own path, and the service that answers peers;
-//! - [`freeze`]: this host's part of the snapshot protocol (hooks, VM
-//!   pauses, the write freeze);
-//! - [`vms`]: runs the VM roles placed on this host.
-//!
-//! Still to come (see the project's issues): fencing by persistent
-//! reservation.
+//! - [`superblock`]: the first 4 KiB of a volume's LUN.
 
 pub mod aio;
-pub mod config;
-pub mod console;
 pub mod extents;
-pub mod freeze;
-pub mod fs;
-pub mod fsredirect;
-pub mod mounts;
-pub mod peers;
-pub mod privileges;
-pub mod redirect;
-pub mod san;
+pub mod fuse;
+pub mod lun;
+pub mod mount;
 pub mod superblock;
-pub mod vms;
+pub mod volume;

@@ -40,7 +40,7 @@ pub struct Superblock {
 #[derive(Debug, thiserror::Error)]
 pub enum SuperblockError {
     /// Reading or writing the LUN.
-    #[error("LUN I/O: {0}")]
+    #[error("reading or writing the superblock")]
     Io(#[from] io::Error),
     /// Not formatted as a csv volume.
     #[error("not a csv volume (no superblock)")]

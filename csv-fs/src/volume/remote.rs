@@ -11,25 +11,15 @@
 //! always do. Files already open when the mode changes keep the path they
 //! were opened with until they are closed.
 
-use coordinator::proto::{self, request, response};
+use super::VolumeFs;
+use coordinator::proto::{self, request, response, FileOpKind};
 use coordinator::wire::Identity;
 use fuser::Errno;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// File operation kinds ([`proto::FileOp::kind`]).
-pub const OPEN: u32 = 0;
-/// Read.
-pub const READ: u32 = 1;
-/// Write.
-pub const WRITE: u32 = 2;
-/// Flush the LUN and report sizes and written ranges to the metadata.
-pub const SYNC: u32 = 3;
-/// Close.
-pub const RELEASE: u32 = 4;
 
 /// A file open through the coordinator.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +42,7 @@ pub struct Redirector {
     target: Mutex<Option<Vec<SocketAddr>>>,
     /// Local file handle → the coordinator's.
     pub handles: Mutex<HashMap<u64, RemoteHandle>>,
-    conns: crate::peers::PeerConns,
+    conns: crate::lun::PeerConns,
     /// File operations sent so far.
     pub ops: AtomicU64,
 }
@@ -73,7 +63,7 @@ impl Redirector {
             node,
             target: Mutex::new(None),
             handles: Mutex::new(HashMap::new()),
-            conns: crate::peers::PeerConns::new(me, Duration::from_secs(30)),
+            conns: crate::lun::PeerConns::new(me, Duration::from_secs(30)),
             ops: AtomicU64::new(0),
         }
     }
@@ -99,7 +89,11 @@ impl Redirector {
             .conns
             .exchange(a, request::Body::File(op))
             .map_err(|e| {
-                tracing::warn!(volume = self.vol, "file I/O through {a} failed: {e}");
+                tracing::warn!(
+                    volume = self.vol,
+                    "file I/O through {a} failed: {}",
+                    coordinator::service::error_chain(&e)
+                );
                 Errno::EIO
             })?;
         self.ops.fetch_add(1, Ordering::Relaxed);
@@ -126,7 +120,7 @@ impl Redirector {
                 a,
                 proto::FileOp {
                     ino,
-                    kind: OPEN,
+                    kind: FileOpKind::Open as i32,
                     write,
                     ..Default::default()
                 },
@@ -159,7 +153,7 @@ impl Redirector {
             h.addr,
             proto::FileOp {
                 ino: h.ino,
-                kind: READ,
+                kind: FileOpKind::Read as i32,
                 offset: off,
                 len: u64::from(len),
                 handle: h.handle,
@@ -175,7 +169,7 @@ impl Redirector {
             h.addr,
             proto::FileOp {
                 ino: h.ino,
-                kind: WRITE,
+                kind: FileOpKind::Write as i32,
                 offset: off,
                 data: bytes::Bytes::copy_from_slice(data),
                 handle: h.handle,
@@ -191,7 +185,7 @@ impl Redirector {
             h.addr,
             proto::FileOp {
                 ino: h.ino,
-                kind: SYNC,
+                kind: FileOpKind::Sync as i32,
                 handle: h.handle,
                 ..Default::default()
             },
@@ -208,11 +202,33 @@ impl Redirector {
             h.addr,
             proto::FileOp {
                 ino: h.ino,
-                kind: RELEASE,
+                kind: FileOpKind::Release as i32,
                 handle: h.handle,
                 ..Default::default()
             },
         )
         .map(drop)
+    }
+}
+
+impl VolumeFs {
+    /// Opens `ino` through the coordinator when FileSystemRedirected (and
+    /// this host is not the coordinator); None otherwise.
+    pub(crate) fn remote_open(&self, ino: u64, write: bool) -> Option<Result<u64, Errno>> {
+        let r = self.fs_redirector()?;
+        // Until the coordinator is known (a second at most), and on the
+        // coordinator itself, files open here.
+        if r.target().is_none_or(|t| t.is_empty()) {
+            return None;
+        }
+        let fh = self.next_handle();
+        Some(r.open(fh, ino, write).map(|()| fh))
+    }
+
+    /// The coordinator's handle behind `fh`, if the file was opened there.
+    pub(crate) fn remote(&self, fh: u64) -> Option<(Arc<Redirector>, RemoteHandle)> {
+        let r = self.fs_redirect.read().ok()?.clone()?;
+        let h = r.handle(fh)?;
+        Some((r, h))
     }
 }

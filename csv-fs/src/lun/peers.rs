@@ -10,18 +10,40 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Why an exchange with a peer failed.
-#[derive(Debug)]
-pub struct ExchangeError {
-    /// What went wrong.
-    pub why: String,
-    /// The request may have reached the peer (it went out, and no answer
-    /// came back): the peer may still carry it out.
-    pub maybe_delivered: bool,
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// No connection: the request did not leave.
+    #[error("connecting")]
+    Connect(#[source] std::io::Error),
+    /// Sending failed.
+    #[error("sending the request")]
+    Send {
+        /// The request may have reached the peer (part or all of the frame
+        /// went out on the socket).
+        maybe_delivered: bool,
+        /// Why.
+        #[source]
+        source: wire::WireError,
+    },
+    /// The request went out and no answer came back.
+    #[error("waiting for the answer")]
+    Receive(#[source] wire::WireError),
+    /// Something other than the answer came back.
+    #[error("the peer answered something else than the request's answer")]
+    Unexpected,
 }
 
-impl std::fmt::Display for ExchangeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.why)
+impl ExchangeError {
+    /// The request may have reached the peer (it went out, and no answer
+    /// came back): the peer may still carry it out.
+    pub fn maybe_delivered(&self) -> bool {
+        match self {
+            ExchangeError::Connect(_) => false,
+            ExchangeError::Send {
+                maybe_delivered, ..
+            } => *maybe_delivered,
+            ExchangeError::Receive(_) | ExchangeError::Unexpected => true,
+        }
     }
 }
 
@@ -104,20 +126,17 @@ impl PeerConns {
         a: SocketAddr,
         send: impl FnOnce(&mut Conn, u64) -> Result<(), wire::WireError>,
     ) -> Result<Response, ExchangeError> {
-        let mut c = self.conn(a).map_err(|e| ExchangeError {
-            why: e.to_string(),
-            maybe_delivered: false,
-        })?;
+        let mut c = self.conn(a).map_err(ExchangeError::Connect)?;
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         // A send that failed on the socket may have put part or all of
         // the frame on the wire; a frame refused before it was written (too
         // long, a drill's cut) did not leave.
-        send(&mut c, seq).map_err(|e| ExchangeError {
+        send(&mut c, seq).map_err(|e| ExchangeError::Send {
             maybe_delivered: match &e {
                 wire::WireError::Io(io) => io.kind() != std::io::ErrorKind::NetworkUnreachable,
                 _ => false,
             },
-            why: e.to_string(),
+            source: e,
         })?;
         match c.recv() {
             Ok(Frame {
@@ -128,14 +147,8 @@ impl PeerConns {
                 }
                 Ok(r)
             }
-            Ok(_) => Err(ExchangeError {
-                why: "unexpected answer".into(),
-                maybe_delivered: true,
-            }),
-            Err(e) => Err(ExchangeError {
-                why: e.to_string(),
-                maybe_delivered: true,
-            }),
+            Ok(_) => Err(ExchangeError::Unexpected),
+            Err(e) => Err(ExchangeError::Receive(e)),
         }
     }
 }

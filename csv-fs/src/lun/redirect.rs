@@ -5,13 +5,16 @@
 //! payload's checksum).
 //!
 //! [`RedirectingLun`] is the LUN the filesystem uses: direct I/O while the
-//! host's own path is in use, redirected I/O otherwise. [`Served`] answers
-//! the peers' redirected requests from this host's direct paths.
+//! host's own path is in use, redirected I/O otherwise. The node daemon's
+//! block service answers the peers' redirected requests from this host's
+//! direct paths.
+//!
+//! Failure drills act on the own path through [`coordinator::faults`]: a
+//! cut path fails as a cut SAN link would, a slowed one waits first.
 
-use coordinator::node::BlockServer;
-use coordinator::proto::{self, reply, request, response, BlockOp};
+use super::SanError;
+use coordinator::proto::{self, reply, request, response, BlockOp, BlockOpKind};
 use coordinator::wire::Identity;
-use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +24,7 @@ use std::time::Duration;
 /// Opens the own path again (a new SAN session): the LUN, and what must
 /// live as long as it (the session's runtime).
 pub type Reopen = Box<
-    dyn Fn() -> Result<(Arc<dyn vhd::BlockIo>, Box<dyn std::any::Any + Send + Sync>), String>
+    dyn Fn() -> Result<(Arc<dyn vhd::BlockIo>, Box<dyn std::any::Any + Send + Sync>), SanError>
         + Send
         + Sync,
 >;
@@ -29,13 +32,6 @@ pub type Reopen = Box<
 /// Told when I/O to a volume switches: the volume and why it is
 /// redirected now (None: back on the own path).
 pub type Notify = Box<dyn Fn(u64, Option<String>) + Send + Sync>;
-
-/// A failure drill's faults on the own path: cut until, and a delay added
-/// to each I/O until.
-type DrillFaults = (
-    Option<std::time::Instant>,
-    Option<(Duration, std::time::Instant)>,
-);
 
 /// A volume's LUN as this host uses it.
 pub struct RedirectingLun {
@@ -64,7 +60,7 @@ pub struct RedirectingLun {
     preferred: RwLock<Vec<SocketAddr>>,
     /// The peer that served the last redirected request.
     last_peer: Mutex<Option<SocketAddr>>,
-    conns: crate::peers::PeerConns,
+    conns: super::PeerConns,
     /// Requests served through a peer so far.
     redirected_ops: AtomicU64,
     /// Bytes read and written over its own path, then through a peer,
@@ -75,9 +71,6 @@ pub struct RedirectingLun {
     switches: AtomicU64,
     /// Times it was fenced off the LUN.
     fences: AtomicU64,
-    /// A failure drill's faults on the own path: cut until, and a delay
-    /// added to each I/O until.
-    drill: Mutex<DrillFaults>,
 }
 
 /// A volume's I/O on this host so far (for metrics).
@@ -108,10 +101,6 @@ impl std::fmt::Debug for RedirectingLun {
     }
 }
 
-const READ: u32 = 0;
-const WRITE: u32 = 1;
-const FLUSH: u32 = 2;
-
 impl RedirectingLun {
     /// VolumeN's LUN over `direct` (kept alive with `keep`), redirected
     /// through `peers` (the other hosts' addresses) when asked or when the
@@ -139,14 +128,13 @@ impl RedirectingLun {
             fenced_at: Mutex::new(None),
             reason: Mutex::new(String::new()),
             peers,
-            conns: crate::peers::PeerConns::new(me, Duration::from_secs(10)),
+            conns: super::PeerConns::new(me, Duration::from_secs(10)),
             redirected_ops: AtomicU64::new(0),
             preferred: RwLock::new(Vec::new()),
             last_peer: Mutex::new(None),
             bytes: Default::default(),
             switches: AtomicU64::new(0),
             fences: AtomicU64::new(0),
-            drill: Mutex::new((None, None)),
         });
         let weak = Arc::downgrade(&lun);
         let _ = std::thread::Builder::new()
@@ -181,14 +169,22 @@ impl RedirectingLun {
                     tracing::debug!(volume = self.vol, "own path still down: {e}");
                     return;
                 };
-                match reopen().and_then(|(lun, keep)| {
+                let opened = reopen().and_then(|(lun, keep)| {
                     lun.read_at(&mut b, 0)
                         .map(|()| (lun, keep))
-                        .map_err(|e| e.to_string())
-                }) {
+                        .map_err(|source| SanError::Io {
+                            what: "reading the first block",
+                            source,
+                        })
+                });
+                match opened {
                     Ok((lun, keep)) => (lun, Some(keep)),
                     Err(e) => {
-                        tracing::debug!(volume = self.vol, "own path still down: {e}");
+                        tracing::debug!(
+                            volume = self.vol,
+                            "own path still down: {}",
+                            coordinator::service::error_chain(&e)
+                        );
                         return;
                     }
                 }
@@ -284,29 +280,12 @@ impl RedirectingLun {
         }
     }
 
-    /// A failure drill: the own path fails (as if its SAN link were cut)
-    /// until `cut`; each own I/O waits `delay` until its deadline. None
-    /// for both: the faults end.
-    pub fn set_drill(
-        &self,
-        cut: Option<std::time::Instant>,
-        delay: Option<(Duration, std::time::Instant)>,
-    ) {
-        if let Ok(mut d) = self.drill.lock() {
-            *d = (cut, delay);
-        }
-    }
-
     fn drill_cut(&self) -> bool {
-        self.drill
-            .lock()
-            .is_ok_and(|d| d.0.is_some_and(|t| t > std::time::Instant::now()))
+        coordinator::faults::san_cut(self.vol)
     }
 
     fn drill_delay(&self) -> Option<Duration> {
-        let d = self.drill.lock().ok()?;
-        d.1.filter(|(_, until)| *until > std::time::Instant::now())
-            .map(|(delay, _)| delay)
+        coordinator::faults::san_delay(self.vol)
     }
 
     /// Why I/O is redirected (None: it is not).
@@ -355,7 +334,7 @@ impl RedirectingLun {
         let keep = self.keep.lock().ok()?;
         let k = keep.as_ref()?;
         let any: &(dyn std::any::Any + Send + Sync) = k.as_ref();
-        any.downcast_ref::<crate::san::IscsiPath>()
+        any.downcast_ref::<super::IscsiPath>()
             .map(|p| p.lun.clone())
     }
 
@@ -414,16 +393,13 @@ impl RedirectingLun {
     /// The own path when I/O may be submitted to it without this layer
     /// now: not redirected, not fenced, no drill fault on it.
     pub fn direct_now(&self) -> Option<Arc<dyn vhd::BlockIo>> {
-        let drill = self.drill.lock().ok()?;
-        let now = std::time::Instant::now();
         if self.is_redirected()
             || self.is_fenced()
-            || drill.0.is_some_and(|t| t > now)
-            || drill.1.is_some_and(|(_, until)| until > now)
+            || self.drill_cut()
+            || self.drill_delay().is_some()
         {
             return None;
         }
-        drop(drill);
         self.direct.read().ok().map(|d| d.clone())
     }
 
@@ -480,7 +456,8 @@ impl RedirectingLun {
         op.volume = self.vol;
         let mut last = String::from("no peer to redirect to");
         for a in self.peer_order() {
-            let sent = if op.kind == WRITE {
+            let write = op.kind() == BlockOpKind::Write;
+            let sent = if write {
                 self.conns.exchange_block_write(a, &op, data)
             } else {
                 self.conns.exchange(a, request::Body::Block(op.clone()))
@@ -488,8 +465,8 @@ impl RedirectingLun {
             let resp = match sent {
                 Ok(r) => r,
                 Err(e) => {
-                    last = format!("{a}: {e}");
-                    if op.kind == WRITE && e.maybe_delivered {
+                    last = format!("{a}: {}", coordinator::service::error_chain(&e));
+                    if write && e.maybe_delivered() {
                         // The peer may have the write and still carry it
                         // out (or its target may): sent again elsewhere
                         // and answered at once, it would let newer writes
@@ -608,7 +585,7 @@ impl vhd::BlockIo for RedirectingLun {
                 self.call(BlockOp {
                     offset,
                     len: len as u64,
-                    kind: READ,
+                    kind: BlockOpKind::Read as i32,
                     ..Default::default()
                 })
             },
@@ -638,7 +615,7 @@ impl vhd::BlockIo for RedirectingLun {
                 self.call_with(
                     BlockOp {
                         offset,
-                        kind: WRITE,
+                        kind: BlockOpKind::Write as i32,
                         ..Default::default()
                     },
                     buf,
@@ -656,7 +633,7 @@ impl vhd::BlockIo for RedirectingLun {
             |d| d.flush(),
             || {
                 self.call(BlockOp {
-                    kind: FLUSH,
+                    kind: BlockOpKind::Flush as i32,
                     ..Default::default()
                 })
                 .map(|_| ())
@@ -670,295 +647,5 @@ impl vhd::BlockIo for RedirectingLun {
 
     fn set_len(&self, _len: u64) -> io::Result<()> {
         Err(io::Error::other("a volume's LUN does not change size"))
-    }
-}
-
-/// This host's LUNs, served to peers whose I/O is redirected.
-#[derive(Default)]
-pub struct Served {
-    luns: RwLock<BTreeMap<u64, Arc<RedirectingLun>>>,
-    /// This host's part of volume snapshots.
-    pub agent: crate::freeze::SnapshotAgent,
-    /// (volume, host) pairs whose host this host fenced off the volume's
-    /// LUN while the registry has it down (a failover waits for them).
-    pub fenced: Arc<RwLock<std::collections::BTreeSet<(u64, u64)>>>,
-    /// Each volume's LUN as this host reaches it (URL or path), and who it
-    /// logs in as: what `csvctl validate` probes.
-    paths: RwLock<BTreeMap<u64, (String, crate::san::SanIdentity)>>,
-    /// This host's SAN identity (for candidate LUNs).
-    who: RwLock<Option<crate::san::SanIdentity>>,
-    /// This host's cluster identity and node id (FileSystemRedirected
-    /// hosts connect to the coordinator with it).
-    host: RwLock<Option<(Identity, u64)>>,
-    /// What a drill's "crash" does (csvd kills its VMs and starts again
-    /// after the given time down).
-    crash: RwLock<Option<CrashHook>>,
-}
-
-/// Kills this host's VMs and restarts csvd after the given time down.
-pub type CrashHook = Arc<dyn Fn(Duration) + Send + Sync>;
-
-impl std::fmt::Debug for Served {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Served")
-    }
-}
-
-impl Served {
-    /// Registers (or, with None, forgets) VolumeN's LUN.
-    pub fn set(&self, vol: u64, lun: Option<Arc<RedirectingLun>>) {
-        if let Ok(mut m) = self.luns.write() {
-            match lun {
-                Some(l) => m.insert(vol, l),
-                None => m.remove(&vol),
-            };
-        }
-    }
-
-    /// Sets this host's cluster identity and node id.
-    pub fn set_host(&self, me: Identity, node: u64) {
-        if let Ok(mut h) = self.host.write() {
-            *h = Some((me, node));
-        }
-    }
-
-    /// Sets what a drill's "crash" does on this host.
-    pub fn set_crash(&self, hook: CrashHook) {
-        if let Ok(mut c) = self.crash.write() {
-            *c = Some(hook);
-        }
-    }
-
-    /// Sets this host's SAN identity.
-    pub fn set_identity(&self, who: crate::san::SanIdentity) {
-        if let Ok(mut w) = self.who.write() {
-            *w = Some(who);
-        }
-    }
-
-    /// Records how this host reaches VolumeN's LUN (set before mounting,
-    /// so a volume that does not mount is probed too; None forgets it).
-    pub fn set_path(&self, vol: u64, path: Option<(String, crate::san::SanIdentity)>) {
-        if let Ok(mut m) = self.paths.write() {
-            match path {
-                Some(p) => m.insert(vol, p),
-                None => m.remove(&vol),
-            };
-        }
-    }
-
-    fn get(&self, vol: u64) -> Result<Arc<RedirectingLun>, String> {
-        self.luns
-            .read()
-            .ok()
-            .and_then(|m| m.get(&vol).cloned())
-            .ok_or_else(|| format!("Volume{vol} is not mounted on this host"))
-    }
-}
-
-impl BlockServer for Served {
-    fn block(&self, op: &BlockOp) -> Result<Vec<u8>, String> {
-        let lun = self.get(op.volume)?;
-        if lun.is_redirected() {
-            // Its own I/O goes through a peer: it must not serve others.
-            return Err(format!(
-                "this host is redirected for Volume{} too",
-                op.volume
-            ));
-        }
-        let d = lun.direct();
-        let cap = d.len().map_err(|e| e.to_string())?;
-        match op.kind {
-            READ => {
-                if op.len > 64 << 20 || op.offset.checked_add(op.len).is_none_or(|e| e > cap) {
-                    return Err(format!(
-                        "read of {} bytes at {} is outside the LUN",
-                        op.len, op.offset
-                    ));
-                }
-                // The iSCSI path's own receive buffer, not a copy.
-                d.read_vec(op.offset, op.len as usize)
-                    .map_err(|e| e.to_string())
-            }
-            WRITE => {
-                if op
-                    .offset
-                    .checked_add(op.data.len() as u64)
-                    .is_none_or(|e| e > cap)
-                {
-                    return Err(format!("write at {} is outside the LUN", op.offset));
-                }
-                d.write_at(&op.data, op.offset).map_err(|e| e.to_string())?;
-                Ok(Vec::new())
-            }
-            FLUSH => d.flush().map(|()| Vec::new()).map_err(|e| e.to_string()),
-            k => Err(format!("unknown block request kind {k}")),
-        }
-    }
-
-    fn fault(&self, req: &coordinator::proto::FaultReq) -> Result<(), String> {
-        let until = std::time::Instant::now() + Duration::from_millis(req.duration_ms);
-        let luns: Vec<Arc<RedirectingLun>> = self
-            .luns
-            .read()
-            .map(|m| {
-                m.iter()
-                    .filter(|(v, _)| req.volume == 0 || **v == req.volume)
-                    .map(|(_, l)| l.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
-        let need_luns = || {
-            if luns.is_empty() {
-                Err(format!("Volume{} is not mounted on this host", req.volume))
-            } else {
-                Ok(())
-            }
-        };
-        match req.kind.as_str() {
-            "san-cut" => {
-                need_luns()?;
-                tracing::warn!(
-                    volume = req.volume,
-                    "failure drill: own SAN path cut for {} ms",
-                    req.duration_ms
-                );
-                luns.iter().for_each(|l| l.set_drill(Some(until), None));
-                Ok(())
-            }
-            "san-slow" => {
-                need_luns()?;
-                if req.delay_ms == 0 || req.delay_ms > 10_000 {
-                    return Err(format!(
-                        "a SAN delay of {} ms (1-10000 allowed)",
-                        req.delay_ms
-                    ));
-                }
-                tracing::warn!(
-                    volume = req.volume,
-                    "failure drill: own SAN path {} ms slower for {} ms",
-                    req.delay_ms,
-                    req.duration_ms
-                );
-                let delay = Duration::from_millis(req.delay_ms);
-                luns.iter()
-                    .for_each(|l| l.set_drill(None, Some((delay, until))));
-                Ok(())
-            }
-            "heal" => {
-                luns.iter().for_each(|l| l.set_drill(None, None));
-                Ok(())
-            }
-            "crash" => {
-                let hook = self
-                    .crash
-                    .read()
-                    .ok()
-                    .and_then(|h| h.clone())
-                    .ok_or("this host cannot crash on request")?;
-                let down = Duration::from_millis(req.duration_ms);
-                tracing::error!("failure drill: this host crashes now and stays down {down:?}");
-                // Once the answer has left.
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(100));
-                    hook(down)
-                });
-                Ok(())
-            }
-            k => Err(format!(
-                "unknown fault {k:?} (san-cut, san-slow, net-cut, clock, crash, heal)"
-            )),
-        }
-    }
-
-    fn facts(&self, candidates: &[String]) -> Vec<coordinator::proto::PathFacts> {
-        let paths: Vec<(u64, String, crate::san::SanIdentity)> = self
-            .paths
-            .read()
-            .map(|m| {
-                m.iter()
-                    .map(|(v, (s, w))| (*v, s.clone(), w.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let who = self.who.read().ok().and_then(|w| w.clone());
-        let mut out = Vec::new();
-        let mut probe = |volume: u64, spec: &str, who: &crate::san::SanIdentity, mode: String| {
-            let p = crate::san::probe(spec, who);
-            out.push(coordinator::proto::PathFacts {
-                volume,
-                lun: spec.to_string(),
-                error: p.error,
-                reached: p.reached,
-                read_us: p.read_us,
-                pr: p.pr,
-                pr_error: p.pr_error,
-                mode,
-            });
-        };
-        for (vol, spec, who) in &paths {
-            let mode = match self.get(*vol) {
-                Ok(l) if l.is_fenced() => "Fenced".to_string(),
-                Ok(l) if l.is_redirected() => "BlockRedirected".to_string(),
-                Ok(_) => "Direct".to_string(),
-                Err(_) => "Unmounted".to_string(),
-            };
-            probe(*vol, spec, who, mode);
-        }
-        if let Some(who) = who {
-            for c in candidates.iter().take(16) {
-                probe(0, c, &who, String::new());
-            }
-        }
-        out
-    }
-
-    fn redirect(&self, volume: u64, on: bool, mode: u32) -> Result<(), String> {
-        if mode == 1 {
-            let fs = self
-                .agent
-                .volume_fs(volume)
-                .ok_or_else(|| format!("Volume{volume} is not mounted on this host"))?;
-            if !on {
-                fs.set_fs_redirect(None);
-                return Ok(());
-            }
-            if fs.fs_redirector().is_none() {
-                let (me, node) = self
-                    .host
-                    .read()
-                    .ok()
-                    .and_then(|h| h.clone())
-                    .ok_or("this host's identity is not known yet")?;
-                // The coordinator's address is filled in by the mounts'
-                // loop within a second; until then files open here.
-                fs.set_fs_redirect(Some(Arc::new(crate::fsredirect::Redirector::new(
-                    volume,
-                    node,
-                    Identity { node: 0, ..me },
-                ))));
-            }
-            return Ok(());
-        }
-        self.get(volume)?.set_redirected(on);
-        Ok(())
-    }
-
-    fn file(
-        &self,
-        op: &coordinator::proto::FileOp,
-    ) -> Result<coordinator::proto::FileReply, String> {
-        let fs = self
-            .agent
-            .volume_fs(op.volume)
-            .ok_or_else(|| format!("Volume{} is not mounted on this host", op.volume))?;
-        Ok(fs.serve_file(op))
-    }
-
-    fn snapshot_phase(
-        &self,
-        req: &coordinator::proto::SnapshotPhaseReq,
-    ) -> Result<coordinator::proto::SnapshotPhaseReply, String> {
-        self.agent.phase(req)
     }
 }

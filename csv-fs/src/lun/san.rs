@@ -17,6 +17,54 @@ use iscsi_initiator::{new_isid, BlockingLun, Chap, IscsiUrl, LoginConfig, Lun, S
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What went wrong on a SAN path.
+#[derive(Debug, thiserror::Error)]
+pub enum SanError {
+    /// Not a usable iSCSI URL.
+    #[error("{url} names no target (iscsi://portal/target-iqn/lun)")]
+    NoTarget {
+        /// The URL.
+        url: String,
+    },
+    /// The initiator refused or failed (a bad URL, the login, a command).
+    #[error("{what}")]
+    Iscsi {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: iscsi_initiator::Error,
+    },
+    /// A local resource (the session's runtime, a LUN file).
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The LUN holds a reservation that is not ours to share.
+    #[error("the LUN holds a reservation of type {kind} by key {holder:#x}, not Write Exclusive – Registrants Only")]
+    ForeignReservation {
+        /// The holder's key.
+        holder: u64,
+        /// The reservation's type.
+        kind: u8,
+    },
+    /// A reopened path may not register yet (see the volume's mount).
+    #[error("the path answers again; registering key {key:#x} on the new session once the registry has this host up")]
+    NotUpYet {
+        /// The key it would register.
+        key: u64,
+    },
+}
+
+fn iscsi(what: impl Into<String>) -> impl FnOnce(iscsi_initiator::Error) -> SanError {
+    let what = what.into();
+    move |source| SanError::Iscsi { what, source }
+}
+
 /// How this host identifies itself on the SAN.
 #[derive(Debug, Clone)]
 pub struct SanIdentity {
@@ -70,20 +118,20 @@ pub fn stable_isid(node: u64, vol: u64) -> [u8; 6] {
 
 /// Registers `key` on the LUN (replacing whatever this nexus had) and
 /// makes sure a Write Exclusive – Registrants Only reservation is held.
-pub fn pr_register(lun: &BlockingLun, key: u64) -> Result<(), String> {
+pub fn pr_register(lun: &BlockingLun, key: u64) -> Result<(), SanError> {
     use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
     let l = lun.lun();
     lun.block_on(l.reserve_out(PrOut::RegisterAndIgnore, 0, 0, key))
-        .map_err(|e| format!("registering reservation key {key:#x}: {e}"))?;
-    match lun.block_on(l.reservation()) {
-        Ok(Some((_, kind))) if kind == PR_WE_RO => Ok(()),
-        Ok(Some((holder, kind))) => Err(format!(
-            "the LUN holds a reservation of type {kind} by key {holder:#x}, not Write Exclusive – Registrants Only"
-        )),
-        Ok(None) => lun
+        .map_err(iscsi(format!("registering reservation key {key:#x}")))?;
+    match lun
+        .block_on(l.reservation())
+        .map_err(iscsi("reading the reservation"))?
+    {
+        Some((_, kind)) if kind == PR_WE_RO => Ok(()),
+        Some((holder, kind)) => Err(SanError::ForeignReservation { holder, kind }),
+        None => lun
             .block_on(l.reserve_out(PrOut::Reserve, PR_WE_RO, key, 0))
-            .map_err(|e| format!("reserving the LUN: {e}")),
-        Err(e) => Err(format!("reading the reservation: {e}")),
+            .map_err(iscsi("reserving the LUN")),
     }
 }
 
@@ -92,33 +140,33 @@ pub fn pr_register(lun: &BlockingLun, key: u64) -> Result<(), String> {
 pub type PrState = (Option<(u64, u8)>, Vec<u64>);
 
 /// The LUN's persistent reservation and registered keys.
-pub fn pr_state(lun: &BlockingLun) -> Result<PrState, String> {
+pub fn pr_state(lun: &BlockingLun) -> Result<PrState, SanError> {
     let held = lun
         .block_on(lun.lun().reservation())
-        .map_err(|e| format!("reading the reservation: {e}"))?;
+        .map_err(iscsi("reading the reservation"))?;
     let keys = lun
         .block_on(lun.lun().reservation_keys())
-        .map_err(|e| format!("reading the registered keys: {e}"))?;
+        .map_err(iscsi("reading the registered keys"))?;
     Ok((held, keys))
 }
 
 /// Removes every registration and the reservation from the LUN (PERSISTENT
 /// RESERVE OUT CLEAR, which only a registrant may send: `key` is
 /// registered for it first).
-pub fn pr_clear(lun: &BlockingLun, key: u64) -> Result<(), String> {
+pub fn pr_clear(lun: &BlockingLun, key: u64) -> Result<(), SanError> {
     use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
     let l = lun.lun();
     lun.block_on(l.reserve_out(PrOut::RegisterAndIgnore, 0, 0, key))
-        .map_err(|e| format!("registering reservation key {key:#x}: {e}"))?;
+        .map_err(iscsi(format!("registering reservation key {key:#x}")))?;
     lun.block_on(l.reserve_out(PrOut::Clear, PR_WE_RO, key, 0))
-        .map_err(|e| format!("clearing the reservations: {e}"))
+        .map_err(iscsi("clearing the reservations"))
 }
 
 /// Whether `key` is registered on the LUN.
-pub fn pr_registered(lun: &BlockingLun, key: u64) -> Result<bool, String> {
+pub fn pr_registered(lun: &BlockingLun, key: u64) -> Result<bool, SanError> {
     lun.block_on(lun.lun().reservation_keys())
         .map(|k| k.contains(&key))
-        .map_err(|e| e.to_string())
+        .map_err(iscsi("reading the registered keys"))
 }
 
 /// Whether `keys` (a LUN's registrations) hold a key of host `node`.
@@ -129,18 +177,18 @@ pub fn pr_holds(keys: &[u64], node: u64) -> bool {
 /// Removes every registration of host `node` (whatever its epoch), and
 /// takes the reservation if one of them held it, as registrant `key`. The
 /// keys removed (none: the host was not registered).
-pub fn pr_preempt_node(lun: &BlockingLun, key: u64, node: u64) -> Result<Vec<u64>, String> {
+pub fn pr_preempt_node(lun: &BlockingLun, key: u64, node: u64) -> Result<Vec<u64>, SanError> {
     use iscsi_initiator::scsi::{PrOut, PR_WE_RO};
     let keys = lun
         .block_on(lun.lun().reservation_keys())
-        .map_err(|e| e.to_string())?;
+        .map_err(iscsi("reading the registered keys"))?;
     let mut gone = Vec::new();
     for victim in keys {
         if victim == key || pr_key_node(victim) != Some(node) || gone.contains(&victim) {
             continue;
         }
         lun.block_on(lun.lun().reserve_out(PrOut::Preempt, PR_WE_RO, key, victim))
-            .map_err(|e| format!("preempting key {victim:#x}: {e}"))?;
+            .map_err(iscsi(format!("preempting key {victim:#x}")))?;
         gone.push(victim);
     }
     Ok(gone)
@@ -181,19 +229,20 @@ impl std::fmt::Debug for IscsiPath {
 }
 
 /// Logs in to the LUN of volume `vol` at `url` as `who`.
-pub fn open(url: &str, who: &SanIdentity, vol: u64) -> Result<IscsiPath, String> {
-    let u: IscsiUrl = url.parse().map_err(|e| format!("{url}: {e}"))?;
+pub fn open(url: &str, who: &SanIdentity, vol: u64) -> Result<IscsiPath, SanError> {
+    let u: IscsiUrl = url.parse().map_err(iscsi("reading the LUN's URL"))?;
     if u.target.is_empty() {
-        return Err(format!(
-            "{url} names no target (iscsi://portal/target-iqn/lun)"
-        ));
+        return Err(SanError::NoTarget { url: u.to_string() });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("csv-iscsi")
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the iSCSI runtime: {e}"))?;
+        .map_err(|source| SanError::Io {
+            what: "starting the iSCSI runtime",
+            source,
+        })?;
     let chap = match (&u.user, &u.secret, &who.chap) {
         (Some(user), Some(secret), _) => Some(Chap {
             user: user.clone(),
@@ -236,7 +285,7 @@ pub fn open(url: &str, who: &SanIdentity, vol: u64) -> Result<IscsiPath, String>
             let s = Session::connect_paths(std::slice::from_ref(&u.portal), &cfg, t).await?;
             Lun::open(s, u.lun).await
         })
-        .map_err(|e| format!("cannot reach {} as {}: {e}", u, who.initiator))?;
+        .map_err(iscsi(format!("reaching {} as {}", u, who.initiator)))?;
     let describe = format!(
         "iSCSI: {} LUN {} as {} ({} bytes)",
         u.target,
@@ -261,14 +310,13 @@ pub struct Probe {
     pub reached: bool,
     /// Median time of five 4 KiB reads (microseconds).
     pub read_us: u64,
-    /// 1: PERSISTENT RESERVE IN answered; 0: refused (`pr_error`); 2: not
-    /// an iSCSI LUN.
-    pub pr: u32,
+    /// Whether persistent reservations are there.
+    pub pr: coordinator::proto::PrSupport,
     /// Why persistent reservations are not available.
     pub pr_error: String,
 }
 
-fn median_read_us(read: &mut dyn FnMut() -> Result<(), String>) -> Result<u64, String> {
+fn median_read_us(read: &mut dyn FnMut() -> std::io::Result<()>) -> std::io::Result<u64> {
     let mut t = Vec::new();
     for _ in 0..5 {
         let start = std::time::Instant::now();
@@ -285,7 +333,7 @@ fn median_read_us(read: &mut dyn FnMut() -> Result<(), String>) -> Result<u64, S
 pub fn probe(spec: &str, who: &SanIdentity) -> Probe {
     if !spec.starts_with("iscsi://") {
         let mut p = Probe {
-            pr: 2,
+            pr: coordinator::proto::PrSupport::NotIscsi,
             reached: true,
             ..Probe::default()
         };
@@ -293,7 +341,7 @@ pub fn probe(spec: &str, who: &SanIdentity) -> Probe {
             Ok(f) => {
                 use vhd::BlockIo;
                 let mut buf = vec![0u8; 4096];
-                match median_read_us(&mut || f.read_at(&mut buf, 0).map_err(|e| e.to_string())) {
+                match median_read_us(&mut || f.read_at(&mut buf, 0)) {
                     Ok(us) => p.read_us = us,
                     Err(e) => p.error = format!("reading {spec}: {e}"),
                 }
@@ -376,7 +424,9 @@ pub fn probe(spec: &str, who: &SanIdentity) -> Probe {
         }
         let Some(answer) = answer else { return p };
         match answer {
-            Ok(r) if r.status == iscsi_initiator::scsi::GOOD => p.pr = 1,
+            Ok(r) if r.status == iscsi_initiator::scsi::GOOD => {
+                p.pr = coordinator::proto::PrSupport::Answered
+            }
             Ok(r) => {
                 p.pr_error = match r.sense {
                     Some(sense) => format!("PERSISTENT RESERVE IN refused: {sense}"),
