@@ -1,5 +1,13 @@
-//! A small KVM VMM (`csv-vmm`) for the VMs of a csv cluster.
+//! Running VMs on a csv host: the VM supervisor with its engine
+//! interface, and `csv-vmm`, a small KVM VMM (rust-vmm crates) that runs
+//! the project's test guest and, on hosts with hardware virtualization,
+//! Linux.
 //!
+//! - [`supervisor`]: runs the VM roles the registry places on this host
+//!   through an [`supervisor::engine::Engine`] (`csv-vmm` today), live and
+//!   quick migrations with the disk's write lease handed over at
+//!   switch-over, failover of a dead host's roles, placement;
+//! - [`control`]: the per-VM control socket, typed on both sides;
 //! - [`vm`]: one KVM virtual machine (memory with dirty tracking, vCPU
 //!   threads, serial console, i8042 reset, the test guest's ports),
 //!   pause/resume and the state KVM holds;
@@ -8,15 +16,17 @@
 //! - [`migrate`]: save/restore (quick migration) and live migration by
 //!   iterative pre-copy;
 //! - [`guest`]: the purpose-built test guest and its memory layout;
-//! - [`control`]: the per-VM control socket (JSON lines).
+//!   [`linux`]: booting a Linux kernel;
+//! - [`virtio_blk`]: the guest's disk, a VHD through the `vhd` crate;
+//! - [`privileges`]: dropping the capabilities a process does not need
+//!   (csvd uses it too).
 
 pub mod control;
 pub mod guest;
 pub mod linux;
 pub mod migrate;
-// One copy for csvd and csv-vmm, which share no crate it would belong in.
-#[path = "../../csv-fs/src/privileges.rs"]
 pub mod privileges;
 pub mod stream;
+pub mod supervisor;
 pub mod virtio_blk;
 pub mod vm;

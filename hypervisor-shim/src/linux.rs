@@ -19,6 +19,26 @@ pub const CMDLINE: u64 = 0x20000;
 pub const KERNEL: u64 = 0x10_0000;
 const CMDLINE_MAX: usize = 4095;
 
+/// Why an image is not a bzImage this VMM boots.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BzImageError {
+    /// Shorter than a setup header.
+    #[error("{0} bytes is too short for a bzImage")]
+    TooShort(usize),
+    /// No boot flag or `HdrS` signature.
+    #[error("not a bzImage (no boot flag or HdrS signature)")]
+    NotBzImage,
+    /// A boot protocol before 2.12.
+    #[error("boot protocol {}.{} is too old (2.12 or later has the 64-bit entry)", .0 >> 8, .0 & 0xff)]
+    TooOld(u16),
+    /// No 64-bit entry point.
+    #[error("the kernel has no 64-bit entry point (XLF_KERNEL_64)")]
+    No64BitEntry,
+    /// The setup sectors cover the whole image.
+    #[error("setup of {0} sectors leaves no kernel")]
+    NoKernel(usize),
+}
+
 /// A parsed bzImage.
 #[derive(Debug)]
 pub struct BzImage<'a> {
@@ -40,23 +60,19 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 impl<'a> BzImage<'a> {
     /// Checks the image: boot flag, `HdrS`, protocol 2.12 or later with a
     /// 64-bit entry point.
-    pub fn parse(img: &'a [u8]) -> Result<BzImage<'a>, String> {
+    pub fn parse(img: &'a [u8]) -> Result<BzImage<'a>, BzImageError> {
         if img.len() < 0x268 {
-            return Err(format!("{} bytes is too short for a bzImage", img.len()));
+            return Err(BzImageError::TooShort(img.len()));
         }
         if u16_at(img, 0x1fe) != 0xAA55 || &img[0x202..0x206] != b"HdrS" {
-            return Err("not a bzImage (no boot flag or HdrS signature)".into());
+            return Err(BzImageError::NotBzImage);
         }
         let version = u16_at(img, 0x206);
         if version < 0x020c {
-            return Err(format!(
-                "boot protocol {}.{} is too old (2.12 or later has the 64-bit entry)",
-                version >> 8,
-                version & 0xff
-            ));
+            return Err(BzImageError::TooOld(version));
         }
         if u16_at(img, 0x236) & 1 == 0 {
-            return Err("the kernel has no 64-bit entry point (XLF_KERNEL_64)".into());
+            return Err(BzImageError::No64BitEntry);
         }
         let setup_sects = match img[0x1f1] {
             0 => 4,
@@ -66,7 +82,7 @@ impl<'a> BzImage<'a> {
         // The header runs from 0x1f1 to 0x202 + the byte at 0x201.
         let end = (0x202 + usize::from(img[0x201])).min(img.len()).max(0x268);
         if pm >= img.len() {
-            return Err(format!("setup of {setup_sects} sectors leaves no kernel"));
+            return Err(BzImageError::NoKernel(setup_sects));
         }
         Ok(BzImage {
             header: &img[0x1f1..end],
@@ -85,7 +101,7 @@ impl Vm {
         initrd: Option<&[u8]>,
         cmdline: &str,
     ) -> Result<(), VmError> {
-        let bz = BzImage::parse(image).map_err(VmError::Config)?;
+        let bz = BzImage::parse(image)?;
         if cmdline.len() > CMDLINE_MAX {
             return Err(VmError::Config(format!(
                 "command line over {CMDLINE_MAX} bytes"
@@ -164,12 +180,13 @@ mod tests {
         let bz = BzImage::parse(&ok).unwrap();
         assert_eq!(bz.kernel.len(), 0x1000 - 1024);
         assert_eq!(bz.initrd_addr_max, 0x37ff_ffff);
-        assert!(BzImage::parse(&fake(0x020b, 1))
-            .unwrap_err()
-            .contains("too old"));
-        assert!(BzImage::parse(&fake(0x020f, 0))
-            .unwrap_err()
-            .contains("64-bit"));
+        let old = BzImage::parse(&fake(0x020b, 1)).unwrap_err();
+        assert_eq!(old, BzImageError::TooOld(0x020b));
+        assert!(old.to_string().contains("2.11 is too old"), "{old}");
+        assert_eq!(
+            BzImage::parse(&fake(0x020f, 0)).unwrap_err(),
+            BzImageError::No64BitEntry
+        );
         assert!(BzImage::parse(&ok[..0x100]).is_err());
         let mut bad = ok.clone();
         bad[0x202] = b'X';

@@ -41,19 +41,45 @@ use crate::vm::{RunState, Vm, VmConfig, VmError};
 /// Errors of save, restore and migration.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
+    /// The state stream.
     #[error(transparent)]
     Stream(#[from] StreamError),
+    /// The VM.
     #[error(transparent)]
     Vm(#[from] VmError),
-    #[error("{0}")]
-    Io(String),
+    /// A file or a socket.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The target's address names no host.
+    #[error("{0}: no address")]
+    NoAddress(String),
+    /// A live migration needs the target's token.
+    #[error("the target's migration token is missing")]
+    NoToken,
+    /// The target said no.
     #[error("the target refused the migration: {0}")]
     Refused(String),
+    /// The other side broke the protocol.
     #[error("{0}")]
     Protocol(String),
+    /// One side gave up.
     #[error("migration aborted: {0}")]
     Aborted(String),
+    /// The caller's switch-over step failed: the guest resumes here.
+    #[error("migration aborted: the switch-over failed")]
+    SwitchOver(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
+
+/// A migration token's text is not 64 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a migration token is 64 hex digits")]
+pub struct TokenError;
 
 type Result<T> = std::result::Result<T, MigrateError>;
 
@@ -83,14 +109,14 @@ pub type Token = [u8; 32];
 const AUTH_MAGIC: &[u8; 8] = b"CSVMIGT1";
 
 /// A token from its 64 hex digits.
-pub fn parse_token(hex: &str) -> std::result::Result<Token, String> {
+pub fn parse_token(hex: &str) -> std::result::Result<Token, TokenError> {
     let hex = hex.trim();
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("a migration token is 64 hex digits".into());
+        return Err(TokenError);
     }
     let mut t = [0u8; 32];
     for (i, b) in t.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| TokenError)?;
     }
     Ok(t)
 }
@@ -121,7 +147,7 @@ impl Default for MigrateOptions {
 }
 
 /// Progress of a migration, reported after every round.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub round: u32,
     pub pages_sent: u64,
@@ -132,7 +158,7 @@ pub struct Progress {
 }
 
 /// What a finished migration (or save) did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub rounds: u32,
     pub total_ms: f64,
@@ -389,8 +415,8 @@ fn count_bits(b: &[u64]) -> u64 {
     b.iter().map(|w| u64::from(w.count_ones())).sum()
 }
 
-fn io(what: &str) -> impl Fn(std::io::Error) -> MigrateError + '_ {
-    move |e| MigrateError::Io(format!("{what}: {e}"))
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> MigrateError {
+    move |source| MigrateError::Io { what, source }
 }
 
 /// Saves the VM to `path` (pausing it) for a quick migration; the caller
@@ -417,7 +443,7 @@ pub fn save(vm: &Vm, path: &Path) -> Result<Summary> {
         )?;
         let f =
             s.w.into_inner()
-                .map_err(|e| MigrateError::Io(format!("write the save file: {e}")))?;
+                .map_err(|e| io("write the save file")(e.into_error()))?;
         f.sync_all().map_err(io("sync the save file"))?;
         std::fs::rename(&tmp, path).map_err(io("rename the save file into place"))?;
         let elapsed = t0.elapsed().as_secs_f64() * 1e3;
@@ -449,7 +475,7 @@ pub fn migrate(
     to: &str,
     opts: &MigrateOptions,
     mut progress: impl FnMut(&Progress),
-    handover: impl FnOnce() -> std::result::Result<(), String>,
+    handover: impl FnOnce() -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>,
 ) -> Result<Summary> {
     let t0 = Instant::now();
     let _boost = boost_this_thread();
@@ -457,13 +483,11 @@ pub fn migrate(
         .to_socket_addrs()
         .map_err(io("resolve the target"))?
         .next()
-        .ok_or_else(|| MigrateError::Io(format!("{to}: no address")))?;
+        .ok_or_else(|| MigrateError::NoAddress(to.to_string()))?;
     let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(io("connect to the target"))?;
     let _ = conn.set_nodelay(true);
-    let token = opts
-        .token
-        .ok_or_else(|| MigrateError::Io("the target's migration token is missing".into()))?;
+    let token = opts.token.ok_or(MigrateError::NoToken)?;
     let mut auth = AUTH_MAGIC.to_vec();
     auth.extend_from_slice(&token);
     (&conn)
@@ -577,7 +601,7 @@ pub fn migrate(
             }
         }
         acked = true;
-        handover().map_err(|e| MigrateError::Aborted(format!("hand-over hook: {e}")))?;
+        handover().map_err(MigrateError::SwitchOver)?;
         send_status(&mut s.w, Kind::Go, true, None, String::new())?;
         s.w.flush().map_err(io("send Go"))?;
         let k = stream::read_frame(&mut back, &mut buf)?;

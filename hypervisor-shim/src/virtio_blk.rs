@@ -44,12 +44,31 @@ const MAX_SEG: usize = 4 << 20;
 pub type Backend = vhd::Vhd<std::fs::File>;
 
 /// Counters for status reports.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlkStats {
     pub reads: u64,
     pub writes: u64,
     pub flushes: u64,
     pub errors: u64,
+}
+
+/// What went wrong with the disk device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// A disk of another size than the device.
+    #[error("the disk is {disk} bytes, the VM's virtio-blk device {device}")]
+    Size {
+        /// The disk's size.
+        disk: u64,
+        /// The device's.
+        device: u64,
+    },
+    /// Flushing the disk.
+    #[error("flushing the disk")]
+    Flush(#[source] vhd::Error),
+    /// A migrated queue's state that virtio-queue refuses.
+    #[error("virtio queue state: {0}")]
+    Queue(String),
 }
 
 /// The device.
@@ -168,13 +187,12 @@ impl VirtioBlk {
     }
 
     /// Attaches the disk; its size must be the device's.
-    pub fn attach(&mut self, disk: Arc<Backend>) -> Result<(), String> {
+    pub fn attach(&mut self, disk: Arc<Backend>) -> Result<(), BlkError> {
         if disk.size() != self.capacity {
-            return Err(format!(
-                "the disk is {} bytes, the VM's virtio-blk device {}",
-                disk.size(),
-                self.capacity
-            ));
+            return Err(BlkError::Size {
+                disk: disk.size(),
+                device: self.capacity,
+            });
         }
         self.disk = Some(disk);
         Ok(())
@@ -191,9 +209,9 @@ impl VirtioBlk {
     }
 
     /// Flushes the disk (before a hand-over).
-    pub fn flush(&self) -> Result<(), String> {
+    pub fn flush(&self) -> Result<(), BlkError> {
         match &self.disk {
-            Some(d) => d.flush().map_err(|e| e.to_string()),
+            Some(d) => d.flush().map_err(BlkError::Flush),
             None => Ok(()),
         }
     }
@@ -211,7 +229,8 @@ impl VirtioBlk {
         }
     }
 
-    pub fn restore(&mut self, s: &BlkState) -> Result<(), String> {
+    /// Takes a migrated device's state.
+    pub fn restore(&mut self, s: &BlkState) -> Result<(), BlkError> {
         self.capacity = s.capacity;
         self.status = s.status;
         self.device_features_sel = s.device_features_sel;
@@ -219,7 +238,7 @@ impl VirtioBlk {
         self.driver_features = s.driver_features;
         self.queue_sel = s.queue_sel;
         self.interrupt_status = s.interrupt_status;
-        self.queue = Queue::try_from(s.queue).map_err(|e| format!("virtio queue state: {e:?}"))?;
+        self.queue = Queue::try_from(s.queue).map_err(|e| BlkError::Queue(format!("{e:?}")))?;
         Ok(())
     }
 

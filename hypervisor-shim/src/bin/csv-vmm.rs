@@ -5,13 +5,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use hypervisor_shim::control::{self, Slot};
+use hypervisor_shim::control::proto::{MigrateRequest, Reply, Request};
+use hypervisor_shim::control::{self, Control, Slot};
 use hypervisor_shim::guest::TestGuestConfig;
 use hypervisor_shim::migrate;
 use hypervisor_shim::vm::{RunState, SerialOut, Vm, VmConfig};
-use serde_json::{json, Value};
 
 /// A small KVM VMM for csv cluster VMs: runs the test guest, saves and
 /// restores it, and live-migrates it to another csv-vmm.
@@ -193,19 +193,8 @@ enum CtlOp {
     Registers,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 268435456, 256M, 1G)"))?;
-    n.checked_mul(mul)
-        .ok_or_else(|| format!("{s:?} is too large"))
+fn parse_size(s: &str) -> Result<u64, vhd::size::SizeError> {
+    vhd::size::parse_positive(s)
 }
 
 fn parse_serial(s: &str) -> Result<SerialOut, String> {
@@ -267,7 +256,17 @@ fn supervise(vm: Arc<Vm>, slot: &Slot) -> i32 {
 /// and state files (dac_override, dac_read_search), locking guest memory
 /// and raising its limits (ipc_lock, sys_resource), and a migration
 /// thread's priority (sys_nice). /dev/kvm needs none.
-const CAPS: [u32; 5] = [1, 2, 14, 23, 24];
+/// What csv-vmm keeps of root's capabilities: reading and writing its
+/// disk and state files whoever owns them (dac_override,
+/// dac_read_search), locking guest memory (ipc_lock), and priorities and
+/// limits for its vCPU threads (sys_nice, sys_resource).
+const CAPS: [caps::Capability; 5] = [
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_DAC_READ_SEARCH,
+    caps::Capability::CAP_IPC_LOCK,
+    caps::Capability::CAP_SYS_NICE,
+    caps::Capability::CAP_SYS_RESOURCE,
+];
 
 fn main() -> anyhow::Result<()> {
     // Before any thread starts (capabilities are per thread).
@@ -284,7 +283,10 @@ fn main() -> anyhow::Result<()> {
         init_logs(h.log_json);
         match &privileges {
             Ok(what) => tracing::info!("privileges: {what}"),
-            Err(e) => tracing::warn!("could not drop privileges: {e}"),
+            Err(e) => tracing::warn!(
+                "could not drop privileges: {}",
+                coordinator::service::error_chain(e)
+            ),
         }
     }
     let slot = Arc::new(Slot::default());
@@ -340,7 +342,7 @@ fn main() -> anyhow::Result<()> {
                     "an incoming migration needs its token: --token-file FILE or CSV_MIGRATION_TOKEN",
                 )?,
             };
-            let token = migrate::parse_token(&hex).map_err(anyhow::Error::msg)?;
+            let token = migrate::parse_token(&hex)?;
             let l = TcpListener::bind(listen).with_context(|| format!("listen on {listen}"))?;
             let bound = l.local_addr()?;
             slot.set_incoming(bound);
@@ -373,48 +375,52 @@ fn main() -> anyhow::Result<()> {
 
 fn ctl(path: &std::path::Path, op: CtlOp) -> anyhow::Result<()> {
     let req = match op {
-        CtlOp::Status => json!({"cmd": "status"}),
-        CtlOp::Pause => json!({"cmd": "pause"}),
-        CtlOp::Resume => json!({"cmd": "resume"}),
-        CtlOp::Stop => json!({"cmd": "stop"}),
-        CtlOp::Save { path, keep_running } => {
-            json!({"cmd": "save", "path": path, "stop": !keep_running})
-        }
+        CtlOp::Status => Request::Status,
+        CtlOp::Pause => Request::Pause,
+        CtlOp::Resume => Request::Resume,
+        CtlOp::Stop => Request::Stop,
+        CtlOp::Save { path, keep_running } => Request::Save {
+            path,
+            stop: !keep_running,
+        },
         CtlOp::Migrate {
             to,
             token,
             downtime_ms,
             timeout_s,
             verify_memory,
-        } => json!({
-            "cmd": "migrate", "to": to, "token": token, "downtime_ms": downtime_ms,
-            "timeout_s": timeout_s, "verify_memory": verify_memory,
+        } => Request::Migrate(MigrateRequest {
+            to,
+            token,
+            downtime_ms: Some(downtime_ms),
+            timeout_s: Some(timeout_s),
+            verify_memory,
+            confirm: false,
         }),
-        CtlOp::SetRate { mib_per_s } => json!({"cmd": "set-rate", "mib_per_s": mib_per_s}),
-        CtlOp::Check => json!({"cmd": "check"}),
-        CtlOp::MemoryCrc => json!({"cmd": "memory-crc"}),
-        CtlOp::Stats => json!({"cmd": "stats"}),
-        CtlOp::Registers => json!({"cmd": "registers"}),
+        CtlOp::SetRate { mib_per_s } => Request::SetRate {
+            mib_per_s,
+            tick_us: 1000,
+        },
+        CtlOp::Check => Request::Check,
+        CtlOp::MemoryCrc => Request::MemoryCrc,
+        CtlOp::Stats => Request::Stats,
+        CtlOp::Registers => Request::Registers,
     };
-    let answer = control::request(path, &req, |ev: &Value| {
-        if let Some(p) = ev.get("progress") {
-            eprintln!(
-                "round {:>3}  dirty {:>8} pages  {:>8.1} MiB/s  est. downtime {:>7.1} ms  throttle {}%",
-                p["round"], p["dirty_pages"], p["bandwidth_mib_s"].as_f64().unwrap_or(0.0),
-                p["estimated_downtime_ms"].as_f64().unwrap_or(0.0), p["throttle_pct"]
-            );
-        }
-    })
-    .with_context(|| format!("control socket {}", path.display()))?;
-    println!("{}", serde_json::to_string_pretty(&answer)?);
-    if answer.get("ok").and_then(Value::as_bool) != Some(true) {
-        bail!(
-            "{}",
-            answer
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("request failed")
+    let answer = Control::connect(path, None)?.ask(&req, |p| {
+        eprintln!(
+            "round {:>3}  dirty {:>8} pages  {:>8.1} MiB/s  est. downtime {:>7.1} ms  throttle {}%",
+            p.round, p.dirty_pages, p.bandwidth_mib_s, p.estimated_downtime_ms, p.throttle_pct
         );
-    }
+    })?;
+    let text = match &answer {
+        Reply::Done => "done".to_string(),
+        Reply::Status(s) => serde_json::to_string_pretty(s)?,
+        Reply::Summary(s) => serde_json::to_string_pretty(s)?,
+        Reply::Check(c) => serde_json::to_string_pretty(c)?,
+        Reply::MemoryCrc(c) => format!("{c:#010x}"),
+        Reply::Stats(s) => serde_json::to_string_pretty(s)?,
+        Reply::Registers(r) => serde_json::to_string_pretty(r)?,
+    };
+    println!("{text}");
     Ok(())
 }

@@ -2,6 +2,12 @@
 //! and a serial console need, pause/resume, and the state that a save or a
 //! migration carries.
 
+mod exits;
+mod setup;
+mod state;
+
+use state::readable_msrs;
+
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::thread::JoinHandleExt;
@@ -33,19 +39,45 @@ pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 /// Errors of the VM core.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    #[error("KVM: {what}: {source}")]
+    /// A KVM ioctl.
+    #[error("KVM: {what}")]
     Kvm {
+        /// What was being done.
         what: String,
+        /// Why.
+        #[source]
         source: kvm_ioctls::Error,
     },
+    /// Guest memory.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// A configuration or state this VMM cannot use.
     #[error("{0}")]
     Config(String),
-    #[error("restoring vCPU {id}: {what}: {source}")]
+    /// The disk.
+    #[error("disk {path}")]
+    Disk {
+        /// The VHD.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: vhd::Error,
+    },
+    /// The disk device.
+    #[error(transparent)]
+    Blk(#[from] crate::virtio_blk::BlkError),
+    /// A Linux kernel image this VMM cannot boot.
+    #[error("the kernel image")]
+    Kernel(#[from] crate::linux::BzImageError),
+    /// Restoring a vCPU.
+    #[error("restoring vCPU {id}: {what}")]
     Restore {
+        /// The vCPU.
         id: u32,
+        /// What was being done.
         what: &'static str,
+        /// Why.
+        #[source]
         source: kvm_ioctls::Error,
     },
 }
@@ -105,7 +137,7 @@ pub struct VmConfig {
 }
 
 /// Where a VM is in its life.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunState {
     Created,
@@ -426,105 +458,6 @@ impl Vm {
         self.setup_long_mode(3, guest::LOAD_ADDR, guest::STACK_TOP, 0, 0x3002)
     }
 
-    /// Builds a GDT (null, 64-bit code, data, busy TSS; code and data at
-    /// privilege `dpl`), an empty IDT and an identity map of the first
-    /// 4 GiB with 2 MiB pages, and sets vCPU 0 up in long mode at `rip`
-    /// with `rsp`, `rsi` and `rflags`.
-    pub(crate) fn setup_long_mode(
-        &self,
-        dpl: u8,
-        rip: u64,
-        rsp: u64,
-        rsi: u64,
-        rflags: u64,
-    ) -> Result<()> {
-        let m = &self.mem;
-        let w = |addr: u64, v: u64| {
-            m.write_obj(v, GuestAddress(addr))
-                .map_err(|e| VmError::Memory(format!("write {addr:#x}: {e}")))
-        };
-        let d = u64::from(dpl & 3) << 45;
-        for (i, e) in [
-            0u64,
-            0x00af_9b00_0000_ffff | d,
-            0x00cf_9300_0000_ffff | d,
-            0x008f_8b00_0000_ffff,
-        ]
-        .iter()
-        .enumerate()
-        {
-            w(guest::GDT_ADDR + 8 * i as u64, *e)?;
-        }
-        w(guest::IDT_ADDR, 0)?;
-        let pdpt = guest::PML4_ADDR + 0x1000;
-        let pd = guest::PML4_ADDR + 0x2000;
-        w(guest::PML4_ADDR, pdpt | 7)?;
-        for i in 0..4u64 {
-            w(pdpt + 8 * i, (pd + 0x1000 * i) | 7)?;
-            for j in 0..512u64 {
-                w(pd + 0x1000 * i + 8 * j, ((i * 512 + j) << 21) | 0x87)?;
-            }
-        }
-        let v = lock(&self.vcpus[0]);
-        let mut sregs = kvm("read sregs", v.get_sregs())?;
-        let code = kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: 0x08 | u16::from(dpl & 3),
-            type_: 0xb,
-            present: 1,
-            dpl: dpl & 3,
-            db: 0,
-            s: 1,
-            l: 1,
-            g: 1,
-            ..Default::default()
-        };
-        let data = kvm_segment {
-            selector: 0x10 | u16::from(dpl & 3),
-            type_: 0x3,
-            db: 1,
-            l: 0,
-            ..code
-        };
-        let tss = kvm_segment {
-            selector: 0x18,
-            type_: 0xb,
-            s: 0,
-            dpl: 0,
-            db: 0,
-            l: 0,
-            ..code
-        };
-        sregs.cs = code;
-        sregs.ds = data;
-        sregs.es = data;
-        sregs.fs = data;
-        sregs.gs = data;
-        sregs.ss = data;
-        sregs.tr = tss;
-        sregs.gdt.base = guest::GDT_ADDR;
-        sregs.gdt.limit = 4 * 8 - 1;
-        sregs.idt.base = guest::IDT_ADDR;
-        sregs.idt.limit = 7;
-        sregs.cr3 = guest::PML4_ADDR;
-        sregs.cr4 |= 0x20 | 0x200 | 0x400; // PAE, OSFXSR, OSXMMEXCPT
-        sregs.cr0 = (sregs.cr0 | 0x1 | 0x8000_0000 | 0x20) & !0x6000_0000; // PE, PG, NE; caches on
-        sregs.efer |= 0x500; // LME, LMA
-        kvm("set sregs", v.set_sregs(&sregs))?;
-        let mut regs = kvm("read regs", v.get_regs())?;
-        regs.rip = rip;
-        regs.rsp = rsp;
-        regs.rsi = rsi;
-        regs.rflags = rflags;
-        kvm("set regs", v.set_regs(&regs))?;
-        let mut fpu = kvm("read FPU", v.get_fpu())?;
-        fpu.fcw = 0x37f;
-        fpu.mxcsr = 0x1f80;
-        kvm("set FPU", v.set_fpu(&fpu))?;
-        Ok(())
-    }
-
     /// Starts the vCPU threads.
     pub fn start(self: &Arc<Self>) -> Result<()> {
         static HANDLER: std::sync::Once = std::sync::Once::new();
@@ -560,7 +493,7 @@ impl Vm {
 
     /// Current run state.
     pub fn state(&self) -> RunState {
-        lock(&self.state).clone()
+        *lock(&self.state)
     }
 
     /// Marks the VM as handed over (migrated) or saved; its vCPUs stay
@@ -575,145 +508,7 @@ impl Vm {
         while matches!(*s, RunState::Created | RunState::Running | RunState::Paused) {
             s = self.state_cv.wait(s).unwrap_or_else(|p| p.into_inner());
         }
-        s.clone()
-    }
-
-    fn vcpu_loop(&self, index: usize, vcpu: Arc<Mutex<VcpuFd>>) {
-        let gate = &self.gate;
-        let mut ran_since = Instant::now();
-        loop {
-            if gate.stop.load(Ordering::SeqCst) {
-                break;
-            }
-            if gate.pause.load(Ordering::SeqCst) {
-                // An I/O or MMIO exit is complete (RIP past the instruction)
-                // only once KVM_RUN is entered again: do that with
-                // immediate_exit, which runs no guest instruction, so the
-                // state a save reads is consistent.
-                {
-                    let mut v = lock(&vcpu);
-                    v.set_kvm_immediate_exit(1);
-                    let _ = v.run();
-                    v.set_kvm_immediate_exit(0);
-                }
-                let mut st = lock(&gate.state);
-                st.parked += 1;
-                gate.cv.notify_all();
-                while gate.pause.load(Ordering::SeqCst) && !gate.stop.load(Ordering::SeqCst) {
-                    st = gate.cv.wait(st).unwrap_or_else(|p| p.into_inner());
-                }
-                st.parked -= 1;
-                gate.cv.notify_all();
-                ran_since = Instant::now();
-                continue;
-            }
-            let pct = gate.throttle.load(Ordering::Relaxed);
-            if pct > 0 {
-                // Auto-converge: run (100 - pct)% of each 10 ms window.
-                let window = Duration::from_millis(10);
-                let run_for = window * (100 - pct.min(99)) / 100;
-                if ran_since.elapsed() >= run_for {
-                    std::thread::sleep(window - run_for);
-                    ran_since = Instant::now();
-                }
-            }
-            let mut v = lock(&vcpu);
-            let stop_reason = match v.run() {
-                Ok(VcpuExit::IoOut(port, data)) => self.io_out(port, data),
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    self.io_in(port, data);
-                    None
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    self.mmio_read(addr, data);
-                    None
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    self.mmio_write(addr, data);
-                    None
-                }
-                Ok(VcpuExit::Intr) | Ok(VcpuExit::Hlt) => None,
-                Ok(VcpuExit::Shutdown) => {
-                    Some("the guest shut down (triple fault or reset)".to_string())
-                }
-                Ok(VcpuExit::SystemEvent(t, _)) => Some(format!("system event {t}")),
-                Ok(other) => Some(format!("unhandled exit {other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-                Err(e) => Some(format!("KVM_RUN failed: {e}")),
-            };
-            drop(v);
-            if let Some(reason) = stop_reason {
-                tracing::warn!(vcpu = index, %reason, "guest stopped");
-                self.stop();
-                break;
-            }
-        }
-    }
-
-    fn io_out(&self, port: u16, data: &[u8]) -> Option<String> {
-        let mut d = lock(&self.devices);
-        match port {
-            0x3f8..=0x3ff => {
-                if let Some(&b) = data.first() {
-                    let _ = d.serial.write((port - 0x3f8) as u8, b);
-                }
-            }
-            0x60 | 0x64 => {
-                if let Some(&b) = data.first() {
-                    let _ = d.i8042.write((port - 0x60) as u8, b);
-                }
-                if self.reset.load(Ordering::SeqCst) {
-                    return Some("the guest asked for a reset (i8042)".into());
-                }
-            }
-            guest::PORT_HEARTBEAT if data.len() == 4 => {
-                d.heartbeat
-                    .record(u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
-            }
-            guest::PORT_ERROR if data.len() == 4 => {
-                d.heartbeat.guest_errors += 1;
-                let page = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-                tracing::error!(
-                    page,
-                    "the test guest found a page that does not match what it wrote"
-                );
-            }
-            guest::PORT_DISK_ERROR => {
-                tracing::error!(status = ?data, "the test guest's disk request failed");
-            }
-            guest::PORT_BOOTED => {
-                d.heartbeat.booted = true;
-                tracing::info!("test guest booted");
-            }
-            _ => {}
-        }
-        None
-    }
-
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        let d = lock(&self.devices);
-        match &d.blk {
-            Some(b)
-                if (virtio_blk::MMIO_BASE..virtio_blk::MMIO_BASE + virtio_blk::MMIO_SIZE)
-                    .contains(&addr) =>
-            {
-                b.read(addr - virtio_blk::MMIO_BASE, data)
-            }
-            _ => data.fill(0xff),
-        }
-    }
-
-    fn mmio_write(&self, addr: u64, data: &[u8]) {
-        let mut d = lock(&self.devices);
-        let d = &mut *d;
-        if let Some(b) = &mut d.blk {
-            if (virtio_blk::MMIO_BASE..virtio_blk::MMIO_BASE + virtio_blk::MMIO_SIZE)
-                .contains(&addr)
-                && b.write(addr - virtio_blk::MMIO_BASE, data, &self.mem)
-            {
-                let _ = d.blk_irq.write(1);
-            }
-        }
+        *s
     }
 
     /// Opens the VHD of `config.disk` and attaches it to the virtio-blk
@@ -733,11 +528,12 @@ impl Vm {
             write: true,
             ..Default::default()
         };
-        let disk = vhd::Vhd::open(path, &opts)
-            .map_err(|e| VmError::Config(format!("open the disk: {e}")))?;
+        let disk = vhd::Vhd::open(path, &opts).map_err(|source| VmError::Disk {
+            path: path.clone(),
+            source,
+        })?;
         let blk = d.blk.get_or_insert_with(|| VirtioBlk::new(disk.size()));
-        blk.attach(Arc::new(disk))
-            .map_err(|e| VmError::Config(format!("{}: {e}", path.display())))
+        Ok(blk.attach(Arc::new(disk))?)
     }
 
     /// Checks, without opening it for writing, that the disk of
@@ -753,8 +549,11 @@ impl Vm {
                 None => Ok(()),
             };
         };
-        let disk = vhd::Vhd::open(path, &vhd::OpenOptions::default())
-            .map_err(|e| VmError::Config(format!("open the disk: {e}")))?;
+        let disk =
+            vhd::Vhd::open(path, &vhd::OpenOptions::default()).map_err(|source| VmError::Disk {
+                path: path.clone(),
+                source,
+            })?;
         match &d.blk {
             Some(b) if b.capacity() != disk.size() => Err(VmError::Config(format!(
                 "{} is {} bytes, the VM's disk {}",
@@ -769,9 +568,7 @@ impl Vm {
     /// Flushes the disk (before handing it to another host).
     pub fn flush_disk(&self) -> Result<()> {
         match &lock(&self.devices).blk {
-            Some(b) => b
-                .flush()
-                .map_err(|e| VmError::Config(format!("flush the disk: {e}"))),
+            Some(b) => Ok(b.flush()?),
             None => Ok(()),
         }
     }
@@ -784,27 +581,6 @@ impl Vm {
     /// The disk's request counters, when there is one.
     pub fn disk_stats(&self) -> Option<virtio_blk::BlkStats> {
         lock(&self.devices).blk.as_ref().map(|b| b.stats)
-    }
-
-    fn io_in(&self, port: u16, data: &mut [u8]) {
-        let mut d = lock(&self.devices);
-        let v = match port {
-            0x3f8..=0x3ff => d.serial.read((port - 0x3f8) as u8),
-            0x60 | 0x64 => d.i8042.read((port - 0x60) as u8),
-            _ => 0xff,
-        };
-        data.fill(v);
-    }
-
-    fn kick_all(&self) {
-        for t in lock(&self.threads).iter() {
-            // SAFETY: the thread handle is alive (joined only in `Drop`), and
-            // the kick signal has a handler that does nothing, so it only
-            // interrupts KVM_RUN.
-            unsafe {
-                libc::pthread_kill(t.as_pthread_t(), kick_signal());
-            }
-        }
     }
 
     /// Parks every vCPU thread outside KVM_RUN. Idempotent.
@@ -896,287 +672,10 @@ impl Vm {
             max_gap_ms: h.max_gap.as_secs_f64() * 1e3,
         }
     }
-
-    /// Switches KVM's dirty-page log on or off (and clears both logs).
-    pub fn set_dirty_log(&self, on: bool) -> Result<()> {
-        self.set_memory_region(on)?;
-        self.vmm_bitmap().reset();
-        Ok(())
-    }
-
-    fn vmm_bitmap(&self) -> &AtomicBitmap {
-        // One region, created in `new`.
-        self.mem
-            .iter()
-            .next()
-            .map(|r| (**r).bitmap())
-            .expect("guest memory has one region")
-    }
-
-    /// Takes (and clears) the pages dirtied since the last call, by the
-    /// guest (KVM's log) or by the VMM (the memory bitmap), merged into
-    /// `into` (one bit per page).
-    pub fn take_dirty(&self, into: &mut [u64]) -> Result<()> {
-        let kvm_log = kvm(
-            "read the dirty log",
-            self.fd.get_dirty_log(0, self.config.mem_bytes as usize),
-        )?;
-        for (d, s) in into.iter_mut().zip(kvm_log) {
-            *d |= s;
-        }
-        // The VMM's own writes: one bit per page, taken and cleared at once.
-        for (d, s) in into.iter_mut().zip(self.vmm_bitmap().get_and_reset()) {
-            *d |= s;
-        }
-        Ok(())
-    }
-
-    /// CRC32 of all guest memory (call while paused for a stable answer).
-    pub fn memory_crc(&self) -> u32 {
-        let (p, len) = self.host_memory();
-        // SAFETY: the mapping is `len` bytes long and lives as long as `self`.
-        let s = unsafe { std::slice::from_raw_parts(p as *const u8, len) };
-        crc32fast::hash(s)
-    }
-
-    /// The device state (call while paused).
-    pub fn device_state(&self) -> DeviceState {
-        let d = lock(&self.devices);
-        let s = d.serial.state();
-        DeviceState {
-            serial_regs: [
-                s.baud_divisor_low,
-                s.baud_divisor_high,
-                s.interrupt_enable,
-                s.interrupt_identification,
-                s.line_control,
-                s.line_status,
-                s.modem_control,
-                s.modem_status,
-                s.scratch,
-            ],
-            serial_in: s.in_buffer.clone(),
-            heartbeat_seq: d.heartbeat.seq,
-            heartbeats: d.heartbeat.count,
-            heartbeat_gaps: d.heartbeat.gaps,
-            guest_errors: d.heartbeat.guest_errors,
-            blk: d.blk.as_ref().map(VirtioBlk::state),
-        }
-    }
-
-    /// Restores the device state (before `start`).
-    pub fn restore_devices(&self, s: &DeviceState) -> Result<()> {
-        let mut d = lock(&self.devices);
-        let r = s.serial_regs;
-        let state = SerialState {
-            baud_divisor_low: r[0],
-            baud_divisor_high: r[1],
-            interrupt_enable: r[2],
-            interrupt_identification: r[3],
-            line_control: r[4],
-            line_status: r[5],
-            modem_control: r[6],
-            modem_status: r[7],
-            scratch: r[8],
-            in_buffer: s.serial_in.clone(),
-        };
-        let irq = IrqFd(
-            d.serial
-                .interrupt_evt()
-                .0
-                .try_clone()
-                .map_err(|e| VmError::Config(format!("eventfd: {e}")))?,
-        );
-        let out = self
-            .config
-            .serial
-            .open()
-            .map_err(|e| VmError::Config(format!("serial output: {e}")))?;
-        d.serial = Serial::from_state(&state, irq, vm_superio::serial::NoEvents, out)
-            .map_err(|e| VmError::Config(format!("serial state: {e:?}")))?;
-        d.heartbeat.seq = s.heartbeat_seq;
-        d.heartbeat.count = s.heartbeats;
-        d.heartbeat.gaps = s.heartbeat_gaps;
-        d.heartbeat.guest_errors = s.guest_errors;
-        d.heartbeat.booted = s.heartbeats > 0;
-        if let Some(b) = &s.blk {
-            let mut dev = VirtioBlk::new(b.capacity);
-            dev.restore(b).map_err(VmError::Config)?;
-            d.blk = Some(dev);
-        }
-        Ok(())
-    }
-
-    /// The VM-wide KVM state (call while paused).
-    pub fn vm_state(&self) -> Result<VmState> {
-        let chip = |id| -> Result<kvm_irqchip> {
-            let mut c = kvm_irqchip {
-                chip_id: id,
-                ..Default::default()
-            };
-            kvm("read the irqchip", self.fd.get_irqchip(&mut c))?;
-            Ok(c)
-        };
-        Ok(VmState {
-            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
-            pit: kvm("read the PIT", self.fd.get_pit2())?,
-            clock: kvm("read the KVM clock", self.fd.get_clock())?,
-        })
-    }
-
-    /// Restores the VM-wide state (before `start`).
-    pub fn restore_vm_state(&self, s: &VmState) -> Result<()> {
-        for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-            kvm("restore the irqchip", self.fd.set_irqchip(c))?;
-        }
-        kvm("restore the PIT", self.fd.set_pit2(&s.pit))?;
-        let clock = kvm_clock_data {
-            clock: s.clock.clock,
-            // With the realtime stamp KVM advances the clock by the wall
-            // time that passed between save and restore.
-            flags: s.clock.flags & KVM_CLOCK_REALTIME,
-            realtime: s.clock.realtime,
-            ..Default::default()
-        };
-        kvm("restore the KVM clock", self.fd.set_clock(&clock))?;
-        Ok(())
-    }
-
-    /// Every vCPU's state (call while paused).
-    pub fn vcpu_states(&self) -> Result<Vec<VcpuState>> {
-        let mut out = Vec::with_capacity(self.vcpus.len());
-        for (id, v) in self.vcpus.iter().enumerate() {
-            let v = lock(v);
-            let id = id as u32;
-            let what = |w: &str| format!("vCPU {id}: read {w}");
-            let mp_state = kvm(what("MP state"), v.get_mp_state())?;
-            let regs = kvm(what("registers"), v.get_regs())?;
-            let sregs = kvm(what("special registers"), v.get_sregs())?;
-            let xsave = Box::new(kvm(what("XSAVE"), v.get_xsave())?);
-            let xcrs = kvm(what("XCRs"), v.get_xcrs())?;
-            let debugregs = kvm(what("debug registers"), v.get_debug_regs())?;
-            let lapic = kvm(what("local APIC"), v.get_lapic())?;
-            let entries: Vec<kvm_msr_entry> = self
-                .msr_list
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            let mut msrs = Msrs::from_entries(&entries)
-                .map_err(|e| VmError::Config(format!("MSR list: {e:?}")))?;
-            let n = kvm(what("MSRs"), v.get_msrs(&mut msrs))?;
-            let msrs: Vec<(u32, u64)> = msrs.as_slice()[..n]
-                .iter()
-                .map(|e| (e.index, e.data))
-                .collect();
-            let events = kvm(what("events"), v.get_vcpu_events())?;
-            let cpuid = kvm(what("CPUID"), v.get_cpuid2(KVM_MAX_CPUID_ENTRIES))?;
-            out.push(VcpuState {
-                id,
-                cpuid: cpuid.as_slice().to_vec(),
-                tsc_khz: self.tsc_khz,
-                mp_state,
-                regs,
-                sregs,
-                xsave,
-                xcrs,
-                debugregs,
-                lapic,
-                msrs,
-                events,
-            });
-        }
-        Ok(out)
-    }
-
-    /// Restores the vCPUs in the order KVM needs: CPUID, MP state,
-    /// registers, special registers, XSAVE, XCRs, debug registers, local
-    /// APIC, MSRs, and the pending events last.
-    pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<()> {
-        if states.len() != self.vcpus.len() {
-            return Err(VmError::Config(format!(
-                "the state has {} vCPUs, this VM {}",
-                states.len(),
-                self.vcpus.len()
-            )));
-        }
-        for s in states {
-            let v = self
-                .vcpus
-                .get(s.id as usize)
-                .ok_or_else(|| VmError::Config(format!("state for unknown vCPU {}", s.id)))?;
-            let v = lock(v);
-            let id = s.id;
-            let e = |what: &'static str| move |source| VmError::Restore { id, what, source };
-            if s.tsc_khz != self.tsc_khz {
-                tracing::warn!(
-                    saved = s.tsc_khz,
-                    here = self.tsc_khz,
-                    "TSC frequency differs from the source host; the guest's sense of time will drift"
-                );
-                let _ = v.set_tsc_khz(s.tsc_khz);
-            }
-            let cpuid = CpuId::from_entries(&s.cpuid)
-                .map_err(|err| VmError::Config(format!("CPUID of vCPU {id}: {err:?}")))?;
-            v.set_cpuid2(&cpuid).map_err(e("CPUID"))?;
-            v.set_mp_state(s.mp_state).map_err(e("MP state"))?;
-            v.set_regs(&s.regs).map_err(e("registers"))?;
-            v.set_sregs(&s.sregs).map_err(e("special registers"))?;
-            // SAFETY: the XSAVE area was read from KVM by the same structure
-            // layout (kvm_xsave, 4 KiB); extended areas beyond it are not used.
-            unsafe { v.set_xsave(&s.xsave) }.map_err(e("XSAVE"))?;
-            v.set_xcrs(&s.xcrs).map_err(e("XCRs"))?;
-            v.set_debug_regs(&s.debugregs)
-                .map_err(e("debug registers"))?;
-            v.set_lapic(&s.lapic).map_err(e("local APIC"))?;
-            let entries: Vec<kvm_msr_entry> = s
-                .msrs
-                .iter()
-                .map(|&(index, data)| kvm_msr_entry {
-                    index,
-                    data,
-                    ..Default::default()
-                })
-                .collect();
-            let msrs = Msrs::from_entries(&entries)
-                .map_err(|err| VmError::Config(format!("MSRs of vCPU {id}: {err:?}")))?;
-            let n = v.set_msrs(&msrs).map_err(e("MSRs"))?;
-            if n != entries.len() {
-                let failed = entries.get(n).map(|m| m.index).unwrap_or(0);
-                return Err(VmError::Config(format!(
-                    "vCPU {id}: KVM took {n} of {} MSRs (refused MSR {failed:#x})",
-                    entries.len()
-                )));
-            }
-            v.set_vcpu_events(&s.events).map_err(e("vCPU events"))?;
-        }
-        Ok(())
-    }
-}
-
-/// The MSRs KVM reports and can actually read on this host.
-fn readable_msrs(kvm_sys: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
-    let list = kvm("read the MSR list", kvm_sys.get_msr_index_list())?;
-    let mut ok = Vec::new();
-    for &index in list.as_slice() {
-        let mut one = Msrs::from_entries(&[kvm_msr_entry {
-            index,
-            ..Default::default()
-        }])
-        .map_err(|e| VmError::Config(format!("MSR list: {e:?}")))?;
-        if matches!(vcpu.get_msrs(&mut one), Ok(1)) {
-            ok.push(index);
-        }
-    }
-    Ok(ok)
 }
 
 /// Heartbeat counters as the control socket reports them.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct HeartbeatView {
     pub booted: bool,
     pub seq: u64,
@@ -1202,7 +701,7 @@ impl Drop for Vm {
 }
 
 /// What a host-side scan of the test guest's dirty area found.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestCheck {
     /// Pages the guest has written at least once.
     pub pages_checked: u64,
