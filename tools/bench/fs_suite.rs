@@ -125,10 +125,22 @@ fn creates(dir: &Path, secs: f64) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let arg = |name: &str, default: u64| table::num_arg(args, name, default);
-    let rounds = arg("--rounds", 3)?.max(1) as usize;
-    let secs = arg("--secs", 4)?;
+/// The `fs` suite's options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Runs of each side per row, alternating which goes first (the
+    /// median is kept; at least 1).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: usize,
+    /// Length of each fio run, seconds (the create+close rows run half as
+    /// long).
+    #[arg(long, value_name = "SECS", default_value_t = 4)]
+    secs: u64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let rounds = args.rounds.max(1);
+    let secs = args.secs;
     let mut cl = CsvCluster::loopback(3)?;
     cl.mounts = true;
     cl.start_all()?;

@@ -147,18 +147,39 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let rounds: usize = match args.iter().position(|a| a == "--rounds") {
-        Some(i) => args
-            .get(i + 1)
-            .context("--rounds needs a number")?
-            .parse()?,
-        None => 5,
-    };
-    let secs: u64 = match args.iter().position(|a| a == "--secs") {
-        Some(i) => args.get(i + 1).context("--secs needs a number")?.parse()?,
-        None => 3,
-    };
+/// The `iscsi` suite's options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Runs of each side per row, alternating which goes first (the
+    /// median is kept).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    rounds: usize,
+    /// Length of each run, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3)]
+    secs: u64,
+    /// Worker threads of our side's tokio runtime (csvd runs each iSCSI
+    /// session on 2; 1 gives it one core like iscsi-perf's event loop).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    threads: usize,
+    /// Profiling aid: one run of our side alone, reads at QD32 on the null
+    /// LUN (4 KiB random ones unless `--blocks` says otherwise), printing
+    /// IOPS and the CPU per request of the initiator and of tgtd; no table.
+    #[arg(long)]
+    ours_only: bool,
+    /// With `--ours-only`: run iscsi-perf alone instead of our initiator.
+    #[arg(long, requires = "ours_only")]
+    peer_only: bool,
+    /// With `--ours-only`: read the file LUN instead of the null LUN.
+    #[arg(long, requires = "ours_only")]
+    file: bool,
+    /// With `--ours-only`: blocks of 512 bytes per read; 8 (4 KiB) reads
+    /// at random offsets, any other size sequentially.
+    #[arg(long, value_name = "N", default_value_t = 8, requires = "ours_only")]
+    blocks: u32,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (rounds, secs) = (args.rounds, args.secs);
     let mut tgt = TgtTarget::start()?;
     let t = tgt.add_target("bench")?;
     tgt.add_lun_null(&t, 1)?;
@@ -180,38 +201,21 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     // Worker threads of our side's runtime (csvd runs each iSCSI session
     // on 2); `--threads 1` gives it one core like iscsi-perf's event loop.
-    let threads = args
-        .iter()
-        .position(|a| a == "--threads")
-        .and_then(|i| args.get(i + 1))
-        .map(|t| t.parse::<usize>())
-        .transpose()?
-        .unwrap_or(2)
-        .max(1);
+    let threads = args.threads.max(1);
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()
             .build()
     };
-    if args.iter().any(|a| a == "--ours-only") {
+    if args.ours_only {
         // Profiling aid: our side (or, with `--peer-only`, iscsi-perf)
         // alone, reads at QD32 on the null LUN (`--file`: the file LUN),
         // 4 KiB random ones or (`--blocks N`) sequential ones of N blocks.
         let rt = runtime()?;
-        let lun = if args.iter().any(|a| a == "--file") {
-            2
-        } else {
-            1
-        };
+        let lun = if args.file { 2 } else { 1 };
         let url: iscsi_initiator::IscsiUrl = tgt.url(&t, lun).parse()?;
-        let blocks = match args.iter().position(|a| a == "--blocks") {
-            Some(i) => args
-                .get(i + 1)
-                .context("--blocks needs a number")?
-                .parse()?,
-            None => 8,
-        };
+        let blocks = args.blocks;
         let w = Work {
             blocks,
             depth: 32,
@@ -221,7 +225,7 @@ pub fn run(args: &[String]) -> Result<()> {
         };
         let tgtd = format!("/proc/{}/stat", tgt.pid().unwrap_or(0));
         let t0 = proc_cpu_seconds(&tgtd, false);
-        let (who, (rate, cpu)) = if args.iter().any(|a| a == "--peer-only") {
+        let (who, (rate, cpu)) = if args.peer_only {
             ("iscsi-perf", timed(true, w, || peer(&tgt.url(&t, lun), w))?)
         } else {
             ("ours", timed(false, w, || ours(&rt, &url, w))?)

@@ -20,7 +20,7 @@
 use crate::table::{self, Row};
 use anyhow::{bail, Context, Result};
 use coordinator::meta::ROOT;
-use coordinator::proto;
+use coordinator::proto::{self, NodeKind};
 use csv_test_support::csvd::CsvCluster;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -361,7 +361,14 @@ fn ours_create_close<'a>(
         let mut c = cl.client();
         Ok(Box::new(move |i: u64| {
             let a = c
-                .create(VOL, ROOT, &format!("{tag}-{t}-{i}"), 1, 0o644, "")
+                .create(
+                    VOL,
+                    ROOT,
+                    &format!("{tag}-{t}-{i}"),
+                    NodeKind::File,
+                    0o644,
+                    "",
+                )
                 .map_err(|e| anyhow::anyhow!("create: {e}"))?;
             c.volume_op(
                 VOL,
@@ -377,15 +384,97 @@ fn ours_create_close<'a>(
     }
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let secs: f64 = match args.iter().position(|a| a == "--secs") {
-        Some(i) => args.get(i + 1).context("--secs needs a number")?.parse()?,
-        None => 3.0,
-    };
-    let kills: usize = match args.iter().position(|a| a == "--kills") {
-        Some(i) => args.get(i + 1).context("--kills needs a number")?.parse()?,
-        None => 3,
-    };
+/// The failover stall on our side: the longest gap between two
+/// acknowledged creates of one client while the volume's leader is killed
+/// (SIGKILL, restarted 2.5 s later) `kills` times.
+fn ours_failover_stall(cl: &mut CsvCluster, kills: usize) -> Result<Duration> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| -> Result<Duration> {
+        let mut c = cl.client();
+        let stop = &stop;
+        let w = s.spawn(move || -> Result<Duration> {
+            let mut gap = Duration::ZERO;
+            let mut last = Instant::now();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.create(VOL, ROOT, &format!("fo{i}"), NodeKind::File, 0o644, "")
+                    .map_err(|e| anyhow::anyhow!("create: {e}"))?;
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
+                i += 1;
+            }
+            Ok(gap)
+        });
+        for _ in 0..kills {
+            std::thread::sleep(Duration::from_millis(700));
+            let l = cl.wait_leader(VOL, Duration::from_secs(10))?;
+            cl.kill(l)?;
+            std::thread::sleep(Duration::from_millis(2500));
+            cl.start(l)?;
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?
+    })
+}
+
+/// The failover stall on etcd's side: the longest gap between two
+/// acknowledged puts of one client while the leader is killed (SIGKILL,
+/// restarted 2.5 s later) `kills` times.
+fn etcd_failover_stall(etcd: &mut Etcd, kills: usize) -> Result<Duration> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let clients = etcd.client();
+    std::thread::scope(|s| -> Result<Duration> {
+        let stop = &stop;
+        let w = s.spawn(move || -> Result<Duration> {
+            let mut e = clients;
+            let mut gap = Duration::ZERO;
+            let mut last = Instant::now();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                e.put(format!("fo{i}").as_bytes(), b"x")?;
+                gap = gap.max(last.elapsed());
+                last = Instant::now();
+                i += 1;
+            }
+            Ok(gap)
+        });
+        for _ in 0..kills {
+            std::thread::sleep(Duration::from_millis(700));
+            let t = Instant::now();
+            let l = loop {
+                if let Some(l) = etcd.leader() {
+                    break l;
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    bail!("etcd has no leader");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            etcd.kill(l);
+            std::thread::sleep(Duration::from_millis(2500));
+            etcd.start_member(l)?;
+        }
+        std::thread::sleep(Duration::from_millis(700));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?
+    })
+}
+
+/// The `meta` suite's options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Length of each side's run per row, seconds (fractions allowed).
+    #[arg(long, value_name = "SECS", default_value_t = 3.0)]
+    secs: f64,
+    /// Leader kills (SIGKILL, restarted 2.5 s later) during the failover
+    /// rows, on each side.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    kills: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Args { secs, kills } = args;
     eprintln!(
         "meta bench: 3 csvd hosts against 3 etcd members on loopback, {secs} s per side and row"
     );
@@ -411,7 +500,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut e = etcd.client();
     for i in 0..FIXED {
         inos.push(
-            c.create(VOL, ROOT, &format!("fixed{i}"), 1, 0o644, "")
+            c.create(VOL, ROOT, &format!("fixed{i}"), NodeKind::File, 0o644, "")
                 .map_err(|e| anyhow::anyhow!("create: {e}"))?
                 .ino,
         );
@@ -508,77 +597,8 @@ pub fn run(args: &[String]) -> Result<()> {
 
     // Failover stall: the longest gap a creating client sees while the
     // leader is killed, `kills` times.
-    let ours_stall = {
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let gap = std::thread::scope(|s| -> Result<Duration> {
-            let mut c = cl.client();
-            let stop = &stop;
-            let w = s.spawn(move || -> Result<Duration> {
-                let mut gap = Duration::ZERO;
-                let mut last = Instant::now();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    c.create(VOL, ROOT, &format!("fo{i}"), 1, 0o644, "")
-                        .map_err(|e| anyhow::anyhow!("create: {e}"))?;
-                    gap = gap.max(last.elapsed());
-                    last = Instant::now();
-                    i += 1;
-                }
-                Ok(gap)
-            });
-            for _ in 0..kills {
-                std::thread::sleep(Duration::from_millis(700));
-                let l = cl.wait_leader(VOL, Duration::from_secs(10))?;
-                cl.kill(l)?;
-                std::thread::sleep(Duration::from_millis(2500));
-                cl.start(l)?;
-            }
-            std::thread::sleep(Duration::from_millis(700));
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?
-        })?;
-        gap
-    };
-    let etcd_stall = {
-        let stop = std::sync::atomic::AtomicBool::new(false);
-        let clients = etcd.client();
-        let gap = std::thread::scope(|s| -> Result<Duration> {
-            let stop = &stop;
-            let w = s.spawn(move || -> Result<Duration> {
-                let mut e = clients;
-                let mut gap = Duration::ZERO;
-                let mut last = Instant::now();
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    e.put(format!("fo{i}").as_bytes(), b"x")?;
-                    gap = gap.max(last.elapsed());
-                    last = Instant::now();
-                    i += 1;
-                }
-                Ok(gap)
-            });
-            for _ in 0..kills {
-                std::thread::sleep(Duration::from_millis(700));
-                let t = Instant::now();
-                let l = loop {
-                    if let Some(l) = etcd.leader() {
-                        break l;
-                    }
-                    if t.elapsed() > Duration::from_secs(10) {
-                        bail!("etcd has no leader");
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                };
-                etcd.kill(l);
-                std::thread::sleep(Duration::from_millis(2500));
-                etcd.start_member(l)?;
-            }
-            std::thread::sleep(Duration::from_millis(700));
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            w.join().map_err(|_| anyhow::anyhow!("writer panicked"))?
-        })?;
-        gap
-    };
+    let ours_stall = ours_failover_stall(&mut cl, kills)?;
+    let etcd_stall = etcd_failover_stall(&mut etcd, kills)?;
     rows.push(Row {
         name: format!("failover stall, longest client gap ({kills} leader kills)"),
         ours: ours_stall.as_secs_f64() * 1e3,

@@ -40,11 +40,31 @@ fn redirect(cl: &CsvCluster, on: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let arg = |name: &str, default: u64| table::num_arg(args, name, default);
-    let rounds = arg("--rounds", 3)?.max(1) as usize;
-    let secs = arg("--secs", 3)?;
-    let cuts = arg("--cuts", 20)?;
+/// The `redirect` suite's options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Runs of each fio job both ways (redirected and direct), alternating
+    /// which goes first (the median is kept; at least 1).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: usize,
+    /// Length of each fio run, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3)]
+    secs: u64,
+    /// Times host 2's SAN path is cut under a write+fsync loop (the rows
+    /// give the p50 and the max of the longest stall after each cut).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    cuts: u64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let rounds = args.rounds.max(1);
+    let secs = args.secs;
+    let cuts = args.cuts;
     let mut tgt = TgtTarget::start()?;
     let t = tgt.add_target("bench")?;
     let backing = tgt.dir().join("lun1.img");

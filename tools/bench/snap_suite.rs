@@ -51,11 +51,29 @@ fn load(file: &std::path::Path, secs: u64) -> Result<Child> {
         .context("cannot run fio (is the fio package installed?)")
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let arg = |name: &str, default: u64| table::num_arg(args, name, default);
-    let rounds = arg("--rounds", 3)?.max(1) as usize;
-    let secs = arg("--secs", 4)?;
-    let count = arg("--count", 10)?.max(1) as usize;
+/// The `snap` suite's options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Runs of each write job with five snapshots and with none,
+    /// alternating which goes first (the median is kept; at least 1).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: usize,
+    /// Length of each fio run, seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 4)]
+    secs: u64,
+    /// Snapshots taken under load for the write-hold rows (at least 1).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    count: usize,
+    /// Only the write-hold rows (skips the fio runs with and without
+    /// snapshots).
+    #[arg(long)]
+    hold_only: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let rounds = args.rounds.max(1);
+    let secs = args.secs;
+    let count = args.count.max(1);
     let mut cl = CsvCluster::loopback(3)?;
     cl.mounts = true;
     cl.start_all()?;
@@ -66,7 +84,7 @@ pub fn run(args: &[String]) -> Result<()> {
     eprintln!("snap bench: fio on {} with 5 snapshots and with none; {rounds} rounds of {secs} s per side", file.display());
     layout(&file)?;
     // `--hold-only`: just the hold-time rows.
-    let hold_only = args.iter().any(|a| a == "--hold-only");
+    let hold_only = args.hold_only;
     let writes: Vec<&Job> = JOBS
         .iter()
         .filter(|j| j.name.contains("write") && !hold_only)

@@ -1,18 +1,4 @@
-//! The benchmark table: one row per workload, ours against the peer; and
-//! the suites' numeric options.
-
-/// The number after option `name` in `args`, or `default`.
-pub fn num_arg(args: &[String], name: &str, default: u64) -> anyhow::Result<u64> {
-    use anyhow::Context;
-    match args.iter().position(|a| a == name) {
-        Some(i) => Ok(args
-            .get(i + 1)
-            .with_context(|| format!("{name} needs a number"))?
-            .parse()
-            .with_context(|| format!("{name} needs a number"))?),
-        None => Ok(default),
-    }
-}
+//! The benchmark table: one row per workload, ours against the peer.
 
 /// One measured row.
 #[derive(Debug, Clone)]

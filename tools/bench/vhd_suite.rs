@@ -188,18 +188,30 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let dir = match args.iter().position(|a| a == "--dir") {
-        Some(i) => PathBuf::from(args.get(i + 1).context("--dir needs a directory")?),
-        None => std::env::temp_dir().join("csv-bench-vhd"),
-    };
-    let rounds: usize = match args.iter().position(|a| a == "--rounds") {
-        Some(i) => args
-            .get(i + 1)
-            .context("--rounds needs a number")?
-            .parse()?,
-        None => 3,
-    };
+/// The `vhd` suite's options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory for the image files: 1 GiB images written in full, and
+    /// fresh sparse ones of 8 GiB (dynamic) and 16 GiB (fixed).
+    #[arg(long, value_name = "DIR", default_value_os_t = default_dir())]
+    dir: PathBuf,
+    /// Runs of each side per row, alternating which goes first (the median
+    /// is kept); rows of 1 MiB requests, and rows that move less than
+    /// 64 MiB, get three times as many.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    rounds: usize,
+    /// Only the rows whose name ("fixed 4k random read", "dynamic 1m
+    /// sequential write", ...) contains this text.
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
+}
+
+fn default_dir() -> PathBuf {
+    std::env::temp_dir().join("csv-bench-vhd")
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let Args { dir, rounds, only } = args;
     std::fs::create_dir_all(&dir)?;
     eprintln!(
         "vhd bench in {} (images of 1 GiB and 8 GiB, O_DIRECT, queue depth {DEPTH})",
@@ -224,12 +236,7 @@ pub fn run(args: &[String]) -> Result<()> {
         count: 2048,
         write: false,
     };
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_default();
+    let only = only.unwrap_or_default();
     let wanted = |kind: &str, name: &str| format!("{kind} {name}").contains(only.as_str());
     for dt in [DiskType::Fixed, DiskType::Dynamic] {
         let kind = dt.name();

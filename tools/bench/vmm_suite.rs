@@ -16,6 +16,8 @@
 
 use crate::table::{self, Row};
 use anyhow::{bail, Context, Result};
+use hypervisor_shim::control::proto::{MigrateRequest, Reply, Request, Status};
+use hypervisor_shim::control::Control;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::net::UdpSocket;
@@ -276,12 +278,20 @@ impl Qmp {
     }
 }
 
-fn ctl(control: &Path, req: Value) -> Result<Value> {
-    let a = hypervisor_shim::control::request(control, &req, |_| {})?;
-    if a["ok"] != true {
-        bail!("{req}: {a}");
+/// Sends `req` to the csv-vmm whose control socket is at `control` and
+/// waits for its answer (a refusal is an error).
+fn ctl(control: &Path, req: &Request) -> Result<Reply> {
+    Control::connect(control, None)
+        .and_then(|mut c| c.ask(req, |_| {}))
+        .with_context(|| format!("control request {req:?}"))
+}
+
+/// The status of the csv-vmm at `control`.
+fn status(control: &Path) -> Result<Status> {
+    match ctl(control, &Request::Status)? {
+        Reply::Status(s) => Ok(*s),
+        other => bail!("status: csv-vmm answered {other:?}"),
     }
-    Ok(a)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -293,13 +303,14 @@ fn tsc_khz(dir: &Path, obs: &Observer) -> Result<u64> {
     let (_p, control) = ours_spawn(dir, "probe", &["run", "--memory", "8M"], obs)?;
     let t = Instant::now();
     loop {
-        // The control socket answers before the VM exists.
-        let s = ctl(&control, json!({"cmd": "status"}))?;
-        if let Some(khz) = s["tsc_khz"].as_u64() {
-            return Ok(khz);
+        // The control socket answers before the VM exists (with a TSC
+        // frequency of 0).
+        let s = status(&control)?;
+        if s.tsc_khz > 0 {
+            return Ok(u64::from(s.tsc_khz));
         }
         if t.elapsed() > Duration::from_secs(10) {
-            bail!("csv-vmm reports no TSC frequency: {s}");
+            bail!("csv-vmm reports no TSC frequency: {s:?}");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -398,24 +409,27 @@ fn ours_migrate(dir: &Path, obs: &Observer, mem_mib: u64, rate: f64) -> Result<M
     obs.clear();
     obs.wait_beats(|b| b.source == src, 250, Duration::from_secs(20))?;
     let dirty_mib_s = dirty_rate(
-        || {
-            let s = ctl(&sc, json!({"cmd": "status"}))?;
-            s["guest"]["pages_written"]
-                .as_u64()
-                .context("pages_written")
-        },
+        || Ok(status(&sc)?.guest.pages_written),
         Duration::from_millis(500),
     )?;
     let t = Instant::now();
-    let r = ctl(
-        &sc,
-        json!({"cmd": "migrate", "to": to, "downtime_ms": 100, "token": token}),
-    )?;
+    let migrate = Request::Migrate(MigrateRequest {
+        to,
+        token,
+        downtime_ms: Some(100),
+        timeout_s: None,
+        verify_memory: false,
+        confirm: false,
+    });
+    let summary = match ctl(&sc, &migrate)? {
+        Reply::Summary(s) => s,
+        other => bail!("migrate: csv-vmm answered {other:?}"),
+    };
     obs.wait_beats(|b| b.source == dst, 100, Duration::from_secs(20))?;
     let (gap, missing) = obs.gap_since(t);
     Ok(Migration {
         downtime_ms: gap.as_secs_f64() * 1e3,
-        total_ms: r["summary"]["total_ms"].as_f64().unwrap_or(0.0),
+        total_ms: summary.total_ms,
         missing,
         dirty_mib_s,
     })
@@ -466,15 +480,17 @@ fn qemu_migrate(dir: &Path, obs: &Observer, mem_mib: u64, append: &str) -> Resul
     })
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let reps = match args.iter().position(|a| a == "--reps") {
-        Some(i) => args
-            .get(i + 1)
-            .context("--reps needs a number")?
-            .parse::<usize>()?
-            .max(1),
-        None => 3,
-    };
+/// The `vmm` suite's options.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Runs of each side per row, alternating which goes first (the
+    /// median is kept; at least 1).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    reps: usize,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let reps = args.reps.max(1);
     if !csv_test_support::cmd::have("qemu-system-x86_64") {
         bail!("qemu-system-x86_64 is not installed (tools/setup.sh installs qemu-system-x86)");
     }
