@@ -8,5 +8,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh
-cargo build --release --locked -q -p csv-tools --bin csvctl -p csv-fs --bin csvd
+cargo build --release --locked -q -p csv-tools --bin csvctl -p csvd --bin csvd
 exec target/release/csvctl up "$@"

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 dir=${1:-/tmp/csv-demo}
 
 tools/setup.sh
-cargo build --release --locked -q -p csv-tools --bin csvctl -p csv-fs --bin csvd
+cargo build --release --locked -q -p csv-tools --bin csvctl -p csvd --bin csvd
 csvctl="$PWD/target/release/csvctl"
 csvd="$PWD/target/release/csvd"
 rm -rf "$dir"; mkdir -p "$dir"; cd "$dir"

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use coordinator::client::{self, Client};
 use coordinator::proto;
+use coordinator::proto::Label as _;
 use coordinator::wire::{Identity, Key};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -86,7 +87,7 @@ pub enum ClusterCommand {
         #[arg(long, default_value = "csv")]
         name: String,
         /// How long the printed join token admits hosts.
-        #[arg(long, default_value = "24h", value_parser = crate::size::parse_age)]
+        #[arg(long, default_value = "24h", value_parser = crate::when::parse_age)]
         token_ttl: Duration,
         #[command(flatten)]
         host: Option<crate::setup_cmd::HostSettings>,
@@ -104,7 +105,7 @@ pub enum ClusterCommand {
         #[command(flatten)]
         access: Access,
         /// How long it admits hosts.
-        #[arg(long, default_value = "24h", value_parser = crate::size::parse_age)]
+        #[arg(long, default_value = "24h", value_parser = crate::when::parse_age)]
         ttl: Duration,
     },
     /// Show every host's Raft groups: role, term, leader, commit and
@@ -154,7 +155,7 @@ pub enum VolumeCommand {
         number: Option<u64>,
         /// Size of the LUN; a file that does not exist is created (sparse)
         /// with this size. Default: the LUN's current size.
-        #[arg(long, value_parser = crate::size::parse_size)]
+        #[arg(long, value_parser = vhd::size::parse_positive)]
         size: Option<u64>,
         /// Format a LUN that already holds a csv volume (its data is lost),
         /// and on an iSCSI LUN clear the persistent reservations other
@@ -258,7 +259,7 @@ pub fn run_cluster(c: ClusterCommand) -> Result<ExitCode> {
         } => crate::setup_cmd::init(key_file, name, host, token_ttl),
         ClusterCommand::Token { access, ttl } => crate::setup_cmd::token(&access, ttl),
         ClusterCommand::ConsoleToken { access } => {
-            println!("{}", csv_fs::console::action_token(&access.identity()?));
+            println!("{}", csvd::console::action_token(&access.identity()?));
             Ok(ExitCode::SUCCESS)
         }
         ClusterCommand::Status { access, prometheus } => status(&access, prometheus),
@@ -354,7 +355,7 @@ fn status(access: &Access, prometheus: bool) -> Result<ExitCode> {
                 } else {
                     g.followers
                         .iter()
-                        .map(|f| format!("{}:{}({})", f.node, f.lag, f.state))
+                        .map(|f| format!("{}:{}({})", f.node, f.lag, f.state().label()))
                         .collect::<Vec<_>>()
                         .join(" ")
                 };
@@ -362,7 +363,7 @@ fn status(access: &Access, prometheus: bool) -> Result<ExitCode> {
                     "{:<6} {:<10} {:<13} {:>6} {:>7} {:>9} {:>9} {:>9}  {}",
                     s.node,
                     group_name(g.group),
-                    g.role,
+                    g.role().label(),
                     g.term,
                     g.leader,
                     g.commit,
@@ -462,7 +463,8 @@ fn format_iscsi(
 ) -> Result<(String, csv_fs::superblock::Superblock)> {
     use csv_fs::superblock::{Superblock, DEFAULT_DATA_START};
     use vhd::BlockIo;
-    let initiator = csv_fs::san::SanIdentity::default_initiator(0).replace("-node0", "-csvctl");
+    let initiator =
+        csv_fs::lun::san::SanIdentity::default_initiator(0).replace("-node0", "-csvctl");
     let chap = match (
         std::env::var("CSV_CHAP_USER"),
         std::env::var("CSV_CHAP_SECRET"),
@@ -470,12 +472,12 @@ fn format_iscsi(
         (Ok(user), Ok(secret)) => Some(iscsi_initiator::Chap { user, secret }),
         _ => None,
     };
-    let who = csv_fs::san::SanIdentity {
+    let who = csv_fs::lun::san::SanIdentity {
         initiator,
         chap,
         node: 0,
     };
-    let path = csv_fs::san::open(url, &who, number).map_err(anyhow::Error::msg)?;
+    let path = csv_fs::lun::san::open(url, &who, number).map_err(anyhow::Error::msg)?;
     let len = path.lun.len()?;
     if len < 64 << 20 {
         bail!("{url} is {len} bytes; a volume needs at least 64 MiB");
@@ -493,7 +495,7 @@ fn format_iscsi(
     // would refuse this tool's writes and, worse, let those registrants
     // keep writing to the new volume. A target that cannot report them
     // has none to clear.
-    if let Ok((held, keys)) = csv_fs::san::pr_state(&path.lun) {
+    if let Ok((held, keys)) = csv_fs::lun::san::pr_state(&path.lun) {
         if held.is_some() || !keys.is_empty() {
             let holder = match held {
                 Some((k, t)) => format!("reserved (type {t}) by key {k:#x}, "),
@@ -513,7 +515,7 @@ fn format_iscsi(
                      pass --force to clear them and format it (its data is lost)"
                 );
             }
-            csv_fs::san::pr_clear(&path.lun, csv_fs::san::pr_key(0))
+            csv_fs::lun::san::pr_clear(&path.lun, csv_fs::lun::san::pr_key(0))
                 .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
             eprintln!("{url}: cleared its persistent reservations ({what})");
         }
@@ -555,7 +557,7 @@ fn volume_status(access: &Access, json: bool) -> Result<ExitCode> {
             .map(|(n, v)| {
                 serde_json::json!({
                     "host": n, "volume": format!("Volume{}", v.number),
-                    "state": v.state, "reason": v.reason, "mountpoint": v.mountpoint,
+                    "state": v.state().label(), "reason": v.reason, "mountpoint": v.mountpoint,
                 })
             })
             .collect();
@@ -570,7 +572,7 @@ fn volume_status(access: &Access, json: bool) -> Result<ExitCode> {
                 "{:<10} {:<6} {:<22} {:<40} {}",
                 format!("Volume{}", v.number),
                 n,
-                v.state,
+                v.state().label(),
                 v.mountpoint,
                 v.reason
             );
@@ -638,7 +640,7 @@ fn volume_leases(access: &Access, number: u64, path: Option<&str>, json: bool) -
             .map(|e| {
                 serde_json::json!({
                     "at_ms": e.at, "ino": e.ino, "host": e.node, "epoch": e.epoch,
-                    "change": e.change, "peer": e.peer,
+                    "change": e.change().label(), "peer": e.peer,
                 })
             })
             .collect();
@@ -647,7 +649,7 @@ fn volume_leases(access: &Access, number: u64, path: Option<&str>, json: bool) -
             "ino": ino,
             "events": list,
             "single_writer": verdict.is_ok(),
-            "problem": verdict.as_ref().err(),
+            "problem": verdict.as_ref().err().map(|e| e.to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
@@ -656,9 +658,9 @@ fn volume_leases(access: &Access, number: u64, path: Option<&str>, json: bool) -
             "TIME (UTC)", "INODE", "HOST", "EPOCH"
         );
         for e in &events {
-            let peer = match e.change.as_str() {
-                "handed-in" => format!(" from host {}", e.peer),
-                "handed-off" => format!(" to host {}", e.peer),
+            let peer = match e.change() {
+                proto::LeaseChange::HandedIn => format!(" from host {}", e.peer),
+                proto::LeaseChange::HandedOff => format!(" to host {}", e.peer),
                 _ => String::new(),
             };
             println!(
@@ -667,7 +669,7 @@ fn volume_leases(access: &Access, number: u64, path: Option<&str>, json: bool) -
                 e.ino,
                 e.node,
                 e.epoch,
-                e.change
+                e.change().label()
             );
         }
         match &verdict {
@@ -722,7 +724,7 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
             println!(
                 "Volume{number} created on {} ({}, id {}); every host mounts it as VolumeN under its mount root",
                 lun,
-                crate::size::human(sb.capacity),
+                vhd::size::human(sb.capacity),
                 sb.id_hex()
             );
             Ok(ExitCode::SUCCESS)
@@ -776,7 +778,11 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
                     a,
                     number,
                     on,
-                    u32::from(fs_mode),
+                    if fs_mode {
+                        proto::RedirectMode::FileSystem
+                    } else {
+                        proto::RedirectMode::Block
+                    },
                     Duration::from_secs(5),
                 ) {
                     Ok(()) => {
@@ -821,7 +827,7 @@ pub fn run_volume(c: VolumeCommand) -> Result<ExitCode> {
                 println!(
                     "{:<10} {:>12}  {:<16} {}",
                     format!("Volume{}", v.number),
-                    crate::size::human(v.capacity),
+                    vhd::size::human(v.capacity),
                     format!("{:?}", v.voters),
                     v.lun
                 );

@@ -12,7 +12,9 @@ use crate::cluster_cmd::Access;
 use anyhow::Result;
 use coordinator::client::{self, Client};
 use coordinator::proto;
-use coordinator::vmrole::VmConfig;
+use coordinator::proto::Label as _;
+use coordinator::wire::Identity;
+use hypervisor_shim::supervisor::role::{VmConfig, Wanted};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -23,13 +25,13 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Policy {
     /// Flag a VM stopped for longer than this.
-    #[arg(long, default_value = "30d", value_parser = crate::size::parse_age)]
+    #[arg(long, default_value = "30d", value_parser = crate::when::parse_age)]
     pub stopped_for: Duration,
     /// Flag a snapshot older than this.
-    #[arg(long, default_value = "14d", value_parser = crate::size::parse_age)]
+    #[arg(long, default_value = "14d", value_parser = crate::when::parse_age)]
     pub snapshot_age: Duration,
     /// Warn this long before a VM's expiry date.
-    #[arg(long, default_value = "7d", value_parser = crate::size::parse_age)]
+    #[arg(long, default_value = "7d", value_parser = crate::when::parse_age)]
     pub warn_before: Duration,
     /// Flag a running VM whose peak resident memory is below this share of
     /// its memory (percent).
@@ -142,9 +144,9 @@ fn walk(
         } else {
             format!("{prefix}/{}", e.name)
         };
-        if e.kind == 0 {
+        if e.kind() == coordinator::proto::NodeKind::Directory {
             walk(c, vol, e.ino, &p, out, depth + 1)?;
-        } else if e.kind == 1 {
+        } else if e.kind() == coordinator::proto::NodeKind::File {
             out.push((p, e.ino));
         }
     }
@@ -169,13 +171,93 @@ fn gib(b: u64) -> f64 {
 pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
     let me = access.identity()?;
     let mut c = access.client()?;
-    let cerr = |e: client::ClientError| anyhow::anyhow!(client::describe(&e));
     let info = c.cluster_info().map_err(cerr)?;
-    // Hosts' views: VMs' resident memory, hosts' memory.
+    let (runtimes, avg_host_mem) = host_views(&me, &info);
+    let (mut disks, snaps_of) = list_disks(&mut c, &info)?;
+    // Which disks each role uses: its own, and its parents'.
+    let mut vms = Vec::new();
+    for r in &info.vms {
+        let Ok(cfg) = VmConfig::from_role(r) else {
+            continue;
+        };
+        let rel = rel_path(&cfg.disk, cfg.volume);
+        let chain = parent_chain(p, &cfg, rel.clone());
+        for (vol, path) in &chain {
+            for d in disks
+                .iter_mut()
+                .filter(|d| d.volume == *vol && &d.path == path)
+            {
+                d.used_by.push(r.name.clone());
+            }
+        }
+        let own = disks
+            .iter()
+            .find(|d| d.volume == cfg.volume && d.path == rel);
+        let rt = runtimes.get(&r.name);
+        let running = cfg.state == Wanted::Running && r.node != 0;
+        let on_disk = own.map_or(0, |d| d.on_disk);
+        let cost = gib(on_disk) * p.price_gib_month
+            + p.price_host_month * (cfg.memory as f64 / avg_host_mem.max(1) as f64);
+        vms.push(Vm {
+            name: r.name.clone(),
+            owner: cfg.owner.clone().unwrap_or_default(),
+            host: r.node,
+            state: rt
+                .map(|v| v.state().label().to_string())
+                .unwrap_or_else(|| cfg.state.to_string()),
+            memory: cfg.memory,
+            resident_peak: rt.map_or(0, |v| v.resident_peak),
+            disk: cfg.disk.clone(),
+            disk_on_disk: on_disk,
+            last_running: if running {
+                now
+            } else {
+                cfg.state_since.unwrap_or(0)
+            },
+            last_io: own.map_or(0, |d| d.last_io),
+            expires: cfg.expires,
+            snapshots_held: own.map(|d| d.snapshots_held.clone()).unwrap_or_default(),
+            cost_month: (cost * 100.0).round() / 100.0,
+        });
+    }
+    let mut flags = sprawl(&vms, &info, p, now);
+    disk_flags(&disks, &snaps_of, p, now, &mut flags);
+    // A VM flagged twice (stopped and expired) frees its disk once.
+    let mut seen = BTreeSet::new();
+    let mut frees_storage = 0;
+    let mut frees_memory = 0;
+    for f in &flags {
+        if seen.insert((f.subject.clone(), f.frees_storage > 0)) {
+            frees_storage += f.frees_storage;
+        }
+        frees_memory += f.frees_memory;
+    }
+    let cost_month = vms.iter().map(|v| v.cost_month).sum::<f64>();
+    Ok(Inventory {
+        at: now,
+        vms,
+        disks,
+        flags,
+        frees_storage,
+        frees_memory,
+        cost_month: (cost_month * 100.0).round() / 100.0,
+    })
+}
+
+fn cerr(e: client::ClientError) -> anyhow::Error {
+    anyhow::anyhow!(client::describe(&e))
+}
+
+/// The hosts' views: the VMs' runtimes by name, and the memory a host
+/// offers VMs on average.
+fn host_views(
+    me: &Identity,
+    info: &proto::ClusterInfo,
+) -> (BTreeMap<String, proto::VmRuntime>, u64) {
     let mut runtimes: BTreeMap<String, proto::VmRuntime> = BTreeMap::new();
     let mut host_mem: BTreeMap<u64, u64> = BTreeMap::new();
     for n in &info.nodes {
-        if let Some(s) = client::host_status(&me, n) {
+        if let Some(s) = client::host_status(me, n) {
             for v in &s.vms {
                 runtimes.insert(v.name.clone(), v.clone());
             }
@@ -196,13 +278,21 @@ pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
     } else {
         host_mem.values().sum::<u64>() / host_mem.len() as u64
     };
-    // Every VHD of every volume.
+    (runtimes, avg_host_mem)
+}
+
+/// Every VHD of every volume, and each volume's snapshots.
+#[allow(clippy::type_complexity)]
+fn list_disks(
+    c: &mut client::Client,
+    info: &proto::ClusterInfo,
+) -> Result<(Vec<Disk>, BTreeMap<u64, Vec<proto::SnapshotInfo>>)> {
     let mut disks: Vec<Disk> = Vec::new();
     let mut snaps_of: BTreeMap<u64, Vec<proto::SnapshotInfo>> = BTreeMap::new();
     for v in &info.volumes {
         let snaps = c.snapshots(v.number).map_err(cerr)?;
         let mut files = Vec::new();
-        walk(&mut c, v.number, 1, "", &mut files, 0)?;
+        walk(c, v.number, 1, "", &mut files, 0)?;
         for (path, ino) in files.into_iter().filter(|(p, _)| is_vhd(p)) {
             let a = c.getattr(v.number, ino).map_err(cerr)?;
             let on_disk: u64 = c
@@ -228,79 +318,44 @@ pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
         }
         snaps_of.insert(v.number, snaps);
     }
-    // Which disks each role uses: its own, and its parents'.
-    let mut vms = Vec::new();
-    for r in &info.vms {
-        let Ok(cfg) = VmConfig::from_role(r) else {
-            continue;
+    Ok((disks, snaps_of))
+}
+
+/// A role's disk and its parents, as (volume, path under the volume).
+fn parent_chain(p: &Policy, cfg: &VmConfig, rel: String) -> Vec<(u64, String)> {
+    let mut chain = vec![(cfg.volume, rel.clone())];
+    let mut cur = p
+        .mount_root
+        .join(format!("Volume{}", cfg.volume))
+        .join(&rel);
+    for _ in 0..16 {
+        let Ok(vhd) = vhd::Vhd::open(&cur, &vhd::OpenOptions::default()) else {
+            break;
         };
-        let rel = rel_path(&cfg.disk, cfg.volume);
-        let mut chain = vec![(cfg.volume, rel.clone())];
-        let mut cur = p
-            .mount_root
-            .join(format!("Volume{}", cfg.volume))
-            .join(&rel);
-        for _ in 0..16 {
-            let Ok(vhd) = vhd::Vhd::open(&cur, &vhd::OpenOptions::default()) else {
-                break;
-            };
-            let Some(parent) = vhd.parent().map(|x| PathBuf::from(x.name())) else {
-                break;
-            };
-            let Ok(prel) = parent.strip_prefix(&p.mount_root) else {
-                break;
-            };
-            let mut parts = prel.components();
-            let vol = parts.next().and_then(|c| {
-                c.as_os_str()
-                    .to_str()?
-                    .strip_prefix("Volume")?
-                    .parse::<u64>()
-                    .ok()
-            });
-            let Some(vol) = vol else { break };
-            chain.push((vol, parts.as_path().display().to_string()));
-            cur = parent;
-        }
-        for (vol, path) in &chain {
-            for d in disks
-                .iter_mut()
-                .filter(|d| d.volume == *vol && &d.path == path)
-            {
-                d.used_by.push(r.name.clone());
-            }
-        }
-        let own = disks
-            .iter()
-            .find(|d| d.volume == cfg.volume && d.path == rel);
-        let rt = runtimes.get(&r.name);
-        let running = cfg.state == "running" && r.node != 0;
-        let on_disk = own.map_or(0, |d| d.on_disk);
-        let cost = gib(on_disk) * p.price_gib_month
-            + p.price_host_month * (cfg.memory as f64 / avg_host_mem.max(1) as f64);
-        vms.push(Vm {
-            name: r.name.clone(),
-            owner: cfg.owner.clone().unwrap_or_default(),
-            host: r.node,
-            state: rt
-                .map(|v| v.state.clone())
-                .unwrap_or_else(|| cfg.state.clone()),
-            memory: cfg.memory,
-            resident_peak: rt.map_or(0, |v| v.resident_peak),
-            disk: cfg.disk.clone(),
-            disk_on_disk: on_disk,
-            last_running: if running {
-                now
-            } else {
-                cfg.state_since.unwrap_or(0)
-            },
-            last_io: own.map_or(0, |d| d.last_io),
-            expires: cfg.expires,
-            snapshots_held: own.map(|d| d.snapshots_held.clone()).unwrap_or_default(),
-            cost_month: (cost * 100.0).round() / 100.0,
+        let Some(parent) = vhd.parent().map(|x| PathBuf::from(x.name())) else {
+            break;
+        };
+        let Ok(prel) = parent.strip_prefix(&p.mount_root) else {
+            break;
+        };
+        let mut parts = prel.components();
+        let vol = parts.next().and_then(|c| {
+            c.as_os_str()
+                .to_str()?
+                .strip_prefix("Volume")?
+                .parse::<u64>()
+                .ok()
         });
+        let Some(vol) = vol else { break };
+        chain.push((vol, parts.as_path().display().to_string()));
+        cur = parent;
     }
-    // The signs of sprawl.
+    chain
+}
+
+/// The VMs' signs of sprawl: stopped long, expired or expiring,
+/// over-provisioned.
+fn sprawl(vms: &[Vm], info: &proto::ClusterInfo, p: &Policy, now: u64) -> Vec<Flag> {
     let mut flags = Vec::new();
     let days = |ms: u64| ms as f64 / 86_400_000.0;
     for (vm, r) in vms
@@ -310,7 +365,7 @@ pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
         let Ok(cfg) = VmConfig::from_role(r) else {
             continue;
         };
-        let stopped = cfg.state == "stopped";
+        let stopped = cfg.state == Wanted::Stopped;
         if stopped
             && vm.last_running > 0
             && now.saturating_sub(vm.last_running) > p.stopped_for.as_millis() as u64
@@ -368,6 +423,18 @@ pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
             });
         }
     }
+    flags
+}
+
+/// Disks no role uses and old snapshots.
+fn disk_flags(
+    disks: &[Disk],
+    snaps_of: &BTreeMap<u64, Vec<proto::SnapshotInfo>>,
+    p: &Policy,
+    now: u64,
+    flags: &mut Vec<Flag>,
+) {
+    let days = |ms: u64| ms as f64 / 86_400_000.0;
     for d in disks.iter().filter(|d| d.used_by.is_empty()) {
         flags.push(Flag {
             kind: "unattached-vhd",
@@ -380,7 +447,7 @@ pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
             frees_memory: 0,
         });
     }
-    for (vol, snaps) in &snaps_of {
+    for (vol, snaps) in snaps_of {
         for s in snaps {
             if now.saturating_sub(s.created) > p.snapshot_age.as_millis() as u64 {
                 flags.push(Flag {
@@ -398,30 +465,10 @@ pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
             }
         }
     }
-    // A VM flagged twice (stopped and expired) frees its disk once.
-    let mut seen = BTreeSet::new();
-    let mut frees_storage = 0;
-    let mut frees_memory = 0;
-    for f in &flags {
-        if seen.insert((f.subject.clone(), f.frees_storage > 0)) {
-            frees_storage += f.frees_storage;
-        }
-        frees_memory += f.frees_memory;
-    }
-    let cost_month = vms.iter().map(|v| v.cost_month).sum::<f64>();
-    Ok(Inventory {
-        at: now,
-        vms,
-        disks,
-        flags,
-        frees_storage,
-        frees_memory,
-        cost_month: (cost_month * 100.0).round() / 100.0,
-    })
 }
 
 fn mib(b: u64) -> String {
-    crate::size::human(b)
+    vhd::size::human(b)
 }
 
 /// `csvctl inventory`.

@@ -8,16 +8,16 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod cluster_cmd;
-mod drill_cmd;
+mod drill;
 mod inventory_cmd;
 mod san_cmd;
 mod setup_cmd;
-mod size;
 mod snapshot_cmd;
 mod up_cmd;
 mod validate_cmd;
 mod vhd_cmd;
 mod vm_cmd;
+mod when;
 
 /// Cluster Shared Volumes for Linux and KVM.
 #[derive(Debug, Parser)]
@@ -76,7 +76,7 @@ enum Command {
     /// longest stall, failover time, writes lost, consistency check)
     /// against its objective; exit status 1 if any misses it. Faults heal
     /// by themselves after --duration. Try --dry-run first.
-    Drill(drill_cmd::DrillArgs),
+    Drill(drill::DrillArgs),
     /// Every VM and VHD of the cluster with its owner, host, memory (given
     /// and used), size on disk, last run, last I/O, snapshots held, expiry
     /// and monthly cost; then the signs of sprawl (VMs stopped for long,
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
         Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Up(a) => up_cmd::up(a),
         Command::Down(a) => up_cmd::down(a),
-        Command::Drill(a) => drill_cmd::run(a),
+        Command::Drill(a) => drill::run(a),
         Command::Inventory {
             access,
             policy,

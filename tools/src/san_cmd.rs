@@ -1,12 +1,12 @@
 //! `csvctl san`: look at the SAN through this host's own initiator.
 
-use crate::size::human;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use iscsi_initiator::login::{Chap, LoginConfig};
 use iscsi_initiator::session::Data;
 use iscsi_initiator::{new_isid, scsi, IscsiUrl, Lun, Session};
 use std::process::ExitCode;
+use vhd::size::human;
 
 #[derive(Debug, Subcommand)]
 pub enum SanCommand {

@@ -51,42 +51,35 @@ fn write_config(
     peers: &[(u64, Vec<String>)],
     why: &str,
 ) -> Result<()> {
-    let q = |p: &Path| format!("{:?}", p.display().to_string());
-    let list = |v: &[String]| {
-        v.iter()
-            .map(|a| format!("{a:?}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+    let f = csvd::settings::FileConfig {
+        id: Some(id),
+        cluster: Some(cluster.to_string()),
+        key_file: Some(key_file.to_path_buf()),
+        data_dir: Some(h.data_dir.clone()),
+        mount_root: Some(h.mount_root.clone()),
+        listen: h.listen.clone(),
+        console: h.console,
+        init,
+        peers: peers
+            .iter()
+            .map(|(id, addrs)| (id.to_string(), addrs.clone()))
+            .collect(),
+        ..Default::default()
     };
-    let listen: Vec<String> = h.listen.iter().map(|a| a.to_string()).collect();
-    let mut t = format!(
-        "# csvd settings, written by `{why}`.\n\
-         # Every key is a long flag of csvd (`csvd --help`); flags win.\n\
-         id = {id}\n\
-         cluster = {cluster:?}\n\
-         key_file = {}\n\
-         data_dir = {}\n\
-         mount_root = {}\n\
-         listen = [{}]\n",
-        q(key_file),
-        q(&h.data_dir),
-        q(&h.mount_root),
-        list(&listen),
+    let header = format!(
+        "csvd settings, written by `{why}`.\n\
+         Every key is a long flag of csvd (`csvd --help`); flags win.\n\
+         `init`: this host founds the cluster (ignored once it has state).\n\
+         `peers`: hosts to reach the cluster through (the cluster's registry\n\
+         is authoritative once this host is a member)."
     );
-    if let Some(c) = h.console {
-        t.push_str(&format!("console = \"{c}\"\n"));
-    }
-    if init {
-        t.push_str("# This host founds the cluster (ignored once it has state).\ninit = true\n");
-    }
-    t.push_str("\n# Hosts to reach the cluster through (the cluster's registry is\n# authoritative once this host is a member).\n[peers]\n");
-    for (id, addrs) in peers {
-        t.push_str(&format!("{id} = [{}]\n", list(addrs)));
-    }
+    let text = f
+        .to_text(&header)
+        .context("writing csvd's settings as TOML")?;
     if let Some(dir) = h.config.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    crate::cluster_cmd::write_private(&h.config, &t).with_context(|| {
+    crate::cluster_cmd::write_private(&h.config, &text).with_context(|| {
         format!(
             "{} may exist already: csvd keeps its settings",
             h.config.display()
@@ -346,7 +339,11 @@ pub fn remove(access: &Access, host: u64) -> Result<ExitCode> {
         .context("no other host is up to take over its groups")?;
     // Move the leadership of every group it leads.
     if let Some(st) = client::host_status(&me, node) {
-        for g in st.groups.iter().filter(|g| g.role == "leader") {
+        for g in st
+            .groups
+            .iter()
+            .filter(|g| g.role() == coordinator::proto::RaftRole::Leader)
+        {
             c.transfer_leader(g.group, other)
                 .map_err(cerr)
                 .with_context(|| format!("move the leadership of group {} away", g.group))?;

@@ -164,7 +164,7 @@ fn phase_all(
     parties: &[Party],
     vol: u64,
     name: &str,
-    phase: &str,
+    phase: proto::SnapshotPhase,
     limit: Duration,
     timeout: Duration,
 ) -> Vec<(u64, Result<SnapshotPhaseReply, String>)> {
@@ -178,7 +178,7 @@ fn phase_all(
                         let req = SnapshotPhaseReq {
                             volume: vol,
                             name: name.to_string(),
-                            phase: phase.to_string(),
+                            phase: phase as i32,
                             limit_ms: limit.as_millis() as u64,
                         };
                         match client::snapshot_phase(me, *a, req, timeout) {
@@ -251,7 +251,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
         let mounted = st
             .volumes
             .iter()
-            .any(|v| v.number == vol && v.state != "Unmounted");
+            .any(|v| v.number == vol && v.state() != coordinator::proto::IoMode::Unmounted);
         if mounted {
             parties.push(Party {
                 node: n.id,
@@ -269,7 +269,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
             &parties,
             vol,
             &name,
-            "abort",
+            proto::SnapshotPhase::Abort,
             limit,
             Duration::from_secs(15),
         );
@@ -287,7 +287,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
         &parties,
         vol,
         &name,
-        "prepare",
+        proto::SnapshotPhase::Prepare,
         limit,
         limit + Duration::from_secs(15),
     );
@@ -301,7 +301,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
         &parties,
         vol,
         &name,
-        "freeze",
+        proto::SnapshotPhase::Freeze,
         limit,
         limit + Duration::from_secs(2),
     );
@@ -325,7 +325,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
         &parties,
         vol,
         &name,
-        "thaw",
+        proto::SnapshotPhase::Thaw,
         limit,
         Duration::from_secs(30),
     );
@@ -352,7 +352,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
         &parties,
         vol,
         &name,
-        "complete",
+        proto::SnapshotPhase::Complete,
         limit,
         Duration::from_secs(15),
     );
@@ -537,8 +537,8 @@ fn diff(
         println!(
             "{file}: {} changed range(s), {} of {} between {from} and {to_name}",
             ranges.len(),
-            crate::size::human(total),
-            crate::size::human(ab.size)
+            vhd::size::human(total),
+            vhd::size::human(ab.size)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -585,7 +585,7 @@ pub fn run(c: SnapshotCommand) -> Result<ExitCode> {
                         s.name,
                         utc_ms(s.created),
                         s.files,
-                        crate::size::human(s.exclusive)
+                        vhd::size::human(s.exclusive)
                     );
                 }
             }
@@ -603,7 +603,7 @@ pub fn run(c: SnapshotCommand) -> Result<ExitCode> {
             let after = c.usage(vol).map_err(describe)?;
             println!(
                 "snapshot {name} of Volume{vol} deleted; {} freed (more once readers of its files close them)",
-                crate::size::human(after.free.saturating_sub(before.free))
+                vhd::size::human(after.free.saturating_sub(before.free))
             );
             Ok(ExitCode::SUCCESS)
         }

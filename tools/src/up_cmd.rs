@@ -23,7 +23,7 @@ pub struct UpArgs {
     #[arg(long, default_value = "/tmp/csv-up")]
     dir: PathBuf,
     /// Size of the LUN file made for Volume1 (sparse).
-    #[arg(long, default_value = "4G", value_parser = crate::size::parse_size)]
+    #[arg(long, default_value = "4G", value_parser = vhd::size::parse_positive)]
     lun_size: u64,
     /// First host's port (host K listens on base + K - 1, on 127.0.0.1).
     #[arg(long, default_value_t = 7101)]
@@ -235,7 +235,7 @@ pub fn up(a: UpArgs) -> Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
         println!(
             "Volume1: {} on LUN file {}",
-            crate::size::human(sb.capacity),
+            vhd::size::human(sb.capacity),
             lun.display()
         );
     }
@@ -245,7 +245,7 @@ pub fn up(a: UpArgs) -> Result<ExitCode> {
             client::node_status(&me, *e, Duration::from_secs(1)).is_ok_and(|s| {
                 s.volumes
                     .iter()
-                    .any(|v| v.number == 1 && v.state == "Direct")
+                    .any(|v| v.number == 1 && v.state() == coordinator::proto::IoMode::Direct)
             })
         });
         if mounted {

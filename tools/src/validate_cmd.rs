@@ -9,7 +9,9 @@ use crate::cluster_cmd::Access;
 use anyhow::Result;
 use coordinator::client;
 use coordinator::proto;
-use coordinator::vmrole::VmConfig;
+use coordinator::proto::Label as _;
+use coordinator::wire::Identity;
+use hypervisor_shim::supervisor::role::{VmConfig, Wanted};
 use serde::Serialize;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -98,6 +100,21 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
         .client()?
         .cluster_info()
         .map_err(|e| anyhow::anyhow!(client::describe(&e)))?;
+    let hosts = ask_hosts(&me, &info, candidates);
+    let mut out = Vec::new();
+    check_reachable(&hosts, &mut out);
+    let up: Vec<&Host> = hosts.iter().filter(|h| h.facts.is_some()).collect();
+    check_networks(&hosts, &mut out);
+    check_devices(&up, t, &mut out);
+    check_san_paths(&up, t, &mut out);
+    check_failover_memory(&info, &up, &mut out);
+    check_quorum(&up, &mut out);
+    Ok(out)
+}
+
+/// Every host's facts and status, through the first of its addresses
+/// that answers.
+fn ask_hosts(me: &Identity, info: &proto::ClusterInfo, candidates: &[String]) -> Vec<Host> {
     let mut hosts = Vec::new();
     for n in &info.nodes {
         let mut h = Host {
@@ -109,14 +126,14 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
             error: String::new(),
         };
         for a in n.addrs.iter().filter_map(|a| a.parse().ok()) {
-            match client::probe(&me, a, candidates.to_vec(), Duration::from_secs(20)) {
+            match client::probe(me, a, candidates.to_vec(), Duration::from_secs(20)) {
                 Ok(f) => {
                     // The host reads its clock last, after its LUN probes:
                     // the answer's one-way trip is all that separates it
                     // from this clock's reading now.
                     h.skew_ms = f.now_ms as i64 - now_ms() as i64;
                     h.facts = Some(f);
-                    h.status = client::node_status(&me, a, Duration::from_secs(2)).ok();
+                    h.status = client::node_status(me, a, Duration::from_secs(2)).ok();
                     break;
                 }
                 Err(e) => h.error = format!("{a}: {}", client::describe(&e)),
@@ -124,9 +141,12 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
         }
         hosts.push(h);
     }
-    let mut out = Vec::new();
-    // Hosts answer.
-    for h in &hosts {
+    hosts
+}
+
+/// Hosts answer.
+fn check_reachable(hosts: &[Host], out: &mut Vec<Check>) {
+    for h in hosts {
         let scope = format!("host {}", h.id);
         if h.facts.is_none() {
             out.push(check(
@@ -138,9 +158,11 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
             ));
         }
     }
-    let up: Vec<&Host> = hosts.iter().filter(|h| h.facts.is_some()).collect();
-    // Cluster networks.
-    for h in &hosts {
+}
+
+/// Two cluster networks per host, on networks of their own.
+fn check_networks(hosts: &[Host], out: &mut Vec<Check>) {
+    for h in hosts {
         let nets: std::collections::BTreeSet<String> =
             h.addrs.iter().map(|a| network_of(a)).collect();
         let scope = format!("host {}", h.id);
@@ -174,12 +196,15 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
             ));
         }
     }
-    // Devices, clocks, versions.
+}
+
+/// Devices, clocks, versions.
+fn check_devices(up: &[&Host], t: &Thresholds, out: &mut Vec<Check>) {
     let versions: std::collections::BTreeSet<String> = up
         .iter()
         .filter_map(|h| h.facts.as_ref().map(|f| f.version.clone()))
         .collect();
-    for h in &up {
+    for h in up {
         let Some(f) = &h.facts else { continue };
         let scope = format!("host {}", h.id);
         out.push(if f.kvm {
@@ -215,8 +240,11 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
             check("version", scope, "PASS", format!("csvd {}", f.version), "")
         });
     }
-    // SAN paths: every volume from every host, and the candidate LUNs.
-    for h in &up {
+}
+
+/// SAN paths: every volume from every host, and the candidate LUNs.
+fn check_san_paths(up: &[&Host], t: &Thresholds, out: &mut Vec<Check>) {
+    for h in up {
         let Some(f) = &h.facts else { continue };
         for p in &f.paths {
             let what = if p.volume == 0 {
@@ -234,10 +262,9 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
                     "present the LUN as a disk (SCSI block device) of at least the volume's size",
                 ));
             } else if !p.error.is_empty() {
-                let state = if p.mode.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (the volume is {} on this host)", p.mode)
+                let state = match p.mode() {
+                    coordinator::proto::IoMode::Unspecified => String::new(),
+                    m => format!(" (the volume is {} on this host)", m.label()),
                 };
                 out.push(check("san-path", scope.clone(), "FAIL",
                     format!("{}{state}", p.error),
@@ -257,33 +284,36 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
                     check("san-latency", scope.clone(), "PASS", format!("median 4 KiB read {ms:.2} ms"), "")
                 });
             }
-            out.push(match p.pr {
+            out.push(match p.pr() {
                 _ if !p.reached => check("fencing", scope, "WARN", "cannot tell: this host does not reach the LUN".into(),
                     "restore the host's SAN path, then validate again"),
-                1 => check("fencing", scope, "PASS", "persistent reservations work: a host cut off from the cluster is fenced off the LUN".into(), ""),
-                2 => check("fencing", scope, "WARN", "a LUN file or local device: no persistent reservations; a host cut off from the cluster stops writing only when its leases expire".into(),
+                coordinator::proto::PrSupport::Answered => check("fencing", scope, "PASS", "persistent reservations work: a host cut off from the cluster is fenced off the LUN".into(), ""),
+                coordinator::proto::PrSupport::NotIscsi => check("fencing", scope, "WARN", "a LUN file or local device: no persistent reservations; a host cut off from the cluster stops writing only when its leases expire".into(),
                     "use an iSCSI LUN (iscsi://...) for production volumes"),
                 _ => check("fencing", scope, "FAIL", format!("the target does not support SCSI-3 persistent reservations ({}): a host cut off from the cluster cannot be fenced off the LUN", p.pr_error),
                     "enable SPC-3 persistent reservations on the array (Write Exclusive - Registrants Only), or move the volume to a target that has them"),
             });
         }
     }
-    // Failover memory (N+1): the VMs of each host must fit on the others.
+}
+
+/// Failover memory (N+1): the VMs of each host must fit on the others.
+fn check_failover_memory(info: &proto::ClusterInfo, up: &[&Host], out: &mut Vec<Check>) {
     let mut budget: std::collections::BTreeMap<u64, u64> = Default::default();
     let mut placed: std::collections::BTreeMap<u64, Vec<(String, u64)>> = Default::default();
     for r in &info.vms {
         let Ok(c) = VmConfig::from_role(r) else {
             continue;
         };
-        if c.state == "running" && r.node != 0 {
+        if c.state == Wanted::Running && r.node != 0 {
             placed
                 .entry(r.node)
                 .or_default()
                 .push((r.name.clone(), c.memory));
         }
     }
-    for h in &up {
-        let Some(load) = h.status.as_ref().and_then(|s| s.load.clone()) else {
+    for h in up {
+        let Some(load) = h.status.as_ref().and_then(|s| s.load) else {
             continue;
         };
         if info.draining.contains(&h.id) {
@@ -328,12 +358,15 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
                 "add memory or a host, raise the others' --vm-memory, or lower these VMs' memory; otherwise they stay down after a host failure")
         });
     }
-    // Quorum of every group, from its leader's view.
+}
+
+/// Quorum of every group, from its leader's view.
+fn check_quorum(up: &[&Host], out: &mut Vec<Check>) {
     let mut groups: std::collections::BTreeMap<u64, (u64, Vec<u64>)> = Default::default();
-    for h in &up {
+    for h in up {
         for g in h.status.iter().flat_map(|s| &s.groups) {
             let e = groups.entry(g.group).or_default();
-            if g.role == "leader" {
+            if g.role() == coordinator::proto::RaftRole::Leader {
                 *e = (h.id, g.voters.clone());
             } else if e.1.is_empty() {
                 e.1 = g.voters.clone();
@@ -355,7 +388,6 @@ pub fn validate(access: &Access, candidates: &[String], t: &Thresholds) -> Resul
             check("quorum", scope, "PASS", format!("{} voters, all answer; leader host {leader}", voters.len()), "")
         });
     }
-    Ok(out)
 }
 
 /// `csvctl validate`.

@@ -1,11 +1,11 @@
 //! `csvctl vhd`: create, info, check, convert, resize, merge, compact.
 
-use crate::size::{human, parse_size};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use vhd::size::{human, parse_positive as parse_size};
 use vhd::{format_uuid, CreateOptions, DiskType, OpenOptions, Severity, Vhd};
 
 #[derive(Debug, Subcommand)]

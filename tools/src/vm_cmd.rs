@@ -7,53 +7,58 @@
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use coordinator::client;
-use coordinator::placement::{self, HostLoad, Policy};
 use coordinator::proto;
-use coordinator::vmrole::{volume_of, VmConfig};
+use coordinator::proto::Label as _;
+use hypervisor_shim::supervisor::placement::{self, HostLoad, Policy};
+use hypervisor_shim::supervisor::role::{volume_of, Guest, Priority, VmConfig, Wanted};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cluster_cmd::Access;
 
+/// `csvctl vm add` arguments.
+#[derive(Debug, clap::Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    access: Access,
+    /// Its name: letters, digits, '-', '_' and '.', up to 63.
+    name: String,
+    /// Memory (bytes, or with K, M, G).
+    #[arg(long, default_value = "256M", value_parser = vhd::size::parse_positive)]
+    memory: u64,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Its disk: a VHD under a host's mount root, e.g.
+    /// /ClusterStorage/Volume1/vm1.vhd (the volume is read from the path).
+    #[arg(long)]
+    disk: String,
+    /// The volume of the disk, when the path does not say.
+    #[arg(long)]
+    volume: Option<u64>,
+    /// Hosts to try first, in order (comma-separated ids).
+    #[arg(long, value_delimiter = ',')]
+    preferred: Vec<u64>,
+    /// Restart order after a host failure: high, medium or low.
+    #[arg(long, default_value = "medium", value_parser = |s: &str| s.parse::<Priority>())]
+    priority: Priority,
+    /// The test guest's dirtying rate, MiB/s.
+    #[arg(long, default_value_t = 0.0)]
+    dirty_rate: f64,
+    /// Who answers for it (shown by `inventory`).
+    #[arg(long)]
+    owner: Option<String>,
+    /// When it is due to be retired: YYYY-MM-DD or +90d; `inventory`
+    /// warns before and flags it after.
+    #[arg(long)]
+    expires: Option<String>,
+}
+
 /// `csvctl vm ...`
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Make a VM a role of the cluster (stopped; nothing runs yet).
-    Add {
-        #[command(flatten)]
-        access: Access,
-        /// Its name: letters, digits, '-', '_' and '.', up to 63.
-        name: String,
-        /// Memory (bytes, or with K, M, G).
-        #[arg(long, default_value = "256M", value_parser = crate::size::parse_size)]
-        memory: u64,
-        /// Virtual CPUs.
-        #[arg(long, default_value_t = 1)]
-        vcpus: u32,
-        /// Its disk: a VHD under a host's mount root, e.g.
-        /// /ClusterStorage/Volume1/vm1.vhd (the volume is read from the path).
-        #[arg(long)]
-        disk: String,
-        /// The volume of the disk, when the path does not say.
-        #[arg(long)]
-        volume: Option<u64>,
-        /// Hosts to try first, in order (comma-separated ids).
-        #[arg(long, value_delimiter = ',')]
-        preferred: Vec<u64>,
-        /// Restart order after a host failure.
-        #[arg(long, default_value = "medium", value_parser = ["high", "medium", "low"])]
-        priority: String,
-        /// The test guest's dirtying rate, MiB/s.
-        #[arg(long, default_value_t = 0.0)]
-        dirty_rate: f64,
-        /// Who answers for it (shown by `inventory`).
-        #[arg(long)]
-        owner: Option<String>,
-        /// When it is due to be retired: YYYY-MM-DD or +90d; `inventory`
-        /// warns before and flags it after.
-        #[arg(long)]
-        expires: Option<String>,
-    },
+    Add(AddArgs),
     /// Change a VM role's owner or expiry date.
     Set {
         #[command(flatten)]
@@ -189,114 +194,13 @@ fn find(info: &proto::ClusterInfo, name: &str) -> Result<proto::VmRole> {
 
 pub fn run(c: VmCommand) -> Result<ExitCode> {
     match c {
-        VmCommand::Add {
-            access,
-            name,
-            memory,
-            vcpus,
-            disk,
-            volume,
-            preferred,
-            priority,
-            dirty_rate,
-            owner,
-            expires,
-        } => {
-            if !valid_name(&name) {
-                bail!("{name:?} is not a VM name: use letters, digits, '-', '_' and '.', up to 63");
-            }
-            if vcpus == 0 || vcpus > 64 {
-                bail!("--vcpus {vcpus}: 1 to 64");
-            }
-            if memory < 16 << 20 {
-                bail!("--memory {}: at least 16 MiB", crate::size::human(memory));
-            }
-            let Some(volume) = volume.or_else(|| volume_of(&disk)) else {
-                bail!("cannot tell the volume of {disk:?}: give a path with VolumeN in it or --volume N");
-            };
-            let (mut c, info) = registry(&access)?;
-            if info.vms.iter().any(|r| r.name == name) {
-                bail!("a VM role {name:?} exists");
-            }
-            if !info.volumes.iter().any(|v| v.number == volume) {
-                bail!("there is no Volume{volume} (csvctl volume list shows the volumes)");
-            }
-            for p in &preferred {
-                if !info.nodes.iter().any(|n| n.id == *p) {
-                    bail!("--preferred {p}: no such host");
-                }
-            }
-            let cfg = VmConfig {
-                vcpus,
-                memory,
-                disk,
-                volume,
-                preferred,
-                priority,
-                state: "stopped".into(),
-                guest: "test".into(),
-                dirty_rate,
-                migrate_to: None,
-                last_migration: None,
-                migrate_quick: false,
-                restore_from: None,
-                owner,
-                expires: expires
-                    .map(|e| crate::size::parse_when(&e, now_ms()))
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?,
-                state_since: Some(now_ms()),
-            };
-            put_role(&mut c, &name, 0, &cfg)?;
-            println!(
-                "VM role {name} added (stopped): {vcpus} vCPU(s), {}, disk {} on Volume{volume}",
-                crate::size::human(memory),
-                cfg.disk
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        VmCommand::List { access, json } => {
-            let (_, info) = registry(&access)?;
-            let mut rows = Vec::new();
-            for r in &info.vms {
-                rows.push((r.clone(), config_of(r)?));
-            }
-            if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(r, c)| serde_json::json!({"name": r.name, "host": r.node, "config": c}))
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!(
-                "{:<20} {:<8} {:>5} {:>6} {:>10} {:<8} DISK",
-                "NAME", "STATE", "HOST", "VCPUS", "MEMORY", "PRIORITY"
-            );
-            for (r, c) in rows {
-                let host = if r.node == 0 {
-                    "-".to_string()
-                } else {
-                    r.node.to_string()
-                };
-                println!(
-                    "{:<20} {:<8} {:>5} {:>6} {:>10} {:<8} {}",
-                    r.name,
-                    c.state,
-                    host,
-                    c.vcpus,
-                    crate::size::human(c.memory),
-                    c.priority,
-                    c.disk
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        VmCommand::Add(a) => add(a),
+        VmCommand::List { access, json } => list(&access, json),
         VmCommand::Remove { access, name } => {
             let (mut c, info) = registry(&access)?;
             let role = find(&info, &name)?;
             let cfg = config_of(&role)?;
-            if cfg.state != "stopped" || role.node != 0 {
+            if cfg.state != Wanted::Stopped || role.node != 0 {
                 bail!(
                     "VM {name} is {} on host {}: stop it first",
                     cfg.state,
@@ -308,39 +212,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Place { access, name, json } => place(&access, &name, json),
-        VmCommand::Start { access, name, on } => {
-            let (mut c, info) = registry(&access)?;
-            let role = find(&info, &name)?;
-            let mut cfg = config_of(&role)?;
-            if cfg.state == "running" {
-                bail!("VM {name} is running on host {} already", role.node);
-            }
-            let host = match on {
-                Some(h) => {
-                    if !info.nodes.iter().any(|n| n.id == h) {
-                        bail!("--on {h}: no such host");
-                    }
-                    h
-                }
-                None => {
-                    let loads = host_loads(&access, &info, cfg.volume)?;
-                    let needs = cfg.needs();
-                    match placement::best(&loads, &needs, &Policy::default()) {
-                        Some(h) => h,
-                        None => {
-                            bail!("no host can run {name} now (csvctl vm place {name} says why)")
-                        }
-                    }
-                }
-            };
-            cfg.state = "running".into();
-            cfg.state_since = Some(now_ms());
-            put_role(&mut c, &name, host, &cfg)?;
-            println!(
-                "VM {name} placed on host {host}; its csvd starts it (csvctl vm status {name})"
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        VmCommand::Start { access, name, on } => start(&access, &name, on),
         VmCommand::Migrate {
             access,
             name,
@@ -364,7 +236,7 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
                 cfg.expires = if e == "never" {
                     None
                 } else {
-                    Some(crate::size::parse_when(&e, now_ms()).map_err(anyhow::Error::msg)?)
+                    Some(crate::when::parse_when(&e, now_ms()).map_err(anyhow::Error::msg)?)
                 };
             }
             put_role(&mut c, &name, role.node, &cfg)?;
@@ -380,89 +252,234 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             let (mut c, info) = registry(&access)?;
             let role = find(&info, &name)?;
             let mut cfg = config_of(&role)?;
-            if cfg.state == "stopped" && role.node == 0 {
+            if cfg.state == Wanted::Stopped && role.node == 0 {
                 println!("VM {name} is stopped already");
                 return Ok(ExitCode::SUCCESS);
             }
-            cfg.state = "stopped".into();
+            cfg.state = Wanted::Stopped;
             cfg.state_since = Some(now_ms());
             put_role(&mut c, &name, 0, &cfg)?;
             println!("VM {name} stopping on host {}", role.node);
             Ok(ExitCode::SUCCESS)
         }
-        VmCommand::Status { access, name, json } => {
-            let (_, info) = registry(&access)?;
-            let role = find(&info, &name)?;
-            let cfg = config_of(&role)?;
-            let me = access.identity()?;
-            // Every host's view (a VM that is stopping is still on its old host).
-            let mut seen = Vec::new();
-            for n in &info.nodes {
-                let st = client::host_status(&me, n);
-                if let Some(st) = st {
-                    for v in st.vms.into_iter().filter(|v| v.name == name) {
-                        seen.push((n.id, v));
-                    }
-                }
-            }
-            if json {
-                let hosts: Vec<_> = seen
-                    .iter()
-                    .map(|(h, v)| {
-                        serde_json::json!({
-                            "host": h, "pid": v.pid, "state": v.state,
-                            "heartbeat_seq": v.heartbeat_seq, "heartbeats": v.heartbeats,
-                            "disk_writes": v.disk_writes, "error": v.error,
-                            "heartbeat_gaps": v.heartbeat_gaps, "guest_errors": v.guest_errors,
-                            "disk_last_seq": v.disk_last_seq,
-                            "listen": v.listen,
-                        })
-                    })
-                    .collect();
-                let v = serde_json::json!({"name": name, "host": role.node, "config": cfg, "runtime": hosts});
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            println!(
-                "VM {name}: {} on host {}; {} vCPU(s), {}, disk {}",
-                cfg.state,
-                if role.node == 0 {
-                    "-".to_string()
-                } else {
-                    role.node.to_string()
-                },
-                cfg.vcpus,
-                crate::size::human(cfg.memory),
-                cfg.disk
-            );
-            if seen.is_empty() {
-                println!("no host runs it");
-            }
-            for (h, v) in seen {
-                println!(
-                    "host {h}: csv-vmm pid {} {}; heartbeat {} ({} seen here), {} disk writes{}",
-                    v.pid,
-                    v.state,
-                    v.heartbeat_seq,
-                    v.heartbeats,
-                    v.disk_writes,
-                    if v.error.is_empty() {
-                        String::new()
-                    } else {
-                        format!("; error: {}", v.error)
-                    }
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+        VmCommand::Status { access, name, json } => status(&access, &name, json),
+    }
+}
+
+/// `csvctl vm add`.
+fn add(a: AddArgs) -> Result<ExitCode> {
+    let AddArgs {
+        access,
+        name,
+        memory,
+        vcpus,
+        disk,
+        volume,
+        preferred,
+        priority,
+        dirty_rate,
+        owner,
+        expires,
+    } = a;
+    if !valid_name(&name) {
+        bail!("{name:?} is not a VM name: use letters, digits, '-', '_' and '.', up to 63");
+    }
+    if vcpus == 0 || vcpus > 64 {
+        bail!("--vcpus {vcpus}: 1 to 64");
+    }
+    if memory < 16 << 20 {
+        bail!("--memory {}: at least 16 MiB", vhd::size::human(memory));
+    }
+    let Some(volume) = volume.or_else(|| volume_of(&disk)) else {
+        bail!("cannot tell the volume of {disk:?}: give a path with VolumeN in it or --volume N");
+    };
+    let (mut c, info) = registry(&access)?;
+    if info.vms.iter().any(|r| r.name == name) {
+        bail!("a VM role {name:?} exists");
+    }
+    if !info.volumes.iter().any(|v| v.number == volume) {
+        bail!("there is no Volume{volume} (csvctl volume list shows the volumes)");
+    }
+    for p in &preferred {
+        if !info.nodes.iter().any(|n| n.id == *p) {
+            bail!("--preferred {p}: no such host");
         }
     }
+    let cfg = VmConfig {
+        vcpus,
+        memory,
+        disk,
+        volume,
+        preferred,
+        priority,
+        state: Wanted::Stopped,
+        guest: Guest::Test,
+        dirty_rate,
+        migrate_to: None,
+        last_migration: None,
+        migrate_quick: false,
+        restore_from: None,
+        owner,
+        expires: expires
+            .map(|e| crate::when::parse_when(&e, now_ms()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        state_since: Some(now_ms()),
+    };
+    put_role(&mut c, &name, 0, &cfg)?;
+    println!(
+        "VM role {name} added (stopped): {vcpus} vCPU(s), {}, disk {} on Volume{volume}",
+        vhd::size::human(memory),
+        cfg.disk
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `csvctl vm list`.
+fn list(access: &Access, json: bool) -> Result<ExitCode> {
+    let (_, info) = registry(access)?;
+    let mut rows = Vec::new();
+    for r in &info.vms {
+        rows.push((r.clone(), config_of(r)?));
+    }
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|(r, c)| serde_json::json!({"name": r.name, "host": r.node, "config": c}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<8} {:>5} {:>6} {:>10} {:<8} DISK",
+        "NAME", "STATE", "HOST", "VCPUS", "MEMORY", "PRIORITY"
+    );
+    for (r, c) in rows {
+        let host = if r.node == 0 {
+            "-".to_string()
+        } else {
+            r.node.to_string()
+        };
+        println!(
+            "{:<20} {:<8} {:>5} {:>6} {:>10} {:<8} {}",
+            r.name,
+            c.state,
+            host,
+            c.vcpus,
+            vhd::size::human(c.memory),
+            c.priority,
+            c.disk
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `csvctl vm start`.
+fn start(access: &Access, name: &str, on: Option<u64>) -> Result<ExitCode> {
+    let (mut c, info) = registry(access)?;
+    let role = find(&info, name)?;
+    let mut cfg = config_of(&role)?;
+    if cfg.state == Wanted::Running {
+        bail!("VM {name} is running on host {} already", role.node);
+    }
+    let host = match on {
+        Some(h) => {
+            if !info.nodes.iter().any(|n| n.id == h) {
+                bail!("--on {h}: no such host");
+            }
+            h
+        }
+        None => {
+            let loads = host_loads(access, &info, cfg.volume)?;
+            let needs = cfg.needs();
+            match placement::best(&loads, &needs, &Policy::default()) {
+                Some(h) => h,
+                None => {
+                    bail!("no host can run {name} now (csvctl vm place {name} says why)")
+                }
+            }
+        }
+    };
+    cfg.state = Wanted::Running;
+    cfg.state_since = Some(now_ms());
+    put_role(&mut c, name, host, &cfg)?;
+    println!("VM {name} placed on host {host}; its csvd starts it (csvctl vm status {name})");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `csvctl vm status`.
+fn status(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
+    let (_, info) = registry(access)?;
+    let role = find(&info, name)?;
+    let cfg = config_of(&role)?;
+    let me = access.identity()?;
+    // Every host's view (a VM that is stopping is still on its old host).
+    let mut seen = Vec::new();
+    for n in &info.nodes {
+        let st = client::host_status(&me, n);
+        if let Some(st) = st {
+            for v in st.vms.into_iter().filter(|v| v.name == name) {
+                seen.push((n.id, v));
+            }
+        }
+    }
+    if json {
+        let hosts: Vec<_> = seen
+            .iter()
+            .map(|(h, v)| {
+                serde_json::json!({
+                    "host": h, "pid": v.pid, "state": v.state().label(),
+                    "heartbeat_seq": v.heartbeat_seq, "heartbeats": v.heartbeats,
+                    "disk_writes": v.disk_writes, "error": v.error,
+                    "heartbeat_gaps": v.heartbeat_gaps, "guest_errors": v.guest_errors,
+                    "disk_last_seq": v.disk_last_seq,
+                    "listen": v.listen,
+                })
+            })
+            .collect();
+        let v =
+            serde_json::json!({"name": name, "host": role.node, "config": cfg, "runtime": hosts});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "VM {name}: {} on host {}; {} vCPU(s), {}, disk {}",
+        cfg.state,
+        if role.node == 0 {
+            "-".to_string()
+        } else {
+            role.node.to_string()
+        },
+        cfg.vcpus,
+        vhd::size::human(cfg.memory),
+        cfg.disk
+    );
+    if seen.is_empty() {
+        println!("no host runs it");
+    }
+    for (h, v) in seen {
+        println!(
+            "host {h}: csv-vmm pid {} {}; heartbeat {} ({} seen here), {} disk writes{}",
+            v.pid,
+            v.state().label(),
+            v.heartbeat_seq,
+            v.heartbeats,
+            v.disk_writes,
+            if v.error.is_empty() {
+                String::new()
+            } else {
+                format!("; error: {}", v.error)
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) -> Result<ExitCode> {
     let (mut c, info) = registry(access)?;
     let role = find(&info, name)?;
     let mut cfg = config_of(&role)?;
-    if cfg.state != "running" || role.node == 0 {
+    if cfg.state != Wanted::Running || role.node == 0 {
         bail!("VM {name} is not running (csvctl vm start {name})");
     }
     if role.node == to {
@@ -495,7 +512,7 @@ fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) ->
             if quick {
                 println!(
                     "VM {name} moved from host {from} to host {to} by save and restore: saved {} in {:.0} ms",
-                    crate::size::human(s["bytes"].as_u64().unwrap_or(0)),
+                    vhd::size::human(s["bytes"].as_u64().unwrap_or(0)),
                     s["total_ms"].as_f64().unwrap_or(0.0)
                 );
                 return Ok(ExitCode::SUCCESS);
@@ -505,7 +522,7 @@ fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) ->
                 s["downtime_ms"].as_f64().unwrap_or(0.0),
                 s["total_ms"].as_f64().unwrap_or(0.0),
                 s["rounds"],
-                crate::size::human(s["bytes"].as_u64().unwrap_or(0))
+                vhd::size::human(s["bytes"].as_u64().unwrap_or(0))
             );
             return Ok(ExitCode::SUCCESS);
         }
@@ -593,7 +610,7 @@ pub fn run_node(c: NodeCommand) -> Result<ExitCode> {
                 .iter()
                 .filter(|r| r.node == host)
                 .filter_map(|r| config_of(r).ok().map(|c| (r.clone(), c)))
-                .filter(|(_, c)| c.state == "running")
+                .filter(|(_, c)| c.state == Wanted::Running)
                 .collect();
             here.sort_by_key(|(r, c)| (c.priority_rank(), r.name.clone()));
             println!("host {host} drains: {} VM(s) to move", here.len());
@@ -656,13 +673,13 @@ fn place(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
     println!(
         "VM {name}: {} vCPU(s), {}, disk on Volume{}; weights CPU {} memory {} disk {} network {}; memory reserve {}, {} vCPUs per core, {:.0} % of the volume kept free",
         cfg.vcpus,
-        crate::size::human(cfg.memory),
+        vhd::size::human(cfg.memory),
         cfg.volume,
         policy.w_cpu,
         policy.w_mem,
         policy.w_disk,
         policy.w_net,
-        crate::size::human(policy.mem_reserve),
+        vhd::size::human(policy.mem_reserve),
         policy.max_vcpus_per_core,
         policy.disk_reserve * 100.0
     );
