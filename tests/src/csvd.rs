@@ -404,7 +404,12 @@ impl CsvCluster {
             .volumes
             .into_iter()
             .find(|v| v.number == vol)
-            .map(|v| (v.state, v.reason))
+            .map(|v| {
+                (
+                    coordinator::proto::label::<coordinator::proto::IoMode>(v.state).to_string(),
+                    v.reason,
+                )
+            })
     }
 
     /// Waits until every running host reports VolumeN mounted (Direct).
@@ -459,7 +464,9 @@ impl CsvCluster {
         for h in self.hosts.iter().filter(|h| h.child.is_some()) {
             if let Ok(s) = self.status(h.id) {
                 for g in s.groups.iter().filter(|g| g.group == group) {
-                    if g.role == "leader" && best.is_none_or(|(t, _)| g.term > t) {
+                    if g.role() == coordinator::proto::RaftRole::Leader
+                        && best.is_none_or(|(t, _)| g.term > t)
+                    {
                         best = Some((g.term, h.id));
                     }
                 }

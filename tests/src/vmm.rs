@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use hypervisor_shim::control::proto::{Reply, Request, Status};
+use hypervisor_shim::control::{Control, ControlError};
+use hypervisor_shim::migrate::{Progress, Summary};
 
 /// One heartbeat as the observer saw it.
 #[derive(Debug, Clone, Copy)]
@@ -158,31 +160,43 @@ impl Vmm {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends one control request; progress events go to `on_event`.
-    pub fn request(&self, req: Value, on_event: impl FnMut(&Value)) -> Result<Value> {
-        hypervisor_shim::control::request(&self.control, &req, on_event)
-            .with_context(|| format!("control request {req} (log: {})", self.log_text()))
+    /// Sends one control request; progress lines go to `on_progress`.
+    /// The VMM's refusal is an error ([`ControlError::Refused`]).
+    pub fn request(
+        &self,
+        req: &Request,
+        on_progress: impl FnMut(&Progress),
+    ) -> std::result::Result<Reply, ControlError> {
+        Control::connect(&self.control, None)?.ask(req, on_progress)
     }
 
     /// Sends a request that must succeed.
-    pub fn ok(&self, req: Value) -> Result<Value> {
-        let a = self.request(req.clone(), |_| {})?;
-        if a["ok"] != Value::Bool(true) {
-            bail!("{req} failed: {a}; log: {}", self.log_text());
-        }
-        Ok(a)
+    pub fn ok(&self, req: Request) -> Result<Reply> {
+        self.request(&req, |_| {})
+            .with_context(|| format!("control request {req:?} (log: {})", self.log_text()))
     }
 
     /// `status` of the VM.
-    pub fn status(&self) -> Result<Value> {
-        self.ok(serde_json::json!({"cmd": "status"}))
+    pub fn status(&self) -> Result<Status> {
+        match self.ok(Request::Status)? {
+            Reply::Status(s) => Ok(*s),
+            other => bail!("status answered {other:?}"),
+        }
+    }
+
+    /// The summary a `save` or `migrate` answers.
+    pub fn summary(&self, req: Request) -> Result<Summary> {
+        match self.ok(req)? {
+            Reply::Summary(s) => Ok(s),
+            other => bail!("answered {other:?}, not a summary"),
+        }
     }
 
     /// Waits until the VM has seen at least `n` heartbeats in this process.
     pub fn wait_heartbeats(&self, n: u64, timeout: Duration) -> Result<()> {
         let r = crate::wait_until(timeout, || {
             self.status()
-                .map(|s| s["heartbeat"]["local_count"].as_u64().unwrap_or(0) >= n)
+                .map(|s| s.heartbeat.local_count >= n)
                 .unwrap_or(false)
         });
         if r.is_err() {

@@ -5,7 +5,7 @@
 
 use coordinator::client::{Client, ClientError};
 use coordinator::meta::ROOT;
-use coordinator::proto::{ErrorCode, VolumeInfo};
+use coordinator::proto::{ErrorCode, NodeKind, RaftRole, VolumeInfo};
 use coordinator::wire::{Identity, Key};
 use csv_test_support::csvd::CsvCluster;
 use csv_test_support::netns::{Lan, NetNs};
@@ -52,7 +52,7 @@ fn writer(mut c: Client, stop: Arc<AtomicBool>, log: Arc<Mutex<WriterLog>>) {
     while !stop.load(Ordering::Relaxed) {
         let name = format!("f{i}");
         i += 1;
-        let r = c.create(VOL, ROOT, &name, 1, 0o644, "");
+        let r = c.create(VOL, ROOT, &name, NodeKind::File, 0o644, "");
         let mut l = log.lock().unwrap();
         match r {
             Ok(_) => {
@@ -198,7 +198,8 @@ fn a_partitioned_minority_cannot_commit_while_the_majority_does() {
         c.add_volume(volume(VOL)).unwrap();
         cl.wait_leader(VOL, Duration::from_secs(10)).unwrap();
         c.transfer_leader(VOL, 3).unwrap();
-        c.create(VOL, ROOT, "before", 1, 0o644, "").unwrap();
+        c.create(VOL, ROOT, "before", NodeKind::File, 0o644, "")
+            .unwrap();
     })
     .unwrap();
 
@@ -211,7 +212,8 @@ fn a_partitioned_minority_cannot_commit_while_the_majority_does() {
             let mut c = Client::new(id.clone(), vec![addr(1), addr(2)]);
             c.timeout = Duration::from_secs(15);
             let t = Instant::now();
-            c.create(VOL, ROOT, "majority", 1, 0o644, "").unwrap();
+            c.create(VOL, ROOT, "majority", NodeKind::File, 0o644, "")
+                .unwrap();
             t.elapsed()
         })
         .unwrap();
@@ -224,7 +226,7 @@ fn a_partitioned_minority_cannot_commit_while_the_majority_does() {
             let mut c = Client::new(id.clone(), vec![addr(3)]);
             c.timeout = Duration::from_secs(3);
             c.attempt_timeout = Duration::from_secs(1);
-            c.create(VOL, ROOT, "minority", 1, 0o644, "")
+            c.create(VOL, ROOT, "minority", NodeKind::File, 0o644, "")
         })
         .unwrap();
     assert!(
@@ -233,7 +235,11 @@ fn a_partitioned_minority_cannot_commit_while_the_majority_does() {
     );
     let s3 = nss[2].run(|| cl.status(3).unwrap()).unwrap();
     let g3 = s3.groups.iter().find(|g| g.group == VOL).unwrap().clone();
-    assert_ne!(g3.role, "leader", "host 3 still leads without a quorum");
+    assert_ne!(
+        g3.role(),
+        RaftRole::Leader,
+        "host 3 still leads without a quorum"
+    );
 
     // Heal: host 3 catches up and learns the majority's file; the
     // minority's create never happened.
@@ -267,7 +273,8 @@ fn a_new_host_joins_as_learner_then_voter() {
     let mut c = cl.client();
     c.add_volume(volume(VOL)).unwrap();
     for i in 0..50 {
-        c.create(VOL, ROOT, &format!("g{i}"), 1, 0o644, "").unwrap();
+        c.create(VOL, ROOT, &format!("g{i}"), NodeKind::File, 0o644, "")
+            .unwrap();
     }
     let port = csv_test_support::free_port().unwrap();
     let a4 = SocketAddr::from(([127, 0, 0, 1], port));
@@ -288,7 +295,8 @@ fn a_new_host_joins_as_learner_then_voter() {
     assert_eq!(names(&mut c, ROOT).len(), 50);
     // With four voters, losing one founder leaves a quorum of three.
     cl.kill(1).unwrap();
-    c.create(VOL, ROOT, "after", 1, 0o644, "").unwrap();
+    c.create(VOL, ROOT, "after", NodeKind::File, 0o644, "")
+        .unwrap();
     assert!(names(&mut c, ROOT).contains("after"));
     // The cluster records host 1 as unreachable, and as back once it is.
     let health = |c: &mut Client, node: u64| {
@@ -346,7 +354,8 @@ fn hosts_and_clients_move_to_the_second_network_when_the_first_fails() {
     cns.run(|| {
         let mut c = cl.client();
         c.add_volume(volume(VOL)).unwrap();
-        c.create(VOL, ROOT, "on-a", 1, 0o644, "").unwrap();
+        c.create(VOL, ROOT, "on-a", NodeKind::File, 0o644, "")
+            .unwrap();
     })
     .unwrap();
     // Network A fails everywhere: hosts keep their quorum over B, and a
@@ -358,7 +367,8 @@ fn hosts_and_clients_move_to_the_second_network_when_the_first_fails() {
         let mut c = cl.client();
         c.timeout = Duration::from_secs(20);
         let t = Instant::now();
-        c.create(VOL, ROOT, "on-b", 1, 0o644, "").unwrap();
+        c.create(VOL, ROOT, "on-b", NodeKind::File, 0o644, "")
+            .unwrap();
         eprintln!("first create over network B after {:?}", t.elapsed());
         // The hosts' own traffic moved too: a leader transfer needs it.
         c.transfer_leader(VOL, 2).unwrap();

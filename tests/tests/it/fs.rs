@@ -420,7 +420,7 @@ fn metrics_json_logs_and_volume_removal() {
     }
     let metrics = || {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
@@ -512,7 +512,7 @@ fn metrics_json_logs_and_volume_removal() {
 fn a_lun_another_cluster_reserved_is_refused_then_cleared_with_force() {
     skip_without_fuse!();
     skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
-    use csv_fs::san::{open, pr_holds, SanIdentity};
+    use csv_fs::lun::san::{open, pr_holds, SanIdentity};
     use vhd::BlockIo;
     let mut tgt = csv_test_support::tgt::TgtTarget::start().unwrap();
     let t = tgt.add_target("foreign").unwrap();
@@ -526,7 +526,7 @@ fn a_lun_another_cluster_reserved_is_refused_then_cleared_with_force() {
         node: 0,
     };
     let old = open(&url, &other, 1).unwrap();
-    csv_fs::san::pr_register(&old.lun, 0x0DD0_0001).unwrap();
+    csv_fs::lun::san::pr_register(&old.lun, 0x0DD0_0001).unwrap();
     let l = old.lun.lun();
     assert_eq!(
         old.lun.block_on(l.reservation()).unwrap(),
@@ -583,7 +583,7 @@ fn a_lun_another_cluster_reserved_is_refused_then_cleared_with_force() {
 fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
     skip_without_fuse!();
     skip_unless!(Need::Command("tgtd"), Need::Command("tgtadm"));
-    use csv_fs::san::{open, pr_holds, SanIdentity};
+    use csv_fs::lun::san::{open, pr_holds, SanIdentity};
     use vhd::BlockIo;
     let (tgt, t, _backing, cl) = iscsi_cluster("fence");
     let url = tgt.url(&t, 1);
@@ -593,7 +593,7 @@ fn a_host_the_cluster_has_down_is_fenced_off_the_iscsi_lun() {
         node: 0,
     };
     let observer = open(&url, &tool, 1).unwrap();
-    let keys = |p: &csv_fs::san::IscsiPath| -> Vec<u64> {
+    let keys = |p: &csv_fs::lun::san::IscsiPath| -> Vec<u64> {
         p.lun.block_on(p.lun.lun().reservation_keys()).unwrap()
     };
     csv_test_support::wait_until(Duration::from_secs(10), || {

@@ -348,7 +348,8 @@ fn check(history: &[Event], m: &Path) -> Vec<String> {
 
 /// The nemesis's faults: through the hosts' drill interface.
 fn fault(cl: &CsvCluster, host: u64, req: coordinator::proto::FaultReq) -> String {
-    let kind = req.kind.clone();
+    use coordinator::proto::Label as _;
+    let kind = req.kind().label();
     let addrs = cl
         .hosts
         .iter()
@@ -401,7 +402,7 @@ fn nemesis_step(
     tgt: &mut csv_test_support::tgt::TgtTarget,
     r: &mut Rng,
 ) -> String {
-    use coordinator::proto::FaultReq;
+    use coordinator::proto::{FaultKind, FaultReq};
     let host = 1 + r.below(3);
     let ms = 1000 + r.below(2000);
     let all_addrs: Vec<String> = cl
@@ -414,21 +415,21 @@ fn nemesis_step(
         .iter()
         .filter_map(|h| h.listen.first().map(|a| a.to_string()))
         .collect();
-    let req = |kind: &str| FaultReq {
-        kind: kind.into(),
+    let req = |kind: FaultKind| FaultReq {
+        kind: kind as i32,
         volume: 1,
         duration_ms: ms,
         ..Default::default()
     };
     match r.below(8) {
-        0 => fault(cl, host, req("san-cut")),
+        0 => fault(cl, host, req(FaultKind::SanCut)),
         7 => disk_full(&cl.mountpoint(host, 1), Duration::from_millis(ms)),
         1 => fault(
             cl,
             host,
             FaultReq {
                 delay_ms: 50 + r.below(150),
-                ..req("san-slow")
+                ..req(FaultKind::SanSlow)
             },
         ),
         2 => fault(
@@ -436,7 +437,7 @@ fn nemesis_step(
             host,
             FaultReq {
                 addrs: first_addrs,
-                ..req("net-cut")
+                ..req(FaultKind::NetCut)
             },
         ),
         3 => fault(
@@ -444,10 +445,10 @@ fn nemesis_step(
             host,
             FaultReq {
                 addrs: all_addrs,
-                ..req("net-cut")
+                ..req(FaultKind::NetCut)
             },
         ),
-        4 => fault(cl, host, req("crash")),
+        4 => fault(cl, host, req(FaultKind::Crash)),
         5 => fault(
             cl,
             host,
@@ -457,7 +458,7 @@ fn nemesis_step(
                 } else {
                     -3_600_000
                 },
-                ..req("clock")
+                ..req(FaultKind::Clock)
             },
         ),
         _ => {
@@ -570,7 +571,7 @@ fn a_nemesis_of_random_faults_leaves_a_clean_history() {
                 &cl,
                 h,
                 coordinator::proto::FaultReq {
-                    kind: "heal".into(),
+                    kind: coordinator::proto::FaultKind::Heal as i32,
                     ..Default::default()
                 },
             );
@@ -654,7 +655,7 @@ fn a_crashed_hosts_mount_point_takes_no_writes_until_the_volume_is_back() {
             &cl,
             2,
             coordinator::proto::FaultReq {
-                kind: "crash".into(),
+                kind: coordinator::proto::FaultKind::Crash as i32,
                 volume: v,
                 duration_ms: 1500,
                 ..Default::default()
@@ -925,7 +926,7 @@ fn a_process_with_a_file_open_starts_others_at_once_while_the_cluster_network_is
         &cl,
         host,
         coordinator::proto::FaultReq {
-            kind: "net-cut".into(),
+            kind: coordinator::proto::FaultKind::NetCut as i32,
             volume: v,
             duration_ms: 8_000,
             addrs,

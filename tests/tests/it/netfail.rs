@@ -42,7 +42,7 @@ fn a_host_loses_its_san_link_a_cluster_network_then_the_cluster() {
         Need::Command("fusermount3"),
         Need::Device("/dev/fuse")
     );
-    use csv_fs::san::{open, pr_holds, SanIdentity};
+    use csv_fs::lun::san::{open, pr_holds, SanIdentity};
     use vhd::BlockIo;
     let san = Lan::new("san", 61).unwrap();
     let net_a = Lan::new("cla", 62).unwrap();

@@ -32,7 +32,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, auth: Option<&str>) -> (u16,
     let auth = auth.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Length: 0\r\n\r\n"
     )
     .unwrap();
     let mut resp = String::new();

@@ -654,7 +654,7 @@ fn vm_roles_restart_elsewhere_when_their_host_dies() {
         cl.status(3).is_ok_and(|s| {
             s.volumes
                 .iter()
-                .any(|x| x.number == v && x.state == "Direct")
+                .any(|x| x.number == v && x.state() == coordinator::proto::IoMode::Direct)
         })
     })
     .unwrap();

@@ -9,8 +9,10 @@ use std::path::Path;
 
 use csv_test_support::vmm::{Observer, Vmm};
 use csv_test_support::{skip_unless, temp_dir, Need};
+use hypervisor_shim::control::proto::{MigrateRequest, Reply, Request, VmmState};
+use hypervisor_shim::control::ControlError;
 use hypervisor_shim::guest::{check_disk, DiskCheck};
-use serde_json::json;
+use hypervisor_shim::vm::RunState;
 use vhd::footer::DiskType;
 
 const DISK_BLOCKS: u64 = 256;
@@ -66,27 +68,34 @@ fn check_guest_disk_ours(path: &Path, last_seq: u64) -> DiskCheck {
 
 fn no_errors(vm: &Vmm) {
     let s = vm.status().unwrap();
-    assert_eq!(s["guest"]["errors"], 0, "the guest found a bad page: {s}");
-    assert_eq!(s["heartbeat"]["guest_errors"], 0, "{s}");
-    assert_eq!(
-        s["heartbeat"]["gaps"], 0,
-        "the VMM saw a heartbeat gap: {s}"
-    );
-    let c = vm.ok(json!({"cmd": "check"})).unwrap();
-    assert_eq!(c["check"]["bad_pages"], 0, "host-side page check: {c}");
+    assert_eq!(s.guest.errors, 0, "the guest found a bad page: {s:?}");
+    assert_eq!(s.heartbeat.guest_errors, 0, "{s:?}");
+    assert_eq!(s.heartbeat.gaps, 0, "the VMM saw a heartbeat gap: {s:?}");
+    let Reply::Check(c) = vm.ok(Request::Check).unwrap() else {
+        panic!("check answered something else")
+    };
+    assert_eq!(c.bad_pages, 0, "host-side page check: {c:?}");
 }
 
 /// Pages the guest wrote per second, measured over `over`.
 fn dirty_rate_mib_s(vm: &Vmm, over: Duration) -> f64 {
-    let a = vm.status().unwrap()["guest"]["pages_written"]
-        .as_u64()
-        .unwrap();
+    let a = vm.status().unwrap().guest.pages_written;
     let t = Instant::now();
     std::thread::sleep(over);
-    let b = vm.status().unwrap()["guest"]["pages_written"]
-        .as_u64()
-        .unwrap();
+    let b = vm.status().unwrap().guest.pages_written;
     (b - a) as f64 / 256.0 / t.elapsed().as_secs_f64()
+}
+
+/// A live migration to `to` with `token`.
+fn migrate(to: &str, token: &str, downtime_ms: Option<u64>, verify_memory: bool) -> Request {
+    Request::Migrate(MigrateRequest {
+        to: to.to_string(),
+        token: token.to_string(),
+        downtime_ms,
+        timeout_s: None,
+        verify_memory,
+        confirm: false,
+    })
 }
 
 /// The migration token the tests' targets are started with.
@@ -135,8 +144,8 @@ fn test_guest_boots_and_heartbeats() {
         "serial console: {serial:?}"
     );
     let s = vm.status().unwrap();
-    assert_eq!(s["state"], "running");
-    assert!(s["heartbeat"]["booted"].as_bool().unwrap());
+    assert_eq!(s.state, Some(VmmState::Vm(RunState::Running)));
+    assert!(s.heartbeat.booted);
     assert!(
         obs.beats().len() >= 250,
         "observer got {} heartbeats",
@@ -145,11 +154,9 @@ fn test_guest_boots_and_heartbeats() {
     assert_eq!(obs.missing(), Vec::<u64>::new());
     no_errors(&vm);
     // Its disk writes went into the child; the parent is untouched.
-    let last = vm.status().unwrap()["guest"]["disk_last_seq"]
-        .as_u64()
-        .unwrap();
+    let last = vm.status().unwrap().guest.disk_last_seq;
     assert!(last > 0);
-    vm.ok(json!({"cmd": "stop"})).unwrap();
+    vm.ok(Request::Stop).unwrap();
     vm.wait_exit(Duration::from_secs(10)).unwrap();
     let found = check_guest_disk_ours(&child, last);
     assert!(found.written > 10, "{found:?}");
@@ -211,8 +218,13 @@ fn save_and_restore_continue_the_heartbeat() {
     .unwrap();
     a.wait_heartbeats(300, Duration::from_secs(20)).unwrap();
     let state = dir.path().join("vm.state");
-    let r = a.ok(json!({"cmd": "save", "path": state})).unwrap();
-    let saved_seq = r["summary"]["heartbeat_seq"].as_u64().unwrap();
+    let r = a
+        .summary(Request::Save {
+            path: state.clone(),
+            stop: true,
+        })
+        .unwrap();
+    let saved_seq = r.heartbeat_seq;
     assert_eq!(
         a.wait_exit(Duration::from_secs(10)).unwrap(),
         0,
@@ -235,10 +247,7 @@ fn save_and_restore_continue_the_heartbeat() {
     .unwrap();
     b.wait_heartbeats(300, Duration::from_secs(20)).unwrap();
     let s = b.status().unwrap();
-    assert!(
-        s["heartbeat"]["seq"].as_u64().unwrap() >= saved_seq + 300,
-        "{s}"
-    );
+    assert!(s.heartbeat.seq >= saved_seq + 300, "{s:?}");
     assert_eq!(
         obs.missing(),
         Vec::<u64>::new(),
@@ -248,9 +257,9 @@ fn save_and_restore_continue_the_heartbeat() {
     assert_eq!(pids.len(), 2, "both processes reported heartbeats");
     no_errors(&b);
     let s = b.status().unwrap();
-    assert!(s["guest"]["disk_writes"].as_u64().unwrap() > 30, "{s}");
-    let last = s["guest"]["disk_last_seq"].as_u64().unwrap();
-    b.ok(json!({"cmd": "stop"})).unwrap();
+    assert!(s.guest.disk_writes > 30, "{s:?}");
+    let last = s.guest.disk_last_seq;
+    b.ok(Request::Stop).unwrap();
     let mut b = b;
     b.wait_exit(Duration::from_secs(10)).unwrap();
     check_guest_disk(&disk, last);
@@ -339,31 +348,24 @@ fn live_migration_under_a_dirtying_load_loses_nothing() {
         );
     }
     // A source without the token is refused too.
-    let r = src
-        .request(json!({"cmd": "migrate", "to": listen}), |_| {})
-        .unwrap();
-    assert_eq!(r["ok"], false, "{r}");
+    let r = src.request(&migrate(&listen, "", None, false), |_| {});
+    assert!(matches!(r, Err(ControlError::Refused(_))), "{r:?}");
 
     let mut rounds = 0;
-    let r = src
-        .request(
-            json!({"cmd": "migrate", "to": listen, "verify_memory": true, "token": TOKEN}),
-            |_| rounds += 1,
-        )
-        .unwrap();
-    assert_eq!(
-        r["ok"],
-        true,
-        "{r}; source log: {}; target log: {}",
-        src.log_text(),
-        dst.log_text()
-    );
-    let sum = &r["summary"];
-    eprintln!("migration at {rate:.1} MiB/s of dirtying: {sum}");
+    let r = src.request(&migrate(&listen, TOKEN, None, true), |_| rounds += 1);
+    let sum = match r {
+        Ok(Reply::Summary(s)) => s,
+        other => panic!(
+            "{other:?}; source log: {}; target log: {}",
+            src.log_text(),
+            dst.log_text()
+        ),
+    };
+    eprintln!("migration at {rate:.1} MiB/s of dirtying: {sum:?}");
     assert!(rounds >= 1);
-    assert!(sum["memory_crc_source"].is_u64());
+    assert!(sum.memory_crc_source.is_some());
     assert_eq!(
-        sum["memory_crc_source"], sum["memory_crc_target"],
+        sum.memory_crc_source, sum.memory_crc_target,
         "memory differs at the switch-over"
     );
     assert_eq!(
@@ -405,13 +407,13 @@ fn live_migration_under_a_dirtying_load_loses_nothing() {
     no_errors(&dst);
     // The disk: writes went on from the target into the same VHD.
     let s = dst.status().unwrap();
-    assert_eq!(s["guest"]["disk_errors"], 0, "{s}");
+    assert_eq!(s.guest.disk_errors, 0, "{s:?}");
     assert!(
-        s["disk"]["writes"].as_u64().unwrap() > 50,
-        "the target wrote to the disk: {s}"
+        s.disk.is_some_and(|d| d.writes > 50),
+        "the target wrote to the disk: {s:?}"
     );
-    let last = s["guest"]["disk_last_seq"].as_u64().unwrap();
-    dst.ok(json!({"cmd": "stop"})).unwrap();
+    let last = s.guest.disk_last_seq;
+    dst.ok(Request::Stop).unwrap();
     dst.wait_exit(Duration::from_secs(10)).unwrap();
     let found = check_guest_disk(&disk, last);
     eprintln!("disk after the migration: {found:?}");
@@ -444,29 +446,27 @@ fn a_migration_killed_half_way_leaves_the_source_running() {
     // The target is killed as soon as the first round of memory is across.
     let victim = dst.pid() as i32;
     let mut killed = false;
-    let answer = src
-        .request(
-            json!({"cmd": "migrate", "to": listen, "downtime_ms": 0, "token": TOKEN}),
-            |_| {
-                if !killed {
-                    // SAFETY: plain kill(2) of the target process this test started.
-                    unsafe { libc::kill(victim, libc::SIGKILL) };
-                    killed = true;
-                }
-            },
-        )
-        .unwrap();
+    let answer = src.request(&migrate(&listen, TOKEN, Some(0), false), |_| {
+        if !killed {
+            // SAFETY: plain kill(2) of the target process this test started.
+            unsafe { libc::kill(victim, libc::SIGKILL) };
+            killed = true;
+        }
+    });
     dst.kill();
     assert!(killed, "the migration never reported a round");
-    assert_eq!(answer["ok"], false, "{answer}");
-    eprintln!("migration error as reported: {}", answer["error"]);
+    let Err(ControlError::Refused(why)) = answer else {
+        panic!("the migration did not fail: {answer:?}")
+    };
+    eprintln!("migration error as reported: {why}");
 
-    let before = src.status().unwrap()["heartbeat"]["local_count"]
-        .as_u64()
-        .unwrap();
+    let before = src.status().unwrap().heartbeat.local_count;
     src.wait_heartbeats(before + 300, Duration::from_secs(20))
         .unwrap();
-    assert_eq!(src.status().unwrap()["state"], "running");
+    assert_eq!(
+        src.status().unwrap().state,
+        Some(VmmState::Vm(RunState::Running))
+    );
     assert_eq!(obs.missing(), Vec::<u64>::new());
     no_errors(&src);
 }
