@@ -329,3 +329,118 @@ impl StatusService for HostAgent {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coordinator::wire::Key;
+    use std::sync::mpsc;
+
+    fn agent(crash: CrashHook) -> HostAgent {
+        HostAgent::new(AgentConfig {
+            identity: Identity {
+                node: 2,
+                cluster: "t".into(),
+                key: Key::from_bytes([7; 32]),
+            },
+            san: SanIdentity {
+                initiator: "iqn.2026-12.io.csv.test:h2".into(),
+                chap: None,
+                node: 2,
+            },
+            listen: vec!["127.0.0.1:7100".parse().unwrap()],
+            volumes: VolumesView::default(),
+            vms: None,
+            vm_memory: 4 << 30,
+            crash,
+        })
+    }
+
+    fn no_crash() -> CrashHook {
+        Arc::new(|_| panic!("no crash expected"))
+    }
+
+    #[test]
+    fn a_volume_not_mounted_here_is_refused_by_every_service() {
+        let a = agent(no_crash());
+        let e = a
+            .block(&proto::BlockOp {
+                volume: 3,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoGroup);
+        assert!(e.message.contains("Volume3 is not mounted"), "{e:?}");
+        let e = a
+            .file(&proto::FileOp {
+                volume: 3,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoGroup);
+        let e = a
+            .redirect(&proto::RedirectReq {
+                volume: 3,
+                on: true,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoGroup);
+        let e = a
+            .fault(&proto::FaultReq {
+                kind: FaultKind::SanCut as i32,
+                volume: 3,
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NoGroup);
+    }
+
+    #[test]
+    fn the_coordinators_faults_are_not_the_agents() {
+        let a = agent(no_crash());
+        for kind in [FaultKind::NetCut, FaultKind::Clock, FaultKind::Unspecified] {
+            let e = a
+                .fault(&proto::FaultReq {
+                    kind: kind as i32,
+                    ..Default::default()
+                })
+                .unwrap_err();
+            assert_eq!(e.code, ErrorCode::Invalid, "{kind:?}");
+        }
+        // Healing with nothing cut is fine.
+        a.fault(&proto::FaultReq {
+            kind: FaultKind::Heal as i32,
+            ..Default::default()
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_drill_crash_runs_the_hook_after_answering() {
+        let (tx, rx) = mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let a = agent(Arc::new(move |down| {
+            let _ = tx.lock().unwrap().send(down);
+        }));
+        a.fault(&proto::FaultReq {
+            kind: FaultKind::Crash as i32,
+            duration_ms: 1500,
+            ..Default::default()
+        })
+        .unwrap();
+        let down = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(down, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn the_status_and_probe_say_what_this_host_has() {
+        let a = agent(no_crash());
+        assert!(a.volumes().is_empty());
+        assert!(a.vms().is_empty());
+        assert_eq!(a.load().map(|l| l.vm_memory), Some(4 << 30));
+        let f = a.facts(&[]);
+        assert_eq!(f.listen, vec!["127.0.0.1:7100".to_string()]);
+        assert!(f.paths.is_empty());
+    }
+}

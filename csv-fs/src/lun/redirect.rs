@@ -649,3 +649,110 @@ impl vhd::BlockIo for RedirectingLun {
         Err(io::Error::other("a volume's LUN does not change size"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coordinator::wire::Key;
+    use vhd::BlockIo as _;
+
+    /// What the LUN told, in order.
+    type Told = Arc<Mutex<Vec<Option<String>>>>;
+
+    /// Volume numbers of their own: the fault registry is process-wide.
+    const VOL: u64 = 9_001;
+
+    fn lun(vol: u64, peers: Vec<SocketAddr>) -> (Arc<RedirectingLun>, Told) {
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let t = told.clone();
+        let notify: Notify = Box::new(move |v, why| {
+            assert_eq!(v, vol);
+            t.lock().unwrap().push(why);
+        });
+        let me = Identity {
+            node: 1,
+            cluster: "t".into(),
+            key: Key::from_bytes([1; 32]),
+        };
+        let disk = Arc::new(vhd::MemIo::new(vec![0u8; 1 << 20]));
+        (
+            RedirectingLun::new(vol, disk, None, None, me, peers, Some(notify)),
+            told,
+        )
+    }
+
+    #[test]
+    fn direct_io_is_counted_and_changes_nothing_else() {
+        let (l, told) = lun(VOL, vec![]);
+        l.write_at(&[7u8; 4096], 8192).unwrap();
+        let mut back = [0u8; 4096];
+        l.read_at(&mut back, 8192).unwrap();
+        assert_eq!(back, [7u8; 4096]);
+        l.flush().unwrap();
+        let c = l.io_counters();
+        assert_eq!((c.direct_read, c.direct_written), (4096, 4096));
+        assert_eq!(
+            (c.redirected_read, c.redirected_written, c.switches),
+            (0, 0, 0)
+        );
+        assert!(!l.is_redirected() && !l.stalled());
+        assert!(told.lock().unwrap().is_empty());
+        assert_eq!(l.len().unwrap(), 1 << 20);
+        assert!(l.set_len(0).is_err());
+    }
+
+    #[test]
+    fn redirection_on_request_is_told_and_takes_the_own_path_away() {
+        let (l, told) = lun(VOL + 1, vec![]);
+        assert!(l.direct_now().is_some());
+        l.set_redirected(true);
+        l.set_redirected(true);
+        assert!(l.is_redirected());
+        assert!(l.direct_now().is_none());
+        assert_eq!(
+            l.redirect_reason().as_deref(),
+            Some("asked by the operator")
+        );
+        l.set_redirected(false);
+        assert_eq!(
+            *told.lock().unwrap(),
+            vec![Some("asked by the operator".to_string()), None]
+        );
+        assert!(l.direct_now().is_some());
+    }
+
+    #[test]
+    fn a_fenced_host_loses_its_own_path_until_it_rejoins() {
+        let (l, told) = lun(VOL + 2, vec![]);
+        assert!(l.fenced_since().is_none());
+        l.set_fenced(true);
+        l.set_fenced(true);
+        assert!(l.is_fenced() && l.fenced_since().is_some());
+        assert!(l.direct_now().is_none());
+        assert_eq!(l.io_counters().fences, 1);
+        l.set_fenced(false);
+        assert!(l.fenced_since().is_none() && l.direct_now().is_some());
+        assert_eq!(told.lock().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_drill_cut_takes_the_own_path_away_until_healed() {
+        let (l, _) = lun(VOL + 3, vec![]);
+        coordinator::faults::cut_san(VOL + 3, std::time::Instant::now() + Duration::from_secs(60));
+        assert!(l.direct_now().is_none());
+        coordinator::faults::heal_san(VOL + 3);
+        assert!(l.direct_now().is_some());
+    }
+
+    #[test]
+    fn redirected_io_tries_the_coordinator_first() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let (l, _) = lun(VOL + 4, vec![a, b, c]);
+        assert_eq!(l.peer_order(), vec![a, b, c]);
+        // Not a peer of this volume: left out.
+        l.set_preferred(vec!["127.0.0.1:9".parse().unwrap(), c]);
+        assert_eq!(l.peer_order(), vec![c, a, b]);
+    }
+}
