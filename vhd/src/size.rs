@@ -12,6 +12,12 @@ pub enum SizeError {
         /// The text.
         text: String,
     },
+    /// More digits than any size has.
+    #[error("`{text}` is too large for a size")]
+    TooLarge {
+        /// The text.
+        text: String,
+    },
     /// Zero where a size must be positive.
     #[error("`{text}`: a size of zero")]
     Zero {
@@ -24,12 +30,36 @@ pub enum SizeError {
 /// unit (K, M, G, T, P, with or without `iB`/`B`: powers of 1024). A bare
 /// number is bytes.
 pub fn parse(text: &str) -> Result<u64, SizeError> {
+    if significant_digits(text) > MAX_DIGITS {
+        return Err(SizeError::TooLarge {
+            text: text.to_string(),
+        });
+    }
     parse_size::Config::new()
         .with_binary()
         .parse_size(text.trim())
         .map_err(|_| SizeError::NotASize {
             text: text.to_string(),
         })
+}
+
+/// Most significant digits a size's number may have (u64::MAX has 20).
+/// Checked before `parse-size` 1.1 sees the text: past u64::MAX its
+/// mantissa rounding adds 1 without a check, which panics in a build with
+/// overflow checks and gives a wrong size in one without (found by the
+/// `config` fuzz target).
+const MAX_DIGITS: usize = 20;
+
+/// The digits of the number's mantissa (before any exponent), leading
+/// zeros left out.
+fn significant_digits(text: &str) -> usize {
+    text.split(['e', 'E'])
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .skip_while(|c| *c == '0')
+        .count()
 }
 
 /// As [`parse`], refusing zero.
@@ -72,6 +102,27 @@ mod tests {
         assert_eq!(parse(" 2 g "), Ok(2 << 30));
         assert_eq!(parse("16G"), Ok(16 << 30));
         assert_eq!(parse("4k"), Ok(4096));
+    }
+
+    #[test]
+    fn numbers_past_the_largest_size_are_refused_not_wrapped() {
+        // The largest size still parses; one digit more is too large,
+        // however it is written.
+        assert_eq!(parse("18446744073709551615"), Ok(u64::MAX));
+        for t in [
+            "184467440737095516157",
+            "1844674407370955161.57",
+            "000000000000018446744073709551615 7",
+            "18_446_744_073_709_551_615_9K",
+        ] {
+            assert!(
+                matches!(parse(t), Err(SizeError::TooLarge { .. })),
+                "{t}: {:?}",
+                parse(t)
+            );
+        }
+        assert_eq!(parse("0.000000000000000000000000000001K"), Ok(0));
+        assert!(parse("18446744073709551616").is_err());
     }
 
     #[test]
