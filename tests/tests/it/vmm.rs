@@ -329,8 +329,17 @@ fn live_migration_under_a_dirtying_load_loses_nothing() {
     )
     .unwrap();
     src.wait_heartbeats(200, Duration::from_secs(20)).unwrap();
-    let rate = dirty_rate_mib_s(&src, Duration::from_secs(1));
-    assert!(rate >= 50.0, "the guest dirties only {rate:.1} MiB/s");
+    // The load is real: at least 50 MiB/s in one of three one-second
+    // windows (the suite runs two tests at a time on two cores, and a
+    // window in which the other test holds a core shows half the rate).
+    let mut rates = Vec::new();
+    while rates.len() < 3 && rates.iter().all(|r| *r < 50.0) {
+        rates.push(dirty_rate_mib_s(&src, Duration::from_secs(1)));
+    }
+    assert!(
+        rates.iter().any(|r| *r >= 50.0),
+        "the guest dirties only {rates:.1?} MiB/s"
+    );
     // Strangers are turned away before any of their bytes is parsed: one
     // with no token, one with a stale one; the target waits on.
     for stranger in [
@@ -361,7 +370,7 @@ fn live_migration_under_a_dirtying_load_loses_nothing() {
             dst.log_text()
         ),
     };
-    eprintln!("migration at {rate:.1} MiB/s of dirtying: {sum:?}");
+    eprintln!("migration at {rates:.1?} MiB/s of dirtying (one-second windows before it): {sum:?}");
     assert!(rounds >= 1);
     assert!(sum.memory_crc_source.is_some());
     assert_eq!(
