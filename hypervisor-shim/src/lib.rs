@@ -4,7 +4,7 @@
 //! Linux.
 //!
 //! - [`supervisor`]: runs the VM roles the registry places on this host
-//!   through an [`supervisor::engine::Engine`] (`csv-vmm` today), live and
+//!   through an [`supervisor::engine::Engine`] (`csv-vmm` or QEMU), live and
 //!   quick migrations with the disk's write lease handed over at
 //!   switch-over, failover of a dead host's roles, placement;
 //! - [`control`]: the per-VM control socket, typed on both sides;
@@ -18,6 +18,8 @@
 //! - [`guest`]: the purpose-built test guest and its memory layout;
 //!   [`linux`]: booting a Linux kernel;
 //! - [`virtio_blk`]: the guest's disk, a VHD through the `vhd` crate;
+//! - [`qemu`]: what the `qemu` engine needs: QMP, and csv's disk backend
+//!   for QEMU (vhost-user-blk on a VHD);
 //! - [`privileges`]: dropping the capabilities a process does not need
 //!   (csvd uses it too).
 
@@ -26,6 +28,7 @@ pub mod guest;
 pub mod linux;
 pub mod migrate;
 pub mod privileges;
+pub mod qemu;
 pub mod stream;
 pub mod supervisor;
 pub mod virtio_blk;

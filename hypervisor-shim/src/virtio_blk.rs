@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::vm::GuestMemoryMmap;
 
@@ -326,7 +326,9 @@ impl VirtioBlk {
         while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<_> = chain.collect();
-            let (status, written) = self.request(mem, &descs);
+            let disk = self.disk.clone();
+            let (status, written) =
+                serve_request(mem, &descs, disk.as_deref(), self.capacity, &mut self.stats);
             if status != S_OK {
                 self.stats.errors += 1;
             }
@@ -345,97 +347,102 @@ impl VirtioBlk {
         }
         served
     }
+}
 
-    /// Serves one request; returns its status and the bytes written into
-    /// guest memory before the status byte.
-    fn request(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        descs: &[virtio_queue::desc::split::Descriptor],
-    ) -> (u8, u32) {
-        let Some((hdr, rest)) = descs.split_first() else {
-            return (S_IOERR, 0);
-        };
-        let Some((_status, data)) = rest.split_last() else {
-            return (S_IOERR, 0);
-        };
-        if hdr.len() < 16 || hdr.is_write_only() {
-            return (S_IOERR, 0);
-        }
-        let Ok(kind) = mem.read_obj::<u32>(hdr.addr()) else {
-            return (S_IOERR, 0);
-        };
-        let Ok(sector) = mem.read_obj::<u64>(GuestAddress(hdr.addr().0 + 8)) else {
-            return (S_IOERR, 0);
-        };
-        let Some(disk) = self.disk.clone() else {
-            return (S_IOERR, 0);
-        };
-        match kind {
-            T_IN | T_OUT => {
-                let mut off = match sector.checked_mul(512) {
-                    Some(o) => o,
-                    None => return (S_IOERR, 0),
-                };
-                let mut written = 0u32;
-                for d in data {
-                    let len = d.len() as usize;
-                    if len > MAX_SEG {
-                        return (S_IOERR, written);
-                    }
-                    if off
-                        .checked_add(len as u64)
-                        .is_none_or(|e| e > self.capacity)
-                    {
-                        return (S_IOERR, written);
-                    }
-                    let mut buf = vec![0u8; len];
-                    if kind == T_OUT {
-                        if d.is_write_only() || mem.read_slice(&mut buf, d.addr()).is_err() {
-                            return (S_IOERR, written);
-                        }
-                        if disk.write_at(&buf, off).is_err() {
-                            return (S_IOERR, written);
-                        }
-                        self.stats.writes += 1;
-                    } else {
-                        if !d.is_write_only() || disk.read_at(&mut buf, off).is_err() {
-                            return (S_IOERR, written);
-                        }
-                        if mem.write_slice(&buf, d.addr()).is_err() {
-                            return (S_IOERR, written);
-                        }
-                        written += len as u32;
-                        self.stats.reads += 1;
-                    }
-                    off += len as u64;
+/// Serves one virtio-blk request (its descriptors: header, data, status)
+/// on `disk` of `capacity` bytes; returns its status and the bytes written
+/// into guest memory before the status byte. Shared by the MMIO device
+/// here and the vhost-user-blk backend ([`crate::qemu::blk`]); every
+/// length and address comes from the guest and is checked.
+pub(crate) fn serve_request<M: GuestMemory>(
+    mem: &M,
+    descs: &[virtio_queue::desc::split::Descriptor],
+    disk: Option<&Backend>,
+    capacity: u64,
+    stats: &mut BlkStats,
+) -> (u8, u32) {
+    let Some((hdr, rest)) = descs.split_first() else {
+        return (S_IOERR, 0);
+    };
+    let Some((_status, data)) = rest.split_last() else {
+        return (S_IOERR, 0);
+    };
+    if hdr.len() < 16 || hdr.is_write_only() {
+        return (S_IOERR, 0);
+    }
+    let Ok(kind) = mem.read_obj::<u32>(hdr.addr()) else {
+        return (S_IOERR, 0);
+    };
+    let Ok(sector) = mem.read_obj::<u64>(GuestAddress(hdr.addr().0 + 8)) else {
+        return (S_IOERR, 0);
+    };
+    let Some(disk) = disk else {
+        return (S_IOERR, 0);
+    };
+    match kind {
+        T_IN | T_OUT => {
+            let mut off = match sector.checked_mul(512) {
+                Some(o) => o,
+                None => return (S_IOERR, 0),
+            };
+            let mut written = 0u32;
+            for d in data {
+                let len = d.len() as usize;
+                if len > MAX_SEG {
+                    return (S_IOERR, written);
                 }
-                (S_OK, written)
-            }
-            T_FLUSH => {
-                self.stats.flushes += 1;
-                if disk.flush().is_err() {
-                    (S_IOERR, 0)
+                if off
+                    .checked_add(len as u64)
+                    .is_none_or(|e| e > capacity)
+                {
+                    return (S_IOERR, written);
+                }
+                let mut buf = vec![0u8; len];
+                if kind == T_OUT {
+                    if d.is_write_only() || mem.read_slice(&mut buf, d.addr()).is_err() {
+                        return (S_IOERR, written);
+                    }
+                    if disk.write_at(&buf, off).is_err() {
+                        return (S_IOERR, written);
+                    }
+                    stats.writes += 1;
                 } else {
-                    (S_OK, 0)
-                }
-            }
-            T_GET_ID => {
-                let mut id = [0u8; 20];
-                id[..8].copy_from_slice(b"csv-vhd\0");
-                match data.first() {
-                    Some(d) if d.is_write_only() => {
-                        let n = (d.len() as usize).min(20);
-                        if mem.write_slice(&id[..n], d.addr()).is_err() {
-                            return (S_IOERR, 0);
-                        }
-                        (S_OK, n as u32)
+                    if !d.is_write_only() || disk.read_at(&mut buf, off).is_err() {
+                        return (S_IOERR, written);
                     }
-                    _ => (S_IOERR, 0),
+                    if mem.write_slice(&buf, d.addr()).is_err() {
+                        return (S_IOERR, written);
+                    }
+                    written += len as u32;
+                    stats.reads += 1;
                 }
+                off += len as u64;
             }
-            _ => (S_UNSUPP, 0),
+            (S_OK, written)
         }
+        T_FLUSH => {
+            stats.flushes += 1;
+            if disk.flush().is_err() {
+                (S_IOERR, 0)
+            } else {
+                (S_OK, 0)
+            }
+        }
+        T_GET_ID => {
+            let mut id = [0u8; 20];
+            id[..8].copy_from_slice(b"csv-vhd\0");
+            match data.first() {
+                Some(d) if d.is_write_only() => {
+                    let n = (d.len() as usize).min(20);
+                    if mem.write_slice(&id[..n], d.addr()).is_err() {
+                        return (S_IOERR, 0);
+                    }
+                    (S_OK, n as u32)
+                }
+                _ => (S_IOERR, 0),
+            }
+        }
+        _ => (S_UNSUPP, 0),
     }
 }
 

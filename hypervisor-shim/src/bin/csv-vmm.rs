@@ -91,6 +91,29 @@ enum Cmd {
         /// Where to write it.
         out: PathBuf,
     },
+    /// Serve a VHD to QEMU as a vhost-user-blk device (the `qemu` engine
+    /// runs one per VM): QEMU connects to SOCKET with
+    /// `-chardev socket,id=d,path=SOCKET -device vhost-user-blk-pci,chardev=d`
+    /// and guest memory shared (`memory-backend-memfd,share=on`). Exits
+    /// when QEMU disconnects, after flushing the disk.
+    ServeDisk {
+        /// The VHD (fixed, dynamic or differencing).
+        #[arg(long)]
+        disk: PathBuf,
+        /// The vhost-user socket to listen on (made; an old one is removed).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Where to keep the disk's counters (JSON, rewritten every second).
+        #[arg(long)]
+        stats: Option<PathBuf>,
+        /// Open the disk read-only until the guest's first request (a live
+        /// migration's target: the write lease arrives at switch-over).
+        #[arg(long)]
+        migration_target: bool,
+        /// Log JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
     /// Talk to a running csv-vmm through its control socket.
     Ctl {
         /// The VMM's control socket.
@@ -278,6 +301,10 @@ fn main() -> anyhow::Result<()> {
             Some(host)
         }
         Cmd::Ctl { .. } | Cmd::GuestImage { .. } | Cmd::Inspect { .. } => None,
+        Cmd::ServeDisk { log_json, .. } => {
+            init_logs(*log_json);
+            None
+        }
     };
     if let Some(h) = host {
         init_logs(h.log_json);
@@ -356,6 +383,25 @@ fn main() -> anyhow::Result<()> {
             supervise(vm, &slot)
         }
         Cmd::Ctl { control, op } => return ctl(&control, op),
+        Cmd::ServeDisk {
+            disk,
+            socket,
+            stats,
+            migration_target,
+            ..
+        } => {
+            use hypervisor_shim::qemu::blk::{self, Access, DiskServer};
+            let access = if migration_target {
+                Access::WriteOnFirstRequest
+            } else {
+                Access::Write
+            };
+            let server = Arc::new(DiskServer::open(&disk, access, stats)?);
+            tracing::info!(disk = %disk.display(), socket = %socket.display(), bytes = server.capacity(), ?access, "serving the disk");
+            blk::serve(server.clone(), &socket)?;
+            tracing::info!(stats = ?server.stats(), "QEMU disconnected; disk flushed");
+            return Ok(());
+        }
         Cmd::Inspect { file } => {
             let f =
                 std::fs::File::open(&file).with_context(|| format!("open {}", file.display()))?;

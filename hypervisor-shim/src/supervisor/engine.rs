@@ -40,6 +40,38 @@ pub enum EngineError {
     /// The VMM did not do what it was asked.
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// The role's configuration does not suit the engine.
+    #[error("VM {vm}: {what}")]
+    Config {
+        /// The VM.
+        vm: String,
+        /// What does not suit.
+        what: String,
+    },
+    /// A process the VM needs exited.
+    #[error("VM {vm}: {what} exited ({status}): {log}")]
+    Exited {
+        /// Which process.
+        what: &'static str,
+        /// The VM.
+        vm: String,
+        /// How.
+        status: std::process::ExitStatus,
+        /// The last lines of its log.
+        log: String,
+    },
+    /// QEMU's monitor.
+    #[error("QEMU monitor{}", if vm.is_empty() { String::new() } else { format!(" of VM {vm}") })]
+    Qmp {
+        /// The VM (empty where the caller names it).
+        vm: String,
+        /// Why.
+        #[source]
+        source: crate::qemu::qmp::QmpError,
+    },
+    /// A migration QEMU gave up, with QEMU's reason.
+    #[error("migration: {0}")]
+    Migration(String),
 }
 
 /// The engines this build has, as a host's settings name them.
@@ -49,16 +81,19 @@ pub enum EngineKind {
     /// `csv-vmm`, the project's VMM.
     #[default]
     CsvVmm,
+    /// QEMU (`qemu-system-x86_64`), for real guests.
+    Qemu,
 }
 
 impl EngineKind {
     /// Every engine, in the order `--help` lists them.
-    pub const ALL: [EngineKind; 1] = [EngineKind::CsvVmm];
+    pub const ALL: [EngineKind; 2] = [EngineKind::CsvVmm, EngineKind::Qemu];
 
     /// The name settings use.
     pub fn label(self) -> &'static str {
         match self {
             EngineKind::CsvVmm => "csv-vmm",
+            EngineKind::Qemu => "qemu",
         }
     }
 
@@ -67,6 +102,10 @@ impl EngineKind {
         match self {
             EngineKind::CsvVmm => Arc::new(super::csv_vmm::CsvVmm {
                 program: program.map_or_else(super::csv_vmm::default_program, Path::to_path_buf),
+            }),
+            EngineKind::Qemu => Arc::new(super::qemu::Qemu {
+                program: program.map_or_else(super::qemu::default_program, Path::to_path_buf),
+                disk_server: super::csv_vmm::default_program(),
             }),
         }
     }
@@ -80,7 +119,7 @@ impl std::fmt::Display for EngineKind {
 
 /// A name that is no engine of this build.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a VM engine of this build (csv-vmm)")]
+#[error("{0:?} is not a VM engine of this build (csv-vmm, qemu)")]
 pub struct UnknownEngine(pub String);
 
 impl std::str::FromStr for EngineKind {
@@ -120,6 +159,11 @@ pub struct VmSpec {
     pub config: VmConfig,
     /// Its disk as this host mounts it.
     pub disk: PathBuf,
+    /// The kernel to boot directly (a real guest), as this host sees it;
+    /// None: firmware boots the disk.
+    pub kernel: Option<PathBuf>,
+    /// Its initramfs.
+    pub initrd: Option<PathBuf>,
     /// Where its control socket and logs go.
     pub run_dir: PathBuf,
     /// How it starts.

@@ -23,6 +23,7 @@ pub mod engine;
 pub mod failover;
 pub mod migration;
 pub mod placement;
+pub mod qemu;
 pub mod role;
 
 use coordinator::client::Client;
@@ -238,14 +239,22 @@ impl Supervisor {
         } else {
             Start::Boot
         };
+        let root = &self.cfg.mount_root;
         let spec = VmSpec {
             name: name.to_string(),
             config: vm.clone(),
             disk: disk.clone(),
+            kernel: vm.kernel.as_deref().map(|k| role::host_path(k, root)),
+            initrd: vm.initrd.as_deref().map(|i| role::host_path(i, root)),
             run_dir: self.cfg.run_dir.clone(),
             start,
         };
-        let instance = self.cfg.engine.start(&spec)?;
+        // The role may name its engine; otherwise the host's runs it.
+        let engine = match vm.engine {
+            Some(k) if k.label() != self.cfg.engine.name() => k.engine(None),
+            _ => self.cfg.engine.clone(),
+        };
+        let instance = engine.start(&spec)?;
         Ok(Running {
             handle: instance.handle(),
             instance,

@@ -97,6 +97,9 @@ impl std::str::FromStr for Priority {
 pub enum Guest {
     /// The project's test guest (heartbeats, dirtying, disk writes).
     Test,
+    /// A real operating system (the `qemu` engine): booted from `kernel`
+    /// or by firmware from the disk.
+    Linux,
 }
 
 /// A VM role's configuration.
@@ -119,6 +122,23 @@ pub struct VmConfig {
     pub state: Wanted,
     /// The guest it runs.
     pub guest: Guest,
+    /// The engine that runs it (None: the host's `engine` setting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<super::engine::EngineKind>,
+    /// A kernel to boot directly (a real guest; a path on a volume,
+    /// `/ClusterStorage/VolumeN/...`, or present on every host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// Its initramfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Its command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Where the guest's second serial port goes, as UDP datagrams
+    /// (`HOST:PORT`): its heartbeat, timed by one clock on the host side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<String>,
     /// The test guest's dirtying rate, MiB/s.
     #[serde(default)]
     pub dirty_rate: f64,
@@ -209,6 +229,16 @@ impl VmConfig {
             return None;
         }
         Some(mount_root.join(format!("Volume{}", self.volume)).join(rel))
+    }
+}
+
+/// A file a role names (its kernel, its initramfs) as this host sees it: a
+/// path under `/ClusterStorage/VolumeN/` goes under this host's mount
+/// root; any other path is taken as it is (present on every host).
+pub fn host_path(path: &str, mount_root: &Path) -> PathBuf {
+    match path.strip_prefix("/ClusterStorage/") {
+        Some(rel) if !rel.split('/').any(|p| p == "..") => mount_root.join(rel),
+        _ => PathBuf::from(path),
     }
 }
 

@@ -1,0 +1,7 @@
+//! What the `qemu` engine ([`crate::supervisor::qemu`]) needs besides
+//! QEMU itself: its machine protocol, typed ([`qmp`]), and csv's disk
+//! backend for it ([`blk`]: the VM's VHD served as a vhost-user-blk
+//! device, so QEMU never opens the VHD, and live migration is allowed).
+
+pub mod blk;
+pub mod qmp;

@@ -1,0 +1,747 @@
+//! The `qemu` engine: one `qemu-system-x86_64` per VM, driven over QMP
+//! ([`crate::qemu::qmp`]), its disk served by csv ([`crate::qemu::blk`],
+//! one `csv-vmm serve-disk` process per VM) as a vhost-user-blk device.
+//!
+//! ```text
+//!   csvd (supervisor) ──QMP──> qemu-system-x86_64 ──vhost-user──> csv-vmm serve-disk ──vhd──> VHD on the volume
+//! ```
+//!
+//! Guest RAM is a shared memfd (`memory-backend-memfd,share=on`): the
+//! disk server reads and writes it directly. Acceleration is KVM where
+//! the host has hardware virtualization and TCG where it does not
+//! ([`Accel::detect`]); the choice and its reason are logged at start and
+//! shown in `csvctl validate`, never a silent fall-back.
+//!
+//! Live migration is QEMU's, with `pause-before-switchover`: when the
+//! source reaches `pre-switchover` its vCPUs are stopped and its disk
+//! server has flushed and stopped serving; the supervisor's switch-over
+//! moves the VHD's write lease to the target, then `migrate-continue`
+//! sends the device state and the target resumes (its disk server opens
+//! the VHD for writing at the guest's first request there). A failed
+//! hand-over cancels the migration and the VM runs on here. The stream is
+//! encrypted and authenticated with TLS keyed by the migration token
+//! (`tls-creds-psk`): only the host the registry chose can send the VM.
+//!
+//! A quick migration saves to a file on the volume (`migrate` to
+//! `file:PATH`) and the target restores from it (`migrate-incoming`).
+
+use super::engine::{Engine, EngineError, Instance, Start, VmHandle, VmSpec};
+use super::role::Guest;
+use crate::control::proto::{Status, VmmState};
+use crate::migrate::{Progress, Summary};
+use crate::qemu::qmp::{
+    Capability, CapabilityState, Command, MigrateParameters, MigrationInfo, MigrationStatus, Qmp,
+    QmpError, SocketAddress, StatusInfo,
+};
+use crate::virtio_blk::BlkStats;
+use crate::vm::RunState;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The QEMU engine.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// `qemu-system-x86_64`.
+    pub program: PathBuf,
+    /// `csv-vmm` (its `serve-disk` serves the VM's disk).
+    pub disk_server: PathBuf,
+}
+
+/// How QEMU runs guests on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accel {
+    /// `kvm` or `tcg`.
+    pub name: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl Accel {
+    /// KVM when `/dev/kvm` opens and the CPU has hardware virtualization
+    /// (vmx or svm); TCG otherwise. (`/dev/kvm` alone is not enough: a
+    /// paravirtual KVM such as kvm_pvm runs no unmodified kernel.)
+    pub fn detect() -> Accel {
+        let kvm = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm");
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let hw = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("flags"))
+            .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+        Accel::decide(kvm.is_ok(), hw)
+    }
+
+    fn decide(kvm: bool, hw: bool) -> Accel {
+        match (kvm, hw) {
+            (true, true) => Accel {
+                name: "kvm",
+                reason: "/dev/kvm with hardware virtualization".into(),
+            },
+            (true, false) => Accel {
+                name: "tcg",
+                reason: "/dev/kvm is there but the CPU shows no vmx/svm (a paravirtual KVM): \
+                         guests run under QEMU's TCG, much slower"
+                    .into(),
+            },
+            (false, _) => Accel {
+                name: "tcg",
+                reason: "no usable /dev/kvm: guests run under QEMU's TCG, much slower".into(),
+            },
+        }
+    }
+}
+
+/// Where `qemu-system-x86_64` is.
+pub fn default_program() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+
+/// The files of one VM in its run directory.
+#[derive(Debug, Clone)]
+struct Files {
+    qmp: PathBuf,
+    vhost: PathBuf,
+    serial: PathBuf,
+    log: PathBuf,
+    disk_log: PathBuf,
+    stats: PathBuf,
+    tls: PathBuf,
+}
+
+impl Files {
+    fn of(vm: &VmSpec) -> Files {
+        let f = |ext: &str| vm.run_dir.join(format!("{}.{ext}", vm.name));
+        Files {
+            qmp: f("qmp"),
+            vhost: f("vhost"),
+            serial: f("serial"),
+            log: f("log"),
+            disk_log: f("disk.log"),
+            stats: f("disk.json"),
+            tls: f("tls"),
+        }
+    }
+}
+
+/// Kills a child when the process that started it dies.
+fn die_with_parent(cmd: &mut Process) {
+    // SAFETY: the closure runs in the child between fork and exec and
+    // only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Writes the migration token as a TLS pre-shared key where QEMU's
+/// `tls-creds-psk` reads it (`DIR/keys.psk`, `user:hexkey`, mode 0600).
+fn write_psk(dir: &Path, token: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join("keys.psk"))?;
+    std::io::Write::write_all(&mut f, format!("csv:{token}\n").as_bytes())
+}
+
+/// The user name the key is filed under.
+const PSK_USER: &str = "csv";
+/// The credentials object's id in QEMU.
+const TLS_ID: &str = "csv-migration-tls";
+
+impl Qemu {
+    /// QEMU's command line for `vm`.
+    fn args(&self, vm: &VmSpec, files: &Files, accel: &Accel) -> Result<Vec<String>, EngineError> {
+        let c = &vm.config;
+        let mem = c.memory;
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("guest={},debug-threads=on", vm.name),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-machine".into(),
+            format!("pc,accel={},memory-backend=csv-ram", accel.name),
+            "-cpu".into(),
+            if accel.name == "kvm" { "host" } else { "max" }.into(),
+            "-m".into(),
+            format!("{}M", mem >> 20),
+            "-object".into(),
+            format!("memory-backend-memfd,id=csv-ram,size={mem},share=on"),
+            "-smp".into(),
+            c.vcpus.to_string(),
+            "-chardev".into(),
+            format!("socket,id=csv-disk,path={}", files.vhost.display()),
+            "-device".into(),
+            format!(
+                "vhost-user-blk-pci,chardev=csv-disk,num-queues=1,queue-size={},bootindex=0",
+                crate::qemu::blk::QUEUE_SIZE
+            ),
+            "-serial".into(),
+            format!("file:{}", files.serial.display()),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", files.qmp.display()),
+            "-nic".into(),
+            "none".into(),
+        ];
+        if let Some(hb) = &c.heartbeat {
+            let (host, port) = hb.rsplit_once(':').ok_or_else(|| EngineError::Config {
+                vm: vm.name.clone(),
+                what: format!("heartbeat {hb:?} is not HOST:PORT"),
+            })?;
+            a.push("-chardev".into());
+            a.push(format!("udp,id=csv-hb,host={host},port={port}"));
+            a.push("-serial".into());
+            a.push("chardev:csv-hb".into());
+        }
+        match &vm.kernel {
+            Some(k) => {
+                a.push("-kernel".into());
+                a.push(k.display().to_string());
+                if let Some(i) = &vm.initrd {
+                    a.push("-initrd".into());
+                    a.push(i.display().to_string());
+                }
+                a.push("-append".into());
+                a.push(
+                    c.cmdline
+                        .clone()
+                        .unwrap_or_else(|| "console=ttyS0".to_string()),
+                );
+            }
+            // Firmware (SeaBIOS) boots the disk.
+            None => {}
+        }
+        match &vm.start {
+            Start::Boot => {}
+            Start::Restore(_) => a.extend(["-incoming".into(), "defer".into()]),
+            Start::Incoming { .. } => {
+                a.extend(["-incoming".into(), "defer".into()]);
+                a.push("-object".into());
+                a.push(format!(
+                    "tls-creds-psk,id={TLS_ID},endpoint=server,dir={}",
+                    files.tls.display()
+                ));
+            }
+        }
+        Ok(a)
+    }
+
+    fn start_disk_server(&self, vm: &VmSpec, files: &Files) -> Result<Child, EngineError> {
+        let _ = std::fs::remove_file(&files.vhost);
+        let log = std::fs::File::create(&files.disk_log).map_err(|source| EngineError::Files {
+            what: "creating",
+            path: files.disk_log.clone(),
+            source,
+        })?;
+        let mut cmd = Process::new(&self.disk_server);
+        cmd.arg("serve-disk")
+            .arg("--disk")
+            .arg(&vm.disk)
+            .arg("--socket")
+            .arg(&files.vhost)
+            .arg("--stats")
+            .arg(&files.stats);
+        if matches!(vm.start, Start::Incoming { .. }) {
+            cmd.arg("--migration-target");
+        }
+        die_with_parent(&mut cmd);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|source| EngineError::Start {
+                program: self.disk_server.clone(),
+                vm: vm.name.clone(),
+                source,
+            })?;
+        // QEMU connects to the socket as it starts: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !files.vhost.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(EngineError::Exited {
+                    what: "the disk server",
+                    vm: vm.name.clone(),
+                    status,
+                    log: tail(&files.disk_log),
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(EngineError::Exited {
+                    what: "the disk server (no socket after 10 s)",
+                    vm: vm.name.clone(),
+                    status: child.wait().unwrap_or_default(),
+                    log: tail(&files.disk_log),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(child)
+    }
+}
+
+/// The last lines of a log.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+impl Engine for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn start(&self, vm: &VmSpec) -> Result<Box<dyn Instance>, EngineError> {
+        if vm.config.guest != Guest::Linux {
+            return Err(EngineError::Config {
+                vm: vm.name.clone(),
+                what: "the qemu engine runs real guests (guest \"linux\"); the test guest runs in csv-vmm"
+                    .into(),
+            });
+        }
+        std::fs::create_dir_all(&vm.run_dir).map_err(|source| EngineError::Files {
+            what: "making",
+            path: vm.run_dir.clone(),
+            source,
+        })?;
+        let files = Files::of(vm);
+        let accel = Accel::detect();
+        if let Start::Incoming { token, .. } = &vm.start {
+            write_psk(&files.tls, token).map_err(|source| EngineError::Files {
+                what: "writing the migration key in",
+                path: files.tls.clone(),
+                source,
+            })?;
+        }
+        let disk = self.start_disk_server(vm, &files)?;
+        let _ = std::fs::remove_file(&files.qmp);
+        let log = std::fs::File::create(&files.log).map_err(|source| EngineError::Files {
+            what: "creating",
+            path: files.log.clone(),
+            source,
+        })?;
+        let mut cmd = Process::new(&self.program);
+        cmd.args(self.args(vm, &files, &accel)?);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|source| EngineError::Start {
+                program: self.program.clone(),
+                vm: vm.name.clone(),
+                source,
+            })?;
+        tracing::info!(vm = %vm.name, pid = child.id(), accel = accel.name, why = %accel.reason,
+            disk = %vm.disk.display(), start = ?vm.start, "QEMU started");
+        let handle = Arc::new(Handle {
+            qmp_path: files.qmp.clone(),
+            qmp: Mutex::new(None),
+            stats: files.stats.clone(),
+            tls: files.tls.clone(),
+            mem_bytes: vm.config.memory,
+            vcpus: vm.config.vcpus,
+            incoming: match &vm.start {
+                Start::Incoming { listen, .. } => Some(format!("tcp:{}:0", listen.ip())),
+                Start::Restore(p) => Some(format!("file:{}", p.display())),
+                Start::Boot => None,
+            },
+            listen: Mutex::new(None),
+        });
+        let mut process = QemuProcess {
+            child,
+            disk,
+            log: files.log,
+            handle,
+        };
+        if let Err(e) = process.handle.begin_incoming() {
+            process.kill();
+            return Err(EngineError::Qmp {
+                vm: vm.name.clone(),
+                source: e,
+            });
+        }
+        Ok(Box::new(process))
+    }
+}
+
+#[derive(Debug)]
+struct QemuProcess {
+    child: Child,
+    disk: Child,
+    log: PathBuf,
+    handle: Arc<Handle>,
+}
+
+impl Instance for QemuProcess {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.try_wait().ok().flatten();
+        if st.is_some() {
+            // QEMU gone: its disk server sees the socket close and exits
+            // after flushing; reap it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.disk.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.disk.kill();
+            let _ = self.disk.wait();
+        }
+        st
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.disk.kill();
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&self.log)
+    }
+
+    fn handle(&self) -> Arc<dyn VmHandle> {
+        self.handle.clone()
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        for c in [&mut self.child, &mut self.disk] {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A running QEMU, through its QMP socket.
+#[derive(Debug)]
+struct Handle {
+    qmp_path: PathBuf,
+    qmp: Mutex<Option<Qmp>>,
+    stats: PathBuf,
+    tls: PathBuf,
+    mem_bytes: u64,
+    vcpus: u32,
+    /// An incoming migration's URI (`tcp:IP:0`, `file:PATH`).
+    incoming: Option<String>,
+    /// Where it listens, once it does.
+    listen: Mutex<Option<String>>,
+}
+
+impl Handle {
+    /// Runs `f` on the QMP connection (connecting first if need be; a
+    /// broken connection is dropped, the next call reconnects).
+    fn with<T>(&self, f: impl FnOnce(&mut Qmp) -> Result<T, QmpError>) -> Result<T, QmpError> {
+        let mut g = self.qmp.lock().unwrap_or_else(|p| p.into_inner());
+        if g.is_none() {
+            *g = Some(Qmp::connect(&self.qmp_path, Duration::from_secs(10))?);
+        }
+        let Some(q) = g.as_mut() else {
+            return Err(QmpError::Closed);
+        };
+        let r = f(q);
+        if matches!(r, Err(QmpError::Io { .. } | QmpError::Closed)) {
+            *g = None;
+        }
+        r
+    }
+
+    fn run(&self, cmd: Command) -> Result<(), QmpError> {
+        self.with(|q| q.run(&cmd))
+    }
+
+    /// For an incoming VM: starts listening and notes where.
+    fn begin_incoming(&self) -> Result<(), QmpError> {
+        let Some(uri) = &self.incoming else {
+            return Ok(());
+        };
+        if uri.starts_with("tcp:") {
+            self.run(Command::MigrateSetParameters(MigrateParameters {
+                tls_creds: Some(TLS_ID.into()),
+                ..Default::default()
+            }))?;
+        }
+        self.run(Command::MigrateIncoming { uri: uri.clone() })?;
+        if uri.starts_with("tcp:") {
+            let info: MigrationInfo = self.with(|q| q.execute(&Command::QueryMigrate))?;
+            let addr = info.socket_address.unwrap_or_default().into_iter().find_map(|a| match a {
+                SocketAddress::Inet { host, port } => Some(format!("{host}:{port}")),
+                _ => None,
+            });
+            *self.listen.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+        }
+        Ok(())
+    }
+
+    fn summary(info: &MigrationInfo) -> Summary {
+        let ram = info.ram.unwrap_or_default();
+        Summary {
+            rounds: ram.dirty_sync_count as u32,
+            total_ms: info.total_time.unwrap_or(0) as f64,
+            downtime_ms: info.downtime.unwrap_or(0) as f64,
+            bytes: ram.transferred,
+            pages: ram.transferred / 4096,
+            ..Default::default()
+        }
+    }
+
+    fn progress(info: &MigrationInfo) -> Progress {
+        let ram = info.ram.unwrap_or_default();
+        Progress {
+            round: ram.dirty_sync_count as u32,
+            pages_sent: ram.transferred / 4096,
+            dirty_pages: ram.remaining / 4096,
+            bandwidth_mib_s: ram.mbps / 8.0 * 1e6 / (1 << 20) as f64,
+            estimated_downtime_ms: info.expected_downtime.unwrap_or(0) as f64,
+            throttle_pct: 0,
+        }
+    }
+}
+
+fn run_state(s: &StatusInfo) -> VmmState {
+    match s.status.as_str() {
+        "running" => VmmState::Vm(RunState::Running),
+        "inmigrate" => VmmState::Incoming,
+        "prelaunch" => VmmState::Starting,
+        "postmigrate" | "finish-migrate" => VmmState::Vm(RunState::Migrated),
+        "shutdown" | "guest-panicked" | "internal-error" => VmmState::Vm(RunState::Stopped),
+        _ => VmmState::Vm(RunState::Paused),
+    }
+}
+
+fn qmp_err(e: QmpError) -> EngineError {
+    EngineError::Qmp {
+        vm: String::new(),
+        source: e,
+    }
+}
+
+/// Whether a migration has ended one way or the other.
+fn ended(s: Option<MigrationStatus>) -> bool {
+    matches!(
+        s,
+        Some(MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)
+    )
+}
+
+impl VmHandle for Handle {
+    fn status(&self) -> Result<Status, EngineError> {
+        let s: StatusInfo = self
+            .with(|q| q.execute(&Command::QueryStatus))
+            .map_err(qmp_err)?;
+        let disk: Option<BlkStats> = std::fs::read(&self.stats)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        Ok(Status {
+            state: Some(run_state(&s)),
+            listen: self.listen.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            mem_bytes: self.mem_bytes,
+            vcpus: self.vcpus,
+            disk,
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self) -> Result<(), EngineError> {
+        self.run(Command::Stop).map_err(qmp_err)
+    }
+
+    fn resume(&self) -> Result<(), EngineError> {
+        self.run(Command::Cont).map_err(qmp_err)
+    }
+
+    fn stop(&self) -> Result<(), EngineError> {
+        // QEMU exits; its disk server flushes the VHD as the socket closes.
+        match self.run(Command::Quit) {
+            Ok(()) | Err(QmpError::Closed) => Ok(()),
+            Err(e) => Err(qmp_err(e)),
+        }
+    }
+
+    fn save(&self, path: &Path) -> Result<Summary, EngineError> {
+        self.run(Command::Stop).map_err(qmp_err)?;
+        self.run(Command::Migrate {
+            uri: format!("file:{}", path.display()),
+        })
+        .map_err(qmp_err)?;
+        let info = self
+            .with(|q| {
+                q.wait_migration(Duration::from_millis(50), Duration::from_secs(600), |i| {
+                    ended(i.status)
+                })
+            })
+            .map_err(qmp_err)?;
+        if info.status != Some(MigrationStatus::Completed) {
+            let _ = self.run(Command::Cont);
+            return Err(EngineError::Migration(
+                info.error_desc
+                    .unwrap_or_else(|| format!("saving ended {:?}", info.status)),
+            ));
+        }
+        let _ = self.stop();
+        Ok(Handle::summary(&info))
+    }
+
+    fn migrate(
+        &self,
+        to: &str,
+        token: &str,
+        progress: &mut dyn FnMut(&Progress),
+        switch_over: &mut dyn FnMut() -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Result<Summary, EngineError> {
+        write_psk(&self.tls, token).map_err(|source| EngineError::Files {
+            what: "writing the migration key in",
+            path: self.tls.clone(),
+            source,
+        })?;
+        let setup = |q: &mut Qmp| -> Result<(), QmpError> {
+            let add = Command::ObjectAdd(crate::qemu::qmp::TlsCredsPsk {
+                qom_type: "tls-creds-psk".into(),
+                id: TLS_ID.into(),
+                endpoint: "client".into(),
+                dir: self.tls.display().to_string(),
+                username: PSK_USER.into(),
+            });
+            match q.run(&add) {
+                // Left from an earlier migration that failed: reuse.
+                Err(QmpError::Refused { desc, .. }) if desc.contains("already") => {}
+                r => r?,
+            }
+            q.run(&Command::MigrateSetParameters(MigrateParameters {
+                tls_creds: Some(TLS_ID.into()),
+                downtime_limit: Some(300),
+                ..Default::default()
+            }))?;
+            q.run(&Command::MigrateSetCapabilities {
+                capabilities: vec![
+                    CapabilityState {
+                        capability: Capability::Events,
+                        state: true,
+                    },
+                    CapabilityState {
+                        capability: Capability::PauseBeforeSwitchover,
+                        state: true,
+                    },
+                ],
+            })?;
+            q.run(&Command::Migrate {
+                uri: format!("tcp:{to}"),
+            })
+        };
+        self.with(setup).map_err(qmp_err)?;
+        // Pre-copy rounds until QEMU stops the guest before switch-over.
+        let info = loop {
+            let info: MigrationInfo = self
+                .with(|q| q.execute(&Command::QueryMigrate))
+                .map_err(qmp_err)?;
+            match info.status {
+                Some(MigrationStatus::PreSwitchover) => break info,
+                s if ended(s) => {
+                    return Err(EngineError::Migration(
+                        info.error_desc
+                            .unwrap_or_else(|| format!("the migration ended {s:?}")),
+                    ))
+                }
+                _ => progress(&Handle::progress(&info)),
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        progress(&Handle::progress(&info));
+        // The guest is paused and its disk server stopped and flushed:
+        // the write lease moves now, or the migration is given up.
+        if let Err(e) = switch_over() {
+            let _ = self.run(Command::MigrateCancel);
+            let _ = self.with(|q| {
+                q.wait_migration(Duration::from_millis(20), Duration::from_secs(30), |i| {
+                    ended(i.status)
+                })
+            });
+            if let Ok(s) = self.with(|q| q.execute::<StatusInfo>(&Command::QueryStatus)) {
+                if !s.running {
+                    let _ = self.run(Command::Cont);
+                }
+            }
+            return Err(EngineError::Migration(format!(
+                "switch-over refused, the VM runs on here: {e}"
+            )));
+        }
+        self.run(Command::MigrateContinue {
+            state: MigrationStatus::PreSwitchover,
+        })
+        .map_err(qmp_err)?;
+        let info = self
+            .with(|q| {
+                q.wait_migration(Duration::from_millis(10), Duration::from_secs(120), |i| {
+                    ended(i.status)
+                })
+            })
+            .map_err(qmp_err)?;
+        if info.status != Some(MigrationStatus::Completed) {
+            return Err(EngineError::Migration(
+                info.error_desc
+                    .unwrap_or_else(|| format!("the migration ended {:?}", info.status)),
+            ));
+        }
+        Ok(Handle::summary(&info))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcg_is_chosen_with_its_reason_where_kvm_cannot_run_guests() {
+        assert_eq!(Accel::decide(true, true).name, "kvm");
+        let pvm = Accel::decide(true, false);
+        assert_eq!(pvm.name, "tcg");
+        assert!(pvm.reason.contains("vmx/svm"), "{}", pvm.reason);
+        assert_eq!(Accel::decide(false, true).name, "tcg");
+    }
+
+    #[test]
+    fn qemu_run_states_map_to_the_supervisors() {
+        let s = |x: &str| {
+            run_state(&StatusInfo {
+                running: x == "running",
+                status: x.into(),
+            })
+        };
+        assert_eq!(s("running"), VmmState::Vm(RunState::Running));
+        assert_eq!(s("inmigrate"), VmmState::Incoming);
+        assert_eq!(s("postmigrate"), VmmState::Vm(RunState::Migrated));
+        assert_eq!(s("paused"), VmmState::Vm(RunState::Paused));
+        assert_eq!(s("shutdown"), VmmState::Vm(RunState::Stopped));
+    }
+
+    #[test]
+    fn the_migration_key_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        write_psk(&d.path().join("tls"), "00ff").unwrap();
+        let f = d.path().join("tls/keys.psk");
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), "csv:00ff\n");
+        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# tools/guest/build-qemu-guest.sh DIR: the Linux test guest for the QEMU
+# engine, in DIR: vmlinuz (Debian's kernel) and initramfs.cpio.gz.
+#
+# Everything comes from Debian packages: the kernel is linux-image-amd64
+# (fetched with apt-get download and unpacked with dpkg-deb; nothing is
+# installed), the userland is busybox-static, e2fsprogs' mke2fs and e2fsck
+# (with the libraries they link) and csv-writer (tools/guest/writer.c,
+# built static with gcc).
+#
+# The guest's /init loads virtio-pci, virtio-blk and ext4, then on
+# /dev/vda (the VM's disk, served by csv): makes an ext4 filesystem if
+# there is none; otherwise mounts it once (the journal replays), unmounts
+# it and runs `e2fsck -fn`, printing "fsck clean" or "fsck ERRORS". It
+# then mounts the disk and runs csv-writer on /mnt/records: checksummed
+# 512-byte records with fdatasync, heartbeats "hb N" on /dev/ttyS1 (the
+# engine turns that port into UDP datagrams to the host), a full reread
+# and check every 200 records ("verify ok N"). Markers on the console
+# (ttyS0): CSV-GUEST-UP, CSV-GUEST-MKFS, CSV-GUEST-MOUNTED.
+#
+# The kernel command line may carry csv.mode=idle (no disk workload:
+# boot, print the markers, wait).
+set -euo pipefail
+out=${1:?usage: tools/guest/build-qemu-guest.sh DIR}
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work="$out/work"
+rm -rf "$work"
+mkdir -p "$work/deb" "$work/root"
+for tool in busybox mke2fs e2fsck gcc objcopy; do
+  command -v "$tool" >/dev/null || { echo "$tool is not installed (tools/setup.sh --qemu-system)" >&2; exit 1; }
+done
+pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+[ -n "$pkg" ] || { echo "apt does not know linux-image-amd64" >&2; exit 1; }
+if ! ls "$out"/"$pkg"_*.deb >/dev/null 2>&1; then
+  (cd "$out" && apt-get download "$pkg")
+fi
+dpkg-deb -x "$out"/"$pkg"_*.deb "$work/deb"
+cp "$work"/deb/boot/vmlinuz-* "$out/vmlinuz"
+kver=$(ls "$work/deb/lib/modules")
+mods="$work/deb/lib/modules/$kver"
+r="$work/root"
+mkdir -p "$r/bin" "$r/sbin" "$r/dev" "$r/proc" "$r/sys" "$r/mnt" "$r/tmp" "$r/lib/modules" "$r/etc"
+cp "$(command -v busybox)" "$r/bin/busybox"
+gcc -static -O2 -Wall -o "$r/bin/csv-writer" "$here/writer.c"
+# mke2fs and e2fsck with their shared libraries and loader.
+for b in mke2fs e2fsck; do
+  cp "$(command -v $b)" "$r/sbin/$b"
+  ldd "$(command -v $b)" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | while read -r lib; do
+    mkdir -p "$r$(dirname "$lib")"
+    cp -L "$lib" "$r$lib"
+  done
+done
+cp /etc/mke2fs.conf "$r/etc/mke2fs.conf"
+# The modules /init loads, each after what it depends on (the
+# "depends=" of its .modinfo: the package has no modules.dep, which
+# depmod makes at install time).
+want="virtio_pci virtio_blk crc32c_generic ext4"
+order=" "
+add() {
+  local name=$1 f d
+  case "$order" in *" $name "*) return ;; esac
+  f=$(find "$mods" -name "$name.ko*" | head -n1)
+  [ -n "$f" ] || { echo "module $name is built in or missing; skipped" >&2; return; }
+  case "$f" in
+    *.xz) xz -dc "$f" > "$r/lib/modules/$name.ko" ;;
+    *.zst) zstd -dcq "$f" > "$r/lib/modules/$name.ko" ;;
+    *) cp "$f" "$r/lib/modules/$name.ko" ;;
+  esac
+  for d in $(objcopy -O binary --only-section=.modinfo "$r/lib/modules/$name.ko" /dev/stdout | tr '\0' '\n' | sed -n 's/^depends=//p' | tr ',' ' '); do
+    add "$d"
+  done
+  order="$order$name "
+}
+for m in $want; do add "$m"; done
+echo $order > "$r/lib/modules/order"
+cat > "$r/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo CSV-GUEST-UP
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
+mode=disk
+for a in $(cat /proc/cmdline); do case "$a" in csv.mode=*) mode=${a#csv.mode=} ;; esac; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i + 1)); done
+if [ "$mode" = idle ] || [ ! -b /dev/vda ]; then
+  [ -b /dev/vda ] || echo CSV-GUEST-NO-DISK
+  echo CSV-GUEST-IDLE
+  while true; do echo "hb idle" > /dev/ttyS1; sleep 0.1; done
+fi
+if mount -t ext4 /dev/vda /mnt 2>/dev/null; then
+  umount /mnt
+  if /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; then
+    echo "fsck clean"
+  else
+    echo "fsck ERRORS"; cat /tmp/fsck.log
+  fi
+else
+  /sbin/mke2fs -q -F -t ext4 /dev/vda && echo CSV-GUEST-MKFS
+fi
+mount -t ext4 /dev/vda /mnt && echo CSV-GUEST-MOUNTED
+exec /bin/csv-writer /mnt/records /dev/ttyS1 50 200
+INIT
+chmod +x "$r/init"
+(cd "$r" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -6) > "$out/initramfs.cpio.gz"
+rm -rf "$work"
+echo "kernel $kver ($pkg): $out/vmlinuz, $out/initramfs.cpio.gz; modules:$order"
