@@ -15,7 +15,7 @@ for m in $mounts; do
   [ $check = 1 ] || fusermount3 -uz "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
 done
 
-pids=$(pgrep -f '(tgtd|istgt|csvd|csv-vmm) .*csvt-' || true)
+pids=$(pgrep -f '(tgtd|istgt|csvd|csv-vmm|qemu-system-x86_64) .*csvt-' || true)
 for p in $pids; do
   found=1; echo "leftover daemon: pid $p"
   [ $check = 1 ] || kill -9 "$p" 2>/dev/null

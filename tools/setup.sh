@@ -44,8 +44,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
-# `tools/setup.sh --qemu-system`: also qemu-system-x86, the VMM benchmark's
-# peer (tools/bench/run vmm). Not needed by the tests. It must come from the
+# `tools/setup.sh --qemu-system`: also qemu-system-x86, the `qemu` VM
+# engine (real guests; the suite's qemu tests) and the VMM benchmark's peer
+# (tools/bench/run vmm), and the Linux test guest built from Debian
+# packages into target/qemu-guest (tools/guest/build-qemu-guest.sh). The
+# tests run with it (tools/test.sh). qemu-system-x86 must come from the
 # same Debian suite as the installed qemu-utils: installing bookworm's 7.2
 # next to a qemu-utils from bookworm-backports makes apt remove qemu-utils
 # (and with it qemu-img, the VHD tests' peer). So when qemu-utils is a
@@ -67,4 +70,21 @@ if [ "${1:-}" = --qemu-system ] && ! command -v qemu-system-x86_64 >/dev/null; t
   echo "setup: installing qemu-system-x86 ${suite[*]}"
   "${sudo[@]}" apt-get update -qq
   "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${suite[@]}" qemu-system-x86 qemu-utils >/dev/null
+fi
+
+if [ "${1:-}" = --qemu-system ]; then
+  root=$(cd "$(dirname "$0")/.." && pwd)
+  missing=()
+  for t in gcc objcopy mke2fs; do command -v "$t" >/dev/null || missing+=("$t"); done
+  if ((${#missing[@]})); then
+    sudo=()
+    [ "$(id -u)" != 0 ] && sudo=(sudo)
+    echo "setup: installing gcc binutils e2fsprogs (the Linux test guest)"
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends gcc libc6-dev binutils e2fsprogs >/dev/null
+  fi
+  if [ ! -s "$root/target/qemu-guest/vmlinuz" ] || [ "$root/tools/guest/build-qemu-guest.sh" -nt "$root/target/qemu-guest/initramfs.cpio.gz" ] ||
+     [ "$root/tools/guest/writer.c" -nt "$root/target/qemu-guest/initramfs.cpio.gz" ]; then
+    echo "setup: building the Linux test guest (target/qemu-guest)"
+    "$root/tools/guest/build-qemu-guest.sh" "$root/target/qemu-guest"
+  fi
 fi

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-tools/setup.sh
+tools/setup.sh --qemu-system
 tools/cleanup.sh
 
 echo "== cargo fmt --check"

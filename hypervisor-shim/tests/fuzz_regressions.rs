@@ -5,5 +5,7 @@
 
 include!("../../tests/kept_inputs.rs");
 include!("../fuzz/harness/stream.rs");
+include!("../fuzz/harness/qmp.rs");
 
 kept_inputs_test!(stream_kept_inputs_pass, "stream", stream::run);
+kept_inputs_test!(qmp_kept_inputs_pass, "qmp", qmp::run);

@@ -103,7 +103,7 @@ else
   /sbin/mke2fs -q -F -t ext4 /dev/vda && echo CSV-GUEST-MKFS
 fi
 mount -t ext4 /dev/vda /mnt && echo CSV-GUEST-MOUNTED
-exec /bin/csv-writer /mnt/records /dev/ttyS1 50 200
+exec /bin/csv-writer /mnt/records /dev/ttyS1 50 100
 INIT
 chmod +x "$r/init"
 (cd "$r" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -6) > "$out/initramfs.cpio.gz"

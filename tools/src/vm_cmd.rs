@@ -9,6 +9,7 @@ use clap::Subcommand;
 use coordinator::client;
 use coordinator::proto;
 use coordinator::proto::Label as _;
+use hypervisor_shim::supervisor::engine::EngineKind;
 use hypervisor_shim::supervisor::placement::{self, HostLoad, Policy};
 use hypervisor_shim::supervisor::role::{volume_of, Guest, Priority, VmConfig, Wanted};
 use std::process::ExitCode;
@@ -45,6 +46,29 @@ pub struct AddArgs {
     /// The test guest's dirtying rate, MiB/s.
     #[arg(long, default_value_t = 0.0)]
     dirty_rate: f64,
+    /// The engine that runs it: csv-vmm (the test guest) or qemu (real
+    /// guests). Default: the host's `engine` setting, or qemu when a
+    /// --kernel or --firmware-boot is given.
+    #[arg(long, value_parser = |s: &str| s.parse::<EngineKind>())]
+    engine: Option<EngineKind>,
+    /// A real guest: boot this Linux kernel directly (a path under
+    /// /ClusterStorage/VolumeN, or present on every host).
+    #[arg(long, conflicts_with = "firmware_boot")]
+    kernel: Option<String>,
+    /// The kernel's initramfs.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<String>,
+    /// The kernel's command line [default: console=ttyS0].
+    #[arg(long, requires = "kernel")]
+    cmdline: Option<String>,
+    /// A real guest booted by its firmware (SeaBIOS) from the disk, as a
+    /// Hyper-V VM boots from its VHD.
+    #[arg(long)]
+    firmware_boot: bool,
+    /// Send the guest's second serial port (ttyS1) as UDP datagrams to
+    /// HOST:PORT (a heartbeat observer with one clock).
+    #[arg(long, value_name = "HOST:PORT")]
+    heartbeat: Option<String>,
     /// Who answers for it (shown by `inventory`).
     #[arg(long)]
     owner: Option<String>,
@@ -278,9 +302,31 @@ fn add(a: AddArgs) -> Result<ExitCode> {
         preferred,
         priority,
         dirty_rate,
+        engine,
+        kernel,
+        initrd,
+        cmdline,
+        firmware_boot,
+        heartbeat,
         owner,
         expires,
     } = a;
+    let real = kernel.is_some() || firmware_boot;
+    let engine = match (engine, real) {
+        (None, true) => Some(EngineKind::Qemu),
+        (Some(EngineKind::CsvVmm), true) => {
+            bail!("--engine csv-vmm runs the test guest; a real guest (--kernel, --firmware-boot) needs --engine qemu")
+        }
+        (Some(EngineKind::Qemu), false) => {
+            bail!("--engine qemu runs real guests: give --kernel (and --initrd) or --firmware-boot")
+        }
+        (e, _) => e,
+    };
+    if let Some(hb) = &heartbeat {
+        if hb.parse::<std::net::SocketAddr>().is_err() {
+            bail!("--heartbeat {hb:?}: give HOST:PORT with an IP address, e.g. 127.0.0.1:7000");
+        }
+    }
     if !valid_name(&name) {
         bail!("{name:?} is not a VM name: use letters, digits, '-', '_' and '.', up to 63");
     }
@@ -313,8 +359,13 @@ fn add(a: AddArgs) -> Result<ExitCode> {
         preferred,
         priority,
         state: Wanted::Stopped,
-        guest: Guest::Test,
+        guest: if real { Guest::Linux } else { Guest::Test },
         dirty_rate,
+        engine,
+        kernel,
+        initrd,
+        cmdline,
+        heartbeat,
         migrate_to: None,
         last_migration: None,
         migrate_quick: false,
@@ -414,6 +465,8 @@ fn status(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
     let cfg = config_of(&role)?;
     let me = access.identity()?;
     // Every host's view (a VM that is stopping is still on its old host).
+    // The role's engine, else the hosts' setting (csv-vmm unless changed).
+    let engine = cfg.engine.unwrap_or_default().label();
     let mut seen = Vec::new();
     for n in &info.nodes {
         let st = client::host_status(&me, n);
@@ -428,7 +481,7 @@ fn status(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
             .iter()
             .map(|(h, v)| {
                 serde_json::json!({
-                    "host": h, "pid": v.pid, "state": v.state().label(),
+                    "host": h, "engine": engine, "pid": v.pid, "state": v.state().label(),
                     "heartbeat_seq": v.heartbeat_seq, "heartbeats": v.heartbeats,
                     "disk_writes": v.disk_writes, "error": v.error,
                     "heartbeat_gaps": v.heartbeat_gaps, "guest_errors": v.guest_errors,
@@ -459,12 +512,17 @@ fn status(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
     }
     for (h, v) in seen {
         println!(
-            "host {h}: csv-vmm pid {} {}; heartbeat {} ({} seen here), {} disk writes{}",
+            "host {h}: {engine} pid {} {}; heartbeat {} ({} seen here), {} disk writes{}{}",
             v.pid,
             v.state().label(),
             v.heartbeat_seq,
             v.heartbeats,
             v.disk_writes,
+            if v.migration.is_empty() {
+                String::new()
+            } else {
+                format!("; migrating to host {}: {}", v.migrating_to, v.migration)
+            },
             if v.error.is_empty() {
                 String::new()
             } else {

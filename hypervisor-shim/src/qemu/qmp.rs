@@ -189,6 +189,12 @@ pub enum Command {
     /// Adds TLS credentials.
     #[serde(rename = "object-add")]
     ObjectAdd(TlsCredsPsk),
+    /// Removes an object.
+    #[serde(rename = "object-del")]
+    ObjectDel {
+        /// Its id.
+        id: String,
+    },
 }
 
 impl Command {
@@ -209,6 +215,7 @@ impl Command {
             Command::MigrateCancel => "migrate_cancel",
             Command::QueryMigrate => "query-migrate",
             Command::ObjectAdd(_) => "object-add",
+            Command::ObjectDel { .. } => "object-del",
         }
     }
 }

@@ -157,8 +157,11 @@ fn write_psk(dir: &Path, token: &str) -> std::io::Result<()> {
 
 /// The user name the key is filed under.
 const PSK_USER: &str = "csv";
-/// The credentials object's id in QEMU.
+/// The credentials object's id in an incoming QEMU.
 const TLS_ID: &str = "csv-migration-tls";
+/// The credentials object's id in a sending QEMU (which may hold the
+/// incoming one still, having been a target before).
+const TLS_OUT_ID: &str = "csv-migration-tls-out";
 
 impl Qemu {
     /// QEMU's command line for `vm`.
@@ -186,8 +189,11 @@ impl Qemu {
             format!("socket,id=csv-disk,path={}", files.vhost.display()),
             "-device".into(),
             format!(
-                "vhost-user-blk-pci,chardev=csv-disk,num-queues=1,queue-size={},bootindex=0",
-                crate::qemu::blk::QUEUE_SIZE
+                "vhost-user-blk-pci,chardev=csv-disk,num-queues=1,queue-size={}{}",
+                crate::qemu::blk::QUEUE_SIZE,
+                // Firmware boots the disk first (a direct kernel boot's
+                // loader takes the first boot slot itself).
+                if vm.kernel.is_none() { ",bootindex=0" } else { "" }
             ),
             "-serial".into(),
             format!("file:{}", files.serial.display()),
@@ -616,20 +622,20 @@ impl VmHandle for Handle {
             source,
         })?;
         let setup = |q: &mut Qmp| -> Result<(), QmpError> {
-            let add = Command::ObjectAdd(crate::qemu::qmp::TlsCredsPsk {
+            // A fresh object for this migration's key (one left by an
+            // earlier attempt goes first).
+            let _ = q.run(&Command::ObjectDel {
+                id: TLS_OUT_ID.into(),
+            });
+            q.run(&Command::ObjectAdd(crate::qemu::qmp::TlsCredsPsk {
                 qom_type: "tls-creds-psk".into(),
-                id: TLS_ID.into(),
+                id: TLS_OUT_ID.into(),
                 endpoint: "client".into(),
                 dir: self.tls.display().to_string(),
                 username: PSK_USER.into(),
-            });
-            match q.run(&add) {
-                // Left from an earlier migration that failed: reuse.
-                Err(QmpError::Refused { desc, .. }) if desc.contains("already") => {}
-                r => r?,
-            }
+            }))?;
             q.run(&Command::MigrateSetParameters(MigrateParameters {
-                tls_creds: Some(TLS_ID.into()),
+                tls_creds: Some(TLS_OUT_ID.into()),
                 downtime_limit: Some(300),
                 ..Default::default()
             }))?;
@@ -703,6 +709,9 @@ impl VmHandle for Handle {
                     .unwrap_or_else(|| format!("the migration ended {:?}", info.status)),
             ));
         }
+        // The guest runs on the target: this QEMU exits, and its disk
+        // server closes the VHD (this host no longer holds its lease).
+        let _ = self.stop();
         Ok(Handle::summary(&info))
     }
 }

@@ -263,6 +263,11 @@ mod tests {
             state: Wanted::Stopped,
             guest: Guest::Test,
             dirty_rate: 0.0,
+            engine: None,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            heartbeat: None,
             migrate_to: None,
             last_migration: None,
             migrate_quick: false,
@@ -271,6 +276,24 @@ mod tests {
             expires: None,
             state_since: None,
         }
+    }
+
+    #[test]
+    fn a_real_guests_files_map_to_each_hosts_mount_root() {
+        let root = Path::new("/tmp/csv-up/node2/ClusterStorage");
+        assert_eq!(
+            host_path("/ClusterStorage/Volume1/images/vmlinuz", root),
+            root.join("Volume1/images/vmlinuz")
+        );
+        assert_eq!(host_path("/boot/vmlinuz", root), Path::new("/boot/vmlinuz"));
+        assert_eq!(
+            host_path("/ClusterStorage/../etc/shadow", root),
+            Path::new("/ClusterStorage/../etc/shadow")
+        );
+        // A role stored before real guests existed still reads.
+        let old = r#"{"vcpus":1,"memory":268435456,"disk":"/ClusterStorage/Volume1/a.vhd","volume":1,"priority":"medium","state":"stopped","guest":"test"}"#;
+        let c: VmConfig = serde_json::from_str(old).unwrap();
+        assert_eq!((c.engine, c.kernel), (None, None));
     }
 
     #[test]

@@ -38,6 +38,7 @@ mod nemesis;
 mod netfail;
 mod operations;
 mod posix;
+mod qemu;
 mod security;
 mod snapshots;
 mod vhd_interop;

@@ -1,0 +1,318 @@
+//! Real guests in the `qemu` engine on a three-host cluster: a Debian
+//! kernel and initramfs (tools/guest/build-qemu-guest.sh) boot from a
+//! dynamic VHD on Volume1 that csv serves to QEMU (vhost-user-blk), make
+//! ext4 on it and write checksummed records with fdatasync while the VM
+//! live-migrates between hosts. The guest's heartbeat (its ttyS1, sent by
+//! QEMU as UDP datagrams) is observed here, on one clock.
+
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use csv_test_support::csvd::CsvCluster;
+use serde_json::Value;
+
+/// Where tools/setup.sh --qemu-system builds the guest (vmlinuz,
+/// initramfs.cpio.gz).
+fn guest_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CSV_QEMU_GUEST") {
+        return PathBuf::from(d);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/qemu-guest")
+}
+
+/// Skips unless this machine can run the guest: root, FUSE, QEMU and the
+/// built guest image.
+macro_rules! skip_without_qemu_guest {
+    () => {
+        csv_test_support::skip_unless!(
+            csv_test_support::Need::Root,
+            csv_test_support::Need::Command("fusermount3"),
+            csv_test_support::Need::Device("/dev/fuse"),
+            csv_test_support::Need::Command("qemu-system-x86_64")
+        );
+        if !guest_dir().join("vmlinuz").exists() {
+            csv_test_support::skip::report(&format!(
+                "no guest image in {} (tools/setup.sh --qemu-system builds it)",
+                guest_dir().display()
+            ));
+            return;
+        }
+    };
+}
+
+fn csvctl_ok(cl: &CsvCluster, args: &[&str]) -> String {
+    let out = cl.csvctl().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "csvctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn csvctl_json(cl: &CsvCluster, args: &[&str]) -> Value {
+    serde_json::from_str(&csvctl_ok(cl, args)).unwrap()
+}
+
+/// Whether a host reports the VM failed (the test stops waiting).
+fn failed(cl: &CsvCluster, name: &str) -> bool {
+    let s = csvctl_json(cl, &["vm", "status", name, "--json"]);
+    s["runtime"]
+        .as_array()
+        .is_some_and(|r| r.iter().any(|x| x["state"] == "failed"))
+}
+
+/// What the guest says on its heartbeat port, line by line, with the
+/// arrival time of each line's end.
+#[derive(Default)]
+struct Heard {
+    lines: Vec<(Instant, String)>,
+    partial: String,
+}
+
+/// Listens for the guest's heartbeat datagrams on 127.0.0.1.
+fn observer() -> (u16, Arc<Mutex<Heard>>) {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sock.local_addr().unwrap().port();
+    let heard = Arc::new(Mutex::new(Heard::default()));
+    let h = heard.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = sock.recv(&mut buf) {
+            let now = Instant::now();
+            let mut g = h.lock().unwrap();
+            for &b in &buf[..n] {
+                match b {
+                    b'\n' => {
+                        let line = std::mem::take(&mut g.partial);
+                        g.lines.push((now, line.trim().to_string()));
+                    }
+                    b'\r' => {}
+                    _ => g.partial.push(b as char),
+                }
+            }
+        }
+    });
+    (port, heard)
+}
+
+/// The highest N of "verify ok N" heard after `since`.
+fn verified_after(heard: &Mutex<Heard>, since: Instant) -> Option<u64> {
+    let g = heard.lock().unwrap();
+    g.lines
+        .iter()
+        .filter(|(t, _)| *t >= since)
+        .filter_map(|(_, l)| l.strip_prefix("verify ok "))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .max()
+}
+
+fn bad_lines(heard: &Mutex<Heard>) -> Vec<String> {
+    let g = heard.lock().unwrap();
+    g.lines
+        .iter()
+        .filter(|(_, l)| l.contains("BAD") || l.starts_with("writer:"))
+        .map(|(_, l)| l.clone())
+        .collect()
+}
+
+/// The longest gap between two heartbeat lines in [from, to].
+fn longest_gap(heard: &Mutex<Heard>, from: Instant, to: Instant) -> Duration {
+    let g = heard.lock().unwrap();
+    let times: Vec<Instant> = g
+        .lines
+        .iter()
+        .filter(|(t, l)| *t >= from && *t <= to && l.starts_with("hb "))
+        .map(|(t, _)| *t)
+        .collect();
+    times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default()
+}
+
+fn serial_tail(cl: &CsvCluster, host: u64) -> String {
+    let dir = cl.host_dir(host);
+    let mut out = String::new();
+    for f in walk(&dir) {
+        if f.extension().is_some_and(|e| e == "serial" || e == "log")
+            && f.to_string_lossy().contains("linux")
+        {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out += &format!(
+                "--- {}\n{}\n",
+                f.display(),
+                lines[lines.len().saturating_sub(12)..].join("\n")
+            );
+        }
+    }
+    out
+}
+
+fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() && !p.ends_with("mnt") {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
+    skip_without_qemu_guest!();
+    let (cl, v) = CsvCluster::mounted_loopback(3, 512 << 20).unwrap();
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client()
+            .cluster_info()
+            .map(|i| i.nodes.len() == 3)
+            .unwrap_or(false)
+    })
+    .unwrap();
+    // The kernel and initramfs on the volume, where every host finds them.
+    let images = cl.mountpoint(1, v).join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for f in ["vmlinuz", "initramfs.cpio.gz"] {
+        std::fs::copy(guest_dir().join(f), images.join(f)).unwrap();
+    }
+    vhd::Vhd::create(
+        cl.mountpoint(1, v).join("linux.vhd"),
+        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 128 << 20),
+    )
+    .unwrap();
+    let (port, heard) = observer();
+    let vol = format!("/ClusterStorage/Volume{v}");
+    let hb = format!("127.0.0.1:{port}");
+    csvctl_ok(
+        &cl,
+        &[
+            "vm",
+            "add",
+            "linux",
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("{vol}/linux.vhd"),
+            "--kernel",
+            &format!("{vol}/images/vmlinuz"),
+            "--initrd",
+            &format!("{vol}/images/initramfs.cpio.gz"),
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--heartbeat",
+            &hb,
+        ],
+    );
+    let t0 = Instant::now();
+    csvctl_ok(&cl, &["vm", "start", "linux", "--on", "1"]);
+    // Boot, mkfs, mount, the first full check of the records.
+    let booted = csv_test_support::wait_until(Duration::from_secs(180), || {
+        verified_after(&heard, t0).is_some_and(|n| n > 0) || failed(&cl, "linux")
+    });
+    assert!(
+        booted.is_ok() && !failed(&cl, "linux"),
+        "the guest did not start writing: {:?}\n{}\n{}",
+        heard.lock().unwrap().lines.last(),
+        csvctl_ok(&cl, &["vm", "status", "linux"]),
+        serial_tail(&cl, 1)
+    );
+    eprintln!("booted and writing after {:?}", t0.elapsed());
+
+    let mut host = 1u64;
+    let mut gaps = Vec::new();
+    for i in 0..5 {
+        let to = host % 3 + 1;
+        let before = Instant::now();
+        let o = cl
+            .csvctl()
+            .args(["vm", "migrate", "linux", "--to", &to.to_string(), "--timeout-s", "120"])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "move {}: {}\nhost {host} log:\n{}\nhost {to} log:\n{}\n{}",
+            i + 1,
+            String::from_utf8_lossy(&o.stderr),
+            cl.log_tail(host, 15),
+            cl.log_tail(to, 15),
+            serial_tail(&cl, to)
+        );
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        eprintln!("move {}: {}", i + 1, out.trim());
+        host = to;
+        // After the move the guest goes on and checks every record it
+        // wrote (a full reread) at least once more.
+        let moved = Instant::now();
+        let ok = csv_test_support::wait_until(Duration::from_secs(90), || {
+            verified_after(&heard, moved).is_some() || failed(&cl, "linux")
+        });
+        assert!(
+            ok.is_ok() && !failed(&cl, "linux"),
+            "no full check after move {} to host {host}: {:?}\n{}\n{}",
+            i + 1,
+            heard.lock().unwrap().lines.last(),
+            csvctl_ok(&cl, &["vm", "status", "linux"]),
+            serial_tail(&cl, host)
+        );
+        let gap = longest_gap(&heard, before, Instant::now());
+        eprintln!(
+            "move {}: longest heartbeat gap {gap:?}; records checked {:?}",
+            i + 1,
+            verified_after(&heard, moved)
+        );
+        gaps.push(gap);
+        assert!(bad_lines(&heard).is_empty(), "{:?}", bad_lines(&heard));
+    }
+    eprintln!("heartbeat gaps at the five moves: {gaps:?}");
+
+    // One writer at a time, following the VM: 1, 2, 3, 1, 2, 3.
+    let h = csvctl_json(&cl, &["volume", "leases", &v.to_string(), "linux.vhd", "--json"]);
+    assert_eq!(h["single_writer"], true, "{h:#}");
+    let mut holders: Vec<u64> = Vec::new();
+    for e in h["events"].as_array().unwrap() {
+        if e["change"] == "granted" || e["change"] == "handed-in" {
+            let n = e["host"].as_u64().unwrap();
+            if holders.last() != Some(&n) {
+                holders.push(n);
+            }
+        }
+    }
+    assert_eq!(holders, vec![1, 2, 3, 1, 2, 3], "{h:#}");
+    let handed_in = h["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["change"] == "handed-in")
+        .count();
+    assert_eq!(handed_in, 5, "{h:#}");
+
+    // Stopped, the VHD checks clean and holds the guest's ext4.
+    csvctl_ok(&cl, &["vm", "stop", "linux"]);
+    csv_test_support::wait_until(Duration::from_secs(30), || {
+        let s = csvctl_json(&cl, &["vm", "status", "linux", "--json"]);
+        s["runtime"].as_array().is_some_and(|r| r.is_empty())
+    })
+    .unwrap();
+    let path = cl.mountpoint(2, v).join("linux.vhd");
+    let check = cl
+        .csvctl()
+        .args(["vhd", "check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
