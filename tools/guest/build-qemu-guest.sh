@@ -92,17 +92,19 @@ if [ "$mode" = idle ] || [ ! -b /dev/vda ]; then
   echo CSV-GUEST-IDLE
   while true; do echo "hb idle" > /dev/ttyS1; sleep 0.1; done
 fi
+# What the host must hear goes to the console and to the heartbeat port.
+say() { echo "$1"; echo "$1" > /dev/ttyS1; }
 if mount -t ext4 /dev/vda /mnt 2>/dev/null; then
   umount /mnt
   if /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; then
-    echo "fsck clean"
+    say "fsck clean"
   else
-    echo "fsck ERRORS"; cat /tmp/fsck.log
+    say "fsck ERRORS"; cat /tmp/fsck.log
   fi
 else
-  /sbin/mke2fs -q -F -t ext4 /dev/vda && echo CSV-GUEST-MKFS
+  /sbin/mke2fs -q -F -t ext4 /dev/vda && say CSV-GUEST-MKFS
 fi
-mount -t ext4 /dev/vda /mnt && echo CSV-GUEST-MOUNTED
+mount -t ext4 /dev/vda /mnt && say CSV-GUEST-MOUNTED
 exec /bin/csv-writer /mnt/records /dev/ttyS1 50 100
 INIT
 chmod +x "$r/init"

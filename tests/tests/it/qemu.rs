@@ -169,9 +169,10 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     out
 }
 
-#[test]
-fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
-    skip_without_qemu_guest!();
+/// Three mounted hosts; the guest's kernel and initramfs copied to
+/// Volume1; VM role "linux" on a 128 MiB dynamic VHD there, started on
+/// host `on` and writing (its first full check heard).
+fn linux_vm_running(on: u64) -> (CsvCluster, u64, Arc<Mutex<Heard>>) {
     let (cl, v) = CsvCluster::mounted_loopback(3, 512 << 20).unwrap();
     csv_test_support::wait_until(Duration::from_secs(10), || {
         cl.client()
@@ -215,7 +216,7 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
         ],
     );
     let t0 = Instant::now();
-    csvctl_ok(&cl, &["vm", "start", "linux", "--on", "1"]);
+    csvctl_ok(&cl, &["vm", "start", "linux", "--on", &on.to_string()]);
     // Boot, mkfs, mount, the first full check of the records.
     let booted = csv_test_support::wait_until(Duration::from_secs(180), || {
         verified_after(&heard, t0).is_some_and(|n| n > 0) || failed(&cl, "linux")
@@ -225,9 +226,16 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
         "the guest did not start writing: {:?}\n{}\n{}",
         heard.lock().unwrap().lines.last(),
         csvctl_ok(&cl, &["vm", "status", "linux"]),
-        serial_tail(&cl, 1)
+        serial_tail(&cl, on)
     );
     eprintln!("booted and writing after {:?}", t0.elapsed());
+    (cl, v, heard)
+}
+
+#[test]
+fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
+    skip_without_qemu_guest!();
+    let (cl, v, heard) = linux_vm_running(1);
 
     let mut host = 1u64;
     let mut gaps = Vec::new();
@@ -314,5 +322,72 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
         check.status.success(),
         "{}",
         String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+/// The newest "hb N" heard: the writer sends it after record N-1's
+/// fdatasync, so N records were on the disk.
+fn last_heartbeat(heard: &Mutex<Heard>) -> u64 {
+    let g = heard.lock().unwrap();
+    g.lines
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("hb "))
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_linux_guest_restarts_elsewhere_with_its_records_after_kill_9_of_its_host() {
+    skip_without_qemu_guest!();
+    let (mut cl, _v, heard) = linux_vm_running(3);
+    std::thread::sleep(Duration::from_secs(2));
+    let synced = last_heartbeat(&heard);
+    assert!(synced > 0);
+    let killed = Instant::now();
+    cl.kill(3).unwrap();
+    // Once the cluster has host 3 down (its lease revoked first), the VM
+    // boots on another host: the guest replays its journal, checks its
+    // filesystem and every record before writing more.
+    let ok = csv_test_support::wait_until(Duration::from_secs(120), || {
+        verified_after(&heard, killed).is_some()
+    });
+    let lines = |heard: &Mutex<Heard>| -> Vec<String> {
+        let g = heard.lock().unwrap();
+        g.lines
+            .iter()
+            .filter(|(t, l)| *t >= killed && !l.starts_with("hb "))
+            .map(|(_, l)| l.clone())
+            .collect()
+    };
+    assert!(
+        ok.is_ok(),
+        "not running again: {:?}\n{}",
+        lines(&heard),
+        csvctl_ok(&cl, &["vm", "status", "linux"])
+    );
+    let after = lines(&heard);
+    eprintln!(
+        "running again and checked {:?} after the kill: {after:?}",
+        killed.elapsed()
+    );
+    assert!(after.iter().any(|l| l == "fsck clean"), "{after:?}");
+    let restart = after
+        .iter()
+        .find_map(|l| l.strip_prefix("verify ok ")?.strip_suffix(" (start)")?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no start-up check: {after:?}"));
+    assert!(
+        restart >= synced,
+        "records lost: {restart} on the disk, {synced} were synced before the kill"
+    );
+    assert!(bad_lines(&heard).is_empty(), "{:?}", bad_lines(&heard));
+    let s = csvctl_json(&cl, &["vm", "status", "linux", "--json"]);
+    assert_ne!(s["host"], 3, "{s}");
+    assert!(
+        s["config"]["last_migration"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("failover: host 3"),
+        "{s}"
     );
 }
