@@ -75,14 +75,16 @@ fi
 if [ "${1:-}" = --qemu-system ]; then
   root=$(cd "$(dirname "$0")/.." && pwd)
   missing=()
-  for t in gcc objcopy mke2fs; do command -v "$t" >/dev/null || missing+=("$t"); done
+  for t in gcc objcopy mke2fs syslinux mcopy mkfs.vfat sfdisk; do command -v "$t" >/dev/null || missing+=("$t"); done
+  for f in /usr/lib/SYSLINUX.EFI/efi64/syslinux.efi /usr/share/ovmf/OVMF.fd; do [ -e "$f" ] || missing+=("$f"); done
   if ((${#missing[@]})); then
     sudo=()
     [ "$(id -u)" != 0 ] && sudo=(sudo)
-    echo "setup: installing gcc binutils e2fsprogs (the Linux test guest)"
-    "${sudo[@]}" apt-get install -y -qq --no-install-recommends gcc libc6-dev binutils e2fsprogs >/dev/null
+    echo "setup: installing what the Linux test guest is built with (${missing[*]} missing)"
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends gcc libc6-dev binutils e2fsprogs \
+      syslinux syslinux-common syslinux-efi mtools dosfstools fdisk ovmf >/dev/null
   fi
-  if [ ! -s "$root/target/qemu-guest/vmlinuz" ] || [ "$root/tools/guest/build-qemu-guest.sh" -nt "$root/target/qemu-guest/initramfs.cpio.gz" ] ||
+  if [ ! -s "$root/target/qemu-guest/bootable.raw" ] || [ "$root/tools/guest/build-qemu-guest.sh" -nt "$root/target/qemu-guest/initramfs.cpio.gz" ] ||
      [ "$root/tools/guest/writer.c" -nt "$root/target/qemu-guest/initramfs.cpio.gz" ]; then
     echo "setup: building the Linux test guest (target/qemu-guest)"
     "$root/tools/guest/build-qemu-guest.sh" "$root/target/qemu-guest"

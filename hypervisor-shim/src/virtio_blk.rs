@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueState, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 use crate::vm::GuestMemoryMmap;
 
@@ -35,10 +35,10 @@ const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
-/// Longest data descriptor served: a guest's descriptor length is its own
-/// word, and a buffer of that size is allocated for it (Linux sends at
-/// most its request size, 512 KiB by default, in one).
-const MAX_SEG: usize = 4 << 20;
+/// The most bytes moved between the disk and guest memory at once (a
+/// longer descriptor is served piecewise, so a guest's length word never
+/// sizes an allocation).
+const CHUNK: usize = 1 << 20;
 
 /// The disk behind the device.
 pub type Backend = vhd::Vhd<std::fs::File>;
@@ -386,37 +386,47 @@ pub(crate) fn serve_request<M: GuestMemory>(
                 None => return (S_IOERR, 0),
             };
             let mut written = 0u32;
+            // A descriptor's length is the guest's word (firmware reads a
+            // whole kernel in one): it is served in pieces of at most
+            // CHUNK through one buffer.
+            let mut buf = Vec::new();
             for d in data {
-                let len = d.len() as usize;
-                if len > MAX_SEG {
+                let len = u64::from(d.len());
+                if off.checked_add(len).is_none_or(|e| e > capacity) {
                     return (S_IOERR, written);
                 }
-                if off
-                    .checked_add(len as u64)
-                    .is_none_or(|e| e > capacity)
-                {
+                if (kind == T_OUT) == d.is_write_only() {
                     return (S_IOERR, written);
                 }
-                let mut buf = vec![0u8; len];
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(CHUNK as u64) as usize;
+                    buf.resize(n, 0);
+                    let Some(at) = d.addr().checked_add(done) else {
+                        return (S_IOERR, written);
+                    };
+                    if kind == T_OUT {
+                        if mem.read_slice(&mut buf, at).is_err()
+                            || disk.write_at(&buf, off + done).is_err()
+                        {
+                            return (S_IOERR, written);
+                        }
+                    } else {
+                        if disk.read_at(&mut buf, off + done).is_err()
+                            || mem.write_slice(&buf, at).is_err()
+                        {
+                            return (S_IOERR, written);
+                        }
+                        written = written.saturating_add(n as u32);
+                    }
+                    done += n as u64;
+                }
                 if kind == T_OUT {
-                    if d.is_write_only() || mem.read_slice(&mut buf, d.addr()).is_err() {
-                        return (S_IOERR, written);
-                    }
-                    if disk.write_at(&buf, off).is_err() {
-                        return (S_IOERR, written);
-                    }
                     stats.writes += 1;
                 } else {
-                    if !d.is_write_only() || disk.read_at(&mut buf, off).is_err() {
-                        return (S_IOERR, written);
-                    }
-                    if mem.write_slice(&buf, d.addr()).is_err() {
-                        return (S_IOERR, written);
-                    }
-                    written += len as u32;
                     stats.reads += 1;
                 }
-                off += len as u64;
+                off += len;
             }
             (S_OK, written)
         }
@@ -483,6 +493,11 @@ mod tests {
     /// header where data should be, no status byte. Each gets an error
     /// status; none touches memory outside the guest's or panics; the
     /// device serves a good request afterwards.
+    fn req(d: &mut VirtioBlk, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> (u8, u32) {
+        let disk = d.disk.clone();
+        serve_request(mem, descs, disk.as_deref(), d.capacity, &mut d.stats)
+    }
+
     #[test]
     fn hostile_descriptor_chains_get_an_error() {
         let (mut d, mem, _dir) = device();
@@ -498,7 +513,7 @@ mod tests {
             vec![hdr, data(u64::MAX - 100, 512, WRITE), status],
             // Longer than the disk, and than any request.
             vec![hdr, data(0x1000, u32::MAX, WRITE), status],
-            vec![hdr, data(0x1000, (MAX_SEG + 512) as u32, WRITE), status],
+            vec![hdr, data(0x1000, (2 * CHUNK + 512) as u32, WRITE), status],
             // A read into a buffer the device may not write.
             vec![hdr, data(0x1000, 512, 0), status],
             // The header outside guest memory, or too short.
@@ -517,35 +532,35 @@ mod tests {
             vec![],
         ];
         for (i, c) in reads.iter().enumerate() {
-            assert_eq!(d.request(&mem, c).0, S_IOERR, "read case {i}");
+            assert_eq!(req(&mut d, &mem, c).0, S_IOERR, "read case {i}");
         }
         // Writes from outside guest memory, and past the disk's end.
         header(&mem, T_OUT, 0);
         assert_eq!(
-            d.request(&mem, &[hdr, data(MEM - 16, 512, 0), status]).0,
+            req(&mut d, &mem, &[hdr, data(MEM - 16, 512, 0), status]).0,
             S_IOERR
         );
         header(&mem, T_OUT, (1 << 20) / 512);
         assert_eq!(
-            d.request(&mem, &[hdr, data(0x1000, 512, 0), status]).0,
+            req(&mut d, &mem, &[hdr, data(0x1000, 512, 0), status]).0,
             S_IOERR
         );
         // A sector number whose byte offset overflows.
         header(&mem, T_IN, u64::MAX / 256);
         assert_eq!(
-            d.request(&mem, &[hdr, data(0x1000, 512, WRITE), status]).0,
+            req(&mut d, &mem, &[hdr, data(0x1000, 512, WRITE), status]).0,
             S_IOERR
         );
         // The device still serves a good request.
         mem.write_slice(&[0xAB; 512], GuestAddress(0x2000)).unwrap();
         header(&mem, T_OUT, 3);
         assert_eq!(
-            d.request(&mem, &[hdr, data(0x2000, 512, 0), status]),
+            req(&mut d, &mem, &[hdr, data(0x2000, 512, 0), status]),
             (S_OK, 0)
         );
         header(&mem, T_IN, 3);
         assert_eq!(
-            d.request(&mem, &[hdr, data(0x3000, 512, WRITE), status]),
+            req(&mut d, &mem, &[hdr, data(0x3000, 512, WRITE), status]),
             (S_OK, 512)
         );
         let mut back = [0u8; 512];

@@ -19,7 +19,16 @@
 # (ttyS0): CSV-GUEST-UP, CSV-GUEST-MKFS, CSV-GUEST-MOUNTED.
 #
 # The kernel command line may carry csv.mode=idle (no disk workload:
-# boot, print the markers, wait).
+# boot, print the markers, send "hb idle" heartbeats).
+#
+# It also makes bootable.raw: a 64 MiB disk firmware boots by itself, as a
+# Hyper-V VM boots its VHD: one FAT partition holding the same kernel and
+# initramfs with SYSLINUX for both firmwares (UEFI: \EFI\BOOT\BOOTX64.EFI,
+# the removable-media path OVMF tries; BIOS: syslinux's MBR and boot
+# sector) and a syslinux.cfg booting them with csv.mode=idle (the disk is
+# the boot disk: the guest must not make a filesystem on it). `csvctl vhd
+# convert` turns it into a VHD. Built without mounting anything (mtools,
+# syslinux --install on the image).
 set -euo pipefail
 out=${1:?usage: tools/guest/build-qemu-guest.sh DIR}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,7 +37,7 @@ out=$(cd "$out" && pwd)
 work="$out/work"
 rm -rf "$work"
 mkdir -p "$work/deb" "$work/root"
-for tool in busybox mke2fs e2fsck gcc objcopy; do
+for tool in busybox mke2fs e2fsck gcc objcopy syslinux mcopy mkfs.vfat sfdisk; do
   command -v "$tool" >/dev/null || { echo "$tool is not installed (tools/setup.sh --qemu-system)" >&2; exit 1; }
 done
 pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
@@ -81,7 +90,7 @@ cat > "$r/init" <<'INIT'
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-echo CSV-GUEST-UP
+echo CSV-GUEST-UP; echo CSV-GUEST-UP > /dev/ttyS1 2>/dev/null
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
 mode=disk
 for a in $(cat /proc/cmdline); do case "$a" in csv.mode=*) mode=${a#csv.mode=} ;; esac; done
@@ -89,11 +98,11 @@ i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i + 1)); done
 if [ "$mode" = idle ] || [ ! -b /dev/vda ]; then
   [ -b /dev/vda ] || echo CSV-GUEST-NO-DISK
-  echo CSV-GUEST-IDLE
-  while true; do echo "hb idle" > /dev/ttyS1; sleep 0.1; done
+  echo CSV-GUEST-IDLE; echo CSV-GUEST-IDLE > /dev/ttyS1 2>/dev/null
+  while true; do echo "hb idle" > /dev/ttyS1 2>/dev/null; sleep 0.1; done
 fi
 # What the host must hear goes to the console and to the heartbeat port.
-say() { echo "$1"; echo "$1" > /dev/ttyS1; }
+say() { echo "$1"; echo "$1" > /dev/ttyS1 2>/dev/null; }
 if mount -t ext4 /dev/vda /mnt 2>/dev/null; then
   umount /mnt
   if /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; then
@@ -109,5 +118,32 @@ exec /bin/csv-writer /mnt/records /dev/ttyS1 50 100
 INIT
 chmod +x "$r/init"
 (cd "$r" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -6) > "$out/initramfs.cpio.gz"
+# The firmware-bootable disk.
+part="$work/part.img"
+rm -f "$part"
+mkfs.vfat -C -n CSVBOOT "$part" $(( (64 - 1) * 1024 )) >/dev/null
+cat > "$work/syslinux.cfg" <<CFG
+DEFAULT linux
+TIMEOUT 0
+PROMPT 0
+LABEL linux
+  KERNEL vmlinuz
+  APPEND initrd=initrd.gz console=ttyS0 quiet csv.mode=idle
+CFG
+mcopy -i "$part" "$out/vmlinuz" ::vmlinuz
+mcopy -i "$part" "$out/initramfs.cpio.gz" ::initrd.gz
+mcopy -i "$part" "$work/syslinux.cfg" ::syslinux.cfg
+mmd -i "$part" ::EFI ::EFI/BOOT
+mcopy -i "$part" /usr/lib/SYSLINUX.EFI/efi64/syslinux.efi ::EFI/BOOT/BOOTX64.EFI
+mcopy -i "$part" /usr/lib/syslinux/modules/efi64/ldlinux.e64 ::EFI/BOOT/ldlinux.e64
+sed 's|KERNEL vmlinuz|KERNEL /vmlinuz|; s|initrd=initrd.gz|initrd=/initrd.gz|' "$work/syslinux.cfg" > "$work/efi.cfg"
+mcopy -i "$part" "$work/efi.cfg" ::EFI/BOOT/syslinux.cfg
+syslinux --install "$part"
+disk="$out/bootable.raw"
+rm -f "$disk"
+truncate -s 64M "$disk"
+echo 'start=2048, type=6, bootable' | sfdisk -q "$disk" >/dev/null
+dd if="$part" of="$disk" bs=1M seek=1 conv=notrunc status=none
+dd if=/usr/lib/syslinux/mbr/mbr.bin of="$disk" bs=440 count=1 conv=notrunc status=none
 rm -rf "$work"
 echo "kernel $kver ($pkg): $out/vmlinuz, $out/initramfs.cpio.gz; modules:$order"

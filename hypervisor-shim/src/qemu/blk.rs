@@ -227,6 +227,7 @@ impl DiskServer {
                     None
                 };
                 let (status, written) = serve_request(&*mem, &descs, disk, self.capacity, stats);
+                tracing::trace!(head, descs = ?descs.iter().map(|d| (d.addr().0, d.len(), d.flags())).collect::<Vec<_>>(), status, written, "request");
                 if status != 0 {
                     stats.errors += 1;
                 }
@@ -317,11 +318,19 @@ impl VhostUserBackend for DiskServer {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Memory>) -> io::Result<()> {
+        {
+            use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+            let m = mem.memory();
+            for r in m.iter() {
+                tracing::debug!(start = r.start_addr().0, len = r.len(), "guest memory region");
+            }
+        }
         self.lock().mem = Some(mem);
         Ok(())
     }
 
-    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        tracing::debug!(queue_index, "queue stopped");
         // Taking the lock waits for a batch being served; then the disk
         // is flushed, before QEMU hears the device has stopped.
         let mut inner = self.lock();

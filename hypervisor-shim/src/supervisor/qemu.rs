@@ -95,6 +95,14 @@ impl Accel {
     }
 }
 
+/// The UEFI firmware image, where installed (Debian's `ovmf`).
+pub fn ovmf() -> Option<PathBuf> {
+    ["/usr/share/ovmf/OVMF.fd", "/usr/share/qemu/OVMF.fd"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
 /// Where `qemu-system-x86_64` is.
 pub fn default_program() -> PathBuf {
     PathBuf::from("qemu-system-x86_64")
@@ -227,8 +235,19 @@ impl Qemu {
                         .unwrap_or_else(|| "console=ttyS0".to_string()),
                 );
             }
-            // Firmware (SeaBIOS) boots the disk.
-            None => {}
+            // Firmware boots the disk: UEFI (OVMF) where installed.
+            // SeaBIOS is QEMU's default, but here it cannot boot from a
+            // vhost-user-blk disk: its requests live in the BIOS area
+            // below 1 MiB and stall after the boot sector (the same with
+            // qemu-storage-daemon's backend).
+            None => match ovmf() {
+                Some(fw) => {
+                    a.push("-bios".into());
+                    a.push(fw.display().to_string());
+                }
+                None => tracing::warn!(vm = %vm.name,
+                    "no OVMF (apt install ovmf): SeaBIOS may not boot a vhost-user-blk disk"),
+            },
         }
         match &vm.start {
             Start::Boot => {}

@@ -140,7 +140,7 @@ fn serial_tail(cl: &CsvCluster, host: u64) -> String {
     let mut out = String::new();
     for f in walk(&dir) {
         if f.extension().is_some_and(|e| e == "serial" || e == "log")
-            && f.to_string_lossy().contains("linux")
+            && f.parent().is_some_and(|p| p.ends_with("vms"))
         {
             let text = std::fs::read_to_string(&f).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
@@ -390,4 +390,72 @@ fn a_linux_guest_restarts_elsewhere_with_its_records_after_kill_9_of_its_host() 
             .starts_with("failover: host 3"),
         "{s}"
     );
+}
+
+#[test]
+fn a_bootable_vhd_boots_by_firmware_in_the_qemu_engine() {
+    skip_without_qemu_guest!();
+    let (cl, v) = CsvCluster::mounted_loopback(3, 256 << 20).unwrap();
+    csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.client()
+            .cluster_info()
+            .map(|i| i.nodes.len() == 3)
+            .unwrap_or(false)
+    })
+    .unwrap();
+    // The bootable disk image becomes a dynamic VHD on the volume.
+    let vhd = cl.mountpoint(2, v).join("boot.vhd");
+    csvctl_ok(
+        &cl,
+        &[
+            "vhd",
+            "convert",
+            "--to",
+            "dynamic",
+            guest_dir().join("bootable.raw").to_str().unwrap(),
+            vhd.to_str().unwrap(),
+        ],
+    );
+    let (port, heard) = observer();
+    csvctl_ok(
+        &cl,
+        &[
+            "vm",
+            "add",
+            "bios",
+            "--memory",
+            "256M",
+            "--disk",
+            &format!("/ClusterStorage/Volume{v}/boot.vhd"),
+            "--firmware-boot",
+            "--heartbeat",
+            &format!("127.0.0.1:{port}"),
+        ],
+    );
+    let s = csvctl_json(&cl, &["vm", "status", "bios", "--json"]);
+    assert_eq!(s["config"]["engine"], "qemu", "{s}");
+    assert_eq!(s["config"]["guest"], "linux", "{s}");
+    let t0 = Instant::now();
+    csvctl_ok(&cl, &["vm", "start", "bios", "--on", "2"]);
+    let marker = |m: &str| {
+        heard
+            .lock()
+            .unwrap()
+            .lines
+            .iter()
+            .any(|(_, l)| l == m)
+    };
+    let ok = csv_test_support::wait_until(Duration::from_secs(120), || {
+        marker("CSV-GUEST-IDLE") || failed(&cl, "bios")
+    });
+    assert!(
+        ok.is_ok() && marker("CSV-GUEST-UP"),
+        "no marker from the firmware-booted guest: {:?}\n{}\n{}",
+        heard.lock().unwrap().lines.last(),
+        csvctl_ok(&cl, &["vm", "status", "bios"]),
+        serial_tail(&cl, 2)
+    );
+    eprintln!("firmware boot to the guest's marker: {:?}", t0.elapsed());
+    let serial = serial_tail(&cl, 2);
+    assert!(serial.contains("CSV-GUEST-UP"), "{serial}");
 }
