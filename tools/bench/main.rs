@@ -15,6 +15,7 @@ use clap::Parser;
 mod fs_suite;
 mod iscsi_suite;
 mod meta_suite;
+mod qemu_suite;
 mod redirect_suite;
 mod snap_suite;
 mod table;
@@ -85,6 +86,15 @@ enum Suite {
     /// observer, total time) of 256 MiB and 1 GiB guests, idle and dirtying
     /// 64 MiB/s. Needs qemu-system-x86_64 (`tools/setup.sh --qemu-system`).
     Vmm(vmm_suite::Args),
+    /// Real guests in QEMU with csv's disk backend (about 6 min under TCG).
+    ///
+    /// fio inside the Linux test guest on csv's vhost-user-blk backend
+    /// (a dynamic VHD on a csvd mount) against QEMU's own vpc driver on the
+    /// same mount and against QEMU on a raw local file (cache=none,
+    /// aio=native); boot time; live-migration downtime and total time with
+    /// the write-lease hand-over against the same QEMU migration without
+    /// one. Needs `tools/setup.sh --qemu-system` (QEMU, the guest).
+    Qemu(qemu_suite::Args),
     /// fio writes through the mount right after five snapshots against no
     /// snapshot, and the write-hold time of a snapshot under load on three
     /// hosts (about 2 min).
@@ -103,6 +113,7 @@ fn main() -> Result<()> {
         Suite::Fs(a) => fs_suite::run(a),
         Suite::Redirect(a) => redirect_suite::run(a),
         Suite::Vmm(a) => vmm_suite::run(a),
+        Suite::Qemu(a) => qemu_suite::run(a),
         Suite::Snap(a) => snap_suite::run(a),
     }
 }

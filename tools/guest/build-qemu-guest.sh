@@ -19,7 +19,12 @@
 # (ttyS0): CSV-GUEST-UP, CSV-GUEST-MKFS, CSV-GUEST-MOUNTED.
 #
 # The kernel command line may carry csv.mode=idle (no disk workload:
-# boot, print the markers, send "hb idle" heartbeats).
+# boot, print the markers, send "hb idle" heartbeats) or csv.mode=fio
+# (the benchmark, with initramfs-fio.cpio.gz: Debian's fio with its
+# libraries on /dev/vda, O_DIRECT with libaio: a 256 MiB sequential fill,
+# then 4 KiB random reads and writes at queue depth 32 and 1 MiB
+# sequential reads and writes at depth 8, 8 s each, each job's terse
+# result line sent as "fio LINE", then "CSV-GUEST-FIO-DONE" and power off).
 #
 # It also makes bootable.raw: a 64 MiB disk firmware boots by itself, as a
 # Hyper-V VM boots its VHD: one FAT partition holding the same kernel and
@@ -96,6 +101,18 @@ mode=disk
 for a in $(cat /proc/cmdline); do case "$a" in csv.mode=*) mode=${a#csv.mode=} ;; esac; done
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do sleep 0.2; i=$((i + 1)); done
+if [ "$mode" = fio ] && [ -b /dev/vda ]; then
+  echo CSV-GUEST-FIO; echo CSV-GUEST-FIO > /dev/ttyS1 2>/dev/null
+  o="--filename=/dev/vda --direct=1 --ioengine=libaio --size=256M"
+  fio --name=fill $o --rw=write --bs=1M --iodepth=8 >/dev/null 2>&1
+  for job in "randread 4k 32" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
+    set -- $job
+    fio --minimal --name="$1-$2" $o --rw="$1" --bs="$2" --iodepth="$3" --time_based --runtime=8 2>&1 |
+      while read -r l; do echo "fio $l"; echo "fio $l" > /dev/ttyS1 2>/dev/null; done
+  done
+  echo CSV-GUEST-FIO-DONE; echo CSV-GUEST-FIO-DONE > /dev/ttyS1 2>/dev/null
+  sync; poweroff -f
+fi
 if [ "$mode" = idle ] || [ ! -b /dev/vda ]; then
   [ -b /dev/vda ] || echo CSV-GUEST-NO-DISK
   echo CSV-GUEST-IDLE; echo CSV-GUEST-IDLE > /dev/ttyS1 2>/dev/null
@@ -118,6 +135,15 @@ exec /bin/csv-writer /mnt/records /dev/ttyS1 50 100
 INIT
 chmod +x "$r/init"
 (cd "$r" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -6) > "$out/initramfs.cpio.gz"
+# The benchmark's initramfs: the same with fio and every library it links.
+if command -v fio >/dev/null; then
+  cp "$(command -v fio)" "$r/bin/fio"
+  ldd "$(command -v fio)" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | while read -r lib; do
+    mkdir -p "$r$(dirname "$lib")"
+    cp -L "$lib" "$r$lib"
+  done
+  (cd "$r" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > "$out/initramfs-fio.cpio.gz"
+fi
 # The firmware-bootable disk.
 part="$work/part.img"
 rm -f "$part"

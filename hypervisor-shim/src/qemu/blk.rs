@@ -322,7 +322,11 @@ impl VhostUserBackend for DiskServer {
             use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
             let m = mem.memory();
             for r in m.iter() {
-                tracing::debug!(start = r.start_addr().0, len = r.len(), "guest memory region");
+                tracing::debug!(
+                    start = r.start_addr().0,
+                    len = r.len(),
+                    "guest memory region"
+                );
             }
         }
         self.lock().mem = Some(mem);
@@ -412,7 +416,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = DiskServer::open(&vhd(d.path(), 64 << 20), Access::Write, None).unwrap();
         let c = s.get_config(0, CONFIG_LEN as u32);
-        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (64 << 20) / 512);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap()),
+            (64 << 20) / 512
+        );
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), SEG_MAX);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         // Any window QEMU asks for is answered at its size.
@@ -427,8 +434,12 @@ mod tests {
         let s = DiskServer::open(&vhd(d.path(), 8 << 20), Access::Write, None).unwrap();
         assert_ne!(s.features() & VHOST_F_LOG_ALL, 0);
         assert_ne!(s.features() & VIRTIO_BLK_F_FLUSH, 0);
-        assert!(s.protocol_features().contains(VhostUserProtocolFeatures::LOG_SHMFD));
-        assert!(s.protocol_features().contains(VhostUserProtocolFeatures::CONFIG));
+        assert!(s
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        assert!(s
+            .protocol_features()
+            .contains(VhostUserProtocolFeatures::CONFIG));
     }
 
     #[test]
@@ -446,8 +457,8 @@ mod tests {
     fn stop_flushes_and_writes_the_counters() {
         let d = tempfile::tempdir().unwrap();
         let stats = d.path().join("d.stats");
-        let s = DiskServer::open(&vhd(d.path(), 8 << 20), Access::Write, Some(stats.clone()))
-            .unwrap();
+        let s =
+            DiskServer::open(&vhd(d.path(), 8 << 20), Access::Write, Some(stats.clone())).unwrap();
         s.stop_vring(0).unwrap();
         let read: BlkStats = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
         assert_eq!(read.flushes, 1);

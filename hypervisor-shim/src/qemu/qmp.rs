@@ -447,16 +447,21 @@ impl Qmp {
 
     /// Sends `cmd` and reads its result as `T`; events that arrive first
     /// are kept in [`Qmp::events`].
-    pub fn execute<T: serde::de::DeserializeOwned>(&mut self, cmd: &Command) -> Result<T, QmpError> {
+    pub fn execute<T: serde::de::DeserializeOwned>(
+        &mut self,
+        cmd: &Command,
+    ) -> Result<T, QmpError> {
         let mut text = serde_json::to_vec(cmd).map_err(|source| QmpError::Reply {
             command: cmd.name(),
             source,
         })?;
         text.push(b'\n');
-        self.writer.write_all(&text).map_err(|source| QmpError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
+        self.writer
+            .write_all(&text)
+            .map_err(|source| QmpError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         loop {
             match self.read()? {
                 Message::Return { value } => {
@@ -515,8 +520,14 @@ mod tests {
     #[test]
     fn commands_are_spelled_as_qapi_spells_them() {
         let j = |c: &Command| serde_json::to_string(c).unwrap();
-        assert_eq!(j(&Command::QmpCapabilities), r#"{"execute":"qmp_capabilities"}"#);
-        assert_eq!(j(&Command::MigrateCancel), r#"{"execute":"migrate_cancel"}"#);
+        assert_eq!(
+            j(&Command::QmpCapabilities),
+            r#"{"execute":"qmp_capabilities"}"#
+        );
+        assert_eq!(
+            j(&Command::MigrateCancel),
+            r#"{"execute":"migrate_cancel"}"#
+        );
         assert_eq!(
             j(&Command::MigrateContinue {
                 state: MigrationStatus::PreSwitchover
@@ -549,12 +560,16 @@ mod tests {
         let g = parse(br#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": ""}, "capabilities": ["oob"]}}"#).unwrap();
         assert!(matches!(g, Message::Greeting { .. }));
         let r = parse(br#"{"return": {"status": "pre-switchover", "ram": {"transferred": 10, "remaining": 0, "total": 512, "mbps": 1.5}, "total-time": 40}}"#).unwrap();
-        let Message::Return { value } = r else { panic!("{r:?}") };
+        let Message::Return { value } = r else {
+            panic!("{r:?}")
+        };
         let m: MigrationInfo = serde_json::from_value(value).unwrap();
         assert_eq!(m.status, Some(MigrationStatus::PreSwitchover));
         assert_eq!(m.ram.unwrap().transferred, 10);
         let inc = parse(br#"{"return": {"status": "setup", "socket-address": [{"port": "40001", "ipv6": false, "host": "127.0.0.1", "type": "inet"}]}}"#).unwrap();
-        let Message::Return { value } = inc else { panic!() };
+        let Message::Return { value } = inc else {
+            panic!()
+        };
         let m: MigrationInfo = serde_json::from_value(value).unwrap();
         assert_eq!(
             m.socket_address.unwrap()[0],
@@ -575,8 +590,14 @@ mod tests {
     #[test]
     fn garbage_and_overlong_lines_are_errors() {
         assert!(matches!(parse(b"not json"), Err(QmpError::Parse { .. })));
-        assert!(matches!(parse(br#"{"neither": 1}"#), Err(QmpError::Parse { .. })));
-        assert!(matches!(parse(&vec![b' '; MAX_LINE + 1]), Err(QmpError::TooLong)));
+        assert!(matches!(
+            parse(br#"{"neither": 1}"#),
+            Err(QmpError::Parse { .. })
+        ));
+        assert!(matches!(
+            parse(&vec![b' '; MAX_LINE + 1]),
+            Err(QmpError::TooLong)
+        ));
     }
 
     #[test]
@@ -597,11 +618,23 @@ mod tests {
             line.clear();
             r.read_line(&mut line).unwrap();
             assert!(line.contains("query-status"));
-            writeln!(w, r#"{{"event": "RESUME", "timestamp": {{"seconds": 1, "microseconds": 0}}}}"#).unwrap();
-            writeln!(w, r#"{{"return": {{"running": true, "status": "running"}}}}"#).unwrap();
+            writeln!(
+                w,
+                r#"{{"event": "RESUME", "timestamp": {{"seconds": 1, "microseconds": 0}}}}"#
+            )
+            .unwrap();
+            writeln!(
+                w,
+                r#"{{"return": {{"running": true, "status": "running"}}}}"#
+            )
+            .unwrap();
             line.clear();
             r.read_line(&mut line).unwrap();
-            writeln!(w, r#"{{"error": {{"class": "GenericError", "desc": "nope"}}}}"#).unwrap();
+            writeln!(
+                w,
+                r#"{{"error": {{"class": "GenericError", "desc": "nope"}}}}"#
+            )
+            .unwrap();
         });
         let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
         let s: StatusInfo = q.execute(&Command::QueryStatus).unwrap();

@@ -201,7 +201,11 @@ impl Qemu {
                 crate::qemu::blk::QUEUE_SIZE,
                 // Firmware boots the disk first (a direct kernel boot's
                 // loader takes the first boot slot itself).
-                if vm.kernel.is_none() { ",bootindex=0" } else { "" }
+                if vm.kernel.is_none() {
+                    ",bootindex=0"
+                } else {
+                    ""
+                }
             ),
             "-serial".into(),
             format!("file:{}", files.serial.display()),
@@ -510,10 +514,14 @@ impl Handle {
         self.run(Command::MigrateIncoming { uri: uri.clone() })?;
         if uri.starts_with("tcp:") {
             let info: MigrationInfo = self.with(|q| q.execute(&Command::QueryMigrate))?;
-            let addr = info.socket_address.unwrap_or_default().into_iter().find_map(|a| match a {
-                SocketAddress::Inet { host, port } => Some(format!("{host}:{port}")),
-                _ => None,
-            });
+            let addr = info
+                .socket_address
+                .unwrap_or_default()
+                .into_iter()
+                .find_map(|a| match a {
+                    SocketAddress::Inet { host, port } => Some(format!("{host}:{port}")),
+                    _ => None,
+                });
             *self.listen.lock().unwrap_or_else(|p| p.into_inner()) = addr;
         }
         Ok(())
@@ -580,7 +588,11 @@ impl VmHandle for Handle {
             .and_then(|b| serde_json::from_slice(&b).ok());
         Ok(Status {
             state: Some(run_state(&s)),
-            listen: self.listen.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            listen: self
+                .listen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
             mem_bytes: self.mem_bytes,
             vcpus: self.vcpus,
             disk,
@@ -723,10 +735,9 @@ impl VmHandle for Handle {
             })
             .map_err(qmp_err)?;
         if info.status != Some(MigrationStatus::Completed) {
-            return Err(EngineError::Migration(
-                info.error_desc
-                    .unwrap_or_else(|| format!("the migration ended {:?}", info.status)),
-            ));
+            return Err(EngineError::Migration(info.error_desc.unwrap_or_else(
+                || format!("the migration ended {:?}", info.status),
+            )));
         }
         // The guest runs on the target: this QEMU exits, and its disk
         // server closes the VHD (this host no longer holds its lease).
@@ -770,6 +781,9 @@ mod tests {
         write_psk(&d.path().join("tls"), "00ff").unwrap();
         let f = d.path().join("tls/keys.psk");
         assert_eq!(std::fs::read_to_string(&f).unwrap(), "csv:00ff\n");
-        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

@@ -244,7 +244,15 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
         let before = Instant::now();
         let o = cl
             .csvctl()
-            .args(["vm", "migrate", "linux", "--to", &to.to_string(), "--timeout-s", "120"])
+            .args([
+                "vm",
+                "migrate",
+                "linux",
+                "--to",
+                &to.to_string(),
+                "--timeout-s",
+                "120",
+            ])
             .output()
             .unwrap();
         assert!(
@@ -285,7 +293,10 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
     eprintln!("heartbeat gaps at the five moves: {gaps:?}");
 
     // One writer at a time, following the VM: 1, 2, 3, 1, 2, 3.
-    let h = csvctl_json(&cl, &["volume", "leases", &v.to_string(), "linux.vhd", "--json"]);
+    let h = csvctl_json(
+        &cl,
+        &["volume", "leases", &v.to_string(), "linux.vhd", "--json"],
+    );
     assert_eq!(h["single_writer"], true, "{h:#}");
     let mut holders: Vec<u64> = Vec::new();
     for e in h["events"].as_array().unwrap() {
@@ -374,7 +385,12 @@ fn a_linux_guest_restarts_elsewhere_with_its_records_after_kill_9_of_its_host() 
     assert!(after.iter().any(|l| l == "fsck clean"), "{after:?}");
     let restart = after
         .iter()
-        .find_map(|l| l.strip_prefix("verify ok ")?.strip_suffix(" (start)")?.parse::<u64>().ok())
+        .find_map(|l| {
+            l.strip_prefix("verify ok ")?
+                .strip_suffix(" (start)")?
+                .parse::<u64>()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no start-up check: {after:?}"));
     assert!(
         restart >= synced,
@@ -437,14 +453,7 @@ fn a_bootable_vhd_boots_by_firmware_in_the_qemu_engine() {
     assert_eq!(s["config"]["guest"], "linux", "{s}");
     let t0 = Instant::now();
     csvctl_ok(&cl, &["vm", "start", "bios", "--on", "2"]);
-    let marker = |m: &str| {
-        heard
-            .lock()
-            .unwrap()
-            .lines
-            .iter()
-            .any(|(_, l)| l == m)
-    };
+    let marker = |m: &str| heard.lock().unwrap().lines.iter().any(|(_, l)| l == m);
     let ok = csv_test_support::wait_until(Duration::from_secs(120), || {
         marker("CSV-GUEST-IDLE") || failed(&cl, "bios")
     });
