@@ -35,6 +35,79 @@ pub struct UpArgs {
     /// 127.0.0.1); 0 for none.
     #[arg(long, default_value_t = 9101)]
     console_port: u16,
+    /// Also start a real Linux VM, "linux1", in the qemu engine on host 1:
+    /// the test guest's Debian kernel and initramfs from DIR
+    /// (tools/setup.sh --qemu-system builds them into target/qemu-guest)
+    /// boot from a dynamic VHD on Volume1 that csv serves to QEMU; the
+    /// guest makes ext4 on it and writes checksummed records. Its console:
+    /// <dir>/node1/vms/linux1.serial.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "target/qemu-guest")]
+    linux_vm: Option<PathBuf>,
+}
+
+/// `csvctl up --linux-vm`: the guest's files and a VHD on Volume1 (through
+/// host 1's mount), the role added and started on host 1.
+fn linux_vm(dir: &Path, guest: &Path, env: &[(&str, String); 3]) -> Result<()> {
+    let vol = node_dir(dir, 1).join("ClusterStorage/Volume1");
+    let images = vol.join("images");
+    std::fs::create_dir_all(&images).with_context(|| format!("make {}", images.display()))?;
+    for f in ["vmlinuz", "initramfs.cpio.gz"] {
+        let from = guest.join(f);
+        if !from.exists() {
+            bail!(
+                "no {} (tools/setup.sh --qemu-system builds the guest into target/qemu-guest; or give --linux-vm DIR)",
+                from.display()
+            );
+        }
+        std::fs::copy(&from, images.join(f))
+            .with_context(|| format!("copy {} to Volume1", from.display()))?;
+    }
+    let disk = vol.join("linux1.vhd");
+    if !disk.exists() {
+        vhd::Vhd::create(&disk, &vhd::CreateOptions::new(vhd::DiskType::Dynamic, 1 << 30))
+            .with_context(|| format!("create {}", disk.display()))?;
+    }
+    let me = std::env::current_exe().context("find csvctl")?;
+    let run = |args: &[&str]| -> Result<()> {
+        let o = std::process::Command::new(&me)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .output()
+            .context("run csvctl")?;
+        if !o.status.success() {
+            bail!("csvctl {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+        }
+        Ok(())
+    };
+    let v = "/ClusterStorage/Volume1";
+    let exists = std::process::Command::new(&me)
+        .args(["vm", "status", "linux1"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        run(&[
+            "vm",
+            "add",
+            "linux1",
+            "--memory",
+            "512M",
+            "--disk",
+            &format!("{v}/linux1.vhd"),
+            "--kernel",
+            &format!("{v}/images/vmlinuz"),
+            "--initrd",
+            &format!("{v}/images/initramfs.cpio.gz"),
+            "--cmdline",
+            "console=ttyS0",
+        ])?;
+    }
+    run(&["vm", "start", "linux1", "--on", "1"])?;
+    println!(
+        "VM linux1 (qemu engine, Debian kernel) starting on host 1 from {v}/linux1.vhd; console: {}",
+        node_dir(dir, 1).join("vms/linux1.serial").display()
+    );
+    Ok(())
 }
 
 /// `csvctl down`
@@ -258,6 +331,17 @@ pub fn up(a: UpArgs) -> Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let eps: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+    if let Some(guest) = &a.linux_vm {
+        let env = [
+            ("CSV_ENDPOINTS", eps.join(",")),
+            ("CSV_KEY_FILE", key_file.display().to_string()),
+            ("CSV_CLUSTER", CLUSTER.to_string()),
+        ];
+        if let Err(e) = linux_vm(&dir, guest, &env) {
+            stop_all(&dir, &mut children);
+            return Err(e);
+        }
+    }
     println!();
     println!("Use it:");
     for k in 1..=a.nodes {

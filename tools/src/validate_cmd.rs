@@ -20,7 +20,7 @@ use std::time::Duration;
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Check {
     /// What was checked: `san-path`, `san-latency`, `fencing`, `networks`,
-    /// `clock`, `kvm`, `fuse`, `failover-memory`, `quorum`, `version`,
+    /// `clock`, `kvm`, `qemu`, `fuse`, `failover-memory`, `quorum`, `version`,
     /// `reachable`.
     pub check: &'static str,
     /// Where: `host 2`, `Volume1 on host 2`, `cluster`, `group Volume1`.
@@ -212,6 +212,13 @@ fn check_devices(up: &[&Host], t: &Thresholds, out: &mut Vec<Check>) {
         } else {
             check("kvm", scope.clone(), "FAIL", "/dev/kvm does not open: VM roles cannot run here".into(),
                 "enable virtualization in the firmware and load kvm_intel or kvm_amd; or drain the host (csvctl node drain) so no VM is placed on it")
+        });
+        out.push(match f.qemu_accel.as_str() {
+            "" => check("qemu", scope.clone(), "WARN", "qemu-system-x86_64 is not installed: real guests (the qemu engine) cannot run here".into(),
+                "tools/setup.sh --qemu-system (or apt install qemu-system-x86 ovmf)"),
+            "kvm" => check("qemu", scope.clone(), "PASS", format!("QEMU runs guests with KVM ({})", f.qemu_accel_reason), ""),
+            _ => check("qemu", scope.clone(), "WARN", format!("QEMU runs guests under TCG: {}", f.qemu_accel_reason),
+                "enable hardware virtualization (vmx/svm) in the firmware or the hypervisor below this host; guests run many times slower without it"),
         });
         out.push(if f.fuse {
             check("fuse", scope.clone(), "PASS", "/dev/fuse opens".into(), "")

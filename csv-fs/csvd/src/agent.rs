@@ -294,6 +294,8 @@ fn opens(p: &str) -> bool {
 impl ProbeService for HostAgent {
     fn facts(&self, candidates: &[String]) -> proto::HostFacts {
         let load = hypervisor_shim::supervisor::placement::sample_load();
+        let qemu = hypervisor_shim::supervisor::qemu::installed();
+        let accel = hypervisor_shim::supervisor::qemu::Accel::detect();
         proto::HostFacts {
             node: self.0.identity.node,
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -304,6 +306,8 @@ impl ProbeService for HostAgent {
             mem_available: load.mem_available,
             listen: self.0.listen.iter().map(|a| a.to_string()).collect(),
             paths: self.paths(candidates),
+            qemu_accel: if qemu { accel.name.to_string() } else { String::new() },
+            qemu_accel_reason: accel.reason,
         }
     }
 }

@@ -103,6 +103,13 @@ pub fn ovmf() -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
+/// Whether `qemu-system-x86_64` is on PATH.
+pub fn installed() -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|d| d.join("qemu-system-x86_64").is_file())
+    })
+}
+
 /// Where `qemu-system-x86_64` is.
 pub fn default_program() -> PathBuf {
     PathBuf::from("qemu-system-x86_64")
@@ -702,7 +709,10 @@ impl VmHandle for Handle {
                 }
                 _ => progress(&Handle::progress(&info)),
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // The guest is paused from `pre-switchover` until the lease
+            // has moved and QEMU hears `migrate-continue`: a coarse poll
+            // would add its period to the downtime.
+            std::thread::sleep(Duration::from_millis(2));
         };
         progress(&Handle::progress(&info));
         // The guest is paused and its disk server stopped and flushed:
@@ -729,7 +739,7 @@ impl VmHandle for Handle {
         .map_err(qmp_err)?;
         let info = self
             .with(|q| {
-                q.wait_migration(Duration::from_millis(10), Duration::from_secs(120), |i| {
+                q.wait_migration(Duration::from_millis(2), Duration::from_secs(120), |i| {
                     ended(i.status)
                 })
             })
