@@ -519,6 +519,23 @@ impl Handle {
             }))?;
         }
         self.run(Command::MigrateIncoming { uri: uri.clone() })?;
+        if uri.starts_with("file:") {
+            // A saved state: the guest was paused to be saved, so it stays
+            // paused once loaded; it runs on here.
+            let info = self.with(|q| {
+                q.wait_migration(Duration::from_millis(20), Duration::from_secs(600), |i| {
+                    ended(i.status)
+                })
+            })?;
+            if info.status != Some(MigrationStatus::Completed) {
+                return Err(QmpError::Unexpected(format!(
+                    "restoring {uri} ended {:?}: {}",
+                    info.status,
+                    info.error_desc.unwrap_or_default()
+                )));
+            }
+            self.run(Command::Cont)?;
+        }
         if uri.starts_with("tcp:") {
             let info: MigrationInfo = self.with(|q| q.execute(&Command::QueryMigrate))?;
             let addr = info
@@ -624,6 +641,20 @@ impl VmHandle for Handle {
     }
 
     fn save(&self, path: &Path) -> Result<Summary, EngineError> {
+        // A file needs no TLS (a VM that came in by live migration has
+        // the incoming credentials set) and no pause before switch-over.
+        self.run(Command::MigrateSetParameters(MigrateParameters {
+            tls_creds: Some(String::new()),
+            ..Default::default()
+        }))
+        .map_err(qmp_err)?;
+        self.run(Command::MigrateSetCapabilities {
+            capabilities: vec![CapabilityState {
+                capability: Capability::PauseBeforeSwitchover,
+                state: false,
+            }],
+        })
+        .map_err(qmp_err)?;
         self.run(Command::Stop).map_err(qmp_err)?;
         self.run(Command::Migrate {
             uri: format!("file:{}", path.display()),

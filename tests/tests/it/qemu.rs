@@ -233,7 +233,7 @@ fn linux_vm_running(on: u64) -> (CsvCluster, u64, Arc<Mutex<Heard>>) {
 }
 
 #[test]
-fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
+fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts_and_quick_migrates() {
     skip_without_qemu_guest!();
     let (cl, v, heard) = linux_vm_running(1);
 
@@ -292,7 +292,38 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
     }
     eprintln!("heartbeat gaps at the five moves: {gaps:?}");
 
-    // One writer at a time, following the VM: 1, 2, 3, 1, 2, 3.
+    // A quick migration: QEMU saves the guest to a file on the volume,
+    // the target restores it, the guest goes on and checks its records.
+    let to = host % 3 + 1;
+    let o = cl
+        .csvctl()
+        .args(["vm", "migrate", "linux", "--to", &to.to_string(), "--quick", "--timeout-s", "120"])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "quick move: {}\nhost {host} log:\n{}\nhost {to} log:\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        cl.log_tail(host, 15),
+        cl.log_tail(to, 15),
+        serial_tail(&cl, to)
+    );
+    eprintln!("quick move: {}", String::from_utf8_lossy(&o.stdout).trim());
+    let moved = Instant::now();
+    let ok = csv_test_support::wait_until(Duration::from_secs(90), || {
+        verified_after(&heard, moved).is_some() || failed(&cl, "linux")
+    });
+    assert!(
+        ok.is_ok() && !failed(&cl, "linux"),
+        "no full check after the quick move to host {to}: {:?}\n{}\n{}",
+        heard.lock().unwrap().lines.last(),
+        csvctl_ok(&cl, &["vm", "status", "linux"]),
+        serial_tail(&cl, to)
+    );
+    assert!(bad_lines(&heard).is_empty(), "{:?}", bad_lines(&heard));
+
+    // One writer at a time, following the VM: 1, 2, 3, 1, 2, 3, then 1
+    // after the quick move.
     let h = csvctl_json(
         &cl,
         &["volume", "leases", &v.to_string(), "linux.vhd", "--json"],
@@ -307,14 +338,17 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts() {
             }
         }
     }
-    assert_eq!(holders, vec![1, 2, 3, 1, 2, 3], "{h:#}");
+    assert_eq!(holders, vec![1, 2, 3, 1, 2, 3, 1], "{h:#}");
+    // Every live switch-over was a hand-over; at the quick one the
+    // source's release may reach the coordinator first (then the target
+    // is granted the free lease).
     let handed_in = h["events"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|e| e["change"] == "handed-in")
         .count();
-    assert_eq!(handed_in, 5, "{h:#}");
+    assert!((5..=6).contains(&handed_in), "{h:#}");
 
     // Stopped, the VHD checks clean and holds the guest's ext4.
     csvctl_ok(&cl, &["vm", "stop", "linux"]);
