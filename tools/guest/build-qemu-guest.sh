@@ -18,6 +18,10 @@
 # and check every 200 records ("verify ok N"). Markers on the console
 # (ttyS0): CSV-GUEST-UP, CSV-GUEST-MKFS, CSV-GUEST-MOUNTED.
 #
+# The guest runs qemu-guest-agent (Debian's, unpacked from its package
+# like the kernel) on its virtio-serial port, so a snapshot of its volume
+# freezes its filesystems; csv.agent=0 on the command line leaves it out.
+#
 # The kernel command line may carry csv.mode=idle (no disk workload:
 # boot, print the markers, send "hb idle" heartbeats) or csv.mode=fio
 # (the benchmark, with initramfs-fio.cpio.gz: Debian's fio with its
@@ -51,6 +55,11 @@ if ! ls "$out"/"$pkg"_*.deb >/dev/null 2>&1; then
   (cd "$out" && apt-get download "$pkg")
 fi
 dpkg-deb -x "$out"/"$pkg"_*.deb "$work/deb"
+if ! ls "$out"/qemu-guest-agent_*.deb >/dev/null 2>&1; then
+  (cd "$out" && apt-get download qemu-guest-agent)
+fi
+mkdir -p "$work/qga"
+dpkg-deb -x "$out"/qemu-guest-agent_*.deb "$work/qga"
 cp "$work"/deb/boot/vmlinuz-* "$out/vmlinuz"
 kver=$(ls "$work/deb/lib/modules")
 mods="$work/deb/lib/modules/$kver"
@@ -58,10 +67,11 @@ r="$work/root"
 mkdir -p "$r/bin" "$r/sbin" "$r/dev" "$r/proc" "$r/sys" "$r/mnt" "$r/tmp" "$r/lib/modules" "$r/etc"
 cp "$(command -v busybox)" "$r/bin/busybox"
 gcc -static -O2 -Wall -o "$r/bin/csv-writer" "$here/writer.c"
-# mke2fs and e2fsck with their shared libraries and loader.
-for b in mke2fs e2fsck; do
-  cp "$(command -v $b)" "$r/sbin/$b"
-  ldd "$(command -v $b)" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | while read -r lib; do
+# mke2fs, e2fsck and qemu-ga with their shared libraries and loader.
+cp "$work/qga/usr/sbin/qemu-ga" "$r/sbin/qemu-ga"
+for b in mke2fs e2fsck "$r/sbin/qemu-ga"; do
+  case "$b" in /*) bin=$b ;; *) bin=$(command -v "$b"); cp "$bin" "$r/sbin/$b" ;; esac
+  ldd "$bin" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | while read -r lib; do
     mkdir -p "$r$(dirname "$lib")"
     cp -L "$lib" "$r$lib"
   done
@@ -70,7 +80,7 @@ cp /etc/mke2fs.conf "$r/etc/mke2fs.conf"
 # The modules /init loads, each after what it depends on (the
 # "depends=" of its .modinfo: the package has no modules.dep, which
 # depmod makes at install time).
-want="virtio_pci virtio_blk crc32c_generic ext4"
+want="virtio_pci virtio_blk virtio_console crc32c_generic ext4"
 order=" "
 add() {
   local name=$1 f d
@@ -131,6 +141,17 @@ else
   /sbin/mke2fs -q -F -t ext4 /dev/vda && say CSV-GUEST-MKFS
 fi
 mount -t ext4 /dev/vda /mnt && say CSV-GUEST-MOUNTED
+agent=1
+for a in $(cat /proc/cmdline); do case "$a" in csv.agent=0) agent=0 ;; esac; done
+if [ $agent = 1 ]; then
+  for n in /sys/class/virtio-ports/*/name; do
+    if [ "$(cat "$n" 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
+      port=/dev/$(basename "$(dirname "$n")")
+      mkdir -p /var/run /usr/local/var/run
+      /sbin/qemu-ga -d -m virtio-serial -p "$port" && say CSV-GUEST-AGENT
+    fi
+  done
+fi
 exec /bin/csv-writer /mnt/records /dev/ttyS1 50 100
 INIT
 chmod +x "$r/init"

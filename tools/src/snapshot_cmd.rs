@@ -364,6 +364,7 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
                 r.drain_ms = f.drain_ms;
                 r.flush_ms = f.flush_ms;
                 r.vms = f.vms;
+                r.vm_quiesce = f.vm_quiesce.clone();
                 r.hooks.splice(0..0, f.hooks.iter().cloned());
             }
             (n, r)
@@ -389,7 +390,7 @@ fn report(vol: u64, t: &Taken, json: bool) -> Result<()> {
             .hosts
             .iter()
             .map(|(n, r)| {
-                serde_json::json!({"host": n, "held_ms": r.held_ms, "vms_paused": r.vms,
+                serde_json::json!({"host": n, "held_ms": r.held_ms, "vms_paused": r.vms, "vms": r.vm_quiesce,
                     "drain_ms": r.drain_ms, "flush_ms": r.flush_ms, "refresh_ms": r.refresh_ms,
                     "hooks": r.hooks})
             })
@@ -409,12 +410,17 @@ fn report(vol: u64, t: &Taken, json: bool) -> Result<()> {
             .map(|(n, r)| format!("host {n} {} ms", r.held_ms))
             .collect();
         println!(
-            "snapshot {} of Volume{vol} taken: {} host(s) froze, writes held {max} ms at most ({}); {vms} VM(s) paused; read it at Volume{vol}/{SNAPSHOTS_NAME}/{}",
+            "snapshot {} of Volume{vol} taken: {} host(s) froze, writes held {max} ms at most ({}); {vms} VM(s) quiesced; read it at Volume{vol}/{SNAPSHOTS_NAME}/{}",
             t.name,
             t.hosts.len(),
             per.join(", "),
             t.name
         );
+        for (n, r) in &t.hosts {
+            for q in &r.vm_quiesce {
+                println!("  host {n}: VM {q}");
+            }
+        }
     }
     Ok(())
 }

@@ -24,7 +24,7 @@ use coordinator::proto::{
 };
 use coordinator::service::{ServiceError, SnapshotService};
 use csv_fs::volume::{FreezeError, VolumeFs};
-use hypervisor_shim::supervisor::engine::VmHandle;
+use hypervisor_shim::supervisor::engine::{Quiesced, VmHandle};
 use hypervisor_shim::supervisor::SupervisorView;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -113,16 +113,16 @@ struct Session {
     name: String,
     /// When new writes started to wait.
     held_since: Instant,
-    /// The VMs this freeze paused.
-    paused: Vec<(String, Arc<dyn VmHandle>)>,
+    /// The VMs this freeze quiesced, and how.
+    paused: Vec<(String, Arc<dyn VmHandle>, Quiesced)>,
     /// Thawed by the watchdog: the limit passed.
     expired: bool,
     thawed: bool,
 }
 
-fn resume_all(paused: &[(String, Arc<dyn VmHandle>)]) {
-    for (name, h) in paused {
-        if let Err(e) = h.resume() {
+fn resume_all(paused: &[(String, Arc<dyn VmHandle>, Quiesced)]) {
+    for (name, h, how) in paused {
+        if let Err(e) = h.release(*how) {
             tracing::error!(vm = %name, "resuming a VM after a snapshot: {}", coordinator::service::error_chain(&e));
         }
     }
@@ -270,8 +270,12 @@ impl SnapshotAgent {
         reply.hooks = self.run_hooks("freeze", req, mp, until, true)?;
         let mut paused = Vec::new();
         for (name, h) in self.vms_on(mp) {
-            match h.pause() {
-                Ok(()) => paused.push((name, h)),
+            match h.quiesce(until.saturating_duration_since(Instant::now())) {
+                Ok(how) => {
+                    tracing::info!(vm = %name, how = %how.describe(), "VM quiesced for a snapshot");
+                    reply.vm_quiesce.push(format!("{name}: {}", how.describe()));
+                    paused.push((name, h, how));
+                }
                 Err(e) => {
                     resume_all(&paused);
                     return Err(PhaseError::Pause(name, e));

@@ -192,6 +192,26 @@ pub trait Instance: Send + std::fmt::Debug {
     fn handle(&self) -> Arc<dyn VmHandle>;
 }
 
+/// How a VM was made consistent for a snapshot of its volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quiesced {
+    /// Its vCPUs were paused (crash-consistent: what a power cut leaves).
+    Paused,
+    /// Its guest agent froze this many filesystems (application-
+    /// consistent: the guest flushed and holds its writes); it runs on.
+    Frozen(u32),
+}
+
+impl Quiesced {
+    /// What `snapshot run` reports.
+    pub fn describe(self) -> String {
+        match self {
+            Quiesced::Paused => "paused".into(),
+            Quiesced::Frozen(n) => format!("{n} filesystem(s) frozen by the guest agent"),
+        }
+    }
+}
+
 /// What can be asked of a running VM (from the supervisor, a migration's
 /// thread, the snapshot agent).
 pub trait VmHandle: Send + Sync + std::fmt::Debug {
@@ -201,6 +221,18 @@ pub trait VmHandle: Send + Sync + std::fmt::Debug {
     fn pause(&self) -> Result<(), EngineError>;
     /// Resumes it.
     fn resume(&self) -> Result<(), EngineError>;
+    /// Makes it consistent for a snapshot, within `limit`: an engine that
+    /// can ask the guest to freeze its filesystems does; otherwise, or
+    /// when the guest does not answer, the VM is paused.
+    fn quiesce(&self, limit: std::time::Duration) -> Result<Quiesced, EngineError> {
+        let _ = limit;
+        self.pause().map(|()| Quiesced::Paused)
+    }
+    /// Undoes [`VmHandle::quiesce`].
+    fn release(&self, how: Quiesced) -> Result<(), EngineError> {
+        let _ = how;
+        self.resume()
+    }
     /// Stops it: its disk is flushed and closed, its process exits.
     fn stop(&self) -> Result<(), EngineError>;
     /// Saves its state to `path` and stops it (a quick migration).

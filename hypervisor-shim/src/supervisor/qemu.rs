@@ -25,7 +25,8 @@
 //! A quick migration saves to a file on the volume (`migrate` to
 //! `file:PATH`) and the target restores from it (`migrate-incoming`).
 
-use super::engine::{Engine, EngineError, Instance, Start, VmHandle, VmSpec};
+use super::engine::{Engine, EngineError, Instance, Quiesced, Start, VmHandle, VmSpec};
+use crate::qemu::qga::Agent;
 use super::role::Guest;
 use crate::control::proto::{Status, VmmState};
 use crate::migrate::{Progress, Summary};
@@ -125,6 +126,7 @@ struct Files {
     disk_log: PathBuf,
     stats: PathBuf,
     tls: PathBuf,
+    qga: PathBuf,
 }
 
 impl Files {
@@ -138,6 +140,7 @@ impl Files {
             disk_log: f("disk.log"),
             stats: f("disk.json"),
             tls: f("tls"),
+            qga: f("qga"),
         }
     }
 }
@@ -220,6 +223,14 @@ impl Qemu {
             format!("unix:{},server=on,wait=off", files.qmp.display()),
             "-nic".into(),
             "none".into(),
+            // The guest agent's port (org.qemu.guest_agent.0); used when
+            // the guest runs qemu-ga.
+            "-device".into(),
+            "virtio-serial-pci,id=csv-vser".into(),
+            "-chardev".into(),
+            format!("socket,id=csv-qga,path={},server=on,wait=off", files.qga.display()),
+            "-device".into(),
+            "virtserialport,bus=csv-vser.0,chardev=csv-qga,name=org.qemu.guest_agent.0".into(),
         ];
         if let Some(hb) = &c.heartbeat {
             let (host, port) = hb.rsplit_once(':').ok_or_else(|| EngineError::Config {
@@ -391,6 +402,7 @@ impl Engine for Qemu {
             qmp: Mutex::new(None),
             stats: files.stats.clone(),
             tls: files.tls.clone(),
+            qga: files.qga.clone(),
             mem_bytes: vm.config.memory,
             vcpus: vm.config.vcpus,
             incoming: match &vm.start {
@@ -477,6 +489,7 @@ struct Handle {
     qmp: Mutex<Option<Qmp>>,
     stats: PathBuf,
     tls: PathBuf,
+    qga: PathBuf,
     mem_bytes: u64,
     vcpus: u32,
     /// An incoming migration's URI (`tcp:IP:0`, `file:PATH`).
@@ -630,6 +643,38 @@ impl VmHandle for Handle {
 
     fn resume(&self) -> Result<(), EngineError> {
         self.run(Command::Cont).map_err(qmp_err)
+    }
+
+    fn quiesce(&self, limit: Duration) -> Result<Quiesced, EngineError> {
+        // An agent answers within a second or is taken as absent (a
+        // snapshot's freeze is short); the freeze itself gets the rest.
+        let ask = limit.min(Duration::from_secs(1));
+        match Agent::connect(&self.qga, ask) {
+            Ok(mut a) => {
+                let left = limit.saturating_sub(ask).max(Duration::from_millis(500));
+                match a.freeze(left) {
+                    Ok(n) => return Ok(Quiesced::Frozen(n)),
+                    Err(e) => {
+                        // Half-frozen is worse than either: thaw, pause.
+                        let _ = a.thaw(Duration::from_secs(2));
+                        tracing::warn!(error = %coordinator::service::error_chain(&e),
+                            "the guest agent did not freeze its filesystems; pausing the VM instead");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %coordinator::service::error_chain(&e), "no guest agent"),
+        }
+        self.pause().map(|()| Quiesced::Paused)
+    }
+
+    fn release(&self, how: Quiesced) -> Result<(), EngineError> {
+        match how {
+            Quiesced::Paused => self.resume(),
+            Quiesced::Frozen(_) => Agent::connect(&self.qga, Duration::from_secs(2))
+                .and_then(|mut a| a.thaw(Duration::from_secs(5)))
+                .map(drop)
+                .map_err(qmp_err),
+        }
     }
 
     fn stop(&self) -> Result<(), EngineError> {

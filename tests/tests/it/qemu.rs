@@ -502,3 +502,125 @@ fn a_bootable_vhd_boots_by_firmware_in_the_qemu_engine() {
     let serial = serial_tail(&cl, 2);
     assert!(serial.contains("CSV-GUEST-UP"), "{serial}");
 }
+
+#[test]
+fn a_snapshot_freezes_a_guest_with_its_agent_and_pauses_one_without() {
+    skip_without_qemu_guest!();
+    csv_test_support::skip_unless!(
+        csv_test_support::Need::Command("e2fsck"),
+        csv_test_support::Need::Command("qemu-img")
+    );
+    let (cl, v, heard) = linux_vm_running(2);
+    // A second guest on the same volume and host, without an agent (idle
+    // mode starts none).
+    let mnt = cl.mountpoint(1, v);
+    vhd::Vhd::create(
+        mnt.join("idle.vhd"),
+        &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
+    )
+    .unwrap();
+    let vol = format!("/ClusterStorage/Volume{v}");
+    csvctl_ok(
+        &cl,
+        &[
+            "vm",
+            "add",
+            "idle",
+            "--memory",
+            "128M",
+            "--disk",
+            &format!("{vol}/idle.vhd"),
+            "--kernel",
+            &format!("{vol}/images/vmlinuz"),
+            "--initrd",
+            &format!("{vol}/images/initramfs.cpio.gz"),
+            "--cmdline",
+            "console=ttyS0 quiet csv.mode=idle",
+        ],
+    );
+    csvctl_ok(&cl, &["vm", "start", "idle", "--on", "2"]);
+    let agent = csv_test_support::wait_until(Duration::from_secs(60), || {
+        heard
+            .lock()
+            .unwrap()
+            .lines
+            .iter()
+            .any(|(_, l)| l == "CSV-GUEST-AGENT")
+    });
+    assert!(agent.is_ok(), "the guest's agent did not start");
+    csv_test_support::wait_until(Duration::from_secs(60), || {
+        let s = csvctl_json(&cl, &["vm", "status", "idle", "--json"]);
+        s["runtime"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|x| x["state"] == "running"))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+
+    let out = csv_test_support::temp_dir("qemu-backup").unwrap();
+    let copy = out.path().join("linux.vhd");
+    let root1 = mnt.parent().unwrap().to_path_buf();
+    let script = format!(
+        "cp \"$CSV_SNAPSHOT_PATH/linux.vhd\" {}",
+        copy.display()
+    );
+    let o = cl
+        .csvctl()
+        .args(["snapshot", "run", &v.to_string(), "--name", "app", "--json", "--mount-root"])
+        .arg(&root1)
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let snap: Value = serde_json::from_slice(&o.stdout).unwrap();
+    eprintln!("{snap:#}");
+    let how: Vec<String> = snap["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|h| h["vms"].as_array().cloned().unwrap_or_default())
+        .filter_map(|x| x.as_str().map(str::to_string))
+        .collect();
+    assert!(
+        how.iter()
+            .any(|h| h.starts_with("linux: ") && h.contains("frozen by the guest agent")),
+        "{how:?}"
+    );
+    assert!(how.iter().any(|h| h == "idle: paused"), "{how:?}");
+    // The guest goes on writing and checking after the thaw.
+    let thawed = Instant::now();
+    csv_test_support::wait_until(Duration::from_secs(60), || {
+        verified_after(&heard, thawed).is_some()
+    })
+    .unwrap();
+    assert!(bad_lines(&heard).is_empty(), "{:?}", bad_lines(&heard));
+
+    // The copy is an application-consistent disk: its ext4 needs no
+    // journal recovery and checks clean.
+    let raw = out.path().join("linux.raw");
+    let conv = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "vpc", "-O", "raw"])
+        .arg(&copy)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(conv.status.success(), "{}", String::from_utf8_lossy(&conv.stderr));
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&raw)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    eprintln!("e2fsck -fn on the snapshot's copy:\n{text}");
+    assert!(fsck.status.success(), "{text}");
+    assert!(!text.contains("recovery"), "{text}");
+}
