@@ -64,8 +64,11 @@ fn linux_vm(dir: &Path, guest: &Path, env: &[(&str, String); 3]) -> Result<()> {
     }
     let disk = vol.join("linux1.vhd");
     if !disk.exists() {
-        vhd::Vhd::create(&disk, &vhd::CreateOptions::new(vhd::DiskType::Dynamic, 1 << 30))
-            .with_context(|| format!("create {}", disk.display()))?;
+        vhd::Vhd::create(
+            &disk,
+            &vhd::CreateOptions::new(vhd::DiskType::Dynamic, 1 << 30),
+        )
+        .with_context(|| format!("create {}", disk.display()))?;
     }
     let me = std::env::current_exe().context("find csvctl")?;
     let run = |args: &[&str]| -> Result<()> {
@@ -75,7 +78,11 @@ fn linux_vm(dir: &Path, guest: &Path, env: &[(&str, String); 3]) -> Result<()> {
             .output()
             .context("run csvctl")?;
         if !o.status.success() {
-            bail!("csvctl {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr).trim());
+            bail!(
+                "csvctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            );
         }
         Ok(())
     };

@@ -306,7 +306,11 @@ impl ProbeService for HostAgent {
             mem_available: load.mem_available,
             listen: self.0.listen.iter().map(|a| a.to_string()).collect(),
             paths: self.paths(candidates),
-            qemu_accel: if qemu { accel.name.to_string() } else { String::new() },
+            qemu_accel: if qemu {
+                accel.name.to_string()
+            } else {
+                String::new()
+            },
             qemu_accel_reason: accel.reason,
         }
     }

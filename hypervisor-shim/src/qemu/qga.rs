@@ -38,8 +38,15 @@ impl Agent {
             writer,
             path: path.to_path_buf(),
         };
-        let id = u64::from(std::process::id()) << 32 | u64::from(Instant::now().elapsed().subsec_nanos()) | 1;
-        let v = a.call("guest-sync", Some(serde_json::json!({ "id": id })), wait, Some(id))?;
+        let id = u64::from(std::process::id()) << 32
+            | u64::from(Instant::now().elapsed().subsec_nanos())
+            | 1;
+        let v = a.call(
+            "guest-sync",
+            Some(serde_json::json!({ "id": id })),
+            wait,
+            Some(id),
+        )?;
         if v.as_u64() != Some(id) {
             return Err(QmpError::Unexpected(format!("guest-sync answered {v}")));
         }
@@ -86,7 +93,12 @@ impl Agent {
             {
                 Ok(0) => return Err(QmpError::Closed),
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return Err(QmpError::Timeout(wait, command))
                 }
                 Err(source) => {
@@ -151,7 +163,8 @@ mod tests {
             let mut r = std::io::BufReader::new(s);
             let mut line = String::new();
             r.read_line(&mut line).unwrap();
-            let id = serde_json::from_str::<serde_json::Value>(&line).unwrap()["arguments"]["id"].clone();
+            let id = serde_json::from_str::<serde_json::Value>(&line).unwrap()["arguments"]["id"]
+                .clone();
             w.write_all(b"\xff{\"return\": 7}\n").unwrap();
             writeln!(w, "{{\"return\": {id}}}").unwrap();
             line.clear();

@@ -26,10 +26,10 @@
 //! `file:PATH`) and the target restores from it (`migrate-incoming`).
 
 use super::engine::{Engine, EngineError, Instance, Quiesced, Start, VmHandle, VmSpec};
-use crate::qemu::qga::Agent;
 use super::role::Guest;
 use crate::control::proto::{Status, VmmState};
 use crate::migrate::{Progress, Summary};
+use crate::qemu::qga::Agent;
 use crate::qemu::qmp::{
     Capability, CapabilityState, Command, MigrateParameters, MigrationInfo, MigrationStatus, Qmp,
     QmpError, SocketAddress, StatusInfo,
@@ -228,7 +228,10 @@ impl Qemu {
             "-device".into(),
             "virtio-serial-pci,id=csv-vser".into(),
             "-chardev".into(),
-            format!("socket,id=csv-qga,path={},server=on,wait=off", files.qga.display()),
+            format!(
+                "socket,id=csv-qga,path={},server=on,wait=off",
+                files.qga.display()
+            ),
             "-device".into(),
             "virtserialport,bus=csv-vser.0,chardev=csv-qga,name=org.qemu.guest_agent.0".into(),
         ];
@@ -662,7 +665,9 @@ impl VmHandle for Handle {
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %coordinator::service::error_chain(&e), "no guest agent"),
+            Err(e) => {
+                tracing::debug!(error = %coordinator::service::error_chain(&e), "no guest agent")
+            }
         }
         self.pause().map(|()| Quiesced::Paused)
     }

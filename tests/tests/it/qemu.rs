@@ -297,7 +297,16 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts_and_q
     let to = host % 3 + 1;
     let o = cl
         .csvctl()
-        .args(["vm", "migrate", "linux", "--to", &to.to_string(), "--quick", "--timeout-s", "120"])
+        .args([
+            "vm",
+            "migrate",
+            "linux",
+            "--to",
+            &to.to_string(),
+            "--quick",
+            "--timeout-s",
+            "120",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -560,13 +569,18 @@ fn a_snapshot_freezes_a_guest_with_its_agent_and_pauses_one_without() {
     let out = csv_test_support::temp_dir("qemu-backup").unwrap();
     let copy = out.path().join("linux.vhd");
     let root1 = mnt.parent().unwrap().to_path_buf();
-    let script = format!(
-        "cp \"$CSV_SNAPSHOT_PATH/linux.vhd\" {}",
-        copy.display()
-    );
+    let script = format!("cp \"$CSV_SNAPSHOT_PATH/linux.vhd\" {}", copy.display());
     let o = cl
         .csvctl()
-        .args(["snapshot", "run", &v.to_string(), "--name", "app", "--json", "--mount-root"])
+        .args([
+            "snapshot",
+            "run",
+            &v.to_string(),
+            "--name",
+            "app",
+            "--json",
+            "--mount-root",
+        ])
         .arg(&root1)
         .args(["--", "sh", "-c", &script])
         .output()
@@ -609,7 +623,11 @@ fn a_snapshot_freezes_a_guest_with_its_agent_and_pauses_one_without() {
         .arg(&raw)
         .output()
         .unwrap();
-    assert!(conv.status.success(), "{}", String::from_utf8_lossy(&conv.stderr));
+    assert!(
+        conv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&conv.stderr)
+    );
     let fsck = std::process::Command::new("e2fsck")
         .args(["-fn"])
         .arg(&raw)
