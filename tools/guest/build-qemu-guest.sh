@@ -80,7 +80,7 @@ cp /etc/mke2fs.conf "$r/etc/mke2fs.conf"
 # The modules /init loads, each after what it depends on (the
 # "depends=" of its .modinfo: the package has no modules.dep, which
 # depmod makes at install time).
-want="virtio_pci virtio_blk virtio_console crc32c_generic ext4"
+want="virtio_pci virtio_blk virtio_console virtio_net crc32c_generic ext4"
 order=" "
 add() {
   local name=$1 f d
@@ -107,6 +107,11 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 echo CSV-GUEST-UP; echo CSV-GUEST-UP > /dev/ttyS1 2>/dev/null
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko 2>/dev/null; done
+# What the host must hear goes to the console and to the heartbeat port.
+say() { echo "$1"; echo "$1" > /dev/ttyS1 2>/dev/null; }
+for n in /sys/class/net/eth*; do
+  [ -e "$n/address" ] && say "CSV-GUEST-MAC $(cat "$n/address")"
+done
 mode=disk
 for a in $(cat /proc/cmdline); do case "$a" in csv.mode=*) mode=${a#csv.mode=} ;; esac; done
 i=0
@@ -128,8 +133,6 @@ if [ "$mode" = idle ] || [ ! -b /dev/vda ]; then
   echo CSV-GUEST-IDLE; echo CSV-GUEST-IDLE > /dev/ttyS1 2>/dev/null
   while true; do echo "hb idle" > /dev/ttyS1 2>/dev/null; sleep 0.1; done
 fi
-# What the host must hear goes to the console and to the heartbeat port.
-say() { echo "$1"; echo "$1" > /dev/ttyS1 2>/dev/null; }
 if mount -t ext4 /dev/vda /mnt 2>/dev/null; then
   umount /mnt
   if /sbin/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; then

@@ -65,6 +65,12 @@ pub struct AddArgs {
     /// Hyper-V VM boots from its VHD.
     #[arg(long)]
     firmware_boot: bool,
+    /// A network card (qemu engine): `user` (QEMU's user-mode network, for
+    /// a demo) or `bridge:NAME` (a tap on bridge NAME, through
+    /// qemu-bridge-helper: allow it in /etc/qemu/bridge.conf). Its MAC
+    /// address follows from the VM's name, the same on every host.
+    #[arg(long, value_name = "user|bridge:NAME")]
+    nic: Option<String>,
     /// Send the guest's second serial port (ttyS1) as UDP datagrams to
     /// HOST:PORT (a heartbeat observer with one clock).
     #[arg(long, value_name = "HOST:PORT")]
@@ -307,6 +313,7 @@ fn add(a: AddArgs) -> Result<ExitCode> {
         initrd,
         cmdline,
         firmware_boot,
+        nic,
         heartbeat,
         owner,
         expires,
@@ -322,6 +329,15 @@ fn add(a: AddArgs) -> Result<ExitCode> {
         }
         (e, _) => e,
     };
+    if let Some(n) = &nic {
+        if !real {
+            bail!("--nic is for real guests (--kernel or --firmware-boot)");
+        }
+        let ok = n == "user" || n.strip_prefix("bridge:").is_some_and(|b| !b.is_empty());
+        if !ok {
+            bail!("--nic {n:?}: give user or bridge:NAME");
+        }
+    }
     if let Some(hb) = &heartbeat {
         if hb.parse::<std::net::SocketAddr>().is_err() {
             bail!("--heartbeat {hb:?}: give HOST:PORT with an IP address, e.g. 127.0.0.1:7000");
@@ -365,6 +381,7 @@ fn add(a: AddArgs) -> Result<ExitCode> {
         kernel,
         initrd,
         cmdline,
+        nic,
         heartbeat,
         migrate_to: None,
         last_migration: None,

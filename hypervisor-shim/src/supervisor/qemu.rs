@@ -221,8 +221,6 @@ impl Qemu {
             format!("file:{}", files.serial.display()),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", files.qmp.display()),
-            "-nic".into(),
-            "none".into(),
             // The guest agent's port (org.qemu.guest_agent.0); used when
             // the guest runs qemu-ga.
             "-device".into(),
@@ -235,6 +233,12 @@ impl Qemu {
             "-device".into(),
             "virtserialport,bus=csv-vser.0,chardev=csv-qga,name=org.qemu.guest_agent.0".into(),
         ];
+        a.extend(
+            nic_args(&vm.name, c.nic.as_deref()).map_err(|what| EngineError::Config {
+                vm: vm.name.clone(),
+                what,
+            })?,
+        );
         if let Some(hb) = &c.heartbeat {
             let (host, port) = hb.rsplit_once(':').ok_or_else(|| EngineError::Config {
                 vm: vm.name.clone(),
@@ -342,6 +346,35 @@ impl Qemu {
         }
         Ok(child)
     }
+}
+
+/// QEMU's arguments for a role's NIC setting (`user`, `bridge:NAME`, or
+/// none), its MAC address derived from the role's name.
+fn nic_args(name: &str, nic: Option<&str>) -> Result<Vec<String>, String> {
+    let netdev = match nic {
+        None => return Ok(vec!["-nic".into(), "none".into()]),
+        Some("user") => "user,id=csv-net".to_string(),
+        Some(n) => match n.strip_prefix("bridge:") {
+            Some(br)
+                if !br.is_empty()
+                    && br
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+            {
+                format!("bridge,id=csv-net,br={br}")
+            }
+            _ => return Err(format!("nic {n:?}: give user or bridge:NAME")),
+        },
+    };
+    Ok(vec![
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        format!(
+            "virtio-net-pci,netdev=csv-net,mac={}",
+            super::role::VmConfig::mac(name)
+        ),
+    ])
 }
 
 /// The last lines of a log.
@@ -863,6 +896,19 @@ mod tests {
         assert_eq!(s("postmigrate"), VmmState::Vm(RunState::Migrated));
         assert_eq!(s("paused"), VmmState::Vm(RunState::Paused));
         assert_eq!(s("shutdown"), VmmState::Vm(RunState::Stopped));
+    }
+
+    #[test]
+    fn nics_get_the_roles_mac_on_every_host() {
+        assert_eq!(nic_args("a", None).unwrap(), ["-nic", "none"]);
+        let u = nic_args("web1", Some("user")).unwrap();
+        assert_eq!(u[1], "user,id=csv-net");
+        assert!(u[3].ends_with(&super::super::role::VmConfig::mac("web1")));
+        let b = nic_args("web1", Some("bridge:br0")).unwrap();
+        assert_eq!(b[1], "bridge,id=csv-net,br=br0");
+        assert!(nic_args("x", Some("bridge:")).is_err());
+        assert!(nic_args("x", Some("bridge:a,b=c")).is_err());
+        assert!(nic_args("x", Some("tap")).is_err());
     }
 
     #[test]

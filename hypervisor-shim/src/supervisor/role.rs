@@ -135,6 +135,11 @@ pub struct VmConfig {
     /// Its command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
+    /// Its network card (the qemu engine): `user` (QEMU's user-mode
+    /// network, for a demo) or `bridge:NAME` (a tap on the host's bridge
+    /// NAME); None: no NIC. Its MAC address is [`VmConfig::mac`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<String>,
     /// Where the guest's second serial port goes, as UDP datagrams
     /// (`HOST:PORT`): its heartbeat, timed by one clock on the host side.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +181,14 @@ impl VmConfig {
             name: role.name.clone(),
             source,
         })
+    }
+
+    /// The MAC address of the role's NIC: derived from its name (locally
+    /// administered, QEMU's 52:54:00 prefix), so it is the same on every
+    /// host and across migrations, failovers and restarts.
+    pub fn mac(name: &str) -> String {
+        let c = crc32fast::hash(name.as_bytes()).to_be_bytes();
+        format!("52:54:00:{:02x}:{:02x}:{:02x}", c[1], c[2], c[3])
     }
 
     /// Whether the role wants its VM running.
@@ -267,6 +280,7 @@ mod tests {
             kernel: None,
             initrd: None,
             cmdline: None,
+            nic: None,
             heartbeat: None,
             migrate_to: None,
             last_migration: None,
@@ -290,6 +304,10 @@ mod tests {
             host_path("/ClusterStorage/../etc/shadow", root),
             Path::new("/ClusterStorage/../etc/shadow")
         );
+        // A NIC's MAC address follows the role's name, nothing else.
+        assert_eq!(VmConfig::mac("web1"), VmConfig::mac("web1"));
+        assert_ne!(VmConfig::mac("web1"), VmConfig::mac("web2"));
+        assert!(VmConfig::mac("web1").starts_with("52:54:00:"));
         // A role stored before real guests existed still reads.
         let old = r#"{"vcpus":1,"memory":268435456,"disk":"/ClusterStorage/Volume1/a.vhd","volume":1,"priority":"medium","state":"stopped","guest":"test"}"#;
         let c: VmConfig = serde_json::from_str(old).unwrap();

@@ -213,6 +213,8 @@ fn linux_vm_running(on: u64) -> (CsvCluster, u64, Arc<Mutex<Heard>>) {
             "console=ttyS0 quiet",
             "--heartbeat",
             &hb,
+            "--nic",
+            "user",
         ],
     );
     let t0 = Instant::now();
@@ -291,6 +293,27 @@ fn a_linux_guest_on_a_csv_disk_live_migrates_five_times_across_three_hosts_and_q
         assert!(bad_lines(&heard).is_empty(), "{:?}", bad_lines(&heard));
     }
     eprintln!("heartbeat gaps at the five moves: {gaps:?}");
+    // The NIC kept the role's MAC address: the guest saw it at boot, and
+    // the QEMU now running it on host 3 has it.
+    let mac = hypervisor_shim::supervisor::role::VmConfig::mac("linux");
+    assert!(
+        heard
+            .lock()
+            .unwrap()
+            .lines
+            .iter()
+            .any(|(_, l)| *l == format!("CSV-GUEST-MAC {mac}")),
+        "the guest did not see its MAC {mac}"
+    );
+    let rt = csvctl_json(&cl, &["vm", "status", "linux", "--json"]);
+    let pid = rt["runtime"]
+        .as_array()
+        .and_then(|r| r.iter().find(|x| x["host"] == host))
+        .and_then(|x| x["pid"].as_u64())
+        .unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains(&format!("mac={mac}")), "{cmdline}");
 
     // A quick migration: QEMU saves the guest to a file on the volume,
     // the target restores it, the guest goes on and checks its records.
