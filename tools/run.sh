@@ -5,8 +5,13 @@
 # DIR/nodeK/ClusterStorage/Volume1. It prints `ready:` once every mount is
 # up and runs until Ctrl-C, which unmounts and stops the hosts.
 #   tools/run.sh [csvctl up options]    (default: --nodes 3 --dir /tmp/csv-up)
+#   tools/run.sh --linux-vm             also a Linux VM in QEMU on host 1
+#                                       (installs QEMU and builds the guest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools/setup.sh
-cargo build --release --locked -q -p csv-tools --bin csvctl -p csvd --bin csvd
+case " $* " in
+  *" --linux-vm"*) tools/setup.sh --qemu-system ;;
+  *) tools/setup.sh ;;
+esac
+cargo build --release --locked -q -p csv-tools --bin csvctl -p csvd --bin csvd -p hypervisor-shim --bin csv-vmm
 exec target/release/csvctl up "$@"

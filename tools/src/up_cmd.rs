@@ -40,7 +40,7 @@ pub struct UpArgs {
     /// (tools/setup.sh --qemu-system builds them into target/qemu-guest)
     /// boot from a dynamic VHD on Volume1 that csv serves to QEMU; the
     /// guest makes ext4 on it and writes checksummed records. Its console:
-    /// <dir>/node1/vms/linux1.serial.
+    /// <dir>/node1/data/vms/linux1.serial.
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "target/qemu-guest")]
     linux_vm: Option<PathBuf>,
 }
@@ -112,7 +112,7 @@ fn linux_vm(dir: &Path, guest: &Path, env: &[(&str, String); 3]) -> Result<()> {
     run(&["vm", "start", "linux1", "--on", "1"])?;
     println!(
         "VM linux1 (qemu engine, Debian kernel) starting on host 1 from {v}/linux1.vhd; console: {}",
-        node_dir(dir, 1).join("vms/linux1.serial").display()
+        node_dir(dir, 1).join("data/vms/linux1.serial").display()
     );
     Ok(())
 }
