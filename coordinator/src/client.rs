@@ -616,6 +616,20 @@ pub fn probe(
     }
 }
 
+/// Part of VM `name`'s serial console output from the host at `addr`
+/// (the one running it).
+pub fn vm_console(
+    me: &Identity,
+    addr: SocketAddr,
+    req: proto::VmConsoleReq,
+    timeout: Duration,
+) -> Result<proto::VmConsoleReply> {
+    match ask_host(me, addr, admin::Action::VmConsole(req), timeout)?.value {
+        Some(Value::Console(c)) => Ok(c),
+        v => Err(ClientError::BadReply(format!("{v:?}"))),
+    }
+}
+
 /// What a join gave: the new host's id, the cluster key, the hosts.
 #[derive(Debug)]
 pub struct Joined {

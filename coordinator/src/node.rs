@@ -423,6 +423,10 @@ impl Shared {
                     )
                 })),
                 admin::Action::Fault(q) => self.fault(q).map(|()| Value::Done(proto::Empty {})),
+                admin::Action::VmConsole(q) => self.services.console.as_ref().map_or_else(
+                    || Err(missing("runs no VM")),
+                    |s| s.console(q).map(Value::Console),
+                ),
                 _ => return None,
             },
             _ => return None,

@@ -128,6 +128,12 @@ pub trait ProbeService: Send + Sync {
     fn facts(&self, candidates: &[String]) -> proto::HostFacts;
 }
 
+/// The serial consoles of the VMs this host runs.
+pub trait ConsoleService: Send + Sync {
+    /// Part of VM `q.name`'s console output.
+    fn console(&self, q: &proto::VmConsoleReq) -> Result<proto::VmConsoleReply, ServiceError>;
+}
+
 /// What this host's status reports beside its groups.
 pub trait StatusService: Send + Sync {
     /// How it reaches each volume.
@@ -155,6 +161,8 @@ pub struct Services {
     pub probe: Option<Arc<dyn ProbeService>>,
     /// Volumes, VMs and load in its status.
     pub status: Option<Arc<dyn StatusService>>,
+    /// Its VMs' serial consoles.
+    pub console: Option<Arc<dyn ConsoleService>>,
 }
 
 impl std::fmt::Debug for Services {
@@ -167,6 +175,7 @@ impl std::fmt::Debug for Services {
             .field("fault", &self.fault.is_some())
             .field("probe", &self.probe.is_some())
             .field("status", &self.status.is_some())
+            .field("console", &self.console.is_some())
             .finish()
     }
 }

@@ -145,6 +145,20 @@ pub enum VmCommand {
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
     },
+    /// Show a VM's serial console, read from the host running it (from any
+    /// host): the last --lines lines, then, with --follow, what it prints
+    /// next, until Ctrl-C (or the VM stops there). Read-only.
+    Console {
+        #[command(flatten)]
+        access: Access,
+        name: String,
+        /// Lines of earlier output to show first.
+        #[arg(long, default_value_t = 40)]
+        lines: usize,
+        /// Keep printing what the console prints.
+        #[arg(long, short)]
+        follow: bool,
+    },
     /// Stop a VM role (its host stops the VMM, which flushes the disk).
     Stop {
         #[command(flatten)]
@@ -173,13 +187,7 @@ pub enum VmCommand {
     },
 }
 
-fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 63
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        && !n.starts_with('.')
-}
+use hypervisor_shim::supervisor::role::valid_name;
 
 pub(crate) use coordinator::group::now_ms;
 
@@ -293,6 +301,12 @@ pub fn run(c: VmCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Status { access, name, json } => status(&access, &name, json),
+        VmCommand::Console {
+            access,
+            name,
+            lines,
+            follow,
+        } => console(&access, &name, lines, follow),
     }
 }
 
@@ -548,6 +562,69 @@ fn status(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `csvctl vm console`.
+fn console(access: &Access, name: &str, lines: usize, follow: bool) -> Result<ExitCode> {
+    use std::io::Write;
+    let (_, info) = registry(access)?;
+    let role = find(&info, name)?;
+    if role.node == 0 {
+        bail!("VM {name} is not running (csvctl vm start {name})");
+    }
+    let Some(host) = info.nodes.iter().find(|n| n.id == role.node) else {
+        bail!("VM {name}'s host {} is not in the registry", role.node);
+    };
+    let me = access.identity()?;
+    let addrs: Vec<std::net::SocketAddr> =
+        host.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+    let ask = |offset: u64, max: u32| -> Result<proto::VmConsoleReply> {
+        let mut last = None;
+        for a in &addrs {
+            let req = proto::VmConsoleReq {
+                name: name.to_string(),
+                offset,
+                max,
+            };
+            match client::vm_console(&me, *a, req, Duration::from_secs(5)) {
+                Ok(r) => return Ok(r),
+                Err(e) => last = Some(e),
+            }
+        }
+        match last {
+            Some(e) => bail!("host {}: {}", host.id, client::describe(&e)),
+            None => bail!("host {} has no address", host.id),
+        }
+    };
+    // The tail: the last 64 KiB, cut to the last `lines` lines.
+    let first = ask(u64::MAX, 64 << 10)?;
+    let text = String::from_utf8_lossy(&first.data);
+    let all: Vec<&str> = text.split_inclusive('\n').collect();
+    let mut out = std::io::stdout().lock();
+    for l in &all[all.len().saturating_sub(lines)..] {
+        out.write_all(l.as_bytes())?;
+    }
+    out.flush()?;
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut at = first.offset + first.data.len() as u64;
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let r = match ask(at, 256 << 10) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("\n(console ended: {e:#})");
+                return Ok(ExitCode::SUCCESS);
+            }
+        };
+        if r.offset != at {
+            eprintln!("\n(output restarted: the VM moved or restarted)");
+        }
+        out.write_all(&r.data)?;
+        out.flush()?;
+        at = r.offset + r.data.len() as u64;
+    }
 }
 
 fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) -> Result<ExitCode> {

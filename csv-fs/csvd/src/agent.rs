@@ -10,8 +10,8 @@ use coordinator::proto::{
     self, BlockOpKind, ErrorCode, FaultKind, IoMode, PathFacts, RedirectMode,
 };
 use coordinator::service::{
-    BlockService, FaultService, FileService, ProbeService, RedirectService, ServiceError,
-    StatusService,
+    BlockService, ConsoleService, FaultService, FileService, ProbeService, RedirectService,
+    ServiceError, StatusService,
 };
 use coordinator::wire::Identity;
 use csv_fs::lun::SanIdentity;
@@ -312,6 +312,25 @@ impl ProbeService for HostAgent {
                 String::new()
             },
             qemu_accel_reason: accel.reason,
+        }
+    }
+}
+
+impl ConsoleService for HostAgent {
+    fn console(&self, q: &proto::VmConsoleReq) -> Result<proto::VmConsoleReply, ServiceError> {
+        let Some(vms) = &self.0.vms else {
+            return Err(ServiceError::text(
+                ErrorCode::NotFound,
+                "this host runs no VMs",
+            ));
+        };
+        match vms.console(&q.name, q.offset, q.max) {
+            Ok((data, offset, size)) => Ok(proto::VmConsoleReply { data, offset, size }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ServiceError::text(
+                ErrorCode::NotFound,
+                format!("VM {}: {e}", q.name),
+            )),
+            Err(e) => Err(unavailable(e)),
         }
     }
 }

@@ -114,6 +114,7 @@ pub fn run(s: Settings) -> Result<(), DaemonError> {
         snapshot: Some(snapshots),
         fault: Some(agent.clone()),
         probe: Some(agent.clone()),
+        console: Some(agent.clone()),
         status: Some(agent),
     };
     let node = Node::start(

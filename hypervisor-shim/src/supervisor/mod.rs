@@ -78,6 +78,7 @@ pub struct RunningVm {
 struct Shared {
     reports: RwLock<Vec<VmRuntime>>,
     running: RwLock<BTreeMap<String, RunningVm>>,
+    run_dir: std::sync::OnceLock<PathBuf>,
 }
 
 /// What others see of the supervisor while it runs: its reports and its
@@ -95,6 +96,43 @@ impl SupervisorView {
     /// The VMs running here (not arriving, leaving or stopping).
     pub fn running(&self) -> BTreeMap<String, RunningVm> {
         self.0.running.read().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Up to `max` bytes of VM `name`'s serial console from `offset` (its
+    /// whole output since it started here, kept in the run directory):
+    /// (the bytes, where they start, the output's length so far). An
+    /// offset past the end reads from the last `max` bytes.
+    pub fn console(
+        &self,
+        name: &str,
+        offset: u64,
+        max: u32,
+    ) -> std::io::Result<(Vec<u8>, u64, u64)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::NotFound, what.to_string());
+        if !role::valid_name(name) {
+            return Err(bad("no such VM"));
+        }
+        if !self.reports().iter().any(|r| r.name == name) {
+            return Err(bad("the VM does not run on this host"));
+        }
+        let dir = self
+            .0
+            .run_dir
+            .get()
+            .ok_or_else(|| bad("no VM runs on this host"))?;
+        let mut f = std::fs::File::open(dir.join(format!("{name}.serial")))?;
+        let size = f.metadata()?.len();
+        let max = u64::from(max.min(1 << 20));
+        let from = if offset > size {
+            size.saturating_sub(max)
+        } else {
+            offset
+        };
+        f.seek(SeekFrom::Start(from))?;
+        let mut data = Vec::new();
+        f.take(max).read_to_end(&mut data)?;
+        Ok((data, from, size))
     }
 }
 
@@ -180,10 +218,9 @@ pub struct Supervisor {
 impl Supervisor {
     /// A supervisor; [`Supervisor::run`] runs it.
     pub fn new(cfg: SupervisorConfig) -> Supervisor {
-        Supervisor {
-            cfg,
-            view: SupervisorView::default(),
-        }
+        let view = SupervisorView::default();
+        let _ = view.0.run_dir.set(cfg.run_dir.clone());
+        Supervisor { cfg, view }
     }
 
     /// What others see of it.

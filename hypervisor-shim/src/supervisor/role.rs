@@ -255,6 +255,17 @@ pub fn host_path(path: &str, mount_root: &Path) -> PathBuf {
     }
 }
 
+/// Whether `name` is a VM role's name: letters, digits, '-', '_' and '.',
+/// up to 63, not starting with '.' (it names files in the run directory).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// VolumeN from a path like `/ClusterStorage/Volume3/vm.vhd`.
 pub fn volume_of(path: &str) -> Option<u64> {
     path.split('/')

@@ -533,6 +533,15 @@ fn a_bootable_vhd_boots_by_firmware_in_the_qemu_engine() {
     eprintln!("firmware boot to the guest's marker: {:?}", t0.elapsed());
     let serial = serial_tail(&cl, 2);
     assert!(serial.contains("CSV-GUEST-UP"), "{serial}");
+    // Its console, read from the host running it through the cluster.
+    let con = csvctl_ok(&cl, &["vm", "console", "bios", "--lines", "1000"]);
+    assert!(con.contains("CSV-GUEST-UP"), "{con}");
+    let o = cl
+        .csvctl()
+        .args(["vm", "console", "nosuch"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
 }
 
 #[test]
