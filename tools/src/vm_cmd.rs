@@ -88,7 +88,7 @@ pub struct AddArgs {
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Make a VM a role of the cluster (stopped; nothing runs yet).
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Change a VM role's owner or expiry date.
     Set {
         #[command(flatten)]
@@ -232,7 +232,7 @@ fn find(info: &proto::ClusterInfo, name: &str) -> Result<proto::VmRole> {
 
 pub fn run(c: VmCommand) -> Result<ExitCode> {
     match c {
-        VmCommand::Add(a) => add(a),
+        VmCommand::Add(a) => add(*a),
         VmCommand::List { access, json } => list(&access, json),
         VmCommand::Remove { access, name } => {
             let (mut c, info) = registry(&access)?;
