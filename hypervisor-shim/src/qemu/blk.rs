@@ -209,7 +209,7 @@ impl DiskServer {
                 let mut state = vring.get_mut();
                 let q = state.get_queue_mut();
                 match q.iter(&*mem) {
-                    Ok(iter) => iter.collect(),
+                    Ok(iter) => iter.map(|c| (c.head_index(), c.collect())).collect(),
                     Err(e) => return Err(io::Error::other(format!("virtqueue: {e:?}"))),
                 }
             };
@@ -239,70 +239,44 @@ impl DiskServer {
 /// the batch; a 1 MiB write through the volume is worth a thread).
 const PARALLEL: usize = 8;
 
+/// A request as taken off the queue: its head index and descriptors.
+type Chain = (u16, Vec<virtio_queue::desc::split::Descriptor>);
+
 /// Serves a batch of requests, several at once, each writing its status
 /// byte into guest memory: (head, status, bytes written, counters) per
 /// request in the batch's order.
-fn serve_batch<M: vm_memory::GuestMemory + Sync, C>(
+fn serve_batch<M: vm_memory::GuestMemory + Sync>(
     mem: &M,
-    chains: Vec<C>,
+    chains: Vec<Chain>,
     disk: &Backend,
     writable: bool,
     capacity: u64,
-) -> Vec<(u16, u8, u32, BlkStats)>
-where
-    C: Iterator<Item = virtio_queue::desc::split::Descriptor> + HasHead + Send,
-{
-    let one = |chain: C| {
-        let head = chain.head();
-        let descs: Vec<_> = chain.collect();
+) -> Vec<(u16, u8, u32, BlkStats)> {
+    let one = |(head, descs): &Chain| {
         let mut stats = BlkStats::default();
-        let disk = (writable || is_read(mem, &descs)).then_some(disk);
-        let (status, written) = serve_request(mem, &descs, disk, capacity, &mut stats);
+        let disk = (writable || is_read(mem, descs)).then_some(disk);
+        let (status, written) = serve_request(mem, descs, disk, capacity, &mut stats);
         if let Some(last) = descs.last() {
             if last.is_write_only() && last.len() >= 1 {
                 let _ = mem.write_obj(status, last.addr());
             }
         }
-        (head, status, written, stats)
+        (*head, status, written, stats)
     };
     if chains.len() < 2 {
-        return chains.into_iter().map(one).collect();
+        return chains.iter().map(one).collect();
     }
-    let n = chains.len();
-    let per = n.div_ceil(PARALLEL);
-    let mut groups: Vec<Vec<C>> = Vec::new();
-    let mut it = chains.into_iter();
-    loop {
-        let g: Vec<C> = it.by_ref().take(per).collect();
-        if g.is_empty() {
-            break;
-        }
-        groups.push(g);
-    }
+    let per = chains.len().div_ceil(PARALLEL);
     std::thread::scope(|s| {
-        let handles: Vec<_> = groups
-            .into_iter()
-            .map(|g| s.spawn(move || g.into_iter().map(one).collect::<Vec<_>>()))
+        let handles: Vec<_> = chains
+            .chunks(per)
+            .map(|g| s.spawn(move || g.iter().map(one).collect::<Vec<_>>()))
             .collect();
         handles
             .into_iter()
             .flat_map(|h| h.join().unwrap_or_default())
             .collect()
     })
-}
-
-/// A descriptor chain's head index.
-trait HasHead {
-    fn head(&self) -> u16;
-}
-
-impl<M: std::ops::Deref> HasHead for virtio_queue::DescriptorChain<M>
-where
-    M::Target: vm_memory::GuestMemory,
-{
-    fn head(&self) -> u16 {
-        self.head_index()
-    }
 }
 
 /// Whether a request only reads the disk (may be served before this host

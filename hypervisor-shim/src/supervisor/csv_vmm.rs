@@ -9,7 +9,9 @@
 //! environment, never on its command line (which every local user can
 //! read).
 
-use super::engine::{Engine, EngineError, Instance, Start, VmHandle, VmSpec};
+use super::engine::{
+    die_with_parent, log_tail, Engine, EngineError, Instance, Start, VmHandle, VmSpec,
+};
 use crate::control::client::{self, Control};
 use crate::control::proto::{MigrateRequest, Reply, Request, Status};
 use crate::control::ControlError;
@@ -82,16 +84,7 @@ impl Engine for CsvVmm {
                 ]);
             }
         }
-        // SAFETY: the closure runs in the child between fork and exec and
-        // only calls prctl(2), which is async-signal-safe.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        die_with_parent(&mut cmd);
         let stderr = std::fs::File::create(&log).map_err(files("creating", &log))?;
         let child = cmd
             .arg("--disk")
@@ -132,9 +125,7 @@ impl Instance for Process {
     }
 
     fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(3)..].join(" | ")
+        log_tail(&self.log)
     }
 
     fn handle(&self) -> Arc<dyn VmHandle> {

@@ -133,6 +133,30 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
+/// Makes a VM's process die when the process that started it (csvd)
+/// dies: a host without csvd is failed over, and its VMs must not go on
+/// writing their disks.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    // SAFETY: the closure runs in the child between fork and exec and
+    // only calls prctl(2), which is async-signal-safe.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The last three lines of a VM process's log, on one line (why it
+/// failed, for `vm status`).
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
 /// How a VM starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {

@@ -25,7 +25,10 @@
 //! A quick migration saves to a file on the volume (`migrate` to
 //! `file:PATH`) and the target restores from it (`migrate-incoming`).
 
-use super::engine::{Engine, EngineError, Instance, Quiesced, Start, VmHandle, VmSpec};
+use super::engine::{
+    die_with_parent, log_tail as tail, Engine, EngineError, Instance, Quiesced, Start, VmHandle,
+    VmSpec,
+};
 use super::role::Guest;
 use crate::control::proto::{Status, VmmState};
 use crate::migrate::{Progress, Summary};
@@ -142,20 +145,6 @@ impl Files {
             tls: f("tls"),
             qga: f("qga"),
         }
-    }
-}
-
-/// Kills a child when the process that started it dies.
-fn die_with_parent(cmd: &mut Process) {
-    // SAFETY: the closure runs in the child between fork and exec and
-    // only calls prctl(2), which is async-signal-safe.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(cmd, || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
     }
 }
 
@@ -377,13 +366,6 @@ fn nic_args(name: &str, nic: Option<&str>) -> Result<Vec<String>, String> {
     ])
 }
 
-/// The last lines of a log.
-fn tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(3)..].join(" | ")
-}
-
 impl Engine for Qemu {
     fn name(&self) -> &'static str {
         "qemu"
@@ -556,6 +538,12 @@ impl Handle {
         self.with(|q| q.run(&cmd))
     }
 
+    /// Polls the migration every `every` until it completed, failed or
+    /// was cancelled (at most `limit`).
+    fn wait_ended(&self, every: Duration, limit: Duration) -> Result<MigrationInfo, QmpError> {
+        self.with(|q| q.wait_migration(every, limit, |i| ended(i.status)))
+    }
+
     /// For an incoming VM: starts listening and notes where.
     fn begin_incoming(&self) -> Result<(), QmpError> {
         let Some(uri) = &self.incoming else {
@@ -571,11 +559,7 @@ impl Handle {
         if uri.starts_with("file:") {
             // A saved state: the guest was paused to be saved, so it stays
             // paused once loaded; it runs on here.
-            let info = self.with(|q| {
-                q.wait_migration(Duration::from_millis(20), Duration::from_secs(600), |i| {
-                    ended(i.status)
-                })
-            })?;
+            let info = self.wait_ended(Duration::from_millis(20), Duration::from_secs(600))?;
             if info.status != Some(MigrationStatus::Completed) {
                 return Err(QmpError::Unexpected(format!(
                     "restoring {uri} ended {:?}: {}",
@@ -744,11 +728,7 @@ impl VmHandle for Handle {
         })
         .map_err(qmp_err)?;
         let info = self
-            .with(|q| {
-                q.wait_migration(Duration::from_millis(50), Duration::from_secs(600), |i| {
-                    ended(i.status)
-                })
-            })
+            .wait_ended(Duration::from_millis(50), Duration::from_secs(600))
             .map_err(qmp_err)?;
         if info.status != Some(MigrationStatus::Completed) {
             let _ = self.run(Command::Cont);
@@ -833,11 +813,7 @@ impl VmHandle for Handle {
         // the write lease moves now, or the migration is given up.
         if let Err(e) = switch_over() {
             let _ = self.run(Command::MigrateCancel);
-            let _ = self.with(|q| {
-                q.wait_migration(Duration::from_millis(20), Duration::from_secs(30), |i| {
-                    ended(i.status)
-                })
-            });
+            let _ = self.wait_ended(Duration::from_millis(20), Duration::from_secs(30));
             if let Ok(s) = self.with(|q| q.execute::<StatusInfo>(&Command::QueryStatus)) {
                 if !s.running {
                     let _ = self.run(Command::Cont);
@@ -852,11 +828,7 @@ impl VmHandle for Handle {
         })
         .map_err(qmp_err)?;
         let info = self
-            .with(|q| {
-                q.wait_migration(Duration::from_millis(2), Duration::from_secs(120), |i| {
-                    ended(i.status)
-                })
-            })
+            .wait_ended(Duration::from_millis(2), Duration::from_secs(120))
             .map_err(qmp_err)?;
         if info.status != Some(MigrationStatus::Completed) {
             return Err(EngineError::Migration(info.error_desc.unwrap_or_else(

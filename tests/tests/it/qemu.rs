@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::vm_roles::{csvctl_json, csvctl_ok};
 use csv_test_support::csvd::CsvCluster;
 use serde_json::Value;
 
@@ -40,21 +41,6 @@ macro_rules! skip_without_qemu_guest {
             return;
         }
     };
-}
-
-fn csvctl_ok(cl: &CsvCluster, args: &[&str]) -> String {
-    let out = cl.csvctl().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "csvctl {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn csvctl_json(cl: &CsvCluster, args: &[&str]) -> Value {
-    serde_json::from_str(&csvctl_ok(cl, args)).unwrap()
 }
 
 /// Whether a host reports the VM failed (the test stops waiting).
@@ -169,6 +155,34 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     out
 }
 
+/// `csvctl vm add NAME` for the test guest booted from Volume `v`'s
+/// images/ with its disk `NAME.vhd` there, and `extra` arguments.
+fn add_linux(cl: &CsvCluster, v: u64, name: &str, memory: &str, cmdline: &str, extra: &[&str]) {
+    let vol = format!("/ClusterStorage/Volume{v}");
+    let (disk, kernel, initrd) = (
+        format!("{vol}/{name}.vhd"),
+        format!("{vol}/images/vmlinuz"),
+        format!("{vol}/images/initramfs.cpio.gz"),
+    );
+    let mut args = vec![
+        "vm",
+        "add",
+        name,
+        "--memory",
+        memory,
+        "--disk",
+        &disk,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        cmdline,
+    ];
+    args.extend_from_slice(extra);
+    csvctl_ok(cl, &args);
+}
+
 /// Three mounted hosts; the guest's kernel and initramfs copied to
 /// Volume1; VM role "linux" on a 128 MiB dynamic VHD there, started on
 /// host `on` and writing (its first full check heard).
@@ -193,29 +207,14 @@ fn linux_vm_running(on: u64) -> (CsvCluster, u64, Arc<Mutex<Heard>>) {
     )
     .unwrap();
     let (port, heard) = observer();
-    let vol = format!("/ClusterStorage/Volume{v}");
     let hb = format!("127.0.0.1:{port}");
-    csvctl_ok(
+    add_linux(
         &cl,
-        &[
-            "vm",
-            "add",
-            "linux",
-            "--memory",
-            "256M",
-            "--disk",
-            &format!("{vol}/linux.vhd"),
-            "--kernel",
-            &format!("{vol}/images/vmlinuz"),
-            "--initrd",
-            &format!("{vol}/images/initramfs.cpio.gz"),
-            "--cmdline",
-            "console=ttyS0 quiet",
-            "--heartbeat",
-            &hb,
-            "--nic",
-            "user",
-        ],
+        v,
+        "linux",
+        "256M",
+        "console=ttyS0 quiet",
+        &["--heartbeat", &hb, "--nic", "user"],
     );
     let t0 = Instant::now();
     csvctl_ok(&cl, &["vm", "start", "linux", "--on", &on.to_string()]);
@@ -560,24 +559,13 @@ fn a_snapshot_freezes_a_guest_with_its_agent_and_pauses_one_without() {
         &vhd::CreateOptions::new(vhd::footer::DiskType::Dynamic, 16 << 20),
     )
     .unwrap();
-    let vol = format!("/ClusterStorage/Volume{v}");
-    csvctl_ok(
+    add_linux(
         &cl,
-        &[
-            "vm",
-            "add",
-            "idle",
-            "--memory",
-            "128M",
-            "--disk",
-            &format!("{vol}/idle.vhd"),
-            "--kernel",
-            &format!("{vol}/images/vmlinuz"),
-            "--initrd",
-            &format!("{vol}/images/initramfs.cpio.gz"),
-            "--cmdline",
-            "console=ttyS0 quiet csv.mode=idle",
-        ],
+        v,
+        "idle",
+        "128M",
+        "console=ttyS0 quiet csv.mode=idle",
+        &[],
     );
     csvctl_ok(&cl, &["vm", "start", "idle", "--on", "2"]);
     let agent = csv_test_support::wait_until(Duration::from_secs(60), || {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use csv_test_support::csvd::CsvCluster;
 use serde_json::Value;
 
-fn csvctl_json(cl: &CsvCluster, args: &[&str]) -> Value {
+pub(super) fn csvctl_json(cl: &CsvCluster, args: &[&str]) -> Value {
     let out = cl.csvctl().args(args).output().unwrap();
     assert!(
         out.status.success(),
@@ -17,7 +17,7 @@ fn csvctl_json(cl: &CsvCluster, args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn csvctl_ok(cl: &CsvCluster, args: &[&str]) -> String {
+pub(super) fn csvctl_ok(cl: &CsvCluster, args: &[&str]) -> String {
     let out = cl.csvctl().args(args).output().unwrap();
     assert!(
         out.status.success(),
