@@ -18,12 +18,15 @@
 //! - [`guest`]: the purpose-built test guest and its memory layout;
 //!   [`linux`]: booting a Linux kernel;
 //! - [`virtio_blk`]: the guest's disk, a VHD through the `vhd` crate;
+//!   [`disk`]: where a VM's disk bytes come from (the volume's own I/O
+//!   path in the node daemon);
 //! - [`qemu`]: what the `qemu` engine needs: QMP, and csv's disk backend
 //!   for QEMU (vhost-user-blk on a VHD);
 //! - [`privileges`]: dropping the capabilities a process does not need
 //!   (csvd uses it too).
 
 pub mod control;
+pub mod disk;
 pub mod guest;
 pub mod linux;
 pub mod migrate;

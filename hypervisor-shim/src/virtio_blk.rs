@@ -354,10 +354,10 @@ impl VirtioBlk {
 /// into guest memory before the status byte. Shared by the MMIO device
 /// here and the vhost-user-blk backend ([`crate::qemu::blk`]); every
 /// length and address comes from the guest and is checked.
-pub(crate) fn serve_request<M: GuestMemory>(
+pub(crate) fn serve_request<M: GuestMemory, I: vhd::BlockIo>(
     mem: &M,
     descs: &[virtio_queue::desc::split::Descriptor],
-    disk: Option<&Backend>,
+    disk: Option<&vhd::Vhd<I>>,
     capacity: u64,
     stats: &mut BlkStats,
 ) -> (u8, u32) {

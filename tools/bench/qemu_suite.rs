@@ -3,8 +3,9 @@
 //! - fio inside the Linux test guest (tools/guest/build-qemu-guest.sh, its
 //!   fio initramfs) on /dev/vda, O_DIRECT with libaio: 4 KiB random reads
 //!   and writes at QD32, 1 MiB sequential at QD8, 8 s each after a 256 MiB
-//!   fill. The disk is a 512 MiB dynamic VHD on a csvd mount served by
-//!   csv (`csv-vmm serve-disk`, vhost-user-blk), against (a) QEMU's own
+//!   fill. The disk is a 512 MiB dynamic VHD on a csvd volume served by
+//!   csvd to a VM role of the `qemu` engine (vhost-user-blk, the volume's
+//!   own I/O path), against (a) QEMU's own
 //!   `vpc` driver on a fresh copy of the same VHD on the same mount and
 //!   (b) QEMU on a raw file on the local disk that holds the LUN file,
 //!   `cache=none,aio=native`. Each side starts from a fresh disk.
@@ -100,41 +101,31 @@ fn base(guest: &Path, initrd: &str, mode: &str, mem: u64, accel: &Accel) -> Vec<
     ]
 }
 
-/// A disk as QEMU gets it.
-enum Disk<'a> {
-    /// Served by csv: the vhost-user socket.
-    Csv(&'a Path),
-    /// QEMU opens the file itself with `format`.
-    Qemu(&'a Path, &'static str),
-}
-
-fn disk_args(d: &Disk<'_>) -> Vec<String> {
-    match d {
-        Disk::Csv(sock) => vec![
-            "-chardev".into(),
-            format!("socket,id=d,path={}", sock.display()),
-            "-device".into(),
-            "vhost-user-blk-pci,chardev=d,num-queues=1,queue-size=256".into(),
-        ],
-        Disk::Qemu(file, format) => vec![
-            "-drive".into(),
-            format!(
-                "file={},format={format},if=none,id=d,cache=none,aio=native",
-                file.display()
-            ),
-            "-device".into(),
-            "virtio-blk-pci,drive=d".into(),
-        ],
-    }
+/// QEMU's arguments for `file` opened by QEMU itself as `format`.
+fn disk_args(file: &Path, format: &str) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!(
+            "file={},format={format},if=none,id=d,cache=none,aio=native",
+            file.display()
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=d".into(),
+    ]
 }
 
 /// Runs the fio guest on `disk` to its end: (boot time to its first
 /// marker, fio's figures).
-fn fio_run(dir: &Path, guest: &Path, disk: &Disk<'_>, accel: &Accel) -> Result<(Duration, Fio)> {
+fn fio_run(
+    dir: &Path,
+    guest: &Path,
+    disk: (&Path, &str),
+    accel: &Accel,
+) -> Result<(Duration, Fio)> {
     let serial = dir.join("fio.serial");
     let _ = std::fs::remove_file(&serial);
     let mut args = base(guest, "initramfs-fio.cpio.gz", "fio", 512 << 20, accel);
-    args.extend(disk_args(disk));
+    args.extend(disk_args(disk.0, disk.1));
     args.extend(["-serial".into(), format!("file:{}", serial.display())]);
     let t0 = Instant::now();
     let mut q = Command::new("qemu-system-x86_64")
@@ -177,44 +168,96 @@ fn fresh_vhd(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `csv-vmm serve-disk` on `vhd`, its socket ready.
-fn serve(vhd: &Path, sock: &Path) -> Result<Child> {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new(csv_test_support::cmd::workspace_bin("csv-vmm"))
-        .args(["serve-disk", "--disk"])
-        .arg(vhd)
-        .arg("--socket")
-        .arg(sock)
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start csv-vmm serve-disk")?;
-    let t = Instant::now();
-    while !sock.exists() {
-        if t.elapsed() > Duration::from_secs(10) {
-            bail!("no vhost-user socket from csv-vmm serve-disk");
-        }
-        std::thread::sleep(Duration::from_millis(10));
+/// Copies the guest's `files` to `images/` on the volume mounted at `mnt`.
+fn guest_on_volume(mnt: &Path, guest: &Path, files: &[&str]) -> Result<()> {
+    std::fs::create_dir_all(mnt.join("images"))?;
+    for f in files {
+        std::fs::copy(guest.join(f), mnt.join("images").join(f))?;
     }
-    Ok(child)
+    Ok(())
+}
+
+/// Runs `csvctl` on the cluster; its standard output.
+fn csvctl(cl: &CsvCluster, args: &[&str]) -> Result<String> {
+    let o = cl.csvctl().args(args).output()?;
+    if !o.status.success() {
+        bail!("csvctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+/// Runs the fio guest as a VM role through csvd's `qemu` engine on host
+/// 1 (its disk served by csvd through the volume's own I/O path): (boot
+/// time from QEMU's start to the guest's first marker, fio's figures).
+fn csv_fio(cl: &CsvCluster, v: u64, guest: &Path) -> Result<(Duration, Fio)> {
+    let mnt = cl.mountpoint(1, v);
+    guest_on_volume(&mnt, guest, &["vmlinuz", "initramfs-fio.cpio.gz"])?;
+    fresh_vhd(&mnt.join("bench.vhd"))?;
+    let vol = format!("/ClusterStorage/Volume{v}");
+    csvctl(
+        cl,
+        &[
+            "vm",
+            "add",
+            "fio",
+            "--engine",
+            "qemu",
+            "--memory",
+            "512M",
+            "--disk",
+            &format!("{vol}/bench.vhd"),
+            "--kernel",
+            &format!("{vol}/images/vmlinuz"),
+            "--initrd",
+            &format!("{vol}/images/initramfs-fio.cpio.gz"),
+            "--cmdline",
+            "console=ttyS0 quiet csv.mode=fio",
+        ],
+    )?;
+    // QEMU makes the serial file as it starts: boot time runs from there.
+    let serial = cl.host_dir(1).join("vms/fio.serial");
+    let _ = std::fs::remove_file(&serial);
+    csvctl(cl, &["vm", "start", "fio", "--on", "1"])?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut started = None;
+    let mut booted = None;
+    let result = loop {
+        if Instant::now() > deadline {
+            break Err(anyhow::anyhow!("the fio guest did not finish in 10 min"));
+        }
+        if started.is_none() && serial.exists() {
+            started = Some(Instant::now());
+        }
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        if booted.is_none() && text.contains("CSV-GUEST-UP") {
+            booted = started.map(|t| t.elapsed());
+        }
+        if text.contains("CSV-GUEST-FIO-DONE") {
+            let lines: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("fio ").map(str::to_string))
+                .collect();
+            break parse_fio(&lines).map(|f| (booted.unwrap_or_default(), f));
+        }
+        std::thread::sleep(Duration::from_millis(if booted.is_some() {
+            200
+        } else {
+            10
+        }));
+    };
+    csvctl(cl, &["vm", "stop", "fio"])?;
+    csvctl(cl, &["vm", "remove", "fio"])?;
+    result
 }
 
 /// Migrations through csvd's `qemu` engine (lease handed over): the
 /// (downtime, total) ms of each.
 fn csv_migrations(cl: &CsvCluster, v: u64, guest: &Path, n: usize) -> Result<Vec<(f64, f64)>> {
     let mnt = cl.mountpoint(1, v);
-    std::fs::create_dir_all(mnt.join("images"))?;
-    for f in ["vmlinuz", "initramfs.cpio.gz"] {
-        std::fs::copy(guest.join(f), mnt.join("images").join(f))?;
-    }
+    guest_on_volume(&mnt, guest, &["vmlinuz", "initramfs.cpio.gz"])?;
     fresh_vhd(&mnt.join("mig.vhd"))?;
     let vol = format!("/ClusterStorage/Volume{v}");
-    let ok = |args: &[&str]| -> Result<String> {
-        let o = cl.csvctl().args(args).output()?;
-        if !o.status.success() {
-            bail!("csvctl {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-        }
-        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-    };
+    let ok = |args: &[&str]| csvctl(cl, args);
     ok(&[
         "vm",
         "add",
@@ -272,7 +315,7 @@ fn plain_migrations(dir: &Path, guest: &Path, accel: &Accel, n: usize) -> Result
         let qmp = dir.join(format!("{name}.qmp"));
         let _ = std::fs::remove_file(&qmp);
         let mut args = base(guest, "initramfs.cpio.gz", "idle", 512 << 20, accel);
-        args.extend(disk_args(&Disk::Qemu(&raw, "raw")));
+        args.extend(disk_args(&raw, "raw"));
         args.extend([
             "-serial".into(),
             "null".into(),
@@ -374,19 +417,15 @@ pub fn run(args: Args) -> Result<()> {
 
     // fio: ours, QEMU's vpc on the same mount, QEMU raw on the local disk.
     let vhd_path = mnt.join("bench.vhd");
-    fresh_vhd(&vhd_path)?;
-    let sock = dir.join("bench.vhost");
-    let mut server = serve(&vhd_path, &sock)?;
-    let (boot_ours, ours) = fio_run(&dir, &guest, &Disk::Csv(&sock), &accel)?;
-    let _ = server.wait();
+    let (boot_ours, ours) = csv_fio(&cl, v, &guest)?;
     eprintln!("ours: {ours:?}, boot {boot_ours:?}");
     fresh_vhd(&vhd_path)?;
-    let (boot_vpc, vpc) = fio_run(&dir, &guest, &Disk::Qemu(&vhd_path, "vpc"), &accel)?;
+    let (boot_vpc, vpc) = fio_run(&dir, &guest, (&vhd_path, "vpc"), &accel)?;
     eprintln!("vpc: {vpc:?}, boot {boot_vpc:?}");
     let raw = dir.join("local.raw");
     let f = std::fs::File::create(&raw)?;
     f.set_len(512 << 20)?;
-    let (_, local) = fio_run(&dir, &guest, &Disk::Qemu(&raw, "raw"), &accel)?;
+    let (_, local) = fio_run(&dir, &guest, (&raw, "raw"), &accel)?;
     eprintln!("local raw: {local:?}");
     let _ = std::fs::remove_file(&raw);
 

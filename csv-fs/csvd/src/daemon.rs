@@ -86,6 +86,9 @@ pub fn run(s: Settings) -> Result<(), DaemonError> {
             identity: client.clone(),
             endpoints: bound.clone(),
             fenced: volumes.fenced.clone(),
+            disks: Arc::new(crate::volumes::VolumeDisks {
+                mounted: volumes.mounted.clone(),
+            }),
         })
     });
     let vm_view = supervisor.as_ref().map(Supervisor::view);

@@ -14,10 +14,11 @@ use coordinator::client::Client;
 use coordinator::proto::{ClusterInfo, IoMode, VolumeInfo, VolumeState};
 use csv_fs::lun::{san, RedirectingLun};
 use csv_fs::mount::{MountConfig, UpRead, VolumeError, VolumeMount};
-use csv_fs::volume::VolumeFs;
+use csv_fs::volume::{VolumeFile, VolumeFs};
+use hypervisor_shim::disk::{DiskIo, DiskSource, LocalFiles};
 use hypervisor_shim::supervisor::Fenced;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -62,6 +63,45 @@ impl VolumesView {
             .read()
             .map(|m| m.iter().map(|(n, v)| (*n, v.clone())).collect())
             .unwrap_or_default()
+    }
+}
+
+/// VM disks on this host's volumes, opened through each volume's own I/O
+/// path ([`VolumeFile`]: the file's lease and extent map, straight to the
+/// LUN or through a peer) rather than through the FUSE mount; a disk
+/// outside the volumes is a plain file.
+#[derive(Debug, Clone)]
+pub struct VolumeDisks {
+    /// What is mounted.
+    pub mounted: HostVolumes,
+}
+
+impl VolumeDisks {
+    /// The volume `path` is on, and the path inside it.
+    fn on_volume(&self, path: &Path) -> Option<(HostVolume, PathBuf)> {
+        let m = self.mounted.read().ok()?;
+        m.values().find_map(|v| {
+            path.strip_prefix(&v.mountpoint)
+                .ok()
+                .map(|rel| (v.clone(), rel.to_path_buf()))
+        })
+    }
+}
+
+impl DiskSource for VolumeDisks {
+    fn open(&self, path: &Path, write: bool) -> std::io::Result<DiskIo> {
+        match self.on_volume(path) {
+            Some((v, rel)) => Ok(Arc::new(VolumeFile::open(&v.fs, &rel, write)?)),
+            None => LocalFiles.open(path, write),
+        }
+    }
+
+    fn kind(&self, path: &Path) -> &'static str {
+        if self.on_volume(path).is_some() {
+            "volume"
+        } else {
+            "file"
+        }
     }
 }
 

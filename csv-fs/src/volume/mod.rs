@@ -33,9 +33,11 @@
 //! - [`gate`]: the snapshot write gate (freeze and thaw);
 //! - [`served`]: the file I/O this host does for FileSystemRedirected
 //!   hosts, and [`remote`]: this host's file I/O when it is one;
+//! - [`file`]: a file as positioned I/O, what VM disk servers open;
 //! - [`pool`]: clients of the coordinator; [`errno`]: errors and times.
 
 pub mod errno;
+pub mod file;
 pub mod gate;
 pub mod lease;
 pub mod ops;
@@ -56,6 +58,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+pub use file::VolumeFile;
 pub use gate::FreezeError;
 pub use lease::LEASE_TTL;
 pub use pool::ClientPool;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hypervisor_shim::control::proto::{MigrateRequest, Reply, Request};
 use hypervisor_shim::control::{self, Control, Slot};
+use hypervisor_shim::disk::LocalFiles;
 use hypervisor_shim::guest::TestGuestConfig;
 use hypervisor_shim::migrate;
 use hypervisor_shim::vm::{RunState, SerialOut, Vm, VmConfig};
@@ -396,7 +397,12 @@ fn main() -> anyhow::Result<()> {
             } else {
                 Access::Write
             };
-            let server = Arc::new(DiskServer::open(&disk, access, stats)?);
+            let server = Arc::new(DiskServer::open(
+                Arc::new(LocalFiles),
+                &disk,
+                access,
+                stats,
+            )?);
             tracing::info!(disk = %disk.display(), socket = %socket.display(), bytes = server.capacity(), ?access, "serving the disk");
             blk::serve(server.clone(), &socket)?;
             tracing::info!(stats = ?server.stats(), "QEMU disconnected; disk flushed");

@@ -39,7 +39,8 @@ use virtio_queue::QueueOwnedT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::virtio_blk::{serve_request, Backend, BlkStats};
+use crate::disk::{open_vhd, Disk, DiskSource};
+use crate::virtio_blk::{serve_request, BlkStats};
 
 /// Guest memory as this backend maps it: every region with a dirty log
 /// QEMU can switch on.
@@ -97,7 +98,7 @@ pub enum Access {
 
 #[derive(Debug)]
 struct Inner {
-    disk: Backend,
+    disk: Disk,
     writable: bool,
     stats: BlkStats,
     mem: Option<GuestMemoryAtomic<Memory>>,
@@ -106,33 +107,32 @@ struct Inner {
 /// A VHD served as one vhost-user-blk device.
 #[derive(Debug)]
 pub struct DiskServer {
+    source: Arc<dyn DiskSource>,
     path: PathBuf,
     capacity: u64,
     inner: Mutex<Inner>,
     stats_file: Option<PathBuf>,
 }
 
-fn open(path: &Path, write: bool) -> Result<Backend, DiskServerError> {
-    let opts = vhd::OpenOptions {
-        write,
-        ..Default::default()
-    };
-    vhd::Vhd::open(path, &opts).map_err(|source| DiskServerError::Open {
+fn open(source: &dyn DiskSource, path: &Path, write: bool) -> Result<Disk, DiskServerError> {
+    open_vhd(source, path, write).map_err(|source| DiskServerError::Open {
         path: path.to_path_buf(),
         source,
     })
 }
 
 impl DiskServer {
-    /// Opens the VHD at `path`.
+    /// Opens the VHD at `path` on `source`.
     pub fn open(
+        source: Arc<dyn DiskSource>,
         path: &Path,
         access: Access,
         stats_file: Option<PathBuf>,
     ) -> Result<DiskServer, DiskServerError> {
         let writable = access == Access::Write;
-        let disk = open(path, writable)?;
+        let disk = open(&*source, path, writable)?;
         Ok(DiskServer {
+            source,
             path: path.to_path_buf(),
             capacity: disk.size(),
             inner: Mutex::new(Inner {
@@ -190,7 +190,7 @@ impl DiskServer {
         if !inner.writable {
             // The first request after a migration: the guest runs here,
             // so the switch-over moved the lease to this host.
-            match open(&self.path, true) {
+            match open(&*self.source, &self.path, true) {
                 Ok(d) => {
                     inner.disk = d;
                     inner.writable = true;
@@ -248,7 +248,7 @@ type Chain = (u16, Vec<virtio_queue::desc::split::Descriptor>);
 fn serve_batch<M: vm_memory::GuestMemory + Sync>(
     mem: &M,
     chains: Vec<Chain>,
-    disk: &Backend,
+    disk: &Disk,
     writable: bool,
     capacity: u64,
 ) -> Vec<(u16, u8, u32, BlkStats)> {
@@ -432,6 +432,7 @@ pub fn serve(server: Arc<DiskServer>, socket: &Path) -> Result<(), DiskServerErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::LocalFiles;
 
     fn vhd(dir: &Path, size: u64) -> PathBuf {
         let p = dir.join("d.vhd");
@@ -442,7 +443,13 @@ mod tests {
     #[test]
     fn config_space_names_the_capacity_and_limits() {
         let d = tempfile::tempdir().unwrap();
-        let s = DiskServer::open(&vhd(d.path(), 64 << 20), Access::Write, None).unwrap();
+        let s = DiskServer::open(
+            Arc::new(LocalFiles),
+            &vhd(d.path(), 64 << 20),
+            Access::Write,
+            None,
+        )
+        .unwrap();
         let c = s.get_config(0, CONFIG_LEN as u32);
         assert_eq!(
             u64::from_le_bytes(c[0..8].try_into().unwrap()),
@@ -459,7 +466,13 @@ mod tests {
     #[test]
     fn migration_is_allowed_and_the_log_is_shared_memory() {
         let d = tempfile::tempdir().unwrap();
-        let s = DiskServer::open(&vhd(d.path(), 8 << 20), Access::Write, None).unwrap();
+        let s = DiskServer::open(
+            Arc::new(LocalFiles),
+            &vhd(d.path(), 8 << 20),
+            Access::Write,
+            None,
+        )
+        .unwrap();
         assert_ne!(s.features() & VHOST_F_LOG_ALL, 0);
         assert_ne!(s.features() & VIRTIO_BLK_F_FLUSH, 0);
         assert!(s
@@ -474,10 +487,17 @@ mod tests {
     fn a_target_opens_read_only_and_a_missing_disk_is_named() {
         let d = tempfile::tempdir().unwrap();
         let p = vhd(d.path(), 8 << 20);
-        let s = DiskServer::open(&p, Access::WriteOnFirstRequest, None).unwrap();
+        let s =
+            DiskServer::open(Arc::new(LocalFiles), &p, Access::WriteOnFirstRequest, None).unwrap();
         assert!(!s.lock().writable);
         assert_eq!(s.capacity(), 8 << 20);
-        let e = DiskServer::open(&d.path().join("none.vhd"), Access::Write, None).unwrap_err();
+        let e = DiskServer::open(
+            Arc::new(LocalFiles),
+            &d.path().join("none.vhd"),
+            Access::Write,
+            None,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("none.vhd"), "{e}");
     }
 
@@ -485,8 +505,13 @@ mod tests {
     fn stop_flushes_and_writes_the_counters() {
         let d = tempfile::tempdir().unwrap();
         let stats = d.path().join("d.stats");
-        let s =
-            DiskServer::open(&vhd(d.path(), 8 << 20), Access::Write, Some(stats.clone())).unwrap();
+        let s = DiskServer::open(
+            Arc::new(LocalFiles),
+            &vhd(d.path(), 8 << 20),
+            Access::Write,
+            Some(stats.clone()),
+        )
+        .unwrap();
         s.stop_vring(0).unwrap();
         let read: BlkStats = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
         assert_eq!(read.flushes, 1);

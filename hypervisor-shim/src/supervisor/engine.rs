@@ -72,6 +72,15 @@ pub enum EngineError {
     /// A migration QEMU gave up, with QEMU's reason.
     #[error("migration: {0}")]
     Migration(String),
+    /// The VM's disk does not open for serving.
+    #[error("VM {vm}: serving its disk")]
+    Disk {
+        /// The role.
+        vm: String,
+        /// Why.
+        #[source]
+        source: crate::qemu::blk::DiskServerError,
+    },
 }
 
 /// The engines this build has, as a host's settings name them.
@@ -105,7 +114,6 @@ impl EngineKind {
             }),
             EngineKind::Qemu => Arc::new(super::qemu::Qemu {
                 program: program.map_or_else(super::qemu::default_program, Path::to_path_buf),
-                disk_server: super::csv_vmm::default_program(),
             }),
         }
     }
@@ -192,6 +200,9 @@ pub struct VmSpec {
     pub run_dir: PathBuf,
     /// How it starts.
     pub start: Start,
+    /// Where its disk's bytes come from (engines that serve the disk
+    /// themselves open it here).
+    pub disks: Arc<dyn crate::disk::DiskSource>,
 }
 
 /// An engine: starts VMs.

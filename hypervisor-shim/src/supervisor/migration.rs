@@ -247,6 +247,12 @@ impl Supervisor {
                 }
                 return Ok(summary);
             }
+            // Reach the volume's coordinator now (a read goes to its
+            // leader): the hand-over happens while the guest is paused,
+            // and must not pay for a connection then.
+            if let Err(e) = c.getattr(volume, ino) {
+                tracing::debug!(error = %coordinator::client::describe(&e), "reaching the coordinator before the migration");
+            }
             let mut on_progress = |p: &Progress| {
                 if let Ok(mut x) = p2.lock() {
                     x.0 = Some(p.clone());

@@ -61,6 +61,8 @@ pub struct SupervisorConfig {
     pub endpoints: Vec<SocketAddr>,
     /// What this host fenced off (kept by the node daemon's volumes).
     pub fenced: Fenced,
+    /// Where VM disks' bytes come from (csvd: the volumes' own I/O path).
+    pub disks: Arc<dyn crate::disk::DiskSource>,
 }
 
 /// A VM running here, as others may act on it.
@@ -285,6 +287,7 @@ impl Supervisor {
             initrd: vm.initrd.as_deref().map(|i| role::host_path(i, root)),
             run_dir: self.cfg.run_dir.clone(),
             start,
+            disks: self.cfg.disks.clone(),
         };
         // The role may name its engine; otherwise the host's runs it.
         let engine = match vm.engine {

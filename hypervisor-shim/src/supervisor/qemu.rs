@@ -1,9 +1,15 @@
 //! The `qemu` engine: one `qemu-system-x86_64` per VM, driven over QMP
 //! ([`crate::qemu::qmp`]), its disk served by csv ([`crate::qemu::blk`],
-//! one `csv-vmm serve-disk` process per VM) as a vhost-user-blk device.
+//! a thread of the node daemon per VM) as a vhost-user-blk device. The
+//! disk server opens the VHD through the host's [`crate::disk::DiskSource`]:
+//! in csvd that is the volume's own I/O path (the file's lease and extent
+//! map, straight to the LUN or redirected through a peer), not the FUSE
+//! mount.
 //!
 //! ```text
-//!   csvd (supervisor) ──QMP──> qemu-system-x86_64 ──vhost-user──> csv-vmm serve-disk ──vhd──> VHD on the volume
+//!   csvd ─┬─ supervisor ──QMP──> qemu-system-x86_64
+//!         └─ disk server <──vhost-user── (guest RAM shared)
+//!              └─ vhd ─> VolumeFile ─> extent map ─> LUN (own path, or a peer's)
 //! ```
 //!
 //! Guest RAM is a shared memfd (`memory-backend-memfd,share=on`): the
@@ -32,12 +38,12 @@ use super::engine::{
 use super::role::Guest;
 use crate::control::proto::{Status, VmmState};
 use crate::migrate::{Progress, Summary};
+use crate::qemu::blk::{self, Access, DiskServer, DiskServerError};
 use crate::qemu::qga::Agent;
 use crate::qemu::qmp::{
     Capability, CapabilityState, Command, MigrateParameters, MigrationInfo, MigrationStatus, Qmp,
     QmpError, SocketAddress, StatusInfo,
 };
-use crate::virtio_blk::BlkStats;
 use crate::vm::RunState;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
@@ -49,8 +55,6 @@ use std::time::{Duration, Instant};
 pub struct Qemu {
     /// `qemu-system-x86_64`.
     pub program: PathBuf,
-    /// `csv-vmm` (its `serve-disk` serves the VM's disk).
-    pub disk_server: PathBuf,
 }
 
 /// How QEMU runs guests on this host.
@@ -126,8 +130,6 @@ struct Files {
     vhost: PathBuf,
     serial: PathBuf,
     log: PathBuf,
-    disk_log: PathBuf,
-    stats: PathBuf,
     tls: PathBuf,
     qga: PathBuf,
 }
@@ -140,8 +142,6 @@ impl Files {
             vhost: f("vhost"),
             serial: f("serial"),
             log: f("log"),
-            disk_log: f("disk.log"),
-            stats: f("disk.json"),
             tls: f("tls"),
             qga: f("qga"),
         }
@@ -282,58 +282,106 @@ impl Qemu {
         Ok(a)
     }
 
-    fn start_disk_server(&self, vm: &VmSpec, files: &Files) -> Result<Child, EngineError> {
+    /// Starts the VM's disk server on a thread of this process, serving
+    /// the VHD through the host's disk source, and waits for its socket.
+    fn start_disk_server(&self, vm: &VmSpec, files: &Files) -> Result<DiskThread, EngineError> {
         let _ = std::fs::remove_file(&files.vhost);
-        let log = std::fs::File::create(&files.disk_log).map_err(|source| EngineError::Files {
-            what: "creating",
-            path: files.disk_log.clone(),
-            source,
-        })?;
-        let mut cmd = Process::new(&self.disk_server);
-        cmd.arg("serve-disk")
-            .arg("--disk")
-            .arg(&vm.disk)
-            .arg("--socket")
-            .arg(&files.vhost)
-            .arg("--stats")
-            .arg(&files.stats);
-        if matches!(vm.start, Start::Incoming { .. }) {
-            cmd.arg("--migration-target");
-        }
-        die_with_parent(&mut cmd);
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|source| EngineError::Start {
-                program: self.disk_server.clone(),
-                vm: vm.name.clone(),
-                source,
+        let access = match vm.start {
+            Start::Incoming { .. } => Access::WriteOnFirstRequest,
+            _ => Access::Write,
+        };
+        let server =
+            DiskServer::open(vm.disks.clone(), &vm.disk, access, None).map_err(|source| {
+                EngineError::Disk {
+                    vm: vm.name.clone(),
+                    source,
+                }
             })?;
+        let server = Arc::new(server);
+        tracing::info!(vm = %vm.name, disk = %vm.disk.display(), through = vm.disks.kind(&vm.disk),
+            bytes = server.capacity(), ?access, "serving the disk");
+        let thread = {
+            let (s, socket, name) = (server.clone(), files.vhost.clone(), vm.name.clone());
+            std::thread::Builder::new()
+                .name(format!("disk {}", vm.name))
+                .spawn(move || {
+                    let r = blk::serve(s.clone(), &socket);
+                    match &r {
+                        Ok(()) => tracing::info!(vm = %name, stats = ?s.stats(), "QEMU disconnected; disk flushed and closed"),
+                        Err(e) => tracing::warn!(vm = %name, error = %coordinator::service::error_chain(e), "disk server ended"),
+                    }
+                    r
+                })
+                .map_err(|source| EngineError::Files {
+                    what: "starting a thread to serve",
+                    path: vm.disk.clone(),
+                    source,
+                })?
+        };
+        let mut disk = DiskThread {
+            server,
+            socket: files.vhost.clone(),
+            thread: Some(thread),
+        };
         // QEMU connects to the socket as it starts: wait for it.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !files.vhost.exists() {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(EngineError::Exited {
-                    what: "the disk server",
+            if disk.finished() || Instant::now() > deadline {
+                let why = disk.end(Duration::from_secs(1));
+                return Err(EngineError::Config {
                     vm: vm.name.clone(),
-                    status,
-                    log: tail(&files.disk_log),
+                    what: format!(
+                        "the disk server did not listen on {}: {why}",
+                        files.vhost.display()
+                    ),
                 });
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(EngineError::Exited {
-                    what: "the disk server (no socket after 10 s)",
-                    vm: vm.name.clone(),
-                    status: child.wait().unwrap_or_default(),
-                    log: tail(&files.disk_log),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(child)
+        Ok(disk)
+    }
+}
+
+/// A VM's disk server: a thread of the node daemon serving the VHD on
+/// the vhost-user socket until QEMU goes away.
+#[derive(Debug)]
+struct DiskThread {
+    server: Arc<DiskServer>,
+    socket: PathBuf,
+    thread: Option<std::thread::JoinHandle<Result<(), DiskServerError>>>,
+}
+
+impl DiskThread {
+    fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits up to `patience` for the server to end (QEMU gone: it flushes
+    /// and closes the VHD, giving its lease back); a server still waiting
+    /// for QEMU to connect is woken by a connection that closes at once.
+    /// Says how it ended.
+    fn end(&mut self, patience: Duration) -> String {
+        let Some(t) = self.thread.take() else {
+            return "ended".into();
+        };
+        let deadline = Instant::now() + patience;
+        let mut poked = false;
+        while !t.is_finished() && Instant::now() < deadline {
+            if !poked && deadline - Instant::now() < patience / 2 {
+                let _ = std::os::unix::net::UnixStream::connect(&self.socket);
+                poked = true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if !t.is_finished() {
+            tracing::warn!(socket = %self.socket.display(), "the disk server did not end; left running");
+            return "still running".into();
+        }
+        match t.join() {
+            Ok(Ok(())) => "ended".into(),
+            Ok(Err(e)) => coordinator::service::error_chain(&e),
+            Err(_) => "panicked".into(),
+        }
     }
 }
 
@@ -418,7 +466,7 @@ impl Engine for Qemu {
         let handle = Arc::new(Handle {
             qmp_path: files.qmp.clone(),
             qmp: Mutex::new(None),
-            stats: files.stats.clone(),
+            disk: disk.server.clone(),
             tls: files.tls.clone(),
             qga: files.qga.clone(),
             mem_bytes: vm.config.memory,
@@ -450,7 +498,7 @@ impl Engine for Qemu {
 #[derive(Debug)]
 struct QemuProcess {
     child: Child,
-    disk: Child,
+    disk: DiskThread,
     log: PathBuf,
     handle: Arc<Handle>,
 }
@@ -463,21 +511,18 @@ impl Instance for QemuProcess {
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
         let st = self.child.try_wait().ok().flatten();
         if st.is_some() {
-            // QEMU gone: its disk server sees the socket close and exits
-            // after flushing; reap it.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while self.disk.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.disk.kill();
-            let _ = self.disk.wait();
+            // QEMU gone: its disk server sees the socket close, flushes
+            // and closes the VHD (its lease goes back before anyone is
+            // told the VM stopped).
+            self.disk.end(Duration::from_secs(10));
         }
         st
     }
 
     fn kill(&mut self) {
         let _ = self.child.kill();
-        let _ = self.disk.kill();
+        let _ = self.child.wait();
+        self.disk.end(Duration::from_secs(10));
     }
 
     fn log_tail(&self) -> String {
@@ -491,12 +536,11 @@ impl Instance for QemuProcess {
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
-        for c in [&mut self.child, &mut self.disk] {
-            if c.try_wait().ok().flatten().is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
+        self.disk.end(Duration::from_secs(10));
     }
 }
 
@@ -505,7 +549,8 @@ impl Drop for QemuProcess {
 struct Handle {
     qmp_path: PathBuf,
     qmp: Mutex<Option<Qmp>>,
-    stats: PathBuf,
+    /// The VM's disk server (its counters).
+    disk: Arc<DiskServer>,
     tls: PathBuf,
     qga: PathBuf,
     mem_bytes: u64,
@@ -640,9 +685,7 @@ impl VmHandle for Handle {
         let s: StatusInfo = self
             .with(|q| q.execute(&Command::QueryStatus))
             .map_err(qmp_err)?;
-        let disk: Option<BlkStats> = std::fs::read(&self.stats)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let disk = Some(self.disk.stats());
         Ok(Status {
             state: Some(run_state(&s)),
             listen: self
