@@ -230,6 +230,14 @@ fn linux_vm_running(on: u64) -> (CsvCluster, u64, Arc<Mutex<Heard>>) {
         serial_tail(&cl, on)
     );
     eprintln!("booted and writing after {:?}", t0.elapsed());
+    // csvd serves the disk through the volume's own I/O path, not the
+    // FUSE mount.
+    let log = cl.log_tail(on, 5000);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("serving the disk") && l.contains("through=\"volume\"")),
+        "no disk served through the volume in host {on}'s log:\n{log}"
+    );
     (cl, v, heard)
 }
 
