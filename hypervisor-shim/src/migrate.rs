@@ -173,6 +173,11 @@ pub struct Summary {
     pub setup_ms: f64,
     /// The first round (all memory that is not zero).
     pub first_round_ms: f64,
+    /// How long the paused guest waited for the switch-over (the disk's
+    /// write lease handed over), from the engine's pause before it to the
+    /// go after it; part of the downtime.
+    #[serde(default)]
+    pub switchover_ms: f64,
 }
 
 struct Sender<'a, W: Write> {
@@ -459,6 +464,7 @@ pub fn save(vm: &Vm, path: &Path) -> Result<Summary> {
             heartbeat_seq: vm.heartbeat().seq,
             setup_ms: 0.0,
             first_round_ms: elapsed,
+            switchover_ms: 0.0,
         })
     })();
     if r.is_err() {
@@ -601,7 +607,9 @@ pub fn migrate(
             }
         }
         acked = true;
+        let t_switch = Instant::now();
         handover().map_err(MigrateError::SwitchOver)?;
+        let switchover = t_switch.elapsed();
         send_status(&mut s.w, Kind::Go, true, None, String::new())?;
         s.w.flush().map_err(io("send Go"))?;
         let k = stream::read_frame(&mut back, &mut buf)?;
@@ -625,6 +633,7 @@ pub fn migrate(
             heartbeat_seq: vm.heartbeat().seq,
             setup_ms,
             first_round_ms,
+            switchover_ms: switchover.as_secs_f64() * 1e3,
         })
     })();
     vm.throttle(0);

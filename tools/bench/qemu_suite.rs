@@ -14,7 +14,9 @@
 //!   `qemu` engine through csvd with the write lease handed over at
 //!   `pre-switchover`, against the same QEMU migration of a guest on a raw
 //!   local file with no hand-over (two QEMUs driven over QMP here).
-//!   Downtime and total time as QEMU reports them; medians.
+//!   Downtime and total time as QEMU reports them, and how long the
+//!   paused guest waited at `pre-switchover` for the hand-over (from
+//!   QEMU's event to `migrate-continue`); medians.
 //!
 //! The accelerator is QEMU's choice for this host (TCG where there is no
 //! hardware virtualization): the rows compare disk paths and hand-overs
@@ -35,7 +37,7 @@ use std::time::{Duration, Instant};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Live migrations per side (medians are reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub migrations: usize,
     /// Where the guest is (vmlinuz, initramfs.cpio.gz, initramfs-fio.cpio.gz).
     #[arg(long, default_value = "target/qemu-guest")]
@@ -251,8 +253,8 @@ fn csv_fio(cl: &CsvCluster, v: u64, guest: &Path) -> Result<(Duration, Fio)> {
 }
 
 /// Migrations through csvd's `qemu` engine (lease handed over): the
-/// (downtime, total) ms of each.
-fn csv_migrations(cl: &CsvCluster, v: u64, guest: &Path, n: usize) -> Result<Vec<(f64, f64)>> {
+/// (downtime, total, held at switch-over) ms of each.
+fn csv_migrations(cl: &CsvCluster, v: u64, guest: &Path, n: usize) -> Result<Vec<(f64, f64, f64)>> {
     let mnt = cl.mountpoint(1, v);
     guest_on_volume(&mnt, guest, &["vmlinuz", "initramfs.cpio.gz"])?;
     fresh_vhd(&mnt.join("mig.vhd"))?;
@@ -293,8 +295,8 @@ fn csv_migrations(cl: &CsvCluster, v: u64, guest: &Path, n: usize) -> Result<Vec
             let at = text.find(key)? + key.len();
             text[at..].split_whitespace().next()?.parse().ok()
         };
-        match (num("downtime "), num("total ")) {
-            (Some(d), Some(t)) => out.push((d, t)),
+        match (num("downtime "), num("total "), num("of which ")) {
+            (Some(d), Some(t), Some(h)) => out.push((d, t, h)),
             _ => bail!("no figures in {text:?}"),
         }
         eprintln!("csv: {}", text.trim());
@@ -485,7 +487,8 @@ pub fn run(args: Args) -> Result<()> {
     // Live migration: with the lease hand-over, and plain.
     let ours_m = csv_migrations(&cl, v, &guest, args.migrations)?;
     let plain_m = plain_migrations(&dir, &guest, &accel, args.migrations)?;
-    let col = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
+    let ours_col = |f: fn(&(f64, f64, f64)) -> f64| median(ours_m.iter().map(f).collect());
+    let plain_col = |f: fn(&(f64, f64)) -> f64| median(plain_m.iter().map(f).collect());
     table::print(
         &format!(
             "live migration of an idle 512 MiB guest ({}; medians of {}): qemu engine with the write-lease hand-over vs the same QEMU migration on a raw local file without one",
@@ -493,8 +496,9 @@ pub fn run(args: Args) -> Result<()> {
         ),
         "plain QEMU",
         &[
-            Row { name: "downtime".into(), ours: col(&ours_m, |x| x.0), peer: Some(col(&plain_m, |x| x.0)), unit: "ms", higher_is_better: false },
-            Row { name: "total time".into(), ours: col(&ours_m, |x| x.1), peer: Some(col(&plain_m, |x| x.1)), unit: "ms", higher_is_better: false },
+            Row { name: "downtime".into(), ours: ours_col(|x| x.0), peer: Some(plain_col(|x| x.0)), unit: "ms", higher_is_better: false },
+            Row { name: "total time".into(), ours: ours_col(|x| x.1), peer: Some(plain_col(|x| x.1)), unit: "ms", higher_is_better: false },
+            Row { name: "guest held at pre-switchover for the hand-over (part of the downtime)".into(), ours: ours_col(|x| x.2), peer: None, unit: "ms", higher_is_better: false },
         ],
     );
     Ok(())

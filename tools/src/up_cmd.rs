@@ -109,7 +109,11 @@ fn linux_vm(dir: &Path, guest: &Path, env: &[(&str, String); 3]) -> Result<()> {
             "console=ttyS0",
         ])?;
     }
-    run(&["vm", "start", "linux1", "--on", "1"])?;
+    // Started by an earlier `csvctl up` on this state: it runs on.
+    match run(&["vm", "start", "linux1", "--on", "1"]) {
+        Err(e) if exists && e.to_string().contains("already") => {}
+        r => r?,
+    }
     println!(
         "VM linux1 (qemu engine, Debian kernel) starting on host 1 from {v}/linux1.vhd; console: {}",
         node_dir(dir, 1).join("data/vms/linux1.serial").display()

@@ -147,7 +147,8 @@ pub enum VmCommand {
     },
     /// Show a VM's serial console, read from the host running it (from any
     /// host): the last --lines lines, then, with --follow, what it prints
-    /// next, until Ctrl-C (or the VM stops there). Read-only.
+    /// next, until Ctrl-C or the VM stops; the console follows the VM when
+    /// it moves to another host. Read-only.
     Console {
         #[command(flatten)]
         access: Access,
@@ -565,8 +566,8 @@ fn status(access: &Access, name: &str, json: bool) -> Result<ExitCode> {
 }
 
 /// `csvctl vm console`.
-fn console(access: &Access, name: &str, lines: usize, follow: bool) -> Result<ExitCode> {
-    use std::io::Write;
+/// The host running VM `name` (its id and addresses), from the registry.
+fn console_host(access: &Access, name: &str) -> Result<(u64, Vec<std::net::SocketAddr>)> {
     let (_, info) = registry(access)?;
     let role = find(&info, name)?;
     if role.node == 0 {
@@ -575,29 +576,44 @@ fn console(access: &Access, name: &str, lines: usize, follow: bool) -> Result<Ex
     let Some(host) = info.nodes.iter().find(|n| n.id == role.node) else {
         bail!("VM {name}'s host {} is not in the registry", role.node);
     };
+    Ok((
+        host.id,
+        host.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+    ))
+}
+
+/// Reads VM `name`'s console on `host` from `offset` (u64::MAX: the end).
+fn console_read(
+    me: &coordinator::wire::Identity,
+    host: &(u64, Vec<std::net::SocketAddr>),
+    name: &str,
+    offset: u64,
+    max: u32,
+) -> Result<proto::VmConsoleReply> {
+    let mut last = None;
+    for a in &host.1 {
+        let req = proto::VmConsoleReq {
+            name: name.to_string(),
+            offset,
+            max,
+        };
+        match client::vm_console(me, *a, req, Duration::from_secs(5)) {
+            Ok(r) => return Ok(r),
+            Err(e) => last = Some(e),
+        }
+    }
+    match last {
+        Some(e) => bail!("host {}: {}", host.0, client::describe(&e)),
+        None => bail!("host {} has no address", host.0),
+    }
+}
+
+fn console(access: &Access, name: &str, lines: usize, follow: bool) -> Result<ExitCode> {
+    use std::io::Write;
+    let mut host = console_host(access, name)?;
     let me = access.identity()?;
-    let addrs: Vec<std::net::SocketAddr> =
-        host.addrs.iter().filter_map(|a| a.parse().ok()).collect();
-    let ask = |offset: u64, max: u32| -> Result<proto::VmConsoleReply> {
-        let mut last = None;
-        for a in &addrs {
-            let req = proto::VmConsoleReq {
-                name: name.to_string(),
-                offset,
-                max,
-            };
-            match client::vm_console(&me, *a, req, Duration::from_secs(5)) {
-                Ok(r) => return Ok(r),
-                Err(e) => last = Some(e),
-            }
-        }
-        match last {
-            Some(e) => bail!("host {}: {}", host.id, client::describe(&e)),
-            None => bail!("host {} has no address", host.id),
-        }
-    };
     // The tail: the last 64 KiB, cut to the last `lines` lines.
-    let first = ask(u64::MAX, 64 << 10)?;
+    let first = console_read(&me, &host, name, u64::MAX, 64 << 10)?;
     let text = String::from_utf8_lossy(&first.data);
     let all: Vec<&str> = text.split_inclusive('\n').collect();
     let mut out = std::io::stdout().lock();
@@ -608,18 +624,42 @@ fn console(access: &Access, name: &str, lines: usize, follow: bool) -> Result<Ex
     if !follow {
         return Ok(ExitCode::SUCCESS);
     }
+    // Follows the VM: when it moves (a migration, a failover), the
+    // console goes on from the start of its new host's.
     let mut at = first.offset + first.data.len() as u64;
+    let mut checked = std::time::Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let r = match ask(at, 256 << 10) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("\n(console ended: {e:#})");
-                return Ok(ExitCode::SUCCESS);
+        let moved = |host: &(u64, Vec<std::net::SocketAddr>)| -> Result<Option<(u64, Vec<std::net::SocketAddr>)>> {
+            let now = console_host(access, name)?;
+            Ok((now.0 != host.0).then_some(now))
+        };
+        if checked.elapsed() > Duration::from_secs(2) {
+            checked = std::time::Instant::now();
+            if let Ok(Some(h)) = moved(&host) {
+                eprintln!("\n(VM {name} moved from host {} to host {})", host.0, h.0);
+                host = h;
+                at = 0;
             }
+        }
+        let r = match console_read(&me, &host, name, at, 256 << 10) {
+            Ok(r) => r,
+            Err(e) => match moved(&host) {
+                Ok(Some(h)) => {
+                    eprintln!("\n(VM {name} moved from host {} to host {})", host.0, h.0);
+                    host = h;
+                    at = 0;
+                    continue;
+                }
+                Ok(None) => continue,
+                Err(why) => {
+                    eprintln!("\n(console ended: {e:#}; {why:#})");
+                    return Ok(ExitCode::SUCCESS);
+                }
+            },
         };
         if r.offset != at {
-            eprintln!("\n(output restarted: the VM moved or restarted)");
+            eprintln!("\n(output restarted: the VM restarted)");
         }
         out.write_all(&r.data)?;
         out.flush()?;
@@ -669,8 +709,12 @@ fn migrate(access: &Access, name: &str, to: u64, quick: bool, timeout_s: u64) ->
                 );
                 return Ok(ExitCode::SUCCESS);
             }
+            let switch = match s["switchover_ms"].as_f64() {
+                Some(ms) if ms > 0.0 => format!(" (of which {ms:.1} ms for the disk's hand-over)"),
+                _ => String::new(),
+            };
             println!(
-                "VM {name} moved from host {from} to host {to}: downtime {:.1} ms, total {:.0} ms, {} rounds, {}",
+                "VM {name} moved from host {from} to host {to}: downtime {:.1} ms{switch}, total {:.0} ms, {} rounds, {}",
                 s["downtime_ms"].as_f64().unwrap_or(0.0),
                 s["total_ms"].as_f64().unwrap_or(0.0),
                 s["rounds"],

@@ -2,10 +2,11 @@
 //! disk server opens a VHD through, so that the VM's I/O takes the
 //! volume's own path and not the FUSE mount and the kernel. Reads and
 //! writes go through this host's lease and extent map of the file straight
-//! to the LUN (asynchronously where a request maps to one range), through
-//! a peer while this host's SAN path is down, or as file operations on the
-//! coordinating host while this host is FileSystemRedirected: the same
-//! code the FUSE adapter calls, without a trip through the kernel and back.
+//! to the LUN (on the caller's thread: a disk server serves several
+//! requests at once on threads of its own), through a peer while this
+//! host's SAN path is down, or as file operations on the coordinating host
+//! while this host is FileSystemRedirected: the same code the FUSE adapter
+//! calls, without a trip through the kernel and back.
 //! CSV's direct I/O skips the filesystem stack for VHDs the same way.
 //!
 //! Opening for writing takes the file's write lease (at most one host
@@ -88,8 +89,22 @@ impl VolumeFile {
     }
 
     /// Reads up to `buf.len()` (at most [`MAX_IO`]) bytes at `offset`:
-    /// how many came (fewer at the end of the file).
+    /// how many came (fewer at the end of the file). On this host's own
+    /// leases and map the bytes are read on this thread, through the
+    /// volume's aligned buffer straight into `buf`; as file operations
+    /// on the coordinating host while this host is FileSystemRedirected.
     fn read_some(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if self.fs.remote(self.fh).is_none() {
+            let len = buf.len() as u32;
+            return self
+                .fs
+                .read_data(self.ino, offset, len, |b| {
+                    let n = b.len().min(buf.len());
+                    buf[..n].copy_from_slice(&b[..n]);
+                    Ok(n)
+                })
+                .map_err(to_io);
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         self.fs.read(
             self.ino,
@@ -110,7 +125,16 @@ impl VolumeFile {
         Ok(n)
     }
 
+    /// Writes `data` (at most [`MAX_IO`] bytes) at `offset`: how many
+    /// bytes were written.
     fn write_some(&self, data: &[u8], offset: u64) -> io::Result<usize> {
+        if self.fs.remote(self.fh).is_none() {
+            return self
+                .fs
+                .write_data(self.ino, offset, data)
+                .map(|n| n as usize)
+                .map_err(to_io);
+        }
         let (tx, rx) = mpsc::sync_channel(1);
         self.fs.write(
             self.ino,

@@ -365,10 +365,17 @@ impl VhostUserBackend for DiskServer {
         tracing::debug!(queue_index, "queue stopped");
         // Taking the lock waits for a batch being served; then the disk
         // is flushed, before QEMU hears the device has stopped.
+        let t = std::time::Instant::now();
         let mut inner = self.lock();
+        let waited = t.elapsed();
         inner.stats.flushes += 1;
         let r = inner.disk.flush();
         drop(inner);
+        tracing::info!(
+            waited_ms = waited.as_secs_f64() * 1e3,
+            flushed_ms = (t.elapsed() - waited).as_secs_f64() * 1e3,
+            "disk queue stopped and flushed"
+        );
         self.write_stats();
         r.map_err(|e| io::Error::other(coordinator::service::error_chain(&e)))
     }

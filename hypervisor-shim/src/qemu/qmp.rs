@@ -336,6 +336,21 @@ pub struct Timestamp {
     pub microseconds: i64,
 }
 
+impl Timestamp {
+    /// As a point in time (QEMU stamps events with the host's real-time
+    /// clock); None when out of range.
+    pub fn time(&self) -> Option<std::time::SystemTime> {
+        let secs = u64::try_from(self.seconds).ok()?;
+        let micros = u64::try_from(self.microseconds).ok()?;
+        std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_micros(
+            secs.checked_mul(1_000_000)?.checked_add(micros)?,
+        ))
+    }
+}
+
+/// Events kept on a connection (the rest are dropped, oldest first).
+pub const MAX_EVENTS: usize = 64;
+
 /// Something QEMU sent.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]
@@ -386,8 +401,9 @@ pub struct Qmp {
     path: PathBuf,
     reader: BufReader<UnixStream>,
     writer: UnixStream,
-    /// Events received while waiting for replies, oldest first.
-    pub events: Vec<(String, Value)>,
+    /// Events received while waiting for replies, oldest first (the
+    /// latest [`MAX_EVENTS`]): name, data, when.
+    pub events: Vec<(String, Value, Timestamp)>,
 }
 
 impl Qmp {
@@ -477,7 +493,16 @@ impl Qmp {
                         desc: error.desc,
                     })
                 }
-                Message::Event { event, data, .. } => self.events.push((event, data)),
+                Message::Event {
+                    event,
+                    data,
+                    timestamp,
+                } => {
+                    if self.events.len() >= MAX_EVENTS {
+                        self.events.remove(0);
+                    }
+                    self.events.push((event, data, timestamp));
+                }
                 Message::Greeting { .. } => {
                     return Err(QmpError::Unexpected("a second greeting".into()))
                 }

@@ -854,7 +854,26 @@ impl VmHandle for Handle {
         progress(&Handle::progress(&info));
         // The guest is paused and its disk server stopped and flushed:
         // the write lease moves now, or the migration is given up.
-        if let Err(e) = switch_over() {
+        // When QEMU paused before the switch-over (its event's stamp; the
+        // poll's own time otherwise).
+        let paused_at = self
+            .with(|q| {
+                Ok(q.events
+                    .iter()
+                    .rev()
+                    .find(|(e, d, _)| {
+                        e == "MIGRATION"
+                            && d.get("status").and_then(|s| s.as_str()) == Some("pre-switchover")
+                    })
+                    .and_then(|(_, _, t)| t.time()))
+            })
+            .ok()
+            .flatten()
+            .unwrap_or_else(std::time::SystemTime::now);
+        let t = Instant::now();
+        let handed = switch_over();
+        let handed_ms = t.elapsed().as_secs_f64() * 1e3;
+        if let Err(e) = handed {
             let _ = self.run(Command::MigrateCancel);
             let _ = self.wait_ended(Duration::from_millis(20), Duration::from_secs(30));
             if let Ok(s) = self.with(|q| q.execute::<StatusInfo>(&Command::QueryStatus)) {
@@ -870,6 +889,12 @@ impl VmHandle for Handle {
             state: MigrationStatus::PreSwitchover,
         })
         .map_err(qmp_err)?;
+        let held = paused_at.elapsed().unwrap_or_default();
+        tracing::info!(
+            held_ms = held.as_secs_f64() * 1e3,
+            hand_over_ms = handed_ms,
+            "switch-over: the guest waited at pre-switchover"
+        );
         let info = self
             .wait_ended(Duration::from_millis(2), Duration::from_secs(120))
             .map_err(qmp_err)?;
@@ -881,7 +906,10 @@ impl VmHandle for Handle {
         // The guest runs on the target: this QEMU exits, and its disk
         // server closes the VHD (this host no longer holds its lease).
         let _ = self.stop();
-        Ok(Handle::summary(&info))
+        Ok(Summary {
+            switchover_ms: held.as_secs_f64() * 1e3,
+            ..Handle::summary(&info)
+        })
     }
 }
 

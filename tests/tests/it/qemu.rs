@@ -421,6 +421,79 @@ fn last_heartbeat(heard: &Mutex<Heard>) -> u64 {
         .unwrap_or(0)
 }
 
+/// The highest record count of the guest's "hb N" lines heard after `since`.
+fn synced_after(heard: &Mutex<Heard>, since: Instant) -> Option<u64> {
+    let g = heard.lock().unwrap();
+    g.lines
+        .iter()
+        .filter(|(t, _)| *t >= since)
+        .filter_map(|(_, l)| l.strip_prefix("hb ")?.trim().parse().ok())
+        .max()
+}
+
+#[test]
+fn a_linux_guests_disk_goes_through_a_peer_while_its_hosts_san_path_is_cut() {
+    skip_without_qemu_guest!();
+    let (cl, v, heard) = linux_vm_running(1);
+    // Host 1's own path to the LUN fails for 20 s.
+    let cut = coordinator::proto::FaultReq {
+        kind: coordinator::proto::FaultKind::SanCut as i32,
+        volume: v,
+        duration_ms: 20_000,
+        ..Default::default()
+    };
+    let addr = cl.hosts.iter().find(|h| h.id == 1).unwrap().listen[0];
+    coordinator::client::fault(&cl.identity(), addr, cut, Duration::from_secs(5)).unwrap();
+    let redirected = csv_test_support::wait_until(Duration::from_secs(10), || {
+        cl.volume_state(1, v)
+            .is_some_and(|(m, _)| m == "BlockRedirected")
+    });
+    assert!(
+        redirected.is_ok(),
+        "host 1 did not redirect: {:?}",
+        cl.volume_state(1, v)
+    );
+    let t_redirected = Instant::now();
+    let before = synced_after(&heard, Instant::now() - Duration::from_secs(5)).unwrap_or(0);
+    // The guest's fdatasync'd records go on while its host reaches the
+    // LUN through a peer.
+    let went_on = csv_test_support::wait_until(Duration::from_secs(12), || {
+        synced_after(&heard, t_redirected).is_some_and(|n| n >= before + 30)
+    });
+    let still = cl.volume_state(1, v);
+    assert!(
+        went_on.is_ok(),
+        "the guest's writes stalled while redirected: {before} then {:?}\n{}",
+        synced_after(&heard, t_redirected),
+        serial_tail(&cl, 1)
+    );
+    assert_eq!(
+        still.as_ref().map(|s| s.0.as_str()),
+        Some("BlockRedirected"),
+        "the writes must have gone on during the cut"
+    );
+    eprintln!(
+        "redirected: records {before} -> {:?} in {:?}",
+        synced_after(&heard, t_redirected),
+        t_redirected.elapsed()
+    );
+    // The path comes back; the guest reads every record back whole.
+    csv_test_support::wait_until(Duration::from_secs(40), || {
+        cl.volume_state(1, v).is_some_and(|(m, _)| m == "Direct")
+    })
+    .expect("host 1 back on its own path");
+    let healed = Instant::now();
+    let checked = csv_test_support::wait_until(Duration::from_secs(90), || {
+        verified_after(&heard, healed).is_some()
+    });
+    assert!(
+        checked.is_ok() && bad_lines(&heard).is_empty() && !failed(&cl, "linux"),
+        "after the cut: {:?}\n{}",
+        bad_lines(&heard),
+        serial_tail(&cl, 1)
+    );
+}
+
 #[test]
 fn a_linux_guest_restarts_elsewhere_with_its_records_after_kill_9_of_its_host() {
     skip_without_qemu_guest!();
