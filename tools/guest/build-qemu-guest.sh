@@ -16,7 +16,8 @@
 # 512-byte records with fdatasync, heartbeats "hb N" on /dev/ttyS1 (the
 # engine turns that port into UDP datagrams to the host), a full reread
 # and check every 200 records ("verify ok N"). Markers on the console
-# (ttyS0): CSV-GUEST-UP, CSV-GUEST-MKFS, CSV-GUEST-MOUNTED.
+# (ttyS0): CSV-GUEST-UP, CSV-GUEST-MKFS, CSV-GUEST-MOUNTED. A root shell
+# runs on the console beside it (csvctl vm console --interactive).
 #
 # The guest runs qemu-guest-agent (Debian's, unpacked from its package
 # like the kernel) on its virtio-serial port, so a snapshot of its volume
@@ -112,6 +113,9 @@ say() { echo "$1"; echo "$1" > /dev/ttyS1 2>/dev/null; }
 for n in /sys/class/net/eth*; do
   [ -e "$n/address" ] && say "CSV-GUEST-MAC $(cat "$n/address")"
 done
+# A root shell on the serial console (csvctl vm console --interactive),
+# beside whatever the guest runs.
+setsid sh -c 'exec sh -i </dev/ttyS0 >/dev/ttyS0 2>&1' &
 mode=disk
 for a in $(cat /proc/cmdline); do case "$a" in csv.mode=*) mode=${a#csv.mode=} ;; esac; done
 i=0

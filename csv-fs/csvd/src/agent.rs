@@ -324,10 +324,14 @@ impl ConsoleService for HostAgent {
                 "this host runs no VMs",
             ));
         };
-        match vms.console(&q.name, q.offset, q.max) {
+        match vms.console(&q.name, q.offset, q.max, &q.input) {
             Ok((data, offset, size)) => Ok(proto::VmConsoleReply { data, offset, size }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ServiceError::text(
                 ErrorCode::NotFound,
+                format!("VM {}: {e}", q.name),
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Err(ServiceError::text(
+                ErrorCode::Invalid,
                 format!("VM {}: {e}", q.name),
             )),
             Err(e) => Err(unavailable(e)),

@@ -72,6 +72,9 @@ pub enum EngineError {
     /// A migration QEMU gave up, with QEMU's reason.
     #[error("migration: {0}")]
     Migration(String),
+    /// Typing on the VM's serial console.
+    #[error("typing on the VM's serial console")]
+    Console(#[source] std::io::Error),
     /// The VM's disk does not open for serving.
     #[error("VM {vm}: serving its disk")]
     Disk {
@@ -267,6 +270,15 @@ pub trait VmHandle: Send + Sync + std::fmt::Debug {
     fn release(&self, how: Quiesced) -> Result<(), EngineError> {
         let _ = how;
         self.resume()
+    }
+    /// Types `bytes` on its serial console (what `csvctl vm console
+    /// --interactive` sends); engines without console input refuse.
+    fn console_input(&self, bytes: &[u8]) -> Result<(), EngineError> {
+        let _ = bytes;
+        Err(EngineError::Config {
+            vm: String::new(),
+            what: "this engine's serial console takes no input".into(),
+        })
     }
     /// Stops it: its disk is flushed and closed, its process exits.
     fn stop(&self) -> Result<(), EngineError>;

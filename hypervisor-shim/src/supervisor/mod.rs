@@ -103,12 +103,14 @@ impl SupervisorView {
     /// Up to `max` bytes of VM `name`'s serial console from `offset` (its
     /// whole output since it started here, kept in the run directory):
     /// (the bytes, where they start, the output's length so far). An
-    /// offset past the end reads from the last `max` bytes.
+    /// offset past the end reads from the last `max` bytes. `input`, if
+    /// any, is typed on the console first.
     pub fn console(
         &self,
         name: &str,
         offset: u64,
         max: u32,
+        input: &[u8],
     ) -> std::io::Result<(Vec<u8>, u64, u64)> {
         use std::io::{Read, Seek, SeekFrom};
         let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::NotFound, what.to_string());
@@ -123,6 +125,18 @@ impl SupervisorView {
             .run_dir
             .get()
             .ok_or_else(|| bad("no VM runs on this host"))?;
+        if !input.is_empty() {
+            let vm = self
+                .running()
+                .remove(name)
+                .ok_or_else(|| bad("the VM does not run on this host"))?;
+            vm.handle.console_input(input).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    coordinator::service::error_chain(&e),
+                )
+            })?;
+        }
         let mut f = std::fs::File::open(dir.join(format!("{name}.serial")))?;
         let size = f.metadata()?.len();
         let max = u64::from(max.min(1 << 20));

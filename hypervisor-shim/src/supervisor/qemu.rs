@@ -39,6 +39,7 @@ use super::role::Guest;
 use crate::control::proto::{Status, VmmState};
 use crate::migrate::{Progress, Summary};
 use crate::qemu::blk::{self, Access, DiskServer, DiskServerError};
+use crate::qemu::console::{self, ConsoleInput};
 use crate::qemu::qga::Agent;
 use crate::qemu::qmp::{
     Capability, CapabilityState, Command, MigrateParameters, MigrationInfo, MigrationStatus, Qmp,
@@ -129,6 +130,7 @@ struct Files {
     qmp: PathBuf,
     vhost: PathBuf,
     serial: PathBuf,
+    console: PathBuf,
     log: PathBuf,
     tls: PathBuf,
     qga: PathBuf,
@@ -141,6 +143,7 @@ impl Files {
             qmp: f("qmp"),
             vhost: f("vhost"),
             serial: f("serial"),
+            console: f("console"),
             log: f("log"),
             tls: f("tls"),
             qga: f("qga"),
@@ -206,8 +209,12 @@ impl Qemu {
                     ""
                 }
             ),
+            // The serial console: QEMU connects to this process, which
+            // keeps its output in NAME.serial and types console input.
+            "-chardev".into(),
+            format!("socket,id=csv-con,path={},server=off", files.console.display()),
             "-serial".into(),
-            format!("file:{}", files.serial.display()),
+            "chardev:csv-con".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", files.qmp.display()),
             // The guest agent's port (org.qemu.guest_agent.0); used when
@@ -442,6 +449,13 @@ impl Engine for Qemu {
             })?;
         }
         let disk = self.start_disk_server(vm, &files)?;
+        let console = console::keep(&files.console, &files.serial).map_err(|source| {
+            EngineError::Files {
+                what: "listening for the serial console on",
+                path: files.console.clone(),
+                source,
+            }
+        })?;
         let _ = std::fs::remove_file(&files.qmp);
         let log = std::fs::File::create(&files.log).map_err(|source| EngineError::Files {
             what: "creating",
@@ -467,6 +481,7 @@ impl Engine for Qemu {
             qmp_path: files.qmp.clone(),
             qmp: Mutex::new(None),
             disk: disk.server.clone(),
+            console,
             tls: files.tls.clone(),
             qga: files.qga.clone(),
             mem_bytes: vm.config.memory,
@@ -551,6 +566,8 @@ struct Handle {
     qmp: Mutex<Option<Qmp>>,
     /// The VM's disk server (its counters).
     disk: Arc<DiskServer>,
+    /// Its serial console's input.
+    console: ConsoleInput,
     tls: PathBuf,
     qga: PathBuf,
     mem_bytes: u64,
@@ -740,6 +757,10 @@ impl VmHandle for Handle {
                 .map(drop)
                 .map_err(qmp_err),
         }
+    }
+
+    fn console_input(&self, bytes: &[u8]) -> Result<(), EngineError> {
+        console::type_into(&self.console, bytes).map_err(EngineError::Console)
     }
 
     fn stop(&self) -> Result<(), EngineError> {

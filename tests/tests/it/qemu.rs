@@ -616,6 +616,16 @@ fn a_bootable_vhd_boots_by_firmware_in_the_qemu_engine() {
     // Its console, read from the host running it through the cluster.
     let con = csvctl_ok(&cl, &["vm", "console", "bios", "--lines", "1000"]);
     assert!(con.contains("CSV-GUEST-UP"), "{con}");
+    // Typed on it from any host: the guest's console shell answers.
+    let mut answer = String::new();
+    let typed = csv_test_support::wait_until(Duration::from_secs(40), || {
+        answer = csvctl_ok(
+            &cl,
+            &["vm", "console", "bios", "--lines", "0", "--type", "echo CSV-CONSOLE-$((6*7))"],
+        );
+        answer.contains("CSV-CONSOLE-42")
+    });
+    assert!(typed.is_ok(), "no answer on the console: {answer:?}");
     let o = cl
         .csvctl()
         .args(["vm", "console", "nosuch"])
