@@ -33,7 +33,7 @@ const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
+pub(crate) const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 /// The most bytes moved between the disk and guest memory at once (a
 /// longer descriptor is served piecewise, so a guest's length word never

@@ -78,6 +78,15 @@ fn parse_fio(lines: &[String]) -> Result<Fio> {
     Ok(f)
 }
 
+/// The guest's terse fio lines on its console ("fio 3;..."), wherever
+/// they start on a console line.
+fn fio_lines(console: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter_map(|l| l.find("fio 3;").map(|at| l[at + 4..].trim().to_string()))
+        .collect()
+}
+
 /// QEMU's common arguments for the guest with `mem` bytes.
 fn base(guest: &Path, initrd: &str, mode: &str, mem: u64, accel: &Accel) -> Vec<String> {
     vec![
@@ -146,10 +155,7 @@ fn fio_run(
         }
         if text.contains("CSV-GUEST-FIO-DONE") || q.try_wait()?.is_some() {
             let _ = q.wait();
-            let lines: Vec<String> = text
-                .lines()
-                .filter_map(|l| l.trim().strip_prefix("fio ").map(str::to_string))
-                .collect();
+            let lines = fio_lines(&text);
             return Ok((booted.unwrap_or_default(), parse_fio(&lines)?));
         }
         if Instant::now() > deadline {
@@ -235,10 +241,7 @@ fn csv_fio(cl: &CsvCluster, v: u64, guest: &Path) -> Result<(Duration, Fio)> {
             booted = started.map(|t| t.elapsed());
         }
         if text.contains("CSV-GUEST-FIO-DONE") {
-            let lines: Vec<String> = text
-                .lines()
-                .filter_map(|l| l.trim().strip_prefix("fio ").map(str::to_string))
-                .collect();
+            let lines = fio_lines(&text);
             break parse_fio(&lines).map(|f| (booted.unwrap_or_default(), f));
         }
         std::thread::sleep(Duration::from_millis(if booted.is_some() {
@@ -530,5 +533,14 @@ mod tests {
             (3351.0, 1200.0, 1024.0, 512.0)
         );
         assert!(parse_fio(&lines[..2]).is_err());
+    }
+
+    #[test]
+    fn fio_lines_are_found_behind_other_console_output() {
+        let console = "CSV-GUEST-FIO\r\nfio 3;fio-3.33;randread-4k;0\r\n/ # \x1b[6nfio 3;fio-3.33;write-1M;0\nhb 3\n";
+        assert_eq!(
+            fio_lines(console),
+            ["3;fio-3.33;randread-4k;0", "3;fio-3.33;write-1M;0"]
+        );
     }
 }

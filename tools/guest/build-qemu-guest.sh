@@ -113,9 +113,6 @@ say() { echo "$1"; echo "$1" > /dev/ttyS1 2>/dev/null; }
 for n in /sys/class/net/eth*; do
   [ -e "$n/address" ] && say "CSV-GUEST-MAC $(cat "$n/address")"
 done
-# A root shell on the serial console (csvctl vm console --interactive),
-# beside whatever the guest runs.
-setsid sh -c 'exec sh -i </dev/ttyS0 >/dev/ttyS0 2>&1' &
 mode=disk
 for a in $(cat /proc/cmdline); do case "$a" in csv.mode=*) mode=${a#csv.mode=} ;; esac; done
 i=0
@@ -132,6 +129,9 @@ if [ "$mode" = fio ] && [ -b /dev/vda ]; then
   echo CSV-GUEST-FIO-DONE; echo CSV-GUEST-FIO-DONE > /dev/ttyS1 2>/dev/null
   sync; poweroff -f
 fi
+# A root shell on the serial console (csvctl vm console --interactive),
+# beside whatever the guest runs (not during the benchmark).
+setsid sh -c 'exec sh -i </dev/ttyS0 >/dev/ttyS0 2>&1' &
 if [ "$mode" = idle ] || [ ! -b /dev/vda ]; then
   [ -b /dev/vda ] || echo CSV-GUEST-NO-DISK
   echo CSV-GUEST-IDLE; echo CSV-GUEST-IDLE > /dev/ttyS1 2>/dev/null

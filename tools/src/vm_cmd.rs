@@ -722,7 +722,10 @@ fn console(access: &Access, name: &str, way: ConsoleWay<'_>) -> Result<ExitCode>
     }
     let _raw = if way.interactive {
         let r = RawTerminal::enter()?;
-        eprint!("(console of VM {name} on host {}; Ctrl-] leaves)\r\n", host.0);
+        eprint!(
+            "(console of VM {name} on host {}; Ctrl-] leaves)\r\n",
+            host.0
+        );
         Some(r)
     } else {
         None
@@ -756,7 +759,10 @@ fn console(access: &Access, name: &str, way: ConsoleWay<'_>) -> Result<ExitCode>
         if checked.elapsed() > Duration::from_secs(2) {
             checked = std::time::Instant::now();
             if let Ok(Some(h)) = moved(&host) {
-                eprint!("\r\n(VM {name} moved from host {} to host {})\r\n", host.0, h.0);
+                eprint!(
+                    "\r\n(VM {name} moved from host {} to host {})\r\n",
+                    host.0, h.0
+                );
                 host = h;
                 at = 0;
             }
@@ -765,7 +771,10 @@ fn console(access: &Access, name: &str, way: ConsoleWay<'_>) -> Result<ExitCode>
             Ok(r) => r,
             Err(e) => match moved(&host) {
                 Ok(Some(h)) => {
-                    eprint!("\r\n(VM {name} moved from host {} to host {})\r\n", host.0, h.0);
+                    eprint!(
+                        "\r\n(VM {name} moved from host {} to host {})\r\n",
+                        host.0, h.0
+                    );
                     host = h;
                     at = 0;
                     continue;

@@ -98,7 +98,7 @@ pub enum Access {
 
 #[derive(Debug)]
 struct Inner {
-    disk: Disk,
+    disk: Arc<Disk>,
     writable: bool,
     stats: BlkStats,
     mem: Option<GuestMemoryAtomic<Memory>>,
@@ -112,6 +112,7 @@ pub struct DiskServer {
     capacity: u64,
     inner: Mutex<Inner>,
     stats_file: Option<PathBuf>,
+    workers: Workers,
 }
 
 fn open(source: &dyn DiskSource, path: &Path, write: bool) -> Result<Disk, DiskServerError> {
@@ -136,12 +137,13 @@ impl DiskServer {
             path: path.to_path_buf(),
             capacity: disk.size(),
             inner: Mutex::new(Inner {
-                disk,
+                disk: Arc::new(disk),
                 writable,
                 stats: BlkStats::default(),
                 mem: None,
             }),
             stats_file,
+            workers: Workers::start(PARALLEL),
         })
     }
 
@@ -192,7 +194,7 @@ impl DiskServer {
             // so the switch-over moved the lease to this host.
             match open(&*self.source, &self.path, true) {
                 Ok(d) => {
-                    inner.disk = d;
+                    inner.disk = Arc::new(d);
                     inner.writable = true;
                     tracing::info!(disk = %self.path.display(), "disk open for writing");
                 }
@@ -213,7 +215,9 @@ impl DiskServer {
                     Err(e) => return Err(io::Error::other(format!("virtqueue: {e:?}"))),
                 }
             };
-            let served = serve_batch(&*mem, chains, &inner.disk, inner.writable, self.capacity);
+            let served =
+                self.workers
+                    .serve_batch(&mem, chains, &inner.disk, inner.writable, self.capacity);
             for (head, status, written, stats) in served {
                 let s = &mut inner.stats;
                 s.reads += stats.reads;
@@ -242,41 +246,129 @@ const PARALLEL: usize = 8;
 /// A request as taken off the queue: its head index and descriptors.
 type Chain = (u16, Vec<virtio_queue::desc::split::Descriptor>);
 
-/// Serves a batch of requests, several at once, each writing its status
-/// byte into guest memory: (head, status, bytes written, counters) per
-/// request in the batch's order.
-fn serve_batch<M: vm_memory::GuestMemory + Sync>(
+/// One request's outcome: (head, status, bytes written, counters).
+type Served = (u16, u8, u32, BlkStats);
+
+/// Serves one request, writing its status byte into guest memory.
+fn serve_one<M: vm_memory::GuestMemory>(
     mem: &M,
-    chains: Vec<Chain>,
+    (head, descs): &Chain,
     disk: &Disk,
     writable: bool,
     capacity: u64,
-) -> Vec<(u16, u8, u32, BlkStats)> {
-    let one = |(head, descs): &Chain| {
-        let mut stats = BlkStats::default();
-        let disk = (writable || is_read(mem, descs)).then_some(disk);
-        let (status, written) = serve_request(mem, descs, disk, capacity, &mut stats);
-        if let Some(last) = descs.last() {
-            if last.is_write_only() && last.len() >= 1 {
-                let _ = mem.write_obj(status, last.addr());
+) -> Served {
+    let mut stats = BlkStats::default();
+    let disk = (writable || is_read(mem, descs)).then_some(disk);
+    let (status, written) = serve_request(mem, descs, disk, capacity, &mut stats);
+    if let Some(last) = descs.last() {
+        if last.is_write_only() && last.len() >= 1 {
+            let _ = mem.write_obj(status, last.addr());
+        }
+    }
+    (*head, status, written, stats)
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that serve a batch's requests, kept for the server's life:
+/// a thread per batch would pay for its stack and, on the volume, for its
+/// aligned I/O buffers (fresh pages) again at every batch.
+#[derive(Debug)]
+struct Workers {
+    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
+    n: usize,
+}
+
+impl Workers {
+    fn start(n: usize) -> Workers {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..n {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("disk-io-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(r) => r.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(j) => j(),
+                        Err(_) => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start a disk I/O thread");
             }
         }
-        (*head, status, written, stats)
-    };
-    if chains.len() < 2 {
-        return chains.iter().map(one).collect();
+        Workers {
+            jobs: Mutex::new(tx),
+            n,
+        }
     }
-    let per = chains.len().div_ceil(PARALLEL);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = chains
-            .chunks(per)
-            .map(|g| s.spawn(move || g.iter().map(one).collect::<Vec<_>>()))
+
+    /// Serves a batch of requests, several at once: each request's outcome
+    /// in the batch's order. Requests the workers cannot take are served
+    /// on this thread.
+    fn serve_batch(
+        &self,
+        mem: &vm_memory::GuestMemoryLoadGuard<Memory>,
+        chains: Vec<Chain>,
+        disk: &Arc<Disk>,
+        writable: bool,
+        capacity: u64,
+    ) -> Vec<Served> {
+        if chains.len() < 2 || self.n == 0 {
+            return chains
+                .iter()
+                .map(|c| serve_one(&**mem, c, disk, writable, capacity))
+                .collect();
+        }
+        let per = chains.len().div_ceil(self.n);
+        let groups: Vec<Vec<Chain>> = chains.chunks(per).map(<[Chain]>::to_vec).collect();
+        let heads: Vec<Vec<u16>> = groups
+            .iter()
+            .map(|g| g.iter().map(|c| c.0).collect())
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<Served>)>();
+        {
+            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, g) in groups.into_iter().enumerate() {
+                let (m, d, tx) = (mem.clone().into_inner(), disk.clone(), tx.clone());
+                let job: Job = Box::new(move || {
+                    let r = g
+                        .iter()
+                        .map(|c| serve_one(&*m, c, &d, writable, capacity))
+                        .collect();
+                    let _ = tx.send((i, r));
+                });
+                // No worker left to take it: served on this thread.
+                if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
+                    job();
+                }
+            }
+        }
+        drop(tx);
+        let mut out: Vec<Option<Vec<Served>>> = vec![None; heads.len()];
+        for (i, r) in rx {
+            if let Some(slot) = out.get_mut(i) {
+                *slot = Some(r);
+            }
+        }
+        // A group whose worker died is answered with I/O errors (serving
+        // it again could repeat writes already done).
+        out.into_iter()
+            .zip(heads)
+            .flat_map(|(r, heads)| {
+                r.unwrap_or_else(|| {
+                    heads
+                        .into_iter()
+                        .map(|h| (h, crate::virtio_blk::S_IOERR, 0, BlkStats::default()))
+                        .collect()
+                })
+            })
             .collect()
-    })
+    }
 }
 
 /// Whether a request only reads the disk (may be served before this host

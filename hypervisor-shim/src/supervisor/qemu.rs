@@ -212,7 +212,10 @@ impl Qemu {
             // The serial console: QEMU connects to this process, which
             // keeps its output in NAME.serial and types console input.
             "-chardev".into(),
-            format!("socket,id=csv-con,path={},server=off", files.console.display()),
+            format!(
+                "socket,id=csv-con,path={},server=off",
+                files.console.display()
+            ),
             "-serial".into(),
             "chardev:csv-con".into(),
             "-qmp".into(),
@@ -449,13 +452,12 @@ impl Engine for Qemu {
             })?;
         }
         let disk = self.start_disk_server(vm, &files)?;
-        let console = console::keep(&files.console, &files.serial).map_err(|source| {
-            EngineError::Files {
+        let console =
+            console::keep(&files.console, &files.serial).map_err(|source| EngineError::Files {
                 what: "listening for the serial console on",
                 path: files.console.clone(),
                 source,
-            }
-        })?;
+            })?;
         let _ = std::fs::remove_file(&files.qmp);
         let log = std::fs::File::create(&files.log).map_err(|source| EngineError::Files {
             what: "creating",

@@ -621,7 +621,15 @@ fn a_bootable_vhd_boots_by_firmware_in_the_qemu_engine() {
     let typed = csv_test_support::wait_until(Duration::from_secs(40), || {
         answer = csvctl_ok(
             &cl,
-            &["vm", "console", "bios", "--lines", "0", "--type", "echo CSV-CONSOLE-$((6*7))"],
+            &[
+                "vm",
+                "console",
+                "bios",
+                "--lines",
+                "0",
+                "--type",
+                "echo CSV-CONSOLE-$((6*7))",
+            ],
         );
         answer.contains("CSV-CONSOLE-42")
     });
