@@ -621,7 +621,7 @@ fn console_read(
             name: name.to_string(),
             offset,
             max,
-            input: input.to_vec().into(),
+            input: input.to_vec(),
         };
         match client::vm_console(me, *a, req, Duration::from_secs(5)) {
             Ok(r) => return Ok(r),
@@ -682,7 +682,7 @@ fn typed_within(wait: Duration) -> Option<Vec<u8>> {
     use std::os::fd::AsFd;
     let stdin = std::io::stdin();
     let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
-    let ms = PollTimeout::try_from(wait.as_millis().min(1000) as u16).unwrap_or(PollTimeout::ZERO);
+    let ms = PollTimeout::from(wait.as_millis().min(1000) as u16);
     match poll(&mut fds, ms) {
         Ok(n) if n > 0 => {
             let mut buf = [0u8; 4096];

@@ -82,7 +82,7 @@ pub enum EngineError {
         vm: String,
         /// Why.
         #[source]
-        source: crate::qemu::blk::DiskServerError,
+        source: Box<crate::qemu::blk::DiskServerError>,
     },
 }
 

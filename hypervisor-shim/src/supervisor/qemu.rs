@@ -304,7 +304,7 @@ impl Qemu {
             DiskServer::open(vm.disks.clone(), &vm.disk, access, None).map_err(|source| {
                 EngineError::Disk {
                     vm: vm.name.clone(),
-                    source,
+                    source: Box::new(source),
                 }
             })?;
         let server = Arc::new(server);
