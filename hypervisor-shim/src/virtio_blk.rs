@@ -349,6 +349,27 @@ impl VirtioBlk {
     }
 }
 
+thread_local! {
+    /// Each serving thread's I/O buffer (CHUNK bytes, page-aligned).
+    static IO_BUF: std::cell::RefCell<Option<vhd::io::AlignedBuf>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` on this thread's CHUNK-byte aligned buffer (made at its first
+/// use); an I/O error status when it cannot be had.
+fn with_io_buf(f: impl FnOnce(&mut [u8]) -> (u8, u32)) -> (u8, u32) {
+    IO_BUF.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = vhd::io::AlignedBuf::new(CHUNK).ok();
+        }
+        match slot.as_mut() {
+            Some(b) => f(b.as_mut_slice()),
+            None => (S_IOERR, 0),
+        }
+    })
+}
+
 /// Serves one virtio-blk request (its descriptors: header, data, status)
 /// on `disk` of `capacity` bytes; returns its status and the bytes written
 /// into guest memory before the status byte. Shared by the MMIO device
@@ -388,47 +409,49 @@ pub(crate) fn serve_request<M: GuestMemory, I: vhd::BlockIo>(
             let mut written = 0u32;
             // A descriptor's length is the guest's word (firmware reads a
             // whole kernel in one): it is served in pieces of at most
-            // CHUNK through one buffer.
-            let mut buf = Vec::new();
-            for d in data {
-                let len = u64::from(d.len());
-                if off.checked_add(len).is_none_or(|e| e > capacity) {
-                    return (S_IOERR, written);
-                }
-                if (kind == T_OUT) == d.is_write_only() {
-                    return (S_IOERR, written);
-                }
-                let mut done = 0u64;
-                while done < len {
-                    let n = (len - done).min(CHUNK as u64) as usize;
-                    buf.resize(n, 0);
-                    let Some(at) = d.addr().checked_add(done) else {
+            // CHUNK through this thread's page-aligned buffer (the disk
+            // may write it to the LUN with O_DIRECT as it is).
+            with_io_buf(|io| {
+                for d in data {
+                    let len = u64::from(d.len());
+                    if off.checked_add(len).is_none_or(|e| e > capacity) {
                         return (S_IOERR, written);
-                    };
-                    if kind == T_OUT {
-                        if mem.read_slice(&mut buf, at).is_err()
-                            || disk.write_at(&buf, off + done).is_err()
-                        {
-                            return (S_IOERR, written);
-                        }
-                    } else {
-                        if disk.read_at(&mut buf, off + done).is_err()
-                            || mem.write_slice(&buf, at).is_err()
-                        {
-                            return (S_IOERR, written);
-                        }
-                        written = written.saturating_add(n as u32);
                     }
-                    done += n as u64;
+                    if (kind == T_OUT) == d.is_write_only() {
+                        return (S_IOERR, written);
+                    }
+                    let mut done = 0u64;
+                    while done < len {
+                        let n = (len - done).min(CHUNK as u64) as usize;
+                        let buf = &mut io[..n];
+                        let Some(at) = d.addr().checked_add(done) else {
+                            return (S_IOERR, written);
+                        };
+                        if kind == T_OUT {
+                            if mem.read_slice(buf, at).is_err()
+                                || disk.write_at(buf, off + done).is_err()
+                            {
+                                return (S_IOERR, written);
+                            }
+                        } else {
+                            if disk.read_at(buf, off + done).is_err()
+                                || mem.write_slice(buf, at).is_err()
+                            {
+                                return (S_IOERR, written);
+                            }
+                            written = written.saturating_add(n as u32);
+                        }
+                        done += n as u64;
+                    }
+                    if kind == T_OUT {
+                        stats.writes += 1;
+                    } else {
+                        stats.reads += 1;
+                    }
+                    off += len;
                 }
-                if kind == T_OUT {
-                    stats.writes += 1;
-                } else {
-                    stats.reads += 1;
-                }
-                off += len;
-            }
-            (S_OK, written)
+                (S_OK, written)
+            })
         }
         T_FLUSH => {
             stats.flushes += 1;

@@ -90,20 +90,12 @@ impl VolumeFile {
 
     /// Reads up to `buf.len()` (at most [`MAX_IO`]) bytes at `offset`:
     /// how many came (fewer at the end of the file). On this host's own
-    /// leases and map the bytes are read on this thread, through the
-    /// volume's aligned buffer straight into `buf`; as file operations
-    /// on the coordinating host while this host is FileSystemRedirected.
+    /// leases and map the bytes are read on this thread straight into
+    /// `buf`; as file operations on the coordinating host while this host
+    /// is FileSystemRedirected.
     fn read_some(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         if self.fs.remote(self.fh).is_none() {
-            let len = buf.len() as u32;
-            return self
-                .fs
-                .read_data(self.ino, offset, len, |b| {
-                    let n = b.len().min(buf.len());
-                    buf[..n].copy_from_slice(&b[..n]);
-                    Ok(n)
-                })
-                .map_err(to_io);
+            return self.fs.read_into(self.ino, offset, buf).map_err(to_io);
         }
         let (tx, rx) = mpsc::sync_channel(1);
         self.fs.read(

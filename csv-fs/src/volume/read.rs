@@ -164,16 +164,37 @@ impl VolumeFs {
         // land in it without a bounce copy, and it is not reallocated.
         let len = (last.file_off + last.len - off) as usize;
         with_buf(&READ_BUF, len, |b| {
-            for p in pieces {
-                let at = (p.file_off - off) as usize;
-                let dst = &mut b[at..at + p.len as usize];
-                match (p.lun_off, p.unwritten) {
-                    (Some(l), false) => self.lun.read_at(dst, l).map_err(|e| io_errno(&e))?,
-                    _ => dst.fill(0),
-                }
-            }
+            self.fill_pieces(off, pieces, b)?;
             deliver(b)
         })
+    }
+
+    /// Reads `pieces` (from `off`) into `dst`, zeroes where nothing was
+    /// written.
+    fn fill_pieces(&self, off: u64, pieces: &[Piece], dst: &mut [u8]) -> Result<(), Errno> {
+        for p in pieces {
+            let at = (p.file_off - off) as usize;
+            let d = dst.get_mut(at..at + p.len as usize).ok_or(Errno::EIO)?;
+            match (p.lun_off, p.unwritten) {
+                (Some(l), false) => self.lun.read_at(d, l).map_err(|e| io_errno(&e))?,
+                _ => d.fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `[off, off + buf.len())` (clamped to the size) synchronously
+    /// straight into `buf` (a caller's aligned buffer takes O_DIRECT reads
+    /// without a copy): how many bytes came.
+    pub(crate) fn read_into(&self, ino: u64, off: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let len = u32::try_from(buf.len()).map_err(|_| Errno::EINVAL)?;
+        let pieces = self.read_plan(ino, off, len, None)?;
+        let Some(last) = pieces.last() else {
+            return Ok(0);
+        };
+        let n = (last.file_off + last.len - off) as usize;
+        self.fill_pieces(off, &pieces, &mut buf[..n])?;
+        Ok(n)
     }
 
     /// The own path for asynchronous I/O of `len` bytes at LUN offset
