@@ -17,6 +17,7 @@ mod up_cmd;
 mod validate_cmd;
 mod vhd_cmd;
 mod vm_cmd;
+mod vm_console;
 mod when;
 
 /// Cluster Shared Volumes for Linux and KVM.

@@ -533,6 +533,14 @@ mod tests {
     use super::*;
     use crate::disk::LocalFiles;
 
+    fn open_local(
+        p: &Path,
+        access: Access,
+        stats: Option<PathBuf>,
+    ) -> Result<DiskServer, DiskServerError> {
+        DiskServer::open(Arc::new(LocalFiles), p, access, stats)
+    }
+
     fn vhd(dir: &Path, size: u64) -> PathBuf {
         let p = dir.join("d.vhd");
         vhd::Vhd::create(&p, &vhd::CreateOptions::new(vhd::DiskType::Dynamic, size)).unwrap();
@@ -542,13 +550,7 @@ mod tests {
     #[test]
     fn config_space_names_the_capacity_and_limits() {
         let d = tempfile::tempdir().unwrap();
-        let s = DiskServer::open(
-            Arc::new(LocalFiles),
-            &vhd(d.path(), 64 << 20),
-            Access::Write,
-            None,
-        )
-        .unwrap();
+        let s = open_local(&vhd(d.path(), 64 << 20), Access::Write, None).unwrap();
         let c = s.get_config(0, CONFIG_LEN as u32);
         assert_eq!(
             u64::from_le_bytes(c[0..8].try_into().unwrap()),
@@ -565,13 +567,7 @@ mod tests {
     #[test]
     fn migration_is_allowed_and_the_log_is_shared_memory() {
         let d = tempfile::tempdir().unwrap();
-        let s = DiskServer::open(
-            Arc::new(LocalFiles),
-            &vhd(d.path(), 8 << 20),
-            Access::Write,
-            None,
-        )
-        .unwrap();
+        let s = open_local(&vhd(d.path(), 8 << 20), Access::Write, None).unwrap();
         assert_ne!(s.features() & VHOST_F_LOG_ALL, 0);
         assert_ne!(s.features() & VIRTIO_BLK_F_FLUSH, 0);
         assert!(s
@@ -586,17 +582,10 @@ mod tests {
     fn a_target_opens_read_only_and_a_missing_disk_is_named() {
         let d = tempfile::tempdir().unwrap();
         let p = vhd(d.path(), 8 << 20);
-        let s =
-            DiskServer::open(Arc::new(LocalFiles), &p, Access::WriteOnFirstRequest, None).unwrap();
+        let s = open_local(&p, Access::WriteOnFirstRequest, None).unwrap();
         assert!(!s.lock().writable);
         assert_eq!(s.capacity(), 8 << 20);
-        let e = DiskServer::open(
-            Arc::new(LocalFiles),
-            &d.path().join("none.vhd"),
-            Access::Write,
-            None,
-        )
-        .unwrap_err();
+        let e = open_local(&d.path().join("none.vhd"), Access::Write, None).unwrap_err();
         assert!(e.to_string().contains("none.vhd"), "{e}");
     }
 
@@ -604,13 +593,7 @@ mod tests {
     fn stop_flushes_and_writes_the_counters() {
         let d = tempfile::tempdir().unwrap();
         let stats = d.path().join("d.stats");
-        let s = DiskServer::open(
-            Arc::new(LocalFiles),
-            &vhd(d.path(), 8 << 20),
-            Access::Write,
-            Some(stats.clone()),
-        )
-        .unwrap();
+        let s = open_local(&vhd(d.path(), 8 << 20), Access::Write, Some(stats.clone())).unwrap();
         s.stop_vring(0).unwrap();
         let read: BlkStats = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
         assert_eq!(read.flushes, 1);

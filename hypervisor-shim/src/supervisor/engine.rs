@@ -275,10 +275,10 @@ pub trait VmHandle: Send + Sync + std::fmt::Debug {
     /// --interactive` sends); engines without console input refuse.
     fn console_input(&self, bytes: &[u8]) -> Result<(), EngineError> {
         let _ = bytes;
-        Err(EngineError::Config {
-            vm: String::new(),
-            what: "this engine's serial console takes no input".into(),
-        })
+        Err(EngineError::Console(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this engine's serial console takes no input",
+        )))
     }
     /// Stops it: its disk is flushed and closed, its process exits.
     fn stop(&self) -> Result<(), EngineError>;
