@@ -370,6 +370,54 @@ fn with_io_buf(f: impl FnOnce(&mut [u8]) -> (u8, u32)) -> (u8, u32) {
     })
 }
 
+/// A cursor over a request's data descriptors, as one run of bytes.
+struct Segments<'a> {
+    descs: &'a [virtio_queue::desc::split::Descriptor],
+    /// The descriptor at the cursor, and how far into it.
+    i: usize,
+    off: u64,
+}
+
+impl Segments<'_> {
+    /// Moves `buf.len()` bytes between guest memory and `buf` from the
+    /// cursor on (`to_guest`: into guest memory); None when a descriptor
+    /// is outside guest memory or the descriptors end first.
+    fn copy<M: GuestMemory>(&mut self, mem: &M, buf: &mut [u8], to_guest: bool) -> Option<()> {
+        let mut pos = 0;
+        while pos < buf.len() {
+            let d = self.descs.get(self.i)?;
+            let left = u64::from(d.len()) - self.off;
+            if left == 0 {
+                self.i += 1;
+                self.off = 0;
+                continue;
+            }
+            let n = left.min((buf.len() - pos) as u64) as usize;
+            let at = d.addr().checked_add(self.off)?;
+            let piece = &mut buf[pos..pos + n];
+            let r = if to_guest {
+                mem.write_slice(piece, at)
+            } else {
+                mem.read_slice(piece, at)
+            };
+            r.ok()?;
+            pos += n;
+            self.off += n as u64;
+        }
+        Some(())
+    }
+
+    /// Fills `buf` from the guest's segments.
+    fn gather<M: GuestMemory>(&mut self, mem: &M, buf: &mut [u8]) -> Option<()> {
+        self.copy(mem, buf, false)
+    }
+
+    /// Copies `buf` out to the guest's segments.
+    fn scatter<M: GuestMemory>(&mut self, mem: &M, buf: &mut [u8]) -> Option<()> {
+        self.copy(mem, buf, true)
+    }
+}
+
 /// Serves one virtio-blk request (its descriptors: header, data, status)
 /// on `disk` of `capacity` bytes; returns its status and the bytes written
 /// into guest memory before the status byte. Shared by the MMIO device
@@ -402,53 +450,58 @@ pub(crate) fn serve_request<M: GuestMemory, I: vhd::BlockIo>(
     };
     match kind {
         T_IN | T_OUT => {
-            let mut off = match sector.checked_mul(512) {
-                Some(o) => o,
-                None => return (S_IOERR, 0),
+            let Some(start) = sector.checked_mul(512) else {
+                return (S_IOERR, 0);
             };
-            let mut written = 0u32;
-            // A descriptor's length is the guest's word (firmware reads a
-            // whole kernel in one): it is served in pieces of at most
-            // CHUNK through this thread's page-aligned buffer (the disk
-            // may write it to the LUN with O_DIRECT as it is).
+            // Every data descriptor is checked before any byte moves: a
+            // bad request writes nothing.
+            let mut total = 0u64;
+            for d in data {
+                if (kind == T_OUT) == d.is_write_only() {
+                    return (S_IOERR, 0);
+                }
+                match total.checked_add(u64::from(d.len())) {
+                    Some(t) => total = t,
+                    None => return (S_IOERR, 0),
+                }
+            }
+            if start.checked_add(total).is_none_or(|e| e > capacity) {
+                return (S_IOERR, 0);
+            }
+            // The guest's segments (often one per 4 KiB page) are
+            // gathered into, or scattered from, this thread's page-aligned
+            // buffer: one disk call per CHUNK bytes of the request, not one
+            // per segment, and the disk may send the buffer to the LUN with
+            // O_DIRECT as it is. A descriptor's length is the guest's word
+            // (firmware reads a whole kernel in one), so a long request is
+            // served CHUNK by CHUNK.
+            let mut segs = Segments {
+                descs: data,
+                i: 0,
+                off: 0,
+            };
             with_io_buf(|io| {
-                for d in data {
-                    let len = u64::from(d.len());
-                    if off.checked_add(len).is_none_or(|e| e > capacity) {
-                        return (S_IOERR, written);
-                    }
-                    if (kind == T_OUT) == d.is_write_only() {
-                        return (S_IOERR, written);
-                    }
-                    let mut done = 0u64;
-                    while done < len {
-                        let n = (len - done).min(CHUNK as u64) as usize;
-                        let buf = &mut io[..n];
-                        let Some(at) = d.addr().checked_add(done) else {
-                            return (S_IOERR, written);
-                        };
-                        if kind == T_OUT {
-                            if mem.read_slice(buf, at).is_err()
-                                || disk.write_at(buf, off + done).is_err()
-                            {
-                                return (S_IOERR, written);
-                            }
-                        } else {
-                            if disk.read_at(buf, off + done).is_err()
-                                || mem.write_slice(buf, at).is_err()
-                            {
-                                return (S_IOERR, written);
-                            }
-                            written = written.saturating_add(n as u32);
-                        }
-                        done += n as u64;
-                    }
+                let (mut done, mut written) = (0u64, 0u32);
+                while done < total {
+                    let n = (total - done).min(CHUNK as u64) as usize;
+                    let buf = &mut io[..n];
+                    let at = start + done;
                     if kind == T_OUT {
-                        stats.writes += 1;
+                        if segs.gather(mem, buf).is_none() || disk.write_at(buf, at).is_err() {
+                            return (S_IOERR, written);
+                        }
                     } else {
-                        stats.reads += 1;
+                        if disk.read_at(buf, at).is_err() || segs.scatter(mem, buf).is_none() {
+                            return (S_IOERR, written);
+                        }
+                        written = written.saturating_add(n as u32);
                     }
-                    off += len;
+                    done += n as u64;
+                }
+                if kind == T_OUT {
+                    stats.writes += 1;
+                } else {
+                    stats.reads += 1;
                 }
                 (S_OK, written)
             })
@@ -519,6 +572,68 @@ mod tests {
     fn req(d: &mut VirtioBlk, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> (u8, u32) {
         let disk = d.disk.clone();
         serve_request(mem, descs, disk.as_deref(), d.capacity, &mut d.stats)
+    }
+
+    /// A request's data in many segments of odd sizes (as a guest's
+    /// scattered pages are) lands on the disk as one run of bytes and reads
+    /// back the same through another segmentation; a request with one bad
+    /// descriptor among good ones writes nothing.
+    #[test]
+    fn segments_are_one_run_of_bytes_and_a_bad_one_spoils_the_whole_request() {
+        let (mut d, mem, _dir) = device();
+        let hdr = Descriptor::new(0, 16, NEXT, 1);
+        let status = Descriptor::new(0x100, 1, WRITE, 0);
+        let data = |addr: u64, len: u32, flags: u16| Descriptor::new(addr, len, flags | NEXT, 2);
+        let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Written from five pieces at scattered places, one of them empty.
+        let pieces = [
+            (0x8000u64, 512u32),
+            (0x2000, 1536),
+            (0x9000, 0),
+            (0x5000, 4096),
+            (0xC000, 2048),
+        ];
+        let mut at = 0usize;
+        let mut chain = vec![hdr];
+        for (addr, len) in pieces {
+            mem.write_slice(&pattern[at..at + len as usize], GuestAddress(addr))
+                .unwrap();
+            chain.push(data(addr, len, 0));
+            at += len as usize;
+        }
+        chain.push(status);
+        header(&mem, T_OUT, 16);
+        assert_eq!(req(&mut d, &mem, &chain), (S_OK, 0));
+        // Read back as two pieces.
+        header(&mem, T_IN, 16);
+        let back = [data(0x3000, 3000, WRITE), data(0xE000, 5192, WRITE)];
+        assert_eq!(
+            req(&mut d, &mem, &[hdr, back[0], back[1], status]),
+            (S_OK, 8192)
+        );
+        let mut got = vec![0u8; 8192];
+        mem.read_slice(&mut got[..3000], GuestAddress(0x3000))
+            .unwrap();
+        mem.read_slice(&mut got[3000..], GuestAddress(0xE000))
+            .unwrap();
+        assert_eq!(got, pattern);
+        // A good piece followed by one outside guest memory: nothing of
+        // the request reaches the disk.
+        mem.write_slice(&[0xEE; 512], GuestAddress(0x2000)).unwrap();
+        header(&mem, T_OUT, 16);
+        let bad = [hdr, data(0x2000, 512, 0), data(MEM + 4096, 512, 0), status];
+        assert_eq!(req(&mut d, &mem, &bad).0, S_IOERR);
+        header(&mem, T_OUT, 16);
+        let mixed = [hdr, data(0x2000, 512, 0), data(0x3000, 512, WRITE), status];
+        assert_eq!(req(&mut d, &mem, &mixed).0, S_IOERR);
+        header(&mem, T_IN, 16);
+        assert_eq!(
+            req(&mut d, &mem, &[hdr, data(0x3000, 512, WRITE), status]),
+            (S_OK, 512)
+        );
+        let mut first = [0u8; 512];
+        mem.read_slice(&mut first, GuestAddress(0x3000)).unwrap();
+        assert_eq!(&first[..], &pattern[..512]);
     }
 
     #[test]

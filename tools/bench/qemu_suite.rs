@@ -36,6 +36,10 @@ use std::time::{Duration, Instant};
 /// `qemu` suite options.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// fio rounds per side, the sides alternated in each round (this
+    /// machine's disk swings between runs; medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// Live migrations per side (medians are reported).
     #[arg(long, default_value_t = 5)]
     pub migrations: usize,
@@ -400,6 +404,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Each figure's median over rounds, and the boot time's.
+fn median_fio(runs: &[(Duration, Fio)]) -> (Duration, Fio) {
+    let col = |f: fn(&Fio) -> f64| median(runs.iter().map(|(_, x)| f(x)).collect());
+    let boot = median(runs.iter().map(|(b, _)| b.as_secs_f64()).collect());
+    (
+        Duration::from_secs_f64(boot),
+        Fio {
+            rand_read: col(|f| f.rand_read),
+            rand_write: col(|f| f.rand_write),
+            seq_read: col(|f| f.seq_read),
+            seq_write: col(|f| f.seq_write),
+        },
+    )
+}
+
 /// Runs the suite.
 pub fn run(args: Args) -> Result<()> {
     let guest = std::fs::canonicalize(&args.guest).with_context(|| {
@@ -420,19 +439,32 @@ pub fn run(args: Args) -> Result<()> {
     let mnt = cl.mountpoint(1, v);
     let dir = cl.dir().to_path_buf();
 
-    // fio: ours, QEMU's vpc on the same mount, QEMU raw on the local disk.
+    // fio: ours, QEMU's vpc on the same mount, QEMU raw on the local disk,
+    // alternated round by round so that the disk's swings fall on all
+    // three alike.
     let vhd_path = mnt.join("bench.vhd");
-    let (boot_ours, ours) = csv_fio(&cl, v, &guest)?;
-    eprintln!("ours: {ours:?}, boot {boot_ours:?}");
-    fresh_vhd(&vhd_path)?;
-    let (boot_vpc, vpc) = fio_run(&dir, &guest, (&vhd_path, "vpc"), &accel)?;
-    eprintln!("vpc: {vpc:?}, boot {boot_vpc:?}");
     let raw = dir.join("local.raw");
-    let f = std::fs::File::create(&raw)?;
-    f.set_len(512 << 20)?;
-    let (_, local) = fio_run(&dir, &guest, (&raw, "raw"), &accel)?;
-    eprintln!("local raw: {local:?}");
-    let _ = std::fs::remove_file(&raw);
+    let (mut ours_r, mut vpc_r, mut local_r) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds.max(1) {
+        let (boot, f) = csv_fio(&cl, v, &guest)?;
+        eprintln!("round {round}: ours: {f:?}, boot {boot:?}");
+        ours_r.push((boot, f));
+        fresh_vhd(&vhd_path)?;
+        let (boot, f) = fio_run(&dir, &guest, (&vhd_path, "vpc"), &accel)?;
+        eprintln!("round {round}: vpc: {f:?}, boot {boot:?}");
+        vpc_r.push((boot, f));
+        let file = std::fs::File::create(&raw)?;
+        file.set_len(512 << 20)?;
+        drop(file);
+        let (boot, f) = fio_run(&dir, &guest, (&raw, "raw"), &accel)?;
+        eprintln!("round {round}: local raw: {f:?}");
+        local_r.push((boot, f));
+        let _ = std::fs::remove_file(&raw);
+    }
+    let (boot_ours, ours) = median_fio(&ours_r);
+    let (boot_vpc, vpc) = median_fio(&vpc_r);
+    let (_, local) = median_fio(&local_r);
+    let rounds = ours_r.len();
 
     let rows = |peer: &Fio| {
         vec![
@@ -475,13 +507,13 @@ pub fn run(args: Args) -> Result<()> {
         higher_is_better: false,
     });
     table::print(
-        &format!("fio in the guest ({}): csv's vhost-user-blk backend vs QEMU's vpc driver, same VHD on the same mount", accel.name),
+        &format!("fio in the guest ({}; medians of {rounds} alternated rounds): csv's vhost-user-blk backend vs QEMU's vpc driver, same VHD on the same mount", accel.name),
         "QEMU vpc",
         &vpc_rows,
     );
     println!();
     table::print(
-        &format!("fio in the guest ({}): csv's backend (VHD on the mount) vs QEMU on a raw file on the local disk, cache=none,aio=native", accel.name),
+        &format!("fio in the guest ({}; medians of {rounds} alternated rounds): csv's backend (VHD on the mount) vs QEMU on a raw file on the local disk, cache=none,aio=native", accel.name),
         "QEMU raw local",
         &rows(&local),
     );

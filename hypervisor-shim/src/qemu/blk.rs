@@ -21,9 +21,13 @@
 //! writing at the first request, which arrives only after the guest
 //! resumes there, after the switch-over handed the lease to this host. The
 //! source's device is stopped (`GET_VRING_BASE`) when QEMU pauses the
-//! guest: batches of requests are served under one lock (several requests
-//! of a batch at once, on up to 8 threads), so none is in flight then,
-//! and the disk is flushed before the stop is answered.
+//! guest: the stop waits until every request taken off the queue is
+//! answered, then flushes the disk, before QEMU reads the queue's position.
+//!
+//! Requests are served on 8 I/O threads kept for the server's life, each
+//! answered (used ring, interrupt) as soon as it is done, so the guest's
+//! queue depth reaches the disk; a request's scattered segments go to the
+//! disk as one run of bytes ([`crate::virtio_blk::serve_request`]).
 //!
 //! Counters (requests, errors, flushes) are written as JSON to a stats
 //! file every second and at exit, for the engine's status.
@@ -96,12 +100,50 @@ pub enum Access {
     WriteOnFirstRequest,
 }
 
+/// What a batch is taken off the queue with (its lock is the submission
+/// lock: the queue's stop takes it, so no request is taken while the
+/// device stops).
 #[derive(Debug)]
 struct Inner {
     disk: Arc<Disk>,
     writable: bool,
-    stats: BlkStats,
     mem: Option<GuestMemoryAtomic<Memory>>,
+}
+
+/// What the I/O threads share with the server: the counters, and the
+/// requests taken off the queue and not yet answered.
+#[derive(Debug, Default)]
+struct Shared {
+    stats: Mutex<BlkStats>,
+    in_flight: Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl Shared {
+    fn stats(&self) -> MutexGuard<'_, BlkStats> {
+        self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn in_flight(&self) -> MutexGuard<'_, usize> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// One request fewer in flight.
+    fn done(&self) {
+        let mut n = self.in_flight();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Waits until every request taken off the queue is answered.
+    fn wait_idle(&self) {
+        let mut n = self.in_flight();
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 /// A VHD served as one vhost-user-blk device.
@@ -111,6 +153,7 @@ pub struct DiskServer {
     path: PathBuf,
     capacity: u64,
     inner: Mutex<Inner>,
+    shared: Arc<Shared>,
     stats_file: Option<PathBuf>,
     workers: Workers,
 }
@@ -139,9 +182,9 @@ impl DiskServer {
             inner: Mutex::new(Inner {
                 disk: Arc::new(disk),
                 writable,
-                stats: BlkStats::default(),
                 mem: None,
             }),
+            shared: Arc::default(),
             stats_file,
             workers: Workers::start(PARALLEL),
         })
@@ -154,7 +197,7 @@ impl DiskServer {
 
     /// Its counters so far.
     pub fn stats(&self) -> BlkStats {
-        self.lock().stats
+        *self.shared.stats()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -182,7 +225,11 @@ impl DiskServer {
         }
     }
 
-    /// Serves the queue's available requests.
+    /// Takes the queue's available requests and hands each to the I/O
+    /// threads, which answer it (used ring, interrupt) as soon as it is
+    /// done: the queue is taken again at the next kick, not when the
+    /// batch's slowest request ends, so the guest's queue depth reaches
+    /// the disk.
     fn serve(&self, vring: &VringRwLock<GuestMemoryAtomic<Memory>>) -> io::Result<()> {
         let mut inner = self.lock();
         let Some(atomic) = inner.mem.clone() else {
@@ -207,7 +254,7 @@ impl DiskServer {
             vring
                 .disable_notification()
                 .map_err(|e| io::Error::other(format!("virtqueue: {e:?}")))?;
-            let chains: Vec<_> = {
+            let chains: Vec<Chain> = {
                 let mut state = vring.get_mut();
                 let q = state.get_queue_mut();
                 match q.iter(&*mem) {
@@ -215,18 +262,18 @@ impl DiskServer {
                     Err(e) => return Err(io::Error::other(format!("virtqueue: {e:?}"))),
                 }
             };
-            let served =
-                self.workers
-                    .serve_batch(&mem, chains, &inner.disk, inner.writable, self.capacity);
-            for (head, status, written, stats) in served {
-                let s = &mut inner.stats;
-                s.reads += stats.reads;
-                s.writes += stats.writes;
-                s.flushes += stats.flushes;
-                s.errors += stats.errors + u64::from(status != 0);
-                if vring.add_used(head, written + 1).is_err() {
-                    inner.stats.errors += 1;
-                }
+            *self.shared.in_flight() += chains.len();
+            for chain in chains {
+                let job = Request {
+                    mem: mem.clone().into_inner(),
+                    chain,
+                    disk: inner.disk.clone(),
+                    writable: inner.writable,
+                    capacity: self.capacity,
+                    vring: vring.clone(),
+                    shared: self.shared.clone(),
+                };
+                self.workers.submit(job);
             }
             if !vring
                 .enable_notification()
@@ -235,19 +282,65 @@ impl DiskServer {
                 break;
             }
         }
-        vring.signal_used_queue()
+        Ok(())
     }
 }
 
-/// Most requests of one batch served at once (the guest's queue depth is
-/// the batch; a 1 MiB write through the volume is worth a thread).
+/// I/O threads: requests served at once (a guest's queue depth of 32
+/// 4 KiB requests keeps them busy; a 1 MiB write through the volume is
+/// worth a thread of its own).
 const PARALLEL: usize = 8;
 
 /// A request as taken off the queue: its head index and descriptors.
 type Chain = (u16, Vec<virtio_queue::desc::split::Descriptor>);
 
-/// One request's outcome: (head, status, bytes written, counters).
-type Served = (u16, u8, u32, BlkStats);
+/// One request taken off the queue, with what answering it needs.
+struct Request {
+    mem: Arc<Memory>,
+    chain: Chain,
+    disk: Arc<Disk>,
+    writable: bool,
+    capacity: u64,
+    vring: VringRwLock<GuestMemoryAtomic<Memory>>,
+    shared: Arc<Shared>,
+}
+
+impl Request {
+    /// Serves the request and answers it: status byte, used ring,
+    /// interrupt; then it no longer counts as in flight.
+    fn run(self) {
+        let (head, status, written, stats) = serve_one(
+            &*self.mem,
+            &self.chain,
+            &self.disk,
+            self.writable,
+            self.capacity,
+        );
+        self.answer(head, status, written, stats);
+    }
+
+    /// Answers the request with `status` and counts it.
+    fn answer(self, head: u16, status: u8, written: u32, stats: BlkStats) {
+        let used = self.vring.add_used(head, written + 1).is_ok();
+        {
+            let mut s = self.shared.stats();
+            s.reads += stats.reads;
+            s.writes += stats.writes;
+            s.flushes += stats.flushes;
+            s.errors += stats.errors + u64::from(status != 0) + u64::from(!used);
+        }
+        let _ = self.vring.signal_used_queue();
+        self.shared.done();
+    }
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("head", &self.chain.0)
+            .finish()
+    }
+}
 
 /// Serves one request, writing its status byte into guest memory.
 fn serve_one<M: vm_memory::GuestMemory>(
@@ -256,7 +349,7 @@ fn serve_one<M: vm_memory::GuestMemory>(
     disk: &Disk,
     writable: bool,
     capacity: u64,
-) -> Served {
+) -> (u16, u8, u32, BlkStats) {
     let mut stats = BlkStats::default();
     let disk = (writable || is_read(mem, descs)).then_some(disk);
     let (status, written) = serve_request(mem, descs, disk, capacity, &mut stats);
@@ -268,20 +361,17 @@ fn serve_one<M: vm_memory::GuestMemory>(
     (*head, status, written, stats)
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// The threads that serve a batch's requests, kept for the server's life:
-/// a thread per batch would pay for its stack and, on the volume, for its
-/// aligned I/O buffers (fresh pages) again at every batch.
+/// The I/O threads, kept for the server's life: a thread per request
+/// would pay for its stack and, on the volume, for its aligned I/O
+/// buffer (fresh pages) at every request.
 #[derive(Debug)]
 struct Workers {
-    jobs: Mutex<std::sync::mpsc::Sender<Job>>,
-    n: usize,
+    jobs: Mutex<std::sync::mpsc::Sender<Request>>,
 }
 
 impl Workers {
     fn start(n: usize) -> Workers {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..n {
             let rx = rx.clone();
@@ -292,9 +382,20 @@ impl Workers {
                         Ok(r) => r.recv(),
                         Err(_) => return,
                     };
-                    match job {
-                        Ok(j) => j(),
-                        Err(_) => return,
+                    let Ok(req) = job else { return };
+                    // A panic in the disk code must not leave the request
+                    // unanswered (the queue's stop would wait for it); it
+                    // is answered with an error, not served again (that
+                    // could repeat a write already done).
+                    let head = req.chain.0;
+                    let (vring, shared) = (req.vring.clone(), req.shared.clone());
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| req.run())).is_err()
+                    {
+                        tracing::error!(head, "disk request panicked; answered with an I/O error");
+                        let _ = vring.add_used(head, 1);
+                        let _ = vring.signal_used_queue();
+                        shared.stats().errors += 1;
+                        shared.done();
                     }
                 });
             if let Err(e) = spawned {
@@ -303,71 +404,17 @@ impl Workers {
         }
         Workers {
             jobs: Mutex::new(tx),
-            n,
         }
     }
 
-    /// Serves a batch of requests, several at once: each request's outcome
-    /// in the batch's order. Requests the workers cannot take are served
-    /// on this thread.
-    fn serve_batch(
-        &self,
-        mem: &vm_memory::GuestMemoryLoadGuard<Memory>,
-        chains: Vec<Chain>,
-        disk: &Arc<Disk>,
-        writable: bool,
-        capacity: u64,
-    ) -> Vec<Served> {
-        if chains.len() < 2 || self.n == 0 {
-            return chains
-                .iter()
-                .map(|c| serve_one(&**mem, c, disk, writable, capacity))
-                .collect();
+    /// Hands `req` to an I/O thread, or serves it on this one when none
+    /// is left to take it.
+    fn submit(&self, req: Request) {
+        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(std::sync::mpsc::SendError(req)) = jobs.send(req) {
+            drop(jobs);
+            req.run();
         }
-        let per = chains.len().div_ceil(self.n);
-        let groups: Vec<Vec<Chain>> = chains.chunks(per).map(<[Chain]>::to_vec).collect();
-        let heads: Vec<Vec<u16>> = groups
-            .iter()
-            .map(|g| g.iter().map(|c| c.0).collect())
-            .collect();
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<Served>)>();
-        {
-            let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-            for (i, g) in groups.into_iter().enumerate() {
-                let (m, d, tx) = (mem.clone().into_inner(), disk.clone(), tx.clone());
-                let job: Job = Box::new(move || {
-                    let r = g
-                        .iter()
-                        .map(|c| serve_one(&*m, c, &d, writable, capacity))
-                        .collect();
-                    let _ = tx.send((i, r));
-                });
-                // No worker left to take it: served on this thread.
-                if let Err(std::sync::mpsc::SendError(job)) = jobs.send(job) {
-                    job();
-                }
-            }
-        }
-        drop(tx);
-        let mut out: Vec<Option<Vec<Served>>> = vec![None; heads.len()];
-        for (i, r) in rx {
-            if let Some(slot) = out.get_mut(i) {
-                *slot = Some(r);
-            }
-        }
-        // A group whose worker died is answered with I/O errors (serving
-        // it again could repeat writes already done).
-        out.into_iter()
-            .zip(heads)
-            .flat_map(|(r, heads)| {
-                r.unwrap_or_else(|| {
-                    heads
-                        .into_iter()
-                        .map(|h| (h, crate::virtio_blk::S_IOERR, 0, BlkStats::default()))
-                        .collect()
-                })
-            })
-            .collect()
     }
 }
 
@@ -455,12 +502,15 @@ impl VhostUserBackend for DiskServer {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         tracing::debug!(queue_index, "queue stopped");
-        // Taking the lock waits for a batch being served; then the disk
-        // is flushed, before QEMU hears the device has stopped.
+        // Taking the lock waits for requests being taken off the queue;
+        // then every request taken is answered and the disk flushed,
+        // before QEMU hears the device has stopped (and reads the queue's
+        // position, which must have no request between taken and used).
         let t = std::time::Instant::now();
-        let mut inner = self.lock();
+        let inner = self.lock();
+        self.shared.wait_idle();
         let waited = t.elapsed();
-        inner.stats.flushes += 1;
+        self.shared.stats().flushes += 1;
         let r = inner.disk.flush();
         drop(inner);
         tracing::info!(
@@ -514,11 +564,12 @@ pub fn serve(server: Arc<DiskServer>, socket: &Path) -> Result<(), DiskServerErr
     };
     let r = daemon.serve(socket).map_err(|e| session(format!("{e}")));
     {
-        let mut inner = server.lock();
+        let inner = server.lock();
+        server.shared.wait_idle();
         if inner.writable {
             let _ = inner.disk.flush();
         }
-        inner.stats.flushes += 1;
+        server.shared.stats().flushes += 1;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     ticker.thread().unpark();
