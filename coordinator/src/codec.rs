@@ -19,6 +19,10 @@ fn kind_from(k: i32) -> Result<Kind, DecodeError> {
         Ok(NodeKind::Directory) => Ok(Kind::Dir),
         Ok(NodeKind::File) => Ok(Kind::File),
         Ok(NodeKind::Symlink) => Ok(Kind::Symlink),
+        Ok(NodeKind::Fifo) => Ok(Kind::Fifo),
+        Ok(NodeKind::CharDevice) => Ok(Kind::CharDevice),
+        Ok(NodeKind::BlockDevice) => Ok(Kind::BlockDevice),
+        Ok(NodeKind::Socket) => Ok(Kind::Socket),
         Err(_) => Err(DecodeError(format!("unknown inode kind {k}"))),
     }
 }
@@ -29,6 +33,29 @@ pub fn kind_code(k: Kind) -> NodeKind {
         Kind::Dir => NodeKind::Directory,
         Kind::File => NodeKind::File,
         Kind::Symlink => NodeKind::Symlink,
+        Kind::Fifo => NodeKind::Fifo,
+        Kind::CharDevice => NodeKind::CharDevice,
+        Kind::BlockDevice => NodeKind::BlockDevice,
+        Kind::Socket => NodeKind::Socket,
+    }
+}
+
+fn xattr_set_from(how: i32) -> Result<meta::XattrSet, DecodeError> {
+    match proto::XattrSet::try_from(how) {
+        Ok(proto::XattrSet::Any) => Ok(meta::XattrSet::Any),
+        Ok(proto::XattrSet::Create) => Ok(meta::XattrSet::Create),
+        Ok(proto::XattrSet::Replace) => Ok(meta::XattrSet::Replace),
+        Err(_) => Err(DecodeError(format!(
+            "unknown extended attribute mode {how}"
+        ))),
+    }
+}
+
+fn xattr_set_code(how: meta::XattrSet) -> proto::XattrSet {
+    match how {
+        meta::XattrSet::Any => proto::XattrSet::Any,
+        meta::XattrSet::Create => proto::XattrSet::Create,
+        meta::XattrSet::Replace => proto::XattrSet::Replace,
     }
 }
 
@@ -45,6 +72,7 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             uid: c.uid,
             gid: c.gid,
             target: c.target.clone(),
+            rdev: c.rdev,
             now: c.now,
             lease: (c.lease_ttl > 0).then_some((c.lease_node, c.lease_ttl)),
         },
@@ -67,6 +95,25 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             new_name: c.new_name.clone(),
             now: c.now,
         },
+        Some(P::Exchange(c)) => Op::Exchange {
+            parent: c.parent,
+            name: c.name.clone(),
+            new_parent: c.new_parent,
+            new_name: c.new_name.clone(),
+            now: c.now,
+        },
+        Some(P::SetXattr(c)) => Op::SetXattr {
+            ino: c.ino,
+            name: c.name.clone(),
+            value: c.value.clone(),
+            how: xattr_set_from(c.how)?,
+            now: c.now,
+        },
+        Some(P::RemoveXattr(c)) => Op::RemoveXattr {
+            ino: c.ino,
+            name: c.name.clone(),
+            now: c.now,
+        },
         Some(P::SetAttr(c)) => Op::SetAttr {
             ino: c.ino,
             mode: c.mode,
@@ -74,6 +121,7 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             gid: c.gid,
             size: c.size,
             mtime: c.mtime,
+            atime: c.atime,
             now: c.now,
         },
         Some(P::Allocate(c)) => Op::Allocate {
@@ -140,7 +188,9 @@ pub fn stamp(op: &mut proto::VolumeOp, now_ms: u64) {
         Some(P::Create(c)) => c.now = now_ms,
         Some(P::Link(c)) => c.now = now_ms,
         Some(P::Unlink(c)) => c.now = now_ms,
-        Some(P::Rename(c)) => c.now = now_ms,
+        Some(P::Rename(c)) | Some(P::Exchange(c)) => c.now = now_ms,
+        Some(P::SetXattr(c)) => c.now = now_ms,
+        Some(P::RemoveXattr(c)) => c.now = now_ms,
         Some(P::SetAttr(c)) => c.now = now_ms,
         Some(P::MarkWritten(c)) => c.now = now_ms,
         Some(P::GrantLease(c)) => c.now = now_ms,
@@ -168,6 +218,22 @@ pub fn attr_to_proto(a: &meta::Attr) -> proto::Attr {
         nlink: a.nlink,
         mtime: a.mtime,
         ctime: a.ctime,
+        rdev: a.rdev,
+        atime: a.atime,
+        xattrs: a.xattrs,
+    }
+}
+
+/// An inode's extended attributes as a message.
+pub fn xattrs_to_proto(x: &meta::Xattrs) -> proto::XattrList {
+    proto::XattrList {
+        xattrs: x
+            .iter()
+            .map(|(k, v)| proto::Xattr {
+                name: k.clone(),
+                value: v.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -313,6 +379,8 @@ pub fn meta_error_to_proto(e: &MetaError) -> proto::Error {
         MetaError::Loop => (ErrorCode::Loop, 0),
         MetaError::NoSpace => (ErrorCode::NoSpace, 0),
         MetaError::Busy(n) => (ErrorCode::Busy, *n),
+        MetaError::NoData => (ErrorCode::NoData, 0),
+        MetaError::TooBig(_) => (ErrorCode::TooBig, 0),
     };
     proto::Error {
         code: code as i32,
@@ -333,6 +401,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             uid,
             gid,
             target,
+            rdev,
             now,
             lease,
         } => P::Create(proto::CreateOp {
@@ -343,6 +412,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             uid,
             gid,
             target,
+            rdev,
             now,
             lease_node: lease.map_or(0, |l| l.0),
             lease_ttl: lease.map_or(0, |l| l.1),
@@ -382,6 +452,35 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             new_name,
             now,
         }),
+        Op::Exchange {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            now,
+        } => P::Exchange(proto::RenameOp {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            now,
+        }),
+        Op::SetXattr {
+            ino,
+            name,
+            value,
+            how,
+            now,
+        } => P::SetXattr(proto::SetXattrOp {
+            ino,
+            name,
+            value,
+            how: xattr_set_code(how) as i32,
+            now,
+        }),
+        Op::RemoveXattr { ino, name, now } => {
+            P::RemoveXattr(proto::RemoveXattrOp { ino, name, now })
+        }
         Op::SetAttr {
             ino,
             mode,
@@ -389,6 +488,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             gid,
             size,
             mtime,
+            atime,
             now,
         } => P::SetAttr(proto::SetAttrOp {
             ino,
@@ -397,6 +497,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             gid,
             size,
             mtime,
+            atime,
             now,
         }),
         Op::Allocate { ino, off, len } => P::Allocate(proto::AllocateOp { ino, off, len }),

@@ -21,6 +21,7 @@
 //! |---|---|
 //! | 1 | the base: every command of protocol 3 |
 //! | 2 | a create that carries its creator's write lease (`CreateOp.lease_ttl`) |
+//! | 3 | FIFOs, device nodes and sockets, access times, extended attributes, `RENAME_EXCHANGE` |
 
 use crate::proto::{command, volume_op};
 
@@ -30,13 +31,27 @@ pub const BASE: u32 = 1;
 /// A create that carries its creator's write lease.
 pub const CREATE_WITH_LEASE: u32 = 2;
 
+/// Special files, access times, extended attributes and exchange.
+pub const POSIX_EXTRAS: u32 = 3;
+
 /// The highest level this build supports.
-pub const SUPPORTED: u32 = CREATE_WITH_LEASE;
+pub const SUPPORTED: u32 = POSIX_EXTRAS;
 
 /// The level a command needs.
 pub fn required(body: &command::Body) -> u32 {
     match body {
         command::Body::Volume(op) => match &op.op {
+            Some(volume_op::Op::Create(c))
+                if c.kind > crate::proto::NodeKind::Symlink as i32 || c.rdev != 0 =>
+            {
+                POSIX_EXTRAS
+            }
+            Some(volume_op::Op::SetAttr(c)) if c.atime.is_some() => POSIX_EXTRAS,
+            Some(
+                volume_op::Op::SetXattr(_)
+                | volume_op::Op::RemoveXattr(_)
+                | volume_op::Op::Exchange(_),
+            ) => POSIX_EXTRAS,
             Some(volume_op::Op::Create(c)) if c.lease_ttl > 0 => CREATE_WITH_LEASE,
             _ => BASE,
         },

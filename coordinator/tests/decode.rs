@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use coordinator::codec::{op_from_proto, op_to_proto};
-use coordinator::meta::{Kind, Op, Volume};
+use coordinator::meta::{Kind, Op, Volume, XattrSet};
 use coordinator::proto::{self, frame, request, Command, Frame};
 use coordinator::wire;
 use proptest::prelude::*;
@@ -46,8 +46,16 @@ fn any_name() -> impl Strategy<Value = String> {
 }
 
 prop_compose! {
-    fn any_kind()(k in 0u32..3) -> Kind {
-        match k { 0 => Kind::Dir, 1 => Kind::File, _ => Kind::Symlink }
+    fn any_kind()(k in 0u32..7) -> Kind {
+        match k {
+            0 => Kind::Dir,
+            1 => Kind::File,
+            2 => Kind::Symlink,
+            3 => Kind::Fifo,
+            4 => Kind::CharDevice,
+            5 => Kind::BlockDevice,
+            _ => Kind::Socket,
+        }
     }
 }
 
@@ -59,11 +67,11 @@ fn any_op() -> impl Strategy<Value = Op> {
             any_kind(),
             any::<u32>(),
             any_name(),
-            any_u64(),
+            (any::<u32>(), any_u64()),
             proptest::option::of((any_u64(), any_u64()))
         )
-            .prop_map(
-                |(parent, name, kind, mode, target, now, lease)| Op::Create {
+            .prop_map(|(parent, name, kind, mode, target, (rdev, now), lease)| {
+                Op::Create {
                     parent,
                     name,
                     kind,
@@ -71,11 +79,12 @@ fn any_op() -> impl Strategy<Value = Op> {
                     uid: 0,
                     gid: 0,
                     target,
+                    rdev,
                     now,
                     // What the message can carry: a lease with a length.
                     lease: lease.filter(|l| l.1 > 0),
                 }
-            ),
+            }),
         (any_u64(), any_u64(), any_name(), any_u64()).prop_map(|(ino, parent, name, now)| {
             Op::Link {
                 ino,
@@ -105,17 +114,51 @@ fn any_op() -> impl Strategy<Value = Op> {
             any_u64(),
             proptest::option::of(any_u64()),
             proptest::option::of(any_u64()),
+            proptest::option::of(any_u64()),
             any_u64()
         )
-            .prop_map(|(ino, size, mtime, now)| Op::SetAttr {
+            .prop_map(|(ino, size, mtime, atime, now)| Op::SetAttr {
                 ino,
                 mode: Some(0o644),
                 uid: None,
                 gid: Some(7),
                 size,
                 mtime,
+                atime,
                 now,
             }),
+        (any_u64(), any_name(), any_u64(), any_name(), any_u64()).prop_map(
+            |(parent, name, new_parent, new_name, now)| Op::Exchange {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                now
+            }
+        ),
+        (
+            any_u64(),
+            any_name(),
+            prop::collection::vec(any::<u8>(), 0..64),
+            0u8..3,
+            any_u64()
+        )
+            .prop_map(|(ino, name, value, how, now)| Op::SetXattr {
+                ino,
+                name,
+                value,
+                how: match how {
+                    0 => XattrSet::Any,
+                    1 => XattrSet::Create,
+                    _ => XattrSet::Replace,
+                },
+                now
+            }),
+        (any_u64(), any_name(), any_u64()).prop_map(|(ino, name, now)| Op::RemoveXattr {
+            ino,
+            name,
+            now
+        }),
         (any_u64(), any_u64(), any_u64()).prop_map(|(ino, off, len)| Op::Allocate {
             ino,
             off,

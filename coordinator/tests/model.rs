@@ -102,7 +102,7 @@ proptest! {
                     let parent = ino_of(&v, dir).unwrap();
                     // Every other file is made with its creator's write lease.
                     let lease = (kind == Kind::File && n % 2 == 1).then_some((1, 20));
-                    let r = v.apply(Op::Create { parent, name: NAMES[n].into(), kind, mode: 0o644, uid: 0, gid: 0, target: String::new(), now, lease });
+                    let r = v.apply(Op::Create { parent, name: NAMES[n].into(), kind, mode: 0o644, uid: 0, gid: 0, target: String::new(), rdev: 0, now, lease });
                     match m.entry(p) {
                         std::collections::btree_map::Entry::Occupied(_) => {
                             prop_assert_eq!(r, Err(MetaError::Exists));
@@ -205,7 +205,7 @@ proptest! {
                     let ino = ino_of(&v, p).unwrap();
                     let leased = !v.leases(ino).is_empty();
                     let (free0, q0) = (v.free_bytes(), v.quarantined_bytes());
-                    v.apply(Op::SetAttr { ino, mode: None, uid: None, gid: None, size: Some(size), mtime: None, now }).unwrap();
+                    v.apply(Op::SetAttr { ino, mode: None, uid: None, gid: None, size: Some(size), mtime: None, atime: None, now }).unwrap();
                     if leased {
                         prop_assert_eq!(v.free_bytes(), free0, "space of a leased file freed before its leases ended");
                     } else {
@@ -267,6 +267,7 @@ fn a_file_made_with_its_creators_lease_is_that_hosts_to_write() {
             uid: 0,
             gid: 0,
             target: String::new(),
+            rdev: 0,
             now: 5,
             lease,
         })
@@ -523,6 +524,7 @@ fn names_are_checked() {
             uid: 0,
             gid: 0,
             target: String::new(),
+            rdev: 0,
             now: 0,
             lease: None,
         });
@@ -547,6 +549,7 @@ fn mk(
         uid: 0,
         gid: 0,
         target: target.into(),
+        rdev: 0,
         now,
         lease: None,
     }) {
@@ -581,6 +584,7 @@ fn busy_volume() -> Volume {
         gid: None,
         size: Some(4096),
         mtime: None,
+        atime: None,
         now: 5,
     })
     .unwrap();
@@ -641,4 +645,173 @@ fn crc32fast_hash(b: &[u8]) -> u32 {
         }
     }
     !c
+}
+
+/// Special files keep their kind and device number, extended attributes
+/// follow Linux's rules (create/replace, ENODATA, E2BIG, a bound per
+/// inode), access times are set only explicitly, an exchange swaps two
+/// names (a directory's link moving with it) and refuses a directory
+/// below itself; all of it survives an encode/decode and a snapshot.
+#[test]
+fn special_files_xattrs_times_and_exchange() {
+    use coordinator::meta::XattrSet;
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let chr = match v.apply(Op::Create {
+        parent: ROOT,
+        name: "null".into(),
+        kind: Kind::CharDevice,
+        mode: 0o666,
+        uid: 0,
+        gid: 0,
+        target: String::new(),
+        rdev: 0x103,
+        now: 1,
+        lease: None,
+    }) {
+        Ok(Reply::Attr(a)) => a,
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(
+        (chr.kind, chr.rdev, chr.size, chr.atime),
+        (Kind::CharDevice, 0x103, 0, 1)
+    );
+    let fifo = mk(&mut v, ROOT, "pipe", Kind::Fifo, "", 2);
+    assert_eq!(fifo.rdev, 0, "only device nodes keep a device number");
+    let d = mk(&mut v, ROOT, "d", Kind::Dir, "", 3);
+    let sub = mk(&mut v, d.ino, "sub", Kind::Dir, "", 3);
+    let f = mk(&mut v, ROOT, "f", Kind::File, "", 4);
+
+    let set = |v: &mut Volume, name: &str, value: &[u8], how| {
+        v.apply(Op::SetXattr {
+            ino: f.ino,
+            name: name.into(),
+            value: value.to_vec(),
+            how,
+            now: 5,
+        })
+    };
+    set(&mut v, "user.a", b"1", XattrSet::Any).unwrap();
+    assert_eq!(
+        set(&mut v, "user.a", b"2", XattrSet::Create),
+        Err(MetaError::Exists)
+    );
+    assert_eq!(
+        set(&mut v, "user.b", b"2", XattrSet::Replace),
+        Err(MetaError::NoData)
+    );
+    set(&mut v, "user.a", b"2", XattrSet::Replace).unwrap();
+    assert!(matches!(
+        set(&mut v, "user.big", &vec![0; (64 << 10) + 1], XattrSet::Any),
+        Err(MetaError::TooBig(_))
+    ));
+    assert!(matches!(
+        set(&mut v, "nonamespace", b"", XattrSet::Any),
+        Err(MetaError::Invalid(_))
+    ));
+    for i in 0..3 {
+        set(
+            &mut v,
+            &format!("trusted.v{i}"),
+            &vec![i as u8; 64 << 10],
+            XattrSet::Any,
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        set(&mut v, "trusted.v3", &vec![3; 64 << 10], XattrSet::Any),
+        Err(MetaError::NoSpace)
+    );
+    assert_eq!(v.getattr(f.ino).unwrap().xattrs, 4);
+    assert_eq!(
+        v.apply(Op::RemoveXattr {
+            ino: f.ino,
+            name: "user.none".into(),
+            now: 6
+        }),
+        Err(MetaError::NoData)
+    );
+    v.apply(Op::RemoveXattr {
+        ino: f.ino,
+        name: "trusted.v2".into(),
+        now: 6,
+    })
+    .unwrap();
+    assert_eq!(
+        v.xattrs(f.ino).unwrap().get("user.a").map(Vec::as_slice),
+        Some(&b"2"[..])
+    );
+
+    v.apply(Op::SetAttr {
+        ino: f.ino,
+        mode: None,
+        uid: None,
+        gid: None,
+        size: None,
+        mtime: None,
+        atime: Some(77),
+        now: 8,
+    })
+    .unwrap();
+    let a = v.getattr(f.ino).unwrap();
+    assert_eq!((a.atime, a.mtime), (77, 4));
+
+    // Exchange a file in the root with a directory in d: names swap, the
+    // directory's ".." link moves from d to the root.
+    let (root_links, d_links) = (
+        v.getattr(ROOT).unwrap().nlink,
+        v.getattr(d.ino).unwrap().nlink,
+    );
+    v.apply(Op::Exchange {
+        parent: ROOT,
+        name: "f".into(),
+        new_parent: d.ino,
+        new_name: "sub".into(),
+        now: 9,
+    })
+    .unwrap();
+    assert_eq!(v.lookup(ROOT, "f"), Ok(sub.ino));
+    assert_eq!(v.lookup(d.ino, "sub"), Ok(f.ino));
+    assert_eq!(v.getattr(ROOT).unwrap().nlink, root_links + 1);
+    assert_eq!(v.getattr(d.ino).unwrap().nlink, d_links - 1);
+    assert!(v.check().is_empty(), "{:?}", v.check());
+    // A directory may not go below itself; a missing name is ENOENT.
+    let inner = mk(&mut v, sub.ino, "inner", Kind::File, "", 10);
+    assert_eq!(
+        v.apply(Op::Exchange {
+            parent: ROOT,
+            name: "f".into(),
+            new_parent: sub.ino,
+            new_name: "inner".into(),
+            now: 11
+        }),
+        Err(MetaError::Loop)
+    );
+    assert_eq!(v.lookup(sub.ino, "inner"), Ok(inner.ino));
+    assert_eq!(
+        v.apply(Op::Exchange {
+            parent: ROOT,
+            name: "f".into(),
+            new_parent: ROOT,
+            new_name: "none".into(),
+            now: 11
+        }),
+        Err(MetaError::NotFound)
+    );
+
+    // Encoded and decoded, and in a snapshot, all of it is kept.
+    v.apply(Op::CreateSnapshot {
+        name: "s".into(),
+        now: 12,
+    })
+    .unwrap();
+    let back = Volume::decode(&v.encode()).unwrap();
+    assert_eq!(back, v);
+    let snap_root = back.lookup(coordinator::meta::SNAPSHOTS_DIR, "s").unwrap();
+    let snap_null = back.lookup(snap_root, "null").unwrap();
+    let sa = back.getattr(snap_null).unwrap();
+    assert_eq!((sa.kind, sa.rdev), (Kind::CharDevice, 0x103));
+    let snap_d = back.lookup(snap_root, "d").unwrap();
+    let snap_f = back.lookup(snap_d, "sub").unwrap();
+    assert_eq!(back.xattrs(snap_f).unwrap().len(), 3);
+    assert_eq!(back.getattr(snap_f).unwrap().atime, 77);
 }

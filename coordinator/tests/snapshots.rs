@@ -24,6 +24,7 @@ fn create(v: &mut Volume, name: &str) -> u64 {
             uid: 0,
             gid: 0,
             target: String::new(),
+            rdev: 0,
             now: 1,
             lease: None,
         })
@@ -110,6 +111,7 @@ fn a_snapshot_keeps_the_old_bytes_and_gives_them_back_when_deleted() {
             uid: 0,
             gid: 0,
             target: String::new(),
+            rdev: 0,
             now: 1,
             lease: None,
         }),
@@ -132,6 +134,7 @@ fn a_snapshot_keeps_the_old_bytes_and_gives_them_back_when_deleted() {
             gid: None,
             size: Some(0),
             mtime: None,
+            atime: None,
             now: 1
         })
         .is_err());
@@ -153,6 +156,7 @@ fn a_snapshot_keeps_the_old_bytes_and_gives_them_back_when_deleted() {
         gid: None,
         size: Some(0),
         mtime: None,
+        atime: None,
         now: 5,
     })
     .unwrap();
@@ -317,7 +321,7 @@ proptest! {
                 }
                 Step::Truncate(f, size) => {
                     let Some(i) = ino(&v, f) else { continue };
-                    v.apply(Op::SetAttr { ino: i, mode: None, uid: None, gid: None, size: Some(size), mtime: None, now: 4 }).unwrap();
+                    v.apply(Op::SetAttr { ino: i, mode: None, uid: None, gid: None, size: Some(size), mtime: None, atime: None, now: 4 }).unwrap();
                 }
                 Step::Unlink(f) => {
                     if ino(&v, f).is_some() {

@@ -214,6 +214,9 @@ impl Group {
                             .collect(),
                     }),
                     read::Query::Check(_) => Value::Text(v.check().join("\n")),
+                    read::Query::Xattrs(i) => {
+                        Value::Xattrs(codec::xattrs_to_proto(v.xattrs(*i).map_err(me)?))
+                    }
                     read::Query::Usage(_) => Value::Usage(proto::VolumeUsage {
                         free: v.free_bytes(),
                         quarantined: v.quarantined_bytes(),

@@ -62,6 +62,24 @@ pub enum Kind {
     File,
     /// A symbolic link.
     Symlink,
+    /// A named pipe.
+    Fifo,
+    /// A character device node.
+    CharDevice,
+    /// A block device node.
+    BlockDevice,
+    /// A unix socket's name.
+    Socket,
+}
+
+impl Kind {
+    /// A FIFO, device node or socket: metadata only, no data on the LUN.
+    pub fn is_special(self) -> bool {
+        matches!(
+            self,
+            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket
+        )
+    }
 }
 
 /// Attributes of an inode.
@@ -85,6 +103,12 @@ pub struct Attr {
     pub mtime: u64,
     /// Change time (ms).
     pub ctime: u64,
+    /// Access time (ms): set only explicitly; it starts at creation.
+    pub atime: u64,
+    /// A device node's device number.
+    pub rdev: u32,
+    /// How many extended attributes the inode has.
+    pub xattrs: u32,
 }
 
 /// A piece of a file on the LUN.
@@ -105,18 +129,45 @@ enum Body {
     Dir(BTreeMap<String, Ino>),
     File(BTreeMap<u64, Extent>),
     Symlink(String),
+    /// A FIFO, device node or socket (what it is and its `rdev` are in the
+    /// attributes).
+    Special,
+}
+
+/// An inode's extended attributes, by full name.
+pub type Xattrs = BTreeMap<String, Vec<u8>>;
+
+/// Longest extended attribute name (bytes, with its namespace prefix), as
+/// Linux's `XATTR_NAME_MAX`.
+pub const XATTR_NAME_MAX: usize = 255;
+/// Largest extended attribute value, as Linux's `XATTR_SIZE_MAX`.
+pub const XATTR_SIZE_MAX: usize = 64 << 10;
+/// Most bytes of names and values one inode keeps (ENOSPC beyond: the
+/// attributes live in the replicated metadata, which every host holds).
+pub const XATTR_INODE_MAX: usize = 256 << 10;
+
+/// How a set treats an attribute that exists or does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrSet {
+    /// Create or replace.
+    Any,
+    /// Create only (EEXIST if it exists).
+    Create,
+    /// Replace only (ENODATA if it does not).
+    Replace,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Inode {
     attr: Attr,
     body: Body,
+    xattrs: Xattrs,
 }
 
 /// A command, as committed through Raft.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
-    /// Create a file, directory or symlink.
+    /// Create a file, directory, symlink, FIFO, device node or socket.
     Create {
         parent: Ino,
         name: String,
@@ -125,6 +176,8 @@ pub enum Op {
         uid: u32,
         gid: u32,
         target: String,
+        /// A device node's device number (0 for the others).
+        rdev: u32,
         now: u64,
         /// For a file: (host, ttl ms) of a write lease granted with it.
         lease: Option<(NodeId, u64)>,
@@ -151,8 +204,16 @@ pub enum Op {
         new_name: String,
         now: u64,
     },
+    /// Swap two names atomically (`RENAME_EXCHANGE`): both exist.
+    Exchange {
+        parent: Ino,
+        name: String,
+        new_parent: Ino,
+        new_name: String,
+        now: u64,
+    },
     /// Change attributes; a smaller size frees the extents beyond it.
-    /// `mtime` sets the modification time (ms) explicitly (`utimensat`).
+    /// `mtime` and `atime` set those times (ms) explicitly (`utimensat`).
     SetAttr {
         ino: Ino,
         mode: Option<u32>,
@@ -160,8 +221,19 @@ pub enum Op {
         gid: Option<u32>,
         size: Option<u64>,
         mtime: Option<u64>,
+        atime: Option<u64>,
         now: u64,
     },
+    /// Set an extended attribute.
+    SetXattr {
+        ino: Ino,
+        name: String,
+        value: Vec<u8>,
+        how: XattrSet,
+        now: u64,
+    },
+    /// Remove an extended attribute.
+    RemoveXattr { ino: Ino, name: String, now: u64 },
     /// Allocate unwritten extents for `[off, off + len)` of a file.
     Allocate { ino: Ino, off: u64, len: u64 },
     /// The host wrote `[off, off + len)` (and the `more` ranges): those
@@ -247,6 +319,12 @@ pub enum MetaError {
     /// Another host holds the write lease.
     #[error("host {0} holds the write lease")]
     Busy(NodeId),
+    /// No such extended attribute.
+    #[error("no such extended attribute")]
+    NoData,
+    /// An extended attribute's name or value is too long.
+    #[error("extended attribute too large: {0}")]
+    TooBig(String),
 }
 
 /// What a command returns.
@@ -297,8 +375,12 @@ impl Volume {
                 nlink: 2,
                 mtime: now,
                 ctime: now,
+                atime: now,
+                rdev: 0,
+                xattrs: 0,
             },
             body: Body::Dir(BTreeMap::new()),
+            xattrs: Xattrs::new(),
         };
         Volume {
             next_ino: ROOT + 1,
@@ -384,6 +466,17 @@ impl Volume {
             Some(_) => Err(MetaError::Invalid("not a symlink".into())),
             None => Err(MetaError::NotFound),
         }
+    }
+
+    /// The extended attributes of `ino` (in a snapshot too).
+    pub fn xattrs(&self, ino: Ino) -> Result<&Xattrs, MetaError> {
+        if ino == SNAPSHOTS_DIR {
+            static NONE: Xattrs = Xattrs::new();
+            return Ok(&NONE);
+        }
+        self.node(ino)
+            .map(|(i, _)| &i.xattrs)
+            .ok_or(MetaError::NotFound)
     }
 
     /// A file's extents, in file order.
@@ -478,10 +571,11 @@ impl Volume {
                 uid,
                 gid,
                 target,
+                rdev,
                 now,
                 lease,
             } => {
-                let r = self.create(parent, &name, kind, mode, uid, gid, target, now)?;
+                let r = self.create(parent, &name, kind, [mode, uid, gid, rdev], target, now)?;
                 match (lease, r) {
                     (Some((node, ttl)), Reply::Attr(a)) if a.kind == Kind::File && ttl > 0 => {
                         // A new file has no other holder: the grant cannot
@@ -516,6 +610,15 @@ impl Volume {
             } => self
                 .rename(parent, &name, new_parent, &new_name, now)
                 .map(|()| Reply::Ok),
+            Op::Exchange {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                now,
+            } => self
+                .exchange(parent, &name, new_parent, &new_name, now)
+                .map(|()| Reply::Ok),
             Op::SetAttr {
                 ino,
                 mode,
@@ -523,8 +626,17 @@ impl Volume {
                 gid,
                 size,
                 mtime,
+                atime,
                 now,
-            } => self.setattr(ino, [mode, uid, gid], size, mtime, now),
+            } => self.setattr(ino, [mode, uid, gid], size, [mtime, atime], now),
+            Op::SetXattr {
+                ino,
+                name,
+                value,
+                how,
+                now,
+            } => self.set_xattr(ino, name, value, how, now),
+            Op::RemoveXattr { ino, name, now } => self.remove_xattr(ino, &name, now),
             Op::Allocate { ino, off, len } => self.allocate(ino, off, len),
             Op::MarkWritten {
                 ino,

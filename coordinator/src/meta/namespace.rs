@@ -16,6 +16,26 @@ pub(super) fn check_name(name: &str) -> Result<(), MetaError> {
     Ok(())
 }
 
+/// An extended attribute's name: a known namespace, a name after it, and
+/// not longer than Linux allows.
+pub(super) fn check_xattr_name(name: &str) -> Result<(), MetaError> {
+    if name.len() > XATTR_NAME_MAX {
+        return Err(MetaError::TooBig(format!(
+            "a name of {} bytes (at most {XATTR_NAME_MAX})",
+            name.len()
+        )));
+    }
+    let known = ["user.", "trusted.", "security.", "system."]
+        .iter()
+        .any(|p| name.len() > p.len() && name.starts_with(p));
+    if !known || name.contains('\0') {
+        return Err(MetaError::Invalid(format!(
+            "extended attribute name {name:?} (user., trusted., security. or system.)"
+        )));
+    }
+    Ok(())
+}
+
 impl Volume {
     pub(super) fn dir_mut(&mut self, ino: Ino) -> Result<&mut BTreeMap<String, Ino>, MetaError> {
         match self.inodes.get_mut(&ino).map(|i| &mut i.body) {
@@ -25,15 +45,13 @@ impl Volume {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Makes `name` in `parent`; `[mode, uid, gid, rdev]`.
     pub(super) fn create(
         &mut self,
         parent: Ino,
         name: &str,
         kind: Kind,
-        mode: u32,
-        uid: u32,
-        gid: u32,
+        [mode, uid, gid, rdev]: [u32; 4],
         target: String,
         now: u64,
     ) -> Result<Reply, MetaError> {
@@ -60,6 +78,14 @@ impl Volume {
                 let n = target.len() as u64;
                 (Body::Symlink(target), n, 1)
             }
+            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket => {
+                (Body::Special, 0, 1)
+            }
+        };
+        let rdev = if matches!(kind, Kind::CharDevice | Kind::BlockDevice) {
+            rdev
+        } else {
+            0
         };
         let attr = Attr {
             ino,
@@ -71,12 +97,16 @@ impl Volume {
             nlink,
             mtime: now,
             ctime: now,
+            atime: now,
+            rdev,
+            xattrs: 0,
         };
         self.inodes.insert(
             ino,
             Inode {
                 attr: attr.clone(),
                 body,
+                xattrs: Xattrs::new(),
             },
         );
         if let Some(p) = self.inodes.get_mut(&parent) {
@@ -262,12 +292,126 @@ impl Volume {
         Ok(())
     }
 
+    /// Swaps the names `parent/name` and `new_parent/new_name` (both
+    /// exist; either may be a directory).
+    pub(super) fn exchange(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        now: u64,
+    ) -> Result<(), MetaError> {
+        let a = self.lookup(parent, name)?;
+        let b = self.lookup(new_parent, new_name)?;
+        if is_snapshot_ino(a) || is_snapshot_ino(b) || a == SNAPSHOTS_DIR || b == SNAPSHOTS_DIR {
+            return Err(MetaError::Invalid("snapshots are read-only".into()));
+        }
+        if a == b {
+            return Ok(());
+        }
+        let kind = |v: &Volume, i: Ino| {
+            v.inodes
+                .get(&i)
+                .map(|n| n.attr.kind)
+                .ok_or(MetaError::NotFound)
+        };
+        let (ka, kb) = (kind(self, a)?, kind(self, b)?);
+        // A directory may not end up below itself.
+        if parent != new_parent
+            && ((ka == Kind::Dir && self.is_under(new_parent, a))
+                || (kb == Kind::Dir && self.is_under(parent, b)))
+        {
+            return Err(MetaError::Loop);
+        }
+        self.dir_mut(parent)?.insert(name.to_string(), b);
+        self.dir_mut(new_parent)?.insert(new_name.to_string(), a);
+        if parent != new_parent && ka != kb {
+            // A directory moved between parents takes its ".." link along.
+            let (from, to) = if ka == Kind::Dir {
+                (parent, new_parent)
+            } else {
+                (new_parent, parent)
+            };
+            if let Some(p) = self.inodes.get_mut(&from) {
+                p.attr.nlink -= 1;
+            }
+            if let Some(p) = self.inodes.get_mut(&to) {
+                p.attr.nlink += 1;
+            }
+        }
+        for d in [parent, new_parent, a, b] {
+            if let Some(p) = self.inodes.get_mut(&d) {
+                if d == parent || d == new_parent {
+                    p.attr.mtime = now;
+                }
+                p.attr.ctime = now;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets extended attribute `name` of `ino`.
+    pub(super) fn set_xattr(
+        &mut self,
+        ino: Ino,
+        name: String,
+        value: Vec<u8>,
+        how: XattrSet,
+        now: u64,
+    ) -> Result<Reply, MetaError> {
+        check_xattr_name(&name)?;
+        if value.len() > XATTR_SIZE_MAX {
+            return Err(MetaError::TooBig(format!(
+                "a value of {} bytes (at most {XATTR_SIZE_MAX})",
+                value.len()
+            )));
+        }
+        let i = self.inodes.get_mut(&ino).ok_or(MetaError::NotFound)?;
+        let exists = i.xattrs.contains_key(&name);
+        match how {
+            XattrSet::Create if exists => return Err(MetaError::Exists),
+            XattrSet::Replace if !exists => return Err(MetaError::NoData),
+            _ => {}
+        }
+        let used: usize = i
+            .xattrs
+            .iter()
+            .filter(|(k, _)| **k != name)
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if used + name.len() + value.len() > XATTR_INODE_MAX {
+            return Err(MetaError::NoSpace);
+        }
+        i.xattrs.insert(name, value);
+        i.attr.xattrs = i.xattrs.len() as u32;
+        i.attr.ctime = now;
+        Ok(Reply::Attr(i.attr.clone()))
+    }
+
+    /// Removes extended attribute `name` of `ino`.
+    pub(super) fn remove_xattr(
+        &mut self,
+        ino: Ino,
+        name: &str,
+        now: u64,
+    ) -> Result<Reply, MetaError> {
+        let i = self.inodes.get_mut(&ino).ok_or(MetaError::NotFound)?;
+        if i.xattrs.remove(name).is_none() {
+            return Err(MetaError::NoData);
+        }
+        i.attr.xattrs = i.xattrs.len() as u32;
+        i.attr.ctime = now;
+        Ok(Reply::Attr(i.attr.clone()))
+    }
+
+    /// Changes attributes; `[mtime, atime]` set explicitly.
     pub(super) fn setattr(
         &mut self,
         ino: Ino,
         [mode, uid, gid]: [Option<u32>; 3],
         size: Option<u64>,
-        mtime: Option<u64>,
+        [mtime, atime]: [Option<u64>; 2],
         now: u64,
     ) -> Result<Reply, MetaError> {
         let i = self.inodes.get_mut(&ino).ok_or(MetaError::NotFound)?;
@@ -310,6 +454,9 @@ impl Volume {
         }
         if let Some(t) = mtime {
             i.attr.mtime = t;
+        }
+        if let Some(t) = atime {
+            i.attr.atime = t;
         }
         let attr = i.attr.clone();
         self.free(ino, freed);

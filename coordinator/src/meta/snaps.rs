@@ -321,6 +321,9 @@ impl Volume {
             nlink: 2 + self.snapshots.len() as u32,
             mtime: latest.unwrap_or(root),
             ctime: latest.unwrap_or(root),
+            atime: latest.unwrap_or(root),
+            rdev: 0,
+            xattrs: 0,
         }
     }
 

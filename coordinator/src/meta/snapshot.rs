@@ -7,8 +7,13 @@
 //! All integers little-endian. The body lists, in order: counters, free
 //! space, inodes (attributes and directory entries, extents or symlink
 //! target), leases, quarantine, (from minor version 1) the write-lease
-//! history, and (from 2) the volume snapshots (id, name, time and their
-//! inodes; the shared-range reference counts are rebuilt from them).
+//! history, (from 2) the volume snapshots (id, name, time and their
+//! inodes; the shared-range reference counts are rebuilt from them), and
+//! (from 3) each inode's extras: access time, device number and extended
+//! attributes, for the live inodes and then for each snapshot's (only
+//! inodes with an access time other than their modification time, a
+//! device number or attributes are listed; a reader of an older minor
+//! version takes the access time to be the modification time).
 //! Decoding checks the magic, refuses an
 //! unknown major version, verifies the checksum, bounds every count by the
 //! bytes left (hostile input cannot make it allocate), and rebuilds the
@@ -23,7 +28,7 @@ pub const MAGIC: &[u8; 8] = b"CSVMETA\0";
 /// Format version written.
 pub const MAJOR: u16 = 1;
 /// Minor version written (additions a reader of the same major skips).
-pub const MINOR: u16 = 2;
+pub const MINOR: u16 = 3;
 const HEADER: usize = 8 + 2 + 2 + 8 + 4;
 
 /// Why a snapshot was refused.
@@ -128,7 +133,60 @@ fn kind_code(k: Kind) -> u8 {
         Kind::Dir => 0,
         Kind::File => 1,
         Kind::Symlink => 2,
+        Kind::Fifo => 3,
+        Kind::CharDevice => 4,
+        Kind::BlockDevice => 5,
+        Kind::Socket => 6,
     }
+}
+
+fn has_extras(i: &Inode) -> bool {
+    i.attr.atime != i.attr.mtime || i.attr.rdev != 0 || !i.xattrs.is_empty()
+}
+
+fn write_extras(w: &mut W, inodes: &BTreeMap<u64, Inode>) {
+    let with: Vec<&Inode> = inodes.values().filter(|i| has_extras(i)).collect();
+    w.u64(with.len() as u64);
+    for i in with {
+        w.u64(i.attr.ino);
+        w.u64(i.attr.atime);
+        w.u32(i.attr.rdev);
+        w.u64(i.xattrs.len() as u64);
+        for (k, v) in &i.xattrs {
+            w.bytes(k.as_bytes());
+            w.bytes(v);
+        }
+    }
+}
+
+fn read_extras(r: &mut R<'_>, inodes: &mut BTreeMap<u64, Inode>) -> Result<(), SnapshotError> {
+    let n = r.count(28)?;
+    for _ in 0..n {
+        let ino = r.u64()?;
+        let atime = r.u64()?;
+        let rdev = r.u32()?;
+        let m = r.count(8)?;
+        let mut xattrs = super::Xattrs::new();
+        for _ in 0..m {
+            let name = r.string()?;
+            let n = r.u32()? as usize;
+            let value = r.take(n)?.to_vec();
+            if super::namespace::check_xattr_name(&name).is_err()
+                || value.len() > super::XATTR_SIZE_MAX
+            {
+                return Err(r.bad("extended attribute out of bounds"));
+            }
+            xattrs.insert(name, value);
+        }
+        let i = inodes
+            .get_mut(&ino)
+            .ok_or_else(|| r.bad("extras of an inode not listed"))?;
+        i.attr.atime = atime;
+        i.attr.rdev = rdev;
+        i.attr.xattrs = xattrs.len() as u32;
+        i.xattrs = xattrs;
+    }
+    Ok(())
 }
 
 fn write_inodes(w: &mut W, inodes: &BTreeMap<u64, Inode>) {
@@ -162,6 +220,7 @@ fn write_inodes(w: &mut W, inodes: &BTreeMap<u64, Inode>) {
                 }
             }
             Body::Symlink(t) => w.bytes(t.as_bytes()),
+            Body::Special => {}
         }
     }
 }
@@ -178,9 +237,13 @@ fn read_inodes(r: &mut R<'_>) -> Result<BTreeMap<u64, Inode>, SnapshotError> {
             0 => Kind::Dir,
             1 => Kind::File,
             2 => Kind::Symlink,
+            3 => Kind::Fifo,
+            4 => Kind::CharDevice,
+            5 => Kind::BlockDevice,
+            6 => Kind::Socket,
             _ => return Err(r.bad("unknown inode kind")),
         };
-        let attr = Attr {
+        let mut attr = Attr {
             ino,
             kind,
             mode: r.u32()?,
@@ -190,7 +253,11 @@ fn read_inodes(r: &mut R<'_>) -> Result<BTreeMap<u64, Inode>, SnapshotError> {
             nlink: r.u32()?,
             mtime: r.u64()?,
             ctime: r.u64()?,
+            atime: 0,
+            rdev: 0,
+            xattrs: 0,
         };
+        attr.atime = attr.mtime;
         let body = match kind {
             Kind::Dir => {
                 let m = r.count(12)?;
@@ -217,8 +284,14 @@ fn read_inodes(r: &mut R<'_>) -> Result<BTreeMap<u64, Inode>, SnapshotError> {
                 Body::File(ext)
             }
             Kind::Symlink => Body::Symlink(r.string()?),
+            Kind::Fifo | Kind::CharDevice | Kind::BlockDevice | Kind::Socket => Body::Special,
         };
-        if inodes.insert(ino, Inode { attr, body }).is_some() {
+        let inode = Inode {
+            attr,
+            body,
+            xattrs: super::Xattrs::new(),
+        };
+        if inodes.insert(ino, inode).is_some() {
             return Err(r.bad("inode listed twice"));
         }
     }
@@ -272,6 +345,10 @@ impl Volume {
             w.bytes(snap.name.as_bytes());
             write_inodes(&mut w, &snap.inodes);
         }
+        write_extras(&mut w, &self.inodes);
+        for snap in self.snapshots.values() {
+            write_extras(&mut w, &snap.inodes);
+        }
         let body = w.0;
         let mut out = Vec::with_capacity(HEADER + body.len());
         out.extend_from_slice(MAGIC);
@@ -318,7 +395,7 @@ impl Volume {
         }
         let alloc =
             Allocator::from_intervals(&free).ok_or_else(|| r.bad("free space overlaps itself"))?;
-        let inodes = read_inodes(&mut r)?;
+        let mut inodes = read_inodes(&mut r)?;
         let n = r.count(33)?;
         let mut leases = BTreeMap::new();
         for _ in 0..n {
@@ -389,6 +466,12 @@ impl Volume {
                 if snapshots.insert(id, snap).is_some() {
                     return Err(r.bad("snapshot listed twice"));
                 }
+            }
+        }
+        if minor >= 3 {
+            read_extras(&mut r, &mut inodes)?;
+            for snap in snapshots.values_mut() {
+                read_extras(&mut r, &mut snap.inodes)?;
             }
         }
         // A newer minor version may append sections this build skips.

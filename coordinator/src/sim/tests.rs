@@ -175,8 +175,8 @@ fn a_cluster_raises_its_feature_level_once_every_host_supports_it() {
     // Host 3 is upgraded.
     sim.crash(3);
     sim.restart(3, crate::features::SUPPORTED);
-    sim.run_until(1_500, |s| level(s) == crate::features::CREATE_WITH_LEASE)
-        .expect("the cluster's level rises once host 3 supports level 2");
+    sim.run_until(1_500, |s| level(s) == crate::features::SUPPORTED)
+        .expect("the cluster's level rises once host 3 supports this build's");
     let r = sim
         .call(1, create("leased", 1), 500)
         .expect("a create carrying its lease works at level 2");

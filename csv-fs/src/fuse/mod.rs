@@ -16,7 +16,8 @@ use coordinator::proto::{self, NodeKind};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use readers::Readers;
 use std::ffi::OsStr;
@@ -36,6 +37,10 @@ fn file_type(kind: NodeKind) -> FileType {
         NodeKind::Directory => FileType::Directory,
         NodeKind::Symlink => FileType::Symlink,
         NodeKind::File => FileType::RegularFile,
+        NodeKind::Fifo => FileType::NamedPipe,
+        NodeKind::CharDevice => FileType::CharDevice,
+        NodeKind::BlockDevice => FileType::BlockDevice,
+        NodeKind::Socket => FileType::Socket,
     }
 }
 
@@ -45,7 +50,7 @@ fn fattr(a: &proto::Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: ms_to_time(a.mtime),
+        atime: ms_to_time(a.atime),
         mtime: ms_to_time(a.mtime),
         ctime: ms_to_time(a.ctime),
         crtime: ms_to_time(a.ctime),
@@ -54,7 +59,7 @@ fn fattr(a: &proto::Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: 4096,
         flags: 0,
     }
@@ -80,6 +85,18 @@ fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
     match r {
         Ok(()) => reply.ok(),
         Err(e) => reply.error(e),
+    }
+}
+
+/// Answers a getxattr or listxattr: its size when asked for the size
+/// (`size` 0), ERANGE when the caller's buffer is too small.
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
     }
 }
 
@@ -154,7 +171,7 @@ impl Filesystem for Mounted {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
@@ -171,6 +188,7 @@ impl Filesystem for Mounted {
             gid,
             size,
             mtime: mtime.map(time_ms),
+            atime: atime.map(time_ms),
         };
         self.attr(reply, self.fs.setattr(ino.0, ch));
     }
@@ -190,21 +208,27 @@ impl Filesystem for Mounted {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
         let _turn = self.readers.turn(true);
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // Device nodes, FIFOs and sockets are not kept (yet).
-            return reply.error(Errno::EPERM);
-        }
         let who = Caller {
             uid: req.uid(),
             gid: req.gid(),
         };
-        let r = self
-            .fs
-            .make(who, parent.0, name, NodeKind::File, mode & !umask, "");
+        let perm = mode & !umask;
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG => {
+                let r = self.fs.make(who, parent.0, name, NodeKind::File, perm, "");
+                return self.entry(reply, r);
+            }
+            libc::S_IFIFO => NodeKind::Fifo,
+            libc::S_IFCHR => NodeKind::CharDevice,
+            libc::S_IFBLK => NodeKind::BlockDevice,
+            libc::S_IFSOCK => NodeKind::Socket,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let r = self.fs.make_special(who, parent.0, name, kind, perm, rdev);
         self.entry(reply, r);
     }
 
@@ -272,7 +296,13 @@ impl Filesystem for Mounted {
     ) {
         let _turn = self.readers.turn(true);
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-            return reply.error(Errno::EINVAL);
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                return reply.error(Errno::EINVAL);
+            }
+            return reply_empty(
+                reply,
+                self.fs.exchange(parent.0, name, newparent.0, newname),
+            );
         }
         let noreplace = flags.contains(RenameFlags::RENAME_NOREPLACE);
         reply_empty(
@@ -477,6 +507,65 @@ impl Filesystem for Mounted {
         }
     }
 
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let _turn = self.readers.turn(true);
+        if position != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        let how = match flags {
+            0 => proto::XattrSet::Any,
+            libc::XATTR_CREATE => proto::XattrSet::Create,
+            libc::XATTR_REPLACE => proto::XattrSet::Replace,
+            _ => return reply.error(Errno::EINVAL),
+        };
+        reply_empty(reply, self.fs.set_xattr(ino.0, name, value, how));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _turn = self.readers.turn(true);
+        if name == "security.capability" && self.fs.known_without_xattrs(ino.0) {
+            return reply.error(Errno::ENODATA);
+        }
+        let found = self.fs.xattrs(ino.0).map(|l| {
+            l.into_iter()
+                .find(|x| x.name.as_bytes() == name.as_encoded_bytes())
+        });
+        match found {
+            Ok(Some(x)) => reply_xattr(reply, size, &x.value),
+            Ok(None) => reply.error(Errno::ENODATA),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _turn = self.readers.turn(true);
+        match self.fs.xattrs(ino.0) {
+            Ok(l) => {
+                let mut names = Vec::new();
+                for x in l {
+                    names.extend_from_slice(x.name.as_bytes());
+                    names.push(0);
+                }
+                reply_xattr(reply, size, &names);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let _turn = self.readers.turn(true);
+        reply_empty(reply, self.fs.remove_xattr(ino.0, name));
+    }
+
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
         let _turn = self.readers.turn(false);
         // The kernel checks permissions (default_permissions).
@@ -518,6 +607,9 @@ mod tests {
             nlink: 1,
             mtime: 1_700_000_000_000,
             ctime: 1_700_000_000_500,
+            atime: 1_600_000_000_000,
+            rdev: 0,
+            xattrs: 0,
         };
         let f = fattr(&a);
         assert_eq!(f.ino, INodeNo(42));
@@ -525,6 +617,17 @@ mod tests {
         assert_eq!(f.perm, 0o777);
         assert_eq!(f.blocks, 2);
         assert_eq!(f.mtime, ms_to_time(a.mtime));
+        assert_eq!(f.atime, ms_to_time(a.atime));
+        let dev = fattr(&proto::Attr {
+            kind: NodeKind::CharDevice as i32,
+            rdev: 0x103,
+            ..a
+        });
+        assert_eq!((dev.kind, dev.rdev), (FileType::CharDevice, 0x103));
+        assert_eq!(
+            [NodeKind::Fifo, NodeKind::BlockDevice, NodeKind::Socket].map(file_type),
+            [FileType::NamedPipe, FileType::BlockDevice, FileType::Socket]
+        );
         assert_eq!(
             open_flags(libc::O_DIRECT | libc::O_RDWR),
             FopenFlags::FOPEN_DIRECT_IO

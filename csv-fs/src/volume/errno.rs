@@ -19,6 +19,11 @@ pub(crate) fn errno(e: &ClientError) -> Errno {
         Some(ErrorCode::Invalid) | Some(ErrorCode::Loop) => Errno::EINVAL,
         Some(ErrorCode::NoSpace) => Errno::ENOSPC,
         Some(ErrorCode::Busy) => Errno::EBUSY,
+        Some(ErrorCode::NoData) => Errno::ENODATA,
+        Some(ErrorCode::TooBig) => Errno::E2BIG,
+        // A host of an older build is a member: what it cannot apply is
+        // not offered yet (special files, extended attributes, exchange).
+        Some(ErrorCode::FeatureLevel) => Errno::EOPNOTSUPP,
         _ => {
             tracing::warn!("metadata call failed: {e}");
             Errno::EIO

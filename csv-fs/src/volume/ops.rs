@@ -40,6 +40,8 @@ pub struct AttrChange {
     pub size: Option<u64>,
     /// Modification time (ms since the epoch).
     pub mtime: Option<u64>,
+    /// Access time (ms since the epoch).
+    pub atime: Option<u64>,
 }
 
 /// Space and inodes, as `statfs` reports them.
@@ -55,6 +57,16 @@ pub struct SpaceUse {
     pub files: u64,
     /// Inodes free.
     pub files_free: u64,
+}
+
+/// An extended attribute's name: UTF-8 and not longer than Linux allows
+/// (ERANGE, as Linux answers a name too long).
+fn xattr_name(name: &OsStr) -> Result<&str, Errno> {
+    let s = name.to_str().ok_or(Errno::EINVAL)?;
+    if s.len() > coordinator::meta::XATTR_NAME_MAX {
+        return Err(Errno::ERANGE);
+    }
+    Ok(s)
 }
 
 /// Snapshot files and `.snapshots` are read-only.
@@ -110,6 +122,7 @@ impl VolumeFs {
             size: ch.size,
             now: 0,
             mtime: ch.mtime,
+            atime: ch.atime,
         }))?;
         if let (Some(f), Some(s)) = (&open, ch.size) {
             if let Ok(mut g) = f.lock() {
@@ -144,7 +157,7 @@ impl VolumeFs {
         parent: u64,
         name: &OsStr,
         kind: NodeKind,
-        mode: u32,
+        (mode, rdev): (u32, u32),
         target: &str,
         lease: bool,
     ) -> Result<(proto::Attr, Option<Lease>), Errno> {
@@ -159,6 +172,7 @@ impl VolumeFs {
                 uid: who.uid,
                 gid: who.gid,
                 target: target.into(),
+                rdev,
                 now: 0,
                 lease_node: if lease { self.node } else { 0 },
                 lease_ttl: if lease {
@@ -194,7 +208,22 @@ impl VolumeFs {
         mode: u32,
         target: &str,
     ) -> Result<proto::Attr, Errno> {
-        self.create_node(who, parent, name, kind, mode, target, false)
+        self.create_node(who, parent, name, kind, (mode, 0), target, false)
+            .map(|(a, _)| a)
+    }
+
+    /// Makes a FIFO, a socket's name or a device node (`rdev`): metadata
+    /// every host sees; a FIFO's or socket's data stays within one host.
+    pub fn make_special(
+        &self,
+        who: Caller,
+        parent: u64,
+        name: &OsStr,
+        kind: NodeKind,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<proto::Attr, Errno> {
+        self.create_node(who, parent, name, kind, (mode, rdev), "", false)
             .map(|(a, _)| a)
     }
 
@@ -211,7 +240,8 @@ impl VolumeFs {
         // The write lease with the file, unless the file is opened through
         // the coordinator (FileSystemRedirected), which takes its own.
         let lease = write && self.fs_redirector().is_none();
-        let (a, granted) = self.create_node(who, parent, name, NodeKind::File, mode, "", lease)?;
+        let (a, granted) =
+            self.create_node(who, parent, name, NodeKind::File, (mode, 0), "", lease)?;
         let fh = match self.remote_open(a.ino, write) {
             Some(r) => {
                 if granted.is_some() {
@@ -268,6 +298,90 @@ impl VolumeFs {
             return Err(Errno::EEXIST);
         }
         self.call(|c| c.rename(vol, parent, n, new_parent, nn))
+    }
+
+    /// Swaps two names atomically (`RENAME_EXCHANGE`).
+    pub fn exchange(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+    ) -> Result<(), Errno> {
+        writable(parent)?;
+        writable(new_parent)?;
+        let (n, nn) = (name_of(name)?, name_of(new_name)?);
+        self.op(volume_op::Op::Exchange(proto::RenameOp {
+            parent,
+            name: n.into(),
+            new_parent,
+            new_name: nn.into(),
+            now: 0,
+        }))
+        .map(|_| ())
+    }
+
+    /// The extended attributes of `ino`, in name order.
+    pub fn xattrs(&self, ino: u64) -> Result<Vec<proto::Xattr>, Errno> {
+        let vol = self.vol;
+        match self.call(|c| c.read(vol, proto::read::Query::Xattrs(ino)))? {
+            proto::Reply {
+                value: Some(proto::reply::Value::Xattrs(l)),
+            } => Ok(l.xattrs),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// Whether `ino`, open on this host, had no extended attribute when
+    /// this host last heard (the kernel asks for `security.capability`
+    /// at every write; that need not go to the coordinator).
+    pub fn known_without_xattrs(&self, ino: u64) -> bool {
+        self.file(ino)
+            .and_then(|f| f.lock().ok().map(|g| g.attr.xattrs == 0))
+            .unwrap_or(false)
+    }
+
+    /// Sets extended attribute `name` of `ino`.
+    pub fn set_xattr(
+        &self,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        how: proto::XattrSet,
+    ) -> Result<(), Errno> {
+        writable(ino)?;
+        let n = xattr_name(name)?;
+        let a = self.op_attr(volume_op::Op::SetXattr(proto::SetXattrOp {
+            ino,
+            name: n.into(),
+            value: value.to_vec(),
+            how: how as i32,
+            now: 0,
+        }))?;
+        self.note_xattrs(ino, a.xattrs);
+        Ok(())
+    }
+
+    /// Removes extended attribute `name` of `ino`.
+    pub fn remove_xattr(&self, ino: u64, name: &OsStr) -> Result<(), Errno> {
+        writable(ino)?;
+        let n = xattr_name(name)?;
+        let a = self.op_attr(volume_op::Op::RemoveXattr(proto::RemoveXattrOp {
+            ino,
+            name: n.into(),
+            now: 0,
+        }))?;
+        self.note_xattrs(ino, a.xattrs);
+        Ok(())
+    }
+
+    /// Keeps an open file's count of extended attributes current.
+    fn note_xattrs(&self, ino: u64, n: u32) {
+        if let Some(f) = self.file(ino) {
+            if let Ok(mut g) = f.lock() {
+                g.attr.xattrs = n;
+            }
+        }
     }
 
     /// Gives `ino` a new name.

@@ -67,6 +67,97 @@ fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
     }
 }
 
+fn xattr_errno(path: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Result<()> {
+    let (c, n) = (cpath(path), CString::new(name).unwrap_or_default());
+    // SAFETY: NUL-terminated path and name and a value of the length
+    // given, all alive across the call.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn xattr_set(path: &Path, name: &str, value: &[u8], flags: i32) -> Check {
+    xattr_errno(path, name, value, flags).map_err(|e| format!("setxattr {name}: {e}"))
+}
+
+/// getxattr into a buffer of `len` bytes (0: asks the size).
+fn xattr_get_into(path: &Path, name: &str, len: usize) -> std::io::Result<Vec<u8>> {
+    let (c, n) = (cpath(path), CString::new(name).unwrap_or_default());
+    let mut buf = vec![0u8; len];
+    // SAFETY: NUL-terminated path and name, and a buffer of `len` bytes,
+    // all alive across the call.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), len) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// getxattr asking the size only (ENODATA for a missing name).
+fn xattr_get_errno(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    xattr_get_into(path, name, 0)
+}
+
+fn xattr_get_small(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    xattr_get_into(path, name, 1)
+}
+
+fn xattr_get(path: &Path, name: &str) -> Result<Vec<u8>, String> {
+    let c = cpath(path);
+    let n = CString::new(name).unwrap_or_default();
+    // SAFETY: as above; a null buffer of length 0 asks for the size.
+    let len = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+    if len < 0 {
+        return Err(format!(
+            "getxattr {name} size: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    xattr_get_into(path, name, len as usize).map_err(|e| format!("getxattr {name}: {e}"))
+}
+
+fn xattr_list(path: &Path) -> Result<Vec<String>, String> {
+    let c = cpath(path);
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: NUL-terminated path and a 4096-byte buffer, alive across the
+    // call.
+    let r = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(format!("listxattr: {}", std::io::Error::last_os_error()));
+    }
+    buf.truncate(r as usize);
+    Ok(buf
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect())
+}
+
+fn xattr_remove(path: &Path, name: &str) -> Check {
+    let (c, n) = (cpath(path), CString::new(name).unwrap_or_default());
+    // SAFETY: NUL-terminated path and name alive across the call.
+    if unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) } == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "removexattr {name}: {}",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
 fn run_checks(d: &Path, other: &Path) -> Vec<(&'static str, Check)> {
     let p = |n: &str| d.join(n);
     let mut out: Vec<(&'static str, Check)> = Vec::new();
@@ -439,41 +530,196 @@ fn run_checks(d: &Path, other: &Path) -> Vec<(&'static str, Check)> {
             .map_err(|e| e.to_string())?;
         ensure(&b == b"mapped", "mapping not written back")
     });
-    // Known exceptions (docs/FILESYSTEM.md): checked to behave as written.
     check(
-        "exception: device nodes and FIFOs are refused (EPERM)",
+        "special files made on one host are seen on the other with type, mode and rdev",
         &|| {
-            let r =
-                nix::unistd::mkfifo(&p("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644));
-            match r {
-                Err(Errno::EPERM) => Ok(()),
-                other => Err(format!("mkfifo: {other:?}")),
+            use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+            let m = |b| Mode::from_bits_truncate(b);
+            nix::unistd::mkfifo(&p("fifo"), m(0o640)).map_err(|e| e.to_string())?;
+            mknod(&p("chr"), SFlag::S_IFCHR, m(0o600), makedev(1, 3)).map_err(|e| e.to_string())?;
+            mknod(&p("blk"), SFlag::S_IFBLK, m(0o660), makedev(7, 42))
+                .map_err(|e| e.to_string())?;
+            let sock =
+                std::os::unix::net::UnixListener::bind(p("sock")).map_err(|e| e.to_string())?;
+            use std::os::unix::fs::FileTypeExt;
+            let meta =
+                |n: &str| fs::symlink_metadata(other.join(n)).map_err(|e| format!("{n}: {e}"));
+            let f = meta("fifo")?;
+            ensure(
+                f.file_type().is_fifo() && f.mode() & 0o7777 == 0o640,
+                format!("fifo: {:o}", f.mode()),
+            )?;
+            let c = meta("chr")?;
+            ensure(
+                c.file_type().is_char_device()
+                    && c.rdev() == makedev(1, 3)
+                    && c.mode() & 0o7777 == 0o600,
+                format!("chr: {:o} rdev {:x}", c.mode(), c.rdev()),
+            )?;
+            let b = meta("blk")?;
+            ensure(
+                b.file_type().is_block_device() && b.rdev() == makedev(7, 42),
+                format!("blk: {:o} rdev {:x}", b.mode(), b.rdev()),
+            )?;
+            ensure(meta("sock")?.file_type().is_socket(), "socket")?;
+            // A FIFO carries data within one host.
+            let path = p("fifo");
+            let writer = std::thread::spawn(move || fs::write(path, b"through the pipe"));
+            let got = fs::read(p("fifo")).map_err(|e| e.to_string())?;
+            writer
+                .join()
+                .map_err(|_| "writer panicked")?
+                .map_err(|e| e.to_string())?;
+            ensure(got == b"through the pipe", "fifo data")?;
+            drop(sock);
+            for n in ["fifo", "chr", "blk", "sock"] {
+                fs::remove_file(other.join(n)).map_err(|e| format!("unlink {n}: {e}"))?;
             }
+            Ok(())
         },
     );
-    check("exception: extended attributes are not supported", &|| {
-        fs::write(p("xa"), b"x").map_err(|e| e.to_string())?;
-        let (c, n, v) = (
-            cpath(&p("xa")),
-            CString::new("user.k").unwrap_or_default(),
-            b"v",
-        );
-        // SAFETY: NUL-terminated path and name and a 1-byte value, all
-        // alive across the call.
-        let r = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), 1, 0) };
-        let e = std::io::Error::last_os_error().raw_os_error();
-        ensure(
-            r != 0 && matches!(e, Some(libc::ENOTSUP) | Some(libc::ENOSYS)),
-            format!("setxattr: {r} {e:?}"),
-        )
-    });
-    check("exception: RENAME_EXCHANGE is refused (EINVAL)", &|| {
-        expect_errno(
-            "exchange",
-            renameat2(&p("n2"), &p("n3"), libc::RENAME_EXCHANGE),
-            libc::EINVAL,
-        )
-    });
+    check(
+        "touch -a -d sets an access time every host reads back",
+        &|| {
+            fs::write(p("at"), b"a").map_err(|e| e.to_string())?;
+            let t = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+            let mtime = fs::metadata(p("at"))
+                .map_err(|e| e.to_string())?
+                .modified()
+                .map_err(|e| e.to_string())?;
+            let o = Command::new("touch")
+                .args(["-a", "-d", "@1500000000"])
+                .arg(p("at"))
+                .output()
+                .map_err(|e| e.to_string())?;
+            ensure(
+                o.status.success(),
+                format!("touch: {}", String::from_utf8_lossy(&o.stderr)),
+            )?;
+            let m = fs::metadata(other.join("at")).map_err(|e| e.to_string())?;
+            ensure(
+                m.accessed().map_err(|e| e.to_string())? == t,
+                format!("atime {}", m.atime()),
+            )?;
+            ensure(
+                m.modified().map_err(|e| e.to_string())? == mtime,
+                "touch -a moved mtime",
+            )
+        },
+    );
+    check(
+        "extended attributes: set on one host, read, listed and removed on the other",
+        &|| {
+            fs::write(p("xa"), b"x").map_err(|e| e.to_string())?;
+            let q = other.join("xa");
+            xattr_set(&p("xa"), "user.colour", b"blue", 0)?;
+            xattr_set(&p("xa"), "trusted.csv", &[0, 1, 2, 255], 0)?;
+            ensure(xattr_get(&q, "user.colour")? == b"blue", "user.colour")?;
+            ensure(
+                xattr_get(&q, "trusted.csv")? == [0, 1, 2, 255],
+                "trusted.csv",
+            )?;
+            let names = xattr_list(&q)?;
+            ensure(
+                names == ["trusted.csv", "user.colour"],
+                format!("list: {names:?}"),
+            )?;
+            // XATTR_CREATE on an existing name, XATTR_REPLACE on a missing one.
+            expect_errno(
+                "create again",
+                xattr_errno(&q, "user.colour", b"red", libc::XATTR_CREATE),
+                libc::EEXIST,
+            )?;
+            expect_errno(
+                "replace missing",
+                xattr_errno(&q, "user.none", b"x", libc::XATTR_REPLACE),
+                libc::ENODATA,
+            )?;
+            expect_errno(
+                "get missing",
+                xattr_get_errno(&q, "user.none"),
+                libc::ENODATA,
+            )?;
+            // A buffer too small is ERANGE; a value over 64 KiB is E2BIG.
+            expect_errno(
+                "small buffer",
+                xattr_get_small(&q, "user.colour"),
+                libc::ERANGE,
+            )?;
+            expect_errno(
+                "too big",
+                xattr_errno(&q, "user.big", &vec![7u8; (64 << 10) + 1], 0),
+                libc::E2BIG,
+            )?;
+            let big = vec![9u8; 64 << 10];
+            xattr_set(&q, "user.big", &big, 0)?;
+            ensure(xattr_get(&p("xa"), "user.big")? == big, "64 KiB value")?;
+            xattr_remove(&q, "user.colour")?;
+            expect_errno(
+                "removed",
+                xattr_get_errno(&p("xa"), "user.colour"),
+                libc::ENODATA,
+            )?;
+            // Directories and symlinks' targets carry them too.
+            fs::create_dir(p("xd")).map_err(|e| e.to_string())?;
+            xattr_set(&p("xd"), "user.d", b"dir", 0)?;
+            ensure(
+                xattr_get(&other.join("xd"), "user.d")? == b"dir",
+                "dir xattr",
+            )
+        },
+    );
+    check(
+        "RENAME_EXCHANGE swaps two names atomically under concurrent lookups",
+        &|| {
+            fs::write(p("ex-a"), b"A").map_err(|e| e.to_string())?;
+            fs::create_dir(p("ex-b")).map_err(|e| e.to_string())?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let looker = {
+                let (stop, a, b) = (stop.clone(), other.join("ex-a"), other.join("ex-b"));
+                std::thread::spawn(move || {
+                    let mut missing = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if fs::symlink_metadata(&a).is_err() || fs::symlink_metadata(&b).is_err() {
+                            missing += 1;
+                        }
+                    }
+                    missing
+                })
+            };
+            for _ in 0..50 {
+                renameat2(&p("ex-a"), &p("ex-b"), libc::RENAME_EXCHANGE)
+                    .map_err(|e| e.to_string())?;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let missing = looker.join().map_err(|_| "looker panicked")?;
+            ensure(
+                missing == 0,
+                format!("a name was missing {missing} times during the swaps"),
+            )?;
+            // 50 swaps: back where they started.
+            ensure(
+                fs::read(other.join("ex-a")).map_err(|e| e.to_string())? == b"A",
+                "ex-a",
+            )?;
+            renameat2(&p("ex-a"), &p("ex-b"), libc::RENAME_EXCHANGE).map_err(|e| e.to_string())?;
+            ensure(
+                fs::metadata(other.join("ex-a"))
+                    .map_err(|e| e.to_string())?
+                    .is_dir(),
+                "ex-a is the dir now",
+            )?;
+            ensure(
+                fs::read(other.join("ex-b")).map_err(|e| e.to_string())? == b"A",
+                "ex-b is the file",
+            )?;
+            expect_errno(
+                "exchange with a missing name",
+                renameat2(&p("ex-a"), &p("ex-none"), libc::RENAME_EXCHANGE),
+                libc::ENOENT,
+            )
+        },
+    );
     out
 }
 
