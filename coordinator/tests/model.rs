@@ -815,3 +815,80 @@ fn special_files_xattrs_times_and_exchange() {
     assert_eq!(back.xattrs(snap_f).unwrap().len(), 3);
     assert_eq!(back.getattr(snap_f).unwrap().atime, 77);
 }
+
+/// A file unlinked while a host holds a lease on it stays, nameless, and
+/// may grow; its space comes back when the last lease ends (given back,
+/// or expired after its host died).
+#[test]
+fn a_file_unlinked_while_open_grows_and_goes_with_its_last_lease() {
+    let mut v = Volume::new(0, 64 << 20, 0);
+    let free0 = v.free_bytes();
+    for (n, end) in [("given-back", true), ("expired", false)] {
+        let f = mk(&mut v, ROOT, n, Kind::File, "", 1);
+        v.apply(Op::GrantLease {
+            node: 2,
+            ino: f.ino,
+            write: true,
+            now: 1,
+            ttl: 100,
+        })
+        .unwrap();
+        v.apply(Op::Unlink {
+            parent: ROOT,
+            name: n.into(),
+            rmdir: false,
+            now: 2,
+        })
+        .unwrap();
+        assert_eq!(v.lookup(ROOT, n), Err(MetaError::NotFound));
+        assert_eq!(
+            v.getattr(f.ino).map(|a| a.nlink),
+            Some(0),
+            "kept while leased"
+        );
+        // It grows.
+        v.apply(Op::Allocate {
+            ino: f.ino,
+            off: 0,
+            len: 8 << 20,
+        })
+        .unwrap();
+        v.apply(Op::MarkWritten {
+            ino: f.ino,
+            off: 0,
+            len: 8 << 20,
+            size: 8 << 20,
+            now: 3,
+            more: vec![],
+        })
+        .unwrap();
+        assert!(v.free_bytes() <= free0 - (8 << 20));
+        assert!(v.check().is_empty(), "{:?}", v.check());
+        let back = Volume::decode(&v.encode()).unwrap();
+        assert_eq!(back, v, "an orphan survives a snapshot of the state");
+        if end {
+            v.apply(Op::RevokeLease {
+                node: 2,
+                ino: f.ino,
+                now: 4,
+                revoked: false,
+            })
+            .unwrap();
+        } else {
+            v.apply(Op::Tick { now: 200 }).unwrap();
+        }
+        assert_eq!(v.getattr(f.ino), None, "{n}: gone with its last lease");
+        assert_eq!(v.free_bytes(), free0, "{n}: its space is back");
+        assert!(v.check().is_empty(), "{:?}", v.check());
+    }
+    // Unlinked with no lease: gone at once.
+    let f = mk(&mut v, ROOT, "closed", Kind::File, "", 300);
+    v.apply(Op::Unlink {
+        parent: ROOT,
+        name: "closed".into(),
+        rmdir: false,
+        now: 301,
+    })
+    .unwrap();
+    assert_eq!(v.getattr(f.ino), None);
+}

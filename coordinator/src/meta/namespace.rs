@@ -157,6 +157,25 @@ impl Volume {
         if i.attr.nlink > 0 {
             return;
         }
+        // A file some host still has open (it holds a lease on it) stays,
+        // nameless, until its last lease ends (a close, or the lease
+        // expiring after its host died): it may still be read and grow.
+        if i.attr.kind == Kind::File && self.is_leased(ino) {
+            return;
+        }
+        self.reclaim(ino);
+    }
+
+    /// Whether any host holds a lease on `ino`.
+    pub(super) fn is_leased(&self, ino: Ino) -> bool {
+        self.leases
+            .range((ino, 0)..=(ino, u64::MAX))
+            .next()
+            .is_some()
+    }
+
+    /// Removes inode `ino` and frees its extents.
+    pub(super) fn reclaim(&mut self, ino: Ino) {
         if let Some(Inode {
             body: Body::File(ext),
             ..

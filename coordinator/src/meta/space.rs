@@ -142,16 +142,19 @@ impl Volume {
     }
 
     pub(super) fn release_quarantine(&mut self, ino: Ino) {
-        if self
-            .leases
-            .range((ino, 0)..=(ino, u64::MAX))
-            .next()
-            .is_some()
-        {
+        if self.is_leased(ino) {
             return;
         }
         for (s, l) in self.quarantine.remove(&ino).unwrap_or_default() {
             let _ = self.alloc.release(s, l);
+        }
+        // A file unlinked while open goes with its last lease.
+        if self
+            .inodes
+            .get(&ino)
+            .is_some_and(|i| i.attr.nlink == 0 && i.attr.kind == Kind::File)
+        {
+            self.reclaim(ino);
         }
     }
 

@@ -497,6 +497,51 @@ fn run_checks(d: &Path, other: &Path) -> Vec<(&'static str, Check)> {
             )
         },
     );
+    check(
+        "a file unlinked on the other host while open here grows to 64 MiB; its space comes back after the last close",
+        &|| {
+            let free = |m: &Path| {
+                nix::sys::statvfs::statvfs(m)
+                    .map(|s| s.blocks_free() * s.fragment_size())
+                    .map_err(|e| e.to_string())
+            };
+            let before = free(other)?;
+            let mut f = OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(p("orphan"))
+                .map_err(|e| e.to_string())?;
+            f.write_all(b"head").map_err(|e| e.to_string())?;
+            f.sync_all().map_err(|e| e.to_string())?;
+            fs::remove_file(other.join("orphan")).map_err(|e| e.to_string())?;
+            ensure(fs::metadata(p("orphan")).is_err(), "the name is gone")?;
+            let chunk = vec![0x5Au8; 1 << 20];
+            for _ in 0..64 {
+                f.write_all(&chunk).map_err(|e| format!("growing the unlinked file: {e}"))?;
+            }
+            f.sync_all().map_err(|e| format!("fsync of the unlinked file: {e}"))?;
+            let mut back = vec![0u8; 1 << 20];
+            f.read_exact_at(&mut back, 4 + (63 << 20)).map_err(|e| e.to_string())?;
+            ensure(back == chunk, "the last MiB reads back")?;
+            ensure(f.metadata().map_err(|e| e.to_string())?.len() == 4 + (64 << 20), "size")?;
+            let held = free(other)?;
+            ensure(held + (60 << 20) <= before, format!("64 MiB not taken: {before} -> {held}"))?;
+            drop(f);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let now = free(other)?;
+                if now + (1 << 20) >= before {
+                    return Ok(());
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!("space not back 20 s after the close: {before} -> {now}"));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        },
+    );
     check("mmap: a shared mapping writes the file", &|| {
         let mut f = OpenOptions::new()
             .create(true)
