@@ -73,6 +73,7 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             gid: c.gid,
             target: c.target.clone(),
             rdev: c.rdev,
+            umask: c.umask,
             now: c.now,
             lease: (c.lease_ttl > 0).then_some((c.lease_node, c.lease_ttl)),
         },
@@ -402,6 +403,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             gid,
             target,
             rdev,
+            umask,
             now,
             lease,
         } => P::Create(proto::CreateOp {
@@ -413,6 +415,7 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             gid,
             target,
             rdev,
+            umask,
             now,
             lease_node: lease.map_or(0, |l| l.0),
             lease_ttl: lease.map_or(0, |l| l.1),

@@ -21,7 +21,7 @@
 //! |---|---|
 //! | 1 | the base: every command of protocol 3 |
 //! | 2 | a create that carries its creator's write lease (`CreateOp.lease_ttl`) |
-//! | 3 | FIFOs, device nodes and sockets, access times, extended attributes, `RENAME_EXCHANGE` |
+//! | 3 | FIFOs, device nodes and sockets, access times, extended attributes and POSIX ACLs (a create that carries the umask), `RENAME_EXCHANGE` |
 
 use crate::proto::{command, volume_op};
 
@@ -42,7 +42,9 @@ pub fn required(body: &command::Body) -> u32 {
     match body {
         command::Body::Volume(op) => match &op.op {
             Some(volume_op::Op::Create(c))
-                if c.kind > crate::proto::NodeKind::Symlink as i32 || c.rdev != 0 =>
+                if c.kind > crate::proto::NodeKind::Symlink as i32
+                    || c.rdev != 0
+                    || c.umask.is_some() =>
             {
                 POSIX_EXTRAS
             }

@@ -67,24 +67,27 @@ fn any_op() -> impl Strategy<Value = Op> {
             any_kind(),
             any::<u32>(),
             any_name(),
-            (any::<u32>(), any_u64()),
+            (any::<u32>(), any_u64(), proptest::option::of(any::<u32>())),
             proptest::option::of((any_u64(), any_u64()))
         )
-            .prop_map(|(parent, name, kind, mode, target, (rdev, now), lease)| {
-                Op::Create {
-                    parent,
-                    name,
-                    kind,
-                    mode,
-                    uid: 0,
-                    gid: 0,
-                    target,
-                    rdev,
-                    now,
-                    // What the message can carry: a lease with a length.
-                    lease: lease.filter(|l| l.1 > 0),
+            .prop_map(
+                |(parent, name, kind, mode, target, (rdev, now, umask), lease)| {
+                    Op::Create {
+                        parent,
+                        name,
+                        kind,
+                        mode,
+                        uid: 0,
+                        gid: 0,
+                        target,
+                        rdev,
+                        umask,
+                        now,
+                        // What the message can carry: a lease with a length.
+                        lease: lease.filter(|l| l.1 > 0),
+                    }
                 }
-            }),
+            ),
         (any_u64(), any_u64(), any_name(), any_u64()).prop_map(|(ino, parent, name, now)| {
             Op::Link {
                 ino,

@@ -102,7 +102,7 @@ proptest! {
                     let parent = ino_of(&v, dir).unwrap();
                     // Every other file is made with its creator's write lease.
                     let lease = (kind == Kind::File && n % 2 == 1).then_some((1, 20));
-                    let r = v.apply(Op::Create { parent, name: NAMES[n].into(), kind, mode: 0o644, uid: 0, gid: 0, target: String::new(), rdev: 0, now, lease });
+                    let r = v.apply(Op::Create { parent, name: NAMES[n].into(), kind, mode: 0o644, uid: 0, gid: 0, target: String::new(), rdev: 0, umask: None, now, lease });
                     match m.entry(p) {
                         std::collections::btree_map::Entry::Occupied(_) => {
                             prop_assert_eq!(r, Err(MetaError::Exists));
@@ -268,6 +268,7 @@ fn a_file_made_with_its_creators_lease_is_that_hosts_to_write() {
             gid: 0,
             target: String::new(),
             rdev: 0,
+            umask: None,
             now: 5,
             lease,
         })
@@ -525,6 +526,7 @@ fn names_are_checked() {
             gid: 0,
             target: String::new(),
             rdev: 0,
+            umask: None,
             now: 0,
             lease: None,
         });
@@ -550,6 +552,7 @@ fn mk(
         gid: 0,
         target: target.into(),
         rdev: 0,
+        umask: None,
         now,
         lease: None,
     }) {
@@ -665,6 +668,7 @@ fn special_files_xattrs_times_and_exchange() {
         gid: 0,
         target: String::new(),
         rdev: 0x103,
+        umask: None,
         now: 1,
         lease: None,
     }) {

@@ -25,6 +25,7 @@ fn create(v: &mut Volume, name: &str) -> u64 {
             gid: 0,
             target: String::new(),
             rdev: 0,
+            umask: None,
             now: 1,
             lease: None,
         })
@@ -112,6 +113,7 @@ fn a_snapshot_keeps_the_old_bytes_and_gives_them_back_when_deleted() {
             gid: 0,
             target: String::new(),
             rdev: 0,
+            umask: None,
             now: 1,
             lease: None,
         }),

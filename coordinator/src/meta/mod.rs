@@ -20,6 +20,7 @@
 use crate::alloc::Allocator;
 use std::collections::{BTreeMap, BTreeSet};
 
+pub mod acl;
 mod lease;
 mod namespace;
 mod snaps;
@@ -178,6 +179,10 @@ pub enum Op {
         target: String,
         /// A device node's device number (0 for the others).
         rdev: u32,
+        /// The creator's umask, when the state machine applies it: then a
+        /// default ACL of the directory is inherited instead, in the same
+        /// command ([`acl::inherit`]). None: `mode` is final.
+        umask: Option<u32>,
         now: u64,
         /// For a file: (host, ttl ms) of a write lease granted with it.
         lease: Option<(NodeId, u64)>,
@@ -572,10 +577,19 @@ impl Volume {
                 gid,
                 target,
                 rdev,
+                umask,
                 now,
                 lease,
             } => {
-                let r = self.create(parent, &name, kind, [mode, uid, gid, rdev], target, now)?;
+                let r = self.create(
+                    parent,
+                    &name,
+                    kind,
+                    [mode, uid, gid, rdev],
+                    umask,
+                    target,
+                    now,
+                )?;
                 match (lease, r) {
                     (Some((node, ttl)), Reply::Attr(a)) if a.kind == Kind::File && ttl > 0 => {
                         // A new file has no other holder: the grant cannot

@@ -45,13 +45,16 @@ impl Volume {
         }
     }
 
-    /// Makes `name` in `parent`; `[mode, uid, gid, rdev]`.
+    /// Makes `name` in `parent`; `[mode, uid, gid, rdev]`; with `umask`,
+    /// the directory's default ACL or the umask applies to `mode`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn create(
         &mut self,
         parent: Ino,
         name: &str,
         kind: Kind,
         [mode, uid, gid, rdev]: [u32; 4],
+        umask: Option<u32>,
         target: String,
         now: u64,
     ) -> Result<Reply, MetaError> {
@@ -65,6 +68,12 @@ impl Volume {
         if ino >= LIVE_INO_LIMIT {
             return Err(MetaError::NoSpace);
         }
+        let (mode, acls) = match (umask, self.inodes.get(&parent)) {
+            (Some(u), Some(p)) if kind != Kind::Symlink => {
+                acl::inherit(&p.xattrs, mode, u, kind == Kind::Dir)
+            }
+            _ => (mode, Vec::new()),
+        };
         let dir = self.dir_mut(parent)?;
         if dir.contains_key(name) {
             return Err(MetaError::Exists);
@@ -99,14 +108,14 @@ impl Volume {
             ctime: now,
             atime: now,
             rdev,
-            xattrs: 0,
+            xattrs: acls.len() as u32,
         };
         self.inodes.insert(
             ino,
             Inode {
                 attr: attr.clone(),
                 body,
-                xattrs: Xattrs::new(),
+                xattrs: acls.into_iter().collect(),
             },
         );
         if let Some(p) = self.inodes.get_mut(&parent) {
@@ -380,6 +389,11 @@ impl Volume {
         now: u64,
     ) -> Result<Reply, MetaError> {
         check_xattr_name(&name)?;
+        if !acl::valid(&name, &value) {
+            return Err(MetaError::Invalid(format!(
+                "{name} does not hold a POSIX ACL"
+            )));
+        }
         if value.len() > XATTR_SIZE_MAX {
             return Err(MetaError::TooBig(format!(
                 "a value of {} bytes (at most {XATTR_SIZE_MAX})",

@@ -142,9 +142,14 @@ impl Filesystem for Mounted {
         let _ = config.set_max_readahead(1 << 20);
         // Many requests in flight: asynchronous direct I/O (a VM's queue
         // depth reaches the LUN), and lookups in one directory in parallel.
+        // POSIX ACLs checked by the kernel from their extended attributes;
+        // the umask comes to the volume, which applies it or a directory's
+        // default ACL in the create.
         for f in [
             fuser::InitFlags::FUSE_ASYNC_DIO,
             fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+            fuser::InitFlags::FUSE_POSIX_ACL,
+            fuser::InitFlags::FUSE_DONT_MASK,
         ] {
             let _ = config.add_capabilities(f);
         }
@@ -215,8 +220,9 @@ impl Filesystem for Mounted {
         let who = Caller {
             uid: req.uid(),
             gid: req.gid(),
+            umask: Some(umask),
         };
-        let perm = mode & !umask;
+        let perm = mode;
         let kind = match mode & libc::S_IFMT {
             libc::S_IFREG => {
                 let r = self.fs.make(who, parent.0, name, NodeKind::File, perm, "");
@@ -245,10 +251,11 @@ impl Filesystem for Mounted {
         let who = Caller {
             uid: req.uid(),
             gid: req.gid(),
+            umask: Some(umask),
         };
         let r = self
             .fs
-            .make(who, parent.0, name, NodeKind::Directory, mode & !umask, "");
+            .make(who, parent.0, name, NodeKind::Directory, mode, "");
         self.entry(reply, r);
     }
 
@@ -277,6 +284,7 @@ impl Filesystem for Mounted {
         let who = Caller {
             uid: req.uid(),
             gid: req.gid(),
+            umask: None,
         };
         let r = self
             .fs
@@ -348,8 +356,9 @@ impl Filesystem for Mounted {
         let who = Caller {
             uid: req.uid(),
             gid: req.gid(),
+            umask: Some(umask),
         };
-        match self.fs.create(who, parent.0, name, mode & !umask, write) {
+        match self.fs.create(who, parent.0, name, mode, write) {
             Ok((a, fh)) => reply.created(
                 &TTL,
                 &fattr(&self.fs.shown(a)),

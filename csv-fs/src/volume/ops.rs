@@ -18,13 +18,18 @@ use vhd::BlockIo as _;
 /// file's fsync or last close.
 const FLUSH_PATIENCE: Duration = Duration::from_secs(1);
 
-/// Who asks: the caller's user and group (they own what it creates).
+/// Who asks: the caller's user and group (they own what it creates),
+/// and its umask when the volume is to apply it.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
     /// User id.
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+    /// The caller's umask, for the coordinator to apply in the create
+    /// (a directory's default ACL is inherited instead, in the same
+    /// command). None: the mode given is final.
+    pub umask: Option<u32>,
 }
 
 /// Attributes to change (None: unchanged).
@@ -163,16 +168,22 @@ impl VolumeFs {
     ) -> Result<(proto::Attr, Option<Lease>), Errno> {
         writable(parent)?;
         let name = name_of(name)?;
-        let op = |lease: bool| {
+        let op = |lease: bool, umask: Option<u32>| {
             volume_op::Op::Create(proto::CreateOp {
                 parent,
                 name: name.into(),
                 kind: kind as i32,
-                mode: mode & 0o7777,
+                // With the umask the coordinator applies it (or the
+                // directory's default ACL); without it, it is applied here.
+                mode: match (umask, who.umask) {
+                    (None, Some(u)) => mode & 0o7777 & !u,
+                    _ => mode & 0o7777,
+                },
                 uid: who.uid,
                 gid: who.gid,
                 target: target.into(),
                 rdev,
+                umask,
                 now: 0,
                 lease_node: if lease { self.node } else { 0 },
                 lease_ttl: if lease {
@@ -183,9 +194,20 @@ impl VolumeFs {
             })
         };
         let vol = self.vol;
-        let r = match self.clients.with(|c| c.volume_op(vol, op(lease))) {
-            // A cluster with a host of an older build: create, then grant.
-            Err(e) if e.code() == Some(proto::ErrorCode::FeatureLevel) => self.op(op(false))?,
+        let r = match self
+            .clients
+            .with(|c| c.volume_op(vol, op(lease, who.umask)))
+        {
+            // A cluster with a host of an older build: the umask applied
+            // here (no ACL inheritance), a create and then a grant.
+            Err(e) if e.code() == Some(proto::ErrorCode::FeatureLevel) => {
+                match self.clients.with(|c| c.volume_op(vol, op(lease, None))) {
+                    Err(e) if e.code() == Some(proto::ErrorCode::FeatureLevel) => {
+                        self.op(op(false, None))?
+                    }
+                    r => r.map_err(|e| super::errno::errno(&e))?,
+                }
+            }
             r => r.map_err(|e| super::errno::errno(&e))?,
         };
         match r.value {

@@ -87,6 +87,24 @@ fn xattr_errno(path: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Re
     }
 }
 
+/// A POSIX ACL attribute's value: (tag, perm, id) entries; the entries
+/// without an id (owner, group, mask, other) get the undefined id as the
+/// kernel writes them.
+fn acl_bytes(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        let id = if matches!(tag, 0x02 | 0x08) {
+            id
+        } else {
+            u32::MAX
+        };
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
 fn xattr_set(path: &Path, name: &str, value: &[u8], flags: i32) -> Check {
     xattr_errno(path, name, value, flags).map_err(|e| format!("setxattr {name}: {e}"))
 }
@@ -711,6 +729,99 @@ fn run_checks(d: &Path, other: &Path) -> Vec<(&'static str, Check)> {
             ensure(
                 xattr_get(&other.join("xd"), "user.d")? == b"dir",
                 "dir xattr",
+            )
+        },
+    );
+    check(
+        "POSIX ACLs set on one host are enforced on the other; a default ACL is inherited",
+        &|| {
+            // user::rw- user:65534:--- group::r-- mask::r-- other::r--
+            fs::write(p("acl-f"), b"acl").map_err(|e| e.to_string())?;
+            fs::set_permissions(p("acl-f"), fs::Permissions::from_mode(0o644))
+                .map_err(|e| e.to_string())?;
+            let deny = acl_bytes(&[
+                (0x01, 6, 0),
+                (0x02, 0, 65534),
+                (0x04, 4, 0),
+                (0x10, 4, 0),
+                (0x20, 4, 0),
+            ]);
+            xattr_set(&p("acl-f"), "system.posix_acl_access", &deny, 0)?;
+            let as_user = |uid: &str, cmd: &str| {
+                Command::new("setpriv")
+                    .args([
+                        &format!("--reuid={uid}"),
+                        &format!("--regid={uid}"),
+                        "--clear-groups",
+                        "sh",
+                        "-c",
+                        cmd,
+                    ])
+                    .output()
+                    .map(|o| o.status.success())
+                    .map_err(|e| e.to_string())
+            };
+            let f2 = other.join("acl-f").display().to_string();
+            ensure(
+                !as_user("65534", &format!("cat {f2}"))?,
+                "user 65534 read despite its ACL entry",
+            )?;
+            ensure(
+                as_user("65533", &format!("cat {f2}"))?,
+                "another user could not read (other::r--)",
+            )?;
+            ensure(
+                xattr_get(&other.join("acl-f"), "system.posix_acl_access")? == deny,
+                "ACL read back",
+            )?;
+            // A malformed ACL is refused.
+            expect_errno(
+                "malformed ACL",
+                xattr_errno(&p("acl-f"), "system.posix_acl_access", &[2, 0, 0, 0, 9], 0),
+                libc::EINVAL,
+            )?;
+
+            // default: user::rwx user:65534:rwx group::r-x mask::rwx other::---
+            fs::create_dir(p("acl-d")).map_err(|e| e.to_string())?;
+            let def = acl_bytes(&[
+                (0x01, 7, 0),
+                (0x02, 7, 65534),
+                (0x04, 5, 0),
+                (0x10, 7, 0),
+                (0x20, 0, 0),
+            ]);
+            xattr_set(&p("acl-d"), "system.posix_acl_default", &def, 0)?;
+            fs::set_permissions(p("acl-d"), fs::Permissions::from_mode(0o755))
+                .map_err(|e| e.to_string())?;
+            // Made on the other host with mode 0666 (and this test's umask).
+            fs::write(other.join("acl-d/new"), b"inherited").map_err(|e| e.to_string())?;
+            fs::create_dir(other.join("acl-d/sub")).map_err(|e| e.to_string())?;
+            let m = fs::metadata(p("acl-d/new")).map_err(|e| e.to_string())?;
+            ensure(
+                m.mode() & 0o777 == 0o660,
+                format!("inherited mode {:o}", m.mode() & 0o777),
+            )?;
+            let access = xattr_get(&p("acl-d/new"), "system.posix_acl_access")?;
+            ensure(
+                access
+                    .get(4..)
+                    .unwrap_or_default()
+                    .chunks(8)
+                    .any(|e| e == [2, 0, 7, 0, 0xFE, 0xFF, 0, 0]),
+                "the new file's ACL names user 65534",
+            )?;
+            ensure(
+                xattr_get(&p("acl-d/sub"), "system.posix_acl_default")? == def,
+                "a new directory keeps the default ACL",
+            )?;
+            let n = p("acl-d/new").display().to_string();
+            ensure(
+                as_user("65534", &format!("echo more >> {n}"))?,
+                "user 65534 could not write through the inherited ACL",
+            )?;
+            ensure(
+                !as_user("65533", &format!("cat {n}"))?,
+                "another user read (other::---)",
             )
         },
     );
