@@ -87,6 +87,8 @@ pub struct MountConfig {
     pub threads: usize,
     /// Of those, how many read the kernel's requests at a time.
     pub readers: usize,
+    /// Reads move access times, lazily ([`VolumeFs::set_lazy_atime`]).
+    pub lazy_atime: bool,
     /// This host on the SAN (for volumes on iSCSI LUNs).
     pub san: SanIdentity,
     /// The other hosts' addresses (redirected I/O goes there).
@@ -250,6 +252,7 @@ impl VolumeMount {
             capacity: v.capacity,
             clients: ClientPool::new(move || Client::new(me.clone(), endpoints.clone())),
         });
+        fs.set_lazy_atime(cfg.lazy_atime);
         // Few readers pay where reads and writes do not block a thread (a
         // LUN file or block device, asynchronous I/O); on an iSCSI path
         // every read and write waits, so every thread reads.

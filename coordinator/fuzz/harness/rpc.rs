@@ -39,6 +39,26 @@ mod rpc {
                 if let Ok(op) = op_from_proto(&op) {
                     let _ = v.apply(op);
                     assert!(v.check().is_empty());
+                    // What the command left in the root (a default ACL,
+                    // say) is what a create there inherits.
+                    for kind in [coordinator::meta::Kind::File, coordinator::meta::Kind::Dir] {
+                        let _ = v.apply(coordinator::meta::Op::Create {
+                            parent: coordinator::meta::ROOT,
+                            name: format!("fuzz-{kind:?}"),
+                            kind,
+                            mode: 0o777,
+                            uid: 0,
+                            gid: 0,
+                            target: String::new(),
+                            rdev: 0,
+                            umask: Some(0o022),
+                            now: 1,
+                            lease: None,
+                        });
+                    }
+                    assert!(v.check().is_empty());
+                    let back = Volume::decode(&v.encode());
+                    assert_eq!(back.as_ref(), Ok(&v));
                 }
             }
         }

@@ -166,6 +166,7 @@ pub fn run(s: Settings) -> Result<(), DaemonError> {
             endpoints,
             threads: s.fuse_threads,
             readers: s.fuse_readers,
+            lazy_atime: s.lazy_atime,
             san: s.san.clone(),
             peers,
         };

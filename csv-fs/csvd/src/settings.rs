@@ -215,6 +215,13 @@ pub struct Cli {
     /// per request [default: the number of CPUs, 2 to 8]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub fuse_readers: Option<u64>,
+    /// Access times on the mounts: `noatime` (a read never moves a file's
+    /// access time; it is kept when set explicitly) or `lazy` (a read
+    /// moves it at most once a day per file, or when it is older than the
+    /// modification time, as relatime does; the updates go to the
+    /// coordinator in batches every 5 s) [default: noatime]
+    #[arg(long, value_name = "MODE", value_parser = ["noatime", "lazy"])]
+    pub atime: Option<String>,
     /// The engine that runs the VM roles placed on this host [default:
     /// csv-vmm]
     #[arg(long, value_name = "ENGINE", value_parser = |s: &str| s.parse::<EngineKind>())]
@@ -306,6 +313,9 @@ pub struct FileConfig {
     /// Of those, how many read requests at a time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fuse_readers: Option<u64>,
+    /// Access times on the mounts: "noatime" or "lazy".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub atime: Option<String>,
     /// The VM engine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineKind>,
@@ -393,6 +403,11 @@ impl FileConfig {
         }
         if self.snapshot_every == Some(0) {
             return Err(invalid("snapshot_every", "at least 1"));
+        }
+        if let Some(a) = &self.atime {
+            if a != "noatime" && a != "lazy" {
+                return Err(invalid("atime", "\"noatime\" or \"lazy\""));
+            }
         }
         for (key, n) in [
             ("fuse_threads", self.fuse_threads),
@@ -507,6 +522,8 @@ pub struct Settings {
     pub fuse_threads: usize,
     /// Of those, how many read requests at a time.
     pub fuse_readers: usize,
+    /// Reads move access times, lazily (`atime = "lazy"`).
+    pub lazy_atime: bool,
     /// The VM engine.
     pub engine: EngineKind,
     /// The engine's program (None: the engine's default).
@@ -646,6 +663,7 @@ impl Settings {
             console_actions: cli.console_actions || file.console_actions,
             fuse_threads: cli.fuse_threads.or(file.fuse_threads).unwrap_or(64) as usize,
             fuse_readers,
+            lazy_atime: cli.atime.or(file.atime).as_deref() == Some("lazy"),
             engine: cli.engine.or(file.engine).unwrap_or_default(),
             vmm: cli.vmm.or(file.vmm),
             vm_memory,

@@ -104,6 +104,15 @@ impl std::fmt::Debug for VolumeConfig {
     }
 }
 
+/// Lease-thread ticks (500 ms) between flushes of access times.
+const ATIME_FLUSH_TICKS: u64 = 10;
+
+/// relatime's rule: a read moves the access time when it is not after the
+/// modification time or is a day old.
+fn atime_due(atime: u64, mtime: u64, now: u64) -> bool {
+    atime <= mtime || now.saturating_sub(atime) >= 24 * 3600 * 1000
+}
+
 /// One mounted volume.
 pub struct VolumeFs {
     vol: u64,
@@ -128,6 +137,10 @@ pub struct VolumeFs {
     /// Handles this host opened for FileSystemRedirected hosts: handle →
     /// the host (closed if the cluster has that host down).
     served_for: Mutex<HashMap<u64, u64>>,
+    /// Reads move access times (lazily: see [`VolumeFs::note_read`]).
+    lazy_atime: AtomicBool,
+    /// Access times moved by reads and not yet sent: inode → ms.
+    atimes: Mutex<HashMap<u64, u64>>,
 }
 
 impl std::fmt::Debug for VolumeFs {
@@ -166,21 +179,80 @@ impl VolumeFs {
             },
             fs_redirect: RwLock::new(None),
             served_for: Mutex::new(HashMap::new()),
+            lazy_atime: AtomicBool::new(false),
+            atimes: Mutex::new(HashMap::new()),
         });
         let weak = Arc::downgrade(&fs);
         let stop = fs.stop.clone();
         let _ = std::thread::Builder::new()
             .name(format!("csv-lease-v{vol}"))
             .spawn(move || {
+                let mut ticks = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(500));
+                    ticks += 1;
                     match weak.upgrade() {
-                        Some(fs) => fs.renew_leases(),
+                        Some(fs) => {
+                            fs.renew_leases();
+                            if ticks % ATIME_FLUSH_TICKS == 0 {
+                                fs.flush_atimes();
+                            }
+                        }
                         None => return,
                     }
                 }
             });
         fs
+    }
+
+    /// Whether reads move access times (`atime = "lazy"`); off by default
+    /// (`noatime`).
+    pub fn set_lazy_atime(&self, on: bool) {
+        self.lazy_atime.store(on, Ordering::Relaxed);
+    }
+
+    /// A read of `ino` (open here) happened: with lazy access times its
+    /// access time moves if it is older than its modification time or a
+    /// day old (relatime's rule), in the open file's attributes at once and
+    /// in the coordinator at the next flush (every 5 s).
+    pub(crate) fn note_read(&self, ino: u64) {
+        if !self.lazy_atime.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(f) = self.file(ino) else { return };
+        let Ok(mut g) = f.lock() else { return };
+        let now = errno::time_to_ms(std::time::SystemTime::now());
+        if !atime_due(g.attr.atime, g.attr.mtime, now) {
+            return;
+        }
+        g.attr.atime = now;
+        drop(g);
+        if let Ok(mut m) = self.atimes.lock() {
+            m.insert(ino, now);
+        }
+    }
+
+    /// Sends the access times moved by reads since the last flush.
+    pub fn flush_atimes(&self) {
+        let pending: Vec<(u64, u64)> = match self.atimes.lock() {
+            Ok(mut m) => m.drain().collect(),
+            Err(_) => return,
+        };
+        for (ino, t) in pending {
+            let r = self.op(coordinator::proto::volume_op::Op::SetAttr(
+                coordinator::proto::SetAttrOp {
+                    ino,
+                    atime: Some(t),
+                    ..Default::default()
+                },
+            ));
+            // A file gone meanwhile has no access time to keep.
+            if let Err(e) = r {
+                if e != Errno::ENOENT {
+                    tracing::debug!(ino, "access time not kept: {e:?}");
+                }
+            }
+        }
     }
 
     /// N of VolumeN.
@@ -266,5 +338,21 @@ impl VolumeFs {
     /// The redirector, while FileSystemRedirected.
     pub fn fs_redirector(&self) -> Option<Arc<remote::Redirector>> {
         self.fs_redirect.read().ok().and_then(|r| r.clone())
+    }
+}
+
+#[cfg(test)]
+mod atime_tests {
+    #[test]
+    fn a_read_moves_the_access_time_as_relatime_does() {
+        let day = 24 * 3600 * 1000;
+        // Not after the modification time: moves.
+        assert!(super::atime_due(1000, 1000, 5000));
+        assert!(super::atime_due(999, 1000, 5000));
+        // After it and fresh: stays.
+        assert!(!super::atime_due(2000, 1000, 5000));
+        assert!(!super::atime_due(2000, 1000, 2000 + day - 1));
+        // A day old: moves.
+        assert!(super::atime_due(2000, 1000, 2000 + day));
     }
 }

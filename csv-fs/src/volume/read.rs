@@ -79,6 +79,7 @@ impl VolumeFs {
         ctx: &dyn Blocking,
         done: ReadDone,
     ) {
+        self.note_read(ino);
         if let Some((r, h)) = self.remote(fh) {
             ctx.blocking();
             return match r.read(h, off, size) {

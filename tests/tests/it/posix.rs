@@ -87,6 +87,29 @@ fn xattr_errno(path: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Re
     }
 }
 
+/// Waits until the cluster runs at feature level 3 (a fresh cluster starts
+/// at the base level until every host has reported its own; extended
+/// attributes answer EOPNOTSUPP until then).
+fn wait_for_level_3(mnt: &Path) {
+    let probe = mnt.join(".level-probe");
+    fs::write(&probe, b"").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match xattr_errno(&probe, "user.probe", b"1", 0) {
+            Ok(()) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "feature level 3 not reached in 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("setxattr probe: {e}"),
+        }
+    }
+    fs::remove_file(&probe).unwrap();
+}
+
 /// A POSIX ACL attribute's value: (tag, perm, id) entries; the entries
 /// without an id (owner, group, mask, other) get the undefined id as the
 /// kernel writes them.
@@ -667,6 +690,14 @@ fn run_checks(d: &Path, other: &Path) -> Vec<(&'static str, Check)> {
             ensure(
                 m.modified().map_err(|e| e.to_string())? == mtime,
                 "touch -a moved mtime",
+            )?;
+            // Mounted noatime (the default): a read does not move it.
+            fs::read(p("at")).map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(5500));
+            let m = fs::metadata(other.join("at")).map_err(|e| e.to_string())?;
+            ensure(
+                m.accessed().map_err(|e| e.to_string())? == t,
+                format!("a read moved the access time under noatime: {}", m.atime()),
             )
         },
     );
@@ -893,6 +924,7 @@ fn posix_behaviour_suite() {
     let v = cl.add_volume_file(1 << 30).unwrap();
     cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
     let (d, other) = (cl.mountpoint(1, v), cl.mountpoint(2, v));
+    wait_for_level_3(&d);
     let results = run_checks(&d, &other);
     let mut failed = Vec::new();
     for (name, r) in &results {
@@ -906,4 +938,62 @@ fn posix_behaviour_suite() {
     }
     eprintln!("{} checks, {} failed", results.len(), failed.len());
     assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+/// With `--atime lazy` a read moves an access time older than the
+/// modification time, and the other host sees it within the 5 s batch.
+#[test]
+fn lazy_access_times_move_on_read_and_reach_the_other_host() {
+    skip_unless!(
+        Need::Root,
+        Need::Command("fusermount3"),
+        Need::Device("/dev/fuse")
+    );
+    let mut cl = CsvCluster::loopback(2).unwrap();
+    cl.mounts = true;
+    cl.extra_args = vec!["--atime".into(), "lazy".into()];
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    let (d, other) = (cl.mountpoint(1, v), cl.mountpoint(2, v));
+    fs::write(d.join("f"), b"lazy").unwrap();
+    // A fresh cluster runs at the base feature level until every host has
+    // reported its own (explicit access times need level 3): EOPNOTSUPP
+    // until then.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = Command::new("touch")
+            .args(["-a", "-d", "@1500000000"])
+            .arg(d.join("f"))
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("not supported") && std::time::Instant::now() < deadline,
+            "touch: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        fs::metadata(other.join("f")).unwrap().atime(),
+        1_500_000_000
+    );
+    let before = std::time::SystemTime::now();
+    assert_eq!(fs::read(d.join("f")).unwrap(), b"lazy");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = fs::metadata(other.join("f")).unwrap().accessed().unwrap();
+        if a + Duration::from_secs(1) >= before {
+            eprintln!("access time moved by the read, seen on host 2");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read's access time did not reach host 2 in 15 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
