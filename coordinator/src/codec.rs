@@ -121,8 +121,8 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             uid: c.uid,
             gid: c.gid,
             size: c.size,
-            mtime: c.mtime,
-            atime: c.atime,
+            mtime: c.mtime.map(|t| (t, c.mtime_sub_ns)),
+            atime: c.atime.map(|t| (t, c.atime_sub_ns)),
             now: c.now,
         },
         Some(P::Allocate(c)) => Op::Allocate {
@@ -222,6 +222,8 @@ pub fn attr_to_proto(a: &meta::Attr) -> proto::Attr {
         rdev: a.rdev,
         atime: a.atime,
         xattrs: a.xattrs,
+        mtime_sub_ns: a.mtime_ns,
+        atime_sub_ns: a.atime_ns,
     }
 }
 
@@ -499,9 +501,11 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             uid,
             gid,
             size,
-            mtime,
-            atime,
+            mtime: mtime.map(|t| t.0),
+            atime: atime.map(|t| t.0),
             now,
+            mtime_sub_ns: mtime.map_or(0, |t| t.1),
+            atime_sub_ns: atime.map_or(0, |t| t.1),
         }),
         Op::Allocate { ino, off, len } => P::Allocate(proto::AllocateOp { ino, off, len }),
         Op::MarkWritten {

@@ -21,7 +21,7 @@
 //! |---|---|
 //! | 1 | the base: every command of protocol 3 |
 //! | 2 | a create that carries its creator's write lease (`CreateOp.lease_ttl`) |
-//! | 3 | FIFOs, device nodes and sockets, access times, extended attributes and POSIX ACLs (a create that carries the umask), `RENAME_EXCHANGE` |
+//! | 3 | FIFOs, device nodes and sockets, access times, nanosecond times, extended attributes and POSIX ACLs (a create that carries the umask), `RENAME_EXCHANGE` |
 
 use crate::proto::{command, volume_op};
 
@@ -48,7 +48,11 @@ pub fn required(body: &command::Body) -> u32 {
             {
                 POSIX_EXTRAS
             }
-            Some(volume_op::Op::SetAttr(c)) if c.atime.is_some() => POSIX_EXTRAS,
+            Some(volume_op::Op::SetAttr(c))
+                if c.atime.is_some() || c.mtime_sub_ns != 0 || c.atime_sub_ns != 0 =>
+            {
+                POSIX_EXTRAS
+            }
             Some(
                 volume_op::Op::SetXattr(_)
                 | volume_op::Op::RemoveXattr(_)

@@ -116,8 +116,8 @@ fn any_op() -> impl Strategy<Value = Op> {
         (
             any_u64(),
             proptest::option::of(any_u64()),
-            proptest::option::of(any_u64()),
-            proptest::option::of(any_u64()),
+            proptest::option::of((any_u64(), 0u32..1_000_000)),
+            proptest::option::of((any_u64(), 0u32..1_000_000)),
             any_u64()
         )
             .prop_map(|(ino, size, mtime, atime, now)| Op::SetAttr {

@@ -752,7 +752,7 @@ fn special_files_xattrs_times_and_exchange() {
         gid: None,
         size: None,
         mtime: None,
-        atime: Some(77),
+        atime: Some((77, 123_456)),
         now: 8,
     })
     .unwrap();
@@ -817,7 +817,10 @@ fn special_files_xattrs_times_and_exchange() {
     let snap_d = back.lookup(snap_root, "d").unwrap();
     let snap_f = back.lookup(snap_d, "sub").unwrap();
     assert_eq!(back.xattrs(snap_f).unwrap().len(), 3);
-    assert_eq!(back.getattr(snap_f).unwrap().atime, 77);
+    assert_eq!(
+        back.getattr(snap_f).map(|a| (a.atime, a.atime_ns)),
+        Some((77, 123_456))
+    );
 }
 
 /// A file unlinked while a host holds a lease on it stays, nameless, and

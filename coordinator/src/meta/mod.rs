@@ -73,6 +73,14 @@ pub enum Kind {
     Socket,
 }
 
+impl Attr {
+    /// The modification time moves to `now` (ms, the leader's clock).
+    pub(crate) fn touch_mtime(&mut self, now: u64) {
+        self.mtime = now;
+        self.mtime_ns = 0;
+    }
+}
+
 impl Kind {
     /// A FIFO, device node or socket: metadata only, no data on the LUN.
     pub fn is_special(self) -> bool {
@@ -106,6 +114,11 @@ pub struct Attr {
     pub ctime: u64,
     /// Access time (ms): set only explicitly; it starts at creation.
     pub atime: u64,
+    /// Nanoseconds within the millisecond of `mtime` (kept when the time
+    /// is set explicitly; 0 when the leader's clock set it).
+    pub mtime_ns: u32,
+    /// Nanoseconds within the millisecond of `atime`.
+    pub atime_ns: u32,
     /// A device node's device number.
     pub rdev: u32,
     /// How many extended attributes the inode has.
@@ -218,15 +231,16 @@ pub enum Op {
         now: u64,
     },
     /// Change attributes; a smaller size frees the extents beyond it.
-    /// `mtime` and `atime` set those times (ms) explicitly (`utimensat`).
+    /// `mtime` and `atime` set those times explicitly (`utimensat`): ms,
+    /// and nanoseconds within the millisecond.
     SetAttr {
         ino: Ino,
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        mtime: Option<u64>,
-        atime: Option<u64>,
+        mtime: Option<(u64, u32)>,
+        atime: Option<(u64, u32)>,
         now: u64,
     },
     /// Set an extended attribute.
@@ -381,6 +395,8 @@ impl Volume {
                 mtime: now,
                 ctime: now,
                 atime: now,
+                mtime_ns: 0,
+                atime_ns: 0,
                 rdev: 0,
                 xattrs: 0,
             },

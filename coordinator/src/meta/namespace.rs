@@ -107,6 +107,8 @@ impl Volume {
             mtime: now,
             ctime: now,
             atime: now,
+            mtime_ns: 0,
+            atime_ns: 0,
             rdev,
             xattrs: acls.len() as u32,
         };
@@ -119,7 +121,7 @@ impl Volume {
             },
         );
         if let Some(p) = self.inodes.get_mut(&parent) {
-            p.attr.mtime = now;
+            p.attr.touch_mtime(now);
             p.attr.ctime = now;
             if kind == Kind::Dir {
                 p.attr.nlink += 1;
@@ -220,7 +222,7 @@ impl Volume {
         }
         self.dir_mut(parent)?.remove(name);
         if let Some(p) = self.inodes.get_mut(&parent) {
-            p.attr.mtime = now;
+            p.attr.touch_mtime(now);
             p.attr.ctime = now;
             if kind == Kind::Dir {
                 p.attr.nlink -= 1;
@@ -310,7 +312,7 @@ impl Volume {
         }
         for d in [parent, new_parent] {
             if let Some(p) = self.inodes.get_mut(&d) {
-                p.attr.mtime = now;
+                p.attr.touch_mtime(now);
                 p.attr.ctime = now;
             }
         }
@@ -371,7 +373,7 @@ impl Volume {
         for d in [parent, new_parent, a, b] {
             if let Some(p) = self.inodes.get_mut(&d) {
                 if d == parent || d == new_parent {
-                    p.attr.mtime = now;
+                    p.attr.touch_mtime(now);
                 }
                 p.attr.ctime = now;
             }
@@ -444,7 +446,7 @@ impl Volume {
         ino: Ino,
         [mode, uid, gid]: [Option<u32>; 3],
         size: Option<u64>,
-        [mtime, atime]: [Option<u64>; 2],
+        [mtime, atime]: [Option<(u64, u32)>; 2],
         now: u64,
     ) -> Result<Reply, MetaError> {
         let i = self.inodes.get_mut(&ino).ok_or(MetaError::NotFound)?;
@@ -483,13 +485,17 @@ impl Volume {
                 }
             }
             i.attr.size = new;
-            i.attr.mtime = now;
+            i.attr.touch_mtime(now);
         }
-        if let Some(t) = mtime {
+        // Nanoseconds beyond the millisecond are the caller's word: kept
+        // below 1 ms.
+        if let Some((t, ns)) = mtime {
             i.attr.mtime = t;
+            i.attr.mtime_ns = ns % 1_000_000;
         }
-        if let Some(t) = atime {
+        if let Some((t, ns)) = atime {
             i.attr.atime = t;
+            i.attr.atime_ns = ns % 1_000_000;
         }
         let attr = i.attr.clone();
         self.free(ino, freed);

@@ -322,6 +322,8 @@ impl Volume {
             mtime: latest.unwrap_or(root),
             ctime: latest.unwrap_or(root),
             atime: latest.unwrap_or(root),
+            mtime_ns: 0,
+            atime_ns: 0,
             rdev: 0,
             xattrs: 0,
         }

@@ -9,8 +9,9 @@
 //! target), leases, quarantine, (from minor version 1) the write-lease
 //! history, (from 2) the volume snapshots (id, name, time and their
 //! inodes; the shared-range reference counts are rebuilt from them), and
-//! (from 3) each inode's extras: access time, device number and extended
-//! attributes, for the live inodes and then for each snapshot's (only
+//! (from 3) each inode's extras: access time, the nanoseconds within the
+//! millisecond of its modification and access times, device number and
+//! extended attributes, for the live inodes and then for each snapshot's (only
 //! inodes with an access time other than their modification time, a
 //! device number or attributes are listed; a reader of an older minor
 //! version takes the access time to be the modification time).
@@ -141,7 +142,11 @@ fn kind_code(k: Kind) -> u8 {
 }
 
 fn has_extras(i: &Inode) -> bool {
-    i.attr.atime != i.attr.mtime || i.attr.rdev != 0 || !i.xattrs.is_empty()
+    i.attr.atime != i.attr.mtime
+        || i.attr.rdev != 0
+        || i.attr.mtime_ns != 0
+        || i.attr.atime_ns != 0
+        || !i.xattrs.is_empty()
 }
 
 fn write_extras(w: &mut W, inodes: &BTreeMap<u64, Inode>) {
@@ -150,6 +155,8 @@ fn write_extras(w: &mut W, inodes: &BTreeMap<u64, Inode>) {
     for i in with {
         w.u64(i.attr.ino);
         w.u64(i.attr.atime);
+        w.u32(i.attr.mtime_ns);
+        w.u32(i.attr.atime_ns);
         w.u32(i.attr.rdev);
         w.u64(i.xattrs.len() as u64);
         for (k, v) in &i.xattrs {
@@ -160,10 +167,14 @@ fn write_extras(w: &mut W, inodes: &BTreeMap<u64, Inode>) {
 }
 
 fn read_extras(r: &mut R<'_>, inodes: &mut BTreeMap<u64, Inode>) -> Result<(), SnapshotError> {
-    let n = r.count(28)?;
+    let n = r.count(36)?;
     for _ in 0..n {
         let ino = r.u64()?;
         let atime = r.u64()?;
+        let (mtime_ns, atime_ns) = (r.u32()?, r.u32()?);
+        if mtime_ns >= 1_000_000 || atime_ns >= 1_000_000 {
+            return Err(r.bad("nanoseconds beyond a millisecond"));
+        }
         let rdev = r.u32()?;
         let m = r.count(8)?;
         let mut xattrs = super::Xattrs::new();
@@ -182,6 +193,8 @@ fn read_extras(r: &mut R<'_>, inodes: &mut BTreeMap<u64, Inode>) -> Result<(), S
             .get_mut(&ino)
             .ok_or_else(|| r.bad("extras of an inode not listed"))?;
         i.attr.atime = atime;
+        i.attr.mtime_ns = mtime_ns;
+        i.attr.atime_ns = atime_ns;
         i.attr.rdev = rdev;
         i.attr.xattrs = xattrs.len() as u32;
         i.xattrs = xattrs;
@@ -254,6 +267,8 @@ fn read_inodes(r: &mut R<'_>) -> Result<BTreeMap<u64, Inode>, SnapshotError> {
             mtime: r.u64()?,
             ctime: r.u64()?,
             atime: 0,
+            mtime_ns: 0,
+            atime_ns: 0,
             rdev: 0,
             xattrs: 0,
         };

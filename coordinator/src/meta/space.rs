@@ -108,7 +108,7 @@ impl Volume {
         if size > i.attr.size {
             i.attr.size = size;
         }
-        i.attr.mtime = now;
+        i.attr.touch_mtime(now);
         Ok(Reply::Attr(i.attr.clone()))
     }
 

@@ -9,7 +9,7 @@
 pub mod mount;
 pub mod readers;
 
-use crate::volume::errno::ms_to_time;
+use crate::volume::errno::{ms_ns_to_time, ms_to_time};
 use crate::volume::ops::{AttrChange, Caller};
 use crate::volume::VolumeFs;
 use coordinator::proto::{self, NodeKind};
@@ -50,8 +50,8 @@ fn fattr(a: &proto::Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: ms_to_time(a.atime),
-        mtime: ms_to_time(a.mtime),
+        atime: ms_ns_to_time(a.atime, a.atime_sub_ns),
+        mtime: ms_ns_to_time(a.mtime, a.mtime_sub_ns),
         ctime: ms_to_time(a.ctime),
         crtime: ms_to_time(a.ctime),
         kind: file_type(a.kind()),
@@ -73,12 +73,14 @@ fn open_flags(flags: i32) -> FopenFlags {
     }
 }
 
-fn time_ms(t: TimeOrNow) -> u64 {
+/// A time `utimensat` gives: ms since the epoch and nanoseconds within
+/// the millisecond.
+fn time_ms(t: TimeOrNow) -> (u64, u32) {
     let t = match t {
         TimeOrNow::Now => SystemTime::now(),
         TimeOrNow::SpecificTime(t) => t,
     };
-    crate::volume::errno::time_to_ms(t)
+    crate::volume::errno::time_to_ms_ns(t)
 }
 
 fn reply_empty(reply: ReplyEmpty, r: Result<(), Errno>) {
@@ -619,6 +621,8 @@ mod tests {
             atime: 1_600_000_000_000,
             rdev: 0,
             xattrs: 0,
+            mtime_sub_ns: 0,
+            atime_sub_ns: 456_789,
         };
         let f = fattr(&a);
         assert_eq!(f.ino, INodeNo(42));
@@ -626,7 +630,10 @@ mod tests {
         assert_eq!(f.perm, 0o777);
         assert_eq!(f.blocks, 2);
         assert_eq!(f.mtime, ms_to_time(a.mtime));
-        assert_eq!(f.atime, ms_to_time(a.atime));
+        assert_eq!(
+            f.atime,
+            ms_to_time(a.atime) + std::time::Duration::from_nanos(456_789)
+        );
         let dev = fattr(&proto::Attr {
             kind: NodeKind::CharDevice as i32,
             rdev: 0x103,

@@ -41,6 +41,20 @@ pub fn ms_to_time(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
+/// A time the coordinator keeps (ms since the epoch, and nanoseconds
+/// within the millisecond) for the kernel.
+pub fn ms_ns_to_time(ms: u64, ns: u32) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms) + Duration::from_nanos(u64::from(ns % 1_000_000))
+}
+
+/// A time the kernel gives as the coordinator keeps it: ms since the
+/// epoch, and nanoseconds within the millisecond.
+pub(crate) fn time_to_ms_ns(t: SystemTime) -> (u64, u32) {
+    t.duration_since(UNIX_EPOCH).map_or((0, 0), |d| {
+        (d.as_millis() as u64, d.subsec_nanos() % 1_000_000)
+    })
+}
+
 /// A time the kernel gives, as the coordinator keeps it.
 pub(crate) fn time_to_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

@@ -43,10 +43,11 @@ pub struct AttrChange {
     pub gid: Option<u32>,
     /// Size (a truncate or an extension).
     pub size: Option<u64>,
-    /// Modification time (ms since the epoch).
-    pub mtime: Option<u64>,
-    /// Access time (ms since the epoch).
-    pub atime: Option<u64>,
+    /// Modification time (ms since the epoch, and nanoseconds within
+    /// the millisecond).
+    pub mtime: Option<(u64, u32)>,
+    /// Access time (the same).
+    pub atime: Option<(u64, u32)>,
 }
 
 /// Space and inodes, as `statfs` reports them.
@@ -119,16 +120,34 @@ impl VolumeFs {
                 self.report(ino, &mut g)?;
             }
         }
-        let a = self.op_attr(volume_op::Op::SetAttr(proto::SetAttrOp {
-            ino,
-            mode: ch.mode.map(|m| m & 0o7777),
-            uid: ch.uid,
-            gid: ch.gid,
-            size: ch.size,
-            now: 0,
-            mtime: ch.mtime,
-            atime: ch.atime,
-        }))?;
+        let op = |sub_ns: bool| {
+            volume_op::Op::SetAttr(proto::SetAttrOp {
+                ino,
+                mode: ch.mode.map(|m| m & 0o7777),
+                uid: ch.uid,
+                gid: ch.gid,
+                size: ch.size,
+                now: 0,
+                mtime: ch.mtime.map(|t| t.0),
+                atime: ch.atime.map(|t| t.0),
+                mtime_sub_ns: if sub_ns {
+                    ch.mtime.map_or(0, |t| t.1)
+                } else {
+                    0
+                },
+                atime_sub_ns: if sub_ns {
+                    ch.atime.map_or(0, |t| t.1)
+                } else {
+                    0
+                },
+            })
+        };
+        let a = match self.op_attr(op(true)) {
+            // A cluster below feature level 3 keeps times to the
+            // millisecond.
+            Err(Errno::EOPNOTSUPP) if ch.atime.is_none() => self.op_attr(op(false)),
+            r => r,
+        }?;
         if let (Some(f), Some(s)) = (&open, ch.size) {
             if let Ok(mut g) = f.lock() {
                 g.size = s;

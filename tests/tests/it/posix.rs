@@ -424,33 +424,33 @@ fn run_checks(d: &Path, other: &Path) -> Vec<(&'static str, Check)> {
             )
         },
     );
-    check("mtime moves on write; utimensat sets it", &|| {
-        fs::write(p("mt"), b"1").map_err(|e| e.to_string())?;
-        let t = std::time::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
-        let f = File::options()
-            .write(true)
-            .open(p("mt"))
-            .map_err(|e| e.to_string())?;
-        f.set_modified(t).map_err(|e| e.to_string())?;
-        drop(f);
-        ensure(
-            fs::metadata(p("mt"))
+    check(
+        "mtime moves on write; utimensat sets it to the nanosecond",
+        &|| {
+            fs::write(p("mt"), b"1").map_err(|e| e.to_string())?;
+            let t = std::time::UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
+            let f = File::options()
+                .write(true)
+                .open(p("mt"))
+                .map_err(|e| e.to_string())?;
+            f.set_modified(t).map_err(|e| e.to_string())?;
+            drop(f);
+            let seen = fs::metadata(other.join("mt"))
                 .map_err(|e| e.to_string())?
                 .modified()
-                .map_err(|e| e.to_string())?
-                == t,
-            "utimensat",
-        )?;
-        fs::write(p("mt"), b"22").map_err(|e| e.to_string())?;
-        ensure(
-            fs::metadata(other.join("mt"))
-                .map_err(|e| e.to_string())?
-                .modified()
-                .map_err(|e| e.to_string())?
-                > t,
-            "write did not move mtime",
-        )
-    });
+                .map_err(|e| e.to_string())?;
+            ensure(seen == t, format!("utimensat: {seen:?} on the other host"))?;
+            fs::write(p("mt"), b"22").map_err(|e| e.to_string())?;
+            ensure(
+                fs::metadata(other.join("mt"))
+                    .map_err(|e| e.to_string())?
+                    .modified()
+                    .map_err(|e| e.to_string())?
+                    > t,
+                "write did not move mtime",
+            )
+        },
+    );
     check("readdir lists . and .. and every one of 500 names", &|| {
         fs::create_dir(p("many")).map_err(|e| e.to_string())?;
         for i in 0..500 {
