@@ -115,6 +115,22 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             name: c.name.clone(),
             now: c.now,
         },
+        Some(P::Lock(c)) => Op::Lock {
+            ino: c.ino,
+            lock: lock_from_proto(c),
+            typ: match proto::LockType::try_from(c.r#type) {
+                Ok(proto::LockType::Read) => meta::LockType::Read,
+                Ok(proto::LockType::Write) => meta::LockType::Write,
+                Ok(proto::LockType::Unlock) => meta::LockType::Unlock,
+                Err(_) => return Err(DecodeError(format!("unknown lock type {}", c.r#type))),
+            },
+        },
+        Some(P::UnlockOwner(c)) => Op::UnlockOwner {
+            ino: c.ino,
+            node: c.node,
+            owner: c.owner,
+            flock: c.flock,
+        },
         Some(P::SetAttr(c)) => Op::SetAttr {
             ino: c.ino,
             mode: c.mode,
@@ -200,6 +216,8 @@ pub fn stamp(op: &mut proto::VolumeOp, now_ms: u64) {
         Some(P::RevokeLease(c)) => c.now = now_ms,
         Some(P::CreateSnapshot(c)) => c.now = now_ms,
         Some(P::Allocate(_))
+        | Some(P::Lock(_))
+        | Some(P::UnlockOwner(_))
         | Some(P::DeleteSnapshot(_))
         | Some(P::Reserve(_))
         | Some(P::Remap(_))
@@ -224,6 +242,37 @@ pub fn attr_to_proto(a: &meta::Attr) -> proto::Attr {
         xattrs: a.xattrs,
         mtime_sub_ns: a.mtime_ns,
         atime_sub_ns: a.atime_ns,
+    }
+}
+
+/// A lock from its message (its type aside).
+pub fn lock_from_proto(c: &proto::LockOp) -> meta::FileLock {
+    meta::FileLock {
+        node: c.node,
+        owner: c.owner,
+        pid: c.pid,
+        flock: c.flock,
+        start: c.start,
+        end: c.end,
+        write: c.r#type == proto::LockType::Write as i32,
+    }
+}
+
+/// A lock of `ino` as a message (a held lock's type: read or write).
+pub fn lock_to_proto(ino: u64, l: &meta::FileLock) -> proto::LockOp {
+    proto::LockOp {
+        ino,
+        node: l.node,
+        owner: l.owner,
+        pid: l.pid,
+        flock: l.flock,
+        start: l.start,
+        end: l.end,
+        r#type: if l.write {
+            proto::LockType::Write
+        } else {
+            proto::LockType::Read
+        } as i32,
     }
 }
 
@@ -384,6 +433,7 @@ pub fn meta_error_to_proto(e: &MetaError) -> proto::Error {
         MetaError::Busy(n) => (ErrorCode::Busy, *n),
         MetaError::NoData => (ErrorCode::NoData, 0),
         MetaError::TooBig(_) => (ErrorCode::TooBig, 0),
+        MetaError::WouldBlock(l) => (ErrorCode::WouldBlock, l.node),
     };
     proto::Error {
         code: code as i32,
@@ -486,6 +536,26 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
         Op::RemoveXattr { ino, name, now } => {
             P::RemoveXattr(proto::RemoveXattrOp { ino, name, now })
         }
+        Op::Lock { ino, lock, typ } => P::Lock(proto::LockOp {
+            r#type: match typ {
+                meta::LockType::Read => proto::LockType::Read,
+                meta::LockType::Write => proto::LockType::Write,
+                meta::LockType::Unlock => proto::LockType::Unlock,
+            } as i32,
+            ..lock_to_proto(ino, &lock)
+        }),
+        Op::UnlockOwner {
+            ino,
+            node,
+            owner,
+            flock,
+        } => P::UnlockOwner(proto::LockOp {
+            ino,
+            node,
+            owner,
+            flock,
+            ..Default::default()
+        }),
         Op::SetAttr {
             ino,
             mode,

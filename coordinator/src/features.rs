@@ -21,7 +21,7 @@
 //! |---|---|
 //! | 1 | the base: every command of protocol 3 |
 //! | 2 | a create that carries its creator's write lease (`CreateOp.lease_ttl`) |
-//! | 3 | FIFOs, device nodes and sockets, access times, nanosecond times, extended attributes and POSIX ACLs (a create that carries the umask), `RENAME_EXCHANGE` |
+//! | 3 | FIFOs, device nodes and sockets, access times, nanosecond times, extended attributes and POSIX ACLs, file locks (a create that carries the umask), `RENAME_EXCHANGE` |
 
 use crate::proto::{command, volume_op};
 
@@ -56,7 +56,9 @@ pub fn required(body: &command::Body) -> u32 {
             Some(
                 volume_op::Op::SetXattr(_)
                 | volume_op::Op::RemoveXattr(_)
-                | volume_op::Op::Exchange(_),
+                | volume_op::Op::Exchange(_)
+                | volume_op::Op::Lock(_)
+                | volume_op::Op::UnlockOwner(_),
             ) => POSIX_EXTRAS,
             Some(volume_op::Op::Create(c)) if c.lease_ttl > 0 => CREATE_WITH_LEASE,
             _ => BASE,

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use coordinator::codec::{op_from_proto, op_to_proto};
-use coordinator::meta::{Kind, Op, Volume, XattrSet};
+use coordinator::meta::{FileLock, Kind, LockType, Op, Volume, XattrSet};
 use coordinator::proto::{self, frame, request, Command, Frame};
 use coordinator::wire;
 use proptest::prelude::*;
@@ -161,6 +161,39 @@ fn any_op() -> impl Strategy<Value = Op> {
             ino,
             name,
             now
+        }),
+        (
+            any_u64(),
+            (any_u64(), any_u64(), any::<u32>(), any::<bool>()),
+            (any_u64(), any_u64(), 0u8..3)
+        )
+            .prop_map(
+                |(ino, (node, owner, pid, flock), (start, end, typ))| Op::Lock {
+                    ino,
+                    lock: FileLock {
+                        node,
+                        owner,
+                        pid,
+                        flock,
+                        start,
+                        end,
+                        // What the message carries: the type says write.
+                        write: typ == 1,
+                    },
+                    typ: match typ {
+                        0 => LockType::Read,
+                        1 => LockType::Write,
+                        _ => LockType::Unlock,
+                    },
+                }
+            ),
+        (any_u64(), any_u64(), any_u64(), any::<bool>()).prop_map(|(ino, node, owner, flock)| {
+            Op::UnlockOwner {
+                ino,
+                node,
+                owner,
+                flock,
+            }
         }),
         (any_u64(), any_u64(), any_u64()).prop_map(|(ino, off, len)| Op::Allocate {
             ino,

@@ -899,3 +899,108 @@ fn a_file_unlinked_while_open_grows_and_goes_with_its_last_lease() {
     .unwrap();
     assert_eq!(v.getattr(f.ino), None);
 }
+
+/// File locks: record locks conflict by range and type between owners,
+/// an unlock splits a lock, `flock` locks live apart from record locks,
+/// a host must have the file open (a lease) to lock it, the locks survive
+/// an encode/decode, and a host's locks go with its lease on the file.
+#[test]
+fn file_locks_conflict_split_and_go_with_the_lease() {
+    use coordinator::meta::{FileLock, LockType};
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let f = mk(&mut v, ROOT, "db", Kind::File, "", 1);
+    for (node, ttl) in [(2, 100), (3, 1000)] {
+        v.apply(Op::GrantLease {
+            node,
+            ino: f.ino,
+            write: false,
+            now: 1,
+            ttl,
+        })
+        .unwrap();
+    }
+    let lk = |node, owner, flock, start, end| FileLock {
+        node,
+        owner,
+        pid: 100 + node as u32,
+        flock,
+        start,
+        end,
+        write: false,
+    };
+    let lock = |v: &mut Volume, l: FileLock, typ| {
+        v.apply(Op::Lock {
+            ino: f.ino,
+            lock: l,
+            typ,
+        })
+    };
+    lock(&mut v, lk(2, 10, false, 0, 99), LockType::Write).unwrap();
+    match lock(&mut v, lk(3, 20, false, 50, 60), LockType::Read) {
+        Err(MetaError::WouldBlock(h)) => assert_eq!(
+            (h.node, h.pid, h.start, h.end, h.write),
+            (2, 102, 0, 99, true)
+        ),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(
+        v.lock_conflict(f.ino, 3, 20, false, 50, 60, false)
+            .map(|l| l.node),
+        Some(2)
+    );
+    lock(&mut v, lk(3, 20, false, 100, 199), LockType::Read).unwrap();
+    // Host 2 unlocks the middle: its lock splits, host 3 reads there.
+    lock(&mut v, lk(2, 10, false, 40, 59), LockType::Unlock).unwrap();
+    let held: Vec<(u64, u64, u64)> = v
+        .locks_of(f.ino)
+        .iter()
+        .map(|l| (l.node, l.start, l.end))
+        .collect();
+    assert_eq!(held, [(2, 0, 39), (2, 60, 99), (3, 100, 199)]);
+    lock(&mut v, lk(3, 20, false, 40, 59), LockType::Read).unwrap();
+    // Another owner on the same host conflicts too (OFD locks).
+    assert!(matches!(
+        lock(&mut v, lk(2, 11, false, 0, 0), LockType::Write),
+        Err(MetaError::WouldBlock(_))
+    ));
+    // flock locks do not meet record locks, but meet each other.
+    lock(&mut v, lk(3, 21, true, 0, 0), LockType::Write).unwrap();
+    assert!(matches!(
+        lock(&mut v, lk(2, 12, true, 0, 0), LockType::Read),
+        Err(MetaError::WouldBlock(_))
+    ));
+    // A host without the file open cannot lock it.
+    assert!(matches!(
+        lock(&mut v, lk(4, 1, false, 0, 0), LockType::Read),
+        Err(MetaError::Invalid(_))
+    ));
+    assert_eq!(Volume::decode(&v.encode()).unwrap(), v);
+    // Host 2's lease expires (it died): its locks go; host 3 writes there.
+    v.apply(Op::Tick { now: 500 }).unwrap();
+    assert!(v.locks_of(f.ino).iter().all(|l| l.node == 3));
+    lock(&mut v, lk(3, 20, false, 0, 99), LockType::Write).unwrap();
+    // A close drops an owner's locks of one kind.
+    v.apply(Op::UnlockOwner {
+        ino: f.ino,
+        node: 3,
+        owner: 20,
+        flock: false,
+    })
+    .unwrap();
+    assert_eq!(
+        v.locks_of(f.ino)
+            .iter()
+            .map(|l| (l.owner, l.flock))
+            .collect::<Vec<_>>(),
+        [(21, true)]
+    );
+    // The last lease ends: nothing is left.
+    v.apply(Op::RevokeLease {
+        node: 3,
+        ino: f.ino,
+        now: 600,
+        revoked: false,
+    })
+    .unwrap();
+    assert!(v.locks_of(f.ino).is_empty());
+}

@@ -214,6 +214,21 @@ impl Group {
                             .collect(),
                     }),
                     read::Query::Check(_) => Value::Text(v.check().join("\n")),
+                    read::Query::LockConflict(c) => {
+                        let want = codec::lock_from_proto(c);
+                        let (start, end) = if want.flock {
+                            (0, u64::MAX)
+                        } else {
+                            (want.start, want.end)
+                        };
+                        Value::Lock(
+                            v.lock_conflict(
+                                c.ino, want.node, want.owner, want.flock, start, end, want.write,
+                            )
+                            .map(|l| codec::lock_to_proto(c.ino, &l))
+                            .unwrap_or_default(),
+                        )
+                    }
                     read::Query::Xattrs(i) => {
                         Value::Xattrs(codec::xattrs_to_proto(v.xattrs(*i).map_err(me)?))
                     }

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 pub mod acl;
 mod lease;
+mod locks;
 mod namespace;
 mod snaps;
 mod snapshot;
@@ -30,6 +31,7 @@ mod space;
 use namespace::check_name;
 
 pub use lease::{check_lease_history, HistoryError, Lease, LeaseChange, LeaseEvent, LEASE_HISTORY};
+pub use locks::{FileLock, LockType};
 pub use snaps::{
     is_snapshot_ino, snap_ino, split_ino, RangeCount, SnapInfo, LIVE_INO_LIMIT, MAX_SNAPSHOTS,
     SNAPSHOTS_DIR, SNAPSHOTS_NAME,
@@ -253,6 +255,19 @@ pub enum Op {
     },
     /// Remove an extended attribute.
     RemoveXattr { ino: Ino, name: String, now: u64 },
+    /// Take, change or release a lock (`lock`'s holder, kind and range).
+    Lock {
+        ino: Ino,
+        lock: FileLock,
+        typ: LockType,
+    },
+    /// Release every lock of one kind an owner holds on a file (its close).
+    UnlockOwner {
+        ino: Ino,
+        node: NodeId,
+        owner: u64,
+        flock: bool,
+    },
     /// Allocate unwritten extents for `[off, off + len)` of a file.
     Allocate { ino: Ino, off: u64, len: u64 },
     /// The host wrote `[off, off + len)` (and the `more` ranges): those
@@ -344,6 +359,9 @@ pub enum MetaError {
     /// An extended attribute's name or value is too long.
     #[error("extended attribute too large: {0}")]
     TooBig(String),
+    /// A lock stands in the way (its holder).
+    #[error("locked by process {} on host {}", .0.pid, .0.node)]
+    WouldBlock(FileLock),
 }
 
 /// What a command returns.
@@ -378,6 +396,8 @@ pub struct Volume {
     next_snap: u64,
     /// Extra references of LUN ranges shared by live files and snapshots.
     refs: RangeCount,
+    /// File locks held, by inode.
+    locks: BTreeMap<Ino, Vec<FileLock>>,
 }
 
 impl Volume {
@@ -414,6 +434,7 @@ impl Volume {
             snapshots: BTreeMap::new(),
             next_snap: 1,
             refs: RangeCount::default(),
+            locks: BTreeMap::new(),
         }
     }
 
@@ -667,6 +688,16 @@ impl Volume {
                 now,
             } => self.set_xattr(ino, name, value, how, now),
             Op::RemoveXattr { ino, name, now } => self.remove_xattr(ino, &name, now),
+            Op::Lock { ino, lock, typ } => self.set_lock(ino, lock, typ),
+            Op::UnlockOwner {
+                ino,
+                node,
+                owner,
+                flock,
+            } => {
+                self.drop_owner_locks(ino, node, owner, flock);
+                Ok(Reply::Ok)
+            }
             Op::Allocate { ino, off, len } => self.allocate(ino, off, len),
             Op::MarkWritten {
                 ino,

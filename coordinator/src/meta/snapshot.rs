@@ -11,7 +11,7 @@
 //! inodes; the shared-range reference counts are rebuilt from them), and
 //! (from 3) each inode's extras: access time, the nanoseconds within the
 //! millisecond of its modification and access times, device number and
-//! extended attributes, for the live inodes and then for each snapshot's (only
+//! extended attributes, then the file locks held, for the live inodes and then for each snapshot's (only
 //! inodes with an access time other than their modification time, a
 //! device number or attributes are listed; a reader of an older minor
 //! version takes the access time to be the modification time).
@@ -364,6 +364,22 @@ impl Volume {
         for snap in self.snapshots.values() {
             write_extras(&mut w, &snap.inodes);
         }
+        let locks: Vec<(&u64, &super::FileLock)> = self
+            .locks
+            .iter()
+            .flat_map(|(ino, l)| l.iter().map(move |x| (ino, x)))
+            .collect();
+        w.u64(locks.len() as u64);
+        for (ino, l) in locks {
+            w.u64(*ino);
+            w.u64(l.node);
+            w.u64(l.owner);
+            w.u32(l.pid);
+            w.u8(u8::from(l.flock));
+            w.u64(l.start);
+            w.u64(l.end);
+            w.u8(u8::from(l.write));
+        }
         let body = w.0;
         let mut out = Vec::with_capacity(HEADER + body.len());
         out.extend_from_slice(MAGIC);
@@ -483,10 +499,28 @@ impl Volume {
                 }
             }
         }
+        let mut locks: BTreeMap<u64, Vec<super::FileLock>> = BTreeMap::new();
         if minor >= 3 {
             read_extras(&mut r, &mut inodes)?;
             for snap in snapshots.values_mut() {
                 read_extras(&mut r, &mut snap.inodes)?;
+            }
+            let n = r.count(46)?;
+            for _ in 0..n {
+                let ino = r.u64()?;
+                let l = super::FileLock {
+                    node: r.u64()?,
+                    owner: r.u64()?,
+                    pid: r.u32()?,
+                    flock: r.u8()? != 0,
+                    start: r.u64()?,
+                    end: r.u64()?,
+                    write: r.u8()? != 0,
+                };
+                if l.start > l.end || !inodes.contains_key(&ino) {
+                    return Err(r.bad("a lock out of range or on a missing inode"));
+                }
+                locks.entry(ino).or_default().push(l);
             }
         }
         // A newer minor version may append sections this build skips.
@@ -507,6 +541,7 @@ impl Volume {
             snapshots,
             next_snap,
             refs: super::RangeCount::default(),
+            locks,
         };
         let mut v = v;
         v.refs = v.implied_refs();

@@ -142,6 +142,8 @@ impl Volume {
     }
 
     pub(super) fn release_quarantine(&mut self, ino: Ino) {
+        // Locks go with their host's lease on the file.
+        self.drop_unleased_locks(ino);
         if self.is_leased(ino) {
             return;
         }
