@@ -71,11 +71,17 @@ impl FileLock {
     }
 }
 
-impl Volume {
+/// Locks by inode, and the rules between them: the volume's replicated
+/// table, and a host's own while its cluster runs below the feature level
+/// that replicates locks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LockTable(BTreeMap<Ino, Vec<FileLock>>);
+
+impl LockTable {
     /// The first lock that stands in the way of `(node, owner)` taking
-    /// `[start, end]` of `ino` (`F_GETLK`).
+    /// `[start, end]` of `ino` (`write`: exclusively).
     #[allow(clippy::too_many_arguments)]
-    pub fn lock_conflict(
+    pub fn conflict(
         &self,
         ino: Ino,
         node: NodeId,
@@ -85,60 +91,48 @@ impl Volume {
         end: u64,
         write: bool,
     ) -> Option<FileLock> {
-        self.locks
+        self.0
             .get(&ino)?
             .iter()
             .find(|l| l.conflicts(node, owner, flock, start, end, write))
             .copied()
     }
 
-    /// The locks held on `ino`.
-    pub fn locks_of(&self, ino: Ino) -> Vec<FileLock> {
-        self.locks.get(&ino).cloned().unwrap_or_default()
+    /// The locks held on `ino`, in range order.
+    pub fn of(&self, ino: Ino) -> Vec<FileLock> {
+        self.0.get(&ino).cloned().unwrap_or_default()
     }
 
-    /// Takes, changes or releases a lock of `ino`: `WouldBlock` names the
-    /// holder in the way. A host must hold a lease on a file to lock it
-    /// (it has the file open). A record lock replaces the owner's own
+    /// Every lock held, with its inode.
+    pub fn all(&self) -> impl Iterator<Item = (Ino, &FileLock)> {
+        self.0
+            .iter()
+            .flat_map(|(ino, l)| l.iter().map(move |x| (*ino, x)))
+    }
+
+    /// Adds a lock as it is (a decoded state).
+    pub(super) fn push(&mut self, ino: Ino, l: FileLock) {
+        self.0.entry(ino).or_default().push(l);
+    }
+
+    /// Takes, changes or releases `req`'s lock of `ino`; the holder in the
+    /// way when it cannot be had. A record lock replaces the owner's own
     /// locks on the range it covers (POSIX: a lock changes type in place,
     /// an unlock may split one in two); a `flock` lock covers the whole
     /// file and replaces the owner's other `flock` lock.
-    pub(super) fn set_lock(
-        &mut self,
-        ino: Ino,
-        req: FileLock,
-        typ: LockType,
-    ) -> Result<Reply, MetaError> {
-        if req.start > req.end {
-            return Err(MetaError::Invalid(
-                "a lock's range ends before it starts".into(),
-            ));
-        }
-        let kind = self
-            .inodes
-            .get(&ino)
-            .map(|i| i.attr.kind)
-            .ok_or(MetaError::NotFound)?;
+    pub fn set(&mut self, ino: Ino, req: FileLock, typ: LockType) -> Result<(), FileLock> {
         let (start, end) = if req.flock {
             (0, u64::MAX)
         } else {
             (req.start, req.end)
         };
         if typ != LockType::Unlock {
-            if kind == Kind::File && self.leases.get(&(ino, req.node)).is_none() {
-                return Err(MetaError::Invalid(format!(
-                    "host {} holds no lease on inode {ino}: it has not opened it",
-                    req.node
-                )));
-            }
             let write = typ == LockType::Write;
-            if let Some(l) =
-                self.lock_conflict(ino, req.node, req.owner, req.flock, start, end, write)
-            {
-                return Err(MetaError::WouldBlock(l));
+            if let Some(l) = self.conflict(ino, req.node, req.owner, req.flock, start, end, write) {
+                return Err(l);
             }
         }
-        let old = self.locks.remove(&ino).unwrap_or_default();
+        let old = self.0.remove(&ino).unwrap_or_default();
         // The owner's own locks on the range are cut out of it.
         let mut kept = Vec::with_capacity(old.len() + 1);
         for l in old {
@@ -169,39 +163,106 @@ impl Volume {
         }
         kept.sort_by_key(|l| (l.start, l.node, l.owner));
         if !kept.is_empty() {
-            self.locks.insert(ino, kept);
+            self.0.insert(ino, kept);
         }
-        Ok(Reply::Ok)
+        Ok(())
+    }
+
+    /// Drops every lock of `(node, owner)` on `ino` of one kind.
+    pub fn drop_owner(&mut self, ino: Ino, node: NodeId, owner: u64, flock: bool) {
+        self.retain(ino, |l| !l.same_owner(node, owner, flock));
+    }
+
+    /// Keeps the locks of `ino` that `keep` says to.
+    pub fn retain(&mut self, ino: Ino, keep: impl FnMut(&FileLock) -> bool) {
+        if let Some(list) = self.0.get_mut(&ino) {
+            list.retain(keep);
+            if list.is_empty() {
+                self.0.remove(&ino);
+            }
+        }
+    }
+
+    /// Drops every lock of `ino` (it is gone).
+    pub fn remove(&mut self, ino: Ino) {
+        self.0.remove(&ino);
+    }
+}
+
+impl Volume {
+    /// The first lock that stands in the way of `(node, owner)` taking
+    /// `[start, end]` of `ino` (`F_GETLK`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lock_conflict(
+        &self,
+        ino: Ino,
+        node: NodeId,
+        owner: u64,
+        flock: bool,
+        start: u64,
+        end: u64,
+        write: bool,
+    ) -> Option<FileLock> {
+        self.locks
+            .conflict(ino, node, owner, flock, start, end, write)
+    }
+
+    /// The locks held on `ino`.
+    pub fn locks_of(&self, ino: Ino) -> Vec<FileLock> {
+        self.locks.of(ino)
+    }
+
+    /// Takes, changes or releases a lock of `ino` ([`LockTable::set`]):
+    /// `WouldBlock` names the holder in the way. A host must hold a lease
+    /// on a file to lock it (it has the file open).
+    pub(super) fn set_lock(
+        &mut self,
+        ino: Ino,
+        req: FileLock,
+        typ: LockType,
+    ) -> Result<Reply, MetaError> {
+        if req.start > req.end {
+            return Err(MetaError::Invalid(
+                "a lock's range ends before it starts".into(),
+            ));
+        }
+        let kind = self
+            .inodes
+            .get(&ino)
+            .map(|i| i.attr.kind)
+            .ok_or(MetaError::NotFound)?;
+        if typ != LockType::Unlock
+            && kind == Kind::File
+            && !self.leases.contains_key(&(ino, req.node))
+        {
+            return Err(MetaError::Invalid(format!(
+                "host {} holds no lease on inode {ino}: it has not opened it",
+                req.node
+            )));
+        }
+        self.locks
+            .set(ino, req, typ)
+            .map(|()| Reply::Ok)
+            .map_err(MetaError::WouldBlock)
     }
 
     /// Drops the locks on file `ino` of hosts that no longer hold a lease
     /// on it (closed, or down: expired or revoked).
     pub(super) fn drop_unleased_locks(&mut self, ino: Ino) {
-        let Some(list) = self.locks.remove(&ino) else {
-            return;
-        };
-        let file = self
+        if !self
             .inodes
             .get(&ino)
-            .is_some_and(|i| i.attr.kind == Kind::File);
-        let kept: Vec<FileLock> = list
-            .into_iter()
-            .filter(|l| !file || self.leases.contains_key(&(ino, l.node)))
-            .collect();
-        if !kept.is_empty() {
-            self.locks.insert(ino, kept);
+            .is_some_and(|i| i.attr.kind == Kind::File)
+        {
+            return;
         }
+        let leases = &self.leases;
+        self.locks
+            .retain(ino, |l| leases.contains_key(&(ino, l.node)));
     }
 
-    /// Drops every lock of `(node, owner)` on `ino` of one kind (a close:
-    /// record locks at the flush of the owner's descriptor, `flock` locks
-    /// at the release of the file).
+    /// Drops every lock of `(node, owner)` on `ino` of one kind (a close).
     pub(super) fn drop_owner_locks(&mut self, ino: Ino, node: NodeId, owner: u64, flock: bool) {
-        if let Some(list) = self.locks.get_mut(&ino) {
-            list.retain(|l| !l.same_owner(node, owner, flock));
-            if list.is_empty() {
-                self.locks.remove(&ino);
-            }
-        }
+        self.locks.drop_owner(ino, node, owner, flock);
     }
 }

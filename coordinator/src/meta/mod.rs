@@ -31,7 +31,7 @@ mod space;
 use namespace::check_name;
 
 pub use lease::{check_lease_history, HistoryError, Lease, LeaseChange, LeaseEvent, LEASE_HISTORY};
-pub use locks::{FileLock, LockType};
+pub use locks::{FileLock, LockTable, LockType};
 pub use snaps::{
     is_snapshot_ino, snap_ino, split_ino, RangeCount, SnapInfo, LIVE_INO_LIMIT, MAX_SNAPSHOTS,
     SNAPSHOTS_DIR, SNAPSHOTS_NAME,
@@ -397,7 +397,7 @@ pub struct Volume {
     /// Extra references of LUN ranges shared by live files and snapshots.
     refs: RangeCount,
     /// File locks held, by inode.
-    locks: BTreeMap<Ino, Vec<FileLock>>,
+    locks: LockTable,
 }
 
 impl Volume {
@@ -434,7 +434,7 @@ impl Volume {
             snapshots: BTreeMap::new(),
             next_snap: 1,
             refs: RangeCount::default(),
-            locks: BTreeMap::new(),
+            locks: LockTable::default(),
         }
     }
 

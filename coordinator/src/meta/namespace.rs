@@ -187,7 +187,7 @@ impl Volume {
 
     /// Removes inode `ino` and frees its extents.
     pub(super) fn reclaim(&mut self, ino: Ino) {
-        self.locks.remove(&ino);
+        self.locks.remove(ino);
         if let Some(Inode {
             body: Body::File(ext),
             ..

@@ -364,14 +364,10 @@ impl Volume {
         for snap in self.snapshots.values() {
             write_extras(&mut w, &snap.inodes);
         }
-        let locks: Vec<(&u64, &super::FileLock)> = self
-            .locks
-            .iter()
-            .flat_map(|(ino, l)| l.iter().map(move |x| (ino, x)))
-            .collect();
+        let locks: Vec<(u64, &super::FileLock)> = self.locks.all().collect();
         w.u64(locks.len() as u64);
         for (ino, l) in locks {
-            w.u64(*ino);
+            w.u64(ino);
             w.u64(l.node);
             w.u64(l.owner);
             w.u32(l.pid);
@@ -499,7 +495,7 @@ impl Volume {
                 }
             }
         }
-        let mut locks: BTreeMap<u64, Vec<super::FileLock>> = BTreeMap::new();
+        let mut locks = super::LockTable::default();
         if minor >= 3 {
             read_extras(&mut r, &mut inodes)?;
             for snap in snapshots.values_mut() {
@@ -520,7 +516,7 @@ impl Volume {
                 if l.start > l.end || !inodes.contains_key(&ino) {
                     return Err(r.bad("a lock out of range or on a missing inode"));
                 }
-                locks.entry(ino).or_default().push(l);
+                locks.push(ino, l);
             }
         }
         // A newer minor version may append sections this build skips.

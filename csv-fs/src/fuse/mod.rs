@@ -10,14 +10,15 @@ pub mod mount;
 pub mod readers;
 
 use crate::volume::errno::{ms_ns_to_time, ms_to_time};
+use crate::volume::locks::Range;
 use crate::volume::ops::{AttrChange, Caller};
 use crate::volume::VolumeFs;
 use coordinator::proto::{self, NodeKind};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use readers::Readers;
 use std::ffi::OsStr;
@@ -152,6 +153,9 @@ impl Filesystem for Mounted {
             fuser::InitFlags::FUSE_PARALLEL_DIROPS,
             fuser::InitFlags::FUSE_POSIX_ACL,
             fuser::InitFlags::FUSE_DONT_MASK,
+            // Locks are the cluster's (volume::locks), not each kernel's.
+            fuser::InitFlags::FUSE_POSIX_LOCKS,
+            fuser::InitFlags::FUSE_FLOCK_LOCKS,
         ] {
             let _ = config.add_capabilities(f);
         }
@@ -416,25 +420,75 @@ impl Filesystem for Mounted {
         _req: &Request,
         ino: INodeNo,
         fh: FileHandle,
-        _lock_owner: fuser::LockOwner,
+        lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
         let _turn = self.readers.turn(true);
+        // A close: the closing process's record locks on the file go.
+        self.fs.release_locks(ino.0, lock_owner.0);
         reply_empty(reply, self.fs.flush(ino.0, fh.0));
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<fuser::LockOwner>,
+        lock_owner: Option<fuser::LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let _turn = self.readers.turn(true);
+        // The open file's flock (and OFD) locks go with it.
+        if let Some(o) = lock_owner {
+            self.fs.release_locks(ino.0, o.0);
+        }
         reply_empty(reply, self.fs.release(fh.0));
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: fuser::LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let _turn = self.readers.turn(true);
+        match self
+            .fs
+            .getlk(ino.0, lock_owner.0, pid, Range { start, end, typ })
+        {
+            Ok(Some((r, holder))) => reply.locked(r.start, r.end, r.typ, holder),
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setlk(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: fuser::LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let _turn = self.readers.turn(true);
+        let r = Range { start, end, typ };
+        // The request's header names the calling thread (a signal for it
+        // ends a wait); the lock's pid is its process (what F_GETLK shows).
+        let waiter = sleep.then(|| req.pid());
+        reply_empty(reply, self.fs.setlk(ino.0, lock_owner.0, pid, r, waiter));
     }
 
     fn fsync(

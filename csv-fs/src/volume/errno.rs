@@ -21,6 +21,7 @@ pub(crate) fn errno(e: &ClientError) -> Errno {
         Some(ErrorCode::Busy) => Errno::EBUSY,
         Some(ErrorCode::NoData) => Errno::ENODATA,
         Some(ErrorCode::TooBig) => Errno::E2BIG,
+        Some(ErrorCode::WouldBlock) => Errno::EAGAIN,
         // A host of an older build is a member: what it cannot apply is
         // not offered yet (special files, extended attributes, exchange).
         Some(ErrorCode::FeatureLevel) => Errno::EOPNOTSUPP,

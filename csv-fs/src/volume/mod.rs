@@ -40,6 +40,7 @@ pub mod errno;
 pub mod file;
 pub mod gate;
 pub mod lease;
+pub mod locks;
 pub mod ops;
 pub mod pool;
 pub mod read;
@@ -141,6 +142,12 @@ pub struct VolumeFs {
     lazy_atime: AtomicBool,
     /// Access times moved by reads and not yet sent: inode → ms.
     atimes: Mutex<HashMap<u64, u64>>,
+    /// (inode, lock owner) of the locks taken through this host: a close
+    /// of another owner's descriptor costs no call.
+    lockers: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// Locks kept by this host alone while the cluster runs below the
+    /// feature level that replicates them ([`locks`]).
+    local_locks: Mutex<coordinator::meta::LockTable>,
 }
 
 impl std::fmt::Debug for VolumeFs {
@@ -181,6 +188,8 @@ impl VolumeFs {
             served_for: Mutex::new(HashMap::new()),
             lazy_atime: AtomicBool::new(false),
             atimes: Mutex::new(HashMap::new()),
+            lockers: Mutex::new(std::collections::HashSet::new()),
+            local_locks: Mutex::default(),
         });
         let weak = Arc::downgrade(&fs);
         let stop = fs.stop.clone();

@@ -997,3 +997,202 @@ fn lazy_access_times_move_on_read_and_reach_the_other_host() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `fcntl` on an open file: `cmd` with a lock of `typ` over
+/// `[start, start + len)` (len 0: to the end); the lock as the kernel
+/// answers it (for F_GETLK).
+fn fcntl_lock(f: &File, cmd: i32, typ: i32, start: i64, len: i64) -> std::io::Result<libc::flock> {
+    // SAFETY: a zeroed flock is a valid value of the C struct.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = typ as i16;
+    l.l_whence = libc::SEEK_SET as i16;
+    l.l_start = start;
+    l.l_len = len;
+    // SAFETY: an open descriptor and a pointer to a flock that lives
+    // across the call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut l) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(l)
+    }
+}
+
+fn flock(f: &File, op: i32) -> std::io::Result<()> {
+    // SAFETY: an open descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+extern "C" fn on_sigusr1(_: libc::c_int) {}
+
+/// Locks across two hosts: a record lock held on host 1 makes F_SETLK on
+/// host 2 fail with EAGAIN and F_GETLK there name it; F_SETLKW on host 2
+/// wakes when host 1 releases (time measured); closing any descriptor of
+/// the file releases the process's record locks; OFD locks and flock
+/// the same; a signal ends a wait with EINTR.
+#[test]
+fn locks_taken_on_one_host_stand_in_the_way_on_the_other() {
+    skip_unless!(
+        Need::Root,
+        Need::Command("fusermount3"),
+        Need::Device("/dev/fuse")
+    );
+    let mut cl = CsvCluster::loopback(2).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(256 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    let (d, other) = (cl.mountpoint(1, v), cl.mountpoint(2, v));
+    wait_for_level_3(&d);
+    fs::write(d.join("db"), vec![0u8; 4096]).unwrap();
+    // One host at a time may have a file open for writing (the write
+    // lease): host 1 writes, host 2 reads, and read locks meet write locks.
+    let open = |p: &Path| OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let open_ro = |p: &Path| File::open(p).unwrap();
+    let (h1, h2) = (open(&d.join("db")), open_ro(&other.join("db")));
+
+    // Record locks.
+    fcntl_lock(&h1, libc::F_SETLK, libc::F_WRLCK, 0, 100).unwrap();
+    let me = std::process::id() as i32;
+    let e = fcntl_lock(&h2, libc::F_SETLK, libc::F_RDLCK, 50, 10).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EAGAIN), "{e}");
+    let held = fcntl_lock(&h2, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap();
+    assert_eq!(
+        (i32::from(held.l_type), held.l_start, held.l_len, held.l_pid),
+        (libc::F_WRLCK, 0, 100, me),
+        "F_GETLK names the holder"
+    );
+    fcntl_lock(&h2, libc::F_SETLK, libc::F_RDLCK, 100, 10).unwrap();
+    fcntl_lock(&h2, libc::F_SETLK, libc::F_UNLCK, 100, 10).unwrap();
+
+    // F_SETLKW on host 2 wakes when host 1 unlocks. (The waiter borrows
+    // the descriptor: closing a copy would drop the process's locks.)
+    let (released, woke) = std::thread::scope(|sc| {
+        let waiter = sc.spawn(|| {
+            fcntl_lock(&h2, libc::F_SETLKW, libc::F_RDLCK, 0, 100)
+                .map(|_| std::time::Instant::now())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!waiter.is_finished(), "F_SETLKW did not wait");
+        let released = std::time::Instant::now();
+        fcntl_lock(&h1, libc::F_SETLK, libc::F_UNLCK, 0, 100).unwrap();
+        (released, waiter.join().unwrap().unwrap())
+    });
+    let ms = woke.duration_since(released).as_secs_f64() * 1e3;
+    eprintln!("F_SETLKW on host 2 woke {ms:.1} ms after host 1's unlock");
+    assert!(ms < 500.0, "woke {ms} ms after the release");
+    // Host 2's read lock keeps host 1 from writing there; closing any
+    // descriptor of the file on host 2 drops the process's record locks.
+    let e = fcntl_lock(&h1, libc::F_SETLK, libc::F_WRLCK, 0, 1).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EAGAIN));
+    drop(open_ro(&other.join("db")));
+    fcntl_lock(&h1, libc::F_SETLK, libc::F_WRLCK, 0, 1).unwrap();
+    fcntl_lock(&h1, libc::F_SETLK, libc::F_UNLCK, 0, 1).unwrap();
+
+    // OFD locks.
+    fcntl_lock(&h1, libc::F_OFD_SETLK, libc::F_WRLCK, 1000, 10).unwrap();
+    let e = fcntl_lock(&h2, libc::F_OFD_SETLK, libc::F_RDLCK, 1005, 1).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EAGAIN));
+    fcntl_lock(&h1, libc::F_OFD_SETLK, libc::F_UNLCK, 1000, 10).unwrap();
+    fcntl_lock(&h2, libc::F_OFD_SETLK, libc::F_RDLCK, 1005, 1).unwrap();
+    fcntl_lock(&h2, libc::F_OFD_SETLK, libc::F_UNLCK, 1005, 1).unwrap();
+
+    // flock; the lock goes when its file is closed.
+    let f1 = open(&d.join("db"));
+    flock(&f1, libc::LOCK_EX).unwrap();
+    let f2 = open_ro(&other.join("db"));
+    let e = flock(&f2, libc::LOCK_EX | libc::LOCK_NB).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK));
+    drop(f1);
+    flock(&f2, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    flock(&f2, libc::LOCK_UN).unwrap();
+
+    // QEMU's image locking (OFD locks) works across hosts: a VM on host 2
+    // reading an image (a read-only drive, which does not share writing)
+    // makes qemu-io refuse, with its image-lock error, to open it for
+    // writing on host 1, which the write lease alone would allow.
+    if csv_test_support::cmd::have("qemu-io") && csv_test_support::cmd::have("qemu-system-x86_64") {
+        let img = d.join("disk.raw");
+        fs::File::create(&img).unwrap().set_len(1 << 20).unwrap();
+        let mut vm = Command::new("qemu-system-x86_64")
+            .args(["-nodefaults", "-display", "none", "-S", "-drive"])
+            .arg(format!(
+                "file={},format=raw,if=none,id=d,readonly=on",
+                other.join("disk.raw").display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let qemu_io = || {
+            Command::new("qemu-io")
+                .args(["-f", "raw", "-c", "write 0 512"])
+                .arg(&img)
+                .output()
+                .unwrap()
+        };
+        // The VM has taken its locks once qemu-io meets them (QEMU
+        // starts in well under the 20 s allowed).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let err = loop {
+            let o = qemu_io();
+            let err = String::from_utf8_lossy(&o.stderr).into_owned();
+            if !o.status.success() {
+                break err;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-io on host 1 was never refused"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(err.contains("Failed to get \"write\" lock"), "{err}");
+        eprintln!(
+            "qemu-io on host 1: {}",
+            err.lines().next().unwrap_or_default()
+        );
+        let _ = vm.kill();
+        let _ = vm.wait();
+        let o = qemu_io();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    } else {
+        eprintln!("SKIP qemu image locking across hosts: no qemu-io or qemu-system-x86_64");
+    }
+
+    // A signal ends a wait with EINTR.
+    fcntl_lock(&h1, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    // SAFETY: installs a handler that does nothing, without SA_RESTART,
+    // so that a blocked fcntl returns EINTR.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigusr1 as *const () as usize;
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (r, t) = std::thread::scope(|sc| {
+        let waiter = sc.spawn(|| {
+            // SAFETY: pthread_self has no preconditions.
+            let _ = tx.send(unsafe { libc::pthread_self() });
+            fcntl_lock(&h2, libc::F_SETLKW, libc::F_RDLCK, 0, 0).map(|_| ())
+        });
+        let thread = rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: the thread is alive (it waits in fcntl).
+        unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+        let t = std::time::Instant::now();
+        (waiter.join().unwrap(), t)
+    });
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EINTR));
+    eprintln!(
+        "a signal ended the wait in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    // The interrupted request took nothing: host 1 still holds the lock.
+    let held = fcntl_lock(&h2, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap();
+    assert_eq!(i32::from(held.l_type), libc::F_WRLCK);
+}
