@@ -27,7 +27,7 @@ use crate::table::{self, Row};
 use anyhow::{bail, Context, Result};
 use csv_test_support::csvd::CsvCluster;
 use hypervisor_shim::qemu::qmp::{
-    Capability, CapabilityState, Command as Qmp, MigrateParameters, MigrationInfo, MigrationStatus,
+    Command as Qmp, MigrateParameters, MigrationInfo, MigrationStatus,
 };
 use hypervisor_shim::supervisor::qemu::Accel;
 use std::path::{Path, PathBuf};
@@ -396,26 +396,7 @@ fn plain_migrations(
             _ => bail!("the target does not say where it listens"),
         };
         let mut s = connect(&src_qmp)?;
-        s.run(&Qmp::MigrateSetParameters(MigrateParameters {
-            tls_creds: Some("tls-out".into()),
-            downtime_limit: Some(300),
-            ..Default::default()
-        }))?;
-        s.run(&Qmp::MigrateSetCapabilities {
-            capabilities: vec![
-                CapabilityState {
-                    capability: Capability::Events,
-                    state: true,
-                },
-                CapabilityState {
-                    capability: Capability::PauseBeforeSwitchover,
-                    state: true,
-                },
-            ],
-        })?;
-        s.run(&Qmp::Migrate {
-            uri: format!("tcp:127.0.0.1:{port}"),
-        })?;
+        s.migrate_paused("tls-out", format!("tcp:127.0.0.1:{port}"))?;
         // Polled as the engine polls (every 2 ms), continued at once.
         let info = s.wait_migration(Duration::from_millis(2), Duration::from_secs(120), |i| {
             matches!(
@@ -433,16 +414,7 @@ fn plain_migrations(
                 info.error_desc
             );
         }
-        let paused_at = s
-            .events
-            .iter()
-            .rev()
-            .find(|(e, d, _)| {
-                e == "MIGRATION"
-                    && d.get("status").and_then(|x| x.as_str()) == Some("pre-switchover")
-            })
-            .and_then(|(_, _, t)| t.time())
-            .unwrap_or_else(std::time::SystemTime::now);
+        let paused_at = s.paused_at().unwrap_or_else(std::time::SystemTime::now);
         s.run(&Qmp::MigrateContinue {
             state: MigrationStatus::PreSwitchover,
         })?;

@@ -515,6 +515,44 @@ impl Qmp {
         self.execute::<Value>(cmd).map(drop)
     }
 
+    /// Starts an outgoing migration to `uri` over TLS with the
+    /// credentials object `tls_creds`, QEMU's events on and the guest held
+    /// at `pre-switchover` until `migrate-continue` (a downtime limit of
+    /// 300 ms).
+    pub fn migrate_paused(&mut self, tls_creds: &str, uri: String) -> Result<(), QmpError> {
+        self.run(&Command::MigrateSetParameters(MigrateParameters {
+            tls_creds: Some(tls_creds.into()),
+            downtime_limit: Some(300),
+            ..Default::default()
+        }))?;
+        self.run(&Command::MigrateSetCapabilities {
+            capabilities: vec![
+                CapabilityState {
+                    capability: Capability::Events,
+                    state: true,
+                },
+                CapabilityState {
+                    capability: Capability::PauseBeforeSwitchover,
+                    state: true,
+                },
+            ],
+        })?;
+        self.run(&Command::Migrate { uri })
+    }
+
+    /// When QEMU last held a migrating guest at `pre-switchover` (its
+    /// event's stamp), if it said.
+    pub fn paused_at(&self) -> Option<std::time::SystemTime> {
+        self.events
+            .iter()
+            .rev()
+            .find(|(e, d, _)| {
+                e == "MIGRATION"
+                    && d.get("status").and_then(|s| s.as_str()) == Some("pre-switchover")
+            })
+            .and_then(|(_, _, t)| t.time())
+    }
+
     /// Polls `query-migrate` every `every` until `done` says so, for at
     /// most `limit`; returns the last answer.
     pub fn wait_migration(

@@ -832,26 +832,7 @@ impl VmHandle for Handle {
                 dir: self.tls.display().to_string(),
                 username: PSK_USER.into(),
             }))?;
-            q.run(&Command::MigrateSetParameters(MigrateParameters {
-                tls_creds: Some(TLS_OUT_ID.into()),
-                downtime_limit: Some(300),
-                ..Default::default()
-            }))?;
-            q.run(&Command::MigrateSetCapabilities {
-                capabilities: vec![
-                    CapabilityState {
-                        capability: Capability::Events,
-                        state: true,
-                    },
-                    CapabilityState {
-                        capability: Capability::PauseBeforeSwitchover,
-                        state: true,
-                    },
-                ],
-            })?;
-            q.run(&Command::Migrate {
-                uri: format!("tcp:{to}"),
-            })
+            q.migrate_paused(TLS_OUT_ID, format!("tcp:{to}"))
         };
         self.with(setup).map_err(qmp_err)?;
         // Pre-copy rounds until QEMU stops the guest before switch-over.
@@ -880,16 +861,7 @@ impl VmHandle for Handle {
         // When QEMU paused before the switch-over (its event's stamp; the
         // poll's own time otherwise).
         let paused_at = self
-            .with(|q| {
-                Ok(q.events
-                    .iter()
-                    .rev()
-                    .find(|(e, d, _)| {
-                        e == "MIGRATION"
-                            && d.get("status").and_then(|s| s.as_str()) == Some("pre-switchover")
-                    })
-                    .and_then(|(_, _, t)| t.time()))
-            })
+            .with(|q| Ok(q.paused_at()))
             .ok()
             .flatten()
             .unwrap_or_else(std::time::SystemTime::now);

@@ -87,6 +87,20 @@ fn xattr_errno(path: &Path, name: &str, value: &[u8], flags: i32) -> std::io::Re
     }
 }
 
+/// Two hosts on loopback with Volume1 (`size` bytes) mounted on both, at
+/// feature level 3; csvd gets `args`. The cluster and the two mounts.
+fn two_hosts(size: u64, args: &[&str]) -> (CsvCluster, std::path::PathBuf, std::path::PathBuf) {
+    let mut cl = CsvCluster::loopback(2).unwrap();
+    cl.mounts = true;
+    cl.extra_args = args.iter().map(|a| a.to_string()).collect();
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(size).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    let (d, other) = (cl.mountpoint(1, v), cl.mountpoint(2, v));
+    wait_for_level_3(&d);
+    (cl, d, other)
+}
+
 /// Waits until the cluster runs at feature level 3 (a fresh cluster starts
 /// at the base level until every host has reported its own; extended
 /// attributes answer EOPNOTSUPP until then).
@@ -918,13 +932,7 @@ fn posix_behaviour_suite() {
         Need::Command("setpriv"),
         Need::Device("/dev/fuse")
     );
-    let mut cl = CsvCluster::loopback(2).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(1 << 30).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
-    let (d, other) = (cl.mountpoint(1, v), cl.mountpoint(2, v));
-    wait_for_level_3(&d);
+    let (_cl, d, other) = two_hosts(1 << 30, &[]);
     let results = run_checks(&d, &other);
     let mut failed = Vec::new();
     for (name, r) in &results {
@@ -949,34 +957,18 @@ fn lazy_access_times_move_on_read_and_reach_the_other_host() {
         Need::Command("fusermount3"),
         Need::Device("/dev/fuse")
     );
-    let mut cl = CsvCluster::loopback(2).unwrap();
-    cl.mounts = true;
-    cl.extra_args = vec!["--atime".into(), "lazy".into()];
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(256 << 20).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
-    let (d, other) = (cl.mountpoint(1, v), cl.mountpoint(2, v));
+    let (_cl, d, other) = two_hosts(256 << 20, &["--atime", "lazy"]);
     fs::write(d.join("f"), b"lazy").unwrap();
-    // A fresh cluster runs at the base feature level until every host has
-    // reported its own (explicit access times need level 3): EOPNOTSUPP
-    // until then.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = Command::new("touch")
-            .args(["-a", "-d", "@1500000000"])
-            .arg(d.join("f"))
-            .output()
-            .unwrap();
-        if o.status.success() {
-            break;
-        }
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.contains("not supported") && std::time::Instant::now() < deadline,
-            "touch: {err}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let o = Command::new("touch")
+        .args(["-a", "-d", "@1500000000"])
+        .arg(d.join("f"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "touch: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert_eq!(
         fs::metadata(other.join("f")).unwrap().atime(),
         1_500_000_000
@@ -1041,13 +1033,7 @@ fn locks_taken_on_one_host_stand_in_the_way_on_the_other() {
         Need::Command("fusermount3"),
         Need::Device("/dev/fuse")
     );
-    let mut cl = CsvCluster::loopback(2).unwrap();
-    cl.mounts = true;
-    cl.start_all().unwrap();
-    let v = cl.add_volume_file(256 << 20).unwrap();
-    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
-    let (d, other) = (cl.mountpoint(1, v), cl.mountpoint(2, v));
-    wait_for_level_3(&d);
+    let (_cl, d, other) = two_hosts(256 << 20, &[]);
     fs::write(d.join("db"), vec![0u8; 4096]).unwrap();
     // One host at a time may have a file open for writing (the write
     // lease): host 1 writes, host 2 reads, and read locks meet write locks.
