@@ -39,10 +39,32 @@ pub fn wait_until(
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago. Ports are drawn by
-/// the kernel from its ephemeral range, so parallel test processes rarely
-/// collide; a fixture that gets `EADDRINUSE` should draw again.
+/// A TCP port on 127.0.0.1 that was free a moment ago, drawn below the
+/// kernel's ephemeral range (`ip_local_port_range`): a port drawn from that
+/// range with bind(0) can be handed, between the draw and csvd's bind, to
+/// an outgoing connection of any process, which then holds it
+/// (EADDRINUSE); ports below it are never given to outgoing connections.
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u32, ephemeral.max(10_001));
+    // A start that differs between test processes, then a walk.
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..2000 {
+        let n = NEXT.fetch_add(7919, Ordering::Relaxed);
+        let port = lo + seed.wrapping_add(n) % (hi - lo);
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port as u16)).is_ok() {
+            return Ok(port as u16);
+        }
+    }
+    // Nothing free below the range: the kernel's draw.
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(l.local_addr()?.port())
 }

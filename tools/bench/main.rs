@@ -14,6 +14,7 @@ use clap::Parser;
 
 mod fs_suite;
 mod iscsi_suite;
+mod locks_suite;
 mod meta_suite;
 mod qemu_suite;
 mod redirect_suite;
@@ -103,6 +104,13 @@ enum Suite {
     /// each first write to one is redirected: the worst case. The
     /// write-hold rows (p50 and max over `--count` snapshots) have no peer.
     Snap(snap_suite::Args),
+    /// File locks through a 2-host cluster's mounts against the same calls
+    /// on local ext4 (about 1 min).
+    ///
+    /// Uncontended lock+unlock pairs per second and the lock call's p50
+    /// and p99; a write lock on one host and a read lock on the other
+    /// taken in turn (round trips per second); create+close per second.
+    Locks(locks_suite::Args),
 }
 
 fn main() -> Result<()> {
@@ -115,5 +123,6 @@ fn main() -> Result<()> {
         Suite::Vmm(a) => vmm_suite::run(a),
         Suite::Qemu(a) => qemu_suite::run(a),
         Suite::Snap(a) => snap_suite::run(a),
+        Suite::Locks(a) => locks_suite::run(a),
     }
 }
