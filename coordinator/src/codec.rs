@@ -124,6 +124,7 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
                 Ok(proto::LockType::Unlock) => meta::LockType::Unlock,
                 Err(_) => return Err(DecodeError(format!("unknown lock type {}", c.r#type))),
             },
+            wait: c.wait.then_some(c.now),
         },
         Some(P::UnlockOwner(c)) => Op::UnlockOwner {
             ino: c.ino,
@@ -215,8 +216,8 @@ pub fn stamp(op: &mut proto::VolumeOp, now_ms: u64) {
         Some(P::HandOver(c)) => c.now = now_ms,
         Some(P::RevokeLease(c)) => c.now = now_ms,
         Some(P::CreateSnapshot(c)) => c.now = now_ms,
+        Some(P::Lock(c)) => c.now = now_ms,
         Some(P::Allocate(_))
-        | Some(P::Lock(_))
         | Some(P::UnlockOwner(_))
         | Some(P::DeleteSnapshot(_))
         | Some(P::Reserve(_))
@@ -273,6 +274,7 @@ pub fn lock_to_proto(ino: u64, l: &meta::FileLock) -> proto::LockOp {
         } else {
             proto::LockType::Read
         } as i32,
+        ..Default::default()
     }
 }
 
@@ -434,6 +436,7 @@ pub fn meta_error_to_proto(e: &MetaError) -> proto::Error {
         MetaError::NoData => (ErrorCode::NoData, 0),
         MetaError::TooBig(_) => (ErrorCode::TooBig, 0),
         MetaError::WouldBlock(l) => (ErrorCode::WouldBlock, l.node),
+        MetaError::Deadlock(l) => (ErrorCode::Deadlock, l.node),
     };
     proto::Error {
         code: code as i32,
@@ -536,7 +539,14 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
         Op::RemoveXattr { ino, name, now } => {
             P::RemoveXattr(proto::RemoveXattrOp { ino, name, now })
         }
-        Op::Lock { ino, lock, typ } => P::Lock(proto::LockOp {
+        Op::Lock {
+            ino,
+            lock,
+            typ,
+            wait,
+        } => P::Lock(proto::LockOp {
+            wait: wait.is_some(),
+            now: wait.unwrap_or(0),
             r#type: match typ {
                 meta::LockType::Read => proto::LockType::Read,
                 meta::LockType::Write => proto::LockType::Write,

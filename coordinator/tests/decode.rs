@@ -165,10 +165,11 @@ fn any_op() -> impl Strategy<Value = Op> {
         (
             any_u64(),
             (any_u64(), any_u64(), any::<u32>(), any::<bool>()),
-            (any_u64(), any_u64(), 0u8..3)
+            (any_u64(), any_u64(), 0u8..3),
+            proptest::option::of(any_u64())
         )
             .prop_map(
-                |(ino, (node, owner, pid, flock), (start, end, typ))| Op::Lock {
+                |(ino, (node, owner, pid, flock), (start, end, typ), wait)| Op::Lock {
                     ino,
                     lock: FileLock {
                         node,
@@ -185,6 +186,7 @@ fn any_op() -> impl Strategy<Value = Op> {
                         1 => LockType::Write,
                         _ => LockType::Unlock,
                     },
+                    wait,
                 }
             ),
         (any_u64(), any_u64(), any_u64(), any::<bool>()).prop_map(|(ino, node, owner, flock)| {

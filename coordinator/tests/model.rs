@@ -933,6 +933,7 @@ fn file_locks_conflict_split_and_go_with_the_lease() {
             ino: f.ino,
             lock: l,
             typ,
+            wait: None,
         })
     };
     lock(&mut v, lk(2, 10, false, 0, 99), LockType::Write).unwrap();
@@ -1003,4 +1004,92 @@ fn file_locks_conflict_split_and_go_with_the_lease() {
     })
     .unwrap();
     assert!(v.locks_of(f.ino).is_empty());
+}
+
+/// Deadlocks between lock owners: a blocking request records its wait;
+/// one that would close a cycle of waits (two owners on two hosts, or a
+/// chain of three) is refused with `Deadlock`, the others keep waiting;
+/// waits outlive an encode/decode, end when their owner gets its lock,
+/// and are forgotten once they expire (a waiter that stopped asking).
+#[test]
+fn blocked_lock_requests_that_would_close_a_cycle_are_deadlocks() {
+    use coordinator::meta::{FileLock, LockType, WAIT_TTL_MS};
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let f = mk(&mut v, ROOT, "db", Kind::File, "", 1);
+    for node in [2, 3, 4] {
+        v.apply(Op::GrantLease {
+            node,
+            ino: f.ino,
+            write: false,
+            now: 1,
+            ttl: 1 << 40,
+        })
+        .unwrap();
+    }
+    let lk = |node: u64, start, end| FileLock {
+        node,
+        owner: 10 * node,
+        pid: 100 + node as u32,
+        flock: false,
+        start,
+        end,
+        write: true,
+    };
+    let lock = |v: &mut Volume, l: FileLock, wait: Option<u64>| {
+        v.apply(Op::Lock {
+            ino: f.ino,
+            lock: l,
+            typ: LockType::Write,
+            wait,
+        })
+    };
+    // Hosts 2, 3, 4 each hold a range.
+    for (n, s) in [(2, 0), (3, 10), (4, 20)] {
+        lock(&mut v, lk(n, s, s + 9), None).unwrap();
+    }
+    // 2 waits for 3, 3 waits for 4: a chain, no cycle.
+    assert!(matches!(
+        lock(&mut v, lk(2, 10, 19), Some(1000)),
+        Err(MetaError::WouldBlock(h)) if h.node == 3
+    ));
+    assert!(matches!(
+        lock(&mut v, lk(3, 20, 29), Some(1000)),
+        Err(MetaError::WouldBlock(h)) if h.node == 4
+    ));
+    assert_eq!(v.lock_waits().count(), 2);
+    assert_eq!(Volume::decode(&v.encode()).unwrap(), v);
+    // A request that does not block never counts as waiting.
+    assert!(matches!(
+        lock(&mut v, lk(4, 0, 9), None),
+        Err(MetaError::WouldBlock(_))
+    ));
+    // 4 waiting for 2 would close 2 -> 3 -> 4 -> 2.
+    match lock(&mut v, lk(4, 0, 9), Some(1001)) {
+        Err(MetaError::Deadlock(h)) => assert_eq!((h.node, h.pid), (2, 102)),
+        r => panic!("{r:?}"),
+    }
+    assert_eq!(v.lock_waits().count(), 2);
+    // 4 gives up its range: 3 gets it and no longer waits; 2 still does.
+    v.apply(Op::Lock {
+        ino: f.ino,
+        lock: lk(4, 20, 29),
+        typ: LockType::Unlock,
+        wait: None,
+    })
+    .unwrap();
+    lock(&mut v, lk(3, 20, 29), Some(1002)).unwrap();
+    let waiting: Vec<u64> = v.lock_waits().map(|w| w.lock.node).collect();
+    assert_eq!(waiting, [2]);
+    // 3 waiting for 2 now closes 2 -> 3 -> 2.
+    assert!(matches!(
+        lock(&mut v, lk(3, 0, 9), Some(1003)),
+        Err(MetaError::Deadlock(_))
+    ));
+    // Once 2's wait has expired (it stopped asking), 3 just waits.
+    assert!(matches!(
+        lock(&mut v, lk(3, 0, 9), Some(1000 + WAIT_TTL_MS)),
+        Err(MetaError::WouldBlock(_))
+    ));
+    let waiting: Vec<u64> = v.lock_waits().map(|w| w.lock.node).collect();
+    assert_eq!(waiting, [3]);
 }

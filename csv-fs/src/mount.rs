@@ -87,8 +87,10 @@ pub struct MountConfig {
     pub threads: usize,
     /// Of those, how many read the kernel's requests at a time.
     pub readers: usize,
-    /// Reads move access times, lazily ([`VolumeFs::set_lazy_atime`]).
-    pub lazy_atime: bool,
+    /// How reads move access times ([`VolumeFs::set_atime_mode`]).
+    pub atime: crate::volume::AtimeMode,
+    /// Mount a guard under each volume ([`prepare_mountpoint`]).
+    pub guard: bool,
     /// This host on the SAN (for volumes on iSCSI LUNs).
     pub san: SanIdentity,
     /// The other hosts' addresses (redirected I/O goes there).
@@ -228,7 +230,7 @@ impl VolumeMount {
             });
         }
         let mp = cfg.mountpoint(v.number);
-        prepare_mountpoint(&mp)?;
+        prepare_mountpoint(&mp, cfg.guard)?;
         // An iSCSI path is reopened (a new login) when it failed; a LUN
         // file is probed as it is.
         let again = san
@@ -252,7 +254,7 @@ impl VolumeMount {
             capacity: v.capacity,
             clients: ClientPool::new(move || Client::new(me.clone(), endpoints.clone())),
         });
-        fs.set_lazy_atime(cfg.lazy_atime);
+        fs.set_atime_mode(cfg.atime);
         // Few readers pay where reads and writes do not block a thread (a
         // LUN file or block device, asynchronous I/O); on an iSCSI path
         // every read and write waits, so every thread reads.

@@ -31,7 +31,7 @@ mod space;
 use namespace::check_name;
 
 pub use lease::{check_lease_history, HistoryError, Lease, LeaseChange, LeaseEvent, LEASE_HISTORY};
-pub use locks::{FileLock, LockTable, LockType};
+pub use locks::{FileLock, LockTable, LockType, Wait, WAIT_TTL_MS};
 pub use snaps::{
     is_snapshot_ino, snap_ino, split_ino, RangeCount, SnapInfo, LIVE_INO_LIMIT, MAX_SNAPSHOTS,
     SNAPSHOTS_DIR, SNAPSHOTS_NAME,
@@ -256,10 +256,14 @@ pub enum Op {
     /// Remove an extended attribute.
     RemoveXattr { ino: Ino, name: String, now: u64 },
     /// Take, change or release a lock (`lock`'s holder, kind and range).
+    /// `wait` (the proposer's clock, ms): a blocking request, recorded as
+    /// waiting when a lock stands in the way, or refused as a deadlock
+    /// ([`LockTable::wait`]).
     Lock {
         ino: Ino,
         lock: FileLock,
         typ: LockType,
+        wait: Option<u64>,
     },
     /// Release every lock of one kind an owner holds on a file (its close).
     UnlockOwner {
@@ -362,6 +366,10 @@ pub enum MetaError {
     /// A lock stands in the way (its holder).
     #[error("locked by process {} on host {}", .0.pid, .0.node)]
     WouldBlock(FileLock),
+    /// Waiting for the lock would close a cycle of owners waiting on each
+    /// other (the holder in the way).
+    #[error("deadlock: waiting for process {} on host {}, which waits for this owner", .0.pid, .0.node)]
+    Deadlock(FileLock),
 }
 
 /// What a command returns.
@@ -688,7 +696,12 @@ impl Volume {
                 now,
             } => self.set_xattr(ino, name, value, how, now),
             Op::RemoveXattr { ino, name, now } => self.remove_xattr(ino, &name, now),
-            Op::Lock { ino, lock, typ } => self.set_lock(ino, lock, typ),
+            Op::Lock {
+                ino,
+                lock,
+                typ,
+                wait,
+            } => self.set_lock(ino, lock, typ, wait),
             Op::UnlockOwner {
                 ino,
                 node,

@@ -11,10 +11,12 @@
 //! inodes; the shared-range reference counts are rebuilt from them), and
 //! (from 3) each inode's extras: access time, the nanoseconds within the
 //! millisecond of its modification and access times, device number and
-//! extended attributes, then the file locks held, for the live inodes and then for each snapshot's (only
-//! inodes with an access time other than their modification time, a
-//! device number or attributes are listed; a reader of an older minor
-//! version takes the access time to be the modification time).
+//! extended attributes, for the live inodes and then for each snapshot's
+//! (only inodes with an access time other than their modification time,
+//! a device number or attributes are listed; a reader of an older minor
+//! version takes the access time to be the modification time), then the
+//! file locks held, then the blocked lock requests (a section a reader
+//! finds missing in the first minor-3 states, and takes as none).
 //! Decoding checks the magic, refuses an
 //! unknown major version, verifies the checksum, bounds every count by the
 //! bytes left (hostile input cannot make it allocate), and rebuilds the
@@ -376,6 +378,18 @@ impl Volume {
             w.u64(l.end);
             w.u8(u8::from(l.write));
         }
+        let waits: Vec<&super::Wait> = self.locks.waits().collect();
+        w.u64(waits.len() as u64);
+        for x in waits {
+            w.u64(x.ino);
+            w.u64(x.lock.node);
+            w.u64(x.lock.owner);
+            w.u32(x.lock.pid);
+            w.u64(x.lock.start);
+            w.u64(x.lock.end);
+            w.u8(u8::from(x.lock.write));
+            w.u64(x.until);
+        }
         let body = w.0;
         let mut out = Vec::with_capacity(HEADER + body.len());
         out.extend_from_slice(MAGIC);
@@ -517,6 +531,27 @@ impl Volume {
                     return Err(r.bad("a lock out of range or on a missing inode"));
                 }
                 locks.push(ino, l);
+            }
+            // Blocked lock requests (their section came late in minor 3).
+            if r.at < body.len() {
+                let n = r.count(53)?;
+                for _ in 0..n {
+                    let ino = r.u64()?;
+                    let lock = super::FileLock {
+                        node: r.u64()?,
+                        owner: r.u64()?,
+                        pid: r.u32()?,
+                        flock: false,
+                        start: r.u64()?,
+                        end: r.u64()?,
+                        write: r.u8()? != 0,
+                    };
+                    let until = r.u64()?;
+                    if lock.start > lock.end {
+                        return Err(r.bad("a blocked lock request out of range"));
+                    }
+                    locks.push_wait(super::Wait { ino, lock, until });
+                }
             }
         }
         // A newer minor version may append sections this build skips.

@@ -166,7 +166,8 @@ pub fn run(s: Settings) -> Result<(), DaemonError> {
             endpoints,
             threads: s.fuse_threads,
             readers: s.fuse_readers,
-            lazy_atime: s.lazy_atime,
+            atime: s.atime,
+            guard: s.mount_guard,
             san: s.san.clone(),
             peers,
         };

@@ -216,12 +216,22 @@ pub struct Cli {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub fuse_readers: Option<u64>,
     /// Access times on the mounts: `noatime` (a read never moves a file's
-    /// access time; it is kept when set explicitly) or `lazy` (a read
-    /// moves it at most once a day per file, or when it is older than the
-    /// modification time, as relatime does; the updates go to the
-    /// coordinator in batches every 5 s) [default: noatime]
-    #[arg(long, value_name = "MODE", value_parser = ["noatime", "lazy"])]
+    /// access time; it is kept when set explicitly), `lazy` (a read moves
+    /// it at most once a day per file, or when it is older than the
+    /// modification time, as relatime does) or `strict` (every read moves
+    /// it, as strictatime). The updates go to the coordinator in batches
+    /// every 5 s; this host sees its own at once [default: noatime]
+    #[arg(long, value_name = "MODE", value_parser = ["noatime", "lazy", "strict"])]
     pub atime: Option<String>,
+    /// Mount the volumes without the guard under them. The guard makes
+    /// every call under a volume's mount point fail while csvd is down
+    /// (instead of reaching the host's own disk); without it, a volume
+    /// unmounted by hand (`umount`) leaves the bare directory, as a
+    /// kernel file system does. For rigs that mount and unmount volumes
+    /// themselves (xfstests' `mount.fuse.csv`); keep the guard on hosts
+    /// that run VMs
+    #[arg(long)]
+    pub no_mount_guard: bool,
     /// The engine that runs the VM roles placed on this host [default:
     /// csv-vmm]
     #[arg(long, value_name = "ENGINE", value_parser = |s: &str| s.parse::<EngineKind>())]
@@ -313,9 +323,12 @@ pub struct FileConfig {
     /// Of those, how many read requests at a time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fuse_readers: Option<u64>,
-    /// Access times on the mounts: "noatime" or "lazy".
+    /// Access times on the mounts: "noatime", "lazy" or "strict".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub atime: Option<String>,
+    /// No guard under the volumes' mounts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_mount_guard: bool,
     /// The VM engine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineKind>,
@@ -405,8 +418,8 @@ impl FileConfig {
             return Err(invalid("snapshot_every", "at least 1"));
         }
         if let Some(a) = &self.atime {
-            if a != "noatime" && a != "lazy" {
-                return Err(invalid("atime", "\"noatime\" or \"lazy\""));
+            if !["noatime", "lazy", "strict"].contains(&a.as_str()) {
+                return Err(invalid("atime", "\"noatime\", \"lazy\" or \"strict\""));
             }
         }
         for (key, n) in [
@@ -522,8 +535,10 @@ pub struct Settings {
     pub fuse_threads: usize,
     /// Of those, how many read requests at a time.
     pub fuse_readers: usize,
-    /// Reads move access times, lazily (`atime = "lazy"`).
-    pub lazy_atime: bool,
+    /// How reads move access times (`atime`).
+    pub atime: csv_fs::volume::AtimeMode,
+    /// A guard under each volume's mount (`no_mount_guard` unset).
+    pub mount_guard: bool,
     /// The VM engine.
     pub engine: EngineKind,
     /// The engine's program (None: the engine's default).
@@ -663,7 +678,13 @@ impl Settings {
             console_actions: cli.console_actions || file.console_actions,
             fuse_threads: cli.fuse_threads.or(file.fuse_threads).unwrap_or(64) as usize,
             fuse_readers,
-            lazy_atime: cli.atime.or(file.atime).as_deref() == Some("lazy"),
+            atime: cli
+                .atime
+                .or(file.atime)
+                .as_deref()
+                .and_then(csv_fs::volume::AtimeMode::parse)
+                .unwrap_or_default(),
+            mount_guard: !(cli.no_mount_guard || file.no_mount_guard),
             engine: cli.engine.or(file.engine).unwrap_or_default(),
             vmm: cli.vmm.or(file.vmm),
             vm_memory,

@@ -83,8 +83,9 @@ pub fn clear_stale_mount(p: &Path) {
 /// would be told the file does not exist. The guard is a FUSE mount whose
 /// connection is closed at once, so under it every call fails with
 /// ENOTCONN, just as under the dead mount. It goes when the volume is
-/// unmounted in order.
-pub fn prepare_mountpoint(p: &Path) -> Result<(), MountError> {
+/// unmounted in order. Without `guard` (`csvd --no-mount-guard`), the
+/// directory is only made.
+pub fn prepare_mountpoint(p: &Path, guard: bool) -> Result<(), MountError> {
     clear_stale_mount(p);
     // (Under the guard, the directory answers nothing, not even stat.)
     if mounts_at(p).last().is_some_and(|(src, _)| src == GUARD) {
@@ -94,6 +95,9 @@ pub fn prepare_mountpoint(p: &Path) -> Result<(), MountError> {
         path: p.to_path_buf(),
         source,
     })?;
+    if !guard {
+        return Ok(());
+    }
     if let Err(e) = mount_guard(p) {
         tracing::warn!(
             "{}: no guard under the volume's mount ({}): while csvd is down, writes there would go to the local disk",

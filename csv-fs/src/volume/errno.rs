@@ -22,6 +22,7 @@ pub(crate) fn errno(e: &ClientError) -> Errno {
         Some(ErrorCode::NoData) => Errno::ENODATA,
         Some(ErrorCode::TooBig) => Errno::E2BIG,
         Some(ErrorCode::WouldBlock) => Errno::EAGAIN,
+        Some(ErrorCode::Deadlock) => Errno::EDEADLK,
         // A host of an older build is a member: what it cannot apply is
         // not offered yet (special files, extended attributes, exchange).
         Some(ErrorCode::FeatureLevel) => Errno::EOPNOTSUPP,

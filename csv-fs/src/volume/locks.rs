@@ -15,12 +15,15 @@
 //! taken through it in its own table, as each kernel did before, and
 //! every request also meets the locks in that table.
 //!
-//! A blocking request (`F_SETLKW`, `flock` without `LOCK_NB`) asks the
+//! A blocking request (`F_SETLKW`, `flock` without `LOCK_NB`) is recorded
+//! in the coordinator as waiting for what stands in the way, or refused
+//! with EDEADLK when that owner waits, directly or through others, for
+//! this one ([`coordinator::meta::LockTable::wait`]); it then asks the
 //! coordinator every 10 ms which lock stands in the way (a read, no
-//! commit) and tries again once none does; a signal for the waiting
-//! thread ends the wait with EINTR (fuser does not pass the kernel's
-//! interrupt on, so the thread's pending signals are read from
-//! `/proc/<tid>/status`).
+//! commit), tries again once none does, and records its wait again every
+//! second. A signal for the waiting thread ends the wait with EINTR
+//! (fuser does not pass the kernel's interrupt on, so the thread's pending
+//! signals are read from `/proc/<tid>/status`).
 
 use super::VolumeFs;
 use coordinator::meta::{FileLock, LockType};
@@ -30,6 +33,10 @@ use std::time::Duration;
 
 /// How often a blocked lock request looks again.
 const RETRY: Duration = Duration::from_millis(10);
+
+/// How often a blocked lock request records its wait again (well within
+/// [`coordinator::meta::WAIT_TTL_MS`]).
+const REWAIT: Duration = Duration::from_secs(1);
 
 /// A lock as the kernel describes it: its range and type (`F_RDLCK`,
 /// `F_WRLCK`, `F_UNLCK`).
@@ -79,6 +86,7 @@ impl VolumeFs {
             start: r.start,
             end: r.end,
             r#type: lock_type(r.typ)? as i32,
+            ..Default::default()
         })
     }
 
@@ -147,9 +155,13 @@ impl VolumeFs {
 
     /// One try at `owner`'s lock `r` of `ino`: in the cluster's table, or
     /// this host's own while the cluster cannot keep locks; EAGAIN when a
-    /// lock stands in the way.
-    fn try_lock(&self, ino: u64, owner: u64, pid: u32, r: Range) -> Result<(), Errno> {
-        let op = self.lock_op(ino, owner, pid, r)?;
+    /// lock stands in the way (with `wait`, recorded as waiting for it) or
+    /// EDEADLK when waiting would close a cycle.
+    fn try_lock(&self, ino: u64, owner: u64, pid: u32, r: Range, wait: bool) -> Result<(), Errno> {
+        let op = proto::LockOp {
+            wait,
+            ..self.lock_op(ino, owner, pid, r)?
+        };
         if r.typ != libc::F_UNLCK && self.local_conflict(ino, owner, r).is_some() {
             return Err(Errno::EAGAIN);
         }
@@ -192,24 +204,30 @@ impl VolumeFs {
         r: Range,
         waiter: Option<u32>,
     ) -> Result<(), Errno> {
+        let wait = waiter.is_some() && r.typ != libc::F_UNLCK;
         loop {
-            match self.try_lock(ino, owner, pid, r) {
+            match self.try_lock(ino, owner, pid, r, wait) {
                 Ok(()) => {
                     if let Ok(mut held) = self.lockers.lock() {
                         held.insert((ino, owner));
                     }
                     return Ok(());
                 }
-                Err(Errno::EAGAIN) if waiter.is_some() => {}
+                Err(Errno::EAGAIN) if wait => {}
                 Err(e) => return Err(e),
             }
             let tid = waiter.unwrap_or(pid);
-            // Wait until nothing stands in the way, then try again.
+            let asked = std::time::Instant::now();
+            // Wait until nothing stands in the way (or it is time to
+            // record the wait again), then try again.
             loop {
                 if signal_pending(tid) {
                     return Err(Errno::EINTR);
                 }
                 std::thread::sleep(RETRY);
+                if asked.elapsed() >= REWAIT {
+                    break;
+                }
                 match self.getlk(ino, owner, pid, r) {
                     Ok(Some(_)) => continue,
                     Ok(None) => break,

@@ -108,6 +108,45 @@ impl std::fmt::Debug for VolumeConfig {
 /// Lease-thread ticks (500 ms) between flushes of access times.
 const ATIME_FLUSH_TICKS: u64 = 10;
 
+/// How reads move access times on a mount (`csvd --atime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AtimeMode {
+    /// Never (`noatime`, the default): a file's access time moves only
+    /// when it is set explicitly.
+    #[default]
+    Never,
+    /// relatime's rule (`lazy`): when it is not after the modification
+    /// time or is a day old.
+    Lazy,
+    /// At every read (`strict`, as strictatime).
+    Strict,
+}
+
+impl AtimeMode {
+    /// The mode a setting names: `noatime`, `lazy` (or `relatime`),
+    /// `strict` (or `strictatime`).
+    pub fn parse(s: &str) -> Option<AtimeMode> {
+        match s {
+            "noatime" => Some(AtimeMode::Never),
+            "lazy" | "relatime" => Some(AtimeMode::Lazy),
+            "strict" | "strictatime" => Some(AtimeMode::Strict),
+            _ => None,
+        }
+    }
+
+    fn code(self) -> u8 {
+        self as u8
+    }
+
+    fn from_code(c: u8) -> AtimeMode {
+        match c {
+            1 => AtimeMode::Lazy,
+            2 => AtimeMode::Strict,
+            _ => AtimeMode::Never,
+        }
+    }
+}
+
 /// relatime's rule: a read moves the access time when it is not after the
 /// modification time or is a day old.
 fn atime_due(atime: u64, mtime: u64, now: u64) -> bool {
@@ -138,8 +177,9 @@ pub struct VolumeFs {
     /// Handles this host opened for FileSystemRedirected hosts: handle →
     /// the host (closed if the cluster has that host down).
     served_for: Mutex<HashMap<u64, u64>>,
-    /// Reads move access times (lazily: see [`VolumeFs::note_read`]).
-    lazy_atime: AtomicBool,
+    /// How reads move access times ([`AtimeMode`] as a number: see
+    /// [`VolumeFs::note_read`]).
+    atime_mode: std::sync::atomic::AtomicU8,
     /// Access times moved by reads and not yet sent: inode → ms.
     atimes: Mutex<HashMap<u64, u64>>,
     /// (inode, lock owner) of the locks taken through this host: a close
@@ -186,7 +226,7 @@ impl VolumeFs {
             },
             fs_redirect: RwLock::new(None),
             served_for: Mutex::new(HashMap::new()),
-            lazy_atime: AtomicBool::new(false),
+            atime_mode: std::sync::atomic::AtomicU8::new(AtimeMode::Never.code()),
             atimes: Mutex::new(HashMap::new()),
             lockers: Mutex::new(std::collections::HashSet::new()),
             local_locks: Mutex::default(),
@@ -214,24 +254,25 @@ impl VolumeFs {
         fs
     }
 
-    /// Whether reads move access times (`atime = "lazy"`); off by default
-    /// (`noatime`).
-    pub fn set_lazy_atime(&self, on: bool) {
-        self.lazy_atime.store(on, Ordering::Relaxed);
+    /// How reads move access times (`noatime` by default).
+    pub fn set_atime_mode(&self, mode: AtimeMode) {
+        self.atime_mode.store(mode.code(), Ordering::Relaxed);
     }
 
-    /// A read of `ino` (open here) happened: with lazy access times its
-    /// access time moves if it is older than its modification time or a
-    /// day old (relatime's rule), in the open file's attributes at once and
-    /// in the coordinator at the next flush (every 5 s).
+    /// A read of `ino` (open here) happened: unless access times are off,
+    /// its access time moves (lazily: if it is older than its modification
+    /// time or a day old, relatime's rule; strictly: always), in the open
+    /// file's attributes at once and in the coordinator at the next flush
+    /// (every 5 s).
     pub(crate) fn note_read(&self, ino: u64) {
-        if !self.lazy_atime.load(Ordering::Relaxed) {
+        let mode = AtimeMode::from_code(self.atime_mode.load(Ordering::Relaxed));
+        if mode == AtimeMode::Never {
             return;
         }
         let Some(f) = self.file(ino) else { return };
         let Ok(mut g) = f.lock() else { return };
         let now = errno::time_to_ms(std::time::SystemTime::now());
-        if !atime_due(g.attr.atime, g.attr.mtime, now) {
+        if mode == AtimeMode::Lazy && !atime_due(g.attr.atime, g.attr.mtime, now) {
             return;
         }
         g.attr.atime = now;
@@ -363,5 +404,21 @@ mod atime_tests {
         assert!(!super::atime_due(2000, 1000, 2000 + day - 1));
         // A day old: moves.
         assert!(super::atime_due(2000, 1000, 2000 + day));
+    }
+
+    #[test]
+    fn access_time_modes_are_named_as_mount_options_are() {
+        use super::AtimeMode;
+        for (name, mode) in [
+            ("noatime", AtimeMode::Never),
+            ("lazy", AtimeMode::Lazy),
+            ("relatime", AtimeMode::Lazy),
+            ("strict", AtimeMode::Strict),
+            ("strictatime", AtimeMode::Strict),
+        ] {
+            assert_eq!(AtimeMode::parse(name), Some(mode));
+            assert_eq!(AtimeMode::from_code(mode.code()), mode);
+        }
+        assert_eq!(AtimeMode::parse("atime"), None);
     }
 }

@@ -105,6 +105,15 @@ impl VolumeFs {
                     .and_then(|f| f.lock().ok().map(|g| proto::Attr { nlink: 0, ..g.attr }));
                 local.ok_or(Errno::ESTALE)
             }
+            Ok(mut a) => {
+                // An access time a read moved here, not yet sent.
+                if let Some(t) = self.atimes.lock().ok().and_then(|m| m.get(&ino).copied()) {
+                    if t > a.atime {
+                        (a.atime, a.atime_sub_ns) = (t, 0);
+                    }
+                }
+                Ok(a)
+            }
             r => r,
         }
     }

@@ -1087,6 +1087,28 @@ fn locks_taken_on_one_host_stand_in_the_way_on_the_other() {
     fcntl_lock(&h2, libc::F_OFD_SETLK, libc::F_RDLCK, 1005, 1).unwrap();
     fcntl_lock(&h2, libc::F_OFD_SETLK, libc::F_UNLCK, 1005, 1).unwrap();
 
+    // Two owners waiting on each other's ranges across hosts: the request
+    // that would close the cycle gets EDEADLK; the other waits on, and
+    // wakes once the range it waits for is unlocked.
+    fcntl_lock(&h1, libc::F_SETLK, libc::F_WRLCK, 0, 10).unwrap();
+    fcntl_lock(&h2, libc::F_SETLK, libc::F_RDLCK, 10, 10).unwrap();
+    std::thread::scope(|sc| {
+        let waiter = sc.spawn(|| fcntl_lock(&h1, libc::F_SETLKW, libc::F_WRLCK, 10, 10));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!waiter.is_finished(), "F_SETLKW on host 1 did not wait");
+        let t = std::time::Instant::now();
+        let e = fcntl_lock(&h2, libc::F_SETLKW, libc::F_RDLCK, 0, 10).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EDEADLK), "{e}");
+        eprintln!(
+            "EDEADLK across hosts after {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        assert!(!waiter.is_finished(), "the other waiter gave up");
+        fcntl_lock(&h2, libc::F_SETLK, libc::F_UNLCK, 10, 10).unwrap();
+        waiter.join().unwrap().unwrap();
+    });
+    fcntl_lock(&h1, libc::F_SETLK, libc::F_UNLCK, 0, 20).unwrap();
+
     // flock; the lock goes when its file is closed.
     let f1 = open(&d.join("db"));
     flock(&f1, libc::LOCK_EX).unwrap();
@@ -1181,4 +1203,65 @@ fn locks_taken_on_one_host_stand_in_the_way_on_the_other() {
     // The interrupted request took nothing: host 1 still holds the lock.
     let held = fcntl_lock(&h2, libc::F_GETLK, libc::F_RDLCK, 0, 0).unwrap();
     assert_eq!(i32::from(held.l_type), libc::F_WRLCK);
+}
+
+/// A host's locks go when the cluster has it down, under the same rules
+/// as its write leases: after kill -9 of host 1's csvd, host 2's
+/// `F_SETLKW`, blocked by host 1's lock, gets the lock once the cluster
+/// has host 1 down (the time is measured), and host 1's old descriptor can
+/// no longer write.
+#[test]
+fn a_dead_hosts_locks_go_once_the_cluster_has_it_down() {
+    skip_unless!(
+        Need::Root,
+        Need::Command("fusermount3"),
+        Need::Device("/dev/fuse")
+    );
+    let mut cl = CsvCluster::loopback(3).unwrap();
+    cl.mounts = true;
+    cl.start_all().unwrap();
+    let v = cl.add_volume_file(64 << 20).unwrap();
+    cl.wait_mounted(v, Duration::from_secs(20)).unwrap();
+    let (d, other) = (cl.mountpoint(1, v), cl.mountpoint(2, v));
+    wait_for_level_3(&d);
+    fs::write(d.join("db"), vec![0u8; 4096]).unwrap();
+    let h1 = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(d.join("db"))
+        .unwrap();
+    fcntl_lock(&h1, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    let h2 = File::open(other.join("db")).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = fcntl_lock(&h2, libc::F_SETLKW, libc::F_RDLCK, 0, 0);
+        let _ = tx.send((r.map(|_| std::time::Instant::now()), h2));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "F_SETLKW on host 2 did not wait for host 1's lock"
+    );
+    let killed = std::time::Instant::now();
+    cl.kill(1).unwrap();
+    let (got, _h2) = rx
+        .recv_timeout(Duration::from_secs(90))
+        .expect("host 2 never got the lock of the dead host 1");
+    let s = got.unwrap().duration_since(killed).as_secs_f64();
+    eprintln!("host 2 got host 1's lock {s:.1} s after host 1's csvd was killed");
+    // Host 1's descriptor is dead: no write reaches the volume through it.
+    let e = h1.write_at(b"late", 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "{e}");
+    let mut back = vec![0u8; 4];
+    File::open(other.join("db"))
+        .unwrap()
+        .read_exact_at(&mut back, 0)
+        .unwrap();
+    assert_eq!(back, [0u8; 4], "host 1 wrote after it was down");
+    // Host 2 may now write the file (host 1's write lease went too) and
+    // lock it exclusively.
+    let w = OpenOptions::new()
+        .write(true)
+        .open(other.join("db"))
+        .unwrap();
+    fcntl_lock(&w, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
 }
