@@ -327,8 +327,14 @@ impl Client {
 
     /// Directory entries (linearizable).
     pub fn readdir(&mut self, vol: u64, ino: u64) -> Result<Vec<proto::DirEntry>> {
+        self.listing(vol, ino).map(|e| e.entries)
+    }
+
+    /// A directory's entries and its own attributes (linearizable; the
+    /// attributes are missing from a coordinator of an older build).
+    pub fn listing(&mut self, vol: u64, ino: u64) -> Result<proto::DirEntries> {
         match self.read(vol, read::Query::ReadDir(ino))?.value {
-            Some(Value::Entries(e)) => Ok(e.entries),
+            Some(Value::Entries(e)) => Ok(e),
             v => Err(ClientError::BadReply(format!("{v:?}"))),
         }
     }

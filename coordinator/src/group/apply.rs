@@ -174,6 +174,7 @@ impl Group {
                                     as i32,
                             })
                             .collect(),
+                        dir: v.getattr(*i).map(|a| codec::attr_to_proto(&a)),
                     }),
                     read::Query::ReadLink(i) => {
                         Value::Text(v.readlink(*i).map_err(me)?.to_string())

@@ -164,8 +164,9 @@ pub struct VolumeFs {
     clients: ClientPool,
     files: Mutex<HashMap<u64, Arc<Mutex<OpenFile>>>>,
     handles: Mutex<HashMap<u64, Handle>>,
-    /// Directory listings by open directory handle.
-    dirs: Mutex<HashMap<u64, Vec<DirEntry>>>,
+    /// Directory listings by open directory handle, with the directory's
+    /// attributes when it was opened.
+    dirs: Mutex<HashMap<u64, (Vec<DirEntry>, Option<proto::Attr>)>>,
     next_fh: AtomicU64,
     stop: Arc<AtomicBool>,
     gate: Arc<gate::Gate>,

@@ -97,13 +97,32 @@ impl VolumeFs {
     /// kernel look its path up again: another host removed or renamed
     /// over its name).
     pub fn getattr(&self, ino: u64) -> Result<proto::Attr, Errno> {
+        self.getattr_open(ino, None)
+    }
+
+    /// As [`VolumeFs::getattr`], for an open handle `fh` when the kernel
+    /// gives one (`fstat`): a file or directory removed meanwhile answers
+    /// with its last attributes, its link count 0, while it is open here.
+    pub fn getattr_open(&self, ino: u64, fh: Option<u64>) -> Result<proto::Attr, Errno> {
         let vol = self.vol;
         match self.call(|c| c.getattr(vol, ino)) {
             Err(Errno::ENOENT) => {
-                let local = self
-                    .file(ino)
-                    .and_then(|f| f.lock().ok().map(|g| proto::Attr { nlink: 0, ..g.attr }));
-                local.ok_or(Errno::ESTALE)
+                let file = || {
+                    self.file(ino)
+                        .and_then(|f| f.lock().ok().map(|g| proto::Attr { nlink: 0, ..g.attr }))
+                };
+                // (The kernel names the handle for files only: a
+                // directory open here is found by its inode.)
+                let dir = || {
+                    let d = self.dirs.lock().ok()?;
+                    let a = fh
+                        .and_then(|h| d.get(&h))
+                        .into_iter()
+                        .chain(d.values())
+                        .find_map(|(_, a)| a.as_ref().filter(|a| a.ino == ino))?;
+                    Some(proto::Attr { nlink: 0, ..a.clone() })
+                };
+                file().or_else(dir).ok_or(Errno::ESTALE)
             }
             Ok(mut a) => {
                 // An access time a read moved here, not yet sent.
@@ -509,7 +528,8 @@ impl VolumeFs {
     /// Lists directory `ino` (with `.` and `..`): the listing's handle.
     pub fn opendir(&self, ino: u64) -> Result<u64, Errno> {
         let vol = self.vol;
-        let entries = self.call(|c| c.readdir(vol, ino))?;
+        let listing = self.call(|c| c.listing(vol, ino))?;
+        let entries = listing.entries;
         let mut list: Vec<DirEntry> = vec![
             (ino, NodeKind::Directory, ".".to_string()),
             (ino, NodeKind::Directory, "..".to_string()),
@@ -519,7 +539,7 @@ impl VolumeFs {
         }
         let fh = self.next_handle();
         if let Ok(mut d) = self.dirs.lock() {
-            d.insert(fh, list);
+            d.insert(fh, (list, listing.dir));
         }
         Ok(fh)
     }
@@ -534,7 +554,7 @@ impl VolumeFs {
         mut add: impl FnMut(u64, u64, NodeKind, &str) -> bool,
     ) -> Result<(), Errno> {
         let d = self.dirs.lock().map_err(|_| Errno::EIO)?;
-        let list = d.get(&fh).ok_or(Errno::EBADF)?;
+        let (list, _) = d.get(&fh).ok_or(Errno::EBADF)?;
         for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
             if add(*ino, i as u64 + 1, *kind, name) {
                 break;
