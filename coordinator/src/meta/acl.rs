@@ -130,6 +130,40 @@ pub fn inherit(parent: &Xattrs, mode: u32, umask: u32, dir: bool) -> (u32, Vec<(
     (mode, set)
 }
 
+/// An access ACL set on an inode with mode `mode`: the mode's new
+/// permission bits (the owner's, the mask's or else the owning group's,
+/// the others'; the kernel's `posix_acl_update_mode`, which FUSE leaves to
+/// the filesystem) and whether the ACL says more than them (else it is not
+/// kept as an attribute: `posix_acl_equiv_mode`). None if `value` is not
+/// an ACL.
+pub fn mode_of_access(value: &[u8], mode: u32) -> Option<(u32, bool)> {
+    let acl = parse(value)?;
+    let perm = |t| acl.iter().find(|e| e.tag == t).map(|e| u32::from(e.perm));
+    let group = perm(MASK).or(perm(GROUP_OBJ))?;
+    let bits = (perm(USER_OBJ)? << 6) | (group << 3) | perm(OTHER)?;
+    let extended = acl.iter().any(|e| matches!(e.tag, USER | GROUP | MASK));
+    Some(((mode & !0o777) | bits, extended))
+}
+
+/// An access ACL after a `chmod` to `mode`: the owner's, the mask's (or
+/// else the owning group's) and the others' permissions follow the new
+/// mode (the kernel's `posix_acl_chmod`, which FUSE leaves to the
+/// filesystem). None if `value` is not an ACL.
+pub fn chmod(value: &[u8], mode: u32) -> Option<Vec<u8>> {
+    let mut acl = parse(value)?;
+    let has_mask = acl.iter().any(|e| e.tag == MASK);
+    for e in &mut acl {
+        match e.tag {
+            USER_OBJ => e.perm = ((mode >> 6) & 7) as u16,
+            MASK => e.perm = ((mode >> 3) & 7) as u16,
+            GROUP_OBJ if !has_mask => e.perm = ((mode >> 3) & 7) as u16,
+            OTHER => e.perm = (mode & 7) as u16,
+            _ => {}
+        }
+    }
+    Some(encode(&acl))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +226,43 @@ mod tests {
         let minimal = acl(&[(USER_OBJ, 6, 0), (GROUP_OBJ, 4, 0), (OTHER, 0, 0)]);
         let parent = Xattrs::from([(DEFAULT.to_string(), minimal)]);
         assert_eq!(inherit(&parent, 0o666, 0o077, false), (0o640, vec![]));
+    }
+
+    #[test]
+    fn an_access_acl_sets_the_mode_and_a_chmod_sets_the_acl() {
+        // u::rw-, u:1000:rwx, g::r--, m::rwx, o::---: the mask is the
+        // group's bits; extended, so kept.
+        let a = acl(&[
+            (USER_OBJ, 6, u32::MAX),
+            (USER, 7, 1000),
+            (GROUP_OBJ, 4, u32::MAX),
+            (MASK, 7, u32::MAX),
+            (OTHER, 0, u32::MAX),
+        ]);
+        assert_eq!(mode_of_access(&a, 0o104_644), Some((0o104_670, true)));
+        // A minimal ACL is the mode itself: not kept.
+        let m = acl(&[
+            (USER_OBJ, 4, u32::MAX),
+            (GROUP_OBJ, 7, u32::MAX),
+            (OTHER, 6, u32::MAX),
+        ]);
+        assert_eq!(mode_of_access(&m, 0o100_644), Some((0o100_476, false)));
+        // chmod 0750: owner rwx, mask r-x (the named user's rwx is masked
+        // by it, as it stays), others none.
+        let c = parse(&chmod(&a, 0o750).unwrap()).unwrap();
+        let perms: Vec<(u16, u16)> = c.iter().map(|e| (e.tag, e.perm)).collect();
+        assert_eq!(
+            perms,
+            [
+                (USER_OBJ, 7),
+                (USER, 7),
+                (GROUP_OBJ, 4),
+                (MASK, 5),
+                (OTHER, 0)
+            ]
+        );
+        assert_eq!(mode_of_access(b"bad", 0), None);
+        assert_eq!(chmod(b"bad", 0), None);
     }
 
     #[test]

@@ -419,7 +419,21 @@ impl Volume {
         if used + name.len() + value.len() > XATTR_INODE_MAX {
             return Err(MetaError::NoSpace);
         }
-        i.xattrs.insert(name, value);
+        // An access ACL sets the mode's permission bits; one that says
+        // no more than them is not kept (as a kernel filesystem does).
+        match acl::mode_of_access(&value, i.attr.mode).filter(|_| name == acl::ACCESS) {
+            Some((mode, false)) => {
+                i.attr.mode = mode;
+                i.xattrs.remove(&name);
+            }
+            Some((mode, true)) => {
+                i.attr.mode = mode;
+                i.xattrs.insert(name, value);
+            }
+            None => {
+                i.xattrs.insert(name, value);
+            }
+        }
         i.attr.xattrs = i.xattrs.len() as u32;
         i.attr.ctime = now;
         Ok(Reply::Attr(i.attr.clone()))
@@ -457,6 +471,10 @@ impl Volume {
         }
         if let Some(m) = mode {
             i.attr.mode = m;
+            // The access ACL follows a chmod (owner, mask, others).
+            if let Some(a) = i.xattrs.get(acl::ACCESS).and_then(|v| acl::chmod(v, m)) {
+                i.xattrs.insert(acl::ACCESS.to_string(), a);
+            }
         }
         if let Some(u) = uid {
             i.attr.uid = u;

@@ -156,6 +156,9 @@ impl Filesystem for Mounted {
             // Locks are the cluster's (volume::locks), not each kernel's.
             fuser::InitFlags::FUSE_POSIX_LOCKS,
             fuser::InitFlags::FUSE_FLOCK_LOCKS,
+            // A file opened with O_DIRECT (served with direct I/O) can
+            // still be mapped, as on a kernel file system.
+            fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             let _ = config.add_capabilities(f);
         }
@@ -309,6 +312,17 @@ impl Filesystem for Mounted {
         reply: ReplyEmpty,
     ) {
         let _turn = self.readers.turn(true);
+        // A whiteout (for overlay file systems' upper layers) is not
+        // made: refused, as by file systems without it, rather than
+        // done as a plain rename.
+        if flags.contains(RenameFlags::RENAME_WHITEOUT)
+            || !(RenameFlags::RENAME_EXCHANGE
+                | RenameFlags::RENAME_NOREPLACE
+                | RenameFlags::RENAME_WHITEOUT)
+                .contains(flags)
+        {
+            return reply.error(Errno::EINVAL);
+        }
         if flags.contains(RenameFlags::RENAME_EXCHANGE) {
             if flags.contains(RenameFlags::RENAME_NOREPLACE) {
                 return reply.error(Errno::EINVAL);

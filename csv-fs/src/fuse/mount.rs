@@ -129,7 +129,6 @@ fn fuse_mount(
         nix::unistd::geteuid(),
         nix::unistd::getegid()
     );
-    let flags = flags | nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
     nix::mount::mount(
         Some(source),
         p,
@@ -145,7 +144,10 @@ fn fuse_mount(
 }
 
 /// Mounts VolumeN's file system at `p` (over the guard); the device for
-/// its session.
+/// its session. Device nodes and set-user-ID programs on it work as on a
+/// kernel file system (a chroot or container image on a volume needs its
+/// `/dev/null`): only root makes them, and every host of the cluster
+/// trusts the others' root alike.
 pub fn mount_fuse(p: &Path, vol: u64) -> Result<std::os::fd::OwnedFd, MountError> {
     fuse_mount(
         p,
@@ -164,7 +166,10 @@ fn mount_guard(p: &Path) -> Result<(), MountError> {
         GUARD,
         "csv-guard",
         "rootmode=40000",
-        nix::mount::MsFlags::MS_RDONLY | nix::mount::MsFlags::MS_NOEXEC,
+        nix::mount::MsFlags::MS_RDONLY
+            | nix::mount::MsFlags::MS_NOEXEC
+            | nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV,
     )?;
     drop(dev);
     Ok(())

@@ -45,6 +45,11 @@ impl Lease {
     }
 }
 
+/// How often writes in place into a file open for writing move its
+/// modification time in the coordinator, at most (the last close always
+/// does).
+const MTIME_EVERY: Duration = Duration::from_secs(1);
+
 /// A file open on this host.
 #[derive(Debug)]
 pub(crate) struct OpenFile {
@@ -57,6 +62,11 @@ pub(crate) struct OpenFile {
     pub(crate) size_reported: u64,
     /// Ranges written into unwritten space, not yet reported.
     pub(crate) dirty: Vec<(u64, u64)>,
+    /// Written since the coordinator last stamped the modification time
+    /// (a write in place needs no other report).
+    pub(crate) touched: bool,
+    /// When a report last stamped it.
+    pub(crate) stamped: Option<Instant>,
     /// Redirected writes (file offset, reserved LUN pieces) whose new
     /// place is not yet in the coordinator's map.
     pub(crate) remaps: Vec<(u64, Vec<(u64, u64)>)>,
@@ -267,6 +277,8 @@ impl VolumeFs {
             size: attr.size,
             size_reported: attr.size,
             dirty: Vec::new(),
+            touched: false,
+            stamped: None,
             remaps: Vec::new(),
             pool: Vec::new(),
             lease: Some(lease),
@@ -321,7 +333,15 @@ impl VolumeFs {
         within: Option<Duration>,
     ) -> Result<(), Errno> {
         if f.dirty.is_empty() && f.remaps.is_empty() && f.size <= f.size_reported {
-            return Ok(());
+            // Only writes in place: they move the modification time, at
+            // the last writer's close, and at most once a second while
+            // the file is open for writing (a VM disk's every flush
+            // would otherwise cost a commit).
+            let due = f.touched
+                && (f.writers == 0 || f.stamped.is_none_or(|t| t.elapsed() >= MTIME_EVERY));
+            if !due {
+                return Ok(());
+            }
         }
         self.lun.flush().map_err(|e| io_errno(&e))?;
         // Redirected writes first: their new places go into the map,
@@ -358,6 +378,8 @@ impl VolumeFs {
             merged.drain(..n);
         }
         f.size_reported = f.size;
+        f.touched = false;
+        f.stamped = Some(Instant::now());
         Ok(())
     }
 

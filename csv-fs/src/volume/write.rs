@@ -294,6 +294,7 @@ impl VolumeFs {
             f.dirty.push((off, len));
         }
         f.size = f.size.max(off + len);
+        f.touched = true;
         Ok(len as u32)
     }
 
