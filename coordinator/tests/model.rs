@@ -1093,3 +1093,46 @@ fn blocked_lock_requests_that_would_close_a_cycle_are_deadlocks() {
     let waiting: Vec<u64> = v.lock_waits().map(|w| w.lock.node).collect();
     assert_eq!(waiting, [3]);
 }
+
+/// In a set-group-ID directory a new inode takes the directory's group
+/// and a new directory the bit too; elsewhere the creator's group stands.
+#[test]
+fn a_set_group_id_directory_gives_its_group_to_what_is_made_in_it() {
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let d = mk(&mut v, ROOT, "shared", Kind::Dir, "", 1);
+    v.apply(Op::SetAttr {
+        ino: d.ino,
+        mode: Some(0o42775),
+        uid: None,
+        gid: Some(50),
+        size: None,
+        mtime: None,
+        atime: None,
+        now: 2,
+    })
+    .unwrap();
+    let make = |v: &mut Volume, parent, name: &str, kind| match v.apply(Op::Create {
+        parent,
+        name: name.into(),
+        kind,
+        mode: 0o755,
+        uid: 1000,
+        gid: 1000,
+        target: String::new(),
+        rdev: 0,
+        umask: None,
+        now: 3,
+        lease: None,
+    }) {
+        Ok(Reply::Attr(a)) => a,
+        r => panic!("{r:?}"),
+    };
+    let f = make(&mut v, d.ino, "f", Kind::File);
+    assert_eq!((f.gid, f.mode & 0o7777), (50, 0o755));
+    let sub = make(&mut v, d.ino, "sub", Kind::Dir);
+    assert_eq!((sub.gid, sub.mode & 0o7777), (50, 0o2755));
+    let g = make(&mut v, sub.ino, "g", Kind::File);
+    assert_eq!(g.gid, 50);
+    let out = make(&mut v, ROOT, "out", Kind::File);
+    assert_eq!(out.gid, 1000);
+}

@@ -68,12 +68,26 @@ impl Volume {
         if ino >= LIVE_INO_LIMIT {
             return Err(MetaError::NoSpace);
         }
-        let (mode, acls) = match (umask, self.inodes.get(&parent)) {
+        let (mut mode, acls) = match (umask, self.inodes.get(&parent)) {
             (Some(u), Some(p)) if kind != Kind::Symlink => {
                 acl::inherit(&p.xattrs, mode, u, kind == Kind::Dir)
             }
             _ => (mode, Vec::new()),
         };
+        // In a set-group-ID directory a new inode takes the directory's
+        // group, and a new directory the bit too (the kernel's
+        // inode_init_owner, which FUSE leaves to the filesystem).
+        let mut gid = gid;
+        if let Some(p) = self
+            .inodes
+            .get(&parent)
+            .filter(|p| p.attr.mode & 0o2000 != 0)
+        {
+            gid = p.attr.gid;
+            if kind == Kind::Dir {
+                mode |= 0o2000;
+            }
+        }
         let dir = self.dir_mut(parent)?;
         if dir.contains_key(name) {
             return Err(MetaError::Exists);
