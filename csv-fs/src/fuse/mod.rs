@@ -159,6 +159,9 @@ impl Filesystem for Mounted {
             // A file opened with O_DIRECT (served with direct I/O) can
             // still be mapped, as on a kernel file system.
             fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
+            // Files can be opened by handle (`open_by_handle_at`, knfsd):
+            // the kernel looks "." up in an inode it no longer holds.
+            fuser::InitFlags::FUSE_EXPORT_SUPPORT,
         ] {
             let _ = config.add_capabilities(f);
         }
@@ -411,7 +414,7 @@ impl Filesystem for Mounted {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -422,6 +425,7 @@ impl Filesystem for Mounted {
         reply: ReplyWrite,
     ) {
         let turn = self.readers.turn(false);
+        self.fs.remove_privs(ino.0, req.uid());
         let done = Box::new(move |r: Result<u32, Errno>| match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),

@@ -87,6 +87,12 @@ fn writable(ino: u64) -> Result<(), Errno> {
 impl VolumeFs {
     /// Looks `name` up in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<proto::Attr, Errno> {
+        // The kernel looks "." up to open a file by its handle
+        // (`open_by_handle_at`, an NFS export): the inode itself, or
+        // ESTALE once it is gone (inode numbers are never reused).
+        if name == "." {
+            return self.getattr(parent);
+        }
         let n = name_of(name)?;
         let vol = self.vol;
         self.call(|c| c.lookup(vol, parent, n))
@@ -179,6 +185,11 @@ impl VolumeFs {
             Err(Errno::EOPNOTSUPP) if ch.atime.is_none() => self.op_attr(op(false)),
             r => r,
         }?;
+        if let (Some(f), Some(_)) = (&open, ch.mode) {
+            if let Ok(mut g) = f.lock() {
+                g.attr.mode = a.mode;
+            }
+        }
         if let (Some(f), Some(s)) = (&open, ch.size) {
             if let Ok(mut g) = f.lock() {
                 g.size = s;

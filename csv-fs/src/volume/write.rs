@@ -44,6 +44,40 @@ fn chunk_for(size: u64) -> u64 {
 }
 
 impl VolumeFs {
+    /// A write by `uid` is about to change `ino`: unless it is root's, a
+    /// set-user-ID bit goes, and a set-group-ID bit with group execute
+    /// permission, as the kernel's `file_remove_privs` does for the
+    /// writes it buffers (for direct I/O to a FUSE filesystem it leaves
+    /// it undone). The open file's mode is looked at first: a file
+    /// without the bits costs nothing.
+    pub fn remove_privs(&self, ino: u64, uid: u32) {
+        const PRIVS: u32 = 0o4000 | 0o2000;
+        if uid == 0 {
+            return;
+        }
+        let Some(file) = self.file(ino) else { return };
+        if file.lock().map_or(true, |g| g.attr.mode & PRIVS == 0) {
+            return;
+        }
+        let Ok(a) = self.getattr(ino) else { return };
+        let kill = 0o4000 | if a.mode & 0o010 != 0 { 0o2000 } else { 0 };
+        let mode = a.mode & !kill;
+        if mode != a.mode {
+            let r = self.op(volume_op::Op::SetAttr(proto::SetAttrOp {
+                ino,
+                mode: Some(mode & 0o7777),
+                ..Default::default()
+            }));
+            if let Err(e) = r {
+                tracing::debug!(ino, "set-ID bits not removed at a write: {e:?}");
+                return;
+            }
+        }
+        if let Ok(mut g) = file.lock() {
+            g.attr.mode = mode;
+        };
+    }
+
     /// Writes `data` at `off` of `ino` (open as `fh`) and tells `done`,
     /// from this thread or from the completion of an asynchronous write.
     pub fn write(
