@@ -153,6 +153,9 @@ fn atime_due(atime: u64, mtime: u64, now: u64) -> bool {
     atime <= mtime || now.saturating_sub(atime) >= 24 * 3600 * 1000
 }
 
+/// An open directory: its listing, and its attributes when it was opened.
+type OpenDir = (Vec<DirEntry>, Option<proto::Attr>);
+
 /// One mounted volume.
 pub struct VolumeFs {
     vol: u64,
@@ -166,7 +169,7 @@ pub struct VolumeFs {
     handles: Mutex<HashMap<u64, Handle>>,
     /// Directory listings by open directory handle, with the directory's
     /// attributes when it was opened.
-    dirs: Mutex<HashMap<u64, (Vec<DirEntry>, Option<proto::Attr>)>>,
+    dirs: Mutex<HashMap<u64, OpenDir>>,
     next_fh: AtomicU64,
     stop: Arc<AtomicBool>,
     gate: Arc<gate::Gate>,

@@ -126,10 +126,7 @@ impl VolumeFs {
                         .into_iter()
                         .chain(d.values())
                         .find_map(|(_, a)| a.as_ref().filter(|a| a.ino == ino))?;
-                    Some(proto::Attr {
-                        nlink: 0,
-                        ..a.clone()
-                    })
+                    Some(proto::Attr { nlink: 0, ..*a })
                 };
                 file().or_else(dir).ok_or(Errno::ESTALE)
             }
