@@ -458,10 +458,11 @@ impl Filesystem for Mounted {
         reply: ReplyEmpty,
     ) {
         let _turn = self.readers.turn(true);
-        // The open file's flock (and OFD) locks go with it.
+        // The open file's flock and OFD locks go with it.
         if let Some(o) = lock_owner {
             self.fs.release_locks(ino.0, o.0);
         }
+        self.fs.release_handle_locks(ino.0, fh.0);
         reply_empty(reply, self.fs.release(fh.0));
     }
 
@@ -492,7 +493,7 @@ impl Filesystem for Mounted {
         &self,
         req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         lock_owner: fuser::LockOwner,
         start: u64,
         end: u64,
@@ -506,7 +507,10 @@ impl Filesystem for Mounted {
         // The request's header names the calling thread (a signal for it
         // ends a wait); the lock's pid is its process (what F_GETLK shows).
         let waiter = sleep.then(|| req.pid());
-        reply_empty(reply, self.fs.setlk(ino.0, lock_owner.0, pid, r, waiter));
+        reply_empty(
+            reply,
+            self.fs.setlk((ino.0, fh.0), lock_owner.0, pid, r, waiter),
+        );
     }
 
     fn fsync(

@@ -192,13 +192,13 @@ impl VolumeFs {
         }
     }
 
-    /// Takes, changes or releases `owner`'s lock `r` of `ino` for process
-    /// `pid`: EAGAIN when another holds it and `waiter` is None; with the
-    /// waiting thread's id, until it can be had or that thread gets a
-    /// signal (EINTR).
+    /// Takes, changes or releases `owner`'s lock `r` of `ino` (open as
+    /// `fh`) for process `pid`: EAGAIN when another holds it and `waiter`
+    /// is None; with the waiting thread's id, until it can be had or that
+    /// thread gets a signal (EINTR).
     pub fn setlk(
         &self,
-        ino: u64,
+        (ino, fh): (u64, u64),
         owner: u64,
         pid: u32,
         r: Range,
@@ -210,6 +210,12 @@ impl VolumeFs {
                 Ok(()) => {
                     if let Ok(mut held) = self.lockers.lock() {
                         held.insert((ino, owner));
+                    }
+                    if let Ok(mut by) = self.handle_lockers.lock() {
+                        let owners = by.entry(fh).or_default();
+                        if !owners.contains(&owner) {
+                            owners.push(owner);
+                        }
                     }
                     return Ok(());
                 }
@@ -234,6 +240,21 @@ impl VolumeFs {
                     Err(e) => return Err(e),
                 }
             }
+        }
+    }
+
+    /// Handle `fh` of `ino` is released: the locks taken through it go
+    /// (its OFD and `flock` locks; a process's record locks went at the
+    /// close that flushed it).
+    pub fn release_handle_locks(&self, ino: u64, fh: u64) {
+        let owners = self
+            .handle_lockers
+            .lock()
+            .ok()
+            .and_then(|mut by| by.remove(&fh))
+            .unwrap_or_default();
+        for o in owners {
+            self.release_locks(ino, o);
         }
     }
 

@@ -153,8 +153,16 @@ fn atime_due(atime: u64, mtime: u64, now: u64) -> bool {
     atime <= mtime || now.saturating_sub(atime) >= 24 * 3600 * 1000
 }
 
-/// An open directory: its listing, and its attributes when it was opened.
-type OpenDir = (Vec<DirEntry>, Option<proto::Attr>);
+/// An open directory.
+struct OpenDir {
+    ino: u64,
+    /// Its entries when it was listed.
+    list: Vec<DirEntry>,
+    /// Its attributes then (missing from a coordinator of an older build).
+    attr: Option<proto::Attr>,
+    /// Read since (a read from the start again lists it anew).
+    read: bool,
+}
 
 /// One mounted volume.
 pub struct VolumeFs {
@@ -189,6 +197,10 @@ pub struct VolumeFs {
     /// (inode, lock owner) of the locks taken through this host: a close
     /// of another owner's descriptor costs no call.
     lockers: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// The lock owners that took locks through each open handle: an OFD
+    /// lock's owner is its open file, whose locks go at its release (the
+    /// kernel sends no unlock for them).
+    handle_lockers: Mutex<HashMap<u64, Vec<u64>>>,
     /// Locks kept by this host alone while the cluster runs below the
     /// feature level that replicates them ([`locks`]).
     local_locks: Mutex<coordinator::meta::LockTable>,
@@ -233,6 +245,7 @@ impl VolumeFs {
             atime_mode: std::sync::atomic::AtomicU8::new(AtimeMode::Never.code()),
             atimes: Mutex::new(HashMap::new()),
             lockers: Mutex::new(std::collections::HashSet::new()),
+            handle_lockers: Mutex::new(HashMap::new()),
             local_locks: Mutex::default(),
         });
         let weak = Arc::downgrade(&fs);

@@ -5,7 +5,7 @@
 
 use super::errno::{io_errno, name_of};
 use super::lease::Lease;
-use super::{DirEntry, VolumeFs, LEASE_TTL};
+use super::{DirEntry, OpenDir, VolumeFs, LEASE_TTL};
 use coordinator::meta::is_snapshot_ino;
 use coordinator::proto::{self, volume_op, NodeKind};
 use fuser::Errno;
@@ -125,7 +125,7 @@ impl VolumeFs {
                         .and_then(|h| d.get(&h))
                         .into_iter()
                         .chain(d.values())
-                        .find_map(|(_, a)| a.as_ref().filter(|a| a.ino == ino))?;
+                        .find_map(|o| o.attr.as_ref().filter(|a| a.ino == ino))?;
                     Some(proto::Attr { nlink: 0, ..*a })
                 };
                 file().or_else(dir).ok_or(Errno::ESTALE)
@@ -538,35 +538,59 @@ impl VolumeFs {
 
     /// Lists directory `ino` (with `.` and `..`): the listing's handle.
     pub fn opendir(&self, ino: u64) -> Result<u64, Errno> {
-        let vol = self.vol;
-        let listing = self.call(|c| c.listing(vol, ino))?;
-        let entries = listing.entries;
-        let mut list: Vec<DirEntry> = vec![
-            (ino, NodeKind::Directory, ".".to_string()),
-            (ino, NodeKind::Directory, "..".to_string()),
-        ];
-        for e in entries {
-            list.push((e.ino, e.kind(), e.name));
-        }
+        let dir = self.list_dir(ino)?;
         let fh = self.next_handle();
         if let Ok(mut d) = self.dirs.lock() {
-            d.insert(fh, (list, listing.dir));
+            d.insert(fh, dir);
         }
         Ok(fh)
     }
 
+    /// Directory `ino`'s entries (with `.` and `..`) and attributes now.
+    fn list_dir(&self, ino: u64) -> Result<OpenDir, Errno> {
+        let vol = self.vol;
+        let listing = self.call(|c| c.listing(vol, ino))?;
+        let mut list: Vec<DirEntry> = vec![
+            (ino, NodeKind::Directory, ".".to_string()),
+            (ino, NodeKind::Directory, "..".to_string()),
+        ];
+        for e in listing.entries {
+            list.push((e.ino, e.kind(), e.name));
+        }
+        Ok(OpenDir {
+            ino,
+            list,
+            attr: listing.dir,
+            read: false,
+        })
+    }
+
     /// Hands the entries of listing `fh` from `offset` on to `add` (its
     /// arguments: inode, the next entry's offset, kind, name) until it
-    /// says it is full.
+    /// says it is full. Reading from the start again (`rewinddir`) lists
+    /// the directory anew, as POSIX asks: names made since it was opened
+    /// are seen.
     pub fn readdir(
         &self,
         fh: u64,
         offset: u64,
         mut add: impl FnMut(u64, u64, NodeKind, &str) -> bool,
     ) -> Result<(), Errno> {
-        let d = self.dirs.lock().map_err(|_| Errno::EIO)?;
-        let (list, _) = d.get(&fh).ok_or(Errno::EBADF)?;
-        for (i, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
+        let again = {
+            let d = self.dirs.lock().map_err(|_| Errno::EIO)?;
+            let dir = d.get(&fh).ok_or(Errno::EBADF)?;
+            (offset == 0 && dir.read).then_some(dir.ino)
+        };
+        if let Some(ino) = again {
+            let fresh = self.list_dir(ino)?;
+            if let Ok(mut d) = self.dirs.lock() {
+                d.insert(fh, fresh);
+            }
+        }
+        let mut d = self.dirs.lock().map_err(|_| Errno::EIO)?;
+        let dir = d.get_mut(&fh).ok_or(Errno::EBADF)?;
+        dir.read = true;
+        for (i, (ino, kind, name)) in dir.list.iter().enumerate().skip(offset as usize) {
             if add(*ino, i as u64 + 1, *kind, name) {
                 break;
             }
