@@ -16,7 +16,14 @@ set -euo pipefail
 #   istgt           a second iSCSI target (it has COMPARE AND WRITE, tgtd not)
 #   etcd-server     the metadata benchmark's peer (a Raft-replicated store)
 #   chromium-headless-shell  loads the web console in the suite (headless)
-PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt etcd-server chromium-headless-shell)
+#   autoconf automake libtool make patch pkg-config uuid-dev xfslibs-dev
+#   libattr1-dev libacl1-dev libaio-dev liburing-dev
+#                   build xfstests (tools/xfstests.sh)
+#   attr acl bc gawk psmisc xfsprogs e2fsprogs
+#                   what xfstests runs (getfattr, setfacl, xfs_io, ...)
+PACKAGES=(tgt libiscsi-bin fuse3 qemu-utils busybox-static iproute2 fio istgt etcd-server chromium-headless-shell
+  autoconf automake libtool make patch pkg-config uuid-dev xfslibs-dev libattr1-dev libacl1-dev libaio-dev liburing-dev
+  attr acl bc gawk psmisc xfsprogs e2fsprogs)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

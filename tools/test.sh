@@ -22,6 +22,9 @@ rm -f "$CSV_SKIP_LOG"
 status=0
 cargo nextest run --workspace --locked --profile ci || status=$?
 
+echo "== xfstests, the subset of tools/xfstests/ci.list (tools/xfstests.sh ci)"
+tools/xfstests.sh ci || status=$?
+
 if [ -s "$CSV_SKIP_LOG" ]; then
   echo "== skipped tests (this machine lacks what they need)"
   sort "$CSV_SKIP_LOG"

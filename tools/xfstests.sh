@@ -88,25 +88,25 @@ ln -sf "$root/tools/xfstests/mount.fuse.csv" /usr/sbin/mount.fuse.csv
 
 run=$root/target/xfstests/run
 stop_volumes() {
-  for d in "$run"/test "$run"/scratch; do
-    [ -s "$d/csvd.pid" ] && kill -TERM "$(cat "$d/csvd.pid")" 2>/dev/null
+  # Every csvd serving a volume under $run (an orderly stop, then a kill),
+  # then whatever is still mounted there.
+  local pids p
+  pids=$(pgrep -f "csvd .*--data-dir $run/" || true)
+  for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in $pids; do
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$p" 2>/dev/null || true
   done
-  for d in "$run"/test "$run"/scratch; do
-    if [ -s "$d/csvd.pid" ]; then
-      p=$(cat "$d/csvd.pid")
-      for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
-      kill -9 "$p" 2>/dev/null || true
-      rm -f "$d/csvd.pid"
-    fi
-    # What is left on the mount point: csvd's mount, its guard.
-    for m in $(awk -v d="$d/mnt/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
-      umount -l "$m" 2>/dev/null || true
-    done
+  rm -f "$run"/*/csvd.pid
+  for m in $(awk -v d="$run/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount -l "$m" 2>/dev/null || true
   done
 }
 stop_volumes
-rm -rf "$run"
-mkdir -p "$run/results"
+rm -rf --one-file-system "$run"
+mkdir -p "$run/results" "$run/bin"
+# The run's own copies: a build during the run does not change it.
+cp target/debug/csvd target/debug/csvctl "$run/bin/"
 
 free_port() {
   local p
@@ -124,8 +124,8 @@ for v in test:901 scratch:902; do
   mkdir -p "$d/mnt/Volume$n"
   port=$(free_port $((port + 1)))
   cat >"$d/env" <<EOF
-CSVD=$root/target/debug/csvd
-CSVCTL=$root/target/debug/csvctl
+CSVD=$run/bin/csvd
+CSVCTL=$run/bin/csvctl
 PORT=$port
 CLUSTER=xfstests-$name
 SIZE=${XFSTESTS_SIZE:-8G}

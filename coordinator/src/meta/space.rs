@@ -108,7 +108,9 @@ impl Volume {
         if size > i.attr.size {
             i.attr.size = size;
         }
+        // A write changes the file: both times move (POSIX).
         i.attr.touch_mtime(now);
+        i.attr.ctime = now;
         Ok(Reply::Attr(i.attr.clone()))
     }
 

@@ -162,6 +162,9 @@ struct OpenDir {
     attr: Option<proto::Attr>,
     /// Read since (a read from the start again lists it anew).
     read: bool,
+    /// This host's count of metadata commands when it was listed (a first
+    /// read after one lists it anew).
+    changes: u64,
 }
 
 /// One mounted volume.
@@ -201,6 +204,9 @@ pub struct VolumeFs {
     /// lock's owner is its open file, whose locks go at its release (the
     /// kernel sends no unlock for them).
     handle_lockers: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Metadata commands this host sent (an open directory's listing is
+    /// taken again at its first read when any was sent since).
+    changes: AtomicU64,
     /// Locks kept by this host alone while the cluster runs below the
     /// feature level that replicates them ([`locks`]).
     local_locks: Mutex<coordinator::meta::LockTable>,
@@ -246,6 +252,7 @@ impl VolumeFs {
             atimes: Mutex::new(HashMap::new()),
             lockers: Mutex::new(std::collections::HashSet::new()),
             handle_lockers: Mutex::new(HashMap::new()),
+            changes: AtomicU64::new(0),
             local_locks: Mutex::default(),
         });
         let weak = Arc::downgrade(&fs);
@@ -289,7 +296,15 @@ impl VolumeFs {
         let Some(f) = self.file(ino) else { return };
         let Ok(mut g) = f.lock() else { return };
         let now = errno::time_to_ms(std::time::SystemTime::now());
-        if mode == AtimeMode::Lazy && !atime_due(g.attr.atime, g.attr.mtime, now) {
+        // A time moved by an earlier read, not sent yet, counts.
+        let pending = self
+            .atimes
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&ino).copied())
+            .unwrap_or(0);
+        let atime = g.attr.atime.max(pending);
+        if mode == AtimeMode::Lazy && !atime_due(atime, g.attr.mtime, now) {
             return;
         }
         g.attr.atime = now;
@@ -335,6 +350,8 @@ impl VolumeFs {
     /// Stops the lease thread (the mount is going away).
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        // Access times moved by reads are not lost with the mount.
+        self.flush_atimes();
     }
 
     /// Whether the LUN is out of reach from this host now (no path, own
@@ -359,6 +376,7 @@ impl VolumeFs {
         within: Option<Duration>,
     ) -> Result<proto::Reply, Errno> {
         let vol = self.vol;
+        self.changes.fetch_add(1, Ordering::Relaxed);
         let Some(t) = within else {
             return self.call(|c| c.volume_op(vol, op));
         };

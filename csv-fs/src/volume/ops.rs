@@ -549,6 +549,7 @@ impl VolumeFs {
     /// Directory `ino`'s entries (with `.` and `..`) and attributes now.
     fn list_dir(&self, ino: u64) -> Result<OpenDir, Errno> {
         let vol = self.vol;
+        let changes = self.changes.load(std::sync::atomic::Ordering::Relaxed);
         let listing = self.call(|c| c.listing(vol, ino))?;
         let mut list: Vec<DirEntry> = vec![
             (ino, NodeKind::Directory, ".".to_string()),
@@ -562,14 +563,16 @@ impl VolumeFs {
             list,
             attr: listing.dir,
             read: false,
+            changes,
         })
     }
 
     /// Hands the entries of listing `fh` from `offset` on to `add` (its
     /// arguments: inode, the next entry's offset, kind, name) until it
-    /// says it is full. Reading from the start again (`rewinddir`) lists
-    /// the directory anew, as POSIX asks: names made since it was opened
-    /// are seen.
+    /// says it is full. Reading from the start again (`rewinddir`), or
+    /// for the first time after this host changed any metadata since the
+    /// listing, lists the directory anew, as POSIX asks of `rewinddir`:
+    /// names made since it was opened are seen.
     pub fn readdir(
         &self,
         fh: u64,
@@ -579,7 +582,9 @@ impl VolumeFs {
         let again = {
             let d = self.dirs.lock().map_err(|_| Errno::EIO)?;
             let dir = d.get(&fh).ok_or(Errno::EBADF)?;
-            (offset == 0 && dir.read).then_some(dir.ino)
+            let stale =
+                dir.read || dir.changes != self.changes.load(std::sync::atomic::Ordering::Relaxed);
+            (offset == 0 && stale).then_some(dir.ino)
         };
         if let Some(ino) = again {
             let fresh = self.list_dir(ino)?;
