@@ -16,7 +16,8 @@
 #   - makes the users the permission tests run as (fsgqa, fsgqa2,
 #     123456-fsgqa) when missing;
 #   - maps the mount type fuse.csv to fuse (tools/xfstests/fstype.patch);
-#   - installs tools/xfstests/mount.fuse.csv as /usr/sbin/mount.fuse.csv;
+#   - installs (a copy of) tools/xfstests/mount.fuse.csv as
+#     /usr/sbin/mount.fuse.csv;
 #   - prepares a test and a scratch volume, each a one-host csv cluster
 #     with a LUN file (Volume901 and Volume902, under target/xfstests/run:
 #     xfstests unmounts by source name, so numbers no other mount here
@@ -28,6 +29,8 @@
 #   - prints each failure's diff, stops both volumes, and exits 1 if any
 #     test failed.
 # Results: target/xfstests/run/results (check.log, *.out.bad, *.full).
+# (Read whole before it runs: an edit during a run does not change it.)
+{
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -82,7 +85,6 @@ for u in fsgqa fsgqa2 123456-fsgqa; do
   [ -d "$home" ] || { mkdir -p "$home" && chown "$u:fsgqa" "$home"; }
 done
 
-ln -sf "$root/tools/xfstests/mount.fuse.csv" /usr/sbin/mount.fuse.csv
 
 [ -x target/debug/csvd ] && [ -x target/debug/csvctl ] || cargo build --bins --locked
 
@@ -105,8 +107,10 @@ stop_volumes() {
 stop_volumes
 rm -rf --one-file-system "$run"
 mkdir -p "$run/results" "$run/bin"
-# The run's own copies: a build during the run does not change it.
-cp target/debug/csvd target/debug/csvctl "$run/bin/"
+# The run's own copies: a build or an edit during the run does not
+# change it.
+cp target/debug/csvd target/debug/csvctl tools/xfstests/mount.fuse.csv "$run/bin/"
+ln -sf "$run/bin/mount.fuse.csv" /usr/sbin/mount.fuse.csv
 
 free_port() {
   local p
@@ -162,3 +166,4 @@ for bad in "$run"/results/*/*.out.bad; do
 done
 grep -q '^Failures:' "$run/results/check.log" && status=1
 exit "$status"
+}
