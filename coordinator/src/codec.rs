@@ -110,6 +110,9 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
             how: xattr_set_from(c.how)?,
             now: c.now,
         },
+        Some(P::Accessed(c)) => Op::Accessed {
+            times: c.times.iter().map(|t| (t.ino, t.atime)).collect(),
+        },
         Some(P::RemoveXattr(c)) => Op::RemoveXattr {
             ino: c.ino,
             name: c.name.clone(),
@@ -218,6 +221,7 @@ pub fn stamp(op: &mut proto::VolumeOp, now_ms: u64) {
         Some(P::CreateSnapshot(c)) => c.now = now_ms,
         Some(P::Lock(c)) => c.now = now_ms,
         Some(P::Allocate(_))
+        | Some(P::Accessed(_))
         | Some(P::UnlockOwner(_))
         | Some(P::DeleteSnapshot(_))
         | Some(P::Reserve(_))
@@ -535,6 +539,12 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             value,
             how: xattr_set_code(how) as i32,
             now,
+        }),
+        Op::Accessed { times } => P::Accessed(proto::AccessedOp {
+            times: times
+                .into_iter()
+                .map(|(ino, atime)| proto::AccessTime { ino, atime })
+                .collect(),
         }),
         Op::RemoveXattr { ino, name, now } => {
             P::RemoveXattr(proto::RemoveXattrOp { ino, name, now })

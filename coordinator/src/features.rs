@@ -58,7 +58,8 @@ pub fn required(body: &command::Body) -> u32 {
                 | volume_op::Op::RemoveXattr(_)
                 | volume_op::Op::Exchange(_)
                 | volume_op::Op::Lock(_)
-                | volume_op::Op::UnlockOwner(_),
+                | volume_op::Op::UnlockOwner(_)
+                | volume_op::Op::Accessed(_),
             ) => POSIX_EXTRAS,
             Some(volume_op::Op::Create(c)) if c.lease_ttl > 0 => CREATE_WITH_LEASE,
             _ => BASE,

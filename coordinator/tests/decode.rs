@@ -157,6 +157,8 @@ fn any_op() -> impl Strategy<Value = Op> {
                 },
                 now
             }),
+        proptest::collection::vec((any_u64(), any_u64()), 0..4)
+            .prop_map(|times| Op::Accessed { times }),
         (any_u64(), any_name(), any_u64()).prop_map(|(ino, name, now)| Op::RemoveXattr {
             ino,
             name,

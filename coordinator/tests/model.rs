@@ -1136,3 +1136,20 @@ fn a_set_group_id_directory_gives_its_group_to_what_is_made_in_it() {
     let out = make(&mut v, ROOT, "out", Kind::File);
     assert_eq!(out.gid, 1000);
 }
+
+/// Access times moved by reads arrive in a batch: each moves only
+/// forward, the change time stays, an inode gone meanwhile is skipped.
+#[test]
+fn access_times_from_reads_move_only_the_access_time() {
+    let mut v = Volume::new(0, 1 << 20, 0);
+    let f = mk(&mut v, ROOT, "f", Kind::File, "", 10);
+    let g = mk(&mut v, ROOT, "g", Kind::File, "", 10);
+    v.apply(Op::Accessed {
+        times: vec![(f.ino, 50), (g.ino, 5), (999_999, 70)],
+    })
+    .unwrap();
+    let (f2, g2) = (v.getattr(f.ino).unwrap(), v.getattr(g.ino).unwrap());
+    assert_eq!((f2.atime, f2.ctime, f2.mtime), (50, 10, 10));
+    assert_eq!(g2.atime, 10, "an access time never moves back");
+    assert_eq!(Volume::decode(&v.encode()).unwrap(), v);
+}

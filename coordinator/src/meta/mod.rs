@@ -255,6 +255,9 @@ pub enum Op {
     },
     /// Remove an extended attribute.
     RemoveXattr { ino: Ino, name: String, now: u64 },
+    /// Access times moved by reads on a host, (inode, ms): only the access
+    /// time moves, never backwards; inodes gone meanwhile are skipped.
+    Accessed { times: Vec<(Ino, u64)> },
     /// Take, change or release a lock (`lock`'s holder, kind and range).
     /// `wait` (the proposer's clock, ms): a blocking request, recorded as
     /// waiting when a lock stands in the way, or refused as a deadlock
@@ -696,6 +699,16 @@ impl Volume {
                 now,
             } => self.set_xattr(ino, name, value, how, now),
             Op::RemoveXattr { ino, name, now } => self.remove_xattr(ino, &name, now),
+            Op::Accessed { times } => {
+                for (ino, t) in times {
+                    if let Some(i) = self.inodes.get_mut(&ino) {
+                        if t > i.attr.atime {
+                            (i.attr.atime, i.attr.atime_ns) = (t, 0);
+                        }
+                    }
+                }
+                Ok(Reply::Ok)
+            }
             Op::Lock {
                 ino,
                 lock,

@@ -314,26 +314,24 @@ impl VolumeFs {
         }
     }
 
-    /// Sends the access times moved by reads since the last flush.
+    /// Sends the access times moved by reads since the last flush, in one
+    /// command (the change time stays).
     pub fn flush_atimes(&self) {
         let pending: Vec<(u64, u64)> = match self.atimes.lock() {
             Ok(mut m) => m.drain().collect(),
             Err(_) => return,
         };
-        for (ino, t) in pending {
-            let r = self.op(coordinator::proto::volume_op::Op::SetAttr(
-                coordinator::proto::SetAttrOp {
-                    ino,
-                    atime: Some(t),
-                    ..Default::default()
-                },
-            ));
-            // A file gone meanwhile has no access time to keep.
-            if let Err(e) = r {
-                if e != Errno::ENOENT {
-                    tracing::debug!(ino, "access time not kept: {e:?}");
-                }
-            }
+        if pending.is_empty() {
+            return;
+        }
+        let r = self.op(volume_op::Op::Accessed(proto::AccessedOp {
+            times: pending
+                .into_iter()
+                .map(|(ino, atime)| proto::AccessTime { ino, atime })
+                .collect(),
+        }));
+        if let Err(e) = r {
+            tracing::debug!("access times not kept: {e:?}");
         }
     }
 
