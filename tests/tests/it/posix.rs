@@ -1116,7 +1116,21 @@ fn locks_taken_on_one_host_stand_in_the_way_on_the_other() {
     let e = flock(&f2, libc::LOCK_EX | libc::LOCK_NB).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK));
     drop(f1);
-    flock(&f2, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    // The kernel sends FUSE's release after close returns: the lock goes
+    // a moment later, not at once.
+    let t = std::time::Instant::now();
+    while let Err(e) = flock(&f2, libc::LOCK_EX | libc::LOCK_NB) {
+        assert_eq!(e.raw_os_error(), Some(libc::EWOULDBLOCK), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the flock lock of a closed file stayed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!(
+        "flock free on host 2 {:.1} ms after the close on host 1",
+        t.elapsed().as_secs_f64() * 1e3
+    );
     flock(&f2, libc::LOCK_UN).unwrap();
 
     // QEMU's image locking (OFD locks) works across hosts: a VM on host 2
