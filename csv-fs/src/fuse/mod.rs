@@ -175,9 +175,9 @@ impl Filesystem for Mounted {
         self.entry(reply, self.fs.lookup(parent.0, name));
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _turn = self.readers.turn(true);
-        self.attr(reply, self.fs.getattr_open(ino.0, fh.map(|f| f.0)));
+        self.attr(reply, self.fs.getattr(ino.0));
     }
 
     fn setattr(

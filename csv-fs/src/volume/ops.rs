@@ -98,18 +98,11 @@ impl VolumeFs {
         self.call(|c| c.lookup(vol, parent, n))
     }
 
-    /// The attributes of `ino`. A file unlinked while open here still has
-    /// its own; an inode gone and not open here is stale (ESTALE has the
-    /// kernel look its path up again: another host removed or renamed
-    /// over its name).
+    /// The attributes of `ino`. A file or directory removed while open
+    /// here still has its own, its link count 0 (`fstat`); an inode gone
+    /// and not open here is stale (ESTALE has the kernel look its path up
+    /// again: another host removed or renamed over its name).
     pub fn getattr(&self, ino: u64) -> Result<proto::Attr, Errno> {
-        self.getattr_open(ino, None)
-    }
-
-    /// As [`VolumeFs::getattr`], for an open handle `fh` when the kernel
-    /// gives one (`fstat`): a file or directory removed meanwhile answers
-    /// with its last attributes, its link count 0, while it is open here.
-    pub fn getattr_open(&self, ino: u64, fh: Option<u64>) -> Result<proto::Attr, Errno> {
         let vol = self.vol;
         match self.call(|c| c.getattr(vol, ino)) {
             Err(Errno::ENOENT) => {
@@ -121,10 +114,8 @@ impl VolumeFs {
                 // directory open here is found by its inode.)
                 let dir = || {
                     let d = self.dirs.lock().ok()?;
-                    let a = fh
-                        .and_then(|h| d.get(&h))
-                        .into_iter()
-                        .chain(d.values())
+                    let a = d
+                        .values()
                         .find_map(|o| o.attr.as_ref().filter(|a| a.ino == ino))?;
                     Some(proto::Attr { nlink: 0, ..*a })
                 };
