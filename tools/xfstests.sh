@@ -19,9 +19,9 @@
 #   - installs (a copy of) tools/xfstests/mount.fuse.csv as
 #     /usr/sbin/mount.fuse.csv;
 #   - prepares a test and a scratch volume, each a one-host csv cluster
-#     with a LUN file (Volume901 and Volume902, under target/xfstests/run:
-#     xfstests unmounts by source name, so numbers no other mount here
-#     has), and
+#     with a LUN file under target/xfstests/run (two numbers from 901
+#     up that no other csv mount on this machine has: xfstests finds and
+#     unmounts its volumes by source name, csv-VolumeN), and
 #     runs `check` with FSTYP=fuse FUSE_SUBTYP=.csv: every mount is csvd's
 #     own FUSE mount, so every call goes through csvd, the coordinator and
 #     the LUN;
@@ -120,9 +120,14 @@ free_port() {
   echo "$1"
 }
 port=$(free_port 17300)
-# Volume numbers no other csv mount on this machine is likely to have:
-# xfstests unmounts by source name (umount csv-VolumeN).
-for v in test:901 scratch:902; do
+# Volume numbers no other csv mount on this machine has (another
+# clone's run, or one a killed run left): xfstests finds and unmounts its
+# volumes by source name (csv-VolumeN).
+taken() { awk -v s="csv-Volume$1" '$1 == s {f = 1} END {exit !f}' /proc/mounts; }
+tn=901
+while taken "$tn" || taken $((tn + 1)); do tn=$((tn + 2)); done
+sn=$((tn + 1))
+for v in test:$tn scratch:$sn; do
   name=${v%:*} n=${v#*:}
   d=$run/$name
   mkdir -p "$d/mnt/Volume$n"
@@ -140,17 +145,17 @@ trap stop_volumes EXIT
 cat >"$run/local.config" <<EOF
 export FSTYP=fuse
 export FUSE_SUBTYP=.csv
-export TEST_DEV=csv-Volume901
-export TEST_DIR=$run/test/mnt/Volume901
-export SCRATCH_DEV=csv-Volume902
-export SCRATCH_MNT=$run/scratch/mnt/Volume902
+export TEST_DEV=csv-Volume$tn
+export TEST_DIR=$run/test/mnt/Volume$tn
+export SCRATCH_DEV=csv-Volume$sn
+export SCRATCH_MNT=$run/scratch/mnt/Volume$sn
 export RESULT_BASE=$run/results
 export MOUNT_OPTIONS=""
 export TEST_FS_MOUNT_OPTS=""
 EOF
 
 # The test volume is mounted before check starts (check expects it).
-mount -t fuse.csv csv-Volume901 "$run/test/mnt/Volume901"
+mount -t fuse.csv "csv-Volume$tn" "$run/test/mnt/Volume$tn"
 
 echo "== xfstests ${args[*]} on csv (FSTYP=fuse FUSE_SUBTYP=.csv)"
 set +e
