@@ -17,7 +17,7 @@ use coordinator::wire::Identity;
 use hypervisor_shim::supervisor::role::{VmConfig, Wanted};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -112,6 +112,11 @@ pub struct Inventory {
     pub frees_storage: u64,
     pub frees_memory: u64,
     pub cost_month: f64,
+    /// The templates in the volumes' libraries and what each saves.
+    pub templates: Vec<crate::template_cmd::Template>,
+    /// Volume space the templates' children would take more as full
+    /// copies.
+    pub templates_save: u64,
 }
 
 fn is_vhd(name: &str) -> bool {
@@ -155,7 +160,7 @@ fn walk(
 
 /// The path of a role's disk under its volume's root
 /// (`/ClusterStorage/Volume1/vms/a.vhd` → `vms/a.vhd`).
-fn rel_path(disk: &str, vol: u64) -> String {
+pub(crate) fn rel_path(disk: &str, vol: u64) -> String {
     let marker = format!("Volume{vol}/");
     match disk.find(&marker) {
         Some(i) => disk[i + marker.len()..].to_string(),
@@ -233,6 +238,8 @@ pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
         frees_memory += f.frees_memory;
     }
     let cost_month = vms.iter().map(|v| v.cost_month).sum::<f64>();
+    let templates = crate::template_cmd::gather(access, &p.mount_root)?;
+    let templates_save = templates.iter().map(|t| t.saves).sum();
     Ok(Inventory {
         at: now,
         vms,
@@ -241,6 +248,8 @@ pub fn gather(access: &Access, p: &Policy, now: u64) -> Result<Inventory> {
         frees_storage,
         frees_memory,
         cost_month: (cost_month * 100.0).round() / 100.0,
+        templates,
+        templates_save,
     })
 }
 
@@ -323,19 +332,23 @@ fn list_disks(
 
 /// A role's disk and its parents, as (volume, path under the volume).
 fn parent_chain(p: &Policy, cfg: &VmConfig, rel: String) -> Vec<(u64, String)> {
-    let mut chain = vec![(cfg.volume, rel.clone())];
-    let mut cur = p
-        .mount_root
-        .join(format!("Volume{}", cfg.volume))
-        .join(&rel);
+    chain(&p.mount_root, cfg.volume, &rel)
+}
+
+/// The VHD at `rel` on VolumeN and its parents, as (volume, path under
+/// the volume), read through this host's mounts under `mount_root` (the
+/// disk alone when they cannot be read).
+pub(crate) fn chain(mount_root: &Path, vol: u64, rel: &str) -> Vec<(u64, String)> {
+    let mut chain = vec![(vol, rel.to_string())];
+    let mut cur = mount_root.join(format!("Volume{vol}")).join(rel);
     for _ in 0..16 {
         let Ok(vhd) = vhd::Vhd::open(&cur, &vhd::OpenOptions::default()) else {
             break;
         };
-        let Some(parent) = vhd.parent().map(|x| PathBuf::from(x.name())) else {
+        let Some(parent) = vhd.parent().map(|x| lexical(Path::new(x.name()))) else {
             break;
         };
-        let Ok(prel) = parent.strip_prefix(&p.mount_root) else {
+        let Ok(prel) = parent.strip_prefix(mount_root) else {
             break;
         };
         let mut parts = prel.components();
@@ -351,6 +364,40 @@ fn parent_chain(p: &Policy, cfg: &VmConfig, rel: String) -> Vec<(u64, String)> {
         cur = parent;
     }
     chain
+}
+
+/// `p` with its `.` and `..` parts resolved by their names alone (a
+/// relative parent locator such as `vms/../base.vhd`).
+fn lexical(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Every VHD file of every volume, as (volume, path under the volume),
+/// from the volumes' metadata (no mount needed).
+pub(crate) fn vhd_files(c: &mut Client, info: &proto::ClusterInfo) -> Result<Vec<(u64, String)>> {
+    let mut out = Vec::new();
+    for v in &info.volumes {
+        let mut files = Vec::new();
+        walk(c, v.number, 1, "", &mut files, 0)?;
+        out.extend(
+            files
+                .into_iter()
+                .filter(|(p, _)| is_vhd(p))
+                .map(|(p, _)| (v.number, p)),
+        );
+    }
+    Ok(out)
 }
 
 /// The VMs' signs of sprawl: stopped long, expired or expiring,
@@ -435,7 +482,15 @@ fn disk_flags(
     flags: &mut Vec<Flag>,
 ) {
     let days = |ms: u64| ms as f64 / 86_400_000.0;
-    for d in disks.iter().filter(|d| d.used_by.is_empty()) {
+    // A template waits in its library for VMs to be made from it.
+    let template = |d: &Disk| {
+        d.path
+            .starts_with(&format!("{}/", crate::template_cmd::LIBRARY))
+    };
+    for d in disks
+        .iter()
+        .filter(|d| d.used_by.is_empty() && !template(d))
+    {
         flags.push(Flag {
             kind: "unattached-vhd",
             subject: format!("Volume{}/{}", d.volume, d.path),
@@ -543,6 +598,31 @@ pub fn run(access: &Access, p: &Policy, json: bool) -> Result<ExitCode> {
             }
         );
     }
+    if !inv.templates.is_empty() {
+        println!("\nTemplates");
+        println!(
+            "  {:<40} {:>10} {:>8} {:>10}",
+            "PATH", "ON DISK", "CHILDREN", "SAVES"
+        );
+        for t in &inv.templates {
+            println!(
+                "  {:<40} {:>10} {:>8} {:>10}",
+                format!(
+                    "Volume{}/{}/{}.vhd",
+                    t.volume,
+                    crate::template_cmd::LIBRARY,
+                    t.name
+                ),
+                mib(t.on_disk),
+                t.children.len(),
+                mib(t.saves)
+            );
+        }
+        println!(
+            "  the templates save {} against full copies of each child",
+            mib(inv.templates_save)
+        );
+    }
     println!("\nSprawl");
     if inv.flags.is_empty() {
         println!("  none");
@@ -581,5 +661,9 @@ mod tests {
         assert_eq!(super::rel_path("/tmp/h1/mnt/Volume12/a.vhd", 12), "a.vhd");
         assert_eq!(super::rel_path("/a.vhd", 3), "a.vhd");
         assert!(super::is_vhd("X.VHD") && super::is_vhd("d.avhd") && !super::is_vhd("a.img"));
+        assert_eq!(
+            super::lexical(std::path::Path::new("/m/Volume1/vms/./../Library/t.vhd")),
+            std::path::Path::new("/m/Volume1/Library/t.vhd")
+        );
     }
 }

@@ -13,6 +13,7 @@ mod inventory_cmd;
 mod san_cmd;
 mod setup_cmd;
 mod snapshot_cmd;
+mod template_cmd;
 mod up_cmd;
 mod validate_cmd;
 mod vhd_cmd;
@@ -56,6 +57,11 @@ enum Command {
     /// one (Add-ClusterVirtualMachineRole and friends).
     #[command(subcommand)]
     Vm(vm_cmd::VmCommand),
+    /// A library of golden VHDs on the volumes: add, list (with the disks
+    /// made from each), remove; `csvctl vm add VM --template NAME` makes a
+    /// VM's disk as a differencing child of one, in a moment.
+    #[command(subcommand)]
+    Template(template_cmd::TemplateCommand),
     /// Consistent volume snapshots while VMs run (VSS-like: prepare,
     /// freeze, commit, thaw), the backup hook, changed-block tracking.
     #[command(subcommand)]
@@ -122,6 +128,7 @@ fn main() -> ExitCode {
         Command::Cluster(c) => cluster_cmd::run_cluster(c),
         Command::Volume(c) => cluster_cmd::run_volume(c),
         Command::Vm(c) => vm_cmd::run(c),
+        Command::Template(c) => template_cmd::run(c),
         Command::Node(c) => vm_cmd::run_node(c),
         Command::Snapshot(c) => snapshot_cmd::run(c),
         Command::Up(a) => up_cmd::up(a),

@@ -392,7 +392,7 @@ fn check(path: &Path, json: bool, opts: &OpenOptions) -> Result<ExitCode> {
     })
 }
 
-fn bar(total: u64, what: &str) -> ProgressBar {
+pub(crate) fn bar(total: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(total);
     pb.set_style(
         ProgressStyle::with_template("{msg:>10} [{bar:40}] {percent:>3}% {eta}")
@@ -404,7 +404,7 @@ fn bar(total: u64, what: &str) -> ProgressBar {
 }
 
 /// A progress callback that moves `pb`.
-fn track(pb: &ProgressBar) -> impl FnMut(u64, u64) + '_ {
+pub(crate) fn track(pb: &ProgressBar) -> impl FnMut(u64, u64) + '_ {
     |done, total| {
         pb.set_length(total);
         pb.set_position(done);

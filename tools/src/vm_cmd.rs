@@ -32,11 +32,22 @@ pub struct AddArgs {
     vcpus: u32,
     /// Its disk: a VHD under a host's mount root, e.g.
     /// /ClusterStorage/Volume1/vm1.vhd (the volume is read from the path).
-    #[arg(long)]
-    disk: String,
+    /// With --template: where to make it [default:
+    /// /ClusterStorage/VolumeN/NAME.vhd on the template's volume].
+    #[arg(long, required_unless_present = "template")]
+    disk: Option<String>,
     /// The volume of the disk, when the path does not say.
     #[arg(long)]
     volume: Option<u64>,
+    /// Make its disk from this template (csvctl template list): a
+    /// differencing child of it, made in a moment, holding only what the
+    /// VM writes.
+    #[arg(long)]
+    template: Option<String>,
+    /// Where this host mounts the volumes (to make the disk from a
+    /// template).
+    #[arg(long, default_value = "/ClusterStorage")]
+    mount_root: std::path::PathBuf,
     /// Hosts to try first, in order (comma-separated ids).
     #[arg(long, value_delimiter = ',')]
     preferred: Vec<u64>,
@@ -340,6 +351,8 @@ fn add(a: AddArgs) -> Result<ExitCode> {
         vcpus,
         disk,
         volume,
+        template,
+        mount_root,
         preferred,
         priority,
         dirty_rate,
@@ -387,13 +400,32 @@ fn add(a: AddArgs) -> Result<ExitCode> {
     if memory < 16 << 20 {
         bail!("--memory {}: at least 16 MiB", vhd::size::human(memory));
     }
-    let Some(volume) = volume.or_else(|| volume_of(&disk)) else {
-        bail!("cannot tell the volume of {disk:?}: give a path with VolumeN in it or --volume N");
-    };
     let (mut c, info) = registry(&access)?;
     if info.vms.iter().any(|r| r.name == name) {
         bail!("a VM role {name:?} exists");
     }
+    // From a template: the disk is made here, a differencing child of it.
+    let from = match &template {
+        Some(t) => {
+            let lib = crate::template_cmd::library(&info, &mount_root);
+            let at = volume.or_else(|| disk.as_deref().and_then(volume_of));
+            let t = crate::template_cmd::find(&lib, t, None)
+                .or_else(|_| crate::template_cmd::find(&lib, t, at))?;
+            Some(t)
+        }
+        None => None,
+    };
+    let disk = match (disk, &from) {
+        (Some(d), _) => d,
+        (None, Some(t)) => format!(
+            "/ClusterStorage/Volume{}/{name}.vhd",
+            volume.unwrap_or(t.volume)
+        ),
+        (None, None) => bail!("give --disk (or --template)"),
+    };
+    let Some(volume) = volume.or_else(|| volume_of(&disk)) else {
+        bail!("cannot tell the volume of {disk:?}: give a path with VolumeN in it or --volume N");
+    };
     if !info.volumes.iter().any(|v| v.number == volume) {
         bail!("there is no Volume{volume} (csvctl volume list shows the volumes)");
     }
@@ -429,11 +461,24 @@ fn add(a: AddArgs) -> Result<ExitCode> {
             .map_err(anyhow::Error::msg)?,
         state_since: Some(now_ms()),
     };
-    put_role(&mut c, &name, 0, &cfg)?;
+    if let Some(t) = &from {
+        let Some(local) = cfg.disk_on(&mount_root) else {
+            bail!("--disk {:?} is not a path on Volume{volume}", cfg.disk);
+        };
+        crate::template_cmd::make_child(&mount_root, t, &local)?;
+        if let Err(e) = put_role(&mut c, &name, 0, &cfg) {
+            let _ = std::fs::remove_file(&local);
+            return Err(e);
+        }
+    } else {
+        put_role(&mut c, &name, 0, &cfg)?;
+    }
     println!(
-        "VM role {name} added (stopped): {vcpus} vCPU(s), {}, disk {} on Volume{volume}",
+        "VM role {name} added (stopped): {vcpus} vCPU(s), {}, disk {} on Volume{volume}{}",
         vhd::size::human(memory),
-        cfg.disk
+        cfg.disk,
+        from.map(|t| format!(", made from template {}", t.name))
+            .unwrap_or_default()
     );
     Ok(ExitCode::SUCCESS)
 }

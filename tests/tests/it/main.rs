@@ -41,6 +41,7 @@ mod posix;
 mod qemu;
 mod security;
 mod snapshots;
+mod templates;
 mod vhd_interop;
 mod vm_roles;
 mod vmm;

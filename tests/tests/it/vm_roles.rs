@@ -27,7 +27,7 @@ pub(super) fn csvctl_ok(cl: &CsvCluster, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn csvctl_err(cl: &CsvCluster, args: &[&str]) -> String {
+pub(super) fn csvctl_err(cl: &CsvCluster, args: &[&str]) -> String {
     let out = cl.csvctl().args(args).output().unwrap();
     assert!(!out.status.success(), "csvctl {args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -35,7 +35,7 @@ fn csvctl_err(cl: &CsvCluster, args: &[&str]) -> String {
 
 /// Three hosts with Volume1 (a 256 MiB LUN file) mounted on each, every
 /// host in the registry.
-fn mounted_cluster() -> (CsvCluster, u64) {
+pub(super) fn mounted_cluster() -> (CsvCluster, u64) {
     let mut cl = CsvCluster::loopback(3).unwrap();
     cl.mounts = true;
     cl.start_all().unwrap();
@@ -67,7 +67,7 @@ fn new_vhd(cl: &CsvCluster, v: u64, name: &str) -> String {
 }
 
 /// Stops the VMs and waits until no host runs them.
-fn stop_and_wait(cl: &CsvCluster, names: &[&str]) {
+pub(super) fn stop_and_wait(cl: &CsvCluster, names: &[&str]) {
     for name in names {
         csvctl_ok(cl, &["vm", "stop", name]);
     }
@@ -100,7 +100,7 @@ fn add_vm(cl: &CsvCluster, name: &str, memory: &str, disk: &str, extra: &[&str])
 }
 
 /// The host's view of VM `name` where it runs (Null while it does not).
-fn running(cl: &CsvCluster, name: &str) -> Value {
+pub(super) fn running(cl: &CsvCluster, name: &str) -> Value {
     let s = csvctl_json(cl, &["vm", "status", name, "--json"]);
     s["runtime"]
         .as_array()
@@ -135,7 +135,7 @@ fn writers_in_turn(h: &Value) -> Vec<u64> {
     out
 }
 
-fn guest_disk(path: &std::path::Path) -> hypervisor_shim::guest::DiskCheck {
+pub(super) fn guest_disk(path: &std::path::Path) -> hypervisor_shim::guest::DiskCheck {
     let d = vhd::Vhd::open(path, &vhd::OpenOptions::default()).unwrap();
     hypervisor_shim::guest::check_disk(256, |b, buf| {
         d.read_at(buf, b * 4096).map_err(std::io::Error::other)
