@@ -43,6 +43,7 @@ pub mod footer;
 pub mod header;
 pub mod io;
 pub mod ops;
+pub mod vhdx;
 mod parent;
 pub mod size;
 #[cfg(feature = "uring")]
