@@ -10,6 +10,7 @@ use std::process::ExitCode;
 mod cluster_cmd;
 mod drill;
 mod inventory_cmd;
+mod p2v_cmd;
 mod san_cmd;
 mod setup_cmd;
 mod snapshot_cmd;
@@ -42,6 +43,14 @@ enum Command {
     /// Merge-VHD and Optimize-VHD).
     #[command(subcommand)]
     Vhd(vhd_cmd::VhdCommand),
+    /// Copy a running Linux machine's disk into a VHD (physical to
+    /// virtual): its mounted filesystems are frozen (FIFREEZE) for the
+    /// copy so each is consistent, the disk is read with O_DIRECT, blocks
+    /// of zeros stay unallocated, and unreadable ranges are reported with
+    /// their offsets (exit status 1). Example:
+    ///   csvctl p2v /dev/sdb /ClusterStorage/Volume1/oldserver.vhd
+    #[command(verbatim_doc_comment)]
+    P2v(p2v_cmd::P2vArgs),
     /// Look at the SAN through this host's own iSCSI initiator: discover
     /// targets, list LUNs, show persistent reservations.
     #[command(subcommand)]
@@ -124,6 +133,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vhd(c) => vhd_cmd::run(c),
+        Command::P2v(a) => p2v_cmd::run(a),
         Command::San(c) => san_cmd::run(c),
         Command::Cluster(c) => cluster_cmd::run_cluster(c),
         Command::Volume(c) => cluster_cmd::run_volume(c),

@@ -12,12 +12,14 @@ use vhd::{format_uuid, CreateOptions, DiskType, OpenOptions, Severity, Vhd};
 pub enum VhdCommand {
     /// Create a VHD: fixed (all space up front), dynamic (grows as written)
     /// or, with --parent, a differencing disk holding only the changes
-    /// against its parent.
+    /// against its parent. A PATH ending in .vhdx makes a VHDX (fixed or
+    /// dynamic).
     ///
     /// Examples:
     ///   csvctl vhd create vm1.vhd --size 20G
     ///   csvctl vhd create vm1.vhd --size 20G --type fixed
     ///   csvctl vhd create vm1-diff.vhd --parent base.vhd
+    ///   csvctl vhd create vm1.vhdx --size 20G
     #[command(verbatim_doc_comment)]
     Create(CreateArgs),
     /// Show what a VHD is: type, sizes, creator, ids, parent chain.
@@ -43,9 +45,21 @@ pub enum VhdCommand {
         #[command(flatten)]
         open: OpenArgs,
     },
-    /// Convert between fixed VHD, dynamic VHD and raw. SRC may be a VHD of
-    /// any kind (a differencing disk is flattened with its parents) or a
-    /// raw image. DST must not exist.
+    /// Convert between VHD (fixed, dynamic), VHDX (fixed, dynamic) and
+    /// raw. SRC may be a VHD of any kind (a differencing disk is flattened
+    /// with its parents), a VHDX (a log left by a crash is replayed in
+    /// memory; SRC is not changed), a raw image or a block device (a
+    /// physical disk: read with O_DIRECT; for a disk in use, see `csvctl
+    /// p2v`). Blocks of zeros stay unallocated in a dynamic DST. DST must
+    /// not exist. A range of a device or raw image that cannot be read is
+    /// written as zeros and reported with its offset; the exit status is
+    /// then 1.
+    ///
+    /// Examples:
+    ///   csvctl vhd convert vm1.vhdx vm1.vhd --to dynamic
+    ///   csvctl vhd convert vm1.vhd vm1.vhdx --to vhdx
+    ///   csvctl vhd convert disk.img disk.vhdx --to vhdx-fixed
+    #[command(verbatim_doc_comment)]
     Convert {
         /// The source image (VHD or raw).
         src: PathBuf,
@@ -54,9 +68,9 @@ pub enum VhdCommand {
         /// Format of DST.
         #[arg(long = "to", value_enum)]
         to: Format,
-        /// Block size of a dynamic DST.
-        #[arg(long, value_parser = parse_size, default_value = "2M")]
-        block_size: u64,
+        /// Block size of a dynamic DST [default: 2M for VHD, 32M for VHDX].
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
         #[command(flatten)]
         open: OpenArgs,
     },
@@ -101,9 +115,10 @@ pub struct CreateArgs {
     /// Make a differencing disk of this parent.
     #[arg(long, conflicts_with = "size")]
     parent: Option<PathBuf>,
-    /// Block size of a dynamic disk (a power of two; Hyper-V uses 2M).
-    #[arg(long, value_parser = parse_size, default_value = "2M")]
-    block_size: u64,
+    /// Block size of a dynamic disk (a power of two; Hyper-V uses 2M for
+    /// VHD, 32M for VHDX) [default: 2M for VHD, 32M for VHDX].
+    #[arg(long, value_parser = parse_size)]
+    block_size: Option<u64>,
     /// Round the size up to a whole CHS geometry, as Virtual PC and
     /// `qemu-img create` without force_size do.
     #[arg(long)]
@@ -136,11 +151,18 @@ pub enum CreateType {
     Dynamic,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    /// A fixed VHD.
     Fixed,
+    /// A dynamic VHD.
     Dynamic,
+    /// A raw image.
     Raw,
+    /// A dynamic VHDX (Hyper-V's format since Windows Server 2012).
+    Vhdx,
+    /// A fixed VHDX.
+    VhdxFixed,
 }
 
 pub fn run(cmd: VhdCommand) -> Result<ExitCode> {
@@ -154,7 +176,11 @@ pub fn run(cmd: VhdCommand) -> Result<ExitCode> {
             to,
             block_size,
             open,
-        } => convert(&src, &dst, to, block_size, &open.options()),
+        } => {
+            let vhdx = matches!(to, Format::Vhdx | Format::VhdxFixed);
+            let bs = block_size.unwrap_or(if vhdx { 32 << 20 } else { 2 << 20 });
+            convert(&src, &dst, to, bs, &open.options())
+        }
         VhdCommand::Resize { path, size } => resize(&path, size),
         VhdCommand::Merge { child, keep, open } => merge(&child, keep, &open.options()),
         VhdCommand::Compact { path } => compact(&path),
@@ -168,7 +194,44 @@ fn block_size(b: u64) -> Result<u32> {
     }
 }
 
+/// Whether `p` names a VHDX by its extension.
+fn vhdx_name(p: &Path) -> bool {
+    p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("vhdx"))
+}
+
+fn create_vhdx(a: &CreateArgs) -> Result<ExitCode> {
+    if a.parent.is_some() {
+        bail!("differencing VHDX disks are not made here: make a differencing VHD (.vhd), or a VHDX without --parent");
+    }
+    if a.chs_size {
+        bail!("--chs-size is for VHD: a VHDX has no CHS geometry");
+    }
+    let fixed = matches!(a.disk_type, Some(CreateType::Fixed));
+    let mut o = vhd::vhdx::CreateOptions::new(a.size.unwrap_or(0), fixed);
+    let bs = a.block_size.unwrap_or(32 << 20);
+    o.block_size = match u32::try_from(bs) {
+        Ok(v) if v.is_power_of_two() && (1 << 20..=256 << 20).contains(&v) => v,
+        _ => bail!("block size {bs} of a VHDX: a power of two from 1M to 256M"),
+    };
+    let v = vhd::vhdx::Vhdx::create(&a.path, &o)
+        .with_context(|| format!("cannot create {}", a.path.display()))?;
+    let size = v.size();
+    v.close()
+        .with_context(|| format!("cannot close {}", a.path.display()))?;
+    println!(
+        "created {} VHDX {} of {}",
+        if fixed { "fixed" } else { "dynamic" },
+        a.path.display(),
+        human(size)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn create(a: CreateArgs) -> Result<ExitCode> {
+    if vhdx_name(&a.path) {
+        return create_vhdx(&a);
+    }
     let dt = match (a.parent.is_some(), a.disk_type) {
         (true, None) => DiskType::Differencing,
         (true, Some(t)) => bail!(
@@ -178,7 +241,7 @@ fn create(a: CreateArgs) -> Result<ExitCode> {
         (false, _) => DiskType::Dynamic,
     };
     let mut o = CreateOptions::new(dt, a.size.unwrap_or(0));
-    o.block_size = block_size(a.block_size)?;
+    o.block_size = block_size(a.block_size.unwrap_or(2 << 20))?;
     o.parent = a.parent.clone();
     o.chs_size = a.chs_size;
     o.preallocate = a.preallocate;
@@ -208,6 +271,13 @@ fn open_rw(path: &Path) -> Result<Vhd<std::fs::File>> {
 }
 
 fn open(path: &Path, opts: &OpenOptions) -> Result<Vhd<std::fs::File>> {
+    if vhd::ops::is_vhdx_file(path) {
+        bail!(
+            "{} is a VHDX: this is done on VHD files; convert it first (csvctl vhd convert {} OUT.vhd --to dynamic)",
+            path.display(),
+            path.display()
+        );
+    }
     Vhd::open(path, opts).with_context(|| format!("cannot open {}", path.display()))
 }
 
@@ -272,7 +342,80 @@ fn describe<I: vhd::BlockIo>(v: &Vhd<I>) -> Result<serde_json::Value> {
     Ok(j)
 }
 
+/// A VHDX's `info`.
+fn describe_vhdx(path: &Path) -> Result<serde_json::Value> {
+    let v = vhd::vhdx::Vhdx::open(path, false)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let h = v.header()?;
+    let allocated = v.allocated_blocks()?;
+    Ok(serde_json::json!({
+        "path": v.name(),
+        "format": "vhdx",
+        "type": if v.is_fixed() { "fixed" } else { "dynamic" },
+        "virtual_size": v.size(),
+        "file_size": vhd::BlockIo::len(v.io()).context("cannot get the file's length")?,
+        "block_size": v.block_size(),
+        "allocated_blocks": allocated,
+        "allocated_bytes": allocated * u64::from(v.block_size()),
+        "logical_sector_size": v.logical_sector(),
+        "physical_sector_size": v.physical_sector(),
+        "creator": v.creator(),
+        "disk_id": vhd::vhdx::format::format_guid(&v.disk_id()),
+        "header_sequence": h.sequence,
+        "log_replay_pending": h.log_guid != [0; 16] && v.replayed() > 0,
+        "log_entries_to_replay": v.replayed(),
+    }))
+}
+
 fn info(path: &Path, json: bool, opts: &OpenOptions) -> Result<ExitCode> {
+    if vhd::ops::is_vhdx_file(path) {
+        let j = describe_vhdx(path)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&j)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!("{}", path.display());
+        let row = |k: &str, v: String| println!("  {k:<16} {v}");
+        row("format", "VHDX".into());
+        row("type", j["type"].as_str().unwrap_or("").into());
+        row(
+            "virtual size",
+            format!(
+                "{} ({} bytes)",
+                human(j["virtual_size"].as_u64().unwrap_or(0)),
+                j["virtual_size"]
+            ),
+        );
+        row("file size", human(j["file_size"].as_u64().unwrap_or(0)));
+        row("block size", human(j["block_size"].as_u64().unwrap_or(0)));
+        row(
+            "allocated",
+            format!(
+                "{} blocks, {}",
+                j["allocated_blocks"],
+                human(j["allocated_bytes"].as_u64().unwrap_or(0))
+            ),
+        );
+        row(
+            "sectors",
+            format!(
+                "{} logical, {} physical",
+                j["logical_sector_size"], j["physical_sector_size"]
+            ),
+        );
+        row("creator", j["creator"].as_str().unwrap_or("").into());
+        row("disk id", j["disk_id"].as_str().unwrap_or("").into());
+        if j["log_entries_to_replay"].as_u64().unwrap_or(0) > 0 {
+            row(
+                "warning",
+                format!(
+                    "its log holds {} entr(ies) to replay (a crash while it was written); read here with the replay in memory; a read-write open (csvctl vhd convert, Hyper-V, qemu) writes it",
+                    j["log_entries_to_replay"]
+                ),
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let v = open(path, opts)?;
     let j = describe(&v)?;
     if json {
@@ -411,26 +554,80 @@ pub(crate) fn track(pb: &ProgressBar) -> impl FnMut(u64, u64) + '_ {
     }
 }
 
-fn convert(src: &Path, dst: &Path, to: Format, bs: u64, opts: &OpenOptions) -> Result<ExitCode> {
-    let f = match to {
+pub(crate) fn ops_format(to: Format) -> vhd::ops::Format {
+    match to {
         Format::Fixed => vhd::ops::Format::Fixed,
         Format::Dynamic => vhd::ops::Format::Dynamic,
         Format::Raw => vhd::ops::Format::Raw,
-    };
+        Format::Vhdx => vhd::ops::Format::Vhdx,
+        Format::VhdxFixed => vhd::ops::Format::VhdxFixed,
+    }
+}
+
+/// Converts with a progress bar; prints what was done and every range
+/// that could not be read.
+pub(crate) fn convert_reporting(
+    src: &Path,
+    dst: &Path,
+    to: Format,
+    bs: u64,
+    opts: &OpenOptions,
+) -> Result<vhd::ops::ConvertReport> {
     let pb = bar(0, "convert");
-    let r = vhd::ops::convert(src, dst, f, block_size(bs)?, opts, &mut track(&pb))
-        .with_context(|| format!("cannot convert {} to {}", src.display(), dst.display()))?;
+    let r = vhd::ops::convert(
+        src,
+        dst,
+        ops_format(to),
+        block_size(bs)?,
+        opts,
+        &mut track(&pb),
+    )
+    .with_context(|| format!("cannot convert {} to {}", src.display(), dst.display()))?;
     pb.finish_and_clear();
     println!(
         "converted {} ({}, {}) to {} ({:?}): {} of data written",
         src.display(),
-        if r.source_was_vhd { "VHD" } else { "raw" },
+        if r.source_was_vhd {
+            "VHD"
+        } else if r.source_was_vhdx {
+            "VHDX"
+        } else if r.source_was_device {
+            "block device, read with O_DIRECT"
+        } else {
+            "raw"
+        },
         human(r.size),
         dst.display(),
         to,
         human(r.written)
     );
-    Ok(ExitCode::SUCCESS)
+    if !r.unreadable.is_empty() {
+        let total: u64 = r.unreadable.iter().map(|(_, l)| l).sum();
+        for (off, len) in &r.unreadable {
+            eprintln!(
+                "unreadable: {len} bytes at offset {off} ({}..{}), written as zeros",
+                off,
+                off + len
+            );
+        }
+        eprintln!(
+            "{}: {} unreadable range(s), {total} bytes in all ({}): {} is incomplete there",
+            src.display(),
+            r.unreadable.len(),
+            human(total),
+            dst.display()
+        );
+    }
+    Ok(r)
+}
+
+fn convert(src: &Path, dst: &Path, to: Format, bs: u64, opts: &OpenOptions) -> Result<ExitCode> {
+    let r = convert_reporting(src, dst, to, bs, opts)?;
+    Ok(if r.unreadable.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn resize(path: &Path, size: u64) -> Result<ExitCode> {

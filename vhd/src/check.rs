@@ -65,6 +65,12 @@ pub fn check(path: &Path, opts: &OpenOptions) -> Vec<Finding> {
         write_parent: false,
         ..opts.clone()
     };
+    if crate::ops::is_vhdx_file(path) {
+        return match crate::vhdx::Vhdx::open(path, false).and_then(|v| v.check()) {
+            Ok(f) => f,
+            Err(e) => vec![finding(Severity::Error, "image", None, format!("{e}"))],
+        };
+    }
     let vhd = match Vhd::open(path, &opts) {
         Ok(v) => v,
         Err(e) => {

@@ -1,4 +1,5 @@
-//! The VHD disk format: fixed, dynamic and differencing disks.
+//! The VHD disk format: fixed, dynamic and differencing disks; and, in
+//! [`vhdx`], its successor VHDX (fixed and dynamic).
 //!
 //! Every VM disk on a csv volume is a VHD file. This crate reads and writes
 //! them, interoperably with Hyper-V and with `qemu-img` (its `vpc` driver):
@@ -8,8 +9,11 @@
 //!   parent chain), read-only or read-write.
 //! - [`Vhd::read_at`] and [`Vhd::write_at`] take any byte offset and length;
 //!   both take `&self`, so several threads may do I/O at once.
-//! - [`ops`] has resize (grow), merge, compact and convert; [`check`] is a
-//!   consistency check that names every problem it finds.
+//! - [`ops`] has resize (grow), merge, compact and convert (between VHD,
+//!   VHDX and raw); [`check`] is a consistency check that names every
+//!   problem it finds (of a VHD or a VHDX).
+//! - [`vhdx::Vhdx`] reads and writes VHDX, Hyper-V's format since Windows
+//!   Server 2012, with its metadata log (replayed at open).
 //!
 //! The format code is generic over [`BlockIo`] (positioned I/O), so an
 //! image can live on a file, on a LUN through the cluster client, or in
@@ -43,11 +47,11 @@ pub mod footer;
 pub mod header;
 pub mod io;
 pub mod ops;
-pub mod vhdx;
 mod parent;
 pub mod size;
 #[cfg(feature = "uring")]
 pub mod uring;
+pub mod vhdx;
 
 pub use check::{check, Finding, Severity};
 pub use disk::{CreateOptions, OpenOptions, Vhd};

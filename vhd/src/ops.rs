@@ -277,6 +277,10 @@ pub enum Format {
     Dynamic,
     /// A raw image (zero ranges stay holes).
     Raw,
+    /// A dynamic VHDX (zero ranges stay unallocated).
+    Vhdx,
+    /// A fixed VHDX.
+    VhdxFixed,
 }
 
 /// What a conversion did.
@@ -286,18 +290,60 @@ pub struct ConvertReport {
     pub size: u64,
     /// Bytes of data written (zero ranges skipped where the format allows).
     pub written: u64,
-    /// Whether the source was a VHD (else raw).
+    /// Whether the source was a VHD (else raw or VHDX).
     pub source_was_vhd: bool,
+    /// Whether the source was a VHDX.
+    pub source_was_vhdx: bool,
+    /// Whether the source was a block device (read with `O_DIRECT`).
+    pub source_was_device: bool,
+    /// Ranges of a raw source or device that could not be read, as
+    /// (offset, length), in order: written as zeros.
+    pub unreadable: Vec<(u64, u64)>,
 }
 
-/// A source image: a VHD of any kind (its chain flattened) or a raw file.
+/// A source image: a VHD of any kind (its chain flattened), a VHDX, a
+/// block device or a raw file.
 enum Source {
     Vhd(Box<Vhd<File>>),
+    Vhdx(Box<crate::vhdx::Vhdx<File>>),
+    Device(crate::io::DirectFile, u64),
     Raw(File, u64),
+}
+
+/// Whether the file at `path` starts with VHDX's signature.
+pub fn is_vhdx_file(path: &Path) -> bool {
+    let mut sig = [0u8; 8];
+    File::open(path)
+        .and_then(|f| BlockIo::read_at(&f, &mut sig, 0))
+        .is_ok_and(|()| crate::vhdx::is_vhdx(&sig))
+}
+
+/// Whether `path` is a block device.
+pub fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 impl Source {
     fn open(path: &Path, opts: &OpenOptions) -> Result<Source> {
+        let name = path.display().to_string();
+        if is_block_device(path) {
+            // A disk of a machine being converted: past the page cache, and
+            // its length from its end (a device's metadata says 0).
+            use std::io::Seek;
+            let mut f = File::open(path).ctx(&name, || "open".into(), 0)?;
+            let len = f
+                .seek(std::io::SeekFrom::End(0))
+                .ctx(&name, || "find the end".into(), 0)?;
+            let d = crate::io::DirectFile::open(path, false).ctx(&name, || "open".into(), 0)?;
+            return Ok(Source::Device(d, len));
+        }
+        if is_vhdx_file(path) {
+            // Read-only: a log left to replay is replayed in memory.
+            return Ok(Source::Vhdx(Box::new(crate::vhdx::Vhdx::open(
+                path, false,
+            )?)));
+        }
         match Vhd::open(
             path,
             &OpenOptions {
@@ -308,7 +354,6 @@ impl Source {
         ) {
             Ok(v) => Ok(Source::Vhd(Box::new(v))),
             Err(Error::NotVhd { .. }) => {
-                let name = path.display().to_string();
                 let f = File::open(path).ctx(&name, || "open".into(), 0)?;
                 let len = f.metadata().ctx(&name, || "stat".into(), 0)?.len();
                 Ok(Source::Raw(f, len))
@@ -320,27 +365,108 @@ impl Source {
     fn size(&self) -> u64 {
         match self {
             Source::Vhd(v) => v.size(),
-            Source::Raw(_, len) => *len,
+            Source::Vhdx(v) => v.size(),
+            Source::Device(_, len) | Source::Raw(_, len) => *len,
         }
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64, name: &str) -> Result<()> {
         match self {
             Source::Vhd(v) => v.read_at(buf, off),
-            Source::Raw(f, len) => {
+            Source::Vhdx(v) => v.read_at(buf, off),
+            Source::Device(_, len) | Source::Raw(_, len) => {
                 let n = (len.saturating_sub(off) as usize).min(buf.len());
-                BlockIo::read_at(f, &mut buf[..n], off).ctx(name, || "read".into(), off)?;
+                let r = match self {
+                    Source::Device(d, _) => BlockIo::read_at(d, &mut buf[..n], off),
+                    Source::Raw(f, _) => BlockIo::read_at(f, &mut buf[..n], off),
+                    _ => Ok(()),
+                };
+                r.ctx(name, || "read".into(), off)?;
                 buf[n..].fill(0);
                 Ok(())
             }
         }
     }
+
+    /// Whether a read error is a bad range to step over (a device or raw
+    /// file), rather than a broken image.
+    fn salvages(&self) -> bool {
+        matches!(self, Source::Device(..) | Source::Raw(..))
+    }
 }
 
-/// Converts `src` (a VHD of any kind, or a raw image) to a new file `dst`
-/// in `to` format. `dst` must not exist; it is removed if the conversion
-/// fails. A raw source whose size is not a whole number of sectors is
-/// padded with zeros.
+/// Piece in which an unreadable range of a device is narrowed down.
+const SALVAGE: usize = 4096;
+
+/// Reads `buf` at `off` from `s`; where a raw source or device fails, reads
+/// it again piece by piece, leaves the pieces that fail as zeros and adds
+/// them to `bad` (merged with a range they continue).
+fn read_salvaging(
+    s: &Source,
+    buf: &mut [u8],
+    off: u64,
+    name: &str,
+    bad: &mut Vec<(u64, u64)>,
+) -> Result<()> {
+    match s.read_at(buf, off, name) {
+        Ok(()) => Ok(()),
+        Err(e) if !s.salvages() => Err(e),
+        Err(_) => {
+            for (i, piece) in buf.chunks_mut(SALVAGE).enumerate() {
+                let at = off + (i * SALVAGE) as u64;
+                if s.read_at(piece, at, name).is_err() {
+                    piece.fill(0);
+                    let len = piece.len() as u64;
+                    match bad.last_mut() {
+                        Some((o, l)) if *o + *l == at => *l += len,
+                        _ => bad.push((at, len)),
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Copies every range of `s` that is not all zeros to `write`, chunk by
+/// chunk; the bytes written and the ranges that could not be read.
+fn copy(
+    s: &Source,
+    name: &str,
+    size: u64,
+    progress: Progress,
+    mut write: impl FnMut(&[u8], u64) -> Result<()>,
+) -> Result<(u64, Vec<(u64, u64)>)> {
+    let mut buf = crate::io::AlignedBuf::new(COPY_CHUNK).map_err(|e| Error::Io {
+        file: name.into(),
+        what: "allocate a buffer".into(),
+        offset: 0,
+        source: e,
+    })?;
+    let mut written = 0u64;
+    let mut bad = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let n = ((size - off) as usize).min(COPY_CHUNK);
+        let b = &mut buf.as_mut_slice()[..n];
+        read_salvaging(s, b, off, name, &mut bad)?;
+        if !is_zero(b) {
+            write(b, off)?;
+            written += n as u64;
+        }
+        off += n as u64;
+        progress(off, size);
+    }
+    Ok((written, bad))
+}
+
+/// Converts `src` (a VHD of any kind, a VHDX, a block device or a raw
+/// image) to a new file `dst` in `to` format. `dst` must not exist; it is
+/// removed if the conversion fails. A raw source whose size is not a whole
+/// number of sectors is padded with zeros. Ranges of a device or raw file
+/// that cannot be read are written as zeros and listed in the report
+/// (never skipped silently); a VHD or VHDX that cannot be read is an
+/// error.
 pub fn convert(
     src: &Path,
     dst: &Path,
@@ -361,9 +487,7 @@ pub fn convert(
     if size == 0 {
         return Err(Error::Invalid(format!("{sname} is empty")));
     }
-    let result = (|| -> Result<u64> {
-        let mut written = 0u64;
-        let mut buf = vec![0u8; COPY_CHUNK];
+    let result = (|| -> Result<(u64, Vec<(u64, u64)>)> {
         match to {
             Format::Raw => {
                 let dname = dst.display().to_string();
@@ -374,22 +498,11 @@ pub fn convert(
                     .open(dst)
                     .ctx(&dname, || "create".into(), 0)?;
                 f.set_len(size).ctx(&dname, || "set length".into(), 0)?;
-                let mut off = 0;
-                while off < size {
-                    let n = ((size - off) as usize).min(COPY_CHUNK);
-                    s.read_at(&mut buf[..n], off, &sname)?;
-                    if !is_zero(&buf[..n]) {
-                        BlockIo::write_at(&f, &buf[..n], off).ctx(
-                            &dname,
-                            || "write".into(),
-                            off,
-                        )?;
-                        written += n as u64;
-                    }
-                    off += n as u64;
-                    progress(off, size);
-                }
+                let r = copy(&s, &sname, size, progress, |b, off| {
+                    BlockIo::write_at(&f, b, off).ctx(&dname, || "write".into(), off)
+                })?;
                 f.sync_all().ctx(&dname, || "flush".into(), 0)?;
+                Ok(r)
             }
             Format::Fixed | Format::Dynamic => {
                 let dt = if to == Format::Fixed {
@@ -400,27 +513,30 @@ pub fn convert(
                 let mut co = CreateOptions::new(dt, size);
                 co.block_size = block_size;
                 let d = Vhd::create(dst, &co)?;
-                let mut off = 0;
-                while off < size {
-                    let n = ((size - off) as usize).min(COPY_CHUNK);
-                    s.read_at(&mut buf[..n], off, &sname)?;
-                    if !is_zero(&buf[..n]) {
-                        d.write_at(&buf[..n], off)?;
-                        written += n as u64;
-                    }
-                    off += n as u64;
-                    progress(off, size);
-                }
+                let r = copy(&s, &sname, size, progress, |b, off| d.write_at(b, off))?;
                 d.flush()?;
+                Ok(r)
+            }
+            Format::Vhdx | Format::VhdxFixed => {
+                let mut co = crate::vhdx::CreateOptions::new(size, to == Format::VhdxFixed);
+                if (1 << 20..=256 << 20).contains(&block_size) {
+                    co.block_size = block_size;
+                }
+                let d = crate::vhdx::Vhdx::create(dst, &co)?;
+                let r = copy(&s, &sname, size, progress, |b, off| d.write_at(b, off))?;
+                d.close()?;
+                Ok(r)
             }
         }
-        Ok(written)
     })();
     match result {
-        Ok(written) => Ok(ConvertReport {
+        Ok((written, unreadable)) => Ok(ConvertReport {
             size,
             written,
             source_was_vhd: matches!(s, Source::Vhd(_)),
+            source_was_vhdx: matches!(s, Source::Vhdx(_)),
+            source_was_device: matches!(s, Source::Device(..)),
+            unreadable,
         }),
         Err(e) => {
             let _ = std::fs::remove_file(dst);

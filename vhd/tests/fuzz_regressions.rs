@@ -5,5 +5,11 @@
 
 include!("../../tests/kept_inputs.rs");
 include!("../fuzz/harness/open_read.rs");
+include!("../fuzz/harness/vhdx_open_read.rs");
 
 kept_inputs_test!(open_read_kept_inputs_pass, "open_read", open_read::run);
+kept_inputs_test!(
+    vhdx_open_read_kept_inputs_pass,
+    "vhdx_open_read",
+    vhdx_open_read::run
+);

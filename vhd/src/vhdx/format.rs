@@ -247,8 +247,7 @@ pub struct Region {
 
 /// Parses a region table; `None` when its signature or checksum is wrong.
 pub fn parse_regions(b: &[u8]) -> Option<Vec<Region>> {
-    if b.len() < REGION_TABLE_SIZE || &b[..4] != SIG_REGION || !sealed(&b[..REGION_TABLE_SIZE], 4)
-    {
+    if b.len() < REGION_TABLE_SIZE || &b[..4] != SIG_REGION || !sealed(&b[..REGION_TABLE_SIZE], 4) {
         return None;
     }
     let n = le32(b, 8);

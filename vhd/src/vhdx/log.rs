@@ -147,7 +147,7 @@ pub fn active_sequence(log: &[u8], guid: &Guid) -> Vec<Entry> {
     let mut valid: Vec<Entry> = (0..log.len() / SECTOR)
         .filter_map(|i| parse_entry(log, i * SECTOR, guid))
         .collect();
-    valid.sort_by(|a, b| b.sequence.cmp(&a.sequence));
+    valid.sort_by_key(|e| std::cmp::Reverse(e.sequence));
     for head in &valid {
         // Walk from the tail to the head.
         let mut seq = Vec::new();
@@ -157,7 +157,10 @@ pub fn active_sequence(log: &[u8], guid: &Guid) -> Vec<Entry> {
             let Some(e) = parse_entry(log, at, guid) else {
                 break;
             };
-            if seq.last().is_some_and(|p: &Entry| p.sequence + 1 != e.sequence) {
+            if seq
+                .last()
+                .is_some_and(|p: &Entry| p.sequence + 1 != e.sequence)
+            {
                 break;
             }
             let done = e.at == head.at;
@@ -300,7 +303,13 @@ mod tests {
         log[..SECTOR].copy_from_slice(&c[SECTOR..]);
         let s = active_sequence(&log, &g);
         assert_eq!(s.iter().map(|e| e.sequence).collect::<Vec<_>>(), [11, 12]);
-        assert_eq!(s[1].writes[0], Write::Sector { offset: 1 << 20, data: sector(3) });
+        assert_eq!(
+            s[1].writes[0],
+            Write::Sector {
+                offset: 1 << 20,
+                data: sector(3)
+            }
+        );
         // The newest entry torn: the sequence before it is whole.
         log[9] ^= 0xff;
         let s = active_sequence(&log, &g);

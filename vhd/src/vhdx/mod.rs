@@ -14,11 +14,14 @@
 //! # Crash safety
 //!
 //! Metadata is never written in place without the log ([`log`]): a new
-//! block of a dynamic disk is written in this order: the file extended and
-//! the block's data written and flushed; then a log entry holding the new
-//! BAT sector, flushed; then the BAT sector in place, flushed. A crash
-//! leaves either no entry (the block is unreferenced space at the end of
-//! the file) or a whole entry, which the next open replays. A writable open
+//! block of a dynamic disk is made in this order: the file extended (the
+//! rest of the block reads as zeros) and the write's data put in the
+//! block, flushed; then a log entry holding the new BAT sector, flushed;
+//! then the BAT sector in place, flushed. A crash leaves either no entry
+//! (the block is unreferenced space at the end of the file, the write
+//! absent) or a whole entry, which the next open replays (the write
+//! there); a BAT entry never points at anything but zeros and written
+//! data. A writable open
 //! sets the header's log GUID (the log may hold entries) and a clean close
 //! clears it. An image whose log needs replaying opens read-only too: the
 //! replay is then kept in memory and the file is not changed.
@@ -85,8 +88,6 @@ struct Writer {
     end: u64,
     /// The last log entry's sequence number.
     sequence: u64,
-    /// Where in the log the next entry goes.
-    log_at: u64,
 }
 
 /// An open VHDX image on `I`.
@@ -224,7 +225,9 @@ impl<I: BlockIo> Vhdx<I> {
     /// Writes a new, empty VHDX on `io` (which must be empty) and opens it
     /// for writing.
     pub fn create_on(io: I, name: &str, opts: &CreateOptions) -> Result<Self> {
-        let size = opts.size.next_multiple_of(u64::from(opts.logical_sector.max(1)));
+        let size = opts
+            .size
+            .next_multiple_of(u64::from(opts.logical_sector.max(1)));
         check_params(
             name,
             opts.block_size,
@@ -244,7 +247,8 @@ impl<I: BlockIo> Vhdx<I> {
             )));
         }
         let w = |buf: &[u8], off: u64, what: &str| -> Result<()> {
-            io.write_at(buf, off).ctx(name, || format!("write {what}"), off)
+            io.write_at(buf, off)
+                .ctx(name, || format!("write {what}"), off)
         };
         w(&identifier("csv vhd"), IDENTIFIER_OFFSET, "identifier")?;
         let regions = [
@@ -398,6 +402,15 @@ impl<I: BlockIo> Vhdx<I> {
         };
         header.validate(name, HEADER_OFFSETS[slot])?;
 
+        // A writer changes the file write GUID before it changes anything
+        // else, the log's replay included ([MS-VHDX] 2.2.2).
+        let mut current = (header.clone(), slot);
+        if write {
+            write_headers(&io, name, &mut current, |h| {
+                h.file_write_guid = crate::disk::random_id();
+            })?;
+        }
+
         // The log.
         let mut overlay = Vec::new();
         let mut replayed = 0;
@@ -410,8 +423,11 @@ impl<I: BlockIo> Vhdx<I> {
                 });
             }
             let mut raw = vec![0u8; ll as usize];
-            io.read_at(&mut raw, header.log_offset)
-                .ctx(name, || "read log".into(), header.log_offset)?;
+            io.read_at(&mut raw, header.log_offset).ctx(
+                name,
+                || "read log".into(),
+                header.log_offset,
+            )?;
             let seq = log::active_sequence(&raw, &header.log_guid);
             if let Some(head) = seq.last() {
                 if head.flushed_file_offset > len {
@@ -442,14 +458,17 @@ impl<I: BlockIo> Vhdx<I> {
                 if write {
                     for w in &writes {
                         match w {
-                            log::Write::Sector { offset, data } => io
-                                .write_at(data, *offset)
-                                .ctx(name, || "replay log".into(), *offset)?,
+                            log::Write::Sector { offset, data } => io.write_at(data, *offset).ctx(
+                                name,
+                                || "replay log".into(),
+                                *offset,
+                            )?,
                             log::Write::Zero { offset, length } => {
                                 zero_range(&io, name, *offset, *length)?
                             }
                         }
                     }
+                    let last = last.next_multiple_of(MIB);
                     if io.len().ctx(name, || "stat".into(), 0)? < last {
                         io.set_len(last).ctx(name, || "set length".into(), last)?;
                     }
@@ -465,7 +484,7 @@ impl<I: BlockIo> Vhdx<I> {
             io,
             name: name.into(),
             writable: write,
-            header: Mutex::new((header.clone(), slot)),
+            header: Mutex::new(current),
             creator,
             bat_offset: 0,
             meta_offset: 0,
@@ -480,7 +499,6 @@ impl<I: BlockIo> Vhdx<I> {
             writer: Mutex::new(Writer {
                 end: 0,
                 sequence: 0,
-                log_at: 0,
             }),
             overlay,
             replayed,
@@ -491,10 +509,9 @@ impl<I: BlockIo> Vhdx<I> {
             // The log is replayed: say so before anything else changes.
             me.update_header(|h| h.log_guid = [0; 16])?;
         }
-        me.load(len)?;
+        me.load()?;
         if write {
             me.update_header(|h| {
-                h.file_write_guid = crate::disk::random_id();
                 h.data_write_guid = crate::disk::random_id();
                 h.log_guid = crate::disk::random_id();
             })?;
@@ -528,8 +545,13 @@ impl<I: BlockIo> Vhdx<I> {
     }
 
     /// Reads the region table, the metadata and the BAT.
-    fn load(&mut self, file_len: u64) -> Result<()> {
+    fn load(&mut self) -> Result<()> {
         let name = self.name.clone();
+        let file_len = self.io.len().ctx(&name, || "stat".into(), 0)?;
+        let (log_offset, log_length) = {
+            let g = self.header.lock().map_err(|_| lock_err(&name))?;
+            (g.0.log_offset, u64::from(g.0.log_length))
+        };
         let mut tables = Vec::new();
         for (i, at) in REGION_OFFSETS.iter().enumerate() {
             let mut b = vec![0u8; REGION_TABLE_SIZE];
@@ -553,14 +575,18 @@ impl<I: BlockIo> Vhdx<I> {
             ));
         };
         let find = |g: &Guid, what: &str| -> Result<Region> {
-            let r = regions.iter().find(|r| r.guid == *g).copied().ok_or_else(|| {
-                corrupt(
-                    &name,
-                    "region table",
-                    REGION_OFFSETS[0],
-                    format!("no {what} region"),
-                )
-            })?;
+            let r = regions
+                .iter()
+                .find(|r| r.guid == *g)
+                .copied()
+                .ok_or_else(|| {
+                    corrupt(
+                        &name,
+                        "region table",
+                        REGION_OFFSETS[0],
+                        format!("no {what} region"),
+                    )
+                })?;
             if r.offset % MIB != 0
                 || r.offset < HEADER_SECTION
                 || u64::from(r.length) % MIB != 0
@@ -636,8 +662,8 @@ impl<I: BlockIo> Vhdx<I> {
         );
         let physical = item(&META_PHYSICAL_SECTOR_SIZE, 4, "physical sector size")?
             .map_or(512, |b| le32(&b, 0));
-        let disk_id = item(&META_VIRTUAL_DISK_ID, 16, "virtual disk id")?
-            .map_or([0; 16], |b| guid_at(&b, 0));
+        let disk_id =
+            item(&META_VIRTUAL_DISK_ID, 16, "virtual disk id")?.map_or([0; 16], |b| guid_at(&b, 0));
         let block_size = le32(&fp, 0);
         let flags = le32(&fp, 4);
         if flags & 2 != 0 || entries.iter().any(|e| e.item == META_PARENT_LOCATOR) {
@@ -672,10 +698,7 @@ impl<I: BlockIo> Vhdx<I> {
                 &name,
                 "BAT",
                 bat.offset,
-                format!(
-                    "region of {} bytes for {n} entries of 8 bytes",
-                    bat.length
-                ),
+                format!("region of {} bytes for {n} entries of 8 bytes", bat.length),
             ));
         }
         if n * 8 > MAX_BAT_BYTES || n * 8 + bat.offset > file_len {
@@ -689,14 +712,43 @@ impl<I: BlockIo> Vhdx<I> {
         let mut raw = vec![0u8; (n * 8) as usize];
         self.read_raw(&mut raw, bat.offset, "BAT")?;
         let table: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
-        let end = table
-            .iter()
-            .filter(|e| payload_state(**e) == Some(BlockState::FullyPresent))
-            .map(|e| entry_offset(*e) + u64::from(block_size))
-            .chain([file_len, bat.offset + u64::from(bat.length), meta.offset + u64::from(meta.length)])
-            .max()
-            .unwrap_or(file_len)
-            .next_multiple_of(MIB);
+        // A block outside the file (a truncated or damaged image) reads as
+        // an error; writing such an image could put a new block where the
+        // entry points, so it is refused.
+        if self.writable {
+            let bs = u64::from(block_size);
+            let blocks = size.div_ceil(bs);
+            for b in 0..blocks {
+                let i = bat_index(b, ratio);
+                let Some(&e) = table.get(i as usize) else {
+                    break;
+                };
+                let at = entry_offset(e);
+                let need = bs.min(size - b * bs);
+                if payload_state(e) == Some(BlockState::FullyPresent)
+                    && (at < HEADER_SECTION || at.saturating_add(need) > file_len)
+                {
+                    return Err(corrupt(
+                        &name,
+                        &format!("BAT entry {i}"),
+                        bat.offset + i * 8,
+                        format!(
+                            "block {b} at {at} is outside the file's data ({file_len} bytes): the image is damaged or cut short; it opens read-only (csvctl vhd check shows every such block)"
+                        ),
+                    ));
+                }
+            }
+        }
+        let end = [
+            file_len,
+            bat.offset + u64::from(bat.length),
+            meta.offset + u64::from(meta.length),
+            log_offset + log_length,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(file_len)
+        .next_multiple_of(MIB);
         self.bat_offset = bat.offset;
         self.meta_offset = meta.offset;
         self.block_size = block_size;
@@ -707,11 +759,7 @@ impl<I: BlockIo> Vhdx<I> {
         self.leave_allocated = flags & 1 != 0;
         self.chunk_ratio = ratio;
         self.bat = RwLock::new(table);
-        self.writer = Mutex::new(Writer {
-            end,
-            sequence: 0,
-            log_at: 0,
-        });
+        self.writer = Mutex::new(Writer { end, sequence: 0 });
         Ok(())
     }
 
@@ -720,22 +768,7 @@ impl<I: BlockIo> Vhdx<I> {
     /// this one, so both copies are current ([MS-VHDX] 2.2.2.1).
     fn update_header(&self, change: impl FnOnce(&mut Header)) -> Result<()> {
         let mut g = self.header.lock().map_err(|_| lock_err(&self.name))?;
-        let (mut h, slot) = g.clone();
-        change(&mut h);
-        let mut slot = slot;
-        for _ in 0..2 {
-            slot = 1 - slot;
-            h.sequence += 1;
-            let at = HEADER_OFFSETS[slot];
-            self.io
-                .write_at(&h.to_bytes(), at)
-                .ctx(&self.name, || "write header".into(), at)?;
-            self.io
-                .flush()
-                .ctx(&self.name, || "flush".into(), at)?;
-        }
-        *g = (h, slot);
-        Ok(())
+        write_headers(&self.io, &self.name, &mut g, change)
     }
 
     pub fn name(&self) -> &str {
@@ -823,10 +856,7 @@ impl<I: BlockIo> Vhdx<I> {
     }
 
     fn range(&self, op: &'static str, offset: u64, len: usize) -> Result<()> {
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|e| e > self.size)
-        {
+        if offset.checked_add(len as u64).is_none_or(|e| e > self.size) {
             return Err(Error::OutOfRange {
                 file: self.name.clone(),
                 op,
@@ -910,38 +940,62 @@ impl<I: BlockIo> Vhdx<I> {
             let at = match self.block_at(block)? {
                 Some(at) => at,
                 None => {
-                    if crate::ops::is_zero(part) {
-                        // Zeros into a block that reads as zeros.
-                        done += n;
-                        continue;
+                    if !crate::ops::is_zero(part) {
+                        // (Zeros into a block that reads as zeros need
+                        // nothing.)
+                        self.allocate(block, within, part)?;
                     }
-                    self.allocate(block)?
+                    done += n;
+                    continue;
                 }
             };
-            self.io
-                .write_at(part, at + within)
-                .ctx(&self.name, || format!("write block {block}"), at + within)?;
+            self.io.write_at(part, at + within).ctx(
+                &self.name,
+                || format!("write block {block}"),
+                at + within,
+            )?;
             done += n;
         }
         Ok(())
     }
 
-    /// Gives payload block `block` space at the end of the file (zeros)
-    /// and commits its BAT entry through the log; its file offset.
-    fn allocate(&self, block: u64) -> Result<u64> {
+    /// Gives payload block `block` space (zeros), writes `part` into it at
+    /// `within`, and commits its BAT entry through the log.
+    fn allocate(&self, block: u64, within: u64, part: &[u8]) -> Result<()> {
         let mut w = self.writer.lock().map_err(|_| lock_err(&self.name))?;
-        // Another writer may have done it meanwhile.
+        // Another writer may have made it meanwhile.
         if let Some(at) = self.block_at(block)? {
-            return Ok(at);
+            return self.io.write_at(part, at + within).ctx(
+                &self.name,
+                || format!("write block {block}"),
+                at + within,
+            );
         }
         let bs = u64::from(self.block_size);
-        let at = w.end;
         let name = &self.name;
-        self.io
-            .set_len(at + bs)
-            .ctx(name, || format!("extend for block {block}"), at)?;
-        self.io.flush().ctx(name, || "flush".into(), at)?;
         let i = bat_index(block, self.chunk_ratio);
+        // A block that reads as zeros but keeps its place in the file (a
+        // fixed disk QEMU made, a block trimmed) is zeroed there and used
+        // again; any other goes at the end of the file.
+        let old = self.block_entry(block)?;
+        let keep = entry_offset(old);
+        let at = if keep >= HEADER_SECTION && keep + bs <= w.end && keep % MIB == 0 {
+            zero_range(&self.io, name, keep, bs)?;
+            keep
+        } else {
+            let at = w.end;
+            self.io
+                .set_len(at + bs)
+                .ctx(name, || format!("extend for block {block}"), at)?;
+            w.end = at + bs;
+            at
+        };
+        self.io.write_at(part, at + within).ctx(
+            name,
+            || format!("write block {block}"),
+            at + within,
+        )?;
+        self.io.flush().ctx(name, || "flush".into(), at)?;
         let e = entry(PAYLOAD_FULLY_PRESENT, at);
         let pos = self.bat_offset + i * 8;
         let sector_at = pos - pos % log::SECTOR as u64;
@@ -949,13 +1003,14 @@ impl<I: BlockIo> Vhdx<I> {
         self.read_raw(&mut sector, sector_at, "BAT sector")?;
         let k = (pos - sector_at) as usize;
         sector[k..k + 8].copy_from_slice(&e.to_le_bytes());
+        let end = w.end;
         self.log_and_write(
             &mut w,
             vec![log::Write::Sector {
                 offset: sector_at,
                 data: sector.into_boxed_slice(),
             }],
-            at + bs,
+            end,
         )?;
         if let Some(x) = self
             .bat
@@ -965,8 +1020,7 @@ impl<I: BlockIo> Vhdx<I> {
         {
             *x = e;
         }
-        w.end = at + bs;
-        Ok(at)
+        Ok(())
     }
 
     /// Commits `writes` (whole sectors of metadata): a log entry, flushed,
@@ -977,38 +1031,40 @@ impl<I: BlockIo> Vhdx<I> {
             let g = self.header.lock().map_err(|_| lock_err(&self.name))?;
             (g.0.log_guid, g.0.log_offset, u64::from(g.0.log_length))
         };
+        // Every entry goes at the log's start, over the one before (whose
+        // writes are in place and flushed): the log never holds two
+        // entries of one log GUID, so no reader can replay an older one
+        // after a newer (QEMU takes a run of entries in log order).
         w.sequence += 1;
-        let mut at = w.log_at;
-        let probe = log::build_entry(&writes, w.sequence, at as u32, &guid, file_len, file_len);
-        if at + probe.len() as u64 > log_length {
-            at = 0;
-        }
-        if probe.len() as u64 > log_length {
+        let at = 0u64;
+        let e = log::build_entry(&writes, w.sequence, 0, &guid, file_len, file_len);
+        if e.len() as u64 > log_length {
             return Err(Error::Invalid(format!(
                 "{}: a log entry of {} bytes does not fit the log ({log_length} bytes)",
                 self.name,
-                probe.len()
+                e.len()
             )));
         }
-        let e = log::build_entry(&writes, w.sequence, at as u32, &guid, file_len, file_len);
         let name = &self.name;
-        self.io
-            .write_at(&e, log_offset + at)
-            .ctx(name, || "write log entry".into(), log_offset + at)?;
+        self.io.write_at(&e, log_offset + at).ctx(
+            name,
+            || "write log entry".into(),
+            log_offset + at,
+        )?;
         self.io.flush().ctx(name, || "flush".into(), 0)?;
         for wr in &writes {
             match wr {
-                log::Write::Sector { offset, data } => self
-                    .io
-                    .write_at(data, *offset)
-                    .ctx(name, || "write metadata".into(), *offset)?,
+                log::Write::Sector { offset, data } => self.io.write_at(data, *offset).ctx(
+                    name,
+                    || "write metadata".into(),
+                    *offset,
+                )?,
                 log::Write::Zero { offset, length } => {
                     zero_range(&self.io, name, *offset, *length)?
                 }
             }
         }
         self.io.flush().ctx(name, || "flush".into(), 0)?;
-        w.log_at = (at + e.len() as u64) % log_length;
         Ok(())
     }
 
@@ -1094,7 +1150,9 @@ impl<I: BlockIo> Vhdx<I> {
                 }),
                 Some(BlockState::FullyPresent) => {
                     let at = entry_offset(*e);
-                    if at < HEADER_SECTION || at + bs > len {
+                    let block = i - i / (self.chunk_ratio + 1);
+                    let need = bs.min(self.size.saturating_sub(block * bs));
+                    if at < HEADER_SECTION || at.saturating_add(need) > len {
                         out.push(Finding {
                             severity: Severity::Error,
                             structure: format!("BAT entry {i}"),
@@ -1123,7 +1181,10 @@ impl<I: BlockIo> Vhdx<I> {
             }
         }
         let fixed_regions = [
-            (self.bat_offset, (bat.len() as u64 * 8).next_multiple_of(MIB)),
+            (
+                self.bat_offset,
+                (bat.len() as u64 * 8).next_multiple_of(MIB),
+            ),
             (self.meta_offset, MIB),
         ];
         for (at, i) in &used {
@@ -1149,14 +1210,41 @@ impl<I: BlockIo> Drop for Vhdx<I> {
     }
 }
 
+/// Writes the next header: `change` applied to `current` (the header and
+/// its slot), with the next sequence number, into the other slot, and then
+/// again into this one, so that both copies are current ([MS-VHDX]
+/// 2.2.2.1); each write flushed.
+fn write_headers(
+    io: &dyn BlockIo,
+    name: &str,
+    current: &mut (Header, usize),
+    change: impl FnOnce(&mut Header),
+) -> Result<()> {
+    let (mut h, mut slot) = current.clone();
+    change(&mut h);
+    for _ in 0..2 {
+        slot = 1 - slot;
+        h.sequence += 1;
+        let at = HEADER_OFFSETS[slot];
+        io.write_at(&h.to_bytes(), at)
+            .ctx(name, || "write header".into(), at)?;
+        io.flush().ctx(name, || "flush".into(), at)?;
+    }
+    *current = (h, slot);
+    Ok(())
+}
+
 /// Writes `length` zeros at `offset`.
 fn zero_range(io: &dyn BlockIo, name: &str, offset: u64, length: u64) -> Result<()> {
     let zeros = vec![0u8; MIB as usize];
     let mut done = 0;
     while done < length {
         let n = (length - done).min(MIB);
-        io.write_at(&zeros[..n as usize], offset + done)
-            .ctx(name, || "write zeros".into(), offset + done)?;
+        io.write_at(&zeros[..n as usize], offset + done).ctx(
+            name,
+            || "write zeros".into(),
+            offset + done,
+        )?;
         done += n;
     }
     Ok(())

@@ -40,7 +40,10 @@ fn a_new_dynamic_disk_reads_zeros_and_keeps_what_is_written() {
     assert!(b[1000..11_000].iter().all(|&x| x == 7));
     assert!(b[11_000..].iter().all(|&x| x == 0));
     assert!(v.write_at(&[1], 0).is_err(), "read-only");
-    assert!(v.read_at(&mut [0u8; 2], (5 << 20) - 1).is_err(), "past the end");
+    assert!(
+        v.read_at(&mut [0u8; 2], (5 << 20) - 1).is_err(),
+        "past the end"
+    );
 }
 
 #[test]
@@ -50,7 +53,10 @@ fn a_fixed_disk_has_every_block_and_a_clean_close_empties_the_log_guid() {
     let v = Vhdx::create(&p, &small(true)).unwrap();
     assert!(v.is_fixed());
     assert_eq!(v.allocated_blocks().unwrap(), 5);
-    assert_eq!(std::fs::metadata(&p).unwrap().len(), BAT_AT + MIB + (5 << 20));
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        BAT_AT + MIB + (5 << 20)
+    );
     assert_ne!(v.header().unwrap().log_guid, [0; 16], "open for writing");
     v.write_at(&[9u8; 512], 4096).unwrap();
     v.close().unwrap();
