@@ -23,12 +23,23 @@ const BULK: [&str; 4] = [
     ".csv.FileReply.data",
 ];
 
+/// Large, rare variants of command oneofs, boxed so that every command
+/// (and every Raft event carrying one) stays small.
+const BOXED: [&str; 2] = [
+    ".csv.ClusterOp.op.set_schedule",
+    ".csv.ClusterOp.op.schedule_state",
+];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = Path::new("proto");
     for f in FILES {
         println!("cargo:rerun-if-changed={}", dir.join(f).display());
     }
     let fds = protox::compile(FILES, [dir])?;
-    prost_build::Config::new().bytes(BULK).compile_fds(fds)?;
+    prost_build::Config::new()
+        .bytes(BULK)
+        .boxed(BOXED[0])
+        .boxed(BOXED[1])
+        .compile_fds(fds)?;
     Ok(())
 }

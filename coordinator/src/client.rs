@@ -460,6 +460,21 @@ impl Client {
     }
 
     /// Commits one cluster command (the registry's group).
+    /// Sets VolumeN's snapshot schedule (its run state is kept).
+    pub fn set_schedule(&mut self, s: proto::SnapshotSchedule) -> Result<()> {
+        self.cluster_op(proto::cluster_op::Op::SetSchedule(Box::new(s)))
+    }
+
+    /// Records a schedule's run state (the cluster leader's runs).
+    pub fn schedule_state(&mut self, s: proto::SnapshotSchedule) -> Result<()> {
+        self.cluster_op(proto::cluster_op::Op::ScheduleState(Box::new(s)))
+    }
+
+    /// Stops VolumeN's snapshot schedule.
+    pub fn remove_schedule(&mut self, vol: u64) -> Result<()> {
+        self.cluster_op(proto::cluster_op::Op::RemoveSchedule(vol))
+    }
+
     fn cluster_op(&mut self, op: proto::cluster_op::Op) -> Result<()> {
         self.call(
             crate::group::CLUSTER,

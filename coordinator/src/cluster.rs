@@ -38,6 +38,8 @@ pub struct ClusterState {
     feature_level: u32,
     /// The level each host supports, as it reported it.
     levels: BTreeMap<u64, u32>,
+    /// Snapshot schedules by volume.
+    schedules: BTreeMap<u64, proto::SnapshotSchedule>,
 }
 
 /// What a command did: its reply and the effects for the host, or why
@@ -129,6 +131,54 @@ impl ClusterState {
                     return Err(fail(ErrorCode::Invalid, "a snapshot set needs a name"));
                 }
                 self.snapshots.insert(s.name.clone(), upgraded(s.clone()));
+                done()
+            }
+            Some(cluster_op::Op::SetSchedule(sch)) => {
+                if !self.volumes.contains_key(&sch.volume) {
+                    return Err(fail(
+                        ErrorCode::NotFound,
+                        format!("no Volume{}", sch.volume),
+                    ));
+                }
+                if sch.every_ms == 0 || (sch.keep == 0 && sch.keep_daily == 0) {
+                    return Err(fail(
+                        ErrorCode::Invalid,
+                        "a schedule needs an interval and something to keep",
+                    ));
+                }
+                let e = self
+                    .schedules
+                    .entry(sch.volume)
+                    .or_insert_with(|| (**sch).clone());
+                e.every_ms = sch.every_ms;
+                e.keep = sch.keep;
+                e.keep_daily = sch.keep_daily;
+                e.freeze_limit_ms = sch.freeze_limit_ms;
+                done()
+            }
+            Some(cluster_op::Op::ScheduleState(sch)) => {
+                let Some(e) = self.schedules.get_mut(&sch.volume) else {
+                    return Err(fail(
+                        ErrorCode::NotFound,
+                        format!("Volume{} has no schedule", sch.volume),
+                    ));
+                };
+                e.last = sch.last.clone().or(e.last.take());
+                e.running_since_ms = sch.running_since_ms;
+                e.running_on = sch.running_on;
+                e.runs = sch.runs;
+                e.skipped = sch.skipped;
+                e.failures = sch.failures;
+                e.last_skip = sch.last_skip.clone();
+                done()
+            }
+            Some(cluster_op::Op::RemoveSchedule(vol)) => {
+                if self.schedules.remove(vol).is_none() {
+                    return Err(fail(
+                        ErrorCode::NotFound,
+                        format!("Volume{vol} has no schedule"),
+                    ));
+                }
                 done()
             }
             Some(cluster_op::Op::DeleteSnapshot(name)) => {
@@ -278,6 +328,7 @@ impl ClusterState {
                 .iter()
                 .map(|(&node, &level)| proto::NodeLevel { node, level })
                 .collect(),
+            schedules: self.schedules.values().cloned().collect(),
         }
     }
 
@@ -315,6 +366,7 @@ impl ClusterState {
         }
         s.feature_level = info.feature_level;
         s.levels = info.levels.iter().map(|l| (l.node, l.level)).collect();
+        s.schedules = info.schedules.into_iter().map(|x| (x.volume, x)).collect();
         Ok((s, fx))
     }
 }
@@ -377,6 +429,56 @@ mod tests {
         assert_eq!(back.feature_level(), 2);
         assert_eq!(back.level_of(3), Some(2));
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn a_schedule_keeps_its_run_state_when_its_settings_change() {
+        let mut c = ClusterState::default();
+        assert!(c.apply(&node(1)).0.is_ok());
+        let sch = |every_ms| proto::SnapshotSchedule {
+            volume: 1,
+            every_ms,
+            keep: 5,
+            ..Default::default()
+        };
+        let set = |s| op(cluster_op::Op::SetSchedule(Box::new(s)));
+        let (r, _) = c.apply(&set(sch(2000)));
+        assert_eq!(r.unwrap_err().code(), ErrorCode::NotFound, "no Volume1 yet");
+        let v = VolumeInfo {
+            number: 1,
+            lun: "/tmp/lun".into(),
+            data_start: 1 << 20,
+            capacity: 1 << 30,
+            voters: vec![1],
+            ..Default::default()
+        };
+        assert!(c.apply(&op(cluster_op::Op::AddVolume(v))).0.is_ok());
+        let (r, _) = c.apply(&set(sch(0)));
+        assert_eq!(r.unwrap_err().code(), ErrorCode::Invalid);
+        assert!(c.apply(&set(sch(2000))).0.is_ok());
+        // A run recorded, then the interval changed: the run state stays.
+        let mut run = sch(0);
+        run.runs = 3;
+        run.running_since_ms = 77;
+        run.last = Some(proto::ScheduleRun {
+            snapshot: "auto-x".into(),
+            ok: true,
+            ..Default::default()
+        });
+        assert!(c
+            .apply(&op(cluster_op::Op::ScheduleState(Box::new(run))))
+            .0
+            .is_ok());
+        assert!(c.apply(&set(sch(60_000))).0.is_ok());
+        let (back, _) = ClusterState::decode(&c.encode()).unwrap();
+        assert_eq!(back, c, "schedules survive a snapshot of the registry");
+        let s = &back.info().schedules[0];
+        assert_eq!((s.every_ms, s.runs, s.running_since_ms), (60_000, 3, 77));
+        assert_eq!(s.last.as_ref().unwrap().snapshot, "auto-x");
+        assert!(c.apply(&op(cluster_op::Op::RemoveSchedule(1))).0.is_ok());
+        assert!(c.info().schedules.is_empty());
+        let (r, _) = c.apply(&op(cluster_op::Op::RemoveSchedule(1)));
+        assert_eq!(r.unwrap_err().code(), ErrorCode::NotFound);
     }
 
     #[test]

@@ -22,8 +22,9 @@
 //! | 1 | the base: every command of protocol 3 |
 //! | 2 | a create that carries its creator's write lease (`CreateOp.lease_ttl`) |
 //! | 3 | FIFOs, device nodes and sockets, access times, nanosecond times, extended attributes and POSIX ACLs, file locks (a create that carries the umask), `RENAME_EXCHANGE` |
+//! | 4 | snapshot schedules in the registry (`set_schedule`, `schedule_state`, `remove_schedule`) |
 
-use crate::proto::{command, volume_op};
+use crate::proto::{cluster_op, command, volume_op};
 
 /// The base level: what a host that never reported one supports.
 pub const BASE: u32 = 1;
@@ -34,8 +35,11 @@ pub const CREATE_WITH_LEASE: u32 = 2;
 /// Special files, access times, extended attributes and exchange.
 pub const POSIX_EXTRAS: u32 = 3;
 
+/// Snapshot schedules in the cluster registry.
+pub const SNAPSHOT_SCHEDULES: u32 = 4;
+
 /// The highest level this build supports.
-pub const SUPPORTED: u32 = POSIX_EXTRAS;
+pub const SUPPORTED: u32 = SNAPSHOT_SCHEDULES;
 
 /// The level a command needs.
 pub fn required(body: &command::Body) -> u32 {
@@ -64,7 +68,14 @@ pub fn required(body: &command::Body) -> u32 {
             Some(volume_op::Op::Create(c)) if c.lease_ttl > 0 => CREATE_WITH_LEASE,
             _ => BASE,
         },
-        command::Body::Cluster(_) => BASE,
+        command::Body::Cluster(op) => match &op.op {
+            Some(
+                cluster_op::Op::SetSchedule(_)
+                | cluster_op::Op::ScheduleState(_)
+                | cluster_op::Op::RemoveSchedule(_),
+            ) => SNAPSHOT_SCHEDULES,
+            _ => BASE,
+        },
     }
 }
 
@@ -98,6 +109,20 @@ mod tests {
         assert_eq!(required(&create(0)), BASE);
         assert_eq!(required(&create(30_000)), CREATE_WITH_LEASE);
         const { assert!(SUPPORTED >= CREATE_WITH_LEASE) };
+    }
+
+    #[test]
+    fn snapshot_schedules_need_level_four() {
+        let sched = |o| command::Body::Cluster(crate::proto::ClusterOp { op: Some(o) });
+        assert_eq!(
+            required(&sched(cluster_op::Op::RemoveSchedule(1))),
+            SNAPSHOT_SCHEDULES
+        );
+        assert_eq!(
+            required(&sched(cluster_op::Op::SetSchedule(Box::default()))),
+            SNAPSHOT_SCHEDULES
+        );
+        assert_eq!(required(&sched(cluster_op::Op::RemoveVolume(1))), BASE);
     }
 
     #[test]

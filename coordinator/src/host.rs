@@ -240,7 +240,7 @@ impl Host {
             last_housekeeping: Instant::now(),
         };
         let (g, fx) = h
-            .open_group(CLUSTER, &init, Machine::Cluster(ClusterState::default()))
+            .open_group(CLUSTER, &init, Machine::Cluster(Box::default()))
             .map_err(|source| HostError::Group {
                 group: CLUSTER,
                 source,

@@ -64,6 +64,7 @@ pub mod meta;
 pub mod metrics;
 pub mod node;
 pub mod service;
+pub mod snapshot_run;
 pub mod storage;
 pub mod wal;
 pub mod wire;

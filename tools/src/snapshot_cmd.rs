@@ -12,15 +12,14 @@
 //! before the thaw thawed by itself, and the snapshot is deleted.
 
 use crate::cluster_cmd::{utc_ms, Access};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use coordinator::client::{self, Client};
 use coordinator::meta::{ROOT, SNAPSHOTS_DIR, SNAPSHOTS_NAME};
-use coordinator::proto::{self, SnapshotPhaseReply, SnapshotPhaseReq};
-use std::net::SocketAddr;
+use coordinator::proto;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// `csvctl snapshot ...`
 #[derive(Debug, Subcommand)]
@@ -44,6 +43,28 @@ pub enum SnapshotCommand {
         access: Access,
         /// The volume: N or VolumeN.
         volume: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take VolumeN's snapshots on a schedule (as DPM protects a volume
+    /// every 15 minutes): the cluster's leader takes one every --every
+    /// (named auto-YYYYMMDD-HHMMSS-mmm), one run at a time (a run due while
+    /// one goes is skipped and counted), and deletes the scheduled ones
+    /// the retention rule no longer keeps (the newest --keep, and the
+    /// newest of each of the last --keep-daily days). Snapshots taken by
+    /// hand are never deleted by it. Survives leader changes.
+    ///
+    /// Examples:
+    ///   csvctl snapshot schedule 1 --every 15m --keep 96 --keep-daily 14
+    ///   csvctl snapshot schedule 1 --off
+    #[command(verbatim_doc_comment)]
+    Schedule(ScheduleArgs),
+    /// The volumes' snapshot schedules and how their runs went (last
+    /// snapshot, freeze time, space held, skipped and failed runs).
+    Schedules {
+        #[command(flatten)]
+        access: Access,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -102,6 +123,30 @@ pub enum SnapshotCommand {
     },
 }
 
+/// `csvctl snapshot schedule` arguments.
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    #[command(flatten)]
+    access: Access,
+    /// The volume: N or VolumeN.
+    volume: String,
+    /// Time between snapshots (e.g. 15m, 1h, 30s).
+    #[arg(long, value_parser = crate::when::parse_age, required_unless_present = "off")]
+    every: Option<Duration>,
+    /// Scheduled snapshots kept: the newest N.
+    #[arg(long, default_value_t = 96)]
+    keep: u32,
+    /// Also keep the newest scheduled snapshot of each of the last N days.
+    #[arg(long, default_value_t = 0)]
+    keep_daily: u32,
+    /// Longest time a run may hold writes.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    freeze_limit: Duration,
+    /// Stop the schedule (its snapshots stay).
+    #[arg(long, conflicts_with = "every")]
+    off: bool,
+}
+
 /// How to take a snapshot.
 #[derive(Debug, Args)]
 pub struct CreateOpts {
@@ -152,231 +197,18 @@ fn describe(e: client::ClientError) -> anyhow::Error {
     anyhow::anyhow!(client::describe(&e))
 }
 
-/// A host taking part: its id and where to reach it.
-struct Party {
-    node: u64,
-    addrs: Vec<SocketAddr>,
-}
+use coordinator::snapshot_run::Taken;
 
-/// Runs one phase on every host at once; the answers in host order.
-fn phase_all(
-    me: &coordinator::wire::Identity,
-    parties: &[Party],
-    vol: u64,
-    name: &str,
-    phase: proto::SnapshotPhase,
-    limit: Duration,
-    timeout: Duration,
-) -> Vec<(u64, Result<SnapshotPhaseReply, String>)> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = parties
-            .iter()
-            .map(|p| {
-                s.spawn(move || {
-                    let mut last = String::from("no address");
-                    for a in &p.addrs {
-                        let req = SnapshotPhaseReq {
-                            volume: vol,
-                            name: name.to_string(),
-                            phase: phase as i32,
-                            limit_ms: limit.as_millis() as u64,
-                        };
-                        match client::snapshot_phase(me, *a, req, timeout) {
-                            Ok(r) => return (p.node, Ok(r)),
-                            Err(e @ client::ClientError::Refused(_)) => {
-                                return (p.node, Err(client::describe(&e)))
-                            }
-                            Err(e) => last = format!("{a}: {}", client::describe(&e)),
-                        }
-                    }
-                    (p.node, Err(last))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or((0, Err("phase thread died".into()))))
-            .collect()
-    })
-}
-
-/// What a snapshot took.
-struct Taken {
-    name: String,
-    /// Each host's thaw reply, with its freeze's drain and flush times.
-    hosts: Vec<(u64, SnapshotPhaseReply)>,
-    freeze_started_ms: u64,
-    committed_ms: u64,
-    thawed_ms: u64,
-}
-
-/// Takes a snapshot of `vol` through the whole protocol.
+/// Takes a snapshot of `vol` through the whole protocol
+/// (`coordinator::snapshot_run`).
 fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<Taken> {
     let me = access.identity()?;
-    let name = opts.name.clone().unwrap_or_else(|| {
-        let t = utc_ms(now_ms());
-        format!(
-            "snap-{}{}{}-{}{}{}",
-            &t[0..4],
-            &t[5..7],
-            &t[8..10],
-            &t[11..13],
-            &t[14..16],
-            &t[17..19]
-        )
-    });
-    let info = c.cluster_info().map_err(describe)?;
-    if !info.volumes.iter().any(|v| v.number == vol) {
-        bail!("there is no Volume{vol} in the cluster");
-    }
-    // Every host that answers and mounts the volume takes part, also one
-    // the registry has down for the moment (a host whose Raft messages
-    // were late under load is still writing, and one left out would go
-    // on writing in place over blocks the snapshot shares). One that is up
-    // but does not answer could be writing too, so the snapshot waits for
-    // nobody and is refused; one that is down and does not answer is
-    // skipped.
-    let mut parties = Vec::new();
-    for n in &info.nodes {
-        let down = info.health.iter().any(|h| h.node == n.id && !h.up);
-        let Some(st) = client::host_status(&me, n) else {
-            if down {
-                continue;
-            }
-            bail!(
-                "host {} is up in the registry but does not answer; cannot freeze it (retry, or wait until the cluster marks it down)",
-                n.id
-            );
-        };
-        let mounted = st
-            .volumes
-            .iter()
-            .any(|v| v.number == vol && v.state() != coordinator::proto::IoMode::Unmounted);
-        if mounted {
-            parties.push(Party {
-                node: n.id,
-                addrs: coordinator::node::resolve(&n.addrs),
-            });
-        }
-    }
-    if parties.is_empty() {
-        bail!("no host mounts Volume{vol}");
-    }
-    let limit = opts.freeze_limit;
-    let abort = |why: String| -> anyhow::Error {
-        let _ = phase_all(
-            &me,
-            &parties,
-            vol,
-            &name,
-            proto::SnapshotPhase::Abort,
-            limit,
-            Duration::from_secs(15),
-        );
-        anyhow::anyhow!("snapshot {name} of Volume{vol} aborted: {why}; every host thawed")
-    };
-    let failed = |r: &[(u64, Result<SnapshotPhaseReply, String>)]| -> Option<String> {
-        let bad: Vec<String> = r
-            .iter()
-            .filter_map(|(n, x)| x.as_ref().err().map(|e| format!("host {n}: {e}")))
-            .collect();
-        (!bad.is_empty()).then(|| bad.join("; "))
-    };
-    let r = phase_all(
-        &me,
-        &parties,
-        vol,
-        &name,
-        proto::SnapshotPhase::Prepare,
-        limit,
-        limit + Duration::from_secs(15),
-    );
-    if let Some(e) = failed(&r) {
-        return Err(abort(format!("prepare failed ({e})")));
-    }
-    let freeze_started_ms = now_ms();
-    let t0 = Instant::now();
-    let frozen = phase_all(
-        &me,
-        &parties,
-        vol,
-        &name,
-        proto::SnapshotPhase::Freeze,
-        limit,
-        limit + Duration::from_secs(2),
-    );
-    if let Some(e) = failed(&frozen) {
-        return Err(abort(format!("freeze failed ({e})")));
-    }
-    // Commit only with time to spare before the hosts' own limit.
-    if t0.elapsed() + Duration::from_millis(50) >= limit {
-        return Err(abort(format!(
-            "the hosts froze after {} ms, too close to the {} ms limit",
-            t0.elapsed().as_millis(),
-            limit.as_millis()
-        )));
-    }
-    if let Err(e) = c.create_snapshot(vol, &name) {
-        return Err(abort(format!("commit failed ({})", client::describe(&e))));
-    }
-    let committed_ms = now_ms();
-    let thaw = phase_all(
-        &me,
-        &parties,
-        vol,
-        &name,
-        proto::SnapshotPhase::Thaw,
-        limit,
-        Duration::from_secs(30),
-    );
-    let thawed_ms = now_ms();
-    let expired: Vec<u64> = thaw
-        .iter()
-        .filter(|(_, x)| x.as_ref().is_ok_and(|r| r.expired))
-        .map(|(n, _)| *n)
-        .collect();
-    let thaw_failed = failed(&thaw);
-    if !expired.is_empty() || thaw_failed.is_some() {
-        let _ = c.delete_snapshot(vol, &name);
-        let why = match thaw_failed {
-            Some(e) => format!("thaw failed ({e})"),
-            None => format!(
-                "the freeze limit of {} ms passed on host(s) {expired:?} before the thaw, so writes went on during the commit",
-                limit.as_millis()
-            ),
-        };
-        return Err(abort(why));
-    }
-    let _ = phase_all(
-        &me,
-        &parties,
-        vol,
-        &name,
-        proto::SnapshotPhase::Complete,
-        limit,
-        Duration::from_secs(15),
-    );
-    let hosts = thaw
-        .into_iter()
-        .filter_map(|(n, r)| r.ok().map(|r| (n, r)))
-        .map(|(n, mut r)| {
-            if let Some((_, Ok(f))) = frozen.iter().find(|(m, _)| *m == n) {
-                r.drain_ms = f.drain_ms;
-                r.flush_ms = f.flush_ms;
-                r.vms = f.vms;
-                r.vm_quiesce = f.vm_quiesce.clone();
-                r.hooks.splice(0..0, f.hooks.iter().cloned());
-            }
-            (n, r)
-        })
-        .collect();
-    Ok(Taken {
-        name,
-        hosts,
-        freeze_started_ms,
-        committed_ms,
-        thawed_ms,
-    })
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| coordinator::snapshot_run::default_name("snap", now_ms()));
+    coordinator::snapshot_run::take(&me, c, vol, &name, opts.freeze_limit)
+        .map_err(anyhow::Error::msg)
 }
 
 fn report(vol: u64, t: &Taken, json: bool) -> Result<()> {
@@ -551,6 +383,117 @@ fn diff(
 }
 
 /// Runs a `snapshot` command.
+fn schedule(a: ScheduleArgs) -> Result<ExitCode> {
+    let vol = parse_volume(&a.volume)?;
+    let mut c = a.access.client()?;
+    if a.off {
+        c.remove_schedule(vol).map_err(describe)?;
+        println!("Volume{vol}: schedule stopped (its snapshots stay)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let every = a.every.unwrap_or(Duration::from_secs(900));
+    if every < Duration::from_secs(1) {
+        anyhow::bail!("--every {every:?}: at least 1s");
+    }
+    if a.keep == 0 && a.keep_daily == 0 {
+        anyhow::bail!("--keep 0 with no --keep-daily would keep nothing");
+    }
+    if a.keep > 512 {
+        anyhow::bail!("--keep {}: at most 512 snapshots per volume", a.keep);
+    }
+    c.set_schedule(proto::SnapshotSchedule {
+        volume: vol,
+        every_ms: every.as_millis() as u64,
+        keep: a.keep,
+        keep_daily: a.keep_daily,
+        freeze_limit_ms: a.freeze_limit.as_millis() as u64,
+        created_ms: now_ms(),
+        ..Default::default()
+    })
+    .map_err(describe)?;
+    println!(
+        "Volume{vol}: a snapshot every {}, keeping the newest {}{} (the cluster's leader runs it; csvctl snapshot schedules shows the runs)",
+        crate::when::show_age(every),
+        a.keep,
+        if a.keep_daily > 0 {
+            format!(" and one a day for {} days", a.keep_daily)
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn schedules(access: &Access, json: bool) -> Result<ExitCode> {
+    let info = access.client()?.cluster_info().map_err(describe)?;
+    if json {
+        let v: Vec<serde_json::Value> = info
+            .schedules
+            .iter()
+            .map(|s| {
+                let l = s.last.clone().unwrap_or_default();
+                serde_json::json!({
+                    "volume": s.volume, "every_ms": s.every_ms, "keep": s.keep,
+                    "keep_daily": s.keep_daily, "freeze_limit_ms": s.freeze_limit_ms,
+                    "runs": s.runs, "skipped": s.skipped, "failures": s.failures,
+                    "last_skip": s.last_skip,
+                    "running_since_ms": s.running_since_ms, "running_on": s.running_on,
+                    "last": {"snapshot": l.snapshot, "started_ms": l.started_ms,
+                        "ended_ms": l.ended_ms, "ok": l.ok, "error": l.error,
+                        "held_ms": l.held_ms, "deleted": l.deleted,
+                        "space_held": l.space_held, "host": l.host},
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if info.schedules.is_empty() {
+        println!("no schedules (csvctl snapshot schedule VOLUME --every 15m makes one)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<9} {:>7} {:>5} {:>5} {:>6} {:>7} {:>6}  LAST RUN",
+        "VOLUME", "EVERY", "KEEP", "DAILY", "RUNS", "SKIPPED", "FAILED"
+    );
+    for s in &info.schedules {
+        let last = match &s.last {
+            None => "-".to_string(),
+            Some(l) if l.ok => format!(
+                "{} at {} on host {}: writes held {} ms, {} deleted, scheduled snapshots hold {}",
+                l.snapshot,
+                utc_ms(l.started_ms),
+                l.host,
+                l.held_ms,
+                l.deleted,
+                vhd::size::human(l.space_held)
+            ),
+            Some(l) => format!("failed at {}: {}", utc_ms(l.started_ms), l.error),
+        };
+        println!(
+            "{:<9} {:>7} {:>5} {:>5} {:>6} {:>7} {:>6}  {last}",
+            format!("Volume{}", s.volume),
+            crate::when::show_age(Duration::from_millis(s.every_ms)),
+            s.keep,
+            s.keep_daily,
+            s.runs,
+            s.skipped,
+            s.failures
+        );
+        if s.running_since_ms != 0 {
+            println!(
+                "          running since {} on host {}",
+                utc_ms(s.running_since_ms),
+                s.running_on
+            );
+        }
+        if !s.last_skip.is_empty() {
+            println!("          last skip: {}", s.last_skip);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(c: SnapshotCommand) -> Result<ExitCode> {
     match c {
         SnapshotCommand::Create {
@@ -597,6 +540,8 @@ pub fn run(c: SnapshotCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        SnapshotCommand::Schedule(a) => schedule(a),
+        SnapshotCommand::Schedules { access, json } => schedules(&access, json),
         SnapshotCommand::Delete {
             access,
             volume,

@@ -33,6 +33,18 @@ pub fn parse_age(s: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("`{s}` is too long"))
 }
 
+/// A duration as `parse_age` reads it: the largest whole unit (`15m`,
+/// `2h`, `90s`).
+pub fn show_age(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    for (unit, n) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
+        if s >= n && s % n == 0 {
+            return format!("{}{unit}", s / n);
+        }
+    }
+    format!("{s}s")
+}
+
 #[cfg(test)]
 mod age_tests {
     use super::parse_age;

@@ -49,7 +49,7 @@ pub type Waiter = Sender<Response>;
 #[derive(Debug, Clone)]
 pub enum Machine {
     /// The cluster registry.
-    Cluster(ClusterState),
+    Cluster(Box<ClusterState>),
     /// A volume's metadata.
     Volume(Box<Volume>),
 }
@@ -230,7 +230,7 @@ fn decode_machine(
 ) -> Result<(Machine, Vec<Effect>), SnapshotDecodeError> {
     match base {
         Machine::Cluster(_) => ClusterState::decode(data)
-            .map(|(s, fx)| (Machine::Cluster(s), fx))
+            .map(|(s, fx)| (Machine::Cluster(Box::new(s)), fx))
             .map_err(SnapshotDecodeError::Cluster),
         Machine::Volume(_) => Volume::decode(data)
             .map(|v| (Machine::Volume(Box::new(v)), vec![]))

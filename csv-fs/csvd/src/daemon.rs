@@ -158,6 +158,17 @@ pub fn run(s: Settings) -> Result<(), DaemonError> {
         let stop = vm_stop.clone();
         std::thread::spawn(move || sup.run(stop))
     });
+    // Scheduled snapshots: every host runs the loop, the cluster's leader
+    // acts.
+    let scheduler = {
+        let sch = crate::schedule::Scheduler {
+            node: id,
+            identity: client.clone(),
+            endpoints: endpoints.clone(),
+        };
+        let stop = stop.clone();
+        std::thread::spawn(move || sch.run(stop))
+    };
     let mounts = s.mount_root.clone().map(|root| {
         let cfg = MountConfig {
             node: id,
@@ -187,5 +198,6 @@ pub fn run(s: Settings) -> Result<(), DaemonError> {
     if let Some(h) = mounts {
         let _ = h.join();
     }
+    let _ = scheduler.join();
     Ok(())
 }

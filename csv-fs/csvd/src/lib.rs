@@ -25,6 +25,7 @@ pub mod console;
 pub mod crash;
 pub mod daemon;
 pub mod metrics;
+pub mod schedule;
 pub mod settings;
 pub mod snapshot;
 pub mod volumes;
