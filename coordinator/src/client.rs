@@ -376,16 +376,22 @@ impl Client {
         }
     }
 
-    /// Takes a snapshot of a volume (one metadata commit, no data copied).
+    /// Takes a snapshot of a volume (one metadata commit, no data copied):
+    /// up to 512 kept where the cluster's feature level allows it, else 64.
     pub fn create_snapshot(&mut self, vol: u64, name: &str) -> Result<()> {
-        self.volume_op(
-            vol,
+        let op = |limit| {
             volume_op::Op::CreateSnapshot(proto::SnapshotOp {
                 name: name.into(),
                 now: 0,
-            }),
-        )
-        .map(|_| ())
+                limit,
+            })
+        };
+        match self.volume_op(vol, op(crate::meta::MAX_SNAPSHOTS as u32)) {
+            Err(e) if e.code() == Some(ErrorCode::FeatureLevel) => {
+                self.volume_op(vol, op(0)).map(|_| ())
+            }
+            r => r.map(|_| ()),
+        }
     }
 
     /// Deletes a snapshot of a volume.
@@ -394,7 +400,7 @@ impl Client {
             vol,
             volume_op::Op::DeleteSnapshot(proto::SnapshotOp {
                 name: name.into(),
-                now: 0,
+                ..Default::default()
             }),
         )
         .map(|_| ())

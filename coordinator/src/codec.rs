@@ -182,6 +182,7 @@ pub fn op_from_proto(op: &proto::VolumeOp) -> Result<Op, DecodeError> {
         Some(P::CreateSnapshot(c)) => Op::CreateSnapshot {
             name: c.name.clone(),
             now: c.now,
+            limit: c.limit,
         },
         Some(P::DeleteSnapshot(c)) => Op::DeleteSnapshot {
             name: c.name.clone(),
@@ -654,8 +655,13 @@ pub fn op_to_proto(op: &Op) -> proto::VolumeOp {
             now,
             ttl,
         }),
-        Op::CreateSnapshot { name, now } => P::CreateSnapshot(proto::SnapshotOp { name, now }),
-        Op::DeleteSnapshot { name } => P::DeleteSnapshot(proto::SnapshotOp { name, now: 0 }),
+        Op::CreateSnapshot { name, now, limit } => {
+            P::CreateSnapshot(proto::SnapshotOp { name, now, limit })
+        }
+        Op::DeleteSnapshot { name } => P::DeleteSnapshot(proto::SnapshotOp {
+            name,
+            ..Default::default()
+        }),
         Op::Reserve { ino, len } => P::Reserve(proto::ReserveOp { ino, len }),
         Op::Remap { ino, ranges } => P::Remap(remap_to_proto(ino, &ranges)),
     };

@@ -22,7 +22,7 @@
 //! | 1 | the base: every command of protocol 3 |
 //! | 2 | a create that carries its creator's write lease (`CreateOp.lease_ttl`) |
 //! | 3 | FIFOs, device nodes and sockets, access times, nanosecond times, extended attributes and POSIX ACLs, file locks (a create that carries the umask), `RENAME_EXCHANGE` |
-//! | 4 | snapshot schedules in the registry (`set_schedule`, `schedule_state`, `remove_schedule`) |
+//! | 4 | snapshot schedules in the registry (`set_schedule`, `schedule_state`, `remove_schedule`); a volume keeps up to 512 snapshots (`SnapshotOp.limit` above 64) |
 
 use crate::proto::{cluster_op, command, volume_op};
 
@@ -66,6 +66,11 @@ pub fn required(body: &command::Body) -> u32 {
                 | volume_op::Op::Accessed(_),
             ) => POSIX_EXTRAS,
             Some(volume_op::Op::Create(c)) if c.lease_ttl > 0 => CREATE_WITH_LEASE,
+            Some(volume_op::Op::CreateSnapshot(s))
+                if s.limit as usize > crate::meta::DEFAULT_SNAPSHOTS =>
+            {
+                SNAPSHOT_SCHEDULES
+            }
             _ => BASE,
         },
         command::Body::Cluster(op) => match &op.op {
@@ -112,7 +117,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_schedules_need_level_four() {
+    fn snapshot_schedules_and_512_snapshots_need_level_four() {
         let sched = |o| command::Body::Cluster(crate::proto::ClusterOp { op: Some(o) });
         assert_eq!(
             required(&sched(cluster_op::Op::RemoveSchedule(1))),
@@ -123,6 +128,18 @@ mod tests {
             SNAPSHOT_SCHEDULES
         );
         assert_eq!(required(&sched(cluster_op::Op::RemoveVolume(1))), BASE);
+        let snap = |limit| {
+            command::Body::Volume(crate::proto::VolumeOp {
+                op: Some(volume_op::Op::CreateSnapshot(crate::proto::SnapshotOp {
+                    name: "s".into(),
+                    now: 0,
+                    limit,
+                })),
+            })
+        };
+        assert_eq!(required(&snap(0)), BASE);
+        assert_eq!(required(&snap(64)), BASE);
+        assert_eq!(required(&snap(512)), SNAPSHOT_SCHEDULES);
     }
 
     #[test]

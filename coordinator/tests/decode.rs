@@ -247,7 +247,11 @@ fn any_op() -> impl Strategy<Value = Op> {
                 ttl
             }
         ),
-        ("[a-z.]{0,8}", any_u64()).prop_map(|(name, now)| Op::CreateSnapshot { name, now }),
+        ("[a-z.]{0,8}", any_u64(), 0u32..600).prop_map(|(name, now, limit)| Op::CreateSnapshot {
+            name,
+            now,
+            limit
+        }),
         "[a-z.]{0,8}".prop_map(|name| Op::DeleteSnapshot { name }),
         (any_u64(), any_u64()).prop_map(|(ino, len)| Op::Reserve { ino, len }),
         (

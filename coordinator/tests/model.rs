@@ -806,6 +806,7 @@ fn special_files_xattrs_times_and_exchange() {
     v.apply(Op::CreateSnapshot {
         name: "s".into(),
         now: 12,
+        limit: 0,
     })
     .unwrap();
     let back = Volume::decode(&v.encode()).unwrap();

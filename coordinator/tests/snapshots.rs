@@ -83,6 +83,7 @@ fn a_snapshot_keeps_the_old_bytes_and_gives_them_back_when_deleted() {
     v.apply(Op::CreateSnapshot {
         name: "daily".into(),
         now: 10,
+        limit: 0,
     })
     .unwrap();
     assert!(v.extents_shared(f).unwrap().iter().all(|(_, s)| *s));
@@ -196,6 +197,7 @@ fn reserved_space_comes_back_if_the_writer_goes_away() {
     v.apply(Op::CreateSnapshot {
         name: "s".into(),
         now: 1,
+        limit: 0,
     })
     .unwrap();
     // No lease: no reservation.
@@ -333,7 +335,7 @@ proptest! {
                 Step::Snapshot => {
                     n += 1;
                     let name = format!("s{n}");
-                    v.apply(Op::CreateSnapshot { name: name.clone(), now: 6 }).unwrap();
+                    v.apply(Op::CreateSnapshot { name: name.clone(), now: 6, limit: 0 }).unwrap();
                     let root = v.lookup(SNAPSHOTS_DIR, &name).unwrap();
                     let mut files = BTreeMap::new();
                     for (_, i) in v.readdir(root).unwrap() {
@@ -369,4 +371,38 @@ proptest! {
         prop_assert_eq!(v.free_bytes(), END - START);
         prop_assert!(v.check().is_empty());
     }
+}
+
+#[test]
+fn a_volume_keeps_64_snapshots_unless_the_command_asks_for_up_to_512() {
+    let mut v = Volume::new(START, END, 0);
+    let f = create(&mut v, "f");
+    write(&mut v, f, 0, 8192).unwrap();
+    let snap = |v: &mut Volume, i: usize, limit| {
+        v.apply(Op::CreateSnapshot {
+            name: format!("s{i}"),
+            now: i as u64,
+            limit,
+        })
+    };
+    for i in 0..64 {
+        snap(&mut v, i, 0).unwrap();
+    }
+    let e = snap(&mut v, 64, 0).unwrap_err();
+    assert!(e.to_string().contains("64 snapshots"), "{e}");
+    // A command of feature level 4 asks for more.
+    for i in 64..512 {
+        snap(&mut v, i, 512).unwrap();
+    }
+    let e = snap(&mut v, 512, 512).unwrap_err();
+    assert!(e.to_string().contains("512 snapshots"), "{e}");
+    let e = snap(&mut v, 512, 100_000).unwrap_err();
+    assert!(
+        e.to_string().contains("512 snapshots"),
+        "asks above 512: {e}"
+    );
+    assert!(v.check().is_empty(), "{:?}", v.check());
+    // The state with 512 snapshots goes through the snapshot codec.
+    let back = Volume::decode(&v.encode()).unwrap();
+    assert_eq!(back.snapshots().len(), 512);
 }

@@ -68,11 +68,47 @@ pub struct Args {
     /// snapshots).
     #[arg(long)]
     hold_only: bool,
+    /// Snapshots taken before each write run (up to 512, as Data
+    /// Protection Manager keeps).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    snapshots: usize,
+    /// Only the write jobs whose name contains this (e.g. "4 KiB").
+    #[arg(long, value_name = "TEXT")]
+    job: Option<String>,
+}
+
+/// Takes `n` snapshots of `vol` through the whole freeze protocol
+/// (in-process: `coordinator::snapshot_run`, what `csvctl snapshot create`
+/// runs), named `b0`, `b1`, ...
+fn take_n(cl: &CsvCluster, vol: u64, n: usize) -> Result<()> {
+    let me = cl.identity();
+    let mut c = cl.client();
+    for i in 0..n {
+        coordinator::snapshot_run::take(
+            &me,
+            &mut c,
+            vol,
+            &format!("b{i}"),
+            Duration::from_secs(10),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+fn delete_n(cl: &CsvCluster, vol: u64, n: usize) -> Result<()> {
+    let mut c = cl.client();
+    for i in 0..n {
+        c.delete_snapshot(vol, &format!("b{i}"))
+            .map_err(|e| anyhow::anyhow!(coordinator::client::describe(&e)))?;
+    }
+    Ok(())
 }
 
 pub fn run(args: Args) -> Result<()> {
     let rounds = args.rounds.max(1);
     let secs = args.secs;
+    let n = args.snapshots.clamp(1, coordinator::meta::MAX_SNAPSHOTS);
     let count = args.count.max(1);
     let mut cl = CsvCluster::loopback(3)?;
     cl.mounts = true;
@@ -81,29 +117,29 @@ pub fn run(args: Args) -> Result<()> {
     cl.wait_mounted(v, Duration::from_secs(30))?;
     let vs = v.to_string();
     let file = cl.mountpoint(1, v).join("fio.dat");
-    eprintln!("snap bench: fio on {} with 5 snapshots and with none; {rounds} rounds of {secs} s per side", file.display());
+    eprintln!("snap bench: fio on {} with {n} snapshots and with none; {rounds} rounds of {secs} s per side", file.display());
     layout(&file)?;
     // `--hold-only`: just the hold-time rows.
     let hold_only = args.hold_only;
     let writes: Vec<&Job> = JOBS
         .iter()
         .filter(|j| j.name.contains("write") && !hold_only)
+        .filter(|j| {
+            args.job
+                .as_ref()
+                .is_none_or(|t| j.name.contains(t.as_str()))
+        })
         .collect();
     let mut rows = Vec::new();
     for job in writes {
         let (mut with, mut without) = (Vec::new(), Vec::new());
         for r in 0..rounds {
             let snapped = || -> Result<f64> {
-                for i in 0..5 {
-                    csvctl(
-                        &cl,
-                        &["snapshot", "create", &vs, "--name", &format!("b{i}")],
-                    )?;
-                }
+                let t = std::time::Instant::now();
+                take_n(&cl, v, n)?;
+                eprintln!("{n} snapshots taken in {:.1} s", t.elapsed().as_secs_f64());
                 let x = fio(&file, job, secs)?;
-                for i in 0..5 {
-                    csvctl(&cl, &["snapshot", "delete", &vs, &format!("b{i}")])?;
-                }
+                delete_n(&cl, v, n)?;
                 Ok(x)
             };
             if r % 2 == 0 {
@@ -115,11 +151,11 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
         eprintln!(
-            "{}: with 5 snapshots {with:?}, without {without:?}",
+            "{}: with {n} snapshots {with:?}, without {without:?}",
             job.name
         );
         rows.push(Row {
-            name: format!("{} (5 snapshots vs none)", job.name),
+            name: format!("{} ({n} snapshots vs none)", job.name),
             ours: median(with),
             peer: Some(median(without)),
             unit: job.unit,
@@ -198,10 +234,7 @@ pub fn run(args: Args) -> Result<()> {
         unit: "ms",
         higher_is_better: false,
     });
-    table::print(
-        "snap: writes with five snapshots vs none; write-hold time of a snapshot",
-        "no snapshot",
-        &rows,
-    );
+    let title = format!("snap: writes with {n} snapshots vs none; write-hold time of a snapshot");
+    table::print(&title, "no snapshot", &rows);
     Ok(())
 }

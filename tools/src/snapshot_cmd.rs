@@ -133,7 +133,9 @@ pub struct ScheduleArgs {
     /// Time between snapshots (e.g. 15m, 1h, 30s).
     #[arg(long, value_parser = crate::when::parse_age, required_unless_present = "off")]
     every: Option<Duration>,
-    /// Scheduled snapshots kept: the newest N.
+    /// Scheduled snapshots kept: the newest N (with --keep-daily, at most
+    /// the volume's 512 snapshots, less those taken by hand; 64 until
+    /// every host runs a build of feature level 4).
     #[arg(long, default_value_t = 96)]
     keep: u32,
     /// Also keep the newest scheduled snapshot of each of the last N days.
@@ -398,8 +400,13 @@ fn schedule(a: ScheduleArgs) -> Result<ExitCode> {
     if a.keep == 0 && a.keep_daily == 0 {
         anyhow::bail!("--keep 0 with no --keep-daily would keep nothing");
     }
-    if a.keep > 512 {
-        anyhow::bail!("--keep {}: at most 512 snapshots per volume", a.keep);
+    let max = coordinator::meta::MAX_SNAPSHOTS as u32;
+    if a.keep + a.keep_daily > max {
+        anyhow::bail!(
+            "--keep {} and --keep-daily {}: a volume keeps at most {max} snapshots",
+            a.keep,
+            a.keep_daily
+        );
     }
     c.set_schedule(proto::SnapshotSchedule {
         volume: vol,

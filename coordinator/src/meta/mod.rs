@@ -33,8 +33,8 @@ use namespace::check_name;
 pub use lease::{check_lease_history, HistoryError, Lease, LeaseChange, LeaseEvent, LEASE_HISTORY};
 pub use locks::{FileLock, LockTable, LockType, Wait, WAIT_TTL_MS};
 pub use snaps::{
-    is_snapshot_ino, snap_ino, split_ino, RangeCount, SnapInfo, LIVE_INO_LIMIT, MAX_SNAPSHOTS,
-    SNAPSHOTS_DIR, SNAPSHOTS_NAME,
+    is_snapshot_ino, snap_ino, split_ino, RangeCount, SnapInfo, DEFAULT_SNAPSHOTS, LIVE_INO_LIMIT,
+    MAX_SNAPSHOTS, SNAPSHOTS_DIR, SNAPSHOTS_NAME,
 };
 pub use snapshot::SnapshotError;
 pub use space::split_extents;
@@ -315,8 +315,10 @@ pub enum Op {
     },
     /// Expire every lease whose time has come.
     Tick { now: u64 },
-    /// Take a snapshot of the namespace (redirect-on-write, no data copied).
-    CreateSnapshot { name: String, now: u64 },
+    /// Take a snapshot of the namespace (redirect-on-write, no data
+    /// copied), refused when the volume keeps `limit` snapshots already
+    /// (0: [`DEFAULT_SNAPSHOTS`]; at most [`MAX_SNAPSHOTS`]).
+    CreateSnapshot { name: String, now: u64, limit: u32 },
     /// Delete a snapshot; bytes only it held are freed.
     DeleteSnapshot { name: String },
     /// Reserve space for a redirected write of a live file (held in the
@@ -793,7 +795,7 @@ impl Volume {
                 self.release_quarantine(ino);
                 r
             }
-            Op::CreateSnapshot { name, now } => self.create_snapshot(&name, now),
+            Op::CreateSnapshot { name, now, limit } => self.create_snapshot(&name, now, limit),
             Op::DeleteSnapshot { name } => self.delete_snapshot(&name),
             Op::Reserve { ino, len } => self.reserve(ino, len),
             Op::Remap { ino, ranges } => self.remap(ino, &ranges),

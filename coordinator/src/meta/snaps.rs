@@ -36,8 +36,13 @@ pub const LIVE_INO_LIMIT: u64 = 1 << SNAP_SHIFT;
 pub const SNAPSHOTS_DIR: Ino = u64::MAX;
 /// Its name.
 pub const SNAPSHOTS_NAME: &str = ".snapshots";
-/// Snapshots a volume keeps at once (as many as VSS allows per volume).
-pub const MAX_SNAPSHOTS: usize = 64;
+/// Snapshots a volume keeps at once when the command does not ask for
+/// more (as many as VSS allows per volume; the limit before feature
+/// level 4).
+pub const DEFAULT_SNAPSHOTS: usize = 64;
+/// The most snapshots a volume keeps at once (as many as Data Protection
+/// Manager keeps online; feature level 4).
+pub const MAX_SNAPSHOTS: usize = 512;
 
 /// Snapshot `id`'s inode number for live inode `ino`.
 pub fn snap_ino(id: u64, ino: Ino) -> Ino {
@@ -364,14 +369,23 @@ impl Volume {
     }
 
     /// Takes a snapshot of the whole namespace.
-    pub(super) fn create_snapshot(&mut self, name: &str, now: u64) -> Result<Reply, MetaError> {
+    pub(super) fn create_snapshot(
+        &mut self,
+        name: &str,
+        now: u64,
+        limit: u32,
+    ) -> Result<Reply, MetaError> {
         super::check_name(name)?;
         if self.snapshot_id(name).is_some() {
             return Err(MetaError::Exists);
         }
-        if self.snapshots.len() >= MAX_SNAPSHOTS {
+        let max = match limit {
+            0 => DEFAULT_SNAPSHOTS,
+            n => (n as usize).min(MAX_SNAPSHOTS),
+        };
+        if self.snapshots.len() >= max {
             return Err(MetaError::Invalid(format!(
-                "the volume already keeps {MAX_SNAPSHOTS} snapshots; delete one first"
+                "the volume already keeps {max} snapshots; delete one first"
             )));
         }
         let id = self.next_snap;

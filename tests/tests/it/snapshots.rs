@@ -650,6 +650,8 @@ fn a_schedule_keeps_its_newest_snapshots_through_a_leader_kill() {
     let status = csvctl_ok(&cl, &["snapshot", "schedules"]);
     eprintln!("{status}");
     settled.unwrap();
+    let sched: Value =
+        serde_json::from_str(&csvctl_ok(&cl, &["snapshot", "schedules", "--json"])).unwrap();
     csvctl_ok(&cl, &["snapshot", "schedule", &vol, "--off"]);
     stop.store(true, Ordering::Relaxed);
     for (i, w) in writers.into_iter().enumerate() {
@@ -663,8 +665,6 @@ fn a_schedule_keeps_its_newest_snapshots_through_a_leader_kill() {
         "the killed host's runs: stopped {:?} after the kill",
         killed_at.elapsed()
     );
-    let sched: Value = serde_json::from_str(&csvctl_ok(&cl, &["snapshot", "schedules", "--json"]))
-        .unwrap_or(Value::Null);
     eprintln!("{sched:#}");
     let s = &sched[0];
     assert!(s["runs"].as_u64().unwrap() >= 8, "{s:#}");
