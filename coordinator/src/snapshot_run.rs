@@ -21,25 +21,8 @@ use std::time::{Duration, Instant};
 /// (UTC), with the milliseconds when `prefix` is `auto` (a schedule may
 /// run more than once a second).
 pub fn default_name(prefix: &str, now_ms: u64) -> String {
-    let secs = now_ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let t = secs % 86_400;
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let base = format!(
-        "{prefix}-{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        t / 3600,
-        t % 3600 / 60,
-        t % 60
-    );
+    let (y, m, d, hh, mm, ss) = crate::group::utc(now_ms);
+    let base = format!("{prefix}-{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}");
     if prefix == "auto" {
         format!("{base}-{:03}", now_ms % 1000)
     } else {
