@@ -489,13 +489,21 @@ fn metrics_json_logs_and_volume_removal() {
         String::from_utf8_lossy(&out.stderr).contains("open file"),
         "{out:?}"
     );
+    // The kernel sends FUSE's release after close returns: the file
+    // counts as open for a few more milliseconds.
     drop(f);
-    let out = cl
-        .csvctl()
-        .args(["volume", "remove", &v.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    let mut out = None;
+    let removed = csv_test_support::wait_until(Duration::from_secs(5), || {
+        let o = cl
+            .csvctl()
+            .args(["volume", "remove", &v.to_string()])
+            .output()
+            .unwrap();
+        let ok = o.status.success();
+        out = Some(o);
+        ok
+    });
+    assert!(removed.is_ok(), "{out:?}");
     let gone = csv_test_support::wait_until(Duration::from_secs(10), || {
         !fs::read_to_string("/proc/self/mounts")
             .unwrap_or_default()
