@@ -209,6 +209,11 @@ fn take(access: &Access, c: &mut Client, vol: u64, opts: &CreateOpts) -> Result<
         .name
         .clone()
         .unwrap_or_else(|| coordinator::snapshot_run::default_name("snap", now_ms()));
+    if name.starts_with("auto-") {
+        anyhow::bail!(
+            "snapshot names starting with auto- are the scheduled ones (a schedule's retention deletes them); choose another name"
+        );
+    }
     coordinator::snapshot_run::take(&me, c, vol, &name, opts.freeze_limit)
         .map_err(anyhow::Error::msg)
 }

@@ -686,6 +686,13 @@ fn a_schedule_keeps_its_newest_snapshots_through_a_leader_kill() {
         .filter(|s| s["name"].as_str().unwrap().starts_with("auto-"))
         .collect();
     assert_eq!(auto.len(), 5, "{list:#}");
+    // The auto- names are the schedule's: none is taken by hand.
+    let o = csvctl(&cl, &["snapshot", "create", &vol, "--name", "auto-mine"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("scheduled"),
+        "{o:?}"
+    );
     // Each readable on a living host, every record whole.
     for s in &auto {
         let name = s["name"].as_str().unwrap();
