@@ -125,7 +125,12 @@ pub fn sealed(b: &[u8], at: usize) -> bool {
     le32(b, at) == checksum(b, at)
 }
 
-fn corrupt(file: &str, structure: &str, offset: u64, problem: impl Into<String>) -> Error {
+pub(crate) fn corrupt(
+    file: &str,
+    structure: &str,
+    offset: u64,
+    problem: impl Into<String>,
+) -> Error {
     Error::Corrupt {
         file: file.into(),
         structure: structure.into(),

@@ -29,10 +29,15 @@
 //! Differencing VHDX disks (with a parent) are refused with a clear error,
 //! as they are by QEMU.
 
+mod check;
+mod create;
 pub mod format;
 pub mod log;
+mod open;
 
-use crate::check::{Finding, Severity};
+pub use create::CreateOptions;
+
+use crate::check::Finding;
 use crate::error::{Error, IoContext, Result};
 use crate::io::BlockIo;
 use format::*;
@@ -53,33 +58,6 @@ const MAX_LOG: u64 = 256 * MIB;
 const MAX_BAT_BYTES: u64 = 512 * MIB;
 /// The largest virtual disk the format allows.
 pub const MAX_SIZE: u64 = 64 << 40;
-
-/// How to make a VHDX.
-#[derive(Debug, Clone)]
-pub struct CreateOptions {
-    /// Virtual size in bytes (rounded up to a whole sector).
-    pub size: u64,
-    /// Payload block size: a power of two from 1 MiB to 256 MiB.
-    pub block_size: u32,
-    /// All blocks allocated up front (a fixed disk), else as written.
-    pub fixed: bool,
-    /// Logical sector size the guest sees: 512 or 4096.
-    pub logical_sector: u32,
-    /// Physical sector size reported: 512 or 4096.
-    pub physical_sector: u32,
-}
-
-impl CreateOptions {
-    pub fn new(size: u64, fixed: bool) -> Self {
-        CreateOptions {
-            size,
-            block_size: DEFAULT_BLOCK_SIZE,
-            fixed,
-            logical_sector: 512,
-            physical_sector: 4096,
-        }
-    }
-}
 
 /// What the writer keeps between allocations.
 #[derive(Debug)]
@@ -129,15 +107,6 @@ impl<I: BlockIo> std::fmt::Debug for Vhdx<I> {
     }
 }
 
-fn corrupt(file: &str, structure: &str, offset: u64, problem: impl Into<String>) -> Error {
-    Error::Corrupt {
-        file: file.into(),
-        structure: structure.into(),
-        offset,
-        problem: problem.into(),
-    }
-}
-
 fn lock_err(name: &str) -> Error {
     Error::Invalid(format!(
         "{name}: internal lock poisoned by an earlier panic"
@@ -183,586 +152,7 @@ impl Vhdx<std::fs::File> {
     }
 }
 
-/// Checks the parameters of a disk.
-fn check_params(
-    file: &str,
-    block_size: u32,
-    logical: u32,
-    physical: u32,
-    size: u64,
-    at: u64,
-) -> Result<()> {
-    if !block_size.is_power_of_two() || !(1 << 20..=256 << 20).contains(&block_size) {
-        return Err(corrupt(
-            file,
-            "file parameters",
-            at,
-            format!("block size {block_size} (a power of two from 1 MiB to 256 MiB)"),
-        ));
-    }
-    for (what, s) in [("logical", logical), ("physical", physical)] {
-        if s != 512 && s != 4096 {
-            return Err(corrupt(
-                file,
-                "sector size",
-                at,
-                format!("{what} sector size {s} (512 or 4096)"),
-            ));
-        }
-    }
-    if size == 0 || size > MAX_SIZE || size % u64::from(logical) != 0 {
-        return Err(corrupt(
-            file,
-            "virtual disk size",
-            at,
-            format!("{size} bytes (a whole number of {logical}-byte sectors, up to 64 TiB)"),
-        ));
-    }
-    Ok(())
-}
-
 impl<I: BlockIo> Vhdx<I> {
-    /// Writes a new, empty VHDX on `io` (which must be empty) and opens it
-    /// for writing.
-    pub fn create_on(io: I, name: &str, opts: &CreateOptions) -> Result<Self> {
-        let size = opts
-            .size
-            .next_multiple_of(u64::from(opts.logical_sector.max(1)));
-        check_params(
-            name,
-            opts.block_size,
-            opts.logical_sector,
-            opts.physical_sector,
-            size,
-            0,
-        )
-        .map_err(|e| Error::Invalid(e.to_string()))?;
-        let ratio = chunk_ratio(opts.logical_sector, opts.block_size);
-        let entries = bat_entries(size, opts.block_size, ratio);
-        let bat_len = (entries * 8).next_multiple_of(MIB).max(MIB);
-        if bat_len > u64::from(u32::MAX) {
-            return Err(Error::Invalid(format!(
-                "{} of BAT is too large: use larger blocks",
-                crate::size::human(bat_len)
-            )));
-        }
-        let w = |buf: &[u8], off: u64, what: &str| -> Result<()> {
-            io.write_at(buf, off)
-                .ctx(name, || format!("write {what}"), off)
-        };
-        w(&identifier("csv vhd"), IDENTIFIER_OFFSET, "identifier")?;
-        let regions = [
-            Region {
-                guid: REGION_BAT,
-                offset: BAT_AT,
-                length: bat_len as u32,
-                required: true,
-            },
-            Region {
-                guid: REGION_METADATA,
-                offset: META_AT,
-                length: META_LENGTH as u32,
-                required: true,
-            },
-        ];
-        let rt = regions_to_bytes(&regions);
-        for at in REGION_OFFSETS {
-            w(&rt, at, "region table")?;
-        }
-        // Metadata: the table, then the items from 64 KiB.
-        let items: [(Guid, Vec<u8>, bool); 5] = [
-            (
-                META_FILE_PARAMETERS,
-                [
-                    opts.block_size.to_le_bytes(),
-                    u32::from(opts.fixed).to_le_bytes(),
-                ]
-                .concat(),
-                false,
-            ),
-            (META_VIRTUAL_DISK_SIZE, size.to_le_bytes().to_vec(), true),
-            (
-                META_VIRTUAL_DISK_ID,
-                crate::disk::random_id().to_vec(),
-                true,
-            ),
-            (
-                META_LOGICAL_SECTOR_SIZE,
-                opts.logical_sector.to_le_bytes().to_vec(),
-                true,
-            ),
-            (
-                META_PHYSICAL_SECTOR_SIZE,
-                opts.physical_sector.to_le_bytes().to_vec(),
-                true,
-            ),
-        ];
-        let mut table = Vec::new();
-        let mut at = METADATA_TABLE_SIZE as u32;
-        for (g, data, vd) in &items {
-            table.push(MetaEntry {
-                item: *g,
-                offset: at,
-                length: data.len() as u32,
-                is_user: false,
-                is_virtual_disk: *vd,
-                required: true,
-            });
-            w(data, META_AT + u64::from(at), "metadata item")?;
-            at += data.len() as u32;
-        }
-        w(&metadata_table_to_bytes(&table), META_AT, "metadata table")?;
-        // The BAT: a fixed disk's blocks one after another from its end.
-        let data_at = BAT_AT + bat_len;
-        let blocks = size.div_ceil(u64::from(opts.block_size));
-        let mut bat = vec![0u64; entries as usize];
-        if opts.fixed {
-            for b in 0..blocks {
-                bat[bat_index(b, ratio) as usize] = entry(
-                    PAYLOAD_FULLY_PRESENT,
-                    data_at + b * u64::from(opts.block_size),
-                );
-            }
-        }
-        let raw: Vec<u8> = bat.iter().flat_map(|e| e.to_le_bytes()).collect();
-        w(&raw, BAT_AT, "BAT")?;
-        let end = if opts.fixed {
-            data_at + blocks * u64::from(opts.block_size)
-        } else {
-            data_at
-        };
-        io.set_len(end).ctx(name, || "set length".into(), end)?;
-        // The headers last: until they are there, the file is no VHDX.
-        let h = Header {
-            sequence: 0,
-            file_write_guid: crate::disk::random_id(),
-            data_write_guid: crate::disk::random_id(),
-            log_guid: [0; 16],
-            log_version: 0,
-            version: 1,
-            log_length: LOG_LENGTH,
-            log_offset: LOG_AT,
-        };
-        for (slot, at) in HEADER_OFFSETS.iter().enumerate() {
-            let hs = Header {
-                sequence: slot as u64,
-                ..h.clone()
-            };
-            w(&hs.to_bytes(), *at, "header")?;
-        }
-        io.flush().ctx(name, || "flush".into(), 0)?;
-        Vhdx::open_on(io, name, true)
-    }
-
-    /// Opens the VHDX on `io`: replays its log when it holds entries (in
-    /// the file when `write`, in memory otherwise).
-    pub fn open_on(io: I, name: &str, write: bool) -> Result<Self> {
-        let len = io.len().ctx(name, || "stat".into(), 0)?;
-        if len < HEADER_SECTION {
-            return Err(Error::NotVhd {
-                file: name.into(),
-                reason: format!("{len} bytes is too short for a VHDX"),
-            });
-        }
-        let mut id = vec![0u8; 64 * 1024];
-        io.read_at(&mut id, 0)
-            .ctx(name, || "read identifier".into(), 0)?;
-        if !is_vhdx(&id) {
-            return Err(Error::NotVhd {
-                file: name.into(),
-                reason: "no `vhdxfile` signature at its start".into(),
-            });
-        }
-        let creator = creator_of(&id);
-        let mut notes = Vec::new();
-
-        // The current header: the valid copy with the higher number.
-        let mut headers = Vec::new();
-        for (slot, at) in HEADER_OFFSETS.iter().enumerate() {
-            let mut b = vec![0u8; HEADER_SIZE];
-            io.read_at(&mut b, *at)
-                .ctx(name, || "read header".into(), *at)?;
-            match Header::parse(&b) {
-                Some(h) => headers.push((h, slot)),
-                None => notes.push(Finding {
-                    severity: Severity::Warning,
-                    structure: format!("header {}", slot + 1),
-                    offset: Some(*at),
-                    problem: "bad signature or checksum (the other copy is used)".into(),
-                }),
-            }
-        }
-        let Some((header, slot)) = headers.into_iter().max_by_key(|(h, _)| h.sequence) else {
-            return Err(corrupt(
-                name,
-                "headers",
-                HEADER_OFFSETS[0],
-                "neither copy has a valid signature and checksum",
-            ));
-        };
-        header.validate(name, HEADER_OFFSETS[slot])?;
-
-        // A writer changes the file write GUID before it changes anything
-        // else, the log's replay included ([MS-VHDX] 2.2.2).
-        let mut current = (header.clone(), slot);
-        if write {
-            write_headers(&io, name, &mut current, |h| {
-                h.file_write_guid = crate::disk::random_id();
-            })?;
-        }
-
-        // The log.
-        let mut overlay = Vec::new();
-        let mut replayed = 0;
-        if header.log_guid != [0; 16] {
-            let ll = u64::from(header.log_length);
-            if ll > MAX_LOG {
-                return Err(Error::Unsupported {
-                    file: name.into(),
-                    what: format!("a log of {} (at most {})", ll, MAX_LOG),
-                });
-            }
-            let mut raw = vec![0u8; ll as usize];
-            io.read_at(&mut raw, header.log_offset).ctx(
-                name,
-                || "read log".into(),
-                header.log_offset,
-            )?;
-            let seq = log::active_sequence(&raw, &header.log_guid);
-            if let Some(head) = seq.last() {
-                if head.flushed_file_offset > len {
-                    return Err(corrupt(
-                        name,
-                        "log",
-                        header.log_offset + head.at,
-                        format!(
-                            "its entries were written to a file of {} bytes, and it is {len}: data is missing",
-                            head.flushed_file_offset
-                        ),
-                    ));
-                }
-                replayed = seq.len();
-                let last = head.last_file_offset;
-                let writes: Vec<log::Write> = seq.into_iter().flat_map(|e| e.writes).collect();
-                for w in &writes {
-                    let (log::Write::Sector { offset, .. } | log::Write::Zero { offset, .. }) = w;
-                    if *offset < HEADER_SECTION {
-                        return Err(corrupt(
-                            name,
-                            "log",
-                            header.log_offset,
-                            format!("an entry writes the header section (offset {offset})"),
-                        ));
-                    }
-                }
-                if write {
-                    for w in &writes {
-                        match w {
-                            log::Write::Sector { offset, data } => io.write_at(data, *offset).ctx(
-                                name,
-                                || "replay log".into(),
-                                *offset,
-                            )?,
-                            log::Write::Zero { offset, length } => {
-                                zero_range(&io, name, *offset, *length)?
-                            }
-                        }
-                    }
-                    let last = last.next_multiple_of(MIB);
-                    if io.len().ctx(name, || "stat".into(), 0)? < last {
-                        io.set_len(last).ctx(name, || "set length".into(), last)?;
-                    }
-                    io.flush().ctx(name, || "flush".into(), 0)?;
-                } else {
-                    overlay = writes;
-                }
-            }
-        }
-
-        // Reads from here on see the replay.
-        let mut me = Vhdx {
-            io,
-            name: name.into(),
-            writable: write,
-            header: Mutex::new(current),
-            creator,
-            bat_offset: 0,
-            meta_offset: 0,
-            block_size: 0,
-            logical_sector: 512,
-            physical_sector: 512,
-            size: 0,
-            disk_id: [0; 16],
-            leave_allocated: false,
-            chunk_ratio: 1,
-            bat: RwLock::new(vec![]),
-            writer: Mutex::new(Writer {
-                end: 0,
-                sequence: 0,
-            }),
-            overlay,
-            replayed,
-            notes,
-            closed: !write,
-        };
-        if write && header.log_guid != [0; 16] {
-            // The log is replayed: say so before anything else changes.
-            me.update_header(|h| h.log_guid = [0; 16])?;
-        }
-        me.load()?;
-        if write {
-            me.update_header(|h| {
-                h.data_write_guid = crate::disk::random_id();
-                h.log_guid = crate::disk::random_id();
-            })?;
-        }
-        Ok(me)
-    }
-
-    /// Reads `buf` at file offset `off` as the file is after the log's
-    /// replay.
-    fn read_raw(&self, buf: &mut [u8], off: u64, what: &str) -> Result<()> {
-        self.io
-            .read_at(buf, off)
-            .ctx(&self.name, || format!("read {what}"), off)?;
-        let end = off + buf.len() as u64;
-        for w in &self.overlay {
-            let (at, len, data) = match w {
-                log::Write::Sector { offset, data } => (*offset, data.len() as u64, Some(data)),
-                log::Write::Zero { offset, length } => (*offset, *length, None),
-            };
-            let (s, e) = (at.max(off), (at + len).min(end));
-            if s >= e {
-                continue;
-            }
-            let dst = &mut buf[(s - off) as usize..(e - off) as usize];
-            match data {
-                Some(d) => dst.copy_from_slice(&d[(s - at) as usize..(e - at) as usize]),
-                None => dst.fill(0),
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads the region table, the metadata and the BAT.
-    fn load(&mut self) -> Result<()> {
-        let name = self.name.clone();
-        let file_len = self.io.len().ctx(&name, || "stat".into(), 0)?;
-        let (log_offset, log_length) = {
-            let g = self.header.lock().map_err(|_| lock_err(&name))?;
-            (g.0.log_offset, u64::from(g.0.log_length))
-        };
-        let mut tables = Vec::new();
-        for (i, at) in REGION_OFFSETS.iter().enumerate() {
-            let mut b = vec![0u8; REGION_TABLE_SIZE];
-            self.read_raw(&mut b, *at, "region table")?;
-            match parse_regions(&b) {
-                Some(r) => tables.push(r),
-                None => self.notes.push(Finding {
-                    severity: Severity::Warning,
-                    structure: format!("region table {}", i + 1),
-                    offset: Some(*at),
-                    problem: "bad signature or checksum (the other copy is used)".into(),
-                }),
-            }
-        }
-        let Some(regions) = tables.first().cloned() else {
-            return Err(corrupt(
-                &name,
-                "region tables",
-                REGION_OFFSETS[0],
-                "neither copy has a valid signature and checksum",
-            ));
-        };
-        let find = |g: &Guid, what: &str| -> Result<Region> {
-            let r = regions
-                .iter()
-                .find(|r| r.guid == *g)
-                .copied()
-                .ok_or_else(|| {
-                    corrupt(
-                        &name,
-                        "region table",
-                        REGION_OFFSETS[0],
-                        format!("no {what} region"),
-                    )
-                })?;
-            if r.offset % MIB != 0
-                || r.offset < HEADER_SECTION
-                || u64::from(r.length) % MIB != 0
-                || r.length == 0
-            {
-                return Err(corrupt(
-                    &name,
-                    "region table",
-                    REGION_OFFSETS[0],
-                    format!(
-                        "{what} region at {} of {} bytes (whole MiB after the first)",
-                        r.offset, r.length
-                    ),
-                ));
-            }
-            Ok(r)
-        };
-        let bat = find(&REGION_BAT, "BAT")?;
-        let meta = find(&REGION_METADATA, "metadata")?;
-        if let Some(r) = regions
-            .iter()
-            .find(|r| r.required && r.guid != REGION_BAT && r.guid != REGION_METADATA)
-        {
-            return Err(Error::Unsupported {
-                file: name.clone(),
-                what: format!("required region {}", format_guid(&r.guid)),
-            });
-        }
-
-        // Metadata.
-        let mut tb = vec![0u8; METADATA_TABLE_SIZE];
-        self.read_raw(&mut tb, meta.offset, "metadata table")?;
-        let entries = parse_metadata_table(&tb, &name, meta.offset)?;
-        let item = |g: &Guid, len: usize, what: &str| -> Result<Option<Vec<u8>>> {
-            let Some(e) = entries.iter().find(|e| e.item == *g && !e.is_user) else {
-                return Ok(None);
-            };
-            if (e.length as usize) < len
-                || e.offset < METADATA_TABLE_SIZE as u32
-                || u64::from(e.offset) + u64::from(e.length) > u64::from(meta.length)
-            {
-                return Err(corrupt(
-                    &name,
-                    what,
-                    meta.offset + u64::from(e.offset),
-                    format!("{} bytes at {} of the metadata region", e.length, e.offset),
-                ));
-            }
-            let mut b = vec![0u8; len];
-            self.read_raw(&mut b, meta.offset + u64::from(e.offset), what)?;
-            Ok(Some(b))
-        };
-        let need = |v: Option<Vec<u8>>, what: &str| {
-            v.ok_or_else(|| corrupt(&name, "metadata", meta.offset, format!("no {what} item")))
-        };
-        let fp = need(
-            item(&META_FILE_PARAMETERS, 8, "file parameters")?,
-            "file parameters",
-        )?;
-        let size = le64(
-            &need(
-                item(&META_VIRTUAL_DISK_SIZE, 8, "virtual disk size")?,
-                "virtual disk size",
-            )?,
-            0,
-        );
-        let logical = le32(
-            &need(
-                item(&META_LOGICAL_SECTOR_SIZE, 4, "logical sector size")?,
-                "logical sector size",
-            )?,
-            0,
-        );
-        let physical = item(&META_PHYSICAL_SECTOR_SIZE, 4, "physical sector size")?
-            .map_or(512, |b| le32(&b, 0));
-        let disk_id =
-            item(&META_VIRTUAL_DISK_ID, 16, "virtual disk id")?.map_or([0; 16], |b| guid_at(&b, 0));
-        let block_size = le32(&fp, 0);
-        let flags = le32(&fp, 4);
-        if flags & 2 != 0 || entries.iter().any(|e| e.item == META_PARENT_LOCATOR) {
-            return Err(Error::Unsupported {
-                file: name.clone(),
-                what: "differencing VHDX (a disk with a parent): convert it with its parent to one without (qemu-img convert)".into(),
-            });
-        }
-        let known = [
-            META_FILE_PARAMETERS,
-            META_VIRTUAL_DISK_SIZE,
-            META_VIRTUAL_DISK_ID,
-            META_LOGICAL_SECTOR_SIZE,
-            META_PHYSICAL_SECTOR_SIZE,
-        ];
-        if let Some(e) = entries
-            .iter()
-            .find(|e| e.required && !e.is_user && !known.contains(&e.item))
-        {
-            return Err(Error::Unsupported {
-                file: name.clone(),
-                what: format!("required metadata item {}", format_guid(&e.item)),
-            });
-        }
-        check_params(&name, block_size, logical, physical, size, meta.offset)?;
-
-        // The BAT.
-        let ratio = chunk_ratio(logical, block_size);
-        let n = bat_entries(size, block_size, ratio);
-        if n * 8 > u64::from(bat.length) {
-            return Err(corrupt(
-                &name,
-                "BAT",
-                bat.offset,
-                format!("region of {} bytes for {n} entries of 8 bytes", bat.length),
-            ));
-        }
-        if n * 8 > MAX_BAT_BYTES || n * 8 + bat.offset > file_len {
-            return Err(corrupt(
-                &name,
-                "BAT",
-                bat.offset,
-                format!("{n} entries reach past the end of the file ({file_len} bytes)"),
-            ));
-        }
-        let mut raw = vec![0u8; (n * 8) as usize];
-        self.read_raw(&mut raw, bat.offset, "BAT")?;
-        let table: Vec<u64> = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
-        // A block outside the file (a truncated or damaged image) reads as
-        // an error; writing such an image could put a new block where the
-        // entry points, so it is refused.
-        if self.writable {
-            let bs = u64::from(block_size);
-            let blocks = size.div_ceil(bs);
-            for b in 0..blocks {
-                let i = bat_index(b, ratio);
-                let Some(&e) = table.get(i as usize) else {
-                    break;
-                };
-                let at = entry_offset(e);
-                let need = bs.min(size - b * bs);
-                if payload_state(e) == Some(BlockState::FullyPresent)
-                    && (at < HEADER_SECTION || at.saturating_add(need) > file_len)
-                {
-                    return Err(corrupt(
-                        &name,
-                        &format!("BAT entry {i}"),
-                        bat.offset + i * 8,
-                        format!(
-                            "block {b} at {at} is outside the file's data ({file_len} bytes): the image is damaged or cut short; it opens read-only (csvctl vhd check shows every such block)"
-                        ),
-                    ));
-                }
-            }
-        }
-        let end = [
-            file_len,
-            bat.offset + u64::from(bat.length),
-            meta.offset + u64::from(meta.length),
-            log_offset + log_length,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(file_len)
-        .next_multiple_of(MIB);
-        self.bat_offset = bat.offset;
-        self.meta_offset = meta.offset;
-        self.block_size = block_size;
-        self.logical_sector = logical;
-        self.physical_sector = physical;
-        self.size = size;
-        self.disk_id = disk_id;
-        self.leave_allocated = flags & 1 != 0;
-        self.chunk_ratio = ratio;
-        self.bat = RwLock::new(table);
-        self.writer = Mutex::new(Writer { end, sequence: 0 });
-        Ok(())
-    }
-
     /// Writes the next header: `change` applied to the current one, with
     /// the next sequence number, into the other slot, and then again into
     /// this one, so both copies are current ([MS-VHDX] 2.2.2.1).
@@ -902,21 +292,37 @@ impl<I: BlockIo> Vhdx<I> {
         }
     }
 
+    /// `len` bytes at `offset` of the virtual disk, block by block: (the
+    /// block, the offset in it, the range of the request).
+    fn pieces(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> impl Iterator<Item = (u64, u64, std::ops::Range<usize>)> {
+        let bs = u64::from(self.block_size);
+        let mut done = 0usize;
+        std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let off = offset + done as u64;
+            let (block, within) = (off / bs, off % bs);
+            let n = ((bs - within) as usize).min(len - done);
+            let r = done..done + n;
+            done += n;
+            Some((block, within, r))
+        })
+    }
+
     /// Reads `buf.len()` bytes of the virtual disk at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.range("read", offset, buf.len())?;
-        let bs = u64::from(self.block_size);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let (block, within) = (off / bs, off % bs);
-            let n = ((bs - within) as usize).min(buf.len() - done);
-            let part = &mut buf[done..done + n];
+        for (block, within, r) in self.pieces(offset, buf.len()) {
+            let part = &mut buf[r];
             match self.block_at(block)? {
                 Some(at) => self.read_raw(part, at + within, "block")?,
                 None => part.fill(0),
             }
-            done += n;
         }
         Ok(())
     }
@@ -930,31 +336,18 @@ impl<I: BlockIo> Vhdx<I> {
             });
         }
         self.range("write", offset, buf.len())?;
-        let bs = u64::from(self.block_size);
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let (block, within) = (off / bs, off % bs);
-            let n = ((bs - within) as usize).min(buf.len() - done);
-            let part = &buf[done..done + n];
-            let at = match self.block_at(block)? {
-                Some(at) => at,
-                None => {
-                    if !crate::ops::is_zero(part) {
-                        // (Zeros into a block that reads as zeros need
-                        // nothing.)
-                        self.allocate(block, within, part)?;
-                    }
-                    done += n;
-                    continue;
-                }
-            };
-            self.io.write_at(part, at + within).ctx(
-                &self.name,
-                || format!("write block {block}"),
-                at + within,
-            )?;
-            done += n;
+        for (block, within, r) in self.pieces(offset, buf.len()) {
+            let part = &buf[r];
+            match self.block_at(block)? {
+                Some(at) => self.io.write_at(part, at + within).ctx(
+                    &self.name,
+                    || format!("write block {block}"),
+                    at + within,
+                )?,
+                // Zeros into a block that reads as zeros need nothing.
+                None if crate::ops::is_zero(part) => {}
+                None => self.allocate(block, within, part)?,
+            }
         }
         Ok(())
     }
@@ -1091,116 +484,6 @@ impl<I: BlockIo> Vhdx<I> {
     /// The underlying I/O.
     pub fn io(&self) -> &I {
         &self.io
-    }
-
-    /// A consistency check: every finding, errors and warnings.
-    pub fn check(&self) -> Result<Vec<Finding>> {
-        let mut out = self.notes.clone();
-        if self.replayed > 0 {
-            out.push(Finding {
-                severity: Severity::Warning,
-                structure: "log".into(),
-                offset: None,
-                problem: format!(
-                    "{} entr{} replayed at open{}",
-                    self.replayed,
-                    if self.replayed == 1 { "y" } else { "ies" },
-                    if self.writable {
-                        ""
-                    } else {
-                        " (in memory: the file still needs the replay; open it for writing)"
-                    }
-                ),
-            });
-        }
-        let len = self.io.len().ctx(&self.name, || "stat".into(), 0)?;
-        let bat = self.bat.read().map_err(|_| lock_err(&self.name))?;
-        let bs = u64::from(self.block_size);
-        let mut used: Vec<(u64, u64)> = Vec::new();
-        for (i, e) in bat.iter().enumerate() {
-            let i = i as u64;
-            let pos = self.bat_offset + i * 8;
-            let bitmap = (i + 1) % (self.chunk_ratio + 1) == 0;
-            if bitmap {
-                if entry_state(*e) != SB_NOT_PRESENT {
-                    out.push(Finding {
-                        severity: Severity::Warning,
-                        structure: format!("BAT entry {i}"),
-                        offset: Some(pos),
-                        problem: format!(
-                            "a sector bitmap entry in state {} in a disk without a parent",
-                            entry_state(*e)
-                        ),
-                    });
-                }
-                continue;
-            }
-            match payload_state(*e) {
-                None => out.push(Finding {
-                    severity: Severity::Error,
-                    structure: format!("BAT entry {i}"),
-                    offset: Some(pos),
-                    problem: format!("unknown state {}", entry_state(*e)),
-                }),
-                Some(BlockState::PartiallyPresent) => out.push(Finding {
-                    severity: Severity::Error,
-                    structure: format!("BAT entry {i}"),
-                    offset: Some(pos),
-                    problem: "partially present in a disk without a parent".into(),
-                }),
-                Some(BlockState::FullyPresent) => {
-                    let at = entry_offset(*e);
-                    let block = i - i / (self.chunk_ratio + 1);
-                    let need = bs.min(self.size.saturating_sub(block * bs));
-                    if at < HEADER_SECTION || at.saturating_add(need) > len {
-                        out.push(Finding {
-                            severity: Severity::Error,
-                            structure: format!("BAT entry {i}"),
-                            offset: Some(pos),
-                            problem: format!(
-                                "block at {at}..{} is outside the file's data ({len} bytes)",
-                                at + bs
-                            ),
-                        });
-                    }
-                    used.push((at, i));
-                }
-                Some(_) => {}
-            }
-        }
-        // No two blocks share space, and none overlaps the metadata.
-        used.sort();
-        for w in used.windows(2) {
-            if w[0].0 + bs > w[1].0 {
-                out.push(Finding {
-                    severity: Severity::Error,
-                    structure: format!("BAT entry {}", w[1].1),
-                    offset: Some(self.bat_offset + w[1].1 * 8),
-                    problem: format!("its block overlaps entry {}'s", w[0].1),
-                });
-            }
-        }
-        let fixed_regions = [
-            (
-                self.bat_offset,
-                (bat.len() as u64 * 8).next_multiple_of(MIB),
-            ),
-            (self.meta_offset, MIB),
-        ];
-        for (at, i) in &used {
-            if fixed_regions
-                .iter()
-                .any(|(s, l)| *at < s + l && s < &(at + bs))
-            {
-                out.push(Finding {
-                    severity: Severity::Error,
-                    structure: format!("BAT entry {i}"),
-                    offset: Some(self.bat_offset + i * 8),
-                    problem: "its block overlaps the BAT or the metadata".into(),
-                });
-            }
-        }
-        Ok(out)
     }
 }
 

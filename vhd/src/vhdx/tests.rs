@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use crate::check::Severity;
 use crate::io::MemIo;
 
 fn small(fixed: bool) -> CreateOptions {
